@@ -1,0 +1,213 @@
+"""Read and write a bundle: a folder whose ``kiln.json`` describes everything a consumer needs.
+
+Every stage takes a bundle path and nothing else: the task, class names, input spec, the pre- and
+post-processing, the architecture, the training provenance and every artifact (with sha256, precision
+and measured accuracy) are recorded here. ``model.pt`` holds only a state dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kiln.errors import BundleError
+from kiln.fsutil import atomic_write_json, sha256_file
+
+MANIFEST = "kiln.json"
+SCHEMA_VERSION = 1
+
+Task = Literal["classify", "detect"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class BatchRange(_Model):
+    """Dynamic batch range: the optimization profile of an engine and what the server may batch."""
+
+    min: int = Field(1, ge=1)
+    opt: int = Field(8, ge=1)
+    max: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatchRange:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"batch range must satisfy MIN <= OPT <= MAX, got {self.min}:{self.opt}:{self.max}")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> BatchRange:
+        """Parse ``MIN:OPT:MAX`` (or a single number N meaning N:N:N)."""
+        parts = text.split(":")
+        try:
+            nums = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"expected MIN:OPT:MAX with integers, got '{text}'") from None
+        if len(nums) == 1:
+            nums = nums * 3
+        if len(nums) != 3:
+            raise ValueError(f"expected MIN:OPT:MAX, got '{text}'")
+        if min(nums) < 1:
+            raise ValueError(f"batch sizes must be >= 1, got '{text}'")
+        return cls(min=nums[0], opt=nums[1], max=nums[2])
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+class TensorSpec(_Model):
+    """A named tensor without its batch dimension: ``shape`` excludes the leading batch axis."""
+
+    name: str
+    shape: list[int]
+    dtype: str = "float32"
+
+
+class InputSpec(TensorSpec):
+    layout: str = "NCHW"
+    batch: BatchRange = Field(default_factory=BatchRange)
+
+
+class Preprocess(_Model):
+    """How an image becomes the model input (see :mod:`kiln.processing`).
+
+    ``resize``: resize to ``size`` (H, W). ``letterbox``: scale to fit keeping the aspect ratio and pad
+    with ``pad_value``; the offsets are kept so boxes map back to the original pixels.
+    """
+
+    mode: Literal["resize", "letterbox"] = "resize"
+    size: tuple[int, int]
+    channels: Literal["L", "RGB"] = "RGB"
+    mean: list[float]
+    std: list[float]
+    pad_value: int = 114
+    interpolation: Literal["bilinear", "nearest", "bicubic"] = "bilinear"
+
+
+class ClassifyPost(_Model):
+    top_k: int = 5
+
+
+class DetectPost(_Model):
+    score_threshold: float = 0.25
+    iou_threshold: float = 0.5
+    max_detections: int = 100
+
+
+class Architecture(_Model):
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class Artifact(_Model):
+    """One file of the bundle: a PyTorch state dict, an ONNX graph or a TensorRT plan."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    file: str
+    format: Literal["torch", "onnx", "tensorrt"]
+    precision: str = "fp32"
+    sha256: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    """The content of ``kiln.json``. Unknown top-level keys are kept (later stages add their own)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    schema_version: int = SCHEMA_VERSION
+    kiln_version: str
+    task: Task
+    classes: list[str]
+    input: InputSpec
+    outputs: list[TensorSpec]
+    preprocess: Preprocess
+    postprocess: dict[str, Any] = Field(default_factory=dict)
+    architecture: Architecture
+    training: dict[str, Any] = Field(default_factory=dict)
+    artifacts: dict[str, Artifact] = Field(default_factory=dict)
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+
+    def classify_post(self) -> ClassifyPost:
+        return ClassifyPost.model_validate(self.postprocess)
+
+    def detect_post(self) -> DetectPost:
+        return DetectPost.model_validate(self.postprocess)
+
+
+class Bundle:
+    """A bundle folder and its manifest. ``save()`` rewrites kiln.json atomically."""
+
+    def __init__(self, root: str | os.PathLike[str], manifest: Manifest) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Bundle:
+        root = Path(path)
+        if root.is_file() and root.name == MANIFEST:
+            root = root.parent
+        if not root.is_dir():
+            raise BundleError(f"bundle folder not found: {root}")
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file():
+            raise BundleError(
+                f"{root} is not a kiln bundle: {MANIFEST} is missing (train one with `kiln train --out {root}`)"
+            )
+        try:
+            data = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BundleError(f"cannot read {manifest_path}: {exc}") from exc
+        try:
+            manifest = Manifest.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise BundleError(f"invalid {manifest_path}: {loc}: {first['msg']}") from exc
+        return cls(root, manifest)
+
+    def save(self) -> Path:
+        return atomic_write_json(self.root / MANIFEST, self.manifest.model_dump(mode="json"))
+
+    def path(self, file: str) -> Path:
+        return self.root / file
+
+    def add_artifact(self, file: str, fmt: str, precision: str = "fp32", **extra: Any) -> Artifact:
+        """Record ``file`` (already written inside the bundle) with its sha256."""
+        art = Artifact.model_validate(
+            {"file": file, "format": fmt, "precision": precision, "sha256": sha256_file(self.root / file), **extra}
+        )
+        self.manifest.artifacts[file] = art
+        return art
+
+    def artifacts(self, fmt: str | None = None, precision: str | None = None) -> list[Artifact]:
+        return [
+            a
+            for a in self.manifest.artifacts.values()
+            if (fmt is None or a.format == fmt) and (precision is None or a.precision == precision)
+        ]
+
+    def artifact(self, fmt: str, precision: str = "fp32") -> Artifact | None:
+        found = self.artifacts(fmt, precision)
+        return found[0] if found else None
+
+    def verify_artifact(self, art: Artifact) -> Path:
+        """Return the artifact's path after checking it exists and its sha256 matches kiln.json."""
+        p = self.root / art.file
+        if not p.is_file():
+            raise BundleError(f"artifact {art.file} listed in {MANIFEST} is missing from {self.root}")
+        digest = sha256_file(p)
+        if digest != art.sha256:
+            raise BundleError(f"artifact {p} does not match its sha256 in {MANIFEST} (modified after export?)")
+        return p

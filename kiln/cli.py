@@ -1,0 +1,191 @@
+"""The ``kiln`` command. Each stage registers its own sub-commands; heavy imports happen inside them.
+
+User mistakes end with one line on stderr (``kiln <cmd>: error: ...``) and exit status 2, never a
+traceback. ``KILN_DEBUG=1`` shows the traceback of a :class:`~kiln.errors.KilnError` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from kiln import __version__
+from kiln.errors import KilnError, unknown_choice
+
+# Sub-command modules, imported to build the parser; each defines register(subparsers).
+STAGES = ("kiln.train.cli", "kiln.export.cli", "kiln.serve.cli", "kiln.predict", "kiln.bench")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error instead of the usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+# ---- argparse types that name the problem --------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    value = _float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+    return value
+
+
+def choice(kind: str, names: Sequence[str] | Callable[[], Sequence[str]]) -> Callable[[str], str]:
+    """An argparse type accepting one of ``names``; an unknown one lists them and suggests the nearest."""
+
+    def parse(text: str) -> str:
+        valid = names() if callable(names) else names
+        if text not in valid:
+            raise argparse.ArgumentTypeError(str(unknown_choice(kind, text, valid)))
+        return text
+
+    parse.__name__ = kind
+    return parse
+
+
+def csv_of(item: Callable[[str], object]) -> Callable[[str], list[object]]:
+    """An argparse type for a comma-separated list of ``item``."""
+
+    def parse(text: str) -> list[object]:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        return [item(p) for p in parts]
+
+    parse.__name__ = getattr(item, "__name__", "list")
+    return parse
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="kiln",
+        description=(
+            "Train an image model, export it to ONNX / TensorRT (fp32, fp16, int8) and serve it.\n\n"
+            "Typical flow:\n"
+            "  kiln train --out runs/digits          # train lenet5 on the bundled digits\n"
+            "  kiln eval runs/digits                 # accuracy, confusion matrix\n"
+            "  kiln export runs/digits --precision fp32,fp16,int8\n"
+            "  kiln serve runs/digits                # REST endpoint on http://127.0.0.1:8000\n"
+            "  kiln bench runs/digits                # latency per backend, precision, batch size"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kiln {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sub.required = True
+    for module in STAGES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("kiln"):
+                continue  # stage not present in this build
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    prog = f"kiln {args.command}"
+    try:
+        return int(args.func(args) or 0)
+    except KilnError as exc:
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        print(f"{prog}: error: {exc.name} is not installed ({_extra_hint(exc.name)})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _extra_hint(module: str | None) -> str:
+    root = (module or "").split(".")[0]
+    extras = {
+        "torch": "train",
+        "torchvision": "train",
+        "onnx": "export",
+        "onnxruntime": "serve",
+        "fastapi": "serve",
+        "uvicorn": "serve",
+        "tensorrt": "trt",
+        "cuda": "trt",
+    }
+    extra = extras.get(root)
+    return f"pip install 'kiln[{extra}]'" if extra else f"pip install {root}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
