@@ -35,9 +35,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[IO[bytes]], Any]) -> Path:
     """Write ``path`` atomically through ``writer(binary_file)``."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            writer(fh)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        writer(fh)
     return Path(path)
 
 

@@ -1,0 +1,184 @@
+"""Request and response bodies: the native ``/v1`` API and the KServe v2 / Open Inference Protocol.
+
+The v2 models follow the Open Inference Protocol REST spec (server and model metadata, inference
+request and response with JSON tensors); ``data`` may be flat (row-major) or nested.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="machine-readable error code, e.g. invalid_image, queue_full")
+    message: str
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers has this shape."""
+
+    error: ErrorBody
+
+
+# ---- native API (/v1) ----------------------------------------------------------------------------
+
+
+class PredictRequest(BaseModel):
+    """JSON alternative to a multipart upload: each image as base64 (PNG, JPEG, ... file bytes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(min_length=1, description="base64-encoded image files")
+    top_k: int | None = Field(None, ge=1, description="classification: how many labels to return")
+
+
+class LabelScore(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class Detection(LabelScore):
+    box: list[float] = Field(description="x1, y1, x2, y2 in original-image pixels", min_length=4, max_length=4)
+
+
+class ImagePrediction(BaseModel):
+    width: int = Field(description="original image width in pixels")
+    height: int
+    top_k: list[LabelScore] | None = Field(None, description="classification results, best first")
+    boxes: list[Detection] | None = Field(None, description="detection results, best first")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    task: Literal["classify", "detect"]
+    backend: str
+    precision: str
+    request_id: str
+    predictions: list[ImagePrediction]
+
+
+class TensorInfo(BaseModel):
+    name: str
+    shape: list[int] = Field(description="without the batch axis")
+    dtype: str
+
+
+class BatchInfo(BaseModel):
+    min: int
+    max: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    task: Literal["classify", "detect"]
+    labels: list[str]
+    ready: bool
+    backend: str | None = Field(None, description="chosen runtime, once loaded")
+    precision: str | None = None
+    device: str | None = None
+    batch: BatchInfo
+    input: TensorInfo
+    outputs: list[TensorInfo]
+    preprocess: dict[str, Any]
+    postprocess: dict[str, Any]
+    error: str | None = Field(None, description="why the model failed to load")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "failed", "stopping"]
+    models: dict[str, str] = Field(default_factory=dict)
+
+
+# ---- KServe v2 / Open Inference Protocol -----------------------------------------------------------
+
+# Open Inference Protocol datatypes and their numpy dtypes (BYTES is not used by image tensors).
+V2_DTYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+NUMPY_TO_V2 = {np.dtype(v).name: k for k, v in V2_DTYPES.items()}
+
+
+def v2_datatype(dtype: str | np.dtype[Any]) -> str:
+    name = np.dtype(dtype).name
+    if name not in NUMPY_TO_V2:
+        raise ValueError(f"dtype {name} has no Open Inference Protocol datatype")
+    return NUMPY_TO_V2[name]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str] = Field(default_factory=list)
+
+
+class MetadataTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 marks the dynamic batch axis")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str] = Field(default_factory=list)
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[ResponseOutput]

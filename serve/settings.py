@@ -1,0 +1,67 @@
+"""Server settings: command-line flags override ``KILN_*`` environment variables, which override defaults.
+
+``KILN_MAX_BATCH=16 KILN_API_KEY=secret kiln serve runs/digits`` is the same as
+``kiln serve runs/digits --max-batch 16 --api-key secret``. ``KILN_CORS_ORIGINS`` takes a
+comma-separated list (or a JSON list).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+
+
+class Settings(BaseSettings):
+    """Everything ``kiln serve`` can be told. ``None`` means "what the bundle or backend says"."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="forbid", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 for all)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    backend: str = Field("auto", description="auto | tensorrt | onnxruntime | torch")
+    precision: Precision | None = Field(None, description="artifact precision; default: the best available")
+    max_batch: int | None = Field(None, ge=1, description="largest batch; default: the backend's maximum")
+    max_delay_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
+    max_queue: int = Field(256, ge=1, description="queued requests per model before 503")
+    timeout_s: float = Field(30.0, gt=0, description="per-request deadline before 504")
+    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' (health stays open)")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit (413 above)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height limit per image")
+    max_images_per_request: int = Field(64, ge=1, description="images in one predict request")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed CORS origins; none by default (CORS off)"
+    )
+    top_k: int | None = Field(None, ge=1, description="classification: labels returned; default: kiln.json")
+    warmup: bool = Field(True, description="run one batch per model before reporting ready")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [o.strip() for o in text.split(",") if o.strip()]
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_name(cls, value: str) -> str:
+        return value.strip().lower()
+
+    @property
+    def max_delay(self) -> float:
+        return self.max_delay_ms / 1000.0
+
+    def api_key_value(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key is not None else None
+
+    @classmethod
+    def from_flags(cls, **flags: Any) -> Settings:
+        """Settings from the environment, with every flag that was given (not ``None``) on top."""
+        return cls(**{k: v for k, v in flags.items() if v is not None})

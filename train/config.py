@@ -1,0 +1,89 @@
+"""TrainConfig: every option of ``kiln train``, validated where it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.errors import ConfigError, unknown_choice
+
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+TASKS = ("auto", "classify", "detect")
+
+# Learning rates that work out of the box for each optimizer (used when --lr is not given).
+DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adagrad": 0.01, "adam": 2e-3, "adamw": 2e-3}
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    model: str | None = None  # None: lenet5 for classification, kiln-det-s for detection
+    task: str = "auto"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float | None = None
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    workers: int | None = None  # None: 0 for in-memory datasets, min(4, cpus) for image files
+    image_size: int | None = None
+    val_fraction: float = 0.2
+    skip_bad_images: bool = False
+    weights: str | None = None
+    batch_range: str = "1:8:32"
+    out: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # task-specific (e.g. detection loss weights)
+
+    def __post_init__(self) -> None:
+        for name, value, valid in (
+            ("--optimizer", self.optimizer, OPTIMIZERS),
+            ("--schedule", self.schedule, SCHEDULES),
+            ("--amp", self.amp, AMP_MODES),
+            ("--device", self.device, DEVICES),
+            ("--task", self.task, TASKS),
+        ):
+            if value not in valid:
+                raise unknown_choice(name.removeprefix("--"), value, valid, flag=name)
+        checks = [
+            ("--epochs", self.epochs >= 1, self.epochs),
+            ("--batch-size", self.batch_size >= 1, self.batch_size),
+            ("--lr", self.lr is None or self.lr > 0, self.lr),
+            ("--warmup-epochs", self.warmup_epochs >= 0, self.warmup_epochs),
+            ("--weight-decay", self.weight_decay >= 0, self.weight_decay),
+            ("--label-smoothing", 0 <= self.label_smoothing < 1, self.label_smoothing),
+            ("--grad-clip", self.grad_clip is None or self.grad_clip > 0, self.grad_clip),
+            ("--val-fraction", 0 < self.val_fraction < 1, self.val_fraction),
+            ("--image-size", self.image_size is None or self.image_size >= 8, self.image_size),
+            ("--workers", self.workers is None or self.workers >= 0, self.workers),
+        ]
+        for flag, ok, value in checks:
+            if not ok:
+                raise ConfigError(f"{flag}: invalid value {value}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,192 @@
+"""What differs between classification and detection during training, behind one small protocol.
+
+The training loop (:mod:`kiln.train.loop`) knows nothing task-specific: it asks the task for the torch
+datasets, the input spec, the loss of a batch and the validation metrics. ``primary`` names the
+validation metric (higher is better) that picks best.pt.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from kiln.bundle import Preprocess, TensorSpec
+from kiln.processing import to_unit
+from kiln.train.config import TrainConfig
+from kiln.train.data import ImageDataset
+
+
+class Task(Protocol):
+    name: str  # "classify" | "detect"
+    primary: str  # validation metric that selects best.pt (higher is better)
+    default_model: str
+
+    def preprocess_spec(self, cfg: TrainConfig, train: ImageDataset, size: int) -> Preprocess: ...
+
+    def torch_datasets(self, cfg: TrainConfig, train: ImageDataset, val: ImageDataset, pre: Preprocess) -> tuple[Dataset, Dataset]: ...
+
+    def collate(self, items: list[Any]) -> Any: ...
+
+    def outputs(self, model: nn.Module, num_classes: int) -> list[TensorSpec]: ...
+
+    def postprocess(self) -> dict[str, Any]: ...
+
+    def model_args(self, cfg: TrainConfig) -> dict[str, Any]: ...
+
+    def step(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one training batch and counters summed over the batch (``count`` = images)."""
+        ...
+
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+        """Validation metrics (including ``loss`` and ``self.primary``) of ``model`` over ``loader``."""
+        ...
+
+
+def channel_stats(unit_images: Sequence[np.ndarray]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of ``[C, H, W]`` images in [0, 1]: zero-centred inputs make INT8 work."""
+    stack = np.stack(list(unit_images)).astype(np.float64)
+    axes = (0, 2, 3)
+    mean = stack.mean(axis=axes)
+    std = np.maximum(stack.std(axis=axes), 1e-3)
+    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
+
+
+def sample_indices(n: int, k: int, seed: int) -> list[int]:
+    return sorted(np.random.default_rng(seed).permutation(n)[: min(n, k)].tolist())
+
+
+class ClassifyDataset(Dataset):
+    """Raw images -> normalized ``[C, H, W]`` tensors via kiln.processing (+ augmentation when training).
+
+    In-memory datasets are converted once up front; file datasets are read lazily (in worker processes).
+    """
+
+    def __init__(self, raw: ImageDataset, pre: Preprocess, augment: nn.Module | None) -> None:
+        self.raw, self.pre, self.augment = raw, pre, augment
+        self.cached: torch.Tensor | None = None
+        if isinstance(raw.images, np.ndarray):
+            self.cached = torch.from_numpy(np.stack([to_unit(raw.image(i), pre)[0] for i in range(len(raw))]))
+        self.mean = torch.tensor(pre.mean).view(-1, 1, 1)
+        self.std = torch.tensor(pre.std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.cached is not None:
+            x = self.cached[i]
+        else:
+            x = torch.from_numpy(to_unit(self.raw.image(i), self.pre)[0])
+        if self.augment is not None:
+            x = self.augment(x)
+        return (x - self.mean) / self.std, int(self.raw.target(i))
+
+
+class ClassifyTask:
+    name = "classify"
+    primary = "top1"
+    default_model = "lenet5"
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.label_smoothing = 0.0
+
+    def preprocess_spec(self, cfg: TrainConfig, train: ImageDataset, size: int) -> Preprocess:
+        base = Preprocess(mode="resize", size=(size, size), channels=train.channels, mean=[0.0], std=[1.0])
+        idx = sample_indices(len(train), 2000, cfg.seed)
+        mean, std = channel_stats([to_unit(train.image(i), base)[0] for i in idx])
+        return base.model_copy(update={"mean": mean, "std": std})
+
+    def torch_datasets(self, cfg: TrainConfig, train: ImageDataset, val: ImageDataset, pre: Preprocess) -> tuple[Dataset, Dataset]:
+        self.label_smoothing = cfg.label_smoothing
+        return ClassifyDataset(train, pre, self._augmentation(pre)), ClassifyDataset(val, pre, None)
+
+    @staticmethod
+    def _augmentation(pre: Preprocess) -> nn.Module:
+        from torchvision.transforms import v2
+
+        size = pre.size[0]
+        if pre.channels == "L":  # digits / characters: no flips, small geometric jitter
+            return v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+        return v2.Compose([
+            v2.RandomCrop(pre.size, padding=max(2, size // 8), padding_mode="reflect"),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(0.2, 0.2, 0.2),
+        ])
+
+    def collate(self, items: list[Any]) -> Any:
+        xs, ys = zip(*items, strict=True)
+        return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+    def outputs(self, model: nn.Module, num_classes: int) -> list[TensorSpec]:
+        return [TensorSpec(name="logits", shape=[num_classes], dtype="float32")]
+
+    def postprocess(self) -> dict[str, Any]:
+        return {"top_k": min(5, self.num_classes)}
+
+    def model_args(self, cfg: TrainConfig) -> dict[str, Any]:
+        return {}
+
+    def step(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        correct = (logits.argmax(1) == y).sum().item()
+        return loss, {"correct": float(correct), "count": float(len(y)), "loss_sum": loss.item() * len(y)}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+        model.eval()
+        logits, labels = [], []
+        for x, y in loader:
+            logits.append(model(x.to(device)).float().cpu())
+            labels.append(y)
+        out = torch.cat(logits)
+        y = torch.cat(labels)
+        loss = nn.functional.cross_entropy(out, y).item()
+        metrics = classification_metrics(out.numpy(), y.numpy(), self.num_classes)
+        return {"loss": loss, "top1": metrics["top1"], "top5": metrics["top5"]}
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """top-1 / top-5 accuracy (percent), per-class accuracy and the confusion matrix ``[true, pred]``."""
+    labels = labels.astype(np.int64)
+    pred = logits.argmax(1)
+    k = min(5, logits.shape[1])
+    topk = np.argsort(-logits, axis=1)[:, :k]
+    n = max(1, len(labels))
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    return {
+        "top1": 100.0 * float((pred == labels).sum()) / n,
+        "top5": 100.0 * float((topk == labels[:, None]).any(1).sum()) / n,
+        "per_class": [100.0 * float(v) for v in per_class],
+        "confusion": confusion,
+        "count": int(len(labels)),
+    }
+
+
+def make_task(name: str, num_classes: int) -> Task:
+    if name == "classify":
+        return ClassifyTask(num_classes)
+    from kiln.train.detect.task import DetectTask
+
+    return DetectTask(num_classes)
+
+
+def default_workers(raw: ImageDataset) -> int:
+    if isinstance(raw.images, np.ndarray):
+        return 0  # already tensors in memory: worker processes would only add start-up and IPC cost
+    return min(4, os.cpu_count() or 1)
+
+
+def finite(x: float) -> bool:
+    return math.isfinite(x)
