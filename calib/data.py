@@ -24,18 +24,11 @@ log = logging.getLogger(__name__)
 
 def open_split(bundle: Bundle, split: str) -> Any:
     """The bundle's dataset split (``train`` or ``val``), opened exactly as training split it."""
-    from kiln.train.data import open_dataset
+    from kiln.train.evaluate import bundle_split
 
-    training = bundle.manifest.training
-    data = training.get("data")
-    if not data:
-        raise ExportError(f"{bundle.root}: kiln.json has no training.data, so there are no images to measure with")
-    train, val = open_dataset(
-        str(data), val_fraction=float(training.get("val_fraction", 0.2)), seed=int(training.get("seed", 0))
-    )
     if split not in ("train", "val"):
         raise ExportError(f"unknown split '{split}' (use train or val)")
-    return train if split == "train" else val
+    return bundle_split(bundle, split)
 
 
 class CalibrationReader(CalibrationDataReader):

@@ -25,3 +25,4 @@ def headline(bundle: Bundle, metrics: dict[str, float]) -> tuple[str, float]:
     """The metric the accuracy budget is measured in: top-1 or mAP@[.5:.95], in points."""
     key = HEADLINE[bundle.manifest.task]
     return key, float(metrics[key])
+

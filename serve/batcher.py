@@ -445,11 +445,14 @@ async def wait_result(
             if done:
                 return afut.result()
             if end is not None and loop.time() >= end:
+                fut.cancel()
                 afut.cancel()
                 raise RequestTimeout(f"no result within {timeout:g} s")
             if is_disconnected is not None and await is_disconnected():
+                fut.cancel()
                 afut.cancel()
                 raise ClientDisconnected("client disconnected")
     except asyncio.CancelledError:
+        fut.cancel()
         afut.cancel()
         raise

@@ -139,9 +139,8 @@ def run_train(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume and "out" in given:
         raise _usage("--resume RUN_DIR and --out cannot be combined (the run folder is RUN_DIR)")
-    cfg = TrainConfig(**given)
     try:
-        result, trainer = train(cfg, resume=args.resume, progress=not args.no_progress)
+        result, trainer = train(resume=args.resume, overrides=given, progress=not args.no_progress)
     except TrainingInterrupted as stop:
         print(f"interrupted: the bundle in {stop.result.run_dir} holds the best of {len(stop.result.history)} epoch(s); "
               f"continue with: kiln train --resume {stop.result.run_dir}", file=sys.stderr)

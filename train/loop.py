@@ -168,18 +168,29 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.float16 if cfg.amp == "auto" else None
 
 
+RESUME_OVERRIDES = frozenset({"epochs", "workers", "device"})
+
+
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig` and runs it. See :func:`train`."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: Path | None = None, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig | None = None, *, resume: Path | None = None,
+                 overrides: dict[str, Any] | None = None, progress: bool = True) -> None:
+        """Start a run from ``cfg``, or continue the run in ``resume`` with its saved config, where only
+        the options in :data:`RESUME_OVERRIDES` may be changed through ``overrides``."""
         self.progress = progress
         self.resume_state: dict[str, Any] | None = None
         if resume is not None:
+            bad = sorted(set(overrides or {}) - RESUME_OVERRIDES)
+            if bad:
+                raise ConfigError(f"--resume continues a run with its saved settings; only "
+                                  f"{', '.join('--' + o.replace('_', '-') for o in sorted(RESUME_OVERRIDES))} may change "
+                                  f"(got --{bad[0].replace('_', '-')})")
             self.resume_state = checkpoint.load(resume / checkpoint.LAST)
             saved = TrainConfig.from_dict(self.resume_state["config"])
-            if cfg.epochs != saved.epochs:
-                saved = saved.replace(epochs=cfg.epochs)
-            cfg = saved.replace(out=str(resume), weights=None)
+            cfg = saved.replace(**(overrides or {}), out=str(resume), weights=None)
+        elif cfg is None:
+            cfg = TrainConfig(**(overrides or {}))
         self.dist = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = resolve_device(cfg.device, self.dist)
         if cfg.deterministic:
@@ -192,15 +203,16 @@ class Trainer:
         train_raw, val_raw = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                           skip_bad_images=cfg.skip_bad_images)
         data_task = train_raw.task
-        task_name = cfg.task if cfg.task != "auto" else (model_entry(cfg.model).task if cfg.model else data_task)
+        if cfg.model and model_entry(cfg.model).task != data_task:
+            raise ConfigError(f"--model {cfg.model} is a {model_entry(cfg.model).task} model but --data {cfg.data} "
+                              f"is a {data_task} dataset")
+        task_name = data_task if cfg.task == "auto" else cfg.task
         if task_name != data_task:
-            raise ConfigError(f"--data {cfg.data} is a {data_task} dataset but the task is {task_name}")
+            raise ConfigError(f"--task {task_name} does not fit --data {cfg.data}, a {data_task} dataset")
         self.task: Task = make_task(task_name, len(train_raw.classes))
         if cfg.model is None:
             cfg = cfg.replace(model=self.task.default_model)
         entry = model_entry(cfg.model or "")
-        if entry.task != task_name:
-            raise ConfigError(f"--model {cfg.model} is a {entry.task} model but --data {cfg.data} is a {task_name} dataset")
         if cfg.out is None:
             cfg = cfg.replace(out=str(default_run_dir(cfg)))
         self.cfg = cfg
@@ -523,8 +535,12 @@ def _dist_cleanup() -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None, progress: bool = True) -> tuple[RunResult, Trainer]:
-    """Train (or resume) a run; returns its result and the trainer (for its resolved config and task)."""
+def train(cfg: TrainConfig | None = None, *, resume: str | os.PathLike[str] | None = None,
+          overrides: dict[str, Any] | None = None, progress: bool = True) -> tuple[RunResult, Trainer]:
+    """Train a run from ``cfg`` (or ``TrainConfig(**overrides)``), or continue the run in ``resume``.
+
+    Returns the result and the trainer (for its resolved config and task).
+    """
     with _dist_cleanup():
-        trainer = Trainer(cfg, resume=Path(resume) if resume else None, progress=progress)
+        trainer = Trainer(cfg, resume=Path(resume) if resume else None, overrides=overrides, progress=progress)
         return trainer.fit(), trainer

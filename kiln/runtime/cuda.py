@@ -144,7 +144,8 @@ class PinnedBuffer:
     def __init__(self, nbytes: int) -> None:
         self.nbytes = max(int(nbytes), 1)
         self._api = api()
-        self.array, self._release = self._api.malloc_host(self.nbytes)
+        self.array, release = self._api.malloc_host(self.nbytes)
+        self._release: Callable[[], None] | None = release
         self.ptr: int = int(self.array.ctypes.data)
 
     def view(self, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:

@@ -1,0 +1,56 @@
+# kiln — the two commands a newcomer needs: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check -q
+DEMO ?= demo
+PORT ?= 8765
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-slow test-gpu demo lint clean
+
+venv: $(VENV)/.installed
+
+# torch/torchvision first, pinned: pip takes them from this machine's disk (a CUDA build that runs on CPU).
+# tensorrt-stubs (type checking only) is installed without its dependency on the real TensorRT wheels.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -U pip
+	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -e ".[train,export,serve,dev]"
+	$(PIP) install --no-deps tensorrt-stubs
+	touch $@
+
+test: venv
+	$(BIN)/pytest -m "not slow and not gpu and not trt" -q $(PYTEST_ARGS)
+
+test-slow: venv
+	$(BIN)/pytest -m "slow" -q $(PYTEST_ARGS)
+
+# On a machine with an NVIDIA GPU (and TensorRT for the trt marker).
+test-gpu: venv
+	$(BIN)/pytest -m "gpu or trt" -q $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy kiln train export serve calib
+
+# Train lenet5 on the bundled digits, evaluate, export fp32/fp16/int8 ONNX, serve it, send one request, benchmark.
+demo: venv
+	rm -rf $(DEMO)/digits
+	$(BIN)/kiln train --data digits --model lenet5 --out $(DEMO)/digits --no-progress
+	$(BIN)/kiln eval $(DEMO)/digits --no-table
+	$(BIN)/kiln export $(DEMO)/digits --precision fp32,fp16,int8
+	$(BIN)/kiln eval $(DEMO)/digits
+	$(BIN)/python -c "from kiln.train.data import open_dataset; v=open_dataset('digits')[1]; v.image(0).resize((64,64)).save('$(DEMO)/digit.png'); print('sample label:', v.target(0))"
+	@set -e; \
+	$(BIN)/kiln serve $(DEMO)/digits --name digits --port $(PORT) --max-delay-ms 2 & pid=$$!; \
+	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' EXIT; \
+	for i in $$(seq 1 120); do curl -fs http://127.0.0.1:$(PORT)/readyz >/dev/null && break; sleep 0.5; done; \
+	echo "POST /v1/models/digits/predict (multipart $(DEMO)/digit.png):"; \
+	curl -fsS -F file=@$(DEMO)/digit.png http://127.0.0.1:$(PORT)/v1/models/digits/predict; echo
+	$(BIN)/kiln bench $(DEMO)/digits --backend all --batch 1,8,32 --iters 50 --warmup 10
+
+clean:
+	rm -rf $(DEMO) runs .pytest_cache .mypy_cache .ruff_cache build *.egg-info

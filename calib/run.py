@@ -1,0 +1,111 @@
+"""Calibrate a bundle's fp32 ONNX into ``model.int8.onnx`` with a report (JSON and text)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from kiln.bundle import Bundle
+from kiln.calib.data import CalibrationReader
+from kiln.calib.quantize import CalibSettings, calibrate
+from kiln.errors import ExportError
+from kiln.fsutil import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+LATENCY_BATCHES = (1, 8)
+
+
+def calibrate_bundle(
+    bundle: Bundle,
+    fp32_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    settings: CalibSettings,
+    *,
+    baseline: float | None = None,
+    cache_root: str | os.PathLike[str] | None = None,
+    reader: CalibrationReader | None = None,
+) -> dict[str, Any]:
+    """Quantize within ``settings.max_accuracy_drop`` of the fp32 ONNX; write the report beside
+    ``out_path`` (``<stem>.calib.json`` and ``.txt``). Raises :class:`ExportError` (after writing the
+    report, without writing ``out_path``) when the budget cannot be met."""
+    from kiln.export.metrics import evaluate, headline
+    from kiln.export.ortfile import OrtFileBackend
+
+    out = Path(out_path)
+    if reader is None:
+        reader = CalibrationReader.from_bundle(bundle, settings.images, settings.seed, settings.batch_size)
+    metric_name = headline(bundle, {"top1": 0.0, "map": 0.0})[0]
+
+    def evaluate_file(path: Path) -> float:
+        with OrtFileBackend(path, bundle.manifest, precision="int8") as backend:
+            return headline(bundle, evaluate(bundle, backend, "val", settings.eval_limit))[1]
+
+    if baseline is None:
+        baseline = evaluate_file(Path(fp32_path))
+    root = Path(cache_root) if cache_root else bundle.root / ".cache" / "calib"
+    outcome = calibrate(fp32_path, out, reader=reader, evaluate=evaluate_file, baseline=baseline,
+                        settings=settings, cache_root=root, metric_name=metric_name)
+    report = outcome.report
+    report["model"] = {"fp32": str(Path(fp32_path).name), "int8": out.name}
+    if outcome.result.within_budget:
+        report["latency_ms_ort_cpu"] = measure_latency(bundle, Path(fp32_path), out, reader)
+    json_path, txt_path = report_paths(out)
+    atomic_write_json(json_path, report)
+    atomic_write_text(txt_path, format_report(report))
+    log.info("calibration report: %s", txt_path)
+    if not outcome.result.within_budget:
+        raise ExportError(
+            f"int8: cannot meet --max-accuracy-drop {settings.max_accuracy_drop}: the best int8 model "
+            f"({report['method']}, {len(report['excluded_layers'])} of {report['weighted_layers']} layers in float) "
+            f"has {metric_name} {report['int8']:.2f} vs fp32 {report['fp32']:.2f}; see {txt_path}. "
+            f"{out.name} was not written"
+        )
+    return report
+
+
+def report_paths(out: Path) -> tuple[Path, Path]:
+    stem = out.name.removesuffix(".onnx")
+    return out.with_name(f"{stem}.calib.json"), out.with_name(f"{stem}.calib.txt")
+
+
+def measure_latency(bundle: Bundle, fp32: Path, int8: Path, reader: CalibrationReader) -> dict[str, dict[str, float]]:
+    """Median ONNX Runtime CPU latency (ms) of both graphs at batch 1 and 8, on calibration images."""
+    from kiln.export.ortfile import OrtFileBackend, latency_ms
+
+    out: dict[str, dict[str, float]] = {}
+    example = reader.images[:8]
+    for name, path in (("fp32", fp32), ("int8", int8)):
+        with OrtFileBackend(path, bundle.manifest, precision=name) as backend:
+            out[name] = {f"b{b}": latency_ms(backend, example, b) for b in LATENCY_BATCHES}
+    return out
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The calibration report as text a person reads."""
+    m = r["metric"]
+    lines = [
+        f"INT8 calibration report ({r.get('format', '')})",
+        f"  method            {r['method']}  (tried: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in r["methods_tried"].items()) + ")",
+        f"  calibration data  {r['images']} images from the {r['calibration_data'].get('split', 'train')} split of "
+        f"{r['calibration_data'].get('data', '?')}, seed {r['calibration_data'].get('seed', '?')}",
+        f"  {m:<17} fp32 {r['fp32']:.2f}  int8 {r['int8']:.2f}  drop {r['drop']:.2f} "
+        f"(budget {r['max_accuracy_drop']:.2f}) -> {'within budget' if r['within_budget'] else 'OVER BUDGET'}",
+        f"  float layers      {len(r['excluded_layers'])} of {r['weighted_layers']}"
+        + (": " + ", ".join(r["excluded_layers"]) if r["excluded_layers"] else ""),
+    ]
+    if r.get("sensitivity"):
+        top = r["sensitivity"][:8]
+        lines.append("  most sensitive    " + ", ".join(f"{s['layer']} ({s['gain']:+.2f})" for s in top))
+    lat = r.get("latency_ms_ort_cpu")
+    if lat:
+        for b in sorted({k for v in lat.values() for k in v}):
+            f, i = lat["fp32"][b], lat["int8"][b]
+            lines.append(f"  ORT CPU batch {b[1:]:<3} fp32 {f:.3f} ms  int8 {i:.3f} ms  ({f / i:.2f}x)")
+    c = r.get("cache", {})
+    lines.append(f"  cache             {c.get('dir')} (calibrated now: {', '.join(c.get('calibrated_now') or []) or 'none'}; "
+                 f"trials reused {c.get('trial_hits', 0)}, measured {c.get('trial_misses', 0)})")
+    return "\n".join(lines) + "\n"

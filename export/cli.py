@@ -1,0 +1,167 @@
+"""``kiln export`` and ``kiln calibrate``. Heavy imports (torch, onnx, onnxruntime) happen in run()."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kiln.bundle import BatchRange
+from kiln.cli import HelpFormatter, choice, csv_of, non_negative_float, positive_float, positive_int
+
+PRECISIONS = ("fp32", "fp16", "int8")
+CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")
+
+
+def batch_range(text: str) -> BatchRange:
+    try:
+        return BatchRange.parse(text)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+        msg = str(exc).splitlines()
+        detail = next((m for m in msg if "MIN <= OPT <= MAX" in m), msg[0])
+        raise argparse.ArgumentTypeError(detail.strip().removeprefix("Value error, ")) from None
+
+
+def _calibration_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("int8 calibration")
+    g.add_argument("--calib-images", type=positive_int, default=512, metavar="N",
+                   help="train-split images used to calibrate (drawn with --calib-seed)")
+    g.add_argument("--calib-seed", type=int, default=0, help="seed for drawing calibration images")
+    g.add_argument("--calib-method", type=choice("calibration method", CALIB_METHODS), default="auto",
+                   help="auto measures minmax, entropy and percentile and keeps the best")
+    g.add_argument("--max-accuracy-drop", type=non_negative_float, default=1.0, metavar="POINTS",
+                   help="largest allowed drop of top-1 (classify) or mAP@[.5:.95] (detect) vs fp32, in points; "
+                        "layers are kept in float, most sensitive first, until it holds")
+    g.add_argument("--calib-eval-images", type=positive_int, default=None, metavar="N",
+                   help="validation images per candidate during the search (default: the whole split)")
+    g.add_argument("--calib-cache", type=Path, default=None, metavar="DIR",
+                   help="calibration cache folder (default: BUNDLE/.cache/calib)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="RUN_OR_BUNDLE", help="bundle folder written by kiln train (has kiln.json)")
+    p.add_argument("--batch", type=batch_range, default=BatchRange(), metavar="MIN:OPT:MAX",
+                   help="dynamic batch range (engine profile, Triton max_batch_size)")
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout (logs stay on stderr)")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export to ONNX (fp32/fp16/int8), TensorRT engines and a Triton repository",
+        formatter_class=HelpFormatter,
+        description=(
+            "Export a trained bundle. fp32 ONNX is verified against PyTorch on validation images; fp16 and\n"
+            "int8 are measured with ONNX Runtime and recorded in kiln.json.\n\n"
+            "example:\n"
+            "  kiln export runs/digits --precision fp32,fp16,int8 --batch 1:8:32\n"
+            "  kiln export runs/digits --precision int8 --engine --triton-repo models/"
+        ),
+    )
+    _common(p)
+    p.add_argument("--precision", type=csv_of(choice("precision", PRECISIONS)), default=["fp32"],
+                   help="comma-separated subset of fp32,fp16,int8")
+    g = p.add_argument_group("TensorRT")
+    g.add_argument("--engine", action="store_true", help="also build a TensorRT engine per precision")
+    g.add_argument("--workspace-gib", type=positive_float, default=4.0, help="builder workspace limit")
+    g.add_argument("--timing-cache", type=Path, default=None, metavar="FILE", help="timing cache reused across builds")
+    g.add_argument("--hardware-compat", action="store_true", help="engine runs on Ampere and newer GPUs")
+    g.add_argument("--version-compat", action="store_true", help="engine runs on later TensorRT versions")
+    t = p.add_argument_group("Triton")
+    t.add_argument("--triton-repo", type=Path, default=None, metavar="DIR", help="write a Triton model repository")
+    t.add_argument("--triton-precision", type=choice("precision", PRECISIONS), default=None,
+                   help="precision served by Triton (default: the first of --precision)")
+    t.add_argument("--triton-max-delay-us", type=positive_int, default=1000,
+                   help="dynamic_batching max_queue_delay_microseconds")
+    _calibration_flags(p)
+    p.set_defaults(func=run)
+
+    c = sub.add_parser(
+        "calibrate",
+        help="INT8 calibration only (writes model.int8.onnx and its report)",
+        formatter_class=HelpFormatter,
+        description=(
+            "Calibrate the bundle's fp32 ONNX (exported first if missing or stale) to a Q/DQ int8 ONNX\n"
+            "within --max-accuracy-drop, and write model.int8.calib.{json,txt}.\n\n"
+            "example:\n"
+            "  kiln calibrate runs/digits --calib-images 512 --max-accuracy-drop 0.5"
+        ),
+    )
+    _common(c)
+    _calibration_flags(c)
+    c.set_defaults(func=run_calibrate, precision=["int8"], engine=False, workspace_gib=4.0, timing_cache=None,
+                   hardware_compat=False, version_compat=False, triton_repo=None, triton_precision=None,
+                   triton_max_delay_us=1000)
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from kiln.calib.quantize import CalibSettings
+    from kiln.export.pipeline import ExportOptions
+
+    return ExportOptions(
+        precisions=list(dict.fromkeys(args.precision)),
+        batch=args.batch,
+        opset=args.opset,
+        simplify=not args.no_simplify,
+        engine=args.engine,
+        workspace_gib=args.workspace_gib,
+        timing_cache=args.timing_cache,
+        hardware_compat=args.hardware_compat,
+        version_compat=args.version_compat,
+        triton_repo=args.triton_repo,
+        triton_precision=args.triton_precision,
+        triton_max_delay_us=args.triton_max_delay_us,
+        calib=CalibSettings(method=args.calib_method, images=args.calib_images, seed=args.calib_seed,
+                            max_accuracy_drop=args.max_accuracy_drop, eval_limit=args.calib_eval_images),
+        calib_cache=args.calib_cache,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln.export.pipeline import EngineStepFailed, export_bundle
+
+    try:
+        # Libraries print progress on stdout (the exporter, onnxruntime's calibrators); --json owns it.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = export_bundle(args.bundle, _options(args))
+    except EngineStepFailed as exc:
+        _print(exc.summary, args.json)
+        raise
+    _print(summary, args.json)
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from kiln.export.pipeline import calibrate_only
+
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = calibrate_only(args.bundle, _options(args))
+    _print(summary, args.json)
+    return 0
+
+
+def _print(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        rows = [
+            {"path": a["path"], "format": a["format"], "precision": a["precision"], "sha256": a["sha256"],
+             "metrics": a.get("metrics", {}), "verification": a.get("verification"),
+             **({"calibration": a["calibration"]} if "calibration" in a else {})}
+            for a in summary["artifacts"]
+        ]
+        json.dump({**summary, "artifacts": rows}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    for a in summary["artifacts"]:
+        m = a.get("metrics") or {}
+        acc = ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k in ("top1", "top5", "map", "map50"))
+        v = a.get("verification") or {}
+        check = "verified" if v.get("passed") else ("not verified" if v else "")
+        diff = f", max diff {v['max_abs_diff']:.2g}" if "max_abs_diff" in v else ""
+        print(f"{a['precision']:>5} {a['format']:<9} {a['path']}  {acc}  {check}{diff}", file=sys.stderr)
+    if summary.get("triton"):
+        print(f"Triton model repository: {summary['triton']}", file=sys.stderr)

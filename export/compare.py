@@ -1,0 +1,97 @@
+"""The artifact table ``kiln eval BUNDLE`` prints: every artifact's accuracy next to fp32 PyTorch.
+
+For each artifact in kiln.json (PyTorch, fp32/fp16/int8 ONNX, TensorRT engines where runnable here):
+accuracy (top-1/top-5) or mAP, agreement with fp32 PyTorch (top-1 agreement for classification, matched
+detections for detection) and the max absolute output difference from fp32 PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from kiln.bundle import Bundle
+from kiln.errors import KilnError
+
+log = logging.getLogger(__name__)
+
+_ORDER = {"torch": 0, "onnx": 1, "tensorrt": 2}
+_PREC = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3}
+
+
+def artifact_table(bundle: Bundle | str, split: str = "val", limit: int | None = None) -> list[dict[str, Any]]:
+    """One row per artifact: file, format, precision, backend, device, metrics, agreement, max_abs_diff,
+    or ``error`` when the artifact cannot run here (an engine without TensorRT, a modified file)."""
+    from kiln.export.metrics import evaluate
+    from kiln.export.verify import compare
+    from kiln.runtime import open_artifact
+    from kiln.train.evaluate import bundle_split, run_split
+
+    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    ds = bundle_split(b, split)
+    arts = sorted(b.manifest.artifacts.values(), key=lambda a: (_ORDER.get(a.format, 9), _PREC.get(a.precision, 9), a.file))
+    reference = None
+    ref_art = next((a for a in arts if a.format == "torch" and a.precision == "fp32"), None)
+    rows: list[dict[str, Any]] = []
+    if ref_art is not None:
+        try:
+            with open_artifact(b, ref_art, device="cpu") as ref_backend:
+                reference = run_split(b, ref_backend, ds, limit)
+        except KilnError as exc:
+            log.warning("fp32 PyTorch reference unavailable: %s", exc)
+    for art in arts:
+        row: dict[str, Any] = {"file": art.file, "format": art.format, "precision": art.precision}
+        device = None if art.format == "tensorrt" else "cpu"
+        try:
+            with open_artifact(b, art, device=device) as backend:
+                row.update(backend=backend.name, device=backend.device)
+                row["metrics"] = evaluate(b, backend, split, limit)
+                if reference is not None:
+                    out = run_split(b, backend, ds, limit)
+                    cmp = compare(b.manifest, reference.outputs, out.outputs, reference.letterboxes)
+                    row["max_abs_diff"] = cmp["max_abs_diff"]
+                    if b.manifest.task == "classify":
+                        row["agreement"] = cmp["top1_agreement"]
+                    else:
+                        total = max(1, cmp["detections"])
+                        row["agreement"] = round(100.0 * cmp["matched"] / total, 3)
+        except KilnError as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], task: str = "classify") -> str:
+    """A fixed-width text table of :func:`artifact_table` rows."""
+    keys = ("top1", "top5") if task == "classify" else ("map", "map50")
+    agree = "top1 agree %" if task == "classify" else "dets agree %"
+    header = ["file", "format", "precision", "backend", *keys, agree, "max |diff|"]
+    lines = []
+    for r in rows:
+        m = r.get("metrics") or {}
+        if "error" in r:
+            cells = [r["file"], r["format"], r["precision"], "-", "-", "-", "-", f"not runnable: {r['error']}"]
+        else:
+            cells = [
+                r["file"], r["format"], r["precision"], f"{r.get('backend', '-')}/{r.get('device', '-')}",
+                *(f"{m[k]:.2f}" if k in m else "-" for k in keys),
+                f"{r['agreement']:.2f}" if "agreement" in r else "-",
+                _num(r.get("max_abs_diff")),
+            ]
+        lines.append(cells)
+    runnable = [c for c, r in zip(lines, rows, strict=True) if "error" not in r]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *runnable, strict=True)]
+    widths[:7] = [max(w, *(len(str(c[i])) for c in lines)) for i, w in enumerate(widths[:7])]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    out.append("  ".join("-" * w for w in widths))
+    for cells in lines:
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(cells[:7], widths[:7], strict=True)) + "  " + str(cells[7]))
+    return "\n".join(out) + "\n"
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "0" if x == 0 else f"{x:.3g}" if np.isfinite(x) else str(x)

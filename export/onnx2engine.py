@@ -1,0 +1,204 @@
+"""onnx2engine: build a TensorRT plan from an ONNX graph (TensorRT 10/11 Python API).
+
+Precision lives in the graph: the fp16 ONNX (float16 weights, fp32 I/O) and the int8 Q/DQ ONNX are
+built as *strongly typed* networks where TensorRT supports it (9.1+, and the only mode in 11), so the
+engine computes in the types the graph states. Older TensorRT gets builder precision flags instead.
+One optimization profile covers the batch range; a timing cache file is reused and updated across
+builds; hardware- and version-compatible builds are optional. The engine is a plain plan file (what
+trtexec and C++ loaders read); the provenance this returns goes into kiln.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln.bundle import BatchRange
+from kiln.errors import BackendUnavailable, ConfigError, ExportError
+from kiln.fsutil import atomic_write
+from kiln.runtime import cuda
+from kiln.runtime.tensorrt import engine_compatible, import_tensorrt
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+__all__ = ["engine_compatible", "onnx2engine"]
+
+log = logging.getLogger("kiln.export.engine")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def onnx2engine(
+    onnx_path: str | os.PathLike[str],
+    engine_path: str | os.PathLike[str],
+    *,
+    precision: str,
+    batch: BatchRange,
+    input_name: str,
+    workspace_gib: float = 4.0,
+    timing_cache: str | os.PathLike[str] | None = None,
+    hardware_compat: bool = False,
+    version_compat: bool = False,
+) -> dict[str, Any]:
+    """Build ``engine_path`` from ``onnx_path`` on GPU 0 and return its provenance for kiln.json.
+
+    Raises BackendUnavailable when TensorRT or a GPU is missing, ExportError when the graph cannot
+    be parsed (naming the node and operator) or built. The plan and the timing cache are written
+    atomically: a failed build leaves earlier files as they were.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"onnx2engine: unknown precision '{precision}'. Valid: {', '.join(PRECISIONS)}")
+    if workspace_gib <= 0:
+        raise ConfigError(f"onnx2engine: workspace must be > 0 GiB, got {workspace_gib}")
+    import_tensorrt()
+    if (why := cuda.no_gpu_reason()) is not None:
+        raise BackendUnavailable(f"building a TensorRT engine needs an NVIDIA GPU and driver: {why}")
+    import tensorrt as trt
+
+    src = Path(onnx_path)
+    if not src.is_file():
+        raise ExportError(f"onnx2engine: {src} does not exist")
+    gpu = cuda.device_info(0)
+    if hardware_compat and _capability(gpu.compute_capability) < (8, 0):
+        raise ExportError(
+            f"hardware-compatible engines (AMPERE_PLUS) need compute capability >= 8.0; {gpu.name} has {gpu.compute_capability}"
+        )
+
+    logger = _python_logger()
+    builder = trt.Builder(logger)
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file resolves external weight files (model.onnx.data) relative to the graph.
+    if not parser.parse_from_file(os.fspath(src)):
+        raise ExportError(f"TensorRT cannot parse {src}: " + "; ".join(_parser_errors(parser)))
+    _check_precision(network, precision, src)
+
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    if input_name not in inputs:
+        raise ExportError(f"{src}: no input named {input_name} (graph inputs: {sorted(inputs)})")
+    shape = _dims(inputs[input_name].shape)
+    if any(d < 0 for d in shape[1:]):
+        raise ExportError(f"{src}: input {input_name} has shape {shape}; only the batch axis may be dynamic")
+    if shape[0] >= 0 and not batch.min == batch.max == shape[0]:
+        raise ExportError(f"{src}: input {input_name} has a fixed batch {shape[0]}, cannot build batch range {batch}")
+    rest = shape[1:]
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, trt.Dims([batch.min, *rest]), trt.Dims([batch.opt, *rest]), trt.Dims([batch.max, *rest]))
+
+    config = builder.create_builder_config()
+    config.add_optimization_profile(profile)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if not strongly_typed:
+        # Before strong typing (TensorRT < 9.1) the builder only uses fp16/int8 kernels when allowed
+        # to; the Q/DQ nodes of the int8 graph still decide what is quantized.
+        if precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+    if hardware_compat:
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    if version_compat:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    _load_timing_cache(config, cache_path)
+
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if plan is None:
+        detail = "; ".join(logger.errors[-3:]) or "see the TensorRT log"
+        raise ExportError(f"TensorRT failed to build {precision} engine from {src}: {detail}")
+    atomic_write(engine_path, lambda fh: fh.write(memoryview(plan)))
+    if cache_path is not None:
+        updated = config.get_timing_cache().serialize()
+        atomic_write(cache_path, lambda fh: fh.write(memoryview(updated)))
+    log.info("built %s (%s, %.1f s) on %s", engine_path, precision, seconds, gpu.name)
+    return {
+        "tensorrt_version": str(trt.__version__),
+        "gpu_name": gpu.name,
+        "compute_capability": gpu.compute_capability,
+        "profile": {"min": batch.min, "opt": batch.opt, "max": batch.max},
+        "precision": precision,
+        "build_seconds": round(seconds, 2),
+        "hardware_compat": hardware_compat,
+        "version_compat": version_compat,
+        "strongly_typed": strongly_typed,
+    }
+
+
+def _python_logger() -> Any:
+    """A TensorRT logger that forwards to Python logging and keeps the error messages for reports."""
+    import tensorrt as trt
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            sev = trt.ILogger.Severity
+            if severity in (sev.INTERNAL_ERROR, sev.ERROR):
+                self.errors.append(msg)
+                log.error("TensorRT: %s", msg)
+            elif severity == sev.WARNING:
+                log.warning("TensorRT: %s", msg)
+            elif severity == sev.INFO:
+                log.debug("TensorRT: %s", msg)
+
+    return _Logger()
+
+
+def _parser_errors(parser: trt.OnnxParser) -> list[str]:
+    out = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        node, name, op = err.node(), err.node_name(), err.node_operator()
+        where = f"node {node}" + (f" '{name}'" if name else "") + (f" (op {op})" if op else "") if node >= 0 else "graph"
+        out.append(f"{where}: {err.desc()}")
+    return out or ["unknown parser error"]
+
+
+def _check_precision(network: trt.INetworkDefinition, precision: str, src: Path) -> None:
+    """A strongly typed network computes in the graph's types, so the graph must match ``precision``."""
+    import tensorrt as trt
+
+    quantized = half = False
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE):
+            quantized = True
+        for j in range(layer.num_outputs):
+            if layer.get_output(j).dtype == trt.DataType.HALF:
+                half = True
+    if precision == "int8" and not quantized:
+        raise ExportError(f"{src} has no Quantize/DequantizeLinear nodes: pass the int8 Q/DQ graph for an int8 engine")
+    if precision == "fp16" and not half:
+        raise ExportError(f"{src} has no float16 tensors: pass the fp16 graph (onnx2fp16) for an fp16 engine")
+    if precision == "fp32" and (quantized or half):
+        raise ExportError(f"{src} holds float16 or Q/DQ layers: pass the fp32 graph for an fp32 engine")
+
+
+def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if data and (cache is None or not config.set_timing_cache(cache, False)):
+        # A cache from another GPU or TensorRT version is useless here; start a fresh one.
+        log.warning("timing cache %s does not match this GPU / TensorRT; starting a new one", path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    elif not data:
+        config.set_timing_cache(cache, False)
+
+
+def _dims(dims: trt.Dims) -> tuple[int, ...]:
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+def _capability(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    return int(major), int(minor or 0)

@@ -1,0 +1,248 @@
+"""``kiln export``: fp32 ONNX (verified), fp16 and int8 variants, TensorRT engines, Triton repository.
+
+Every file is written to a temporary name inside the bundle and renamed only after it has been
+verified, and kiln.json is saved after each artifact: a failure at any step leaves the previous
+artifacts and the manifest as they were, and everything that succeeded before it recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.bundle import BatchRange, Bundle
+from kiln.calib.quantize import CalibSettings
+from kiln.errors import BackendUnavailable, BundleError, ExportError
+from kiln.fsutil import atomic_path, sha256_file
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+ENGINE_FILES = {p: f"model.{p}.engine" for p in PRECISIONS}
+FP16_MIN_AGREEMENT = 98.0  # percent of verification images with the same top-1 as fp32
+
+
+@dataclass
+class ExportOptions:
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    batch: BatchRange = field(default_factory=BatchRange)
+    opset: int | None = None
+    simplify: bool = True
+    engine: bool = False
+    workspace_gib: float = 4.0
+    timing_cache: Path | None = None
+    hardware_compat: bool = False
+    version_compat: bool = False
+    triton_repo: Path | None = None
+    triton_precision: str | None = None
+    triton_max_delay_us: int = 1000
+    calib: CalibSettings = field(default_factory=CalibSettings)
+    calib_cache: Path | None = None
+    verify_images: int = 64
+
+    def __post_init__(self) -> None:
+        for p in self.precisions:
+            if p not in PRECISIONS:
+                from kiln.errors import unknown_choice
+
+                raise unknown_choice("precision", p, PRECISIONS, flag="--precision")
+        if self.triton_precision and self.triton_precision not in self.precisions:
+            raise ExportError(f"--triton-precision {self.triton_precision} is not among --precision {','.join(self.precisions)}")
+
+
+def open_bundle(path: str | os.PathLike[str]) -> Bundle:
+    """A bundle with PyTorch weights to export; a folder without them is a one-line error."""
+    bundle = Bundle.load(path)
+    if not bundle.path("model.pt").is_file():
+        raise BundleError(f"{bundle.root} has no model.pt to export (train first: kiln train --out {bundle.root})")
+    return bundle
+
+
+def _record(bundle: Bundle, file: str, fmt: str, precision: str, **extra: Any) -> dict[str, Any]:
+    art = bundle.add_artifact(file, fmt, precision, **extra)
+    bundle.save()
+    return {"path": str(bundle.path(file)), **art.model_dump(mode="json")}
+
+
+def _evaluate_file(bundle: Bundle, path: Path, precision: str) -> dict[str, float]:
+    from kiln.export.metrics import evaluate
+    from kiln.export.ortfile import OrtFileBackend
+
+    with OrtFileBackend(path, bundle.manifest, precision=precision) as backend:
+        return evaluate(bundle, backend, "val")
+
+
+def export_fp32(bundle: Bundle, opts: ExportOptions) -> dict[str, Any]:
+    from kiln.export.torch2onnx import torch2onnx
+    from kiln.export.verify import verify_fp32
+
+    file = ONNX_FILES["fp32"]
+    source = sha256_file(bundle.path("model.pt"))
+    with atomic_path(bundle.path(file)) as tmp:
+        info = torch2onnx(bundle, tmp, batch=opts.batch, opset=opts.opset, simplify=opts.simplify)
+        verification = verify_fp32(bundle, tmp, count=opts.verify_images)
+        metrics = _evaluate_file(bundle, tmp, "fp32")
+    return _record(bundle, file, "onnx", "fp32", metrics=metrics, verification=verification, source_sha256=source,
+                   batch=opts.batch.model_dump(), **info)
+
+
+def export_fp16(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str, Any]:
+    from kiln.export.onnx2fp16 import onnx2fp16
+
+    file = ONNX_FILES["fp16"]
+    with atomic_path(bundle.path(file)) as tmp:
+        info = onnx2fp16(bundle.path(fp32_file), tmp)
+        verification = compare_with_fp32(bundle, bundle.path(fp32_file), tmp, "fp16", opts.verify_images)
+        if bundle.manifest.task == "classify" and verification["top1_agreement"] < FP16_MIN_AGREEMENT:
+            verification["passed"] = False
+            raise ExportError(f"fp16 verification failed: top-1 agrees with fp32 on {verification['top1_agreement']:.1f}% "
+                              f"of {verification['images']} images (< {FP16_MIN_AGREEMENT}%); {file} was not written")
+        verification["passed"] = True
+        metrics = _evaluate_file(bundle, tmp, "fp16")
+    return _record(bundle, file, "onnx", "fp16", metrics=metrics, verification=verification,
+                   source_sha256=bundle.manifest.artifacts[fp32_file].sha256, **info)
+
+
+def compare_with_fp32(bundle: Bundle, fp32: Path, candidate: Path, precision: str, count: int) -> dict[str, Any]:
+    """Outputs of a reduced-precision graph against the fp32 graph on the verification images."""
+    from kiln.export.ortfile import OrtFileBackend
+    from kiln.export.verify import backend_outputs, compare, verification_images
+
+    x, boxes = verification_images(bundle, count)
+    with OrtFileBackend(fp32, bundle.manifest) as ref, OrtFileBackend(candidate, bundle.manifest, precision=precision) as cand:
+        report = compare(bundle.manifest, backend_outputs(ref, x), backend_outputs(cand, x), boxes)
+    report["reference"] = "fp32 onnx (onnxruntime cpu)"
+    return dict(report)
+
+
+def export_int8(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str, Any]:
+    from kiln.calib.run import calibrate_bundle, report_paths
+    from kiln.export.metrics import headline
+
+    file = ONNX_FILES["int8"]
+    fp32_art = bundle.manifest.artifacts[fp32_file]
+    baseline = headline(bundle, fp32_art.metrics)[1] if fp32_art.metrics and opts.calib.eval_limit is None else None
+    out = bundle.path(file)
+    # calibrate_bundle writes the int8 graph only once it is within budget (atomically).
+    report = calibrate_bundle(bundle, bundle.path(fp32_file), out, opts.calib, baseline=baseline,
+                              cache_root=opts.calib_cache)
+    verification = compare_with_fp32(bundle, bundle.path(fp32_file), out, "int8", opts.verify_images)
+    verification.update({"passed": True, "accuracy_drop": report["drop"], "max_accuracy_drop": report["max_accuracy_drop"]})
+    metrics = _evaluate_file(bundle, out, "int8")
+    json_report, _ = report_paths(out)
+    calibration = {k: report[k] for k in ("method", "images", "excluded_layers", "fp32", "int8", "drop",
+                                          "latency_ms_ort_cpu") if k in report}
+    return _record(bundle, file, "onnx", "int8", metrics=metrics, verification=verification,
+                   source_sha256=fp32_art.sha256, calibration=calibration, calibration_report=json_report.name)
+
+
+def build_engines(bundle: Bundle, opts: ExportOptions, onnx_files: dict[str, str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Build one engine per exported precision; returns (artifacts, errors) so ONNX results stand."""
+    try:
+        from kiln.export.onnx2engine import onnx2engine
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("kiln.export.onnx2engine", "tensorrt"):
+            raise
+        return [], ["TensorRT support is not installed: pip install 'kiln[trt]' (tensorrt, cuda-python) "
+                    "on a machine with an NVIDIA GPU and driver"]
+    done, errors = [], []
+    for precision, onnx_file in onnx_files.items():
+        file = ENGINE_FILES[precision]
+        try:
+            with atomic_path(bundle.path(file)) as tmp:
+                provenance = onnx2engine(
+                    bundle.path(onnx_file), tmp, precision=precision, batch=opts.batch,
+                    input_name=bundle.manifest.input.name, workspace_gib=opts.workspace_gib,
+                    timing_cache=opts.timing_cache, hardware_compat=opts.hardware_compat,
+                    version_compat=opts.version_compat,
+                )
+        except BackendUnavailable as exc:
+            errors.append(f"--engine: {exc}")
+            break  # the same reason applies to every precision
+        except ExportError as exc:
+            errors.append(f"--engine {precision}: {exc}")
+            continue
+        provenance = {k: v for k, v in dict(provenance).items() if k not in ("file", "format", "precision", "sha256")}
+        entry = _record(bundle, file, "tensorrt", precision, source_sha256=bundle.manifest.artifacts[onnx_file].sha256,
+                        **provenance)
+        entry["metrics"] = _engine_metrics(bundle, file)
+        if entry["metrics"]:
+            bundle.manifest.artifacts[file].metrics = entry["metrics"]
+            bundle.save()
+        done.append(entry)
+    return done, errors
+
+
+def _engine_metrics(bundle: Bundle, file: str) -> dict[str, float]:
+    try:
+        from kiln.export.metrics import evaluate
+        from kiln.runtime import open_artifact  # type: ignore[attr-defined]
+
+        with open_artifact(bundle, bundle.manifest.artifacts[file]) as backend:
+            return evaluate(bundle, backend, "val")
+    except (ImportError, BackendUnavailable) as exc:
+        log.warning("engine %s built but not measured here: %s", file, exc)
+        return {}
+
+
+def export_bundle(path: str | os.PathLike[str], opts: ExportOptions) -> dict[str, Any]:
+    """Run the export; return the summary (``--json``). Raises ExportError after the ONNX artifacts
+    are written when only the engine step failed."""
+    bundle = open_bundle(path)
+    artifacts: list[dict[str, Any]] = []
+    fp32_file = ONNX_FILES["fp32"]
+    existing = bundle.manifest.artifacts.get(fp32_file)
+    fresh = (existing is not None and bundle.path(fp32_file).is_file()
+             and getattr(existing, "source_sha256", None) == sha256_file(bundle.path("model.pt"))
+             and sha256_file(bundle.path(fp32_file)) == existing.sha256)
+    if "fp32" in opts.precisions or not fresh:
+        log.info("exporting %s to %s", bundle.root / "model.pt", fp32_file)
+        artifacts.append(export_fp32(bundle, opts))
+    onnx_files = {"fp32": fp32_file}
+    if "fp16" in opts.precisions:
+        log.info("converting to fp16")
+        artifacts.append(export_fp16(bundle, opts, fp32_file))
+        onnx_files["fp16"] = ONNX_FILES["fp16"]
+    if "int8" in opts.precisions:
+        log.info("calibrating int8")
+        artifacts.append(export_int8(bundle, opts, fp32_file))
+        onnx_files["int8"] = ONNX_FILES["int8"]
+    onnx_files = {p: f for p, f in onnx_files.items() if p in opts.precisions}
+
+    errors: list[str] = []
+    engines: dict[str, str] = {}
+    if opts.engine:
+        built, errors = build_engines(bundle, opts, onnx_files)
+        artifacts.extend(built)
+        engines = {a["precision"]: a["file"] for a in built}
+    triton = None
+    if opts.triton_repo:
+        from kiln.export.triton import TritonOptions, write_triton_repo
+
+        precision = opts.triton_precision or opts.precisions[0]
+        triton = str(write_triton_repo(bundle, opts.triton_repo, onnx_file=onnx_files[precision],
+                                       engine_file=engines.get(precision), batch=opts.batch,
+                                       options=TritonOptions(max_queue_delay_us=opts.triton_max_delay_us)))
+    summary = {"bundle": str(bundle.root), "task": bundle.manifest.task, "artifacts": artifacts,
+               "triton": triton, "errors": errors}
+    if errors:
+        raise EngineStepFailed(summary, "; ".join(errors) + " (the ONNX artifacts were written)")
+    return summary
+
+
+class EngineStepFailed(ExportError):
+    """The ONNX artifacts were written but the engine step could not run."""
+
+    def __init__(self, summary: dict[str, Any], message: str) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def calibrate_only(path: str | os.PathLike[str], opts: ExportOptions) -> dict[str, Any]:
+    """``kiln calibrate``: int8 from the bundle's fp32 ONNX (exported first if missing or stale)."""
+    opts.precisions = ["int8"]
+    return export_bundle(path, opts)

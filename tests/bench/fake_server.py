@@ -1,0 +1,107 @@
+"""A tiny stand-in for `kiln serve` on 127.0.0.1: the predict, v2 infer and /metrics routes the load
+generator uses, with a real Prometheus batch size histogram and scripted error statuses."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+MODEL = "tiny"
+SHAPE = [1, 8, 8]
+
+
+@dataclass
+class FakeState:
+    fail_every: int = 0  # every Nth predict answers fail_status (0: never)
+    fail_status: int = 503
+    calls: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    bad_bodies: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.batch = Histogram("kiln_batch_size", "items per inference batch", ["model"],
+                               buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
+
+
+def _handler(state: FakeState) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn does
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+        def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path == "/metrics":
+                self._send(200, generate_latest(state.registry), "text/plain; version=0.0.4")
+            elif self.path == f"/v2/models/{MODEL}":
+                meta = {"name": MODEL, "platform": "fake", "parameters": {"backend": "fake", "precision": "fp32"},
+                        "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, *SHAPE]}],
+                        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]}
+                self._send(200, json.dumps(meta).encode())
+            else:
+                self._send(404, b'{"error": {"code": "not_found", "message": "no such route"}}')
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path == f"/v1/models/{MODEL}/predict":
+                items = self._predict_items(body)
+            elif self.path == f"/v2/models/{MODEL}/infer":
+                req = json.loads(body)
+                t = req["inputs"][0]
+                items = t["shape"][0] if t["shape"][1:] == SHAPE and len(t["data"]) == t["shape"][0] * 64 else 0
+            else:
+                self._send(404, b'{"error": {"code": "not_found", "message": "unknown model"}}')
+                return
+            with state.lock:
+                state.calls += 1
+                fail = state.fail_every and state.calls % state.fail_every == 0
+                status = 400 if items == 0 else (state.fail_status if fail else 200)
+                state.statuses[status] += 1
+                state.bad_bodies += items == 0
+            if status == 200:
+                state.batch.labels(model=MODEL).observe(items)
+            self._send(status, json.dumps({"model": MODEL, "predictions": [[]] * items}).encode())
+
+        def _predict_items(self, body: bytes) -> int:
+            ctype = self.headers.get("Content-Type", "")
+            if ctype.startswith("multipart/form-data"):
+                return body.count(b'name="file"')
+            try:
+                images = json.loads(body)["images"]
+                return sum(1 for im in images if base64.b64decode(im, validate=True).startswith(b"\x89PNG"))
+            except (ValueError, KeyError):
+                return 0
+
+    return Handler
+
+
+@contextmanager
+def fake_server(state: FakeState) -> Iterator[str]:
+    """Serve on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

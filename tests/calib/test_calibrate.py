@@ -1,0 +1,154 @@
+"""INT8 calibration with onnxruntime on the digits bundle: Q/DQ form, budget paths, cache, bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from kiln.bundle import Bundle
+from kiln.calib.data import CalibrationReader
+from kiln.calib.quantize import CalibSettings, calibrate, weighted_layers
+from kiln.calib.run import calibrate_bundle
+from kiln.cli import main
+from kiln.errors import ExportError
+from kiln.fsutil import sha256_file
+
+
+def reader_for(bundle: Bundle, n: int = 32, seed: int = 0) -> CalibrationReader:
+    return CalibrationReader.from_bundle(bundle, n, seed)
+
+
+def quantized_layers(path: Path) -> set[str]:
+    """Weighted nodes whose weight comes through a DequantizeLinear (i.e. run in int8)."""
+    model = onnx.load(str(path))
+    dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in dq_out}
+
+
+def test_int8_is_symmetric_per_channel_qdq(fp32_bundle: Path) -> None:
+    bundle = Bundle.load(fp32_bundle)
+    out = fp32_bundle / "model.int8.onnx"
+    report = calibrate_bundle(bundle, fp32_bundle / "model.onnx", out,
+                              CalibSettings(method="minmax", images=32, max_accuracy_drop=100.0))
+    model = onnx.load(str(out))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zps = [inits[n.input[2]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+           and len(n.input) > 2 and n.input[2] in inits]
+    assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)  # symmetric: zero point 0
+    assert any(inits[n.input[1]].size > 1 for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[1] in inits)  # per-channel weight scales
+    assert report["images"] == 32 and report["method"] == "minmax"
+    assert set(report["latency_ms_ort_cpu"]) == {"fp32", "int8"}
+    text = (fp32_bundle / "model.int8.calib.txt").read_text()
+    assert "minmax" in text and "32 images" in text
+    assert json.loads((fp32_bundle / "model.int8.calib.json").read_text())["within_budget"] is True
+
+
+def test_fake_evaluator_forces_sensitivity_search(fp32_bundle: Path, tmp_path: Path) -> None:
+    bundle = Bundle.load(fp32_bundle)
+    fp32 = fp32_bundle / "model.onnx"
+    from kiln.calib.quantize import prepare
+
+    prepare(fp32, tmp_path / "prep.onnx")
+    first, *_ = weighted_layers(tmp_path / "prep.onnx")
+
+    def evaluate(path: Path) -> float:  # only keeping the first layer in float is good enough
+        return 90.0 if first in quantized_layers(path) else 94.5
+
+    out = tmp_path / "int8.onnx"
+    outcome = calibrate(fp32, out, reader=reader_for(bundle), evaluate=evaluate, baseline=95.0,
+                        settings=CalibSettings(method="minmax", images=32), cache_root=tmp_path / "cache")
+    assert outcome.result.within_budget and outcome.result.excluded == (first,)
+    assert outcome.report["sensitivity"][0]["layer"] == first
+    assert first not in quantized_layers(out) and quantized_layers(out)
+
+
+def test_budget_that_cannot_be_met_writes_report_not_model(fp32_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = Bundle.load(fp32_bundle)
+    import kiln.export.metrics as metrics
+
+    monkeypatch.setattr(metrics, "evaluate", lambda b, backend, split="val", limit=None: {"top1": 50.0, "top5": 60.0})
+    with pytest.raises(ExportError, match="cannot meet --max-accuracy-drop"):
+        calibrate_bundle(bundle, fp32_bundle / "model.onnx", fp32_bundle / "model.int8.onnx",
+                         CalibSettings(method="minmax", images=16), baseline=95.0)
+    assert not (fp32_bundle / "model.int8.onnx").exists()
+    report = json.loads((fp32_bundle / "model.int8.calib.json").read_text())
+    assert report["within_budget"] is False and len(report["sensitivity"]) == report["weighted_layers"]
+
+
+def test_cache_hit_and_miss(fp32_bundle: Path, tmp_path: Path) -> None:
+    bundle = Bundle.load(fp32_bundle)
+    fp32 = fp32_bundle / "model.onnx"
+    cache = tmp_path / "cache"
+    settings = CalibSettings(method="minmax", images=32, max_accuracy_drop=100.0)
+    evaluations: list[Path] = []
+
+    def evaluate(path: Path) -> float:
+        evaluations.append(path)
+        return 95.0
+
+    def run(model: Path, reader: CalibrationReader) -> dict:
+        return calibrate(model, tmp_path / "out.onnx", reader=reader, evaluate=evaluate, baseline=95.0,
+                         settings=settings, cache_root=cache).report
+
+    first = run(fp32, reader_for(bundle))
+    assert first["cache"]["calibrated_now"] == ["minmax"] and len(evaluations) == 1
+    digest = sha256_file(tmp_path / "out.onnx")
+
+    again = reader_for(bundle)
+    hit = run(fp32, again)
+    assert hit["cache"]["calibrated_now"] == [] and again.batches_served == 0  # no calibration inference
+    assert len(evaluations) == 1 and hit["cache"]["key"] == first["cache"]["key"]
+    assert sha256_file(tmp_path / "out.onnx") == digest
+
+    other_data = reader_for(bundle, seed=1)
+    miss = run(fp32, other_data)
+    assert miss["cache"]["calibrated_now"] == ["minmax"] and other_data.batches_served > 0
+
+    model = onnx.load(str(fp32))  # same graph, changed weights
+    w = model.graph.initializer[0]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))
+    changed = tmp_path / "changed.onnx"
+    onnx.save(model, str(changed))
+    miss2 = run(changed, reader_for(bundle))
+    assert miss2["cache"]["calibrated_now"] == ["minmax"]
+    assert len({first["cache"]["key"], miss["cache"]["key"], miss2["cache"]["key"]}) == 3
+
+
+def test_reader_is_reiterable_and_rejects_empty_data(fp32_bundle: Path) -> None:
+    reader = reader_for(Bundle.load(fp32_bundle), n=20)
+    first = [b["images"].shape[0] for b in reader]
+    assert first == [16, 4] and [b["images"].shape[0] for b in reader] == first
+    served = []
+    while (batch := reader.get_next()) is not None:
+        served.append(len(batch["images"]))
+    assert served == first and reader.get_next() is not None  # rewound for the next method
+    with pytest.raises(ExportError, match="at least one image"):
+        CalibrationReader("images", np.zeros((0, 1, 28, 28), np.float32))
+
+
+def test_unreadable_calibration_images_fail_in_one_line(fp32_bundle: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    for c in range(10):
+        (data / str(c)).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 16 * i).save(data / str(c) / f"{i}.png")
+    (data / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    manifest = json.loads((fp32_bundle / "kiln.json").read_text())
+    manifest["training"]["data"] = f"folder:{data}"
+    (fp32_bundle / "kiln.json").write_text(json.dumps(manifest))
+    before = {p.name: sha256_file(p) for p in fp32_bundle.iterdir() if p.is_file()}
+    assert main(["calibrate", str(fp32_bundle), "--calib-images", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "broken.png" in err and len(err.splitlines()) == 1
+    assert {p.name: sha256_file(p) for p in fp32_bundle.iterdir() if p.is_file()} == before
