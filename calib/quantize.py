@@ -124,7 +124,8 @@ def search(methods: Sequence[str], layers: Sequence[str], measure: Measure, base
 
     excluded: tuple[str, ...] = ()
     metric = quantized
-    result_excluded, result_metric = (), quantized
+    result_excluded: tuple[str, ...] = ()
+    result_metric = quantized
     for _gain, _order, layer in gains:
         excluded = (*excluded, layer)
         metric = run(best, excluded)

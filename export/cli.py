@@ -36,16 +36,16 @@ def _calibration_flags(p: argparse.ArgumentParser) -> None:
                    help="largest allowed drop of top-1 (classify) or mAP@[.5:.95] (detect) vs fp32, in points; "
                         "layers are kept in float, most sensitive first, until it holds")
     g.add_argument("--calib-eval-images", type=positive_int, default=None, metavar="N",
-                   help="validation images per candidate during the search (default: the whole split)")
+                   help="validation images per candidate during the search; None: the whole split")
     g.add_argument("--calib-cache", type=Path, default=None, metavar="DIR",
-                   help="calibration cache folder (default: BUNDLE/.cache/calib)")
+                   help="calibration cache folder; None: BUNDLE/.cache/calib")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", metavar="RUN_OR_BUNDLE", help="bundle folder written by kiln train (has kiln.json)")
-    p.add_argument("--batch", type=batch_range, default=BatchRange(), metavar="MIN:OPT:MAX",
+    p.add_argument("--batch", type=batch_range, default=BatchRange(min=1, opt=8, max=32), metavar="MIN:OPT:MAX",
                    help="dynamic batch range (engine profile, Triton max_batch_size)")
-    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset; None: the exporter's own")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout (logs stay on stderr)")
 
@@ -75,7 +75,7 @@ def register(sub: Any) -> None:
     t = p.add_argument_group("Triton")
     t.add_argument("--triton-repo", type=Path, default=None, metavar="DIR", help="write a Triton model repository")
     t.add_argument("--triton-precision", type=choice("precision", PRECISIONS), default=None,
-                   help="precision served by Triton (default: the first of --precision)")
+                   help="precision served by Triton; None: the first of --precision")
     t.add_argument("--triton-max-delay-us", type=positive_int, default=1000,
                    help="dynamic_batching max_queue_delay_microseconds")
     _calibration_flags(p)

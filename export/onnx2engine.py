@@ -185,14 +185,13 @@ def _check_precision(network: trt.INetworkDefinition, precision: str, src: Path)
 
 def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:
     data = path.read_bytes() if path is not None and path.is_file() else b""
-    cache = config.create_timing_cache(data)
-    if data and (cache is None or not config.set_timing_cache(cache, False)):
+    if data:
+        cache = config.create_timing_cache(data)
+        if cache is not None and config.set_timing_cache(cache, False):
+            return
         # A cache from another GPU or TensorRT version is useless here; start a fresh one.
         log.warning("timing cache %s does not match this GPU / TensorRT; starting a new one", path)
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, False)
-    elif not data:
-        config.set_timing_cache(cache, False)
+    config.set_timing_cache(config.create_timing_cache(b""), False)
 
 
 def _dims(dims: trt.Dims) -> tuple[int, ...]:

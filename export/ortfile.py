@@ -25,9 +25,8 @@ def OrtFileBackend(path: str | os.PathLike[str], manifest: Manifest, *, precisio
     """A :class:`kiln.runtime.OnnxRuntimeBackend` on the CPU for ``path`` with the manifest's tensors."""
     from kiln.runtime.onnxrt import OnnxRuntimeBackend
 
-    opts = {"threads": threads} if threads else {}
     return OnnxRuntimeBackend(path, inputs=[manifest.input], outputs=list(manifest.outputs), precision=precision,
-                              device="cpu", max_batch=_ANY_BATCH, **opts)
+                              device="cpu", max_batch=_ANY_BATCH, threads=threads)
 
 
 def latency_ms(backend: Any, example: np.ndarray, batch: int, *, warmup: int = 5, runs: int = 30) -> float:

@@ -29,7 +29,7 @@ FP16_MIN_AGREEMENT = 98.0  # percent of verification images with the same top-1 
 @dataclass
 class ExportOptions:
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
-    batch: BatchRange = field(default_factory=BatchRange)
+    batch: BatchRange = field(default_factory=lambda: BatchRange(min=1, opt=8, max=32))
     opset: int | None = None
     simplify: bool = True
     engine: bool = False

@@ -98,24 +98,28 @@ def _simplify(path: Path) -> bool:
     return True
 
 
-_NODE = re.compile(r"translating node %(\S+)")
+_NODE = re.compile(r"(?:translating node|While executing) %(\S+)")
 _TARGET = re.compile(r"target=(?:torch\.ops\.)?([\w.]+)")
 _OVERLOAD = re.compile(r"OpOverload\(op='([\w.]+)', overload='(\w+)'\)")
+_NO_TRANSLATION = ("No ONNX function found", "No decompositions registered", "is not supported")
 
 
 def describe_export_error(exc: BaseException) -> str:
-    """One line from the exporter's long report: the node and operator when it names them."""
+    """One line from the exporter's long report, naming the node and operator where it can."""
     text = "\n".join(str(e) for e in _chain(exc))
     node = _NODE.search(text)
-    op = _OVERLOAD.search(text)
+    overload = _OVERLOAD.search(text)
     target = _TARGET.search(text)
-    if op or target:
-        op_name = f"{op.group(1)}.{op.group(2)}" if op else target.group(1)  # type: ignore[union-attr]
-        where = f"node '{node.group(1)}' " if node else ""
+    op_name = f"{overload.group(1)}.{overload.group(2)}" if overload else target.group(1) if target else None
+    where = f"node '{node.group(1)}' " if node else ""
+    if op_name and any(marker in text for marker in _NO_TRANSLATION):
         return (f"unsupported operator: {where}calls '{op_name}', which has no ONNX translation in this "
                 f"torch.onnx version (replace the op, or register an ONNX function for it)")
     summary = text.split("## Exception summary", 1)[-1].strip()
-    first = next((ln.strip() for ln in summary.splitlines() if ln.strip() and not ln.startswith("⬆")), type(exc).__name__)
+    first = next((ln.strip() for ln in summary.splitlines() if ln.strip() and not ln.startswith("⬆")),
+                 type(exc).__name__)
+    if op_name:
+        return f"the exporter failed at {where}('{op_name}'): {first}"
     return f"the exporter failed: {first}"
 
 

@@ -117,7 +117,7 @@ def compare_detections(manifest: Manifest, reference: dict[str, np.ndarray], can
             for i, other in enumerate(free):
                 if other["index"] != det["index"]:
                     continue
-                err = float(np.max(np.abs(np.subtract(other["box"], det["box"]))))
+                err = float(np.max(np.abs(np.asarray(other["box"], np.float64) - np.asarray(det["box"], np.float64))))
                 if err < best_err:
                     best, best_err = i, err
             if best is None or best_err > BOX_TOL_PX:

@@ -622,7 +622,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--timeout", type=positive_float, default=30.0, help="per-request timeout in seconds")
     s.add_argument("--max-requests", type=positive_int, default=100_000, help="cap on requests per level")
     s.add_argument("--max-inflight", type=positive_int, default=512, help="open loop: cap on requests in flight")
-    s.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"), help="Bearer token (default: $KILN_API_KEY)")
+    s.add_argument("--api-key", default=None, help="Bearer token; $KILN_API_KEY when not given")
     s.add_argument("--batch-metric", default=None,
                    help="name of the server's batch size histogram (default: the first histogram named *batch_size*)")
     p.add_argument("--json", metavar="FILE", default=None, help="write the full report (environment, config, samples)")

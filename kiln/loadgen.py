@@ -528,7 +528,8 @@ def run_cli(args: argparse.Namespace) -> int:
         warmup=20 if args.warmup is None else args.warmup,
         protocol=args.protocol, encoding=args.encoding, image=args.image,
         images_per_request=args.images_per_request, timeout=args.timeout, max_requests=args.max_requests,
-        max_inflight=args.max_inflight, api_key=args.api_key, batch_metric=args.batch_metric, seed=args.seed,
+        max_inflight=args.max_inflight, api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
+        batch_metric=args.batch_metric, seed=args.seed,
     )
     report = run_load(cfg)
     header, rows, notes = load_table(report)

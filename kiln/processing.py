@@ -184,3 +184,75 @@ __all__ = [
     "to_8bit",
     "to_unit",
 ]
+
+
+# ---- detection (owned by the detection stage) -----------------------------------------------------
+
+PRE_NMS_TOP_K = 1000  # candidates per image kept (by score) before NMS: bounds the NMS cost
+
+
+def box_iou_one(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy ``box [4]`` with ``others [K, 4]`` (areas as torchvision computes them)."""
+    ix = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
+    iy = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
+    inter = ix * iy
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    return inter / np.maximum(area + areas - inter, np.finfo(np.float32).tiny)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS: indices of ``boxes [K, 4]`` kept, best score first; a box is dropped when its IoU
+    with a kept, better box is above ``iou_threshold`` (torchvision.ops.nms semantics)."""
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        order = rest[box_iou_one(boxes[i], boxes[rest]) <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def detect_postprocess(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    letterboxes: list[Letterbox] | None,
+    post: DetectPost,
+    classes: list[str],
+) -> list[list[dict[str, object]]]:
+    """Detections per image from a detector's raw outputs.
+
+    ``boxes [N, A, 4]`` xyxy in model-input pixels and ``scores [N, A, C]`` per-class scores in [0, 1]
+    -> for each image a list of ``{"box": [x1, y1, x2, y2], "label", "index", "score"}``, best first:
+    (location, class) pairs over ``post.score_threshold`` (at most :data:`PRE_NMS_TOP_K`), NMS per class
+    at ``post.iou_threshold``, the best ``post.max_detections``, boxes mapped to original pixels with
+    each image's :class:`Letterbox` (left in input pixels when ``letterboxes`` is None).
+    """
+    if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
+        raise ValueError(f"expected boxes [N, A, 4] and scores [N, A, C], got {boxes.shape} and {scores.shape}")
+    if letterboxes is not None and len(letterboxes) != len(boxes):
+        raise ValueError(f"{len(letterboxes)} letterboxes for {len(boxes)} images")
+    num_classes = scores.shape[2]
+    out: list[list[dict[str, object]]] = []
+    for i in range(boxes.shape[0]):
+        flat = scores[i].reshape(-1).astype(np.float32)
+        cand = np.flatnonzero(flat > post.score_threshold)
+        if cand.size > PRE_NMS_TOP_K:
+            cand = cand[np.argsort(-flat[cand], kind="stable")[:PRE_NMS_TOP_K]]
+        anchor, cls = cand // num_classes, cand % num_classes
+        b, s = boxes[i][anchor].astype(np.float32), flat[cand]
+        kept = [np.flatnonzero(cls == c)[nms(b[cls == c], s[cls == c], post.iou_threshold)] for c in np.unique(cls)]
+        keep = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+        keep = keep[np.argsort(-s[keep], kind="stable")][: post.max_detections]
+        final = b[keep]
+        if letterboxes is not None:
+            final = letterboxes[i].to_original(final)
+        out.append([
+            {"box": [float(v) for v in box], "label": classes[int(c)], "index": int(c), "score": float(sc)}
+            for box, c, sc in zip(final, cls[keep], s[keep], strict=True)
+        ])
+    return out
+
+
+__all__ += ["PRE_NMS_TOP_K", "detect_postprocess", "nms"]

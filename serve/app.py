@@ -27,6 +27,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +46,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln import __version__, processing
-from kiln.bundle import Bundle, ClassifyPost
+from kiln.bundle import Bundle
 from kiln.errors import ConfigError, InputError, KilnError
+from kiln.predict import predictions
 from kiln.processing import ImageDecodeError, Letterbox
 from kiln.runtime.base import Backend
 from kiln.serve.batcher import (
@@ -401,26 +403,6 @@ def _b64(text: str, index: int) -> bytes:
         raise ApiError(400, "invalid_base64", f"images[{index}] is not valid base64") from None
 
 
-# ---- post-processing ---------------------------------------------------------------------------------
-
-
-def _classify(model: ServedModel, out: dict[str, np.ndarray], prep: Prepared, top_k: int) -> list[dict[str, Any]]:
-    logits = out[model.manifest.outputs[0].name]
-    ranked = processing.classify_topk(logits, model.manifest.classes, ClassifyPost(top_k=top_k))
-    return [{"width": b.width, "height": b.height, "top_k": r} for r, b in zip(ranked, prep.boxes, strict=True)]
-
-
-def _detect(model: ServedModel, out: dict[str, np.ndarray], prep: Prepared) -> list[dict[str, Any]]:
-    post = getattr(processing, "detect_postprocess", None)
-    if post is None:
-        raise ApiError(501, "not_implemented", "detection post-processing is not available in this build of kiln")
-    names = [o.name for o in model.manifest.outputs]
-    boxes_name = "boxes" if "boxes" in out else names[0]
-    scores_name = "scores" if "scores" in out else names[1]
-    found = post(out[boxes_name], out[scores_name], prep.boxes, model.manifest.detect_post(), model.manifest.classes)
-    return [{"width": b.width, "height": b.height, "boxes": d} for d, b in zip(found, prep.boxes, strict=True)]
-
-
 # ---- the app -----------------------------------------------------------------------------------------
 
 
@@ -542,9 +524,8 @@ def create_app(
             return "loading: " + ", ".join(loading)
         return None
 
-    async def infer(model: ServedModel, request: Request, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fut = model.batcher.submit(feeds, request_id=_rid(request) or "", timeout=settings.timeout_s)
-        return await wait_result(fut, settings.timeout_s, request.is_disconnected)
+    def submit(model: ServedModel, request: Request, feeds: dict[str, np.ndarray]) -> Future[dict[str, np.ndarray]]:
+        return model.batcher.submit(feeds, request_id=_rid(request) or "", timeout=settings.timeout_s)
 
     # -- page, health, metrics --
 
@@ -582,6 +563,7 @@ def create_app(
     @app.post(
         "/v1/models/{name}/predict",
         response_model=PredictResponse,
+        response_model_exclude_none=True,
         tags=["v1"],
         dependencies=auth,
         summary="top-k labels (classify) or boxes in original-image pixels (detect) for each image",
@@ -608,25 +590,27 @@ def create_app(
     ) -> Any:
         model = get_model(name)
         backend = model.check_ready()
-        blobs, body_top_k = await _read_images(request, settings)
-        pixels = [_header_pixels(b) for b in blobs]
-        if all(p is not None and p <= _INLINE_PIXELS for p in pixels):
-            prep = _prepare(blobs, model, settings.max_image_pixels)
-        else:
-            prep = await run_in_threadpool(_prepare, blobs, model, settings.max_image_pixels)
-        out = await infer(model, request, {model.manifest.input.name: prep.x})
+        with model.batcher.announce():
+            blobs, body_top_k = await _read_images(request, settings)
+            pixels = [_header_pixels(b) for b in blobs]
+            if all(p is not None and p <= _INLINE_PIXELS for p in pixels):
+                prep = _prepare(blobs, model, settings.max_image_pixels)
+            else:
+                prep = await run_in_threadpool(_prepare, blobs, model, settings.max_image_pixels)
+            fut = submit(model, request, {model.manifest.input.name: prep.x})
+        out = await wait_result(fut, settings.timeout_s, request.is_disconnected)
+        k = top_k or body_top_k or settings.top_k
         if model.manifest.task == "classify":
-            k = top_k or body_top_k or settings.top_k or model.manifest.classify_post().top_k
-            predictions = _classify(model, out, prep, k)
-        else:
-            predictions = await run_in_threadpool(_detect, model, out, prep)
+            results = predictions(model.manifest, out, prep.boxes, k)
+        else:  # NMS over many boxes: keep it off the event loop
+            results = await run_in_threadpool(predictions, model.manifest, out, prep.boxes, k)
         return {
             "model": name,
             "task": model.manifest.task,
             "backend": backend.name,
             "precision": backend.precision,
             "request_id": _rid(request) or "",
-            "predictions": predictions,
+            "predictions": results,
         }
 
     # -- KServe v2 / Open Inference Protocol --
@@ -679,7 +663,8 @@ def create_app(
         model.check_ready()
         feeds = _v2_feeds(model, body, settings.max_images_per_request)
         wanted = _v2_outputs(model, body)
-        out = await infer(model, request, feeds)
+        fut = submit(model, request, feeds)
+        out = await wait_result(fut, settings.timeout_s, request.is_disconnected)
         return InferenceResponse(
             model_name=name,
             model_version="1",

@@ -17,12 +17,13 @@ stay on the thread that runs them (TensorRT and CUDA contexts are not meant to h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -118,6 +119,7 @@ def collect(
     first_timeout: float | None = None,
     carry: Pending | None = None,
     clock: Clock = time.monotonic,
+    more_coming: Callable[[], bool] | None = None,
 ) -> tuple[list[Pending], Pending | None]:
     """Take one batch from ``q``: claimed requests holding at most ``max_items`` items in total.
 
@@ -127,6 +129,10 @@ def collect(
     over from the previous call; it opens this batch. Returns ``(batch, carry)`` where ``carry`` is a
     claimed request that did not fit and must open the next batch. An empty batch means the first
     wait timed out.
+
+    ``more_coming()`` tells whether any request is on its way (accepted by the server, not queued
+    yet); when the queue is empty and nothing is on its way the batch closes at once instead of
+    waiting out ``max_delay``, so a lone request pays no batching delay.
     """
     if max_items < 1:
         raise ValueError(f"max_items must be >= 1, got {max_items}")
@@ -142,9 +148,13 @@ def collect(
     batch, size = [first], first.size
     close_at = None if max_delay is None else first.enqueued + max_delay
     while size < max_items:
-        item = _get(q, _remaining(close_at, clock))
+        item = _get(q, 0)
         if item is None:
-            break
+            if more_coming is not None and not more_coming():
+                break
+            item = _get(q, _remaining(close_at, clock))
+            if item is None:
+                break
         if not claim(item, clock):
             continue
         if size + item.size > max_items:
@@ -255,6 +265,8 @@ class Batcher:
         self.backend: Backend | None = None
         self.load_error: BaseException | None = None
         self._closed = False
+        self._incoming = 0
+        self._incoming_lock = threading.Lock()
 
     # -- lifecycle --
 
@@ -291,6 +303,23 @@ class Batcher:
         self._cancel_queued()
 
     # -- requests --
+
+    @contextlib.contextmanager
+    def announce(self) -> Iterator[None]:
+        """Mark a request as on its way (being read and decoded) until it is submitted or fails.
+
+        While none is on its way, a batch does not wait for more (see :func:`collect`).
+        """
+        with self._incoming_lock:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._incoming_lock:
+                self._incoming -= 1
+
+    def _more_coming(self) -> bool:
+        return self._incoming > 0
 
     def submit(self, feeds: Feeds, request_id: str = "", timeout: float | None = None) -> Future[Feeds]:
         """Queue ``feeds`` (arrays with a leading batch axis); the future resolves to the outputs' rows.
@@ -356,6 +385,7 @@ class Batcher:
                     first_timeout=0.0 if stopping else self._poll,
                     carry=carry,
                     clock=self._clock,
+                    more_coming=self._more_coming,
                 )
                 if batch:
                     self._run_batch(backend, batch)

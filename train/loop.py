@@ -520,6 +520,10 @@ def plot_curves(history: list[dict[str, Any]], path: Path, primary: str) -> None
     ax2.plot(epochs, [r[f"val_{primary}"] for r in history], label=f"val {primary}")
     ax2.set(xlabel="epoch", ylabel="%" if primary == "top1" else primary, title=f"validation {primary}")
     ax2.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -66,7 +67,7 @@ TENSORRT_DEFAULT_ORDER = ("fp16", "fp32", "int8")
 
 
 def load(
-    bundle: Bundle | str,
+    bundle: Bundle | str | os.PathLike[str],
     backend: str = "auto",
     precision: str | None = None,
     device: str | None = None,
@@ -119,7 +120,9 @@ def load(
     )
 
 
-def open_artifact(bundle: Bundle | str, artifact: Artifact | str, device: str | None = None, **opts: Any) -> KilnBackend:
+def open_artifact(
+    bundle: Bundle | str | os.PathLike[str], artifact: Artifact | str, device: str | None = None, **opts: Any
+) -> KilnBackend:
     """Open one specific artifact (a file listed in kiln.json) with the backend for its format.
 
     Used by export and eval to measure every variant. The sha256 is checked; a TensorRT engine must
@@ -138,8 +141,7 @@ def open_artifact(bundle: Bundle | str, artifact: Artifact | str, device: str | 
         ok, why = engine_compatible(art.model_extra or {}, _index(parse_device(device)))
         if not ok:
             raise BackendUnavailable(f"tensorrt: cannot run {art.file}: {why}")
-    backend = cls.from_artifact(b, art, device=device, **opts)  # type: ignore[attr-defined]
-    return backend  # type: ignore[no-any-return]
+    return cls.from_artifact(b, art, device=device, **opts)
 
 
 def available_backends() -> dict[str, dict[str, Any]]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Any, Self
 
-from kiln.bundle import BatchRange, TensorSpec
+from kiln.bundle import Artifact, BatchRange, Bundle, TensorSpec
 from kiln.errors import ConfigError
 from kiln.runtime.base import BaseBackend
 
@@ -18,6 +19,11 @@ class KilnBackend(BaseBackend):
 
     def __init__(self) -> None:
         self.fallback_log: list[str] = []
+
+    @classmethod
+    def from_artifact(cls, bundle: Bundle, art: Artifact, *, device: str | None = None, **opts: Any) -> Self:
+        """Open ``art`` of ``bundle`` (sha256 checked), with tensor specs from its manifest."""
+        raise NotImplementedError
 
     def describe(self) -> dict[str, object]:
         info = super().describe()

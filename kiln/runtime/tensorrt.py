@@ -207,8 +207,14 @@ class TensorRTBackend(KilnBackend):
             lo = max(lo, pmin[0])
             hi = min(hi, pmax[0])
         if max_batch is not None:
-            if max_batch > hi or max_batch < lo:
-                raise ConfigError(f"tensorrt max_batch {max_batch} is outside the engine's profile [{lo}, {hi}]")
+            if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < lo:
+                raise ConfigError(f"tensorrt max_batch must be an integer >= the profile's min {lo}, got {max_batch!r}")
+            if max_batch > hi:
+                # Not a user error in auto mode: this engine cannot serve that batch, another backend can.
+                raise BackendUnavailable(
+                    f"tensorrt: engine profile allows batches {lo}..{hi}, max_batch {max_batch} was asked for "
+                    "(rebuild the engine with a larger --batch MAX)"
+                )
             hi = max_batch
         self.min_batch, self.max_batch = int(lo), int(hi)
         self.inputs, self.outputs, self.precision = list(inputs), list(outputs), precision

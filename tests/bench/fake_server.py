@@ -25,6 +25,7 @@ class FakeState:
     calls: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     bad_bodies: int = 0
+    api_key: str | None = None  # when set, every route wants "Authorization: Bearer KEY" (as kiln's /metrics)
     lock: threading.Lock = field(default_factory=threading.Lock)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
@@ -47,7 +48,15 @@ def _handler(state: FakeState) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
+        def _authorized(self) -> bool:
+            if state.api_key is None or self.headers.get("Authorization") == f"Bearer {state.api_key}":
+                return True
+            self._send(401, b'{"error": {"code": "unauthorized", "message": "missing or wrong API key"}}')
+            return False
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if not self._authorized():
+                return
             if self.path == "/metrics":
                 self._send(200, generate_latest(state.registry), "text/plain; version=0.0.4")
             elif self.path == f"/v2/models/{MODEL}":
@@ -60,6 +69,8 @@ def _handler(state: FakeState) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if not self._authorized():
+                return
             if self.path == f"/v1/models/{MODEL}/predict":
                 items = self._predict_items(body)
             elif self.path == f"/v2/models/{MODEL}/infer":

@@ -80,6 +80,25 @@ def test_client_errors_are_counted_not_raised() -> None:
     assert lv["server_batch_size"]["batches"] == 0
 
 
+def test_api_key_is_sent_to_every_route(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    state = FakeState(api_key="s3cret")
+    with fake_server(state) as url:
+        good = run_load(LoadConfig(url=url, model=MODEL, concurrency=[1], duration=0.2, warmup=0, api_key="s3cret"))
+        monkeypatch.setenv("KILN_API_KEY", "s3cret")
+        assert main(["bench", "--url", url, "--model", MODEL, "--concurrency", "1", "--duration", "0.1",
+                     "--warmup", "0"]) == 0
+        monkeypatch.delenv("KILN_API_KEY")
+        # Without the key the metadata read is refused too: requests go out and are counted as 401.
+        bad = run_load(LoadConfig(url=url, model=MODEL, concurrency=[1], duration=0.2, warmup=0))
+    (lv,) = good["levels"]
+    assert lv["errors"] == {} and lv["server_batch_size"]["batches"] == lv["ok"] > 0
+    assert good["config"]["api_key"] == "***"
+    (lv,) = bad["levels"]
+    assert lv["ok"] == 0 and lv["errors"]["401"] == lv["requests"] > 0
+    assert lv["metrics_note"] == "/metrics answered 401"
+    assert "s3cret" not in capsys.readouterr().out
+
+
 def test_unknown_model_and_unreachable_server(free_port: int) -> None:
     with fake_server(FakeState()) as url, pytest.raises(ServerError, match="no model 'other'"):
         run_load(LoadConfig(url=url, model="other", concurrency=[1], duration=0.1, warmup=0))

@@ -34,6 +34,18 @@ def test_onnxrt_and_torch_agree(backends, images: np.ndarray) -> None:
     assert np.abs(a["logits"][0] - a["logits"][1]).max() > 1e-3
 
 
+def test_detector_outputs_follow_the_manifest(det_master: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    with load(det_master, "onnxrt") as ort_b, load(det_master, "torch") as torch_b:
+        names = [o.name for o in ort_b.outputs]
+        assert names == ["boxes", "scores"]
+        a, b = ort_b.infer({"images": x}), torch_b.infer({"images": x})
+    assert list(a) == list(b) == names
+    for spec in ort_b.outputs:
+        assert a[spec.name].shape == (2, *spec.shape)
+        np.testing.assert_allclose(a[spec.name], b[spec.name], atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("which", [0, 1], ids=["onnxrt", "torch"])
 def test_outputs_belong_to_the_caller(backends, images: np.ndarray, which: int) -> None:
     backend = backends[which]

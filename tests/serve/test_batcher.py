@@ -345,3 +345,29 @@ def test_wait_result_timeout_and_disconnect_cancel_the_future() -> None:
         assert (await wait_result(fut3, timeout=1.0, poll=0.01))["y"][0] == 1.0
 
     asyncio.run(scenario())
+
+
+def test_batch_closes_at_once_when_nothing_more_is_coming() -> None:
+    clock = FakeClock()
+    q = FakeQueue(clock)
+    q.put(item())
+    batch, _ = collect(q, max_items=8, max_delay=5.0, first_timeout=0, clock=clock, more_coming=lambda: False)
+    assert len(batch) == 1 and clock.now == 100.0  # no wait for a lone request
+    q.put(item())
+    batch, _ = collect(q, max_items=8, max_delay=5.0, first_timeout=0, clock=clock, more_coming=lambda: True)
+    assert len(batch) == 1 and clock.now == pytest.approx(105.0)  # a request was on its way: waited
+
+
+def test_announce_counts_requests_on_their_way(started) -> None:  # type: ignore[no-untyped-def]
+    batcher, backend = started(max_batch=8, max_delay=0.5)
+    backend.calls.clear()
+    t0 = time.monotonic()
+    assert batcher.submit(_feeds(1)).result(5)["logits"].shape == (1, 10)
+    assert time.monotonic() - t0 < 0.25  # nothing announced: the 0.5 s window is skipped
+    with batcher.announce():
+        first = batcher.submit(_feeds(1))
+        time.sleep(0.05)
+        assert not first.done()  # the worker waits for the announced request
+        second = batcher.submit(_feeds(1))
+    first.result(5), second.result(5)
+    assert [n for n, _ in backend.calls] == [1, 2]

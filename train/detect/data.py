@@ -29,7 +29,7 @@ from kiln.train.data import IMG_EXTENSIONS, ImageDataset, Split, check_images, s
 log = logging.getLogger(__name__)
 
 SHAPES_CLASSES = ["circle", "square", "triangle"]
-SHAPES_COUNT = 1500  # images in the default set (train + val); sized for a CPU training run of minutes
+SHAPES_COUNT = 1000  # images in the default set (train + val); sized for a CPU training run of minutes
 SHAPES_SIZE = (120, 160)  # (H, W): not square, so the letterbox pads and scales
 SHAPES_DATA_SEED = 0  # the content is fixed; the --seed of a run only changes the train/val split
 MIN_BOX_SIDE = 1.0  # pixels: narrower boxes (after clipping) are degenerate
@@ -42,16 +42,16 @@ SHOW = 5  # offenders named in an error
 def sanitize_boxes(boxes: np.ndarray, labels: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Clip ``boxes [K, 4]`` (xyxy pixels) to the image and drop degenerate ones.
 
-    Returns ``(boxes, labels, clipped, dropped)``: how many boxes were changed by clipping and how many
-    were removed because they are under :data:`MIN_BOX_SIDE` pixels wide or high afterwards.
+    Returns ``(boxes, labels, clipped, dropped)``: how many kept boxes were changed by clipping and how
+    many were removed because they are under :data:`MIN_BOX_SIDE` pixels wide or high afterwards.
     """
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     clipped_boxes = boxes.copy()
     clipped_boxes[:, [0, 2]] = clipped_boxes[:, [0, 2]].clip(0, width)
     clipped_boxes[:, [1, 3]] = clipped_boxes[:, [1, 3]].clip(0, height)
-    clipped = int((np.abs(clipped_boxes - boxes) > 1e-6).any(1).sum())
     keep = ((clipped_boxes[:, 2] - clipped_boxes[:, 0]) >= MIN_BOX_SIDE) & ((clipped_boxes[:, 3] - clipped_boxes[:, 1]) >= MIN_BOX_SIDE)
+    clipped = int(((np.abs(clipped_boxes - boxes) > 1e-6).any(1) & keep).sum())
     return clipped_boxes[keep], labels[keep], clipped, int((~keep).sum())
 
 
@@ -121,10 +121,8 @@ def shapes_image(rng: np.random.Generator, size: tuple[int, int] = SHAPES_SIZE) 
             draw.rectangle([x0, y0, x1, y1], fill=colour)
         else:
             apex = int(rng.integers(x0, x1 + 1))  # a varied triangle that still touches all four box sides
-            if rng.random() < 0.5:
-                pts = [(apex, y0), (x0, y1), (x1, y1)]
-            else:
-                pts = [(apex, y1), (x0, y0), (x1, y0)]
+            up = rng.random() < 0.5
+            pts = [(apex, y0), (x0, y1), (x1, y1)] if up else [(apex, y1), (x0, y0), (x1, y0)]
             draw.polygon(pts, fill=colour)
         boxes.append(box)
         labels.append(cls)

@@ -43,7 +43,7 @@ class DetectorConfig:
 
 
 CONFIGS = {
-    "s": DetectorConfig(widths=(16, 32, 64, 128), blocks=(1, 1, 1, 1), fpn=64, tower=2, stem_maxpool=False),
+    "s": DetectorConfig(widths=(16, 32, 64, 128), blocks=(1, 1, 1, 1), fpn=48, tower=2, stem_maxpool=False),
     "m": DetectorConfig(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), fpn=128, tower=3, stem_maxpool=True),
 }
 

@@ -1,0 +1,121 @@
+"""Build the TensorRT engines a bundle lacks for this GPU, at container start; print the bundles to serve.
+
+    python3 prepare_engines.py /models/digits [/models/other ...]   -> one bundle path per line on stdout
+
+A plan runs only on the GPU model (compute capability) and TensorRT version that built it, so images
+ship ONNX and engines are built where they run. This is the engine step of ``kiln export --engine``
+(kiln.export.onnx2engine on the bundle's existing ONNX artifacts): it needs neither PyTorch nor the
+training data, which a serving image has not. For each precision in ``KILN_ENGINE_PRECISIONS``
+(default ``fp16``; a precision without an ONNX artifact is skipped) an engine is built unless kiln.json
+already lists one that ``kiln.runtime.engine_compatible`` accepts here.
+
+A bundle on a read-only mount is copied to ``$KILN_ENGINE_DIR/NAME`` first, and later starts reuse that
+copy: put ``KILN_ENGINE_DIR`` on a volume so replicas and restarts do not rebuild. Without a GPU or
+TensorRT the bundle is served as is (ONNX Runtime), with a warning, unless ``KILN_REQUIRE_ENGINE=1``.
+Logs go to stderr; stdout holds only the paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+log = logging.getLogger("kiln.prepare_engines")
+
+
+def _compatible_engine(bundle: object, precision: str) -> str | None:
+    from kiln.runtime import engine_compatible
+
+    for art in bundle.artifacts("tensorrt", precision):  # type: ignore[attr-defined]
+        ok, why = engine_compatible(art.model_extra or {})
+        if ok and bundle.path(art.file).is_file():  # type: ignore[attr-defined]
+            return str(art.file)
+        log.info("%s: engine %s cannot run here: %s", bundle.name, art.file, why)  # type: ignore[attr-defined]
+    return None
+
+
+def _sources(bundle: object) -> dict[str, str]:
+    """sha256 of every non-engine artifact: a copy is reused only while these match the mounted bundle."""
+    return {a.file: a.sha256 for a in bundle.manifest.artifacts.values() if a.format != "tensorrt"}  # type: ignore[attr-defined]
+
+
+def _writable_copy(root: Path, work: Path) -> Path:
+    if os.access(root, os.W_OK) and os.access(root / "kiln.json", os.W_OK):
+        return root
+    dest = work / root.name
+    if not (dest / "kiln.json").is_file():
+        log.info("copying read-only %s to %s to add engines", root, dest)
+        tmp = work / f".{root.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(root, tmp, ignore=shutil.ignore_patterns("last.pt", "best.pt", "tensorboard"))
+        tmp.rename(dest)
+    return dest
+
+
+def prepare(path: Path, precisions: list[str], work: Path, require: bool) -> Path:
+    """Return the bundle folder to serve: ``path``, or its copy under ``work`` holding the engines."""
+    from kiln.bundle import Bundle
+    from kiln.errors import BackendUnavailable, KilnError
+    from kiln.export.onnx2engine import onnx2engine
+    from kiln.fsutil import atomic_path
+
+    bundle = Bundle.load(path)
+    copy = work / path.name
+    if copy.resolve() != path.resolve() and (copy / "kiln.json").is_file():
+        if _sources(Bundle.load(copy)) == _sources(bundle):
+            bundle = Bundle.load(copy)
+        else:
+            log.info("%s: the bundle changed since %s was made; rebuilding it", bundle.name, copy)
+            shutil.rmtree(copy)
+    for precision in precisions:
+        onnx = bundle.artifact("onnx", precision)
+        if onnx is None:
+            log.info("%s: no %s ONNX artifact, no %s engine", bundle.name, precision, precision)
+            continue
+        if (found := _compatible_engine(bundle, precision)) is not None:
+            log.info("%s: %s engine %s matches this GPU", bundle.name, precision, found)
+            continue
+        target = _writable_copy(bundle.root, work)
+        if target != bundle.root:
+            bundle = Bundle.load(target)
+        file = f"model.{precision}.engine"
+        log.info("%s: building %s from %s (minutes for large models)", bundle.name, file, onnx.file)
+        try:
+            with atomic_path(bundle.path(file)) as tmp:
+                provenance = onnx2engine(bundle.path(onnx.file), tmp, precision=precision,
+                                         batch=bundle.manifest.input.batch, input_name=bundle.manifest.input.name,
+                                         timing_cache=work / "timing.cache")
+        except (BackendUnavailable, KilnError) as exc:
+            if require:
+                raise
+            log.warning("%s: no %s engine (%s); serving with the next backend instead", bundle.name, precision, exc)
+            continue
+        extra = {k: v for k, v in provenance.items() if k not in ("file", "format", "precision", "sha256")}
+        bundle.add_artifact(file, "tensorrt", precision, source_sha256=onnx.sha256, **extra)
+        bundle.save()
+    return bundle.root
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="prepare-engines: %(message)s", stream=sys.stderr)
+    if not argv:
+        print("usage: prepare_engines.py BUNDLE [BUNDLE ...]", file=sys.stderr)
+        return 2
+    precisions = [p.strip() for p in os.environ.get("KILN_ENGINE_PRECISIONS", "fp16").split(",") if p.strip()]
+    work = Path(os.environ.get("KILN_ENGINE_DIR", "/var/lib/kiln"))
+    require = os.environ.get("KILN_REQUIRE_ENGINE", "0") == "1"
+    work.mkdir(parents=True, exist_ok=True)
+    for arg in argv:
+        path = Path(arg)
+        if not (path / "kiln.json").is_file():
+            log.info("%s has no kiln.json: not a bundle, skipped", path)
+            continue
+        print(prepare(path, precisions, work, require))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,167 @@
+"""``kiln serve BUNDLE [BUNDLE ...]``: the REST server. fastapi, uvicorn and the runtimes load in run()."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+from kiln.cli import HelpFormatter, choice, csv_of, non_negative_float, positive_float, positive_int
+from kiln.errors import BackendUnavailable, ConfigError, KilnError
+
+log = logging.getLogger("kiln.serve")
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# Flag name -> Settings field; flags default to "not given" so KILN_* variables apply underneath.
+_FLAGS = (
+    "host", "port", "backend", "precision", "max_batch", "max_delay_ms", "max_queue", "timeout_s", "api_key",
+    "max_body_bytes", "max_image_pixels", "max_images_per_request", "cors_origins", "top_k",
+)
+
+
+def _backends() -> list[str]:
+    from kiln.runtime import BACKENDS
+
+    return ["auto", *BACKENDS]
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got '{text}'") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
+    return value
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve bundles over REST (native /v1, KServe v2) with dynamic batching",
+        formatter_class=HelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        description=(
+            "Serve one or more bundles: POST /v1/models/NAME/predict (multipart `file` fields or JSON base64),\n"
+            "KServe v2 /v2/models/NAME/infer, /healthz, /readyz, /metrics, /docs and a try-it page at /.\n"
+            "Every flag can also be set with a KILN_* environment variable (KILN_MAX_BATCH=16, KILN_API_KEY=...);\n"
+            "a flag wins over the variable. SIGTERM stops accepting, finishes in-flight requests and exits 0.\n\n"
+            "example:\n"
+            "  kiln serve runs/digits --port 8000 --max-batch 32 --max-delay-ms 2\n"
+            "  curl -F file=@digit.png http://127.0.0.1:8000/v1/models/digits/predict"
+        ),
+    )
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folders (with kiln.json)")
+    p.add_argument("--name", action="append", dest="names", metavar="NAME",
+                   help="model name for the bundle at the same position (repeat once per bundle; "
+                        "default: the bundle folder's name)")
+    p.add_argument("--host", help="interface to listen on [KILN_HOST, default 127.0.0.1; 0.0.0.0 for all]")
+    p.add_argument("--port", type=_port, help="TCP port [KILN_PORT, default 8000; 0 picks a free one]")
+    p.add_argument("--backend", type=choice("backend", _backends),
+                   help="runtime [KILN_BACKEND, default auto: TensorRT, then ONNX Runtime, then PyTorch]")
+    p.add_argument("--precision", type=choice("precision", PRECISIONS),
+                   help="artifact precision [KILN_PRECISION, default: the backend's choice]")
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-batch", type=positive_int, metavar="N",
+                   help="items per batch [KILN_MAX_BATCH, default: the backend's maximum]")
+    g.add_argument("--max-delay-ms", type=non_negative_float, metavar="MS",
+                   help="how long a batch waits for more requests after its first [KILN_MAX_DELAY_MS, default 2]")
+    g.add_argument("--max-queue", type=positive_int, metavar="N",
+                   help="queued requests per model before answering 503 [KILN_MAX_QUEUE, default 256]")
+    g.add_argument("--timeout-s", type=positive_float, metavar="S",
+                   help="per-request deadline before answering 504 [KILN_TIMEOUT_S, default 30]")
+    g.add_argument("--top-k", type=positive_int, metavar="K",
+                   help="classification labels per image [KILN_TOP_K, default: kiln.json]")
+    s = p.add_argument_group("limits and security")
+    s.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' except on health endpoints [KILN_API_KEY]")
+    s.add_argument("--max-body-bytes", type=positive_int, metavar="N",
+                   help="request body limit, 413 above [KILN_MAX_BODY_BYTES, default 20 MiB]")
+    s.add_argument("--max-image-pixels", type=positive_int, metavar="N",
+                   help="width x height limit per image [KILN_MAX_IMAGE_PIXELS, default 40000000]")
+    s.add_argument("--max-images-per-request", type=positive_int, metavar="N",
+                   help="images in one request [KILN_MAX_IMAGES_PER_REQUEST, default 64]")
+    s.add_argument("--cors-origins", type=csv_of(str), metavar="URL,...",
+                   help="allowed CORS origins [KILN_CORS_ORIGINS, default none: CORS off]")
+    p.add_argument("--access-log", action="store_true", default=False, help="log every request (uvicorn access log)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from kiln.bundle import Bundle
+    from kiln.serve.settings import Settings
+
+    try:
+        settings = Settings.from_flags(**{k: getattr(args, k, None) for k in _FLAGS})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid setting {where} (flag --{where.replace('_', '-')} or KILN_{where.upper()}): "
+                          f"{first['msg']}") from None
+    names = getattr(args, "names", None)
+    if names is not None and len(names) != len(args.bundles):
+        raise ConfigError(f"--name was given {len(names)} time(s) for {len(args.bundles)} bundle(s): give one per bundle")
+    bundles = [Bundle.load(path) for path in args.bundles]
+    models = [(names[i] if names else b.name, b) for i, b in enumerate(bundles)]
+
+    import uvicorn
+
+    from kiln.serve.app import create_app
+
+    sock = _listen(settings.host, settings.port)
+    load_errors: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_error(name: str, exc: BaseException) -> None:
+        load_errors.append(f"model '{name}' ({Path(args.bundles[[m[0] for m in models].index(name)])}): {exc}")
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(models, settings, on_load_error=on_load_error)
+    config = uvicorn.Config(
+        app,
+        log_config=None,  # keep kiln's logging setup
+        access_log=args.access_log,
+        lifespan="on",
+        # In-flight requests finish within their own deadline; don't wait for stragglers beyond it.
+        timeout_graceful_shutdown=int(settings.timeout_s) + 5,
+    )
+    server = uvicorn.Server(config)
+    host, port = sock.getsockname()[:2]
+    log.info("serving %s on http://%s:%d (docs at /docs)", ", ".join(n for n, _ in models), host, port)
+    terminated: list[int] = []
+    # Uvicorn re-raises the signal it shut down on; a Python handler turns SIGTERM into a clean exit 0.
+    previous = signal.signal(signal.SIGTERM, lambda sig, _frame: terminated.append(sig))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+    if load_errors:
+        raise BackendUnavailable("; ".join(load_errors))
+    if not server.started:
+        raise KilnError("the server did not start; see the log above")
+    return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind here rather than in uvicorn, so a port in use is a one-line error instead of sys.exit."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: cannot resolve ({exc.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock

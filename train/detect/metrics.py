@@ -1,0 +1,83 @@
+"""COCO box mAP with pycocotools: mAP@[.5:.95], mAP@.5 and per-class AP over a list of images.
+
+Both training-time validation and ``kiln eval`` call :func:`coco_map`, so the numbers agree. Image
+ids are ``index + 1`` and category ids ``class index + 1`` (pycocotools treats 0 as "unmatched").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+EVAL_SCORE_THRESHOLD = 0.01  # COCO mAP integrates over all scores: keep low-confidence detections
+EVAL_MAX_DETECTIONS = 100  # COCO's maxDets for mAP
+
+
+def coco_ground_truth(targets: Sequence[dict[str, np.ndarray]], classes: Sequence[str],
+                      sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """A COCO instances dict for ``targets`` (boxes in original pixels); ``sizes`` are ``(W, H)``."""
+    images, anns = [], []
+    for i, t in enumerate(targets):
+        w, h = sizes[i] if sizes is not None else (0, 0)
+        images.append({"id": i + 1, "width": int(w), "height": int(h)})
+        for box, label in zip(np.asarray(t["boxes"]).reshape(-1, 4), np.asarray(t["labels"]).reshape(-1), strict=True):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(label) + 1,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    cats = [{"id": i + 1, "name": str(n)} for i, n in enumerate(classes)]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def coco_results(detections: Sequence[Sequence[dict[str, Any]]], image_ids: Sequence[int] | None = None,
+                 category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Detections (per image, from detect_postprocess) as a COCO results list (``bbox`` = x, y, w, h)."""
+    out = []
+    for i, dets in enumerate(detections):
+        image_id = image_ids[i] if image_ids is not None else i + 1
+        for d in dets:
+            x1, y1, x2, y2 = d["box"]
+            cat = category_ids[d["index"]] if category_ids is not None else d["index"] + 1
+            out.append({"image_id": int(image_id), "category_id": int(cat),
+                        "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                        "score": round(float(d["score"]), 5)})
+    return out
+
+
+def coco_map(detections: Sequence[Sequence[dict[str, Any]]], targets: Sequence[dict[str, np.ndarray]],
+             classes: Sequence[str]) -> dict[str, Any]:
+    """``{"map", "map50", "map75", "per_class_ap": {class: AP or None}, "count"}`` (AP in [0, 1]).
+
+    A class without ground truth in the split has AP None. With no detection at all every AP is 0.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if len(detections) != len(targets):
+        raise ValueError(f"{len(detections)} detection lists for {len(targets)} images")
+    results = coco_results(detections)
+    present = {int(lab) for t in targets for lab in np.asarray(t["labels"]).reshape(-1)}
+    base = {"map": 0.0, "map50": 0.0, "map75": 0.0, "count": len(targets), "detections": len(results)}
+    if not results or not present:
+        return {**base, "per_class_ap": {c: (0.0 if i in present else None) for i, c in enumerate(classes)}}
+    quiet = io.StringIO()  # pycocotools prints progress and the summary table on stdout
+    with contextlib.redirect_stdout(quiet):
+        gt = COCO()
+        gt.dataset = coco_ground_truth(targets, classes)
+        gt.createIndex()
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.maxDets = [1, 10, EVAL_MAX_DETECTIONS]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    precision = ev.eval["precision"]  # [T iou, R recall, K class, A area, M maxdets]; -1 = no ground truth
+    per_class: dict[str, float | None] = {}
+    for k, name in enumerate(classes):
+        p = precision[:, :, k, 0, -1]
+        per_class[str(name)] = float(p[p > -1].mean()) if k in present and (p > -1).any() else None
+    return {**base, "map": max(0.0, float(ev.stats[0])), "map50": max(0.0, float(ev.stats[1])),
+            "map75": max(0.0, float(ev.stats[2])), "per_class_ap": per_class}
