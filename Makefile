@@ -32,9 +32,11 @@ test-slow: venv
 test-gpu: venv
 	$(BIN)/pytest -m "gpu or trt" -q $(PYTEST_ARGS)
 
+# tensorrt-stubs ships no py.typed and stubs mypy cannot parse: _mypy_stubs writes a fixed copy first.
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy kiln train export serve calib
+	$(BIN)/python -m kiln.runtime._mypy_stubs .kiln-cache/mypy-stubs
+	MYPYPATH=.kiln-cache/mypy-stubs $(BIN)/mypy kiln train export serve calib
 
 # Train lenet5 on the bundled digits, evaluate, export fp32/fp16/int8 ONNX, serve it, send one request, benchmark.
 demo: venv

@@ -495,7 +495,7 @@ def create_app(
 
     api_key = settings.api_key_value()
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:
         if api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")

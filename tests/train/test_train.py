@@ -31,7 +31,7 @@ def test_bundle_from_training(digits_bundle: Path):
     for f in ("last.pt", "best.pt", "metrics.csv", "curves.png", "config.json"):
         assert (digits_bundle / f).is_file(), f
     assert any((digits_bundle / "tensorboard").iterdir())
-    rows = list(csv.DictReader(open(digits_bundle / "metrics.csv")))
+    rows = list(csv.DictReader((digits_bundle / "metrics.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and float(rows[-1]["val_top1"]) > 85
 
 
