@@ -57,7 +57,7 @@ class TrainConfig:
         ):
             if value not in valid:
                 raise unknown_choice(name.removeprefix("--"), value, valid, flag=name)
-        checks = [
+        checks: list[tuple[str, bool, object]] = [
             ("--epochs", self.epochs >= 1, self.epochs),
             ("--batch-size", self.batch_size >= 1, self.batch_size),
             ("--lr", self.lr is None or self.lr > 0, self.lr),
@@ -69,9 +69,9 @@ class TrainConfig:
             ("--image-size", self.image_size is None or self.image_size >= 8, self.image_size),
             ("--workers", self.workers is None or self.workers >= 0, self.workers),
         ]
-        for flag, ok, value in checks:
+        for flag, ok, got in checks:
             if not ok:
-                raise ConfigError(f"{flag}: invalid value {value}")
+                raise ConfigError(f"{flag}: invalid value {got}")
 
     @property
     def learning_rate(self) -> float:

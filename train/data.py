@@ -47,10 +47,10 @@ class ImageDataset:
         return len(self.targets)
 
     def image(self, i: int) -> Image.Image:
-        item = self.images[i]
         if isinstance(self.images, np.ndarray):
-            return Image.fromarray(item, mode="L" if item.ndim == 2 else "RGB")
-        return load_image(str(item)).convert(self.channels)
+            arr = self.images[i]
+            return Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB")
+        return load_image(str(self.images[i])).convert(self.channels)
 
     def target(self, i: int) -> Any:
         return self.targets[i]
@@ -278,9 +278,9 @@ def _folder(root: str, *, val_fraction: float, seed: int, skip_bad_images: bool,
                             [labels[i] for i in ok], None, {"root": str(base)})
 
     if (base / "train").is_dir() and (base / "val").is_dir():
-        classes, tp, tl = _scan_folder(base / "train")
-        _, vp, vl = _scan_folder(base / "val", classes)
-        return make("train", tp, tl, classes), make("val", vp, vl, classes)
+        names, tp, tl = _scan_folder(base / "train")
+        vp, vl = _scan_folder(base / "val", names)[1:]
+        return make("train", tp, tl, names), make("val", vp, vl, names)
     classes, paths, labels = _scan_folder(base)
     tr, va = split_indices(len(paths), val_fraction, seed, labels)
     return (make("train", [paths[i] for i in tr], [labels[i] for i in tr], classes),

@@ -247,7 +247,7 @@ class Trainer:
 
         self.train_ds, self.val_ds = self.task.torch_datasets(cfg, train_raw, val_raw, self.pre)
         self.workers = cfg.workers if cfg.workers is not None else default_workers(train_raw)
-        self.sampler = (DistributedSampler(self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank,
+        self.sampler: DistributedSampler[Any] | None = (DistributedSampler(self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank,
                                            shuffle=True, seed=cfg.seed) if self.dist.enabled else None)
         self.steps_per_epoch = len(self._loader(0))
         self.optimizer = build_optimizer(cfg, self.model.parameters())
