@@ -26,11 +26,11 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln import __version__, processing
-from kiln.bundle import Bundle
+from kiln.bundle import Bundle, Manifest
 from kiln.errors import ConfigError, InputError, KilnError
 from kiln.predict import predictions
 from kiln.processing import ImageDecodeError, Letterbox
@@ -91,7 +91,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Images up to this many pixels are decoded on the event loop: a thread hop costs more than decoding
 # a small image. Anything larger (up to the pixel limit) is decoded in the thread pool.
 _INLINE_PIXELS = 512 * 512
-_TRITON_PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx", "torch": "pytorch_torch"}
+_TRITON_PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxrt": "onnxruntime_onnx", "torch": "pytorch_torch"}
 
 
 class ApiError(StarletteHTTPException):
@@ -162,7 +162,7 @@ class ServedModel:
     batcher: Batcher
 
     @property
-    def manifest(self) -> Any:
+    def manifest(self) -> Manifest:
         return self.bundle.manifest
 
     def check_ready(self) -> Backend:
@@ -278,7 +278,7 @@ _KILN_ERRORS: list[tuple[type[BaseException], int, str]] = [
 
 
 def _error_response(
-    status: int, code: str, message: str, request_id: str | None, headers: dict[str, str] | None = None
+    status: int, code: str, message: str, request_id: str | None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "request_id": request_id}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -290,12 +290,12 @@ def _rid(request: Request) -> str | None:
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
+        exc = cast(StarletteHTTPException, exc)  # registered for this class only
         code = getattr(exc, "code", None) or _STATUS_CODES.get(exc.status_code, "http_error")
         return _error_response(exc.status_code, code, str(exc.detail), _rid(request), exc.headers)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
+        exc = cast(RequestValidationError, exc)
         return _error_response(400, "invalid_request", _describe_validation(exc.errors()), _rid(request))
 
     async def kiln_error(request: Request, exc: Exception) -> Response:

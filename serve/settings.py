@@ -23,7 +23,7 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 for all)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
-    backend: str = Field("auto", description="auto | tensorrt | onnxruntime | torch")
+    backend: str = Field("auto", description="auto | tensorrt | onnxrt | torch")
     precision: Precision | None = Field(None, description="artifact precision; default: the best available")
     max_batch: int | None = Field(None, ge=1, description="largest batch; default: the backend's maximum")
     max_delay_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")

@@ -45,6 +45,7 @@ def test_every_combination_is_measured_or_skipped_with_a_reason(report: dict[str
         assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
         assert ort["throughput"] == pytest.approx(batch * 5 / (sum(ort["samples_ms"]) / 1000), rel=1e-3)
         assert ort["speedup"] == pytest.approx(ort["throughput"] / base["throughput"])
+        assert ort["speedup_p50"] == pytest.approx(base["latency_ms"]["p50"] / ort["latency_ms"]["p50"])
         int8 = _row(report, "onnxrt", "int8", batch)
         assert int8["status"] == "skipped" and "int8" in int8["reason"]
         assert "The bundle has" not in int8["reason"]
@@ -109,7 +110,7 @@ def test_short_reason() -> None:
 
 def test_cli_engine_mode(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.json"
-    code = main(["bench", str(tiny_bundle), "--backend", "onnxrt", "--batch", "1", "--duration", "0.2",
+    code = main(["bench", str(tiny_bundle), "--batch", "1", "--duration", "0.2",
                  "--warmup", "1", "--threads", "1", "--json", str(out)])
     assert code == 0
     text = capsys.readouterr().out
@@ -117,6 +118,7 @@ def test_cli_engine_mode(tiny_bundle: Path, tmp_path: Path, capsys: pytest.Captu
     data = json.loads(out.read_text())
     rows = {(r["backend"], r["batch"]): r for r in data["results"]}
     assert rows[("onnxrt", 1)]["latency_ms"]["count"] >= 1
+    assert rows[("onnxrt", 1)]["requested"] == "auto"  # the default --backend: load() picked ONNX Runtime
     assert data["config"]["duration_s"] == 0.2 and data["config"]["iters"] is None
 
 
@@ -131,3 +133,35 @@ def test_cli_engine_mode(tiny_bundle: Path, tmp_path: Path, capsys: pytest.Captu
 def test_cli_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+class _PhasedBackend:
+    """Stands in for the TensorRT backend: it reports per-phase times of the last call like trtexec."""
+
+    name, device, precision, min_batch, max_batch = "tensorrt", "cuda:0", "fp16", 1, 8
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.last_timings: dict[str, float] = {}
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        self.last_timings = {"h2d_ms": 0.1 * self.calls, "compute_ms": 1.0, "d2h_ms": 0.05, "total_ms": 2.0}
+        return {"logits": np.zeros((1, 3), np.float32)}
+
+
+def test_phase_timings_are_collected_per_call() -> None:
+    from kiln.bench import summarize, time_backend
+
+    backend = _PhasedBackend()
+    samples, phases, wall, timer = time_backend(backend, {"images": np.zeros((1, 1, 28, 28), np.float32)},
+                                                warmup=2, iters=4, duration=None)
+    assert backend.calls == 6 and len(samples) == 4 and timer == "perf_counter" and wall > 0
+    assert phases["h2d"] == pytest.approx([0.3, 0.4, 0.5, 0.6])  # warm-up calls are not recorded
+    assert phases["compute"] == [1.0] * 4 and phases["d2h"] == [0.05] * 4
+    report = {"results": [{"backend": "tensorrt", "precision": "fp16", "batch": 1, "status": "ok", "device": "cuda:0",
+                           "latency_ms": summarize(samples), "throughput": 1.0, "speedup": 2.0,
+                           "phases_ms": {k: summarize(v) for k, v in phases.items()}}]}
+    _, rows, notes = engine_table(report)
+    assert rows[0][-1] == "2.00x"
+    assert notes == ["tensorrt fp16 batch 1 phases (p50 ms): h2d 0.45, compute 1, d2h 0.05"]

@@ -20,6 +20,7 @@ from kiln.serve.settings import Settings
 from .conftest import FakeBackend, png
 
 MakeClient = Callable[..., TestClient]
+pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 
 @pytest.fixture
@@ -218,6 +219,8 @@ def test_body_over_limit(make_client: MakeClient) -> None:
             yield b"x" * 4096
 
     resp = client.post("/v1/models/digits/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(resp, 413, "body_too_large")
+    resp = client.post("/v1/models/digits/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
     assert_error(resp, 413, "body_too_large")
     # the limit holds for the v2 endpoint too (FastAPI parses its body)
     resp = client.post("/v2/models/digits/infer", content=chunks(), headers={"content-type": "application/json"})
@@ -444,3 +447,57 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings.from_flags(max_batch=4).max_batch == 4  # a flag beats the environment
     with pytest.raises(ValueError):
         Settings(max_batch=0)
+
+
+def test_client_gone_request_is_cancelled_not_run(classify_bundle: Bundle) -> None:
+    """A client that disconnects while its request waits: the request never reaches the backend."""
+    import asyncio
+    import threading
+
+    app = create_app([("digits", classify_bundle)], Settings(max_batch=1, max_delay_ms=0),
+                     loader=lambda bundle, _s: FakeBackend(bundle))
+    body = b'{"images": ["' + base64.b64encode(png(value=0)) + b'"]}'
+
+    async def call(gone: asyncio.Event) -> list[dict[str, Any]]:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/models/digits/predict", "raw_path": b"/v1/models/digits/predict",
+                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        sent: list[dict[str, Any]] = []
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            model = app.state.models["digits"]
+            while not model.batcher.ready:
+                await asyncio.sleep(0.01)
+            backend: FakeBackend = model.batcher.backend
+            backend.gate = threading.Event()
+            backend.calls.clear()
+            stay, leave = asyncio.Event(), asyncio.Event()
+            busy = asyncio.create_task(call(stay))
+            while not backend.calls:
+                await asyncio.sleep(0.01)
+            left = asyncio.create_task(call(leave))
+            await asyncio.sleep(0.05)
+            leave.set()  # the second client hangs up while its request is queued
+            await asyncio.wait_for(left, 5)
+            backend.gate.set()
+            answer = await asyncio.wait_for(busy, 5)
+            assert answer[0]["status"] == 200
+            await asyncio.sleep(0.1)
+            assert len(backend.calls) == 1  # the abandoned request was skipped
+
+    asyncio.run(scenario())

@@ -371,3 +371,32 @@ def test_announce_counts_requests_on_their_way(started) -> None:  # type: ignore
         second = batcher.submit(_feeds(1))
     first.result(5), second.result(5)
     assert [n for n, _ in backend.calls] == [1, 2]
+
+
+def test_dynamic_batching_amortizes_a_per_call_cost(classify_bundle) -> None:  # type: ignore[no-untyped-def]
+    """When a call costs the same for 1 or 32 images (a GPU), 32 concurrent clients get >= 3x."""
+
+    def run(max_batch: int) -> float:
+        def factory() -> FakeBackend:
+            b = FakeBackend(classify_bundle)
+            b.delay = 0.01
+            return b
+
+        batcher = Batcher(factory, name="amortize", max_batch=max_batch, max_delay=0.005, warmup=False).start()
+        assert batcher.wait_ready(5)
+        done = threading.Barrier(33)
+
+        def client() -> None:
+            for _ in range(4):
+                batcher.submit(_feeds(1)).result(10)
+            done.wait(30)
+
+        t0 = time.monotonic()
+        for _ in range(32):
+            threading.Thread(target=client, daemon=True).start()
+        done.wait(30)
+        seconds = time.monotonic() - t0
+        batcher.close(timeout=5)
+        return 128 / seconds
+
+    assert run(32) >= 3 * run(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ from kiln.train.config import TrainConfig
 from kiln.train.detect.data import write_shapes_coco
 from kiln.train.detect.model import build_detector
 from kiln.train.detect.task import DetectTask
-from kiln.train.loop import train
-from kiln.train.models import load_model, read_state_dict
+from kiln.train.loop import Trainer, TrainingInterrupted, train
+from kiln.train import checkpoint
+from kiln.train.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def _cfg(data: str, out: Path, epochs: int) -> TrainConfig:
     return TrainConfig(data=data, epochs=epochs, batch_size=8, image_size=64, out=str(out), workers=0)
 
 
-def test_train_resume_and_eval(coco_spec: str, tmp_path: Path) -> None:
+def test_train_resume_and_eval(coco_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result, trainer = train(_cfg(coco_spec, tmp_path / "a", 2), progress=False)
     assert trainer.task.name == "detect" and trainer.cfg.model == "kiln-det-s"
     bundle = Bundle.load(tmp_path / "a")
@@ -44,10 +46,21 @@ def test_train_resume_and_eval(coco_spec: str, tmp_path: Path) -> None:
     boxes, scores = model(torch.zeros(2, 3, 64, 64))
     assert boxes.shape == (2, a, 4) and scores.shape == (2, a, 3)
 
-    # exact resume: 1 epoch + resume to 2 gives the same weights as 2 straight
-    train(_cfg(coco_spec, tmp_path / "b", 1), progress=False)
+    # exact resume: a run stopped after epoch 1 (Ctrl-C) and resumed ends with the same weights
+    original = Trainer._end_epoch
+
+    def stop_after_first(self: Trainer, epoch: int, *args: Any) -> Any:
+        row = original(self, epoch, *args)
+        if epoch == 0:
+            raise KeyboardInterrupt
+        return row
+
+    monkeypatch.setattr(Trainer, "_end_epoch", stop_after_first)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(coco_spec, tmp_path / "b", 2), progress=False)
+    monkeypatch.setattr(Trainer, "_end_epoch", original)
     train(_cfg(coco_spec, tmp_path / "b", 2), resume=tmp_path / "b", progress=False)
-    sa, sb = read_state_dict(tmp_path / "a" / "last.pt"), read_state_dict(tmp_path / "b" / "last.pt")
+    sa, sb = checkpoint.load(tmp_path / "a" / "last.pt")["model"], checkpoint.load(tmp_path / "b" / "last.pt")["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
     from kiln.cli import main
