@@ -23,23 +23,27 @@ import shutil
 import sys
 from pathlib import Path
 
+from kiln.bundle import Bundle
+from kiln.errors import KilnError
+from kiln.fsutil import atomic_path
+
 log = logging.getLogger("kiln.prepare_engines")
 
 
-def _compatible_engine(bundle: object, precision: str) -> str | None:
+def _compatible_engine(bundle: Bundle, precision: str) -> str | None:
     from kiln.runtime import engine_compatible
 
-    for art in bundle.artifacts("tensorrt", precision):  # type: ignore[attr-defined]
+    for art in bundle.artifacts("tensorrt", precision):
         ok, why = engine_compatible(art.model_extra or {})
-        if ok and bundle.path(art.file).is_file():  # type: ignore[attr-defined]
-            return str(art.file)
-        log.info("%s: engine %s cannot run here: %s", bundle.name, art.file, why)  # type: ignore[attr-defined]
+        if ok and bundle.path(art.file).is_file():
+            return art.file
+        log.info("%s: engine %s cannot run here: %s", bundle.name, art.file, why)
     return None
 
 
-def _sources(bundle: object) -> dict[str, str]:
+def _sources(bundle: Bundle) -> dict[str, str]:
     """sha256 of every non-engine artifact: a copy is reused only while these match the mounted bundle."""
-    return {a.file: a.sha256 for a in bundle.manifest.artifacts.values() if a.format != "tensorrt"}  # type: ignore[attr-defined]
+    return {a.file: a.sha256 for a in bundle.manifest.artifacts.values() if a.format != "tensorrt"}
 
 
 def _writable_copy(root: Path, work: Path) -> Path:
@@ -57,11 +61,6 @@ def _writable_copy(root: Path, work: Path) -> Path:
 
 def prepare(path: Path, precisions: list[str], work: Path, require: bool) -> Path:
     """Return the bundle folder to serve: ``path``, or its copy under ``work`` holding the engines."""
-    from kiln.bundle import Bundle
-    from kiln.errors import BackendUnavailable, KilnError
-    from kiln.export.onnx2engine import onnx2engine
-    from kiln.fsutil import atomic_path
-
     bundle = Bundle.load(path)
     copy = work / path.name
     if copy.resolve() != path.resolve() and (copy / "kiln.json").is_file():
@@ -84,11 +83,14 @@ def prepare(path: Path, precisions: list[str], work: Path, require: bool) -> Pat
         file = f"model.{precision}.engine"
         log.info("%s: building %s from %s (minutes for large models)", bundle.name, file, onnx.file)
         try:
+            # Imported only to build: a bundle whose engines match needs no builder.
+            from kiln.export.onnx2engine import onnx2engine
+
             with atomic_path(bundle.path(file)) as tmp:
                 provenance = onnx2engine(bundle.path(onnx.file), tmp, precision=precision,
                                          batch=bundle.manifest.input.batch, input_name=bundle.manifest.input.name,
                                          timing_cache=work / "timing.cache")
-        except (BackendUnavailable, KilnError) as exc:
+        except KilnError as exc:  # BackendUnavailable (no GPU / TensorRT) or ExportError
             if require:
                 raise
             log.warning("%s: no %s engine (%s); serving with the next backend instead", bundle.name, precision, exc)

@@ -24,12 +24,6 @@ log = logging.getLogger("kiln.train")
 DATASETS = ("digits", "mnist:DIR", "cifar10:DIR", "folder:DIR", "shapes", "coco:ANN.json:IMAGES", "yolo:DATA.yaml")
 
 
-def _model_names() -> list[str]:
-    from kiln.train.models import MODELS
-
-    return list(MODELS)
-
-
 def _data_spec(text: str) -> str:
     from kiln.train.data import DataSpec
 
@@ -47,7 +41,7 @@ def _defaults() -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from kiln.train.config import AMP_MODES, DEVICES, OPTIMIZERS, SCHEDULES, TASKS
+    from kiln.train.config import AMP_MODES, DEVICES, MODEL_NAMES, OPTIMIZERS, SCHEDULES, TASKS
 
     d = _defaults()
     s = argparse.SUPPRESS  # only flags the user gave override a resumed run's saved config
@@ -68,9 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("data and model")
     g.add_argument("--data", type=_data_spec, default=s, help=f"dataset spec (default: {d['data']})")
-    g.add_argument("--model", type=choice("model", _model_names), default=s,
+    g.add_argument("--model", type=choice("model", MODEL_NAMES), default=s,
                    help="architecture (default: lenet5 for classification, kiln-det-s for detection); "
-                        "one of " + ", ".join(_model_names()))
+                        "one of " + ", ".join(MODEL_NAMES))
     g.add_argument("--task", type=choice("task", TASKS), default=s, help="classify | detect (default: from --model or --data)")
     g.add_argument("--image-size", type=positive_int, default=s, help="input side in pixels (default: the model's or dataset's)")
     g.add_argument("--val-fraction", type=open_fraction, default=s,

@@ -8,6 +8,8 @@ from typing import Any
 
 from kiln.errors import ConfigError, unknown_choice
 
+# The names in kiln.train.models.MODELS, here so `kiln --help` does not import torch (a test keeps them equal).
+MODEL_NAMES = ("lenet5", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "kiln-det-s", "kiln-det-m")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 AMP_MODES = ("auto", "off", "bf16", "fp16")

@@ -32,3 +32,9 @@ def test_weights_fine_tune_replaces_head(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a valid PyTorch file"):
         read_state_dict(tmp_path / "bad.pt")
+
+
+def test_cli_model_names_match_the_registry():
+    from kiln.train.config import MODEL_NAMES
+
+    assert tuple(MODELS) == MODEL_NAMES

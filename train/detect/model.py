@@ -187,7 +187,7 @@ class Detector(nn.Module):
         """``boxes [N, A, 4]`` xyxy input pixels and ``scores [N, A, C]`` from :meth:`raw`'s outputs."""
         ltrb = raw["ltrb"].float()
         p = self.points
-        boxes = torch.cat([p - ltrb[..., :2], p + ltrb[..., 2:]], -1).clamp(0, float(self.image_size))
+        boxes = torch.cat([p - ltrb[..., :2], p + ltrb[..., 2:]], -1).clamp_min(0.0).clamp_max(float(self.image_size))
         scores = torch.sqrt(torch.sigmoid(raw["cls_logits"].float()) * torch.sigmoid(raw["centerness"].float()).unsqueeze(-1))
         return boxes, scores
 
