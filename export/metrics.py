@@ -11,6 +11,8 @@ from typing import Any
 from kiln.bundle import Bundle
 
 HEADLINE = {"classify": "top1", "detect": "map"}
+# The budget is in points (percent). Top-1 comes in percent; mAP comes as pycocotools' fraction.
+POINTS_PER_UNIT = {"classify": 1.0, "detect": 100.0}
 
 
 def evaluate(bundle: Bundle, backend: Any, split: str = "val", limit: int | None = None) -> dict[str, float]:
@@ -22,7 +24,8 @@ def evaluate(bundle: Bundle, backend: Any, split: str = "val", limit: int | None
 
 
 def headline(bundle: Bundle, metrics: dict[str, float]) -> tuple[str, float]:
-    """The metric the accuracy budget is measured in: top-1 or mAP@[.5:.95], in points."""
-    key = HEADLINE[bundle.manifest.task]
-    return key, float(metrics[key])
+    """The metric the accuracy budget is measured in: top-1 or mAP@[.5:.95], in points (percent)."""
+    task = bundle.manifest.task
+    key = HEADLINE[task]
+    return key, float(metrics[key]) * POINTS_PER_UNIT[task]
 

@@ -1,8 +1,10 @@
 """onnx2fp16: an fp32 ONNX graph to a float16 one with fp32 inputs and outputs kept.
 
-onnxconverter-common's converter is the maintained one (onnxmltools and onnxruntime's transformer
-tools both call it). Keeping I/O in fp32 means clients, preprocessing and the batcher stay unchanged;
-the graph casts at its edges.
+The converter is onnxruntime's ``onnxruntime.transformers.float16`` (maintained with onnxruntime; a
+fork of onnxconverter-common's). onnxconverter-common 1.16 writes an invalid graph around ``Resize``
+(the upsampling in kiln-det-s's FPN: "Type (tensor(float)) of output arg ... does not match expected
+type (tensor(float16))"); onnxruntime's version does not. Ops the converter blocks by default stay in
+fp32 behind Casts. Keeping I/O in fp32 means clients, preprocessing and the batcher stay unchanged.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ log = logging.getLogger(__name__)
 def onnx2fp16(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> dict[str, Any]:
     """Write the float16 version of ``onnx_path`` to ``out_path``; return the converter's settings."""
     import onnx
-    from onnxconverter_common import __version__ as occ_version
-    from onnxconverter_common import float16
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(onnx_path))
     try:
-        half = float16.convert_float_to_float16(model, keep_io_types=True)
+        half = convert_float_to_float16(model, keep_io_types=True)
     except Exception as exc:  # the converter raises plain exceptions for unsupported graphs
         raise ExportError(f"onnx2fp16: cannot convert {onnx_path}: {type(exc).__name__}: {exc}") from exc
     try:
@@ -32,4 +34,8 @@ def onnx2fp16(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx2fp16: the float16 graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
     onnx.save(half, str(out_path))
-    return {"converter": f"onnxconverter_common.float16 {occ_version}", "keep_io_types": True}
+    try:  # type errors the checker misses surface when ONNX Runtime loads the graph
+        ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"onnx2fp16: ONNX Runtime rejects the float16 graph: {str(exc).splitlines()[0]}") from None
+    return {"converter": f"onnxruntime.transformers.float16 (onnxruntime {ort.__version__})", "keep_io_types": True}

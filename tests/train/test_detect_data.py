@@ -19,7 +19,6 @@ from kiln.train.detect.data import (
     open_coco,
     open_yolo,
     sanitize_boxes,
-    write_shapes_coco,
     write_shapes_yolo,
 )
 

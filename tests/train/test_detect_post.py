@@ -3,6 +3,8 @@ and COCO mAP (pycocotools) behaves: perfect predictions score 1, shifted boxes l
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 import pytest
 import torch
@@ -31,13 +33,13 @@ def test_numpy_and_torch_postprocess_agree(post: DetectPost) -> None:
     boxes, scores = _raw(rng, 4, 300, 3)
     lbs = [Letterbox(0.5, 0.5, 0.0, 14.0, 256, 200), Letterbox(1.0, 1.0, 0.0, 0.0, 128, 128),
            Letterbox(2.0, 2.0, 8.0, 0.0, 56, 64), Letterbox(0.8, 0.8, 0.0, 16.0, 160, 120)]
-    a = detect_postprocess(boxes, scores, lbs, post, CLASSES)
-    b = detect_postprocess_torch(torch.from_numpy(boxes), torch.from_numpy(scores), lbs, post, CLASSES)
+    a = cast(list[list[dict[str, Any]]], detect_postprocess(boxes, scores, lbs, post, CLASSES))
+    b = cast(list[list[dict[str, Any]]], detect_postprocess_torch(torch.from_numpy(boxes), torch.from_numpy(scores), lbs, post, CLASSES))
     assert sum(len(x) for x in a) > 4 * 2  # not trivially empty
     for da, db in zip(a, b, strict=True):
         assert len(da) == len(db) <= post.max_detections
         assert [d["index"] for d in da] == [d["index"] for d in db]
-        assert [d["label"] for d in da] == [CLASSES[d["index"]] for d in da]  # type: ignore[index]
+        assert [d["label"] for d in da] == [CLASSES[d["index"]] for d in da]
         assert np.allclose([d["score"] for d in da], [d["score"] for d in db])
         assert np.allclose([d["box"] for d in da], [d["box"] for d in db], atol=1e-4)
         scores_a = [d["score"] for d in da]
@@ -48,13 +50,13 @@ def test_nms_is_class_aware_and_maps_back() -> None:
     boxes = np.array([[[10, 10, 50, 50], [12, 12, 50, 50], [10, 10, 50, 50]]], dtype=np.float32)
     scores = np.array([[[0.9, 0.0], [0.8, 0.0], [0.0, 0.7]]], dtype=np.float32)
     lb = Letterbox(0.5, 0.5, 0.0, 10.0, 200, 100)
-    [dets] = detect_postprocess(boxes, scores, [lb], DetectPost(), ["x", "y"])
+    [dets] = cast(list[list[dict[str, Any]]], detect_postprocess(boxes, scores, [lb], DetectPost(), ["x", "y"]))
     assert [(d["label"], round(d["score"], 2)) for d in dets] == [("x", 0.9), ("y", 0.7)]  # same box, other class kept
     assert np.allclose(dets[0]["box"], [20, 0, 100, 80])  # (box - pad) / scale, clipped to the image
     assert nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5).size == 0
 
 
-def _targets(rng: np.random.Generator, n: int) -> list[dict[str, np.ndarray]]:
+def _targets(rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
     out = []
     for i in range(n):
         k = i % 4  # includes negative images
@@ -64,7 +66,7 @@ def _targets(rng: np.random.Generator, n: int) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def _as_dets(targets: list[dict[str, np.ndarray]], shift: float = 0.0) -> list[list[dict[str, object]]]:
+def _as_dets(targets: list[dict[str, np.ndarray]], shift: float = 0.0) -> list[list[dict[str, Any]]]:
     return [[{"box": (b + shift).tolist(), "label": CLASSES[int(c)], "index": int(c), "score": 0.9}
              for b, c in zip(t["boxes"], t["labels"], strict=True)] for t in targets]
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from kiln.bundle import Bundle
+from kiln.train import checkpoint
 from kiln.train.config import TrainConfig
 from kiln.train.detect.data import write_shapes_coco
 from kiln.train.detect.model import build_detector
 from kiln.train.detect.task import DetectTask
 from kiln.train.loop import Trainer, TrainingInterrupted, train
-from kiln.train import checkpoint
 from kiln.train.models import load_model
 
 
@@ -105,3 +105,13 @@ def test_onnx_export_dynamic_batch(tmp_path: Path) -> None:
         assert [g.shape for g in got] == [(n, 84, 4), (n, 84, 3)]
         for r, g in zip(ref, got, strict=True):
             assert np.allclose(r, g, atol=1e-4)
+
+
+@pytest.mark.parametrize(("size", "image_size"), [("s", 96), ("m", 64)])
+def test_detector_sizes_match_their_grid(size: str, image_size: int) -> None:
+    model = build_detector(size, num_classes=4, in_channels=1, image_size=image_size).eval()
+    with torch.no_grad():
+        boxes, scores = model(torch.randn(2, 1, image_size, image_size))
+    a = sum((image_size // s) ** 2 for s in (8, 16, 32))
+    assert model.num_locations == a and boxes.shape == (2, a, 4) and scores.shape == (2, a, 4)
+    assert float(boxes.min()) >= 0 and float(boxes.max()) <= image_size and 0 <= float(scores.min()) <= float(scores.max()) <= 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +192,8 @@ def write_shapes_coco(out: str | os.PathLike[str], count: int | None = None, see
     for split, idx in _split_of(n, seed).items():
         img_dir = root / "images" / split
         img_dir.mkdir(parents=True, exist_ok=True)
-        entries, anns = [], []
+        entries: list[dict[str, Any]] = []
+        anns: list[dict[str, Any]] = []
         for i in idx:
             name = f"{i:06d}.png"
             _save_png(img_dir / name, images[i])
@@ -472,8 +473,3 @@ def open_yolo(data_yaml: str, *, val_fraction: float = 0.2, seed: int = 0, skip_
         return train, _yolo_split(_yolo_images(cfg["val"], base), names, "val", skip_bad_images, str(path))
     return _split(train, val_fraction, seed)
 
-
-def iter_boxes(ds: ImageDataset) -> Iterable[tuple[int, np.ndarray, np.ndarray]]:
-    for i in range(len(ds)):
-        t = ds.target(i)
-        yield i, t["boxes"], t["labels"]

@@ -75,7 +75,7 @@ def write_detect_reports(bundle: Bundle, res: Any, ds: ImageDataset, metrics: di
     atomic_write_text(out_dir / "per_class_ap.csv", buf.getvalue())
 
     shown = min(GRID_IMAGES, n)
-    serving = _detections(bundle, _head(res, shown), bundle.manifest.detect_post())
+    serving = _detections(bundle, _First(res, shown), bundle.manifest.detect_post())
     grid = draw_grid([ds.image(i) for i in range(shown)], [res.targets[i] for i in range(shown)], serving,
                      bundle.manifest.classes, title=f"mAP@[.5:.95] {metrics.get('map', 0):.3f}  mAP@.5 {metrics.get('map50', 0):.3f}")
     with atomic_path(out_dir / "predictions.png") as tmp:
@@ -84,15 +84,13 @@ def write_detect_reports(bundle: Bundle, res: Any, ds: ImageDataset, metrics: di
             "predictions_png": str(out_dir / "predictions.png")}
 
 
-class _Head:
+class _First:
+    """The first ``k`` images of a SplitOutputs."""
+
     def __init__(self, res: Any, k: int) -> None:
         self.outputs = {name: v[:k] for name, v in res.outputs.items()}
         self.letterboxes = list(res.letterboxes)[:k]
         self.targets = list(res.targets)[:k]
-
-
-def _head(res: Any, k: int) -> _Head:
-    return _Head(res, k)
 
 
 def draw_grid(images: list[Image.Image], targets: list[dict[str, np.ndarray]], detections: list[list[dict[str, Any]]],

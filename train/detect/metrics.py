@@ -20,7 +20,8 @@ EVAL_MAX_DETECTIONS = 100  # COCO's maxDets for mAP
 def coco_ground_truth(targets: Sequence[dict[str, np.ndarray]], classes: Sequence[str],
                       sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
     """A COCO instances dict for ``targets`` (boxes in original pixels); ``sizes`` are ``(W, H)``."""
-    images, anns = [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for i, t in enumerate(targets):
         w, h = sizes[i] if sizes is not None else (0, 0)
         images.append({"id": i + 1, "width": int(w), "height": int(h)})

@@ -117,7 +117,9 @@ class Head(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         # focal-loss prior: start by predicting "background" everywhere, or the loss explodes early
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior) / prior))
+        bias = self.cls_logits.bias
+        if bias is not None:
+            nn.init.constant_(bias, -math.log((1 - prior) / prior))
 
     def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-level head outputs flattened to ``cls [N, A, C]``, ``ltrb [N, A, 4]`` (pixels), ``ctr [N, A]``."""
@@ -147,6 +149,11 @@ def feature_sizes(image_size: int) -> list[int]:
 
 class Detector(nn.Module):
     """See the module docstring. ``image_size`` fixes the (square) input the location grid is built for."""
+
+    points: torch.Tensor
+    strides: torch.Tensor
+    range_lo: torch.Tensor
+    range_hi: torch.Tensor
 
     def __init__(self, cfg: DetectorConfig, num_classes: int, in_channels: int, image_size: int) -> None:
         super().__init__()

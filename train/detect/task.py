@@ -16,11 +16,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kiln.bundle import DetectPost, Preprocess, TensorSpec
+from kiln.errors import ConfigError
 from kiln.processing import Letterbox, to_unit
 from kiln.train.config import TrainConfig
 from kiln.train.data import ImageDataset
 from kiln.train.detect.loss import Grid, fcos_loss
 from kiln.train.detect.metrics import EVAL_MAX_DETECTIONS, EVAL_SCORE_THRESHOLD, coco_map
+from kiln.train.detect.model import Detector
 from kiln.train.detect.post import detect_postprocess_torch
 from kiln.train.tasks import channel_stats, sample_indices
 
@@ -105,9 +107,16 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def grid_of(model: nn.Module) -> Grid:
+def detector(model: nn.Module) -> Detector:
     m = unwrap(model)
-    return Grid(m.points, m.strides, m.range_lo, m.range_hi)  # type: ignore[arg-type]
+    if not isinstance(m, Detector):
+        raise ConfigError(f"the detect task needs a kiln detector (kiln-det-s, kiln-det-m), got {type(m).__name__}")
+    return m
+
+
+def grid_of(model: nn.Module) -> Grid:
+    m = detector(model)
+    return Grid(m.points, m.strides, m.range_lo, m.range_hi)
 
 
 class DetectTask:
@@ -134,9 +143,9 @@ class DetectTask:
         return torch.stack(xs), list(targets)
 
     def outputs(self, model: nn.Module, num_classes: int) -> list[TensorSpec]:
-        a = unwrap(model).num_locations  # type: ignore[operator]
-        return [TensorSpec(name="boxes", shape=[int(a), 4], dtype="float32"),
-                TensorSpec(name="scores", shape=[int(a), num_classes], dtype="float32")]
+        a = detector(model).num_locations
+        return [TensorSpec(name="boxes", shape=[a, 4], dtype="float32"),
+                TensorSpec(name="scores", shape=[a, num_classes], dtype="float32")]
 
     def postprocess(self) -> dict[str, Any]:
         return DetectPost().model_dump()
@@ -156,17 +165,17 @@ class DetectTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         model.eval()
-        det = unwrap(model)
+        det = detector(model)
         post = DetectPost(score_threshold=EVAL_SCORE_THRESHOLD, max_detections=EVAL_MAX_DETECTIONS)
         detections: list[list[dict[str, object]]] = []
         originals: list[dict[str, np.ndarray]] = []
         loss_sum, count = 0.0, 0
         for x, targets in loader:
-            raw = det.raw(x.to(device))  # type: ignore[operator]
+            raw = det.raw(x.to(device))
             loss, _ = fcos_loss(raw, grid_of(det), targets, self.num_classes)
             loss_sum += loss.item() * len(targets)
             count += len(targets)
-            boxes, scores = det.decode(raw)  # type: ignore[operator]
+            boxes, scores = det.decode(raw)
             detections += detect_postprocess_torch(boxes, scores, [t["letterbox"] for t in targets], post, self.classes)
             originals += [t["orig"] for t in targets]
         m = coco_map(detections, originals, self.classes)
