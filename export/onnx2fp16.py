@@ -23,10 +23,16 @@ def onnx2fp16(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str
     import onnx
     import onnxruntime as ort
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(str(onnx_path))
     try:
         half = convert_float_to_float16(model, keep_io_types=True)
+        # The converter appends the input Casts at the end of the node list; onnx.checker (and
+        # TensorRT's parser) want topological order.
+        sorter = OnnxModel(half)
+        sorter.topological_sort()
+        half = sorter.model
     except Exception as exc:  # the converter raises plain exceptions for unsupported graphs
         raise ExportError(f"onnx2fp16: cannot convert {onnx_path}: {type(exc).__name__}: {exc}") from exc
     try:

@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="DataLoader worker processes (default: 0 for in-memory datasets, up to 4 for image files)")
     o = p.add_argument_group("optimization")
     o.add_argument("--epochs", type=positive_int, default=s, help=f"(default: {d['epochs']})")
-    o.add_argument("--batch-size", type=positive_int, default=s, help=f"per process (default: {d['batch_size']})")
+    o.add_argument("--batch-size", type=positive_int, default=s, help="per process (default: 64 for classification, 16 for detection)")
     o.add_argument("--lr", type=positive_float, default=s, help="peak learning rate (default: 2e-3 for adam/adamw, 0.05 for sgd/momentum, 0.01 for adagrad)")
     o.add_argument("--optimizer", type=choice("optimizer", OPTIMIZERS), default=s, help=f"{', '.join(OPTIMIZERS)} (default: {d['optimizer']})")
     o.add_argument("--schedule", type=choice("schedule", SCHEDULES), default=s, help=f"{', '.join(SCHEDULES)} (default: {d['schedule']})")

@@ -26,7 +26,7 @@ class TrainConfig:
     model: str | None = None  # None: lenet5 for classification, kiln-det-s for detection
     task: str = "auto"
     epochs: int = 20
-    batch_size: int = 64
+    batch_size: int | None = None  # None: the task's default (64 classification, 16 detection)
     lr: float | None = None
     optimizer: str = "adamw"
     schedule: str = "cosine"
@@ -61,7 +61,7 @@ class TrainConfig:
                 raise unknown_choice(name.removeprefix("--"), value, valid, flag=name)
         checks: list[tuple[str, bool, object]] = [
             ("--epochs", self.epochs >= 1, self.epochs),
-            ("--batch-size", self.batch_size >= 1, self.batch_size),
+            ("--batch-size", self.batch_size is None or self.batch_size >= 1, self.batch_size),
             ("--lr", self.lr is None or self.lr > 0, self.lr),
             ("--warmup-epochs", self.warmup_epochs >= 0, self.warmup_epochs),
             ("--weight-decay", self.weight_decay >= 0, self.weight_decay),

@@ -212,6 +212,8 @@ class Trainer:
         self.task: Task = make_task(task_name, len(train_raw.classes))
         if cfg.model is None:
             cfg = cfg.replace(model=self.task.default_model)
+        self.batch_size: int = cfg.batch_size or self.task.default_batch_size
+        cfg = cfg.replace(batch_size=self.batch_size)
         entry = model_entry(cfg.model or "")
         if cfg.out is None:
             cfg = cfg.replace(out=str(default_run_dir(cfg)))
@@ -275,14 +277,14 @@ class Trainer:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         return DataLoader(
-            self.train_ds, batch_size=self.cfg.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
+            self.train_ds, batch_size=self.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
             num_workers=self.workers, pin_memory=self.device.type == "cuda", collate_fn=self.task.collate,
-            generator=gen, drop_last=len(self.train_ds) > self.cfg.batch_size * self.dist.world,
+            generator=gen, drop_last=len(self.train_ds) > self.batch_size * self.dist.world,
             persistent_workers=False,
         )
 
     def val_loader(self) -> DataLoader:
-        return DataLoader(self.val_ds, batch_size=max(64, self.cfg.batch_size), shuffle=False,
+        return DataLoader(self.val_ds, batch_size=max(64, self.batch_size), shuffle=False,
                           num_workers=self.workers, collate_fn=self.task.collate,
                           pin_memory=self.device.type == "cuda")
 

@@ -91,7 +91,7 @@ MODELS: dict[str, ModelEntry] = {
     "resnet34": ModelEntry(_resnet(34), "classify", None),
     "resnet50": ModelEntry(_resnet(50), "classify", None),
     "mobilenet_v3_small": ModelEntry(_mobilenet_v3_small, "classify", None),
-    "kiln-det-s": ModelEntry(_detector("s"), "detect", 256),
+    "kiln-det-s": ModelEntry(_detector("s"), "detect", 128),
     "kiln-det-m": ModelEntry(_detector("m"), "detect", 320),
 }
 

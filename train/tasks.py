@@ -27,6 +27,7 @@ class Task(Protocol):
     name: str  # "classify" | "detect"
     primary: str  # validation metric that selects best.pt (higher is better)
     default_model: str
+    default_batch_size: int
 
     def preprocess_spec(self, cfg: TrainConfig, train: ImageDataset, size: int) -> Preprocess: ...
 
@@ -93,6 +94,7 @@ class ClassifyTask:
     name = "classify"
     primary = "top1"
     default_model = "lenet5"
+    default_batch_size = 64
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes

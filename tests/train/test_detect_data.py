@@ -38,10 +38,21 @@ def test_shapes_are_deterministic_and_exact() -> None:
         assert (b[:, 0] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 1] >= 0).all() and (b[:, 3] <= h).all()
         assert ((b[:, 2] - b[:, 0]) >= 16).all()
         assert set(t["labels"].tolist()) <= set(range(len(SHAPES_CLASSES)))
-    # the box is exact: the object's pixels differ from the background just inside the box edges
-    img, t = a_img[0], a_t[0]
-    x1, y1, x2, y2 = (int(v) for v in t["boxes"][0])
-    assert img[y1:y2, x1:x2].size
+    # boxes are exact: the last-drawn object (never occluded) fills its box to the edges
+    checked = 0
+    for img, t in zip(*make_shapes(60, seed=3), strict=True):
+        x1, y1, x2, y2 = (int(v) for v in t["boxes"][-1])
+        inside = img[y1:y2, x1:x2].reshape(-1, 3)
+        colour = img[(y1 + y2) // 2, (x1 + x2) // 2]
+        if t["labels"][-1] == 1:  # square: every pixel of the box
+            assert (inside == colour).all()
+            outside = [img[y1:y2, x2], img[y1:y2, x1 - 1]] if x1 > 0 and x2 < img.shape[1] else []
+            assert not any((edge == colour).all() for edge in outside)  # and not one pixel beyond
+            checked += 1
+        elif t["labels"][-1] == 0:  # circle: the middle row and column span the box exactly
+            assert (img[(y1 + y2) // 2, x1:x2] == colour).all() and (img[y1:y2, (x1 + x2) // 2] == colour).all()
+            checked += 1
+    assert checked >= 20
 
 
 def test_open_shapes_split(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -123,6 +123,10 @@ class DetectTask:
     name = "detect"
     primary = "map"
     default_model = "kiln-det-s"
+    # What reaches the shapes target on 2 CPU cores (docs/train-detection.md); not yet read by the loop,
+    # which takes TrainConfig.batch_size (64) and the model's default_size.
+    default_batch_size = 16
+    default_image_size = 128
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
