@@ -1,10 +1,12 @@
 """On-demand measurement of the issue-4 INT8 targets (not collected by pytest: not a test_ file).
 
-    python tests/export/bench_int8_targets.py synth32 DIR [--per-class 200]   # write the 32x32 set
-    kiln train --data folder:DIR --model resnet18 --epochs 5 --out runs/r18
+    python tests/export/bench_int8_targets.py synth32 DIR --kind hue --per-class 80
+    kiln train --data folder:DIR --model resnet18 --epochs 3 --batch-size 16 --workers 0 --out runs/r18
     kiln export runs/r18 --precision fp32,int8 --max-accuracy-drop 0.5
 
-``synth32`` writes a 10-class, 32x32 RGB image folder (``DIR/<class>/<i>.png``): stripes in three
+``--kind hue`` (class = hue of a rectangle on noise) is what a 2-core CPU trains in minutes;
+
+``--kind patterns`` writes a harder 10-class, 32x32 RGB image folder (``DIR/<class>/<i>.png``): stripes in three
 orientations, checkerboard, disc, square, ring, cross, triangle and dots, each with random colours,
 position, size, frequency and pixel noise, so a classifier must learn spatial features.
 """
@@ -54,6 +56,23 @@ def _pattern(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     return mask
 
 
+def make_hue32(root: Path, per_class: int = 80, seed: int = 0) -> None:
+    """An easy 10-class set a CPU can train resnet18 on in minutes: class = hue of a rectangle on noise."""
+    import colorsys
+
+    rng = np.random.default_rng(seed)
+    for c in range(10):
+        folder = root / f"hue{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rgb = np.array(colorsys.hsv_to_rgb(c / 10, 0.9, 0.9)) * 255
+        for i in range(per_class):
+            img = rng.integers(0, 80, (32, 32, 3)).astype(np.float64)
+            x, y = rng.integers(0, 16, 2)
+            w, h = rng.integers(8, 16, 2)
+            img[y : y + h + 1, x : x + w + 1] = rgb
+            Image.fromarray(img.astype(np.uint8), "RGB").save(folder / f"{i:04d}.png")
+
+
 def make_synth32(root: Path, per_class: int = 200, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for kind in CLASSES:
@@ -75,9 +94,10 @@ def main() -> None:
     s.add_argument("dir", type=Path)
     s.add_argument("--per-class", type=int, default=200)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--kind", choices=("patterns", "hue"), default="patterns")
     args = p.parse_args()
-    make_synth32(args.dir, args.per_class, args.seed)
-    print(f"wrote {len(CLASSES) * args.per_class} images under {args.dir}")
+    (make_hue32 if args.kind == "hue" else make_synth32)(args.dir, args.per_class, args.seed)
+    print(f"wrote {10 * args.per_class} images under {args.dir}")
 
 
 if __name__ == "__main__":
