@@ -52,7 +52,7 @@ demo: venv
 	for i in $$(seq 1 120); do curl -fs http://127.0.0.1:$(PORT)/readyz >/dev/null && break; sleep 0.5; done; \
 	echo "POST /v1/models/digits/predict (multipart $(DEMO)/digit.png):"; \
 	curl -fsS -F file=@$(DEMO)/digit.png http://127.0.0.1:$(PORT)/v1/models/digits/predict; echo
-	$(BIN)/kiln bench $(DEMO)/digits --backend all --batch 1,8,32 --iters 50 --warmup 10
+	$(BIN)/kiln bench $(DEMO)/digits --backend all --precision fp32,int8 --batch 1,8,32 --iters 50 --warmup 10
 
 clean:
 	rm -rf $(DEMO) runs .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -55,6 +55,8 @@ class BatchRange(_Model):
             raise ValueError(f"expected MIN:OPT:MAX, got '{text}'")
         if min(nums) < 1:
             raise ValueError(f"batch sizes must be >= 1, got '{text}'")
+        if not nums[0] <= nums[1] <= nums[2]:
+            raise ValueError(f"batch range must satisfy MIN <= OPT <= MAX, got {text}")
         return cls(min=nums[0], opt=nums[1], max=nums[2])
 
     def __str__(self) -> str:

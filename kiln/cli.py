@@ -164,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{prog}: error: {exc.name} is not installed ({_extra_hint(exc.name)})", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path the user gave cannot be read or written
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -134,13 +134,16 @@ def _print_text(task: str, results: list[dict[str, Any]]) -> None:
 
 
 def _unique_names(paths: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     names = []
     for p in paths:
-        stem = Path(p).stem or "image"
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        names.append(stem if n == 0 else f"{stem}-{n}")
+        stem = name = Path(p).stem or "image"
+        n = 0
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name)
+        names.append(name)
     return names
 
 

@@ -93,7 +93,7 @@ def to_8bit(img: Image.Image) -> Image.Image:
     if img.mode in ("LA", "La"):
         rgba = img.convert("RGBA")
         return _composite(rgba).convert("L")
-    if img.mode == "P":
+    if img.mode in ("P", "PA"):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "RGBa"):
         return _composite(img)

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,15 +194,17 @@ def _join(parts: list[Future[Feeds]], parent: Future[Feeds]) -> None:
                 return
         if parent.done():
             return
-        for p in parts:
-            if p.cancelled():
-                parent.cancel()
-                return
-            if p.exception() is not None:
-                parent.set_exception(p.exception())  # type: ignore[arg-type]
-                return
-        outs = [p.result() for p in parts]
-        parent.set_result({k: np.concatenate([o[k] for o in outs]) for k in outs[0]})
+        # The parent may be cancelled by the caller between the check above and here.
+        with contextlib.suppress(InvalidStateError):
+            for p in parts:
+                if p.cancelled():
+                    parent.cancel()
+                    return
+                if p.exception() is not None:
+                    parent.set_exception(p.exception())  # type: ignore[arg-type]
+                    return
+            outs = [p.result() for p in parts]
+            parent.set_result({k: np.concatenate([o[k] for o in outs]) for k in outs[0]})
 
     def cancel_parts(f: Future[Feeds]) -> None:
         if f.cancelled():
@@ -336,6 +338,11 @@ class Batcher:
         now = self._clock()
         deadline = None if timeout is None else now + timeout
         parts = split_feeds(feeds, self.max_items)
+        if len(parts) > self.max_queue:  # could never fit, so "retry later" would be a lie
+            raise InputError(
+                f"request of {batch_size(feeds)} items needs {len(parts)} batches of {self.max_items}, more than "
+                f"the queue holds ({self.max_queue}); send at most {self.max_queue * self.max_items} items per request"
+            )
         pendings = [
             Pending(f, batch_size(f), request_id=request_id, enqueued=now, deadline=deadline) for f in parts
         ]

@@ -34,6 +34,15 @@ def _data_spec(text: str) -> str:
     return text
 
 
+def batch_range(text: str) -> str:
+    from kiln.bundle import BatchRange
+
+    try:
+        return str(BatchRange.parse(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _defaults() -> dict[str, Any]:
     from kiln.train.config import TrainConfig
 
@@ -92,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--amp", type=choice("amp mode", AMP_MODES), default=s, help="mixed precision on CUDA: auto (bf16 where supported), bf16, fp16, off")
     r.add_argument("--channels-last", action="store_true", default=s, help="channels_last memory format on CUDA")
     r.add_argument("--compile", action="store_true", default=s, help="torch.compile the model")
-    r.add_argument("--batch-range", default=s, metavar="MIN:OPT:MAX", help=f"batch range recorded for export and serving (default: {d['batch_range']})")
+    r.add_argument("--batch-range", type=batch_range, default=s, metavar="MIN:OPT:MAX", help=f"batch range recorded for export and serving (default: {d['batch_range']})")
     r.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_train)
@@ -167,22 +176,27 @@ def run_eval(args: argparse.Namespace) -> int:
         res = run_split(bundle, backend, ds, args.limit)
         info = {"backend": backend.name, "precision": backend.precision, "device": backend.device}
     files: dict[str, str]
+    reference = args.data is None and args.limit is None
+    # Only the reference evaluation writes beside kiln.json; others go to a subfolder so the
+    # reports in the bundle always match the numbers recorded in it.
+    out_dir = bundle.root if reference else bundle.root / "eval" / _slug(args.data or m.training.get("data", "val"), args.limit)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if m.task == "detect":
         from kiln.train.detect.evaluate import detection_metrics, write_detect_reports
 
         metrics = detection_metrics(bundle, res, ds)
-        files = write_detect_reports(bundle, res, ds, metrics, bundle.root)
+        files = write_detect_reports(bundle, res, ds, metrics, out_dir)
         headline = f"mAP@[.5:.95] {metrics['map']:.4f}  mAP@.5 {metrics['map50']:.4f}"
     else:
         from kiln.train.evaluate import classify_report
 
         metrics = classify_report(bundle, res)
-        files = write_classify_reports(bundle, metrics, bundle.root)
+        files = write_classify_reports(bundle, metrics, out_dir)
         headline = f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%"
     record = {**json_safe(metrics), **info, "split": "val", "data": args.data or m.training.get("data"),
               "images": len(res.targets)}
     record.pop("confusion", None)
-    if args.data is None and args.limit is None:
+    if reference:
         m.evaluation["fp32"] = record
         bundle.save()
     print(f"{bundle.name}: {headline} on {len(res.targets)} val images ({info['backend']}, {info['precision']})", file=sys.stderr)
@@ -198,6 +212,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"bundle": str(bundle.root), "metrics": record, "files": files, "artifacts": table}, indent=2, default=str))
     return 0
+
+
+def _slug(data: str, limit: int | None) -> str:
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", data).strip("_") or "data"
+    return f"{name}-first{limit}" if limit else name
 
 
 def run_data(args: argparse.Namespace) -> int:

@@ -71,6 +71,12 @@ class TrainConfig:
             ("--image-size", self.image_size is None or self.image_size >= 8, self.image_size),
             ("--workers", self.workers is None or self.workers >= 0, self.workers),
         ]
+        from kiln.bundle import BatchRange
+
+        try:
+            BatchRange.parse(self.batch_range)
+        except ValueError as exc:
+            raise ConfigError(f"--batch-range: {exc}") from None
         for flag, ok, got in checks:
             if not ok:
                 raise ConfigError(f"{flag}: invalid value {got}")

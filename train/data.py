@@ -181,7 +181,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _mnist(root: str, **_: Any) -> tuple[ImageDataset, ImageDataset]:
-    base = Path(root)
+    base = Path(root).expanduser()
     if not base.is_dir():
         raise DatasetError(f"mnist: folder {base} does not exist")
     if (base / "raw").is_dir() and not any(base.glob("train-images*")):
@@ -200,7 +200,7 @@ def _mnist(root: str, **_: Any) -> tuple[ImageDataset, ImageDataset]:
 
 
 def _cifar10(root: str, **_: Any) -> tuple[ImageDataset, ImageDataset]:
-    base = Path(root)
+    base = Path(root).expanduser()
     if (base / "cifar-10-batches-py").is_dir():
         base = base / "cifar-10-batches-py"
     if not base.is_dir():
@@ -268,7 +268,7 @@ def check_images(paths: Sequence[Path], skip_bad: bool) -> list[int]:
 
 
 def _folder(root: str, *, val_fraction: float, seed: int, skip_bad_images: bool, **_: Any) -> tuple[ImageDataset, ImageDataset]:
-    base = Path(root)
+    base = Path(root).expanduser()
     if not base.is_dir():
         raise DatasetError(f"folder: {base} does not exist")
 

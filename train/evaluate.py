@@ -33,7 +33,9 @@ def bundle_split(bundle: Bundle, split: str = "val", data: str | None = None) ->
     spec = data or training.get("data")
     if not spec:
         raise DatasetError(f"{bundle.root}/kiln.json does not record its dataset; pass --data")
-    train, val = open_dataset(spec, val_fraction=float(training.get("val_fraction", 0.2)), seed=int(training.get("seed", 0)))
+    skip_bad = bool(training.get("config", {}).get("skip_bad_images", False))
+    train, val = open_dataset(spec, val_fraction=float(training.get("val_fraction", 0.2)), seed=int(training.get("seed", 0)),
+                              skip_bad_images=skip_bad)
     ds = val if split == "val" else train
     if ds.classes != bundle.manifest.classes:
         raise DatasetError(

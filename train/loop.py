@@ -16,6 +16,7 @@ import random
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -293,7 +294,19 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        done_steps = int(state["epoch"]) * self.steps_per_epoch
+        if int(state["config"]["epochs"]) == self.cfg.epochs:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:
+            # --epochs changed: the saved schedule has the old length. Rebuild it for the new length from
+            # the base learning rate and replay the steps already taken (no optimizer step is involved).
+            for group in self.optimizer.param_groups:
+                group["lr"] = group.get("initial_lr", self.cfg.learning_rate)
+            self.scheduler = build_scheduler(self.cfg, self.optimizer, self.steps_per_epoch)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"
+                for _ in range(done_steps):
+                    self.scheduler.step()
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
@@ -481,12 +494,10 @@ class Trainer:
                 "torch": torch.__version__, "train_images": len(self.train_raw), "val_images": len(self.val_raw),
             },
         )
+        # A fresh manifest: after more training, earlier evaluations and exported artifacts describe
+        # other weights, so they are not carried over.
         bundle = Bundle(self.run_dir, manifest)
         old = self.run_dir / "kiln.json"
-        if old.is_file():  # a resumed run keeps what later stages recorded
-            with contextlib.suppress(KilnError):
-                prev = Bundle.load(self.run_dir).manifest
-                manifest.evaluation = prev.evaluation
         bundle.add_artifact("model.pt", "torch", "fp32", metrics=self.best)
         bundle.save()
         curves = self.run_dir / "curves.png"

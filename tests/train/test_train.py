@@ -169,3 +169,17 @@ def test_ctrl_c_stops_cleanly_with_a_resumable_bundle(tmp_path: Path):
 def test_resume_rejects_changed_settings(digits_bundle: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["train", "--resume", str(digits_bundle), "--lr", "0.5", "--no-progress"]) == 2
     assert "only --device, --epochs, --workers may change (got --lr)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_resume_with_more_epochs_continues_the_schedule(tmp_path: Path, schedule: str):
+    run = tmp_path / schedule
+    train(TrainConfig(epochs=2, schedule=schedule, out=str(run)), progress=False)
+    first = [r["lr"] for r in torch.load(run / "last.pt", weights_only=False)["history"]]
+    result, trainer = train(resume=run, overrides={"epochs": 4}, progress=False)
+    lrs = [r["lr"] for r in result.history]
+    assert len(lrs) == 4 and lrs[:2] == first
+    # the rebuilt 4-epoch schedule continues from step 2/4 (no restart at the peak) and decays to its end
+    peak = trainer.cfg.learning_rate
+    assert lrs[3] < lrs[2] < 0.6 * peak
+    assert lrs[3] < 0.05 * peak
