@@ -208,7 +208,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from kiln.export.compare import artifact_table, format_table
 
         table = artifact_table(bundle, limit=args.limit)
-        print(format_table(table), file=sys.stderr)
+        print(format_table(table, m.task), file=sys.stderr)
     if args.json:
         print(json.dumps({"bundle": str(bundle.root), "metrics": record, "files": files, "artifacts": table}, indent=2, default=str))
     return 0

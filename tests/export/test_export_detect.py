@@ -43,25 +43,7 @@ def det_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest = json.loads((out / "kiln.json").read_text())
     manifest["postprocess"]["score_threshold"] = 0.02
     (out / "kiln.json").write_text(json.dumps(manifest))
-    _skip_known_export_bug(out)
     return out
-
-
-def _skip_known_export_bug(root: Path) -> None:
-    """kiln-det-s's decode calls clamp(0, float): torch 2.14's dynamo exporter cannot translate the
-    mixed int/float bounds (clamp(0.0, float) exports). Skip, naming it, until train/detect/model.py has it."""
-    from kiln.bundle import BatchRange
-    from kiln.errors import ExportError
-    from kiln.export.torch2onnx import torch2onnx
-
-    try:
-        torch2onnx(Bundle.load(root), root / "probe.onnx", batch=BatchRange(min=1, opt=2, max=4), simplify=False)
-    except ExportError as exc:
-        if "aten.clamp" in str(exc):
-            pytest.skip(f"kiln-det-s does not export yet: {exc}")
-        raise
-    finally:
-        (root / "probe.onnx").unlink(missing_ok=True)
 
 
 @pytest.fixture
