@@ -1,5 +1,6 @@
 """`pip install .` (non-editable) gives working kiln.* imports from any directory."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +9,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_non_editable_install_imports_every_stage(tmp_path: Path):
+    # Build from a copy of the source tree: pip builds in-tree and would leave build/ in the checkout.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "demo", "*.egg-info",
+                                                              "__pycache__", ".*_cache", ".kiln-cache"))
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(src)],
         check=True, capture_output=True, text=True, timeout=300,
     )
     elsewhere = tmp_path / "elsewhere"

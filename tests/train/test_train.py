@@ -94,7 +94,9 @@ def _last_model(run: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path):
     epochs = 6
     args = ["--epochs", str(epochs), "--seed", "7", "--deterministic", "--no-progress", "--batch-size", "32"]
-    reference, _ = train(TrainConfig(epochs=epochs, seed=7, deterministic=True, batch_size=32, out=str(tmp_path / "ref")), progress=False)
+    # The reference runs in its own process too: thread counts or deterministic flags set by other tests
+    # in this process would change float reduction order, not what is being tested.
+    subprocess.run([*KILN, "train", "--out", str(tmp_path / "ref"), *args], check=True, capture_output=True, timeout=300)
 
     run = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -122,7 +124,6 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert Bundle.load(run).manifest.training["epochs"] == epochs
-    assert reference.best_epoch >= 1
 
 
 def test_ddp_two_cpu_processes_with_gloo(tmp_path: Path, free_port: int):
