@@ -151,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    if not args.verbose:  # libraries that narrate every pass at INFO
+        for noisy in ("onnx_ir", "onnxscript", "onnxruntime", "matplotlib", "httpx", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     prog = f"kiln {args.command}"
     try:
         return int(args.func(args) or 0)

@@ -29,3 +29,4 @@ def test_non_editable_install_imports_every_stage(tmp_path: Path):
     first, second = out.stdout.split()
     assert first.startswith(str(target)) and second == "classify"
     assert (target / "bin" / "kiln").exists()
+    assert (target / "kiln" / "serve" / "static" / "index.html").is_file()  # the page ships as package data
