@@ -39,13 +39,10 @@ def predictions(
         post = ClassifyPost(top_k=top_k) if top_k else manifest.classify_post()
         ranked = processing.classify_topk(outputs[manifest.outputs[0].name], manifest.classes, post)
         return [{"width": b.width, "height": b.height, "top_k": r} for r, b in zip(ranked, letterboxes, strict=True)]
-    post_fn = getattr(processing, "detect_postprocess", None)
-    if post_fn is None:
-        raise KilnError("detection post-processing is not available in this build of kiln")
     names = [o.name for o in manifest.outputs]
     boxes = outputs["boxes" if "boxes" in outputs else names[0]]
     scores = outputs["scores" if "scores" in outputs else names[1]]
-    found = post_fn(boxes, scores, letterboxes, manifest.detect_post(), manifest.classes)
+    found = processing.detect_postprocess(boxes, scores, letterboxes, manifest.detect_post(), manifest.classes)
     return [{"width": b.width, "height": b.height, "boxes": d} for d, b in zip(found, letterboxes, strict=True)]
 
 

@@ -7,7 +7,6 @@ validation metric (higher is better) that picks best.pt.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -189,6 +188,3 @@ def default_workers(raw: ImageDataset) -> int:
         return 0  # already tensors in memory: worker processes would only add start-up and IPC cost
     return min(4, os.cpu_count() or 1)
 
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)
