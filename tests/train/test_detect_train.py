@@ -115,3 +115,22 @@ def test_detector_sizes_match_their_grid(size: str, image_size: int) -> None:
     a = sum((image_size // s) ** 2 for s in (8, 16, 32))
     assert model.num_locations == a and boxes.shape == (2, a, 4) and scores.shape == (2, a, 4)
     assert float(boxes.min()) >= 0 and float(boxes.max()) <= image_size and 0 <= float(scores.min()) <= float(scores.max()) <= 1
+
+
+def test_detector_ddp_two_cpu_processes(coco_spec: str, tmp_path: Path, free_port: int) -> None:
+    """torchrun with 2 gloo processes trains a detector into a valid bundle written by rank 0 only."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port),
+           "-m", "kiln.cli", "train", "--data", coco_spec, "--epochs", "1", "--batch-size", "4", "--image-size", "64",
+           "--out", str(run), "--no-progress", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)  # exactly one JSON document: only rank 0 prints
+    m = Bundle.load(run).manifest
+    assert m.task == "detect" and m.training["world_size"] == 2
+    assert {"map", "map50"} <= set(summary["metrics"])
+    torch.load(run / "model.pt", weights_only=True)
