@@ -27,10 +27,17 @@ def calibrate_bundle(
     baseline: float | None = None,
     cache_root: str | os.PathLike[str] | None = None,
     reader: CalibrationReader | None = None,
+    report_for: str | os.PathLike[str] | None = None,
+    write_report: bool = True,
 ) -> dict[str, Any]:
-    """Quantize within ``settings.max_accuracy_drop`` of the fp32 ONNX; write the report beside
-    ``out_path`` (``<stem>.calib.json`` and ``.txt``). Raises :class:`ExportError` (after writing the
-    report, without writing ``out_path``) when the budget cannot be met."""
+    """Quantize within ``settings.max_accuracy_drop`` of the fp32 ONNX into ``out_path``.
+
+    The report is named after ``report_for`` (default ``out_path``; the final artifact path when
+    ``out_path`` is a temporary file): ``<stem>.calib.json`` / ``.txt`` on success (unless
+    ``write_report`` is False, for a caller that writes it with :func:`write_reports` once the model is
+    in place). When the budget cannot be met it writes ``<stem>.calib.failed.json`` / ``.txt`` — never
+    over the report of an int8 model already there — and raises :class:`ExportError` without writing
+    ``out_path``."""
     from kiln.export.metrics import evaluate, headline
     from kiln.export.ortfile import OrtFileBackend
 
@@ -52,23 +59,33 @@ def calibrate_bundle(
     report["model"] = {"fp32": str(Path(fp32_path).name), "int8": out.name}
     if outcome.result.within_budget:
         report["latency_ms_ort_cpu"] = measure_latency(bundle, Path(fp32_path), out, reader)
-    json_path, txt_path = report_paths(out)
-    atomic_write_json(json_path, report)
-    atomic_write_text(txt_path, format_report(report))
-    log.info("calibration report: %s", txt_path)
+    final = Path(report_for) if report_for is not None else out
+    report["model"]["int8"] = final.name
     if not outcome.result.within_budget:
+        txt_path = write_reports(report, final, failed=True)
         raise ExportError(
             f"int8: cannot meet --max-accuracy-drop {settings.max_accuracy_drop}: the best int8 model "
             f"({report['method']}, {len(report['excluded_layers'])} of {report['weighted_layers']} layers in float) "
             f"has {metric_name} {report['int8']:.2f} vs fp32 {report['fp32']:.2f}; see {txt_path}. "
-            f"{out.name} was not written"
+            f"{final.name} was not written"
         )
+    if write_report:
+        write_reports(report, final)
     return report
 
 
-def report_paths(out: Path) -> tuple[Path, Path]:
-    stem = out.name.removesuffix(".onnx")
-    return out.with_name(f"{stem}.calib.json"), out.with_name(f"{stem}.calib.txt")
+def write_reports(report: dict[str, Any], final: Path, *, failed: bool = False) -> Path:
+    """Write the JSON and text report for the int8 model ``final``; returns the text report's path."""
+    json_path, txt_path = report_paths(final, failed=failed)
+    atomic_write_json(json_path, report)
+    atomic_write_text(txt_path, format_report(report))
+    log.info("calibration report: %s", txt_path)
+    return txt_path
+
+
+def report_paths(out: Path, *, failed: bool = False) -> tuple[Path, Path]:
+    stem = out.name.removesuffix(".onnx") + (".calib.failed" if failed else ".calib")
+    return out.with_name(f"{stem}.json"), out.with_name(f"{stem}.txt")
 
 
 def measure_latency(bundle: Bundle, fp32: Path, int8: Path, reader: CalibrationReader) -> dict[str, dict[str, float]]:

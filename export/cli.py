@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from kiln.bundle import BatchRange
-from kiln.cli import HelpFormatter, choice, csv_of, non_negative_float, positive_float, positive_int
+from kiln.cli import (
+    HelpFormatter,
+    choice,
+    csv_of,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")
@@ -29,7 +37,7 @@ def _calibration_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("int8 calibration")
     g.add_argument("--calib-images", type=positive_int, default=512, metavar="N",
                    help="train-split images used to calibrate (drawn with --calib-seed)")
-    g.add_argument("--calib-seed", type=int, default=0, help="seed for drawing calibration images")
+    g.add_argument("--calib-seed", type=non_negative_int, default=0, help="seed for drawing calibration images")
     g.add_argument("--calib-method", type=choice("calibration method", CALIB_METHODS), default="auto",
                    help="auto measures minmax, entropy and percentile and keeps the best")
     g.add_argument("--max-accuracy-drop", type=non_negative_float, default=1.0, metavar="POINTS",

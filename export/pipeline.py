@@ -120,19 +120,22 @@ def compare_with_fp32(bundle: Bundle, fp32: Path, candidate: Path, precision: st
 
 
 def export_int8(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str, Any]:
-    from kiln.calib.run import calibrate_bundle, report_paths
+    from kiln.calib.run import calibrate_bundle, report_paths, write_reports
     from kiln.export.metrics import headline
 
     file = ONNX_FILES["int8"]
     fp32_art = bundle.manifest.artifacts[fp32_file]
     baseline = headline(bundle, fp32_art.metrics)[1] if fp32_art.metrics and opts.calib.eval_limit is None else None
     out = bundle.path(file)
-    # calibrate_bundle writes the int8 graph only once it is within budget (atomically).
-    report = calibrate_bundle(bundle, bundle.path(fp32_file), out, opts.calib, baseline=baseline,
-                              cache_root=opts.calib_cache)
-    verification = compare_with_fp32(bundle, bundle.path(fp32_file), out, "int8", opts.verify_images)
+    # Quantize, compare and measure a temporary file; the old int8 model, its report and its kiln.json
+    # entry stay as they were until the new one is complete.
+    with atomic_path(out) as tmp:
+        report = calibrate_bundle(bundle, bundle.path(fp32_file), tmp, opts.calib, baseline=baseline,
+                                  cache_root=opts.calib_cache, report_for=out, write_report=False)
+        verification = compare_with_fp32(bundle, bundle.path(fp32_file), tmp, "int8", opts.verify_images)
+        metrics = _evaluate_file(bundle, tmp, "int8")
+    write_reports(report, out)
     verification.update({"passed": True, "accuracy_drop": report["drop"], "max_accuracy_drop": report["max_accuracy_drop"]})
-    metrics = _evaluate_file(bundle, out, "int8")
     json_report, _ = report_paths(out)
     calibration = {k: report[k] for k in ("method", "images", "excluded_layers", "fp32", "int8", "drop",
                                           "latency_ms_ort_cpu") if k in report}
@@ -202,6 +205,7 @@ def export_bundle(path: str | os.PathLike[str], opts: ExportOptions) -> dict[str
     if "fp32" in opts.precisions or not fresh:
         log.info("exporting %s to %s", bundle.root / "model.pt", fp32_file)
         artifacts.append(export_fp32(bundle, opts))
+        drop_stale_artifacts(bundle)
     onnx_files = {"fp32": fp32_file}
     if "fp16" in opts.precisions:
         log.info("converting to fp16")
@@ -232,6 +236,30 @@ def export_bundle(path: str | os.PathLike[str], opts: ExportOptions) -> dict[str
     if errors:
         raise EngineStepFailed(summary, "; ".join(errors) + " (the ONNX artifacts were written)")
     return summary
+
+
+def drop_stale_artifacts(bundle: Bundle) -> list[str]:
+    """Unlist artifacts derived from a file that is no longer what kiln.json records.
+
+    fp16/int8 graphs record the sha256 of the fp32 ONNX they came from, engines that of their ONNX;
+    after a re-export of model.onnx they describe another graph, and serving must not pick them.
+    The files stay on disk; the next export of that precision replaces them.
+    """
+    dropped: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        current = {a.sha256 for a in bundle.manifest.artifacts.values()}
+        for name, art in list(bundle.manifest.artifacts.items()):
+            source = getattr(art, "source_sha256", None)
+            if art.format != "torch" and source is not None and source not in current:
+                del bundle.manifest.artifacts[name]
+                dropped.append(name)
+                changed = True
+    if dropped:
+        log.warning("unlisted %s: made from an earlier model.onnx; re-export them (--precision ...)", ", ".join(dropped))
+        bundle.save()
+    return dropped
 
 
 class EngineStepFailed(ExportError):

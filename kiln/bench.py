@@ -231,10 +231,12 @@ def short_reason(message: str, backend: str) -> str:
 
 
 def _load(bundle: Any, backend: str, precision: str, cfg: BenchConfig) -> Any:
-    from kiln.runtime import load
+    from kiln.runtime import OPTIONS, load
 
     opts: dict[str, Any] = {}
-    if cfg.threads is not None:
+    # --threads sets CPU thread pools; a TensorRT engine has none, so it is not passed there.
+    # ("auto" is not in OPTIONS; load() hands each backend only the options it knows.)
+    if cfg.threads is not None and "threads" in OPTIONS.get(backend, frozenset({"threads"})):
         opts["threads"] = cfg.threads
     if cfg.device is not None:
         opts["device"] = cfg.device

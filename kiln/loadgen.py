@@ -73,6 +73,15 @@ class LoadConfig:
         self.url = self.url.rstrip("/")
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"--url must start with http:// or https://, got '{self.url}'")
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(self.url)
+            port = parts.port  # raises ValueError when out of range or not a number
+        except ValueError as exc:
+            raise ConfigError(f"--url '{self.url}' is not a valid URL: {exc}") from None
+        if not parts.hostname or (port is not None and port == 0):
+            raise ConfigError(f"--url '{self.url}' needs a host and a port in 1-65535")
         if not self.model:
             raise ConfigError("--model is required with --url (the model name on the server)")
         if self.concurrency is not None and self.rate is not None:
@@ -283,11 +292,14 @@ class LoadGenerator:
         cfg = self.cfg
         try:
             meta = await self._get(client, f"/v2/models/{cfg.model}")
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:
             raise ServerError(f"cannot reach {cfg.url}: {type(exc).__name__}: {exc}") from None
         if meta.status_code == 404:
             raise ServerError(f"{cfg.url} has no model '{cfg.model}' (GET /v2/models/{cfg.model} answered 404)")
-        metadata = meta.json() if meta.status_code == 200 else {}
+        try:
+            metadata = meta.json() if meta.status_code == 200 else {}
+        except ValueError:
+            raise ServerError(f"{cfg.url} is not a kiln/KServe v2 server: GET /v2/models/{cfg.model} is not JSON") from None
         self.server_info = {k: metadata.get(k) for k in ("name", "platform", "parameters") if k in metadata}
         if cfg.protocol == "v2":
             if meta.status_code != 200:

@@ -75,12 +75,17 @@ def test_budget_that_cannot_be_met_writes_report_not_model(fp32_bundle: Path, mo
     import kiln.export.metrics as metrics
 
     monkeypatch.setattr(metrics, "evaluate", lambda b, backend, split="val", limit=None: {"top1": 50.0, "top5": 60.0})
+    good_report = fp32_bundle / "model.int8.calib.json"  # the report of an int8 model exported earlier
+    good_report.write_text('{"within_budget": true}')
     with pytest.raises(ExportError, match="cannot meet --max-accuracy-drop"):
         calibrate_bundle(bundle, fp32_bundle / "model.onnx", fp32_bundle / "model.int8.onnx",
                          CalibSettings(method="minmax", images=16), baseline=95.0)
     assert not (fp32_bundle / "model.int8.onnx").exists()
-    report = json.loads((fp32_bundle / "model.int8.calib.json").read_text())
+    assert good_report.read_text() == '{"within_budget": true}'
+    good_report.unlink()
+    report = json.loads((fp32_bundle / "model.int8.calib.failed.json").read_text())
     assert report["within_budget"] is False and len(report["sensitivity"]) == report["weighted_layers"]
+    assert (fp32_bundle / "model.int8.calib.failed.txt").is_file()
 
 
 def test_cache_hit_and_miss(fp32_bundle: Path, tmp_path: Path) -> None:
