@@ -201,7 +201,10 @@ def export_bundle(path: str | os.PathLike[str], opts: ExportOptions) -> dict[str
     existing = bundle.manifest.artifacts.get(fp32_file)
     fresh = (existing is not None and bundle.path(fp32_file).is_file()
              and getattr(existing, "source_sha256", None) == sha256_file(bundle.path("model.pt"))
-             and sha256_file(bundle.path(fp32_file)) == existing.sha256)
+             and sha256_file(bundle.path(fp32_file)) == existing.sha256
+             # a different --opset or simplification asked for means a different graph
+             and (opts.opset is None or (existing.model_extra or {}).get("opset") == opts.opset)
+             and not ((existing.model_extra or {}).get("simplified") and not opts.simplify))
     if "fp32" in opts.precisions or not fresh:
         log.info("exporting %s to %s", bundle.root / "model.pt", fp32_file)
         artifacts.append(export_fp32(bundle, opts))

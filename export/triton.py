@@ -77,6 +77,10 @@ def write_triton_repo(
     from google.protobuf import text_format
 
     options = options or TritonOptions()
+    if engine_file and batch.min > 1:
+        # Triton may send any batch from 1 to max_batch_size; a plan whose profile starts higher rejects it.
+        raise ExportError(f"--triton-repo with --engine needs a batch range starting at 1 (got --batch {batch}): "
+                          "Triton's dynamic batcher sends batches from 1 up to max_batch_size")
     name = options.model_name or triton_name(bundle)
     folder = Path(repo) / name
     version = folder / "1"

@@ -125,7 +125,8 @@ class Level:
     value: float
     latencies_ms: list[float] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # the measured window: the run (closed loop) or the arrival window (open loop)
+    drain_s: float = 0.0  # open loop: waiting for requests still in flight after the last arrival
     cpu_s: float = 0.0
     dropped: int = 0
     lag_ms: list[float] = field(default_factory=list)
@@ -145,8 +146,10 @@ class Level:
             "requests_per_s": sent / self.elapsed_s if self.elapsed_s > 0 else 0.0,
             "ok_per_s": ok / self.elapsed_s if self.elapsed_s > 0 else 0.0,
             "latency_ms": summarize(self.latencies_ms, PERCENTILES) if self.latencies_ms else None,
+            "drain_s": self.drain_s,
             "client_cpu_s": self.cpu_s,
-            "client_cpu_fraction": self.cpu_s / self.elapsed_s if self.elapsed_s > 0 else 0.0,
+            "client_cpu_fraction": (self.cpu_s / (self.elapsed_s + self.drain_s)
+                                    if self.elapsed_s + self.drain_s > 0 else 0.0),
             "server_batch_size": self.server_batches,
             "samples_ms": [round(x, 4) for x in self.latencies_ms],
         }
@@ -424,10 +427,12 @@ class LoadGenerator:
                 task = asyncio.create_task(one(at))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
+            # Rates are per arrival window: the drain below would otherwise dilute them on a slow server.
+            level.elapsed_s = time.perf_counter() - t0
             if inflight:
                 # Bounded: every request has its own timeout, so this ends within cfg.timeout.
                 await asyncio.wait(set(inflight), timeout=cfg.timeout + 5)
-            level.elapsed_s = time.perf_counter() - t0
+            level.drain_s = time.perf_counter() - t0 - level.elapsed_s
             level.cpu_s = time.process_time() - cpu0
             await self._attach_batches(client, level, before, note)
         return level

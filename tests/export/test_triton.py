@@ -25,3 +25,16 @@ def test_triton_repo_config_parses_as_model_config(exported: Path, tmp_path: Pat
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
     assert cfg.instance_group[0].count == 1
     assert (repo / "other").is_dir()  # other models in the repository are left alone
+
+
+def test_engine_with_profile_min_above_one_is_refused(tmp_path: Path) -> None:
+    import pytest
+
+    from kiln.bundle import BatchRange
+    from kiln.errors import ExportError
+    from kiln.export.triton import write_triton_repo
+
+    with pytest.raises(ExportError, match="batch range starting at 1"):
+        write_triton_repo(None, tmp_path / "repo", onnx_file="model.onnx",  # type: ignore[arg-type]
+                          engine_file="model.fp16.engine", batch=BatchRange.parse("4:8:32"))
+    assert not (tmp_path / "repo").exists()
