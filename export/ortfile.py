@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -31,14 +30,9 @@ def OrtFileBackend(path: str | os.PathLike[str], manifest: Manifest, *, precisio
 
 def latency_ms(backend: Any, example: np.ndarray, batch: int, *, warmup: int = 5, runs: int = 30) -> float:
     """Median wall time (ms) of one ``infer`` at ``batch``; ``example`` ``[N, C, H, W]`` is tiled as needed."""
+    from kiln.bench import time_backend
+
     reps = -(-batch // len(example))
     x = np.ascontiguousarray(np.concatenate([example] * reps)[:batch])
-    feeds = {backend.inputs[0].name: x}
-    for _ in range(warmup):
-        backend.infer(feeds)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        backend.infer(feeds)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return round(statistics.median(times), 4)
+    samples, _, _, _ = time_backend(backend, {backend.inputs[0].name: x}, warmup, runs, None)
+    return round(statistics.median(samples), 4)

@@ -46,20 +46,14 @@ def digit_png(seed: int = 0) -> bytes:
 
 def bare_backend_ms(bundle: str, png: bytes, iters: int = 2000, warmup: int = 200) -> dict[str, Any]:
     from kiln import processing
+    from kiln.bench import time_backend
     from kiln.bundle import Bundle
     from kiln.runtime import load
 
     b = Bundle.load(bundle)
     with load(b, backend="onnxrt") as backend:
         x, _ = processing.preprocess([processing.decode_image(png)], b.manifest.preprocess)
-        feeds = {b.manifest.input.name: x}
-        for _ in range(warmup):
-            backend.infer(feeds)
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            backend.infer(feeds)
-            times.append(time.perf_counter() - t0)
+        times_ms, _, _, _ = time_backend(backend, {b.manifest.input.name: x}, warmup, iters, None)
         # the in-process pipeline too: what the server does per request besides HTTP
         pipe = []
         for _ in range(iters // 4):
@@ -70,7 +64,7 @@ def bare_backend_ms(bundle: str, png: bytes, iters: int = 2000, warmup: int = 20
                                      b.manifest.classify_post())
             pipe.append(time.perf_counter() - t0)
         info = {"backend": backend.name, "precision": backend.precision, "device": backend.device}
-    return {"infer_p50_ms": statistics.median(times) * 1e3, "pipeline_p50_ms": statistics.median(pipe) * 1e3, **info}
+    return {"infer_p50_ms": statistics.median(times_ms), "pipeline_p50_ms": statistics.median(pipe) * 1e3, **info}
 
 
 class Server:
