@@ -24,10 +24,10 @@ _PREC = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3}
 def artifact_table(bundle: Bundle | str, split: str = "val", limit: int | None = None) -> list[dict[str, Any]]:
     """One row per artifact: file, format, precision, backend, device, metrics, agreement, max_abs_diff,
     or ``error`` when the artifact cannot run here (an engine without TensorRT, a modified file)."""
-    from kiln.export.metrics import evaluate
+    from kiln.export.metrics import numeric
     from kiln.export.verify import compare
     from kiln.runtime import open_artifact
-    from kiln.train.evaluate import bundle_split, run_split
+    from kiln.train.evaluate import bundle_split, run_split, split_metrics
 
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     ds = bundle_split(b, split)
@@ -47,9 +47,10 @@ def artifact_table(bundle: Bundle | str, split: str = "val", limit: int | None =
         try:
             with open_artifact(b, art, device=device) as backend:
                 row.update(backend=backend.name, device=backend.device)
-                row["metrics"] = evaluate(b, backend, split, limit)
+                # one pass over the split per artifact serves both its metrics and the comparison
+                out = reference if art is ref_art and reference is not None else run_split(b, backend, ds, limit)
+                row["metrics"] = numeric(split_metrics(b, out, ds))
                 if reference is not None:
-                    out = run_split(b, backend, ds, limit)
                     cmp = compare(b.manifest, reference.outputs, out.outputs, reference.letterboxes)
                     row["max_abs_diff"] = cmp["max_abs_diff"]
                     if b.manifest.task == "classify":

@@ -16,11 +16,15 @@ POINTS_PER_UNIT = {"classify": 1.0, "detect": 100.0}
 
 
 def evaluate(bundle: Bundle, backend: Any, split: str = "val", limit: int | None = None) -> dict[str, float]:
-    """``{"top1", "top5"}`` (percent) for classification, ``{"map", "map50"}`` (percent) for detection."""
+    """``{"top1", "top5"}`` (percent) for classification, ``{"map", "map50"}`` (fractions, pycocotools) for detection."""
     from kiln.train.evaluate import evaluate_backend
 
-    return {k: float(v) for k, v in evaluate_backend(bundle, backend, split=split, limit=limit).items()
-            if isinstance(v, int | float)}
+    return numeric(evaluate_backend(bundle, backend, split=split, limit=limit))
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics only (drops per-class lists and the confusion matrix)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
 def headline(bundle: Bundle, metrics: dict[str, float]) -> tuple[str, float]:

@@ -167,7 +167,7 @@ def _usage(msg: str) -> Exception:
 def run_eval(args: argparse.Namespace) -> int:
     from kiln import runtime
     from kiln.bundle import Bundle
-    from kiln.train.evaluate import bundle_split, json_safe, run_split, write_classify_reports
+    from kiln.train.evaluate import bundle_split, json_safe, run_split, split_metrics, write_classify_reports
 
     bundle = Bundle.load(args.bundle)
     m = bundle.manifest
@@ -181,16 +181,13 @@ def run_eval(args: argparse.Namespace) -> int:
     # reports in the bundle always match the numbers recorded in it.
     out_dir = bundle.root if reference else bundle.root / "eval" / _slug(args.data or m.training.get("data", "val"), args.limit)
     out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = split_metrics(bundle, res, ds)
     if m.task == "detect":
-        from kiln.train.detect.evaluate import detection_metrics, write_detect_reports
+        from kiln.train.detect.evaluate import write_detect_reports
 
-        metrics = detection_metrics(bundle, res, ds)
         files = write_detect_reports(bundle, res, ds, metrics, out_dir)
         headline = f"mAP@[.5:.95] {metrics['map']:.4f}  mAP@.5 {metrics['map50']:.4f}"
     else:
-        from kiln.train.evaluate import classify_report
-
-        metrics = classify_report(bundle, res)
         files = write_classify_reports(bundle, metrics, out_dir)
         headline = f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%"
     record = {**json_safe(metrics), **info, "split": "val", "data": args.data or m.training.get("data"),

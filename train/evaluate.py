@@ -83,11 +83,16 @@ def evaluate_backend(bundle: Bundle | str, backend: Backend, split: str = "val",
     """Accuracy (classify: top1/top5 percent) or mAP (detect: map, map50) of ``backend`` on a split."""
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     ds = bundle_split(b, split, data)
-    if b.manifest.task == "detect":
+    return split_metrics(b, run_split(b, backend, ds, limit), ds)
+
+
+def split_metrics(bundle: Bundle, res: SplitOutputs, dataset: ImageDataset) -> dict[str, Any]:
+    """The task's metrics of outputs already computed over ``dataset`` (see :func:`run_split`)."""
+    if bundle.manifest.task == "detect":
         from kiln.train.detect.evaluate import detection_metrics
 
-        return detection_metrics(b, run_split(b, backend, ds, limit), ds)
-    return classify_report(b, run_split(b, backend, ds, limit))
+        return detection_metrics(bundle, res, dataset)
+    return classify_report(bundle, res)
 
 
 def classify_report(bundle: Bundle, res: SplitOutputs) -> dict[str, Any]:
