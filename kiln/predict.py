@@ -1,6 +1,6 @@
 """``kiln predict BUNDLE IMAGE...``: run a bundle on image files and print the top-k labels or the boxes.
 
-:func:`predictions` turns a backend's outputs into per-image results; the server uses it too, so the
+Results come from :func:`kiln.outputs.predictions`, the function the server answers with, so the
 command line and the REST answer agree.
 """
 
@@ -14,36 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kiln.bundle import ClassifyPost, Manifest
 from kiln.cli import HelpFormatter, choice, positive_int
 from kiln.errors import KilnError
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from kiln.processing import Letterbox
-
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-
-
-def predictions(
-    manifest: Manifest, outputs: dict[str, np.ndarray], letterboxes: list[Letterbox], top_k: int | None = None
-) -> list[dict[str, Any]]:
-    """Per image ``{"width", "height", "top_k": [...]}`` (classify) or ``{..., "boxes": [...]}`` (detect).
-
-    ``outputs`` are the backend's ``[N, ...]`` arrays; ``letterboxes`` map boxes back to original pixels.
-    """
-    from kiln import processing
-
-    if manifest.task == "classify":
-        post = ClassifyPost(top_k=top_k) if top_k else manifest.classify_post()
-        ranked = processing.classify_topk(outputs[manifest.outputs[0].name], manifest.classes, post)
-        return [{"width": b.width, "height": b.height, "top_k": r} for r, b in zip(ranked, letterboxes, strict=True)]
-    names = [o.name for o in manifest.outputs]
-    boxes = outputs["boxes" if "boxes" in outputs else names[0]]
-    scores = outputs["scores" if "scores" in outputs else names[1]]
-    found = processing.detect_postprocess(boxes, scores, letterboxes, manifest.detect_post(), manifest.classes)
-    return [{"width": b.width, "height": b.height, "boxes": d} for d, b in zip(found, letterboxes, strict=True)]
 
 
 def register(sub: Any) -> None:
@@ -80,6 +57,7 @@ def _backends() -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from kiln import processing
     from kiln.bundle import Bundle
+    from kiln.outputs import predictions
     from kiln.runtime import load
 
     bundle = Bundle.load(args.bundle)

@@ -134,16 +134,16 @@ def test_unusual_modes_are_converted(client: TestClient, make_image: Callable[[]
 
 
 def test_large_image_decoded_off_loop(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kiln.serve.app as app_module
+    import kiln.serve.v1 as v1_module
 
     offloaded: list[str] = []
-    real = app_module.run_in_threadpool
+    real = v1_module.run_in_threadpool
 
     async def spy(fn: Callable[..., Any], *args: Any) -> Any:
         offloaded.append(fn.__name__)
         return await real(fn, *args)
 
-    monkeypatch.setattr(app_module, "run_in_threadpool", spy)
+    monkeypatch.setattr(v1_module, "run_in_threadpool", spy)
     client.post("/v1/models/digits/predict", files={"file": ("small.png", png(), "image/png")})
     assert offloaded == []
     big = encode(Image.new("L", (1200, 900), 255))

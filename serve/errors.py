@@ -1,0 +1,120 @@
+"""Every error the server answers is ``{"error": {"code", "message", "request_id"}}``.
+
+:data:`ERRORS` is the one table from a typed exception to its HTTP status and machine-readable code;
+:func:`install` registers the handlers that apply it (and shape FastAPI's own errors the same way).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kiln.errors import ConfigError, InputError, KilnError
+from kiln.processing import ImageDecodeError
+from kiln.serve.batcher import (
+    BatcherClosed,
+    ClientDisconnected,
+    InferenceFailed,
+    ModelNotReady,
+    QueueFull,
+    RequestTimeout,
+)
+from kiln.serve.registry import ModelNotFound
+from kiln.serve.schemas import ErrorResponse
+
+log = logging.getLogger("kiln.serve")
+
+# Most specific first: the first isinstance match decides the answer. Any other KilnError is a 400.
+ERRORS: list[tuple[type[BaseException], int, str]] = [
+    (ModelNotFound, 404, "model_not_found"),
+    (ImageDecodeError, 400, "invalid_image"),
+    (InputError, 400, "invalid_input"),
+    (QueueFull, 503, "queue_full"),
+    (BatcherClosed, 503, "shutting_down"),
+    (ModelNotReady, 503, "not_ready"),
+    (RequestTimeout, 504, "timeout"),
+    (InferenceFailed, 500, "inference_failed"),
+    (ClientDisconnected, 499, "client_closed_request"),
+    (ConfigError, 400, "invalid_request"),
+]
+
+# Codes for the HTTP errors Starlette raises itself (unknown route, wrong method, ...).
+STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                413: "body_too_large", 415: "unsupported_media_type", 500: "internal_error", 503: "unavailable"}
+
+
+# The error shape in the OpenAPI description of every route.
+OPENAPI_RESPONSES: dict[int | str, dict[str, Any]] = {"default": {"model": ErrorResponse, "description": "error"}}
+
+
+class ApiError(StarletteHTTPException):
+    """An HTTP error with a machine-readable code; passes through FastAPI's body parsing untouched."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.code = code
+
+
+def error_response(
+    status: int, code: str, message: str, request_id: str | None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "request_id": request_id}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def request_id(request: Request) -> str | None:
+    """The id :class:`~kiln.serve.middleware.RequestGate` gave this request."""
+    return request.scope.get("kiln.request_id")
+
+
+def describe_validation(errors: Sequence[Any]) -> str:
+    """The first few pydantic/FastAPI validation errors as one line: ``loc: msg; loc: msg (+N more)``."""
+    parts = []
+    for e in list(errors)[:3]:
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else str(e.get("msg", "invalid")))
+    more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "; ".join(parts) + more
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    exc = cast(StarletteHTTPException, exc)  # registered for this class only
+    code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), request_id(request), exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    exc = cast(RequestValidationError, exc)
+    return error_response(400, "invalid_request", describe_validation(exc.errors()), request_id(request))
+
+
+async def _kiln_error(request: Request, exc: Exception) -> Response:
+    status, code = next(((s, c) for cls, s, c in ERRORS if isinstance(exc, cls)), (400, "invalid_request"))
+    headers = None
+    if isinstance(exc, QueueFull):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    rid = getattr(exc, "request_id", None) or request_id(request)
+    return error_response(status, code, str(exc), rid, headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    rid = request_id(request)
+    log.error("request %s failed", rid, exc_info=exc)
+    return error_response(500, "internal_error", f"internal error (request id {rid}); see the server log", rid)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(KilnError, _kiln_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+__all__ = ["ERRORS", "OPENAPI_RESPONSES", "ApiError", "describe_validation", "error_response", "install", "request_id"]
