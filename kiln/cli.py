@@ -18,7 +18,7 @@ from kiln import __version__
 from kiln.errors import KilnError, unknown_choice
 
 # Sub-command modules, imported to build the parser; each defines register(subparsers).
-STAGES = ("kiln.train.cli", "kiln.export.cli", "kiln.serve.cli", "kiln.predict", "kiln.bench")
+STAGES = ("kiln.train.cli", "kiln.export.cli", "kiln.serve.cli", "kiln.predict", "kiln.bench.cli")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -28,8 +28,26 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Adds ``(default: X)`` once, in words: not when the help already says its default, not for
+    "unset" defaults (None, False, empty), and lists as ``a, b, c`` rather than a Python repr."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or (isinstance(default, (list, tuple, str)) and not default)
+            or action.option_strings == []
+            or action.nargs == 0 and default is True
+        ):
+            return text
+        shown = ", ".join(str(v) for v in default) if isinstance(default, (list, tuple)) else str(default)
+        shown = shown.replace("%", "%%")  # argparse %-formats help strings
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
 
 
 # ---- argparse types that name the problem --------------------------------------------------------
@@ -122,6 +140,7 @@ def build_parser() -> ArgumentParser:
             "  kiln train --out runs/digits          # train lenet5 on the bundled digits\n"
             "  kiln eval runs/digits                 # accuracy, confusion matrix\n"
             "  kiln export runs/digits --precision fp32,fp16,int8\n"
+            "  kiln predict runs/digits IMAGE.png    # labels for images, files, folders or globs\n"
             "  kiln serve runs/digits                # REST endpoint on http://127.0.0.1:8000\n"
             "  kiln bench runs/digits                # latency per backend, precision, batch size"
         ),
@@ -191,7 +210,8 @@ def _extra_hint(module: str | None) -> str:
         "cuda": "trt",
     }
     extra = extras.get(root)
-    return f"pip install 'kiln[{extra}]'" if extra else f"pip install {root}"
+    # kiln installs from its source tree (the distribution is kiln-vision; "kiln" on PyPI is another project).
+    return f"the '{extra}' extra has it: pip install '.[{extra}]' in the kiln checkout" if extra else f"pip install {root}"
 
 
 if __name__ == "__main__":

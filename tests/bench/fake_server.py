@@ -1,5 +1,6 @@
 """A tiny stand-in for `kiln serve` on 127.0.0.1: the predict, v2 infer and /metrics routes the load
-generator uses, with a real Prometheus batch size histogram and scripted error statuses."""
+generator uses, with a real Prometheus batch size histogram, scripted error statuses, chunked answers
+and connections it closes (saying so, or not), and a count of requests per connection."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ class FakeState:
     statuses: Counter[int] = field(default_factory=Counter)
     bad_bodies: int = 0
     api_key: str | None = None  # when set, every route wants "Authorization: Bearer KEY" (as kiln's /metrics)
+    chunked: bool = False  # predict answers with Transfer-Encoding: chunked (and a trailer field)
+    close_every: int = 0  # every Nth predict answer says "Connection: close" and closes (0: never)
+    drop_every: int = 0  # every Nth predict answer is followed by a close without saying so (0: never)
+    posts_per_connection: list[int] = field(default_factory=list)  # one entry per connection that was opened
     lock: threading.Lock = field(default_factory=threading.Lock)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
@@ -41,12 +46,29 @@ def _handler(state: FakeState) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:
             return None
 
-        def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+        def setup(self) -> None:
+            super().setup()
+            with state.lock:
+                self.conn_index = len(state.posts_per_connection)
+                state.posts_per_connection.append(0)
+
+        def _send(self, status: int, body: bytes, ctype: str = "application/json", *, close: bool = False,
+                  chunked: bool = False) -> None:
             self.send_response(status)
             self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
+            if close:
+                self.send_header("Connection", "close")  # http.server then closes after this answer
+            if not chunked:
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            self.wfile.write(body)
+            half = len(body) // 2
+            for part in (body[:half], body[half:]):
+                self.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\nX-Trailer: done\r\n\r\n")
 
         def _authorized(self) -> bool:
             if state.api_key is None or self.headers.get("Authorization") == f"Bearer {state.api_key}":
@@ -82,13 +104,19 @@ def _handler(state: FakeState) -> type[BaseHTTPRequestHandler]:
                 return
             with state.lock:
                 state.calls += 1
-                fail = state.fail_every and state.calls % state.fail_every == 0
+                state.posts_per_connection[self.conn_index] += 1
+                n = state.calls
+                fail = state.fail_every and n % state.fail_every == 0
                 status = 400 if items == 0 else (state.fail_status if fail else 200)
                 state.statuses[status] += 1
                 state.bad_bodies += items == 0
             if status == 200:
                 state.batch.labels(model=MODEL).observe(items)
-            self._send(status, json.dumps({"model": MODEL, "predictions": [[]] * items}).encode())
+            body = json.dumps({"model": MODEL, "predictions": [[]] * items}).encode()
+            self._send(status, body, close=bool(state.close_every and n % state.close_every == 0),
+                       chunked=state.chunked)
+            if state.drop_every and n % state.drop_every == 0:
+                self.close_connection = True
 
         def _predict_items(self, body: bytes) -> int:
             ctype = self.headers.get("Content-Type", "")

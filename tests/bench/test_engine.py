@@ -9,15 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kiln.bench import (
-    BenchConfig,
-    engine_table,
-    make_inputs,
-    plot_engine,
-    render_table,
-    run_bench,
-    short_reason,
-)
+from kiln.bench.report import engine_table, plot_engine, render_table
+from kiln.bench.sweep import BenchConfig, make_inputs, run_bench, short_reason
 from kiln.bundle import Bundle
 from kiln.cli import main
 from kiln.errors import ConfigError
@@ -151,7 +144,8 @@ class _PhasedBackend:
 
 
 def test_phase_timings_are_collected_per_call() -> None:
-    from kiln.bench import summarize, time_backend
+    from kiln.bench import time_backend
+    from kiln.bench.stats import summarize
 
     backend = _PhasedBackend()
     samples, phases, wall, timer = time_backend(backend, {"images": np.zeros((1, 1, 28, 28), np.float32)},

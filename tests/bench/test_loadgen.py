@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from kiln.bench.loadgen import LoadConfig, run_load
+from kiln.bench.report import load_table
+from kiln.bench.server import ServerError, native_request, noise_png
 from kiln.cli import main
 from kiln.errors import ConfigError
-from kiln.loadgen import LoadConfig, ServerError, load_table, native_request, noise_png, run_load
 
 from .fake_server import MODEL, FakeState, fake_server
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kiln.loadgen import LoadConfig, run_load
+from kiln.bench.loadgen import LoadConfig, run_load
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")

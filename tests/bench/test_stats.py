@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from kiln.bench import cpu_model, library_versions, percentile, summarize
-from kiln.loadgen import batch_histogram, histogram_diff
+from kiln.bench.environment import cpu_model, library_versions
+from kiln.bench.server import batch_histogram, histogram_diff
+from kiln.bench.stats import percentile, summarize
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 99.9, 100])

@@ -1,6 +1,6 @@
-"""Serving overhead and dynamic batching on a real bundle (issue 5 targets), not collected by pytest.
+"""Serving overhead and dynamic batching on a real bundle, not collected by pytest.
 
-    .venv/bin/python tests/perf/bench_serve_latency.py /tmp/serve-digits [--soak-s 60] [--json out.json]
+    .venv/bin/python tests/perf/bench_serve_latency.py /tmp/serve-digits [--soak-s 60] [--client-procs 2] [--json out.json]
 
 1. bare backend: ``backend.infer`` on one preprocessed image (median of 2000 after 200 warm-up), the
    baseline the end-to-end figure is compared with;
@@ -8,32 +8,33 @@
 3. throughput at concurrency 32: the same server with dynamic batching vs ``--max-batch 1``;
 4. soak: concurrency 64 for ``--soak-s`` seconds, counting 5xx and the server's RSS growth.
 
+The load comes from kiln's own load generator (``kiln.bench.loadgen``, what ``kiln bench --url`` runs).
 Client and server share the machine's cores; the client's CPU time is printed beside the figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import io
 import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 from PIL import Image
+
+from kiln.bench import time_backend
+from kiln.bench.client import http_get
+from kiln.bench.loadgen import LoadConfig, run_load
 
 
 def digit_png(seed: int = 0) -> bytes:
@@ -46,7 +47,6 @@ def digit_png(seed: int = 0) -> bytes:
 
 def bare_backend_ms(bundle: str, png: bytes, iters: int = 2000, warmup: int = 200) -> dict[str, Any]:
     from kiln import processing
-    from kiln.bench import time_backend
     from kiln.bundle import Bundle
     from kiln.runtime import load
 
@@ -95,9 +95,9 @@ class Server:
         end = time.monotonic() + 120
         while True:
             try:
-                if httpx.get(self.url + "/readyz").status_code == 200:
+                if http_get(self.url, "/readyz", {}, 5.0)[0] == 200:
                     break
-            except httpx.TransportError:
+            except OSError:
                 pass
             if time.monotonic() > end or self.proc.poll() is not None:
                 raise RuntimeError("server not ready:\n" + "".join(self.lines))
@@ -112,106 +112,25 @@ class Server:
         return self.proc.wait(60)
 
 
-class Conn:
-    """A minimal keep-alive HTTP/1.1 client on asyncio streams.
-
-    httpx's async pool costs more CPU per request than the server under test at 32+ connections on a
-    2-core machine (measured: /healthz fell from 333 to 112 requests/s going from 1 to 32 connections),
-    so the load generator would be what is measured. This speaks just enough HTTP for one server.
-    """
-
-    def __init__(self, url: str, path: str, body: bytes) -> None:
-        m = re.match(r"http://([^:/]+):(\d+)", url)
-        assert m is not None
-        self.host, self.port = m.group(1), int(m.group(2))
-        self.request = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post(self) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
-        self.writer.write(self.request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
-        body = await self.reader.readexactly(length)
-        if re.search(rb"(?i)connection: *close", head):
-            await self.close()
-        return status, body
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-def sequential_ms(url: str, body: bytes, n: int = 1000, warmup: int = 100) -> dict[str, float]:
-    async def run() -> list[float]:
-        conn = Conn(url, "/v1/models/digits/predict", body)
-        times = []
-        for i in range(warmup + n):
-            t0 = time.perf_counter()
-            status, text = await conn.post()
-            dt = time.perf_counter() - t0
-            if status != 200:
-                raise RuntimeError(f"{status}: {text!r}")
-            if i >= warmup:
-                times.append(dt)
-        await conn.close()
-        return times
-
-    arr = np.asarray(asyncio.run(run())) * 1e3
-    return {"p50_ms": float(np.percentile(arr, 50)), "p90_ms": float(np.percentile(arr, 90)),
-            "p99_ms": float(np.percentile(arr, 99))}
-
-
-async def _closed_loop(url: str, body: bytes, concurrency: int, seconds: float) -> dict[str, Any]:
-    statuses: Counter[str] = Counter()
-    lat: list[float] = []
-    end = time.monotonic() + seconds
-
-    async def worker() -> None:
-        conn = Conn(url, "/v1/models/digits/predict", body)
-        while time.monotonic() < end:
-            t0 = time.perf_counter()
-            try:
-                status, _ = await conn.post()
-                statuses[str(status)] += 1
-                if status == 200:
-                    lat.append(time.perf_counter() - t0)
-            except (OSError, asyncio.IncompleteReadError) as exc:
-                statuses[type(exc).__name__] += 1
-                await conn.close()
-        await conn.close()
-
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.monotonic() - t0
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    arr = np.asarray(lat) * 1e3 if lat else np.zeros(1)
+def load_level(url: str, concurrency: int, seconds: float, *, warmup: int = 20, max_requests: int = 100_000,
+               client_procs: int = 1) -> dict[str, Any]:
+    """One closed-loop level of the load generator, reduced to the figures this script prints."""
+    report = run_load(LoadConfig(url=url, model="digits", concurrency=[concurrency], duration=seconds, warmup=warmup,
+                                 max_requests=max_requests, client_procs=client_procs))
+    (lv,) = report["levels"]
+    lat = lv["latency_ms"] or {}
+    sb = lv["server_batch_size"] or {}
     return {
         "concurrency": concurrency,
-        "seconds": wall,
-        "ok": statuses.get("200", 0),
-        "rps": statuses.get("200", 0) / wall,
-        "p50_ms": float(np.percentile(arr, 50)),
-        "p99_ms": float(np.percentile(arr, 99)),
-        "statuses": dict(statuses),
-        "client_cpu": (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall,
+        "seconds": lv["elapsed_s"],
+        "ok": lv["ok"],
+        "rps": lv["ok_per_s"],
+        "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"),
+        "statuses": {"2xx": lv["ok"], **lv["errors"]},
+        "client_cpu": lv["client_cpu_fraction"],
+        "client_procs": lv["client_procs"],
+        "mean_batch": sb.get("mean"),
     }
-
-
-def batch_mean(url: str) -> float | None:
-    text = httpx.get(url + "/metrics").text
-    s = re.search(r'kiln_batch_size_sum\{model="digits"\} (\S+)', text)
-    c = re.search(r'kiln_batch_size_count\{model="digits"\} (\S+)', text)
-    return float(s.group(1)) / float(c.group(1)) if s and c and float(c.group(1)) else None
 
 
 def main() -> int:
@@ -220,18 +139,20 @@ def main() -> int:
     ap.add_argument("--throughput-s", type=float, default=10.0)
     ap.add_argument("--soak-s", type=float, default=60.0)
     ap.add_argument("--max-delay-ms", default="2", help="the dynamic batching server's --max-delay-ms")
+    ap.add_argument("--client-procs", type=int, default=1, help="load generator processes (kiln bench --client-procs)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
     png = digit_png()
-    body = json.dumps({"images": [base64.b64encode(png).decode()]}).encode()
+    procs = args.client_procs
     import onnxruntime
 
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
                     "platform": platform.platform()},
         "bundle": args.bundle,
-        "input": "JSON base64 PNG, 28x28 grayscale, 1 image per request",
+        "input": "JSON base64 PNG, 28x28 grayscale noise, 1 image per request",
+        "client_procs": procs,
     }
     report["bare"] = bare_backend_ms(args.bundle, png)
     print(f"bare backend ({report['bare']['backend']} {report['bare']['precision']} {report['bare']['device']}): "
@@ -241,17 +162,17 @@ def main() -> int:
     dyn = Server(args.bundle, "--max-delay-ms", args.max_delay_ms)
     try:
         report["server_cmd"] = dyn.cmd
-        seq = sequential_ms(dyn.url, body)
+        # One connection, one request at a time: 1000 timed after 100 warm-up.
+        seq = load_level(dyn.url, 1, 600.0, warmup=100, max_requests=1000)
         report["concurrency1"] = {**seq, "overhead_ms": seq["p50_ms"] - report["bare"]["infer_p50_ms"]}
         print(f"concurrency 1: p50 {seq['p50_ms']:.3f} ms (p90 {seq['p90_ms']:.3f}, p99 {seq['p99_ms']:.3f}); "
               f"p50 minus bare infer: {report['concurrency1']['overhead_ms']:.3f} ms (target <= 1.5)", flush=True)
-        report["c32_dynamic"] = asyncio.run(_closed_loop(dyn.url, body, 32, args.throughput_s))
-        report["c32_dynamic"]["mean_batch"] = batch_mean(dyn.url)
+        report["c32_dynamic"] = load_level(dyn.url, 32, args.throughput_s, client_procs=procs)
         print(f"concurrency 32, dynamic batching: {report['c32_dynamic']}", flush=True)
         if args.soak_s > 0:
-            asyncio.run(_closed_loop(dyn.url, body, 64, 3.0))  # settle allocator pools before the baseline
+            load_level(dyn.url, 64, 3.0, client_procs=procs)  # settle allocator pools before the baseline
             rss0 = dyn.rss_mb()
-            soak = asyncio.run(_closed_loop(dyn.url, body, 64, args.soak_s))
+            soak = load_level(dyn.url, 64, args.soak_s, client_procs=procs)
             rss1 = dyn.rss_mb()
             fivexx = sum(v for k, v in soak["statuses"].items() if k.startswith("5"))
             report["soak_c64"] = {**soak, "rss_start_mb": rss0, "rss_end_mb": rss1, "rss_growth_mb": rss1 - rss0,
@@ -263,8 +184,7 @@ def main() -> int:
 
     one = Server(args.bundle, "--max-batch", "1", "--max-delay-ms", "0")
     try:
-        report["c32_batch1"] = asyncio.run(_closed_loop(one.url, body, 32, args.throughput_s))
-        report["c32_batch1"]["mean_batch"] = batch_mean(one.url)
+        report["c32_batch1"] = load_level(one.url, 32, args.throughput_s, client_procs=procs)
     finally:
         one.stop()
     ratio = report["c32_dynamic"]["rps"] / max(report["c32_batch1"]["rps"], 1e-9)
