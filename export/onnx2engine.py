@@ -1,8 +1,15 @@
-"""onnx2engine: build a TensorRT plan from an ONNX graph (TensorRT 10/11 Python API).
+"""onnx2engine: build a TensorRT plan from an ONNX graph with TensorRT 10 or 11 (other majors are refused).
 
 Precision lives in the graph: the fp16 ONNX (float16 weights, fp32 I/O) and the int8 Q/DQ ONNX are
-built as *strongly typed* networks where TensorRT supports it (9.1+, and the only mode in 11), so the
-engine computes in the types the graph states. Older TensorRT gets builder precision flags instead.
+built as *strongly typed* networks, so the engine computes in the types the graph states:
+
+- TensorRT 11: every network is strongly typed (``STRONGLY_TYPED`` is deprecated and ignored, the
+  precision builder flags FP16/INT8 are removed), so no flag is set.
+- TensorRT 10: the network is created with ``STRONGLY_TYPED`` and no precision flag (TensorRT 10
+  rejects precision flags on a strongly typed network). ``strongly_typed=False`` builds the same graph
+  weakly typed instead, with ``BuilderFlag.FP16`` / ``INT8`` so the builder may use those kernels;
+  weak typing does not exist in TensorRT 11, where that option is refused.
+
 One optimization profile covers the batch range; a timing cache file is reused and updated across
 builds; hardware- and version-compatible builds are optional. The engine is a plain plan file (what
 trtexec and C++ loaders read); the provenance this returns goes into kiln.json.
@@ -20,15 +27,29 @@ from kiln.bundle import BatchRange
 from kiln.errors import BackendUnavailable, ConfigError, ExportError
 from kiln.fsutil import atomic_write
 from kiln.runtime import cuda
-from kiln.runtime.tensorrt import engine_compatible, import_tensorrt
+from kiln.runtime.tensorrt import dims_tuple, engine_compatible, import_tensorrt, parse_capability
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-__all__ = ["engine_compatible", "onnx2engine"]
+__all__ = ["build_flags", "engine_compatible", "onnx2engine"]
 
 log = logging.getLogger("kiln.export.engine")
 PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def build_flags(major: int, precision: str, strongly_typed: bool = True) -> tuple[list[str], list[str]]:
+    """``(network creation flags, builder flags)`` by name for a build on TensorRT ``major`` (10 or 11)."""
+    if major >= 11:
+        if not strongly_typed:
+            raise ConfigError(
+                "onnx2engine: TensorRT 11 builds strongly typed networks only (weak typing and the FP16/INT8 "
+                "builder flags were removed); build without strongly_typed=False"
+            )
+        return [], []
+    if strongly_typed:
+        return ["STRONGLY_TYPED"], []
+    return [], {"fp16": ["FP16"], "int8": ["INT8"]}.get(precision, [])
 
 
 def onnx2engine(
@@ -42,18 +63,21 @@ def onnx2engine(
     timing_cache: str | os.PathLike[str] | None = None,
     hardware_compat: bool = False,
     version_compat: bool = False,
+    strongly_typed: bool = True,
 ) -> dict[str, Any]:
     """Build ``engine_path`` from ``onnx_path`` on GPU 0 and return its provenance for kiln.json.
 
-    Raises BackendUnavailable when TensorRT or a GPU is missing, ExportError when the graph cannot
-    be parsed (naming the node and operator) or built. The plan and the timing cache are written
-    atomically: a failed build leaves earlier files as they were.
+    Raises BackendUnavailable when TensorRT (10 or 11) or a GPU is missing, ConfigError for options
+    this TensorRT cannot honour, ExportError when the graph cannot be parsed (naming the node and
+    operator) or built. The plan and the timing cache are written atomically: a failed build leaves
+    earlier files as they were.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"onnx2engine: unknown precision '{precision}'. Valid: {', '.join(PRECISIONS)}")
     if workspace_gib <= 0:
         raise ConfigError(f"onnx2engine: workspace must be > 0 GiB, got {workspace_gib}")
-    import_tensorrt()
+    major = import_tensorrt()
+    network_flags, builder_flags = build_flags(major, precision, strongly_typed)
     if (why := cuda.no_gpu_reason()) is not None:
         raise BackendUnavailable(f"building a TensorRT engine needs an NVIDIA GPU and driver: {why}")
     import tensorrt as trt
@@ -62,48 +86,30 @@ def onnx2engine(
     if not src.is_file():
         raise ExportError(f"onnx2engine: {src} does not exist")
     gpu = cuda.device_info(0)
-    if hardware_compat and _capability(gpu.compute_capability) < (8, 0):
+    if hardware_compat and parse_capability(gpu.compute_capability) < (8, 0):
         raise ExportError(
             f"hardware-compatible engines (AMPERE_PLUS) need compute capability >= 8.0; {gpu.name} has {gpu.compute_capability}"
         )
 
     logger = _python_logger()
+    # The ONNX parser maps some operators onto TensorRT's plugin library: register its creators first.
+    trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
-    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    network = builder.create_network(flags)
+    network = builder.create_network(_bits(trt.NetworkDefinitionCreationFlag, network_flags))
     parser = trt.OnnxParser(network, logger)
     # parse_from_file resolves external weight files (model.onnx.data) relative to the graph.
     if not parser.parse_from_file(os.fspath(src)):
         raise ExportError(f"TensorRT cannot parse {src}: " + "; ".join(_parser_errors(parser)))
     _check_precision(network, precision, src)
-
-    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
-    if input_name not in inputs:
-        raise ExportError(f"{src}: no input named {input_name} (graph inputs: {sorted(inputs)})")
-    shape = _dims(inputs[input_name].shape)
-    if any(d < 0 for d in shape[1:]):
-        raise ExportError(f"{src}: input {input_name} has shape {shape}; only the batch axis may be dynamic")
-    if shape[0] >= 0 and not batch.min == batch.max == shape[0]:
-        raise ExportError(f"{src}: input {input_name} has a fixed batch {shape[0]}, cannot build batch range {batch}")
-    rest = shape[1:]
-    profile = builder.create_optimization_profile()
-    profile.set_shape(input_name, trt.Dims([batch.min, *rest]), trt.Dims([batch.opt, *rest]), trt.Dims([batch.max, *rest]))
+    profile = _profile(builder, network, src, input_name, batch)
 
     config = builder.create_builder_config()
     config.add_optimization_profile(profile)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if not strongly_typed:
-        # Before strong typing (TensorRT < 9.1) the builder only uses fp16/int8 kernels when allowed
-        # to; the Q/DQ nodes of the int8 graph still decide what is quantized.
-        if precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
+    for flag in [*builder_flags, *(["VERSION_COMPATIBLE"] if version_compat else [])]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     if hardware_compat:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    if version_compat:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     cache_path = Path(timing_cache) if timing_cache is not None else None
     _load_timing_cache(config, cache_path)
 
@@ -129,6 +135,32 @@ def onnx2engine(
         "version_compat": version_compat,
         "strongly_typed": strongly_typed,
     }
+
+
+def _bits(enum: Any, names: list[str]) -> int:
+    bits = 0
+    for name in names:
+        bits |= 1 << int(getattr(enum, name))
+    return bits
+
+
+def _profile(
+    builder: trt.Builder, network: trt.INetworkDefinition, src: Path, input_name: str, batch: BatchRange
+) -> trt.IOptimizationProfile:
+    import tensorrt as trt
+
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    if input_name not in inputs:
+        raise ExportError(f"{src}: no input named {input_name} (graph inputs: {sorted(inputs)})")
+    shape = dims_tuple(inputs[input_name].shape)
+    if any(d < 0 for d in shape[1:]):
+        raise ExportError(f"{src}: input {input_name} has shape {shape}; only the batch axis may be dynamic")
+    if shape[0] >= 0 and not batch.min == batch.max == shape[0]:
+        raise ExportError(f"{src}: input {input_name} has a fixed batch {shape[0]}, cannot build batch range {batch}")
+    rest = shape[1:]
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, trt.Dims([batch.min, *rest]), trt.Dims([batch.opt, *rest]), trt.Dims([batch.max, *rest]))
+    return profile
 
 
 def _python_logger() -> Any:
@@ -192,12 +224,3 @@ def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:
         # A cache from another GPU or TensorRT version is useless here; start a fresh one.
         log.warning("timing cache %s does not match this GPU / TensorRT; starting a new one", path)
     config.set_timing_cache(config.create_timing_cache(b""), False)
-
-
-def _dims(dims: trt.Dims) -> tuple[int, ...]:
-    return tuple(int(dims[i]) for i in range(len(dims)))
-
-
-def _capability(text: str) -> tuple[int, int]:
-    major, _, minor = text.partition(".")
-    return int(major), int(minor or 0)

@@ -4,8 +4,13 @@ copies, one stream, events for timing.
 It sits on NVIDIA's cuda-python bindings (``from cuda.bindings import runtime as cudart``; every call
 returns an error code first, and :func:`check` turns a non-zero code into :class:`CudaError`) or on
 pycuda where that is what is installed. Both drive the device's *primary* context, the one TensorRT
-uses, so nothing here pushes or pops contexts across threads. The library is imported on first use:
-importing this module needs neither.
+uses. The library is imported on first use: importing this module needs neither.
+
+Every call that touches the device runs inside ``with activate(index):``. With cuda-python that is
+``cudaSetDevice``; with pycuda it pushes the primary context onto the calling thread's context stack
+only when it is not already current, and pops it again before the block ends. So no thread is left
+with a context on its stack when kiln returns, closes a backend, or the thread ends (pycuda aborts
+the process at exit when a thread's stack is not empty).
 
 Pointers are plain ``int`` device addresses, which is what TensorRT's ``set_tensor_address`` and
 ``execute_async_v3`` take.
@@ -13,9 +18,11 @@ Pointers are plain ``int`` device addresses, which is what TensorRT's ``set_tens
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +65,11 @@ def _load_api() -> _Api:
     except ImportError as exc:
         errors.append(f"cuda-python: {exc}")
     else:
-        return _CudaPython(cudart)
+        try:
+            from cuda.bindings.utils import get_cuda_native_handle
+        except ImportError:  # cuda-bindings before 12.9 has no utils module; int() is the API there
+            return _CudaPython(cudart)
+        return _CudaPython(cudart, get_cuda_native_handle)
     try:
         import pycuda.driver as pycuda_driver
     except ImportError as exc:
@@ -82,7 +93,7 @@ def device_count() -> int:
 
 
 def no_gpu_reason() -> str | None:
-    """Why CUDA cannot be used here, or None when a device is visible."""
+    """Why CUDA cannot be used here (no bindings, no or a mismatched driver, no device), or None."""
     try:
         n = api().device_count()
     except (BackendUnavailable, CudaError) as exc:
@@ -98,18 +109,21 @@ def device_info(index: int = 0) -> DeviceInfo:
     return a.device_info(index)
 
 
-def use_device(index: int) -> None:
-    """Make device ``index`` current on the calling thread (the runtime binds its primary context)."""
-    api().use_device(index)
+def activate(index: int) -> AbstractContextManager[None]:
+    """Make device ``index`` current on the calling thread for the ``with`` block (see the module doc)."""
+    return api().activate(index)
 
 
-def check(result: Any, call: str = "CUDA call") -> Any:
+def check(result: Any, call: str = "CUDA call", cudart: Any = None) -> Any:
     """Unpack a cuda-python result ``(err, *values)``: raise :class:`CudaError` unless err is success.
 
-    Returns None, the single value, or a tuple of values.
+    Returns None, the single value, or a tuple of values. ``cudart`` is the runtime module that
+    produced ``result`` (default: ``cuda.bindings.runtime``).
     """
-    from cuda.bindings import runtime as cudart
+    if cudart is None:
+        from cuda.bindings import runtime
 
+        cudart = runtime
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != int(cudart.cudaError_t.cudaSuccess):
         _, name = cudart.cudaGetErrorName(err)
@@ -125,7 +139,10 @@ def _text(b: bytes | str) -> str:
 
 
 class DeviceBuffer:
-    """``nbytes`` of device memory at ``ptr``. Freed by :meth:`free` (idempotent)."""
+    """``nbytes`` of device memory at ``ptr``. Freed by :meth:`free` (idempotent).
+
+    Free it only when no queued work uses it: synchronize the stream first.
+    """
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = max(int(nbytes), 1)
@@ -134,10 +151,8 @@ class DeviceBuffer:
 
     def free(self) -> None:
         if self.ptr:
-            self._api.free(self.ptr)
-            self.ptr = 0
-
-
+            ptr, self.ptr = self.ptr, 0
+            self._api.free(ptr)
 class PinnedBuffer:
     """Page-locked host memory (so copies can be asynchronous), exposed as a flat uint8 numpy array."""
 
@@ -171,7 +186,8 @@ class Stream:
         self._obj, self.handle = self._api.stream_create()
 
     def synchronize(self) -> None:
-        self._api.stream_sync(self._obj)
+        if self._obj is not None:
+            self._api.stream_sync(self._obj)
 
     def destroy(self) -> None:
         if self._obj is not None:
@@ -211,6 +227,7 @@ def memcpy_dtoh_async(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream:
     api().dtoh_async(dst, src.ptr, nbytes, stream._obj)
 
 
+
 class _Api:
     """What the rest of this module needs from a CUDA binding."""
 
@@ -222,7 +239,7 @@ class _Api:
     def device_info(self, index: int) -> DeviceInfo:
         raise NotImplementedError
 
-    def use_device(self, index: int) -> None:
+    def activate(self, index: int) -> AbstractContextManager[None]:
         raise NotImplementedError
 
     def malloc(self, nbytes: int) -> int:
@@ -260,78 +277,118 @@ class _Api:
 
     def dtoh_async(self, dst: PinnedBuffer, src: int, nbytes: int, stream: Any) -> None:
         raise NotImplementedError
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"  # CUDA encodes 12.4 as 12040
 
 
 class _CudaPython(_Api):
+    """cuda-python's runtime module (``cuda.bindings.runtime``): every call returns ``(err, *values)``.
+
+    ``native_handle`` is ``cuda.bindings.utils.get_cuda_native_handle`` where the bindings have it
+    (``int(obj)`` on their objects is deprecated there); older bindings only offer ``int``.
+    """
+
     name = "cuda-python"
 
-    def __init__(self, cudart: Any) -> None:
+    def __init__(self, cudart: Any, native_handle: Callable[[Any], int] | None = None) -> None:
         self.rt = cudart
+        self._native_handle: Callable[[Any], int] = native_handle or int
+
+    def check(self, result: Any, call: str) -> Any:
+        return check(result, call, self.rt)
 
     def device_count(self) -> int:
         err, n = self.rt.cudaGetDeviceCount()
-        # Without a driver the runtime reports an error instead of 0 devices: that means "no GPU here".
-        if int(err) in (int(self.rt.cudaError_t.cudaErrorNoDevice), int(self.rt.cudaError_t.cudaErrorInsufficientDriver)):
+        codes = self.rt.cudaError_t
+        if int(err) == int(codes.cudaErrorNoDevice):
             return 0
-        return int(check((err, n), "cudaGetDeviceCount"))
+        if int(err) == int(codes.cudaErrorInsufficientDriver):
+            raise BackendUnavailable(self._driver_mismatch())
+        return int(self.check((err, n), "cudaGetDeviceCount"))
+
+    def _driver_mismatch(self) -> str:
+        """cudaErrorInsufficientDriver: the driver is missing or older than the bindings' CUDA."""
+        ok = int(self.rt.cudaError_t.cudaSuccess)
+        err, runtime = self.rt.cudaRuntimeGetVersion()
+        bindings = f"CUDA {_cuda_version(int(runtime))}" if int(err) == ok else "their CUDA version"
+        major = f"{int(runtime) // 1000}.x" if int(err) == ok else "x"
+        err, driver = self.rt.cudaDriverGetVersion()
+        if int(err) != ok or not driver:
+            return (f"no NVIDIA driver is loaded (cudaErrorInsufficientDriver): the cuda-python bindings need a "
+                    f"driver for {bindings} or newer: {INSTALL_HINT}")
+        return (
+            f"CUDA driver/bindings mismatch (cudaErrorInsufficientDriver): cuda-python {major} uses {bindings}, the "
+            f"driver supports CUDA {_cuda_version(int(driver))}; install the cuda-python whose major version matches "
+            "the driver and TensorRT (see docs/runtime.md), or update the driver"
+        )
 
     def device_info(self, index: int) -> DeviceInfo:
-        prop = check(self.rt.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
+        prop = self.check(self.rt.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
         return DeviceInfo(index, _text(prop.name), f"{prop.major}.{prop.minor}", int(prop.totalGlobalMem))
 
-    def use_device(self, index: int) -> None:
-        check(self.rt.cudaSetDevice(index), f"cudaSetDevice({index})")
+    @contextlib.contextmanager
+    def activate(self, index: int) -> Iterator[None]:
+        # The runtime API binds the device's primary context to the thread; there is nothing to undo.
+        self.check(self.rt.cudaSetDevice(index), f"cudaSetDevice({index})")
+        yield
 
     def malloc(self, nbytes: int) -> int:
-        return int(check(self.rt.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
+        return int(self.check(self.rt.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))  # a plain int address
 
     def free(self, ptr: int) -> None:
-        check(self.rt.cudaFree(ptr), "cudaFree")
+        self.check(self.rt.cudaFree(ptr), "cudaFree")
 
     def malloc_host(self, nbytes: int) -> tuple[np.ndarray, Callable[[], None]]:
-        ptr = int(check(self.rt.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})"))
+        ptr = int(self.check(self.rt.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})"))
         array = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
-        return array, lambda: check(self.rt.cudaFreeHost(ptr), "cudaFreeHost")
+        return array, lambda: self.check(self.rt.cudaFreeHost(ptr), "cudaFreeHost")
 
     def stream_create(self) -> tuple[Any, int]:
-        stream = check(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreate")
-        return stream, int(stream)
+        stream = self.check(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreate")
+        return stream, int(self._native_handle(stream))
 
     def stream_sync(self, stream: Any) -> None:
-        check(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        self.check(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
 
     def stream_destroy(self, stream: Any) -> None:
-        check(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
+        self.check(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
 
     def event_create(self) -> Any:
-        return check(self.rt.cudaEventCreate(), "cudaEventCreate")
+        return self.check(self.rt.cudaEventCreate(), "cudaEventCreate")
 
     def event_record(self, event: Any, stream: Any) -> None:
-        check(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")
+        self.check(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")
 
     def event_elapsed(self, start: Any, end: Any) -> float:
-        return float(check(self.rt.cudaEventElapsedTime(start, end), "cudaEventElapsedTime"))
+        return float(self.check(self.rt.cudaEventElapsedTime(start, end), "cudaEventElapsedTime"))
 
     def event_destroy(self, event: Any) -> None:
-        check(self.rt.cudaEventDestroy(event), "cudaEventDestroy")
+        self.check(self.rt.cudaEventDestroy(event), "cudaEventDestroy")
 
     def htod_async(self, dst: int, src: PinnedBuffer, nbytes: int, stream: Any) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        check(self.rt.cudaMemcpyAsync(dst, src.ptr, nbytes, kind, stream), "cudaMemcpyAsync(host->device)")
+        self.check(self.rt.cudaMemcpyAsync(dst, src.ptr, nbytes, kind, stream), "cudaMemcpyAsync(host->device)")
 
     def dtoh_async(self, dst: PinnedBuffer, src: int, nbytes: int, stream: Any) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        check(self.rt.cudaMemcpyAsync(dst.ptr, src, nbytes, kind, stream), "cudaMemcpyAsync(device->host)")
+        self.check(self.rt.cudaMemcpyAsync(dst.ptr, src, nbytes, kind, stream), "cudaMemcpyAsync(device->host)")
 
 
 class _PyCuda(_Api):
-    """pycuda's driver API. pycuda raises its own exceptions; they are re-raised as CudaError."""
+    """pycuda's driver API. pycuda raises its own exceptions; they are re-raised as CudaError.
+
+    The driver API keeps a context *stack* per thread: :meth:`activate` pushes the primary context
+    only when it is not current on the calling thread and pops what it pushed before returning.
+    """
 
     name = "pycuda"
 
     def __init__(self, drv: Any) -> None:
         self.drv = drv
         self._initialized = False
+        self._lock = threading.Lock()
         self._contexts: dict[int, Any] = {}
         self._allocs: dict[int, Any] = {}  # keeps pycuda's allocation objects alive until free()
 
@@ -359,17 +416,29 @@ class _PyCuda(_Api):
         major, minor = dev.compute_capability()
         return DeviceInfo(index, str(dev.name()), f"{major}.{minor}", int(dev.total_memory()))
 
-    def use_device(self, index: int) -> None:
+    def _primary(self, index: int) -> Any:
         # The primary context is the one TensorRT and the CUDA runtime use; retaining it (instead of
         # pycuda.autoinit's private context) keeps every library on the same context.
-        self._init()
-        ctx = self._contexts.get(index)
-        if ctx is None:
-            ctx = self._call("cuDevicePrimaryCtxRetain", self.drv.Device(index).retain_primary_context)
-            self._contexts[index] = ctx
-        # push() stacks: only push when this thread does not already have the context current.
+        with self._lock:
+            self._init()
+            ctx = self._contexts.get(index)
+            if ctx is None:
+                ctx = self._call("cuDevicePrimaryCtxRetain", self.drv.Device(index).retain_primary_context)
+                self._contexts[index] = ctx
+            return ctx
+
+    @contextlib.contextmanager
+    def activate(self, index: int) -> Iterator[None]:
+        ctx = self._primary(index)
+        pushed = False
         if self.drv.Context.get_current() != ctx:
             self._call("cuCtxPushCurrent", ctx.push)
+            pushed = True
+        try:
+            yield
+        finally:
+            if pushed:
+                self._call("cuCtxPopCurrent", self.drv.Context.pop)
 
     def malloc(self, nbytes: int) -> int:
         alloc = self._call(f"cuMemAlloc({nbytes})", self.drv.mem_alloc, nbytes)

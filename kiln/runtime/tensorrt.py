@@ -1,20 +1,25 @@
-"""TensorRT backend: a plain TensorRT plan run with the named-tensor API of TensorRT 10/11.
+"""TensorRT backend: a plain TensorRT plan run with the named-tensor API of TensorRT 10 and 11.
 
-``tensorrt`` is imported when a backend is created, never at import time. Device memory goes through
-:mod:`kiln.runtime.cuda` (cuda-python, or pycuda where that is installed).
+``tensorrt`` is imported when a backend is created, never at import time; other major versions are
+refused with a one-line reason. Device memory goes through :mod:`kiln.runtime.cuda` (cuda-python, or
+pycuda where that is installed), with the device made current on the calling thread for each call.
 
-Memory: at creation the backend allocates, for every I/O tensor, one device buffer and one pinned
-host buffer sized for the optimization profile's *max* batch, and binds the device addresses once
-(``set_tensor_address``). The execution context owns the activation memory TensorRT sizes for that
-profile. ``infer()`` copies inputs into the pinned buffers, then on one stream: async host->device
-copies, ``execute_async_v3``, async device->host copies, one synchronize. Outputs are copied out of
-the pinned buffers into fresh arrays, so the caller owns them.
+Memory: at creation the backend allocates, for every I/O tensor, one device buffer sized from the
+tensor's ``DataType.itemsize`` for the optimization profile's *max* batch, and binds the device
+addresses once (``set_tensor_address``); the inputs and the outputs kiln.json lists also get a pinned
+host buffer. The execution context owns the activation memory TensorRT sizes for that profile.
+``infer()`` copies inputs into the pinned buffers, then on one stream: async host->device copies,
+``execute_async_v3``, async device->host copies, one synchronize. Outputs are copied out of the
+pinned buffers into fresh arrays, so the caller owns them. Whenever a step fails after work was
+queued, and in ``close()``, the stream is synchronized before any buffer can be reused or freed.
 
 Options: ``max_batch`` (lower the profile's max; cannot raise it).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import threading
 from collections.abc import Mapping
@@ -31,13 +36,15 @@ from kiln.runtime._common import Device, KilnBackend, parse_device, spec_names
 if TYPE_CHECKING:
     import tensorrt as trt
 
+log = logging.getLogger("kiln.runtime")
 OPTIONS = frozenset({"max_batch"})
 INSTALL_HINT = "pip install 'kiln[trt]' on a machine with an NVIDIA GPU and driver"
 PROVENANCE_KEYS = ("tensorrt_version", "gpu_name", "compute_capability")
+SUPPORTED_MAJORS = (10, 11)
 
 
-def import_tensorrt() -> None:
-    """Raise :class:`BackendUnavailable` unless the real TensorRT Python package is importable.
+def _installed_version() -> str:
+    """The installed TensorRT's version; BackendUnavailable when only tensorrt-stubs (or nothing) is there.
 
     tensorrt-stubs installs a ``tensorrt`` folder holding only ``.pyi`` files, which Python imports as
     an empty namespace package: having ``Builder`` is what tells the real library apart.
@@ -48,20 +55,30 @@ def import_tensorrt() -> None:
         raise BackendUnavailable(f"TensorRT is not installed ({exc}): {INSTALL_HINT}") from None
     if not hasattr(tensorrt, "Builder"):
         raise BackendUnavailable(f"TensorRT is not installed (only its type stubs are): {INSTALL_HINT}")
+    return str(tensorrt.__version__)
+
+
+def import_tensorrt() -> int:
+    """Check that a supported TensorRT (10 or 11) is importable; return its major version."""
+    version = _installed_version()
+    major = version_tuple(version)[:1]
+    if not major or major[0] not in SUPPORTED_MAJORS:
+        raise BackendUnavailable(
+            f"TensorRT {version} is not supported: kiln runs TensorRT {' and '.join(map(str, SUPPORTED_MAJORS))}"
+        )
+    return major[0]
 
 
 def tensorrt_version() -> str | None:
+    """The installed TensorRT's version (supported or not), or None."""
     try:
-        import_tensorrt()
+        return _installed_version()
     except BackendUnavailable:
         return None
-    import tensorrt as trt
-
-    return str(trt.__version__)
 
 
 def unavailable_reason(device: Device | None = None) -> str | None:
-    """Why TensorRT cannot run here (library, GPU, or a CPU device requested), or None."""
+    """Why TensorRT cannot run here (library, version, GPU, or a CPU device requested), or None."""
     if device is not None and device.kind == "cpu":
         return "TensorRT runs on a GPU, but device cpu was requested"
     try:
@@ -73,25 +90,35 @@ def unavailable_reason(device: Device | None = None) -> str | None:
     return None
 
 
-def _dims(dims: trt.Dims) -> tuple[int, ...]:
-    # Dims indexes like a tuple but the stubs give it no __iter__.
+def dims_tuple(dims: trt.Dims | tuple[int, ...]) -> tuple[int, ...]:
+    """A TensorRT ``Dims`` as a tuple (the stubs give Dims no ``__iter__``, but it indexes like one)."""
     return tuple(int(dims[i]) for i in range(len(dims)))
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split(".") if p.isdigit())
+def version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(text).split(".") if p.isdigit())
 
 
-def _capability(text: str) -> tuple[int, int]:
+def parse_capability(text: str) -> tuple[int, int]:
+    """``"8.9"`` -> ``(8, 9)``."""
     major, _, minor = str(text).partition(".")
     return int(major), int(minor or 0)
+
+
+def _version_compatible_runs(built: tuple[int, ...], here: tuple[int, ...]) -> bool:
+    # A version-compatible plan runs on the same or a newer release of its major version, and
+    # TensorRT 11 runtimes run version-compatible TensorRT 10 plans (11.x support matrix).
+    if here < built:
+        return False
+    return built[:1] == here[:1] or (built[:1], here[:1]) == ((10,), (11,))
 
 
 def check_provenance(provenance: Mapping[str, Any], version: str, gpu: cuda.DeviceInfo) -> tuple[bool, str]:
     """Whether an engine built as ``provenance`` says can run on TensorRT ``version`` and ``gpu``.
 
-    A plan runs only on the TensorRT version that built it, unless built version-compatible (then on
-    the same major version, same or newer); only on GPUs of its compute capability, unless built
+    A plan runs only on the TensorRT version that built it, unless built version-compatible
+    (``version_compat`` in kiln.json): then on the same or a newer release of its major version, and a
+    TensorRT 10 plan also on TensorRT 11. It runs only on GPUs of its compute capability, unless built
     hardware-compatible (AMPERE_PLUS: compute capability 8.0 or newer).
     """
     missing = [k for k in PROVENANCE_KEYS if not provenance.get(k)]
@@ -99,11 +126,11 @@ def check_provenance(provenance: Mapping[str, Any], version: str, gpu: cuda.Devi
         return False, f"engine has no build provenance in kiln.json (missing {', '.join(missing)}); rebuild it"
     built_v, here_v = str(provenance["tensorrt_version"]), version
     if provenance.get("version_compat"):
-        if _version(built_v)[:1] != _version(here_v)[:1] or _version(here_v) < _version(built_v):
+        if not _version_compatible_runs(version_tuple(built_v), version_tuple(here_v)):
             return False, f"version-compatible engine built with TensorRT {built_v} cannot run on TensorRT {here_v}"
-    elif _version(built_v)[:3] != _version(here_v)[:3]:
+    elif version_tuple(built_v)[:3] != version_tuple(here_v)[:3]:
         return False, f"engine built with TensorRT {built_v}, this is TensorRT {here_v} (rebuild it here)"
-    built_cc, here_cc = _capability(provenance["compute_capability"]), _capability(gpu.compute_capability)
+    built_cc, here_cc = parse_capability(provenance["compute_capability"]), parse_capability(gpu.compute_capability)
     built_gpu = provenance["gpu_name"]
     if provenance.get("hardware_compat"):
         if here_cc < (8, 0):
@@ -132,13 +159,31 @@ def engine_compatible(provenance: Mapping[str, Any], device_index: int = 0) -> t
     return check_provenance(provenance, str(trt.__version__), gpu)
 
 
+def _numpy_dtype(dtype: trt.DataType) -> np.dtype[Any] | None:
+    """The numpy type of a TensorRT DataType, or None (BF16, FP8, INT4, FP4, E8M0 have none)."""
+    import tensorrt as trt
+
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except TypeError:  # what trt.nptype raises for a type numpy lacks
+        return None
+
+
+def _nbytes(shape: tuple[int, ...], dtype: trt.DataType) -> int:
+    # DataType.itemsize is a fraction for the 4-bit types (0.5) and missing for some; round up to bytes.
+    itemsize = getattr(dtype, "itemsize", None)
+    if not itemsize:
+        raise BackendUnavailable(f"tensorrt: TensorRT reports no element size for {dtype}")
+    return math.ceil(int(np.prod(shape, dtype=np.int64)) * float(itemsize))
+
+
 class TensorRTBackend(KilnBackend):
     """Runs a TensorRT plan on one GPU.
 
     Thread ownership: the engine's execution context, its stream and its pinned buffers belong to
     one worker thread. Create the backend where convenient, then call ``infer()`` from one thread at a
-    time (the serve batcher's worker); a call from a second thread while one runs raises, and the
-    first call on a new thread makes the device current there. Give each worker its own backend.
+    time (the serve batcher's worker); a call from a second thread while one runs raises. Each call
+    makes the device current on its thread for its duration only. Give each worker its own backend.
 
     ``last_timings`` holds ``h2d_ms``, ``compute_ms``, ``d2h_ms`` and ``total_ms`` of the latest
     ``infer()``, measured with CUDA events on the stream (what ``trtexec`` calls H2D, GPU compute, D2H).
@@ -161,20 +206,41 @@ class TensorRTBackend(KilnBackend):
         want = parse_device(device)
         if (why := unavailable_reason(want)) is not None:
             raise BackendUnavailable(f"tensorrt: {why}")
-        import tensorrt as trt
-
+        if not inputs:
+            raise BundleError(f"{path}: kiln.json lists no inputs")
         self._device_index = want.index if want is not None else 0
-        cuda.use_device(self._device_index)
         self.device = f"cuda:{self._device_index}"
+        self.inputs, self.outputs, self.precision = list(inputs), list(outputs), precision
         self._busy = threading.Lock()
-        self._thread = threading.get_ident()
         self._buffers: list[cuda.DeviceBuffer | cuda.PinnedBuffer] = []
         self._events: list[cuda.Event] = []
         self._stream: cuda.Stream | None = None
+        self._runtime: trt.Runtime | None = None
+        self._engine: trt.ICudaEngine | None = None
+        self._context: trt.IExecutionContext | None = None
+        self._device: dict[str, cuda.DeviceBuffer] = {}
+        self._host: dict[str, cuda.PinnedBuffer] = {}
+        self._dtypes: dict[str, np.dtype[Any]] = {}
+        self.last_timings: dict[str, float] = {}
+        with cuda.activate(self._device_index):
+            try:
+                engine = self._deserialize(str(path), version_compat)
+                names = self._check_tensors(str(path), engine)
+                self.min_batch, self.max_batch = self._batch_range(str(path), engine, max_batch)
+                self._allocate(str(path), engine, names)
+            except BaseException:
+                self._release()
+                raise
+
+    def _deserialize(self, path: str, version_compat: bool) -> trt.ICudaEngine:
+        import tensorrt as trt
 
         self._logger = trt.Logger(trt.Logger.WARNING)
+        # A plan may hold layers from TensorRT's plugin library; their creators must be registered
+        # before deserializing (as trtexec and Polygraphy do), or such plans fail to load.
+        trt.init_libnvinfer_plugins(self._logger, "")
         runtime = trt.Runtime(self._logger)
-        self._runtime: trt.Runtime | None = runtime
+        self._runtime = runtime
         if version_compat:
             # A version-compatible plan carries its own lean runtime, which is host code.
             runtime.engine_host_code_allowed = True
@@ -184,28 +250,43 @@ class TensorRTBackend(KilnBackend):
                 f"tensorrt: cannot deserialize {path} with TensorRT {trt.__version__} "
                 "(built by another TensorRT version or for another GPU? see the TensorRT log above)"
             )
-        self._engine: trt.ICudaEngine | None = engine
+        self._engine = engine
+        return engine
+
+    def _check_tensors(self, path: str, engine: trt.ICudaEngine) -> list[str]:
+        """All I/O tensor names; checks them against kiln.json and records numpy types of those kiln reads or writes."""
+        import tensorrt as trt
 
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if sorted(self._inputs) != sorted(spec_names(inputs)) or not set(spec_names(outputs)) <= set(self._outputs):
+        wanted = spec_names(self.outputs)
+        if sorted(self._inputs) != sorted(spec_names(self.inputs)) or not set(wanted) <= set(self._outputs):
             raise BundleError(
                 f"{path}: engine inputs {self._inputs} / outputs {self._outputs} do not match kiln.json "
-                f"inputs {spec_names(inputs)} / outputs {spec_names(outputs)}"
+                f"inputs {spec_names(self.inputs)} / outputs {wanted}"
             )
-        self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        for name in [*self._inputs, *wanted]:
+            dtype = engine.get_tensor_dtype(name)
+            np_dtype = _numpy_dtype(dtype)
+            if np_dtype is None:
+                # Not a broken bundle: another backend can run the ONNX graph.
+                raise BackendUnavailable(
+                    f"tensorrt: {path}: tensor {name} is {getattr(dtype, 'name', dtype)}, which numpy cannot hold; "
+                    "build the engine with float32/float16/int inputs and outputs"
+                )
+            self._dtypes[name] = np_dtype
+        return names
 
-        if not inputs:
-            raise BundleError(f"{path}: kiln.json lists no inputs")
+    def _batch_range(self, path: str, engine: trt.ICudaEngine, max_batch: int | None) -> tuple[int, int]:
         lo, hi = 1, 1 << 31
-        for spec in inputs:
-            shape = _dims(engine.get_tensor_shape(spec.name))
+        for spec in self.inputs:
+            shape = dims_tuple(engine.get_tensor_shape(spec.name))
             if list(shape[1:]) != list(spec.shape):
                 raise BundleError(f"{path}: engine input {spec.name} has shape {shape}, kiln.json says (N, {spec.shape})")
             pmin, _, pmax = engine.get_tensor_profile_shape(spec.name, 0)
-            lo = max(lo, pmin[0])
-            hi = min(hi, pmax[0])
+            lo = max(lo, int(pmin[0]))
+            hi = min(hi, int(pmax[0]))
         if max_batch is not None:
             if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < lo:
                 raise ConfigError(f"tensorrt max_batch must be an integer >= the profile's min {lo}, got {max_batch!r}")
@@ -216,18 +297,7 @@ class TensorRTBackend(KilnBackend):
                     "(rebuild the engine with a larger --batch MAX)"
                 )
             hi = max_batch
-        self.min_batch, self.max_batch = int(lo), int(hi)
-        self.inputs, self.outputs, self.precision = list(inputs), list(outputs), precision
-
-        self._context: trt.IExecutionContext | None = None
-        self._device: dict[str, cuda.DeviceBuffer] = {}
-        self._host: dict[str, cuda.PinnedBuffer] = {}
-        self.last_timings: dict[str, float] = {}
-        try:
-            self._allocate(str(path), engine, names)
-        except BaseException:
-            self._close()
-            raise
+        return lo, hi
 
     def _allocate(self, path: str, engine: trt.ICudaEngine, names: list[str]) -> None:
         context = engine.create_execution_context()
@@ -241,14 +311,15 @@ class TensorRTBackend(KilnBackend):
             if not context.set_input_shape(spec.name, (self.max_batch, *spec.shape)):
                 raise BundleError(f"{path}: engine rejects input {spec.name} at batch {self.max_batch}")
         for n in names:
-            shape = _dims(context.get_tensor_shape(n))
+            shape = dims_tuple(context.get_tensor_shape(n))
             if any(d < 0 for d in shape):
                 raise BundleError(f"{path}: output {n} has a data-dependent shape {shape}; kiln needs fixed-size outputs")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * self._dtypes[n].itemsize
+            nbytes = _nbytes(shape, engine.get_tensor_dtype(n))
             self._device[n] = cuda.DeviceBuffer(nbytes)
             self._buffers.append(self._device[n])
-            self._host[n] = cuda.PinnedBuffer(nbytes)
-            self._buffers.append(self._host[n])
+            if n in self._dtypes:  # only tensors kiln copies in or out need host memory
+                self._host[n] = cuda.PinnedBuffer(nbytes)
+                self._buffers.append(self._host[n])
             # Addresses are bound once: the buffers live as long as the context.
             if not context.set_tensor_address(n, self._device[n].ptr):
                 raise cuda.CudaError(f"tensorrt: set_tensor_address({n}) failed")
@@ -271,10 +342,8 @@ class TensorRTBackend(KilnBackend):
         if not self._busy.acquire(blocking=False):
             raise KilnError("tensorrt backend called from two threads at once; give each worker its own backend")
         try:
-            if threading.get_ident() != self._thread:
-                cuda.use_device(self._device_index)
-                self._thread = threading.get_ident()
-            return self._run(feeds)
+            with cuda.activate(self._device_index):
+                return self._run(feeds)
         finally:
             self._busy.release()
 
@@ -282,6 +351,16 @@ class TensorRTBackend(KilnBackend):
         context, stream = self._context, self._stream
         if context is None or stream is None:
             raise KilnError("tensorrt backend is closed")
+        try:
+            return self._enqueue_and_wait(context, stream, feeds)
+        except BaseException:
+            # Copies or the network may still be running on buffers the next call (or close) reuses.
+            self._drain()
+            raise
+
+    def _enqueue_and_wait(
+        self, context: trt.IExecutionContext, stream: cuda.Stream, feeds: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
         start, h2d, compute, d2h = self._events
         for name in self._inputs:
             array = feeds[name]
@@ -296,7 +375,7 @@ class TensorRTBackend(KilnBackend):
         if not context.execute_async_v3(stream.handle):
             raise cuda.CudaError("tensorrt: execute_async_v3 failed (see the TensorRT log)")
         compute.record(stream)
-        shapes = {n: _dims(context.get_tensor_shape(n)) for n in self._outputs}
+        shapes = {spec.name: dims_tuple(context.get_tensor_shape(spec.name)) for spec in self.outputs}
         for name, shape in shapes.items():
             nbytes = int(np.prod(shape, dtype=np.int64)) * self._dtypes[name].itemsize
             cuda.memcpy_dtoh_async(self._host[name], self._device[name], nbytes, stream)
@@ -314,7 +393,20 @@ class TensorRTBackend(KilnBackend):
             for spec in self.outputs
         }
 
+    def _drain(self) -> None:
+        """Wait for everything queued on the stream (enqueueV3: buffers must outlive the work using them)."""
+        if self._stream is not None:
+            try:
+                self._stream.synchronize()
+            except cuda.CudaError as exc:  # a faulted context; nothing more can run on it anyway
+                log.warning("tensorrt: stream synchronize failed while cleaning up: %s", exc)
+
     def _close(self) -> None:
+        with cuda.activate(self._device_index):
+            self._release()
+
+    def _release(self) -> None:
+        self._drain()
         # The context references the device buffers: destroy it (then the engine) before freeing them.
         self._context = None
         self._engine = None

@@ -1,22 +1,26 @@
-"""onnx2engine: clear errors where TensorRT or a GPU is missing (runs everywhere), and on a GPU with
-TensorRT (marked trt/gpu): fp32 / fp16 / int8 engines for lenet5 and kiln-det-s compared with ONNX
+"""onnx2engine: clear errors where TensorRT or a GPU is missing, and the build path per TensorRT major
+version on fakes of TensorRT 10/11 and cuda-python (tests/runtime/fakes; these run everywhere); on a
+GPU with TensorRT (marked trt/gpu): fp32 / fp16 / int8 engines for lenet5 and kiln-det-s compared with ONNX
 Runtime on the same graph, provenance in kiln.json, load() choosing the engine, timing cache reuse."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess
-from kiln.errors import BackendUnavailable, ConfigError
+from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
+from kiln.errors import BackendUnavailable, ConfigError, ExportError
 from kiln.export import onnx2engine as onnx2engine_module
-from kiln.export.onnx2engine import onnx2engine
+from kiln.export.onnx2engine import build_flags, onnx2engine
 from kiln.runtime import cuda, load
-from kiln.runtime.tensorrt import engine_compatible, unavailable_reason
+from kiln.runtime.tensorrt import TensorRTBackend, check_provenance, engine_compatible, unavailable_reason
 
 BATCH = BatchRange(min=1, opt=2, max=4)
 
@@ -40,6 +44,125 @@ def test_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
     with pytest.raises(BackendUnavailable, match=r"pip install 'kiln\[trt\]' on a machine with an NVIDIA GPU|needs an NVIDIA GPU"):
         onnx2engine(tmp_path / "m.onnx", engine, precision="fp32", batch=BATCH, input_name="images")
     assert not engine.exists()
+
+
+# ---- on fakes of TensorRT 10 / 11 and cuda-python ---------------------------------------------
+
+
+def _fakes() -> types.ModuleType:
+    """tests/runtime/fakes, loaded by path (tests are not a package; the runtime conftest loads the same)."""
+    if (done := sys.modules.get("kiln_test_fakes")) is not None:
+        return done
+    root = Path(__file__).parents[1] / "runtime" / "fakes"
+    spec = importlib.util.spec_from_file_location("kiln_test_fakes", root / "__init__.py", submodule_search_locations=[str(root)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+GRAPH_LAYERS = {"fp32": [("CONVOLUTION", "FLOAT")], "fp16": [("CONVOLUTION", "HALF")],
+                "int8": [("QUANTIZE", "INT8"), ("DEQUANTIZE", "FLOAT"), ("CONVOLUTION", "FLOAT")]}
+
+
+def _build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, major: int, precision: str, **kw: Any) -> tuple[Any, dict[str, Any]]:
+    env = _fakes().install(monkeypatch, major=major)
+    graph = _fakes().make_graph(tmp_path / f"m.{precision}.onnx", layers=GRAPH_LAYERS[precision], plugins=kw.pop("plugins", False))
+    prov = onnx2engine(graph, tmp_path / f"m.{precision}.engine", precision=precision, batch=BATCH, input_name="images", **kw)
+    return env, prov
+
+
+def _network_flags(env: Any) -> list[int]:
+    return [c[1] for c in env.trt.calls if c[0] == "create_network"]
+
+
+def _builder_flags(env: Any) -> list[str]:
+    return [c[1] for c in env.trt.calls if c[0] == "set_flag"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tensorrt10_builds_strongly_typed(precision: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env, prov = _build(monkeypatch, tmp_path, 10, precision)
+    # STRONGLY_TYPED is value 1 in TensorRT 10; no precision flag (TensorRT 10 rejects them on such networks).
+    assert _network_flags(env) == [1 << 1] and _builder_flags(env) == []
+    assert prov["strongly_typed"] and prov["tensorrt_version"] == "10.13.0.35" and prov["profile"] == {"min": 1, "opt": 2, "max": 4}
+
+
+@pytest.mark.parametrize(("precision", "flags"), [("fp32", []), ("fp16", ["FP16"]), ("int8", ["INT8"])])
+def test_tensorrt10_weakly_typed_uses_precision_flags(precision: str, flags: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    env, prov = _build(monkeypatch, tmp_path, 10, precision, strongly_typed=False)
+    assert _network_flags(env) == [0] and _builder_flags(env) == flags and prov["strongly_typed"] is False
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tensorrt11_sets_no_typing_or_precision_flag(precision: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env, prov = _build(monkeypatch, tmp_path, 11, precision, version_compat=True)
+    assert not hasattr(env.trt.BuilderFlag, "FP16") and not hasattr(env.trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    assert _network_flags(env) == [0] and _builder_flags(env) == ["VERSION_COMPATIBLE"]
+    assert env.trt.deprecations == [] and prov["strongly_typed"]
+    with pytest.raises(ConfigError, match="TensorRT 11 builds strongly typed networks only"):
+        _build(monkeypatch, tmp_path, 11, precision, strongly_typed=False)
+
+
+def test_build_flags_table() -> None:
+    assert build_flags(10, "fp16") == (["STRONGLY_TYPED"], [])
+    assert build_flags(10, "int8", strongly_typed=False) == ([], ["INT8"])
+    assert build_flags(11, "int8") == ([], [])
+
+
+def test_older_tensorrt_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env = _fakes().install(monkeypatch, major=8)
+    graph = _fakes().make_graph(tmp_path / "m.onnx")
+    with pytest.raises(BackendUnavailable, match=r"^TensorRT 8.6.1.6 is not supported: kiln runs TensorRT 10 and 11$"):
+        onnx2engine(graph, tmp_path / "m.engine", precision="fp32", batch=BATCH, input_name="images")
+    assert env.trt.calls == [] and not (tmp_path / "m.engine").exists()
+
+
+def test_parser_errors_name_the_node(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _fakes().install(monkeypatch)
+    graph = _fakes().make_graph(tmp_path / "m.onnx", errors=[{"node": 3, "name": "conv1", "op": "Conv", "desc": "bad pads"}])
+    with pytest.raises(ExportError, match=r"TensorRT cannot parse .*m.onnx: node 3 'conv1' \(op Conv\): bad pads"):
+        onnx2engine(graph, tmp_path / "m.engine", precision="fp32", batch=BATCH, input_name="images")
+
+
+def test_wrong_graph_for_the_precision(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _fakes().install(monkeypatch)
+    graph = _fakes().make_graph(tmp_path / "m.onnx", layers=GRAPH_LAYERS["fp32"])
+    with pytest.raises(ExportError, match="no Quantize/DequantizeLinear nodes"):
+        onnx2engine(graph, tmp_path / "m.engine", precision="int8", batch=BATCH, input_name="images")
+
+
+def test_plugin_layers_parse_and_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env, prov = _build(monkeypatch, tmp_path, 10, "fp32", plugins=True)
+    assert env.trt.calls[0] == ("init_libnvinfer_plugins", "")
+    env.trt.plugins_registered = False  # a fresh process: the backend must register them itself
+    specs = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])], "outputs": [TensorSpec(name="logits", shape=[10])]}
+    with TensorRTBackend(tmp_path / "m.fp32.engine", **specs) as b:
+        assert b.max_batch == 4
+
+
+def test_timing_cache_is_reused_and_replaced_when_stale(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"from another GPU")
+    _build(monkeypatch, tmp_path, 10, "fp32", timing_cache=cache)
+    assert "does not match this GPU" in caplog.text and cache.read_bytes().startswith(b"fake-cache:10.13.0.35")
+    caplog.clear()
+    _build(monkeypatch, tmp_path, 10, "fp16", timing_cache=cache)
+    assert "does not match" not in caplog.text
+
+
+def test_version_compatible_engine_from_10_runs_on_11(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _, prov = _build(monkeypatch, tmp_path, 10, "fp16", version_compat=True)
+    env = _fakes().install(monkeypatch, major=11)
+    gpu = cuda.device_info(0)
+    assert check_provenance(prov, env.trt.__version__, gpu)[0]
+    specs = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])], "outputs": [TensorSpec(name="logits", shape=[10])]}
+    with TensorRTBackend(tmp_path / "m.fp16.engine", **specs, version_compat=True) as b:
+        x = np.ones((2, 1, 28, 28), np.float32)
+        np.testing.assert_array_equal(b.infer({"images": x})["logits"], np.full((2, 10), 2, np.float32))
 
 
 # ---- with TensorRT and a GPU -------------------------------------------------------------------

@@ -1,16 +1,16 @@
-"""The TensorRT backend's data flow on test doubles, so it runs without a GPU: a fake ``tensorrt``
-module (engine, context, named tensors) and a fake CUDA binding whose "device memory" is numpy.
+"""The TensorRT backend on fakes of TensorRT 10/11, cuda-python and pycuda (tests/runtime/fakes), so it
+runs without a GPU while kiln's real CUDA adapters (``_CudaPython``, ``_PyCuda``) do the work.
 
-This checks kiln's side only: buffer sizing for the profile's max batch, address binding, the
-copy/execute/copy sequence, output shapes per batch, fresh outputs, timings, close(), and load()
-choosing a compatible engine. Real TensorRT is exercised by the `trt`/`gpu` tests in
-tests/export/test_onnx2engine.py.
+The fake GPU runs queued copies and the network only when the stream is synchronized, and records any
+free of memory that queued work still uses; the fake pycuda keeps a context stack per thread.
+Real TensorRT is exercised by the `trt`/`gpu` tests in tests/export/test_onnx2engine.py.
 """
 
 from __future__ import annotations
 
 import threading
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,207 +18,222 @@ import numpy as np
 import pytest
 
 from kiln.bundle import Bundle, TensorSpec
-from kiln.errors import BackendUnavailable, InputError
+from kiln.errors import BackendUnavailable, BundleError, InputError
 from kiln.runtime import BackendClosed, cuda, load
 from kiln.runtime.tensorrt import TensorRTBackend
 
-PLAN = b"FAKE-PLAN"
-PROFILE = ((1, 1, 28, 28), (4, 1, 28, 28), (8, 1, 28, 28))
-
-
-class FakeCuda(cuda._Api):
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.memory: dict[int, np.ndarray] = {}
-        self.pinned = 0
-        self.next = 0x1000
-        self.current: dict[int, int] = {}
-
-    def device_count(self) -> int:
-        return 1
-
-    def device_info(self, index: int) -> cuda.DeviceInfo:
-        return cuda.DeviceInfo(index, "Fake GPU", "8.9", 1 << 30)
-
-    def use_device(self, index: int) -> None:
-        self.current[threading.get_ident()] = index
-
-    def malloc(self, nbytes: int) -> int:
-        self.next += 0x1000 + nbytes
-        self.memory[self.next] = np.zeros(nbytes, np.uint8)
-        return self.next
-
-    def free(self, ptr: int) -> None:
-        del self.memory[ptr]
-
-    def malloc_host(self, nbytes: int) -> tuple[np.ndarray, Any]:
-        self.pinned += 1
-
-        def release() -> None:
-            self.pinned -= 1
-
-        return np.zeros(nbytes, np.uint8), release
-
-    def stream_create(self) -> tuple[Any, int]:
-        return object(), 77
-
-    def stream_sync(self, stream: Any) -> None:
-        return None
-
-    def stream_destroy(self, stream: Any) -> None:
-        return None
-
-    def event_create(self) -> Any:
-        return {"n": 0}
-
-    def event_record(self, event: Any, stream: Any) -> None:
-        self.next += 1
-        event["n"] = self.next
-
-    def event_elapsed(self, start: Any, end: Any) -> float:
-        return float(end["n"] - start["n"])
-
-    def event_destroy(self, event: Any) -> None:
-        return None
-
-    def htod_async(self, dst: int, src: cuda.PinnedBuffer, nbytes: int, stream: Any) -> None:
-        self.memory[dst][:nbytes] = src.array[:nbytes]
-
-    def dtoh_async(self, dst: cuda.PinnedBuffer, src: int, nbytes: int, stream: Any) -> None:
-        dst.array[:nbytes] = self.memory[src][:nbytes]
-
-
-def _fake_tensorrt(gpu: FakeCuda) -> types.ModuleType:
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.13.0.35"  # type: ignore[attr-defined]
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")  # type: ignore[attr-defined]
-    trt.nptype = lambda dt: np.float32  # type: ignore[attr-defined]
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, severity: int) -> None:
-            self.severity = severity
-
-    class Context:
-        def __init__(self) -> None:
-            self.shapes: dict[str, tuple[int, ...]] = {}
-            self.addresses: dict[str, int] = {}
-
-        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-            if not PROFILE[0][0] <= shape[0] <= PROFILE[2][0]:
-                return False
-            self.shapes[name] = tuple(shape)
-            return True
-
-        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-            n = self.shapes["images"][0]
-            return (n, 1, 28, 28) if name == "images" else (n, 10)
-
-        def set_tensor_address(self, name: str, ptr: int) -> bool:
-            self.addresses[name] = ptr
-            return True
-
-        def execute_async_v3(self, stream: int) -> bool:
-            # The "network": logits = 2 * the first 10 pixels of each image.
-            n = self.shapes["images"][0]
-            x = gpu.memory[self.addresses["images"]][: n * 784 * 4].view(np.float32).reshape(n, 784)
-            out = gpu.memory[self.addresses["logits"]]
-            out[: n * 40] = (2 * x[:, :10]).astype(np.float32).reshape(-1).view(np.uint8)
-            return stream == 77
-
-    class Engine:
-        num_io_tensors = 2
-
-        def get_tensor_name(self, i: int) -> str:
-            return ["images", "logits"][i]
-
-        def get_tensor_mode(self, name: str) -> str:
-            return "in" if name == "images" else "out"
-
-        def get_tensor_dtype(self, name: str) -> str:
-            return "FLOAT"
-
-        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-            return (-1, 1, 28, 28) if name == "images" else (-1, 10)
-
-        def get_tensor_profile_shape(self, name: str, profile: int) -> tuple[tuple[int, ...], ...]:
-            return PROFILE
-
-        def create_execution_context(self) -> Context:
-            return Context()
-
-    class Runtime:
-        def __init__(self, logger: Logger) -> None:
-            self.engine_host_code_allowed = False
-
-        def deserialize_cuda_engine(self, data: bytes) -> Engine | None:
-            return Engine() if data == PLAN else None
-
-    trt.Builder = object  # type: ignore[attr-defined]  # what tells the real package from the stubs
-    trt.Logger, trt.Runtime = Logger, Runtime  # type: ignore[attr-defined]
-    return trt
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
-    gpu = FakeCuda()
-    monkeypatch.setattr(cuda, "_api", gpu)
-    monkeypatch.setitem(__import__("sys").modules, "tensorrt", _fake_tensorrt(gpu))
-    return gpu
-
-
+V10, V11 = "10.13.0.35", "11.4.0.106"
 SPECS = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])], "outputs": [TensorSpec(name="logits", shape=[10])]}
+BINDINGS = ["cuda-python", "pycuda"]
 
 
-def test_infer_copies_through_device_buffers(fake_gpu: FakeCuda, tmp_path: Path, images: np.ndarray) -> None:
-    plan = tmp_path / "m.engine"
-    plan.write_bytes(PLAN)
+def _plan(tmp_path: Path, fakes: types.ModuleType, version: str = V10, name: str = "m.engine", **kw: Any) -> Path:
+    path = tmp_path / name
+    path.write_bytes(fakes.make_plan(version, **kw))
+    return path
+
+
+def _clean(env: Any) -> None:
+    """Everything freed, nothing freed early, and (pycuda) no thread left with a context pushed."""
+    assert env.gpu.memory == {} and env.gpu.pinned == {}
+    assert env.gpu.violations == []
+    if env.api.name == "pycuda":
+        assert env.binding.leftover_contexts() == {}
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_infer_copies_through_device_buffers(binding: str, fakes: Any, monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path, images: np.ndarray) -> None:
+    env = fakes.install(monkeypatch, binding=binding)
+    plan = _plan(tmp_path, fakes)
     with TensorRTBackend(plan, **SPECS, precision="fp16") as b:
         assert (b.min_batch, b.max_batch, b.device, b.precision) == (1, 8, "cuda:0", "fp16")
         # One device and one pinned buffer per tensor, sized for the max batch (8).
-        assert sorted(a.nbytes for a in fake_gpu.memory.values()) == [8 * 10 * 4, 8 * 784 * 4]
+        assert sorted(a.nbytes for a in env.gpu.memory.values()) == [8 * 10 * 4, 8 * 784 * 4]
+        assert sorted(a.nbytes for a in env.gpu.pinned.values()) == [8 * 10 * 4, 8 * 784 * 4]
         out = b.infer({"images": images})["logits"]
         np.testing.assert_array_equal(out, 2 * images.reshape(3, -1)[:, :10])
-        assert set(b.last_timings) == {"h2d_ms", "compute_ms", "d2h_ms", "total_ms"}
+        assert b.last_timings["total_ms"] > 0 and set(b.last_timings) == {"h2d_ms", "compute_ms", "d2h_ms", "total_ms"}
         kept = out.copy()
         small = b.infer({"images": images[:1] + 1})["logits"]
-        assert small.shape == (1, 10)
+        np.testing.assert_array_equal(small, 2 * (images[:1] + 1).reshape(1, -1)[:, :10])
         np.testing.assert_array_equal(out, kept)  # the first result was not a view of the pinned buffer
         with pytest.raises(InputError, match=r"images \| received batch 9 \| expected a batch in \[1, 8\]"):
             b.infer({"images": np.zeros((9, 1, 28, 28), np.float32)})
-        # A call from another thread makes the device current there first.
-        t = threading.Thread(target=b.infer, args=({"images": images},))
+        # A worker thread may run it; the device is made current there for each call.
+        results: list[np.ndarray] = []
+        t = threading.Thread(target=lambda: results.append(b.infer({"images": images})["logits"]))
         t.start()
         t.join()
-        assert len(fake_gpu.current) == 2
-    assert fake_gpu.memory == {} and fake_gpu.pinned == 0  # close() freed every buffer
+        np.testing.assert_array_equal(results[0], kept)
+    _clean(env)
     with pytest.raises(BackendClosed):
         b.infer({"images": images})
 
 
-def test_unreadable_plan_and_profile_limits(fake_gpu: FakeCuda, tmp_path: Path) -> None:
+def test_pycuda_leaves_no_context_pushed_on_any_thread(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        images: np.ndarray) -> None:
+    # pycuda aborts at exit when a thread's context stack is not empty: every push must be popped by
+    # the thread that pushed it, including on a worker thread that then ends.
+    env = fakes.install(monkeypatch, binding="pycuda")
+    b = TensorRTBackend(_plan(tmp_path, fakes), **SPECS)
+    assert env.binding.leftover_contexts() == {}
+    worker = threading.Thread(target=b.infer, args=({"images": images},))
+    worker.start()
+    worker.join()
+    assert env.binding.leftover_contexts() == {}
+    b.close()
+    _clean(env)
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_failed_execute_waits_for_queued_copies_before_freeing(binding: str, fakes: Any, monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path, images: np.ndarray) -> None:
+    env = fakes.install(monkeypatch, binding=binding)
+    b = TensorRTBackend(_plan(tmp_path, fakes), **SPECS)
+    env.trt.execute_result = False  # host->device copies are queued, then execute_async_v3 fails
+    with pytest.raises(cuda.CudaError, match="execute_async_v3 failed"):
+        b.infer({"images": images})
+    assert env.gpu.pending() == 0  # drained before the pinned input buffer can be reused
+    env.trt.execute_result = True
+    assert b.infer({"images": images})["logits"].shape == (3, 10)
+    b.close()
+    _clean(env)
+
+
+def test_close_synchronizes_before_freeing(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env = fakes.install(monkeypatch)
+    b = TensorRTBackend(_plan(tmp_path, fakes), **SPECS)
+    ran: list[bool] = []
+    # Work still queued on the backend's stream when close() is called.
+    env.gpu.enqueue(b._stream.handle, "execute", lambda: ran.append(True), uses=tuple(env.gpu.memory))
+    b.close()
+    assert ran == [True]
+    _clean(env)
+
+
+def test_stream_handle_without_deprecated_int(fakes: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = fakes.install(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # int(cuda_obj) is deprecated in cuda-bindings
+        with cuda.activate(0):
+            stream = cuda.Stream()
+    assert stream.handle in env.gpu.streams
+    # Bindings without cuda.bindings.utils (before 12.9): int() is their API.
+    env = fakes.install(monkeypatch, native_handle=False)
+    with pytest.warns(DeprecationWarning), cuda.activate(0):
+        assert cuda.Stream().handle in env.gpu.streams
+
+
+def test_types_numpy_lacks(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, images: np.ndarray) -> None:
+    env = fakes.install(monkeypatch)
+    with pytest.raises(TypeError):
+        env.trt.nptype(env.trt.bfloat16)  # what the real binding does
+    bf16 = _plan(tmp_path, fakes, tensors=[("images", "INPUT", (-1, 1, 28, 28), "FLOAT"), ("logits", "OUTPUT", (-1, 10), "BF16")])
+    with pytest.raises(BackendUnavailable, match="tensor logits is BF16, which numpy cannot hold"):
+        TensorRTBackend(bf16, **SPECS)
+    _clean(env)
+    # An output kiln.json does not list needs only device memory, sized from DataType.itemsize (0.5 for FP4).
+    aux = _plan(tmp_path, fakes, name="aux.engine", tensors=[
+        ("images", "INPUT", (-1, 1, 28, 28), "FLOAT"), ("logits", "OUTPUT", (-1, 10), "HALF"), ("aux", "OUTPUT", (-1, 7), "FP4")])
+    with TensorRTBackend(aux, **SPECS) as b:
+        assert sorted(a.nbytes for a in env.gpu.memory.values()) == [28, 8 * 10 * 2, 8 * 784 * 4]
+        out = b.infer({"images": images})["logits"]
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, 2 * images.reshape(3, -1)[:, :10], rtol=1e-3)
+    _clean(env)
+
+
+def test_bf16_engine_falls_back(fakes: Any, monkeypatch: pytest.MonkeyPatch, lenet_bundle: Path) -> None:
+    fakes.install(monkeypatch)
+    _plan(lenet_bundle, fakes, name="model.fp32.engine",
+          tensors=[("images", "INPUT", (-1, 1, 28, 28), "BF16"), ("logits", "OUTPUT", (-1, 10), "FLOAT")])
+    _record(lenet_bundle, "model.fp32.engine", "fp32", V10)
+    with load(lenet_bundle) as backend:
+        assert backend.name == "onnxrt"
+        assert "tensor images is BF16" in backend.fallback_log[0]
+
+
+def _record(root: Path, file: str, precision: str, version: str, **extra: Any) -> None:
+    b = Bundle.load(root)
+    b.add_artifact(file, "tensorrt", precision, tensorrt_version=version, gpu_name="Fake GPU", compute_capability="8.9", **extra)
+    b.save()
+
+
+def test_version_compatible_10_engine_runs_on_11(fakes: Any, monkeypatch: pytest.MonkeyPatch, lenet_bundle: Path,
+                                                 images: np.ndarray) -> None:
+    fakes.install(monkeypatch, major=11)
+    _plan(lenet_bundle, fakes, name="model.fp16.engine", version_compatible=True)
+    _plan(lenet_bundle, fakes, name="model.fp32.engine")
+    _record(lenet_bundle, "model.fp16.engine", "fp16", V10, version_compat=True)
+    _record(lenet_bundle, "model.fp32.engine", "fp32", V10)
+    with load(lenet_bundle, "tensorrt") as backend:
+        assert backend.artifact == "model.fp16.engine"
+        assert backend.infer({"images": images})["logits"].shape == (3, 10)
+    with pytest.raises(BackendUnavailable, match=f"engine built with TensorRT {V10}, this is TensorRT {V11}"):
+        load(lenet_bundle, "tensorrt", precision="fp32")
+
+
+def test_plugins_are_registered_before_deserializing(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env = fakes.install(monkeypatch)
+    with TensorRTBackend(_plan(tmp_path, fakes, plugins=True), **SPECS):
+        pass
+    assert [c for c in env.trt.calls if c[0] in ("init_libnvinfer_plugins", "deserialize")] == [
+        ("init_libnvinfer_plugins", ""), ("deserialize", True)]
+
+
+def test_tampered_engine_is_refused(fakes: Any, monkeypatch: pytest.MonkeyPatch, lenet_bundle: Path) -> None:
+    fakes.install(monkeypatch)
+    engine = _plan(lenet_bundle, fakes, name="model.fp32.engine")
+    _record(lenet_bundle, "model.fp32.engine", "fp32", V10)
+    engine.write_bytes(engine.read_bytes().replace(b'"profile": [1, 4, 8]', b'"profile": [1, 4, 9]'))
+    for backend in ("tensorrt", "auto"):  # a modified artifact is an error, never silently skipped
+        with pytest.raises(BundleError, match="model.fp32.engine does not match its sha256"):
+            load(lenet_bundle, backend)
+
+
+def test_unsupported_major_is_refused(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env = fakes.install(monkeypatch)
+    monkeypatch.setattr(env.trt, "__version__", "8.6.1.6")
+    with pytest.raises(BackendUnavailable, match=r"^tensorrt: TensorRT 8.6.1.6 is not supported: kiln runs TensorRT 10 and 11$"):
+        TensorRTBackend(_plan(tmp_path, fakes), **SPECS)
+
+
+@pytest.mark.parametrize(("driver", "reason"), [
+    (12020, "CUDA driver/bindings mismatch (cudaErrorInsufficientDriver): cuda-python 13.x uses CUDA 13.0, the driver supports CUDA 12.2"),
+    (0, "no NVIDIA driver is loaded (cudaErrorInsufficientDriver)"),
+])
+def test_insufficient_driver_is_not_no_devices(driver: int, reason: str, fakes: Any, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    fakes.install(monkeypatch, runtime=13000, driver=driver)
+    assert cuda.device_count() == 0
+    assert reason in (cuda.no_gpu_reason() or "")
+    with pytest.raises(BackendUnavailable, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        TensorRTBackend(_plan(tmp_path, fakes), **SPECS)
+
+
+def test_unreadable_plan_and_profile_limits(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env = fakes.install(monkeypatch)
     bad = tmp_path / "bad.engine"
     bad.write_bytes(b"garbage")
     with pytest.raises(BackendUnavailable, match="cannot deserialize"):
         TensorRTBackend(bad, **SPECS)
-    plan = tmp_path / "m.engine"
-    plan.write_bytes(PLAN)
+    plan = _plan(tmp_path, fakes)
     with pytest.raises(BackendUnavailable, match=r"allows batches 1..8, max_batch 16"):
         TensorRTBackend(plan, **SPECS, max_batch=16)
     with TensorRTBackend(plan, **SPECS, max_batch=4) as b:
         assert b.max_batch == 4
-    assert fake_gpu.memory == {}
+    _clean(env)
 
 
-def test_load_prefers_a_compatible_engine(fake_gpu: FakeCuda, lenet_bundle: Path, images: np.ndarray) -> None:
-    (lenet_bundle / "model.fp16.engine").write_bytes(PLAN)
-    (lenet_bundle / "model.fp32.engine").write_bytes(PLAN)
+def test_load_prefers_a_compatible_engine(fakes: Any, monkeypatch: pytest.MonkeyPatch, lenet_bundle: Path,
+                                          images: np.ndarray) -> None:
+    fakes.install(monkeypatch)
+    _plan(lenet_bundle, fakes, name="model.fp16.engine")
+    _plan(lenet_bundle, fakes, name="model.fp32.engine")
+    _record(lenet_bundle, "model.fp32.engine", "fp32", V10)
     b = Bundle.load(lenet_bundle)
-    prov = {"tensorrt_version": "10.13.0.35", "gpu_name": "Fake GPU", "compute_capability": "8.9"}
-    b.add_artifact("model.fp32.engine", "tensorrt", "fp32", **prov)
-    b.add_artifact("model.fp16.engine", "tensorrt", "fp16", **{**prov, "compute_capability": "7.5"})
+    b.add_artifact("model.fp16.engine", "tensorrt", "fp16", tensorrt_version=V10, gpu_name="Fake GPU", compute_capability="7.5")
     b.save()
     with load(lenet_bundle) as backend:
         # fp16 comes first but was built for another GPU; the fp32 engine fits.

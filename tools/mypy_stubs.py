@@ -7,7 +7,7 @@ named ``in``, a required parameter after defaulted ones, ``-> ...`` return types
 those fixed, marked ``# mypy: ignore-errors`` (their remaining internal errors are not kiln's), for
 ``MYPYPATH=OUT_DIR mypy ...``.
 
-    python -m kiln.runtime._mypy_stubs .kiln-cache/mypy-stubs
+    python tools/mypy_stubs.py .kiln-cache/mypy-stubs
 """
 
 from __future__ import annotations
