@@ -8,34 +8,44 @@ DEMO ?= demo
 PORT ?= 8765
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow test-gpu demo lint clean
+.PHONY: venv dev test test-slow test-gpu demo lint clean
 
 venv: $(VENV)/.installed
 
 # torch/torchvision first, pinned: pip takes them from this machine's disk (a CUDA build that runs on CPU).
-# tensorrt-stubs (type checking only) is installed without its dependency on the real TensorRT wheels.
+# PYTHONWARNINGS silences setuptools' editable-install banner, which is not about anything the user did.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -U pip
 	$(PIP) install torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -e ".[train,export,serve,dev]"
+	PYTHONWARNINGS=ignore $(PIP) install -e ".[train,export,serve]"
+	rm -f $(VENV)/.dev-installed
+	touch $@
+
+# The test and lint tools, on top of the demo's venv.
+# tensorrt-stubs (type checking only) is installed without its dependency on the real TensorRT wheels.
+dev: $(VENV)/.dev-installed
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	PYTHONWARNINGS=ignore $(PIP) install -e ".[train,export,serve,dev]"
 	$(PIP) install --no-deps tensorrt-stubs
 	touch $@
 
-test: venv
+test: dev
 	$(BIN)/pytest -m "not slow and not gpu and not trt" -q $(PYTEST_ARGS)
 
-test-slow: venv
+test-slow: dev
 	$(BIN)/pytest -m "slow" -q $(PYTEST_ARGS)
 
 # On a machine with an NVIDIA GPU (and TensorRT for the trt marker).
-test-gpu: venv
+test-gpu: dev
 	$(BIN)/pytest -m "gpu or trt" -q $(PYTEST_ARGS)
 
-# tensorrt-stubs ships no py.typed and stubs mypy cannot parse: _mypy_stubs writes a fixed copy first.
-lint: venv
+# tensorrt-stubs ships no py.typed and stubs mypy cannot parse: tools/mypy_stubs.py writes a fixed copy first.
+lint: dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m kiln.runtime._mypy_stubs .kiln-cache/mypy-stubs
+	$(BIN)/pytest -q -p no:cacheprovider tests/core/test_layers.py
+	$(BIN)/python tools/mypy_stubs.py .kiln-cache/mypy-stubs
 	MYPYPATH=.kiln-cache/mypy-stubs $(BIN)/mypy kiln train export serve calib
 
 # Train lenet5 on the bundled digits, evaluate, export fp32/fp16/int8 ONNX, serve it, send one request, benchmark.

@@ -17,18 +17,10 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from kiln.bundle import Bundle
 from kiln.errors import ExportError, KilnError
+from kiln.evaluate import bundle_split
 from kiln.processing import preprocess
 
 log = logging.getLogger(__name__)
-
-
-def open_split(bundle: Bundle, split: str) -> Any:
-    """The bundle's dataset split (``train`` or ``val``), opened exactly as training split it."""
-    from kiln.train.evaluate import bundle_split
-
-    if split not in ("train", "val"):
-        raise ExportError(f"unknown split '{split}' (use train or val)")
-    return bundle_split(bundle, split)
 
 
 class CalibrationReader(CalibrationDataReader):
@@ -55,7 +47,7 @@ class CalibrationReader(CalibrationDataReader):
         """``count`` train-split images drawn with ``seed``; unreadable images are an error, not skipped."""
         if count < 1:
             raise ExportError(f"--calib-images must be >= 1, got {count}")
-        train = open_split(bundle, "train")
+        train = bundle_split(bundle, "train")
         n = len(train)
         if n == 0:
             raise ExportError(f"calibration: the train split of {bundle.manifest.training.get('data')} has no images")

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import ConfigError, ExportError, unknown_choice
-from kiln.fsutil import atomic_write_json, sha256_file
+from kiln.fsutil import atomic_path, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,6 @@ def prepare(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str])
         quant_pre_process(str(fp32_path), str(out_path))
     except Exception as exc:  # symbolic shape inference can fail on exotic graphs; it is only an aid
         log.warning("quant_pre_process failed (%s); quantizing the graph as exported", exc)
-        import shutil
-
         shutil.copyfile(fp32_path, out_path)
 
 
@@ -354,9 +353,5 @@ def calibrate(
 
 def _move(src: Path, dest: Path) -> None:
     """Copy into place atomically (the temp folder may be on another filesystem)."""
-    import shutil
-
-    from kiln.fsutil import atomic_path
-
     with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)

@@ -11,7 +11,10 @@ from kiln.bundle import Bundle
 from kiln.calib.data import CalibrationReader
 from kiln.calib.quantize import CalibSettings, calibrate
 from kiln.errors import ExportError
+from kiln.evaluate import evaluate
 from kiln.fsutil import atomic_write_json, atomic_write_text
+from kiln.metrics import headline
+from kiln.runtime.ortfile import OrtFileBackend, latency_ms
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,6 @@ def calibrate_bundle(
     in place). When the budget cannot be met it writes ``<stem>.calib.failed.json`` / ``.txt`` — never
     over the report of an int8 model already there — and raises :class:`ExportError` without writing
     ``out_path``."""
-    from kiln.export.metrics import evaluate, headline
-    from kiln.export.ortfile import OrtFileBackend
-
     out = Path(out_path)
     if reader is None:
         reader = CalibrationReader.from_bundle(bundle, settings.images, settings.seed, settings.batch_size)
@@ -90,8 +90,6 @@ def report_paths(out: Path, *, failed: bool = False) -> tuple[Path, Path]:
 
 def measure_latency(bundle: Bundle, fp32: Path, int8: Path, reader: CalibrationReader) -> dict[str, dict[str, float]]:
     """Median ONNX Runtime CPU latency (ms) of both graphs at batch 1 and 8, on calibration images."""
-    from kiln.export.ortfile import OrtFileBackend, latency_ms
-
     out: dict[str, dict[str, float]] = {}
     example = reader.images[:8]
     for name, path in (("fp32", fp32), ("int8", int8)):

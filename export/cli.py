@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.bundle import BatchRange
+from kiln.calib.quantize import CalibSettings
 from kiln.cli import (
     HelpFormatter,
     choice,
@@ -108,7 +109,8 @@ def register(sub: Any) -> None:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from kiln.calib.quantize import CalibSettings
+    # The pipeline loads onnxruntime (calibration subclasses its data reader): only a command that
+    # exports pays for it, not `kiln --help` or the other commands.
     from kiln.export.pipeline import ExportOptions
 
     return ExportOptions(

@@ -15,8 +15,18 @@ from typing import Any
 
 from kiln.bundle import BatchRange, Bundle
 from kiln.calib.quantize import CalibSettings
-from kiln.errors import BackendUnavailable, BundleError, ExportError
+from kiln.calib.run import calibrate_bundle, report_paths, write_reports
+from kiln.compare import compare
+from kiln.errors import BackendUnavailable, BundleError, ExportError, unknown_choice
+from kiln.evaluate import evaluate
+from kiln.export.onnx2fp16 import onnx2fp16
+from kiln.export.torch2onnx import torch2onnx
+from kiln.export.triton import TritonOptions, write_triton_repo
+from kiln.export.verify import backend_outputs, verification_images, verify_fp32
 from kiln.fsutil import atomic_path, sha256_file
+from kiln.metrics import headline
+from kiln.runtime import open_artifact
+from kiln.runtime.ortfile import OrtFileBackend
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +57,6 @@ class ExportOptions:
     def __post_init__(self) -> None:
         for p in self.precisions:
             if p not in PRECISIONS:
-                from kiln.errors import unknown_choice
-
                 raise unknown_choice("precision", p, PRECISIONS, flag="--precision")
         if self.triton_precision and self.triton_precision not in self.precisions:
             raise ExportError(f"--triton-precision {self.triton_precision} is not among --precision {','.join(self.precisions)}")
@@ -69,17 +77,11 @@ def _record(bundle: Bundle, file: str, fmt: str, precision: str, **extra: Any) -
 
 
 def _evaluate_file(bundle: Bundle, path: Path, precision: str) -> dict[str, float]:
-    from kiln.export.metrics import evaluate
-    from kiln.export.ortfile import OrtFileBackend
-
     with OrtFileBackend(path, bundle.manifest, precision=precision) as backend:
         return evaluate(bundle, backend, "val")
 
 
 def export_fp32(bundle: Bundle, opts: ExportOptions) -> dict[str, Any]:
-    from kiln.export.torch2onnx import torch2onnx
-    from kiln.export.verify import verify_fp32
-
     file = ONNX_FILES["fp32"]
     source = sha256_file(bundle.path("model.pt"))
     with atomic_path(bundle.path(file)) as tmp:
@@ -91,8 +93,6 @@ def export_fp32(bundle: Bundle, opts: ExportOptions) -> dict[str, Any]:
 
 
 def export_fp16(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str, Any]:
-    from kiln.export.onnx2fp16 import onnx2fp16
-
     file = ONNX_FILES["fp16"]
     with atomic_path(bundle.path(file)) as tmp:
         info = onnx2fp16(bundle.path(fp32_file), tmp)
@@ -109,9 +109,6 @@ def export_fp16(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str
 
 def compare_with_fp32(bundle: Bundle, fp32: Path, candidate: Path, precision: str, count: int) -> dict[str, Any]:
     """Outputs of a reduced-precision graph against the fp32 graph on the verification images."""
-    from kiln.export.ortfile import OrtFileBackend
-    from kiln.export.verify import backend_outputs, compare, verification_images
-
     x, boxes = verification_images(bundle, count)
     with OrtFileBackend(fp32, bundle.manifest) as ref, OrtFileBackend(candidate, bundle.manifest, precision=precision) as cand:
         report = compare(bundle.manifest, backend_outputs(ref, x), backend_outputs(cand, x), boxes)
@@ -120,9 +117,6 @@ def compare_with_fp32(bundle: Bundle, fp32: Path, candidate: Path, precision: st
 
 
 def export_int8(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str, Any]:
-    from kiln.calib.run import calibrate_bundle, report_paths, write_reports
-    from kiln.export.metrics import headline
-
     file = ONNX_FILES["int8"]
     fp32_art = bundle.manifest.artifacts[fp32_file]
     baseline = headline(bundle, fp32_art.metrics)[1] if fp32_art.metrics and opts.calib.eval_limit is None else None
@@ -145,7 +139,7 @@ def export_int8(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str
 
 def build_engines(bundle: Bundle, opts: ExportOptions, onnx_files: dict[str, str]) -> tuple[list[dict[str, Any]], list[str]]:
     """Build one engine per exported precision; returns (artifacts, errors) so ONNX results stand."""
-    try:
+    try:  # TensorRT is an optional extra: without it the ONNX artifacts still stand
         from kiln.export.onnx2engine import onnx2engine
     except ModuleNotFoundError as exc:
         if exc.name not in ("kiln.export.onnx2engine", "tensorrt"):
@@ -182,9 +176,6 @@ def build_engines(bundle: Bundle, opts: ExportOptions, onnx_files: dict[str, str
 
 def _engine_metrics(bundle: Bundle, file: str) -> dict[str, float]:
     try:
-        from kiln.export.metrics import evaluate
-        from kiln.runtime import open_artifact  # type: ignore[attr-defined]
-
         with open_artifact(bundle, bundle.manifest.artifacts[file]) as backend:
             return evaluate(bundle, backend, "val")
     except (ImportError, BackendUnavailable) as exc:
@@ -228,8 +219,6 @@ def export_bundle(path: str | os.PathLike[str], opts: ExportOptions) -> dict[str
         engines = {a["precision"]: a["file"] for a in built}
     triton = None
     if opts.triton_repo:
-        from kiln.export.triton import TritonOptions, write_triton_repo
-
         precision = opts.triton_precision or opts.precisions[0]
         triton = str(write_triton_repo(bundle, opts.triton_repo, onnx_file=onnx_files[precision],
                                        engine_file=engines.get(precision), batch=opts.batch,

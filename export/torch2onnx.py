@@ -37,7 +37,7 @@ def torch2onnx(
     import onnx
     import torch
 
-    from kiln.train.models import load_model
+    from kiln.models import load_model  # imports torch
 
     model = load_model(bundle)
     man = bundle.manifest

@@ -1,14 +1,17 @@
-"""``kiln train``, ``kiln eval`` and ``kiln data``. Heavy imports happen inside the commands."""
+"""``kiln train``, ``kiln eval`` and ``kiln data``. The training loop (torch) is imported inside ``kiln train``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import re
 import sys
 from dataclasses import fields
 from typing import Any
 
+from kiln import runtime
+from kiln.bundle import BatchRange, Bundle
 from kiln.cli import (
     HelpFormatter,
     choice,
@@ -18,6 +21,13 @@ from kiln.cli import (
     positive_float,
     positive_int,
 )
+from kiln.compare import artifact_table, format_table
+from kiln.data import DataSpec
+from kiln.data.detect import write_shapes_coco
+from kiln.errors import ConfigError
+from kiln.evaluate import bundle_split, json_safe, run_split, split_metrics
+from kiln.train.config import AMP_MODES, DEVICES, MODEL_NAMES, OPTIMIZERS, SCHEDULES, TASKS, TrainConfig
+from kiln.train.reports import write_classify_reports, write_detect_reports
 
 log = logging.getLogger("kiln.train")
 
@@ -25,8 +35,6 @@ DATASETS = ("digits", "mnist:DIR", "cifar10:DIR", "folder:DIR", "shapes", "coco:
 
 
 def _data_spec(text: str) -> str:
-    from kiln.train.data import DataSpec
-
     try:
         DataSpec.parse(text)
     except Exception as exc:
@@ -35,8 +43,6 @@ def _data_spec(text: str) -> str:
 
 
 def batch_range(text: str) -> str:
-    from kiln.bundle import BatchRange
-
     try:
         return str(BatchRange.parse(text))
     except ValueError as exc:
@@ -44,14 +50,10 @@ def batch_range(text: str) -> str:
 
 
 def _defaults() -> dict[str, Any]:
-    from kiln.train.config import TrainConfig
-
     return {f.name: f.default for f in fields(TrainConfig) if f.name != "extra"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from kiln.train.config import AMP_MODES, DEVICES, MODEL_NAMES, OPTIMIZERS, SCHEDULES, TASKS
-
     d = _defaults()
     s = argparse.SUPPRESS  # only flags the user gave override a resumed run's saved config
     p = sub.add_parser(
@@ -136,7 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from kiln.train.config import TrainConfig
+    # the training loop imports torch: `kiln --help` and the other commands do not need it
     from kiln.train.loop import TrainingInterrupted, train
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
@@ -159,16 +161,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _usage(msg: str) -> Exception:
-    from kiln.errors import ConfigError
-
     return ConfigError(msg)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from kiln import runtime
-    from kiln.bundle import Bundle
-    from kiln.train.evaluate import bundle_split, json_safe, run_split, split_metrics, write_classify_reports
-
     bundle = Bundle.load(args.bundle)
     m = bundle.manifest
     ds = bundle_split(bundle, "val", args.data)
@@ -183,8 +179,6 @@ def run_eval(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = split_metrics(bundle, res, ds)
     if m.task == "detect":
-        from kiln.train.detect.evaluate import write_detect_reports
-
         files = write_detect_reports(bundle, res, ds, metrics, out_dir)
         headline = f"mAP@[.5:.95] {metrics['map']:.4f}  mAP@.5 {metrics['map50']:.4f}"
     else:
@@ -202,8 +196,6 @@ def run_eval(args: argparse.Namespace) -> int:
         print("  lowest per-class accuracy: " + ", ".join(f"{c} {a:.1f}%" for c, a in worst), file=sys.stderr)
     table = None
     if not args.no_table and any(a.format != "torch" for a in m.artifacts.values()):
-        from kiln.export.compare import artifact_table, format_table
-
         table = artifact_table(bundle, limit=args.limit)
         print(format_table(table, m.task), file=sys.stderr)
     if args.json:
@@ -212,15 +204,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _slug(data: str, limit: int | None) -> str:
-    import re
-
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", data).strip("_") or "data"
     return f"{name}-first{limit}" if limit else name
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from kiln.train.detect.data import write_shapes_coco
-
     path = write_shapes_coco(args.out, count=args.count, seed=args.seed)
     print(f"wrote {path}", file=sys.stderr)
     return 0

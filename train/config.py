@@ -6,9 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.bundle import BatchRange
 from kiln.errors import ConfigError, unknown_choice
 
-# The names in kiln.train.models.MODELS, here so `kiln --help` does not import torch (a test keeps them equal).
+# The names in kiln.models.MODELS, here so `kiln --help` does not import torch (a test keeps them equal).
 MODEL_NAMES = ("lenet5", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "kiln-det-s", "kiln-det-m")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
@@ -71,8 +72,6 @@ class TrainConfig:
             ("--image-size", self.image_size is None or self.image_size >= 8, self.image_size),
             ("--workers", self.workers is None or self.workers >= 0, self.workers),
         ]
-        from kiln.bundle import BatchRange
-
         try:
             BatchRange.parse(self.batch_range)
         except ValueError as exc:

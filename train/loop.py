@@ -31,12 +31,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from kiln import __version__
 from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess
+from kiln.data import DataSpec, open_dataset
 from kiln.errors import ConfigError, KilnError
 from kiln.fsutil import atomic_path, atomic_write_json, atomic_write_text
+from kiln.models import build_model, load_weights, model_entry, read_state_dict
 from kiln.train import checkpoint
 from kiln.train.config import TrainConfig
-from kiln.train.data import DataSpec, open_dataset
-from kiln.train.models import build_model, load_weights, model_entry, read_state_dict
 from kiln.train.tasks import Task, default_workers, make_task
 
 log = logging.getLogger("kiln.train")

@@ -8,7 +8,6 @@ validation metric (higher is better) that picks best.pt.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -17,9 +16,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kiln.bundle import Preprocess, TensorSpec
+from kiln.data import ImageDataset
+from kiln.metrics import classification_metrics
 from kiln.processing import to_unit
 from kiln.train.config import TrainConfig
-from kiln.train.data import ImageDataset
+from kiln.train.detect.task import DetectTask
+from kiln.train.stats import channel_stats, sample_indices
 
 
 class Task(Protocol):
@@ -47,19 +49,6 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         """Validation metrics (including ``loss`` and ``self.primary``) of ``model`` over ``loader``."""
         ...
-
-
-def channel_stats(unit_images: Sequence[np.ndarray]) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of ``[C, H, W]`` images in [0, 1]: zero-centred inputs make INT8 work."""
-    stack = np.stack(list(unit_images)).astype(np.float64)
-    axes = (0, 2, 3)
-    mean = stack.mean(axis=axes)
-    std = np.maximum(stack.std(axis=axes), 1e-3)
-    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
-
-
-def sample_indices(n: int, k: int, seed: int) -> list[int]:
-    return sorted(np.random.default_rng(seed).permutation(n)[: min(n, k)].tolist())
 
 
 class ClassifyDataset(Dataset):
@@ -156,30 +145,9 @@ class ClassifyTask:
         return {"loss": loss, "top1": metrics["top1"], "top5": metrics["top5"]}
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """top-1 / top-5 accuracy (percent), per-class accuracy and the confusion matrix ``[true, pred]``."""
-    labels = labels.astype(np.int64)
-    pred = logits.argmax(1)
-    k = min(5, logits.shape[1])
-    topk = np.argsort(-logits, axis=1)[:, :k]
-    n = max(1, len(labels))
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-    return {
-        "top1": 100.0 * float((pred == labels).sum()) / n,
-        "top5": 100.0 * float((topk == labels[:, None]).any(1).sum()) / n,
-        "per_class": [100.0 * float(v) for v in per_class],
-        "confusion": confusion,
-        "count": int(len(labels)),
-    }
-
-
 def make_task(name: str, num_classes: int) -> Task:
     if name == "classify":
         return ClassifyTask(num_classes)
-    from kiln.train.detect.task import DetectTask
-
     return DetectTask(num_classes)
 
 

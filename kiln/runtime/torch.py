@@ -67,9 +67,10 @@ class TorchBackend(KilnBackend):
         want = parse_device(device)
         if (why := unavailable_reason(want, precision)) is not None:
             raise BackendUnavailable(f"torch: {why}")
+        # the registry imports torch, which serving images may lack: only here, with torch itself
         import torch
 
-        from kiln.train.models import load_model
+        from kiln.models import load_model
 
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:

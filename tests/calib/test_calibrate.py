@@ -72,9 +72,9 @@ def test_fake_evaluator_forces_sensitivity_search(fp32_bundle: Path, tmp_path: P
 
 def test_budget_that_cannot_be_met_writes_report_not_model(fp32_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = Bundle.load(fp32_bundle)
-    import kiln.export.metrics as metrics
+    import kiln.calib.run as run
 
-    monkeypatch.setattr(metrics, "evaluate", lambda b, backend, split="val", limit=None: {"top1": 50.0, "top5": 60.0})
+    monkeypatch.setattr(run, "evaluate", lambda b, backend, split="val", limit=None: {"top1": 50.0, "top5": 60.0})
     good_report = fp32_bundle / "model.int8.calib.json"  # the report of an int8 model exported earlier
     good_report.write_text('{"within_budget": true}')
     with pytest.raises(ExportError, match="cannot meet --max-accuracy-drop"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.bundle import Bundle
-from kiln.export.compare import artifact_table, format_table
+from kiln.compare import artifact_table, format_table
 
 
 def test_table_covers_every_artifact(exported: Path) -> None:

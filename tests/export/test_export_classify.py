@@ -102,7 +102,7 @@ def test_unsupported_operator_names_node_and_op(bundle_copy: Path, monkeypatch: 
     from kiln.bundle import BatchRange
     from kiln.export.torch2onnx import torch2onnx
 
-    monkeypatch.setattr("kiln.train.models.load_model", lambda bundle: Odd().eval())
+    monkeypatch.setattr("kiln.models.load_model", lambda bundle: Odd().eval())
     with pytest.raises(ExportError) as info:
         torch2onnx(Bundle.load(bundle_copy), bundle_copy / "x.onnx", batch=BatchRange())
     msg = str(info.value)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("kiln.train.detect.model")
+pytest.importorskip("kiln.models.detector")
 from kiln import processing  # noqa: E402
 
 if not hasattr(processing, "detect_postprocess"):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kiln.data import DataSpec, open_dataset
+from kiln.data.classify import read_idx
 from kiln.errors import ConfigError, DatasetError
-from kiln.train.data import DataSpec, open_dataset, read_idx
 
 
 def test_digits_split_is_fixed_and_stratified():

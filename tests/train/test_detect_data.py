@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kiln.errors import DatasetError
-from kiln.train.data import open_dataset
-from kiln.train.detect.data import (
+from kiln.data import open_dataset
+from kiln.data.detect import (
     SHAPES_CLASSES,
     SHAPES_SIZE,
     make_shapes,
@@ -21,6 +20,7 @@ from kiln.train.detect.data import (
     sanitize_boxes,
     write_shapes_yolo,
 )
+from kiln.errors import DatasetError
 
 
 def test_shapes_are_deterministic_and_exact() -> None:

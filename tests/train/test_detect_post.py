@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kiln.bundle import DetectPost
+from kiln.metrics import coco_map
 from kiln.processing import Letterbox, detect_postprocess, nms
-from kiln.train.detect.metrics import coco_map
 from kiln.train.detect.post import detect_postprocess_torch
 
 CLASSES = ["a", "b", "c"]

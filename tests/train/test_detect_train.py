@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from kiln.bundle import Bundle
+from kiln.data.detect import write_shapes_coco
+from kiln.models import load_model
+from kiln.models.detector import build_detector
 from kiln.train import checkpoint
 from kiln.train.config import TrainConfig
-from kiln.train.detect.data import write_shapes_coco
-from kiln.train.detect.model import build_detector
 from kiln.train.detect.task import DetectTask
 from kiln.train.loop import Trainer, TrainingInterrupted, train
-from kiln.train.models import load_model
 
 
 @pytest.fixture(scope="module")

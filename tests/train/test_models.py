@@ -3,7 +3,7 @@ import torch
 
 from kiln.bundle import Architecture
 from kiln.errors import CheckpointError, ConfigError
-from kiln.train.models import MODELS, build_model, load_weights, read_state_dict
+from kiln.models import MODELS, build_model, load_weights, read_state_dict
 
 
 @pytest.mark.parametrize("name", [n for n, e in MODELS.items() if e.task == "classify"])

@@ -16,15 +16,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kiln.bundle import DetectPost, Preprocess, TensorSpec
+from kiln.data import ImageDataset
 from kiln.errors import ConfigError
+from kiln.metrics import EVAL_MAX_DETECTIONS, EVAL_SCORE_THRESHOLD, coco_map
+from kiln.models.detector import Detector
 from kiln.processing import Letterbox, to_unit
 from kiln.train.config import TrainConfig
-from kiln.train.data import ImageDataset
 from kiln.train.detect.loss import Grid, fcos_loss
-from kiln.train.detect.metrics import EVAL_MAX_DETECTIONS, EVAL_SCORE_THRESHOLD, coco_map
-from kiln.train.detect.model import Detector
 from kiln.train.detect.post import detect_postprocess_torch
-from kiln.train.tasks import channel_stats, sample_indices
+from kiln.train.stats import channel_stats, sample_indices
 
 
 def _to_input(target: dict[str, np.ndarray], lb: Letterbox) -> np.ndarray:

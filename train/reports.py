@@ -1,10 +1,8 @@
-"""Detection metrics and reports for ``kiln eval`` and :func:`kiln.train.evaluate.evaluate_backend`.
+"""The files ``kiln eval`` writes beside the numbers: confusion matrix and per-class accuracy for
+classification; COCO predictions, per-class AP and a grid of predicted boxes for detection.
 
-Works from any backend's raw outputs (``boxes [N, A, 4]``, ``scores [N, A, C]``), post-processed by
-:func:`kiln.processing.detect_postprocess`, the same numpy code serving runs, and scored by pycocotools.
-mAP uses a low score threshold (:data:`~kiln.train.detect.metrics.EVAL_SCORE_THRESHOLD`, as COCO
-evaluation does) and the bundle's NMS IoU threshold; the PNG grid shows what serving would return
-(the bundle's own score threshold).
+The metrics themselves come from :mod:`kiln.evaluate`, shared with export and calibration; the PNG grid
+shows what serving would return (the bundle's own score threshold).
 """
 
 from __future__ import annotations
@@ -17,41 +15,62 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from kiln.bundle import Bundle, DetectPost
+from kiln.bundle import Bundle
+from kiln.data import ImageDataset
+from kiln.evaluate import SplitOutputs, detections, eval_post
 from kiln.fsutil import atomic_path, atomic_write_json, atomic_write_text
-from kiln.processing import detect_postprocess
-from kiln.train.data import ImageDataset
-from kiln.train.detect.metrics import EVAL_MAX_DETECTIONS, EVAL_SCORE_THRESHOLD, coco_map, coco_results
+from kiln.metrics import coco_results
 
 GRID_IMAGES = 16
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
 
 
-def _raw(bundle: Bundle, res: Any) -> tuple[np.ndarray, np.ndarray]:
-    names = [o.name for o in bundle.manifest.outputs]
-    if len(names) != 2 or any(n not in res.outputs for n in names):
-        raise ValueError(f"a detector has outputs [boxes, scores]; kiln.json lists {names}, the backend gave {sorted(res.outputs)}")
-    return res.outputs[names[0]], res.outputs[names[1]]
+def write_classify_reports(bundle: Bundle, metrics: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """confusion.csv, confusion.png and per_class.csv in ``out_dir``."""
+    classes = bundle.manifest.classes
+    cm: np.ndarray = metrics["confusion"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["true \\ predicted", *classes])
+    for name, row in zip(classes, cm, strict=True):
+        w.writerow([name, *row.tolist()])
+    atomic_write_text(out_dir / "confusion.csv", buf.getvalue())
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["class", "accuracy_percent", "images"])
+    for name, acc, count in zip(classes, metrics["per_class"], cm.sum(1), strict=True):
+        w.writerow([name, f"{acc:.2f}", int(count)])
+    atomic_write_text(out_dir / "per_class.csv", buf.getvalue())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * k + 2), max(3.5, 0.45 * k + 1.5)))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true",
+           title=f"confusion matrix (top-1 {metrics['top1']:.2f}%)")
+    ax.set_xticklabels(classes, rotation=90 if k > 10 else 0)
+    ax.set_yticklabels(classes)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with atomic_path(out_dir / "confusion.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return {"confusion_csv": str(out_dir / "confusion.csv"), "confusion_png": str(out_dir / "confusion.png"),
+            "per_class_csv": str(out_dir / "per_class.csv")}
 
 
-def _detections(bundle: Bundle, res: Any, post: DetectPost) -> list[list[dict[str, Any]]]:
-    boxes, scores = _raw(bundle, res)
-    return detect_postprocess(boxes, scores, list(res.letterboxes), post, bundle.manifest.classes)
-
-
-def eval_post(bundle: Bundle) -> DetectPost:
-    return bundle.manifest.detect_post().model_copy(
-        update={"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS})
-
-
-def detection_metrics(bundle: Bundle, res: Any, ds: ImageDataset) -> dict[str, Any]:
-    """``map`` (mAP@[.5:.95]), ``map50``, ``map75``, ``per_class_ap`` {class: AP or None}, ``count``."""
-    dets = _detections(bundle, res, eval_post(bundle))
-    return coco_map(dets, res.targets, bundle.manifest.classes)
-
-
-def write_detect_reports(bundle: Bundle, res: Any, ds: ImageDataset, metrics: dict[str, Any], out_dir: Path) -> dict[str, str]:
+def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, metrics: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """predictions.json (COCO results), per_class_ap.csv and predictions.png (a grid of val images with
     predicted boxes in colour and ground truth in white) in ``out_dir``."""
     out_dir = Path(out_dir)
@@ -59,7 +78,7 @@ def write_detect_reports(bundle: Bundle, res: Any, ds: ImageDataset, metrics: di
     ids = ds.info.get("image_ids")
     image_ids = list(ids[:n]) if ids is not None and len(ids) >= n else None
     cats = ds.info.get("category_ids")
-    preds = coco_results(_detections(bundle, res, eval_post(bundle)), image_ids, cats)
+    preds = coco_results(detections(bundle, res, eval_post(bundle)), image_ids, cats)
     atomic_write_json(out_dir / "predictions.json", preds)
 
     buf = io.StringIO()
@@ -75,22 +94,13 @@ def write_detect_reports(bundle: Bundle, res: Any, ds: ImageDataset, metrics: di
     atomic_write_text(out_dir / "per_class_ap.csv", buf.getvalue())
 
     shown = min(GRID_IMAGES, n)
-    serving = _detections(bundle, _First(res, shown), bundle.manifest.detect_post())
+    serving = detections(bundle, res.first(shown), bundle.manifest.detect_post())
     grid = draw_grid([ds.image(i) for i in range(shown)], [res.targets[i] for i in range(shown)], serving,
                      bundle.manifest.classes, title=f"mAP@[.5:.95] {metrics.get('map', 0):.3f}  mAP@.5 {metrics.get('map50', 0):.3f}")
     with atomic_path(out_dir / "predictions.png") as tmp:
         grid.save(tmp, format="PNG")
     return {"predictions_json": str(out_dir / "predictions.json"), "per_class_ap_csv": str(out_dir / "per_class_ap.csv"),
             "predictions_png": str(out_dir / "predictions.png")}
-
-
-class _First:
-    """The first ``k`` images of a SplitOutputs."""
-
-    def __init__(self, res: Any, k: int) -> None:
-        self.outputs = {name: v[:k] for name, v in res.outputs.items()}
-        self.letterboxes = list(res.letterboxes)[:k]
-        self.targets = list(res.targets)[:k]
 
 
 def draw_grid(images: list[Image.Image], targets: list[dict[str, np.ndarray]], detections: list[list[dict[str, Any]]],

@@ -1,6 +1,6 @@
 """Detection datasets: the synthetic ``shapes`` set, COCO instances JSON and the Ultralytics YOLO layout.
 
-Every opener returns ``(train, val)`` :class:`~kiln.train.data.ImageDataset` objects with
+Every opener returns ``(train, val)`` :class:`~kiln.data.dataset.ImageDataset` objects with
 ``task="detect"`` and targets ``{"boxes": float32[K, 4] xyxy in original pixels, "labels": int64[K]}``.
 ``K`` may be 0: an image without objects is a valid negative sample.
 
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from kiln.data.dataset import IMG_EXTENSIONS, ImageDataset, Split, check_images, split_indices
 from kiln.errors import DatasetError
 from kiln.fsutil import atomic_path, atomic_write_json, atomic_write_text
-from kiln.train.data import IMG_EXTENSIONS, ImageDataset, Split, check_images, split_indices
 
 log = logging.getLogger(__name__)
 

@@ -1,34 +1,38 @@
-"""Evaluation of any :class:`~kiln.runtime.base.Backend` on a bundle's validation split.
+"""Evaluation of any :class:`~kiln.runtime.base.Backend` on a bundle's dataset split.
 
 The images go through :func:`kiln.processing.preprocess` exactly as in serving, so the numbers here are
 what the endpoint will deliver. ``kiln eval`` writes the fp32 reference into kiln.json; export and
-calibration call :func:`evaluate_backend` to measure every precision variant the same way.
+calibration call :func:`evaluate` to measure every precision variant the same way. Detection outputs
+(``boxes [N, A, 4]``, ``scores [N, A, C]``) are post-processed by :func:`kiln.processing.detect_postprocess`,
+the numpy code serving runs, and scored by :func:`kiln.metrics.coco_map` with a low score threshold
+(:data:`~kiln.metrics.EVAL_SCORE_THRESHOLD`, as COCO evaluation does) and the bundle's NMS IoU threshold.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kiln.bundle import Bundle
+from kiln.bundle import Bundle, DetectPost
+from kiln.data import ImageDataset, open_dataset
 from kiln.errors import DatasetError
-from kiln.fsutil import atomic_path, atomic_write_text
-from kiln.processing import preprocess
+from kiln.metrics import EVAL_MAX_DETECTIONS, EVAL_SCORE_THRESHOLD, classification_metrics, coco_map, numeric
+from kiln.processing import detect_postprocess, preprocess
 from kiln.runtime.base import Backend
-from kiln.train.data import ImageDataset, open_dataset
 
 log = logging.getLogger("kiln.eval")
+
+SPLITS = ("train", "val")
 
 
 def bundle_split(bundle: Bundle, split: str = "val", data: str | None = None) -> ImageDataset:
     """The bundle's own train/val split (as recorded at training time), or ``data``'s with the same classes."""
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split '{split}' (use train or val)")
     training = bundle.manifest.training
     spec = data or training.get("data")
     if not spec:
@@ -51,6 +55,11 @@ class SplitOutputs:
     outputs: dict[str, np.ndarray]
     targets: list[Any]
     letterboxes: list[Any]
+
+    def first(self, k: int) -> SplitOutputs:
+        """The first ``k`` images only."""
+        return SplitOutputs({name: v[:k] for name, v in self.outputs.items()}, list(self.targets)[:k],
+                            list(self.letterboxes)[:k])
 
 
 def batches(n: int, size: int) -> Iterator[range]:
@@ -86,64 +95,38 @@ def evaluate_backend(bundle: Bundle | str, backend: Backend, split: str = "val",
     return split_metrics(b, run_split(b, backend, ds, limit), ds)
 
 
+def evaluate(bundle: Bundle, backend: Backend, split: str = "val", limit: int | None = None) -> dict[str, float]:
+    """The scalar metrics of :func:`evaluate_backend`: ``{"top1", "top5"}`` (percent) for classification,
+    ``{"map", "map50", ...}`` (fractions, pycocotools) for detection."""
+    return numeric(evaluate_backend(bundle, backend, split=split, limit=limit))
+
+
 def split_metrics(bundle: Bundle, res: SplitOutputs, dataset: ImageDataset) -> dict[str, Any]:
     """The task's metrics of outputs already computed over ``dataset`` (see :func:`run_split`)."""
     if bundle.manifest.task == "detect":
-        from kiln.train.detect.evaluate import detection_metrics
-
-        return detection_metrics(bundle, res, dataset)
-    return classify_report(bundle, res)
-
-
-def classify_report(bundle: Bundle, res: SplitOutputs) -> dict[str, Any]:
-    from kiln.train.tasks import classification_metrics
-
+        return detection_metrics(bundle, res)
     logits = res.outputs[bundle.manifest.outputs[0].name]
     return classification_metrics(logits, np.asarray(res.targets), len(bundle.manifest.classes))
 
 
-def write_classify_reports(bundle: Bundle, metrics: dict[str, Any], out_dir: Path) -> dict[str, str]:
-    """confusion.csv, confusion.png and per_class.csv in ``out_dir``."""
-    classes = bundle.manifest.classes
-    cm: np.ndarray = metrics["confusion"]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["true \\ predicted", *classes])
-    for name, row in zip(classes, cm, strict=True):
-        w.writerow([name, *row.tolist()])
-    atomic_write_text(out_dir / "confusion.csv", buf.getvalue())
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["class", "accuracy_percent", "images"])
-    for name, acc, count in zip(classes, metrics["per_class"], cm.sum(1), strict=True):
-        w.writerow([name, f"{acc:.2f}", int(count)])
-    atomic_write_text(out_dir / "per_class.csv", buf.getvalue())
+def eval_post(bundle: Bundle) -> DetectPost:
+    """The bundle's detection post-processing with COCO evaluation's score threshold and detection cap."""
+    return bundle.manifest.detect_post().model_copy(
+        update={"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS})
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def detections(bundle: Bundle, res: SplitOutputs, post: DetectPost) -> list[list[dict[str, Any]]]:
+    """Per image, the detections serving would return from ``res`` under ``post``."""
+    names = [o.name for o in bundle.manifest.outputs]
+    if len(names) != 2 or any(n not in res.outputs for n in names):
+        raise ValueError(f"a detector has outputs [boxes, scores]; kiln.json lists {names}, the backend gave {sorted(res.outputs)}")
+    return detect_postprocess(res.outputs[names[0]], res.outputs[names[1]], list(res.letterboxes), post,
+                              bundle.manifest.classes)
 
-    k = len(classes)
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * k + 2), max(3.5, 0.45 * k + 1.5)))
-    im = ax.imshow(cm, cmap="Blues")
-    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true",
-           title=f"confusion matrix (top-1 {metrics['top1']:.2f}%)")
-    ax.set_xticklabels(classes, rotation=90 if k > 10 else 0)
-    ax.set_yticklabels(classes)
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if cm[i, j] > cm.max() / 2 else "black")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    with atomic_path(out_dir / "confusion.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return {"confusion_csv": str(out_dir / "confusion.csv"), "confusion_png": str(out_dir / "confusion.png"),
-            "per_class_csv": str(out_dir / "per_class.csv")}
+
+def detection_metrics(bundle: Bundle, res: SplitOutputs) -> dict[str, Any]:
+    """``map`` (mAP@[.5:.95]), ``map50``, ``map75``, ``per_class_ap`` {class: AP or None}, ``count``."""
+    return coco_map(detections(bundle, res, eval_post(bundle)), res.targets, bundle.manifest.classes)
 
 
 def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:

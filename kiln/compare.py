@@ -1,8 +1,11 @@
-"""The artifact table ``kiln eval BUNDLE`` prints: every artifact's accuracy next to fp32 PyTorch.
+"""Compare model outputs, and the artifact table ``kiln eval BUNDLE`` prints.
 
-For each artifact in kiln.json (PyTorch, fp32/fp16/int8 ONNX, TensorRT engines where runnable here):
-accuracy (top-1/top-5) or mAP, agreement with fp32 PyTorch (top-1 agreement for classification, matched
-detections for detection) and the max absolute output difference from fp32 PyTorch.
+:func:`compare` measures candidate outputs against reference outputs: the max absolute difference per
+output, and for classification the top-1 agreement, for detection the detection-level match after
+:func:`kiln.processing.detect_postprocess` (same class, box edges within ``BOX_TOL_PX`` original pixels).
+Export verifies each graph with it; :func:`artifact_table` runs every artifact in kiln.json (PyTorch,
+fp32/fp16/int8 ONNX, TensorRT engines where runnable here) and lists its accuracy (top-1/top-5) or mAP,
+its agreement with fp32 PyTorch and the max absolute output difference from fp32 PyTorch.
 """
 
 from __future__ import annotations
@@ -12,23 +15,81 @@ from typing import Any
 
 import numpy as np
 
-from kiln.bundle import Bundle
-from kiln.errors import KilnError
+from kiln.bundle import Bundle, Manifest
+from kiln.errors import ExportError, KilnError
+from kiln.evaluate import bundle_split, run_split, split_metrics
+from kiln.metrics import numeric
+from kiln.processing import Letterbox, detect_postprocess
+from kiln.runtime import open_artifact
 
 log = logging.getLogger(__name__)
 
+BOX_TOL_PX = 0.5
 _ORDER = {"torch": 0, "onnx": 1, "tensorrt": 2}
 _PREC = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3}
+
+
+def compare(manifest: Manifest, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+            letterboxes: list[Letterbox]) -> dict[str, Any]:
+    """Differences of ``candidate`` from ``reference`` outputs: max abs diff per output, and for
+    classification the top-1 agreement, for detection the detection-level match."""
+    report: dict[str, Any] = {"images": len(letterboxes)}
+    diffs = {}
+    for spec in manifest.outputs:
+        a, b = reference[spec.name], candidate[spec.name]
+        if a.shape != b.shape:
+            raise ExportError(f"output {spec.name}: shape {b.shape} differs from the reference {a.shape}")
+        diffs[spec.name] = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+    report["max_abs_diff"] = max(diffs.values()) if diffs else 0.0
+    report["max_abs_diff_by_output"] = diffs
+    if manifest.task == "classify":
+        logits = manifest.outputs[0].name
+        agree = np.argmax(reference[logits], axis=1) == np.argmax(candidate[logits], axis=1)
+        report["top1_agreement"] = round(100.0 * float(agree.mean()), 3)
+    else:
+        report.update(compare_detections(manifest, reference, candidate, letterboxes))
+    return report
+
+
+def _det_outputs(manifest: Manifest, out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    names = [o.name for o in manifest.outputs]
+    boxes = out["boxes"] if "boxes" in out else out[names[0]]
+    scores = out["scores"] if "scores" in out else out[names[1]]
+    return boxes, scores
+
+
+def compare_detections(manifest: Manifest, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+                       letterboxes: list[Letterbox]) -> dict[str, Any]:
+    """Post-process both and match detections per image: same class, every box edge within BOX_TOL_PX."""
+    post = manifest.detect_post()
+    ref = detect_postprocess(*_det_outputs(manifest, reference), letterboxes, post, manifest.classes)
+    cand = detect_postprocess(*_det_outputs(manifest, candidate), letterboxes, post, manifest.classes)
+    matched = missing = extra = 0
+    worst = 0.0
+    for r_img, c_img in zip(ref, cand, strict=True):
+        free = list(c_img)
+        for det in r_img:
+            best, best_err = None, float("inf")
+            for i, other in enumerate(free):
+                if other["index"] != det["index"]:
+                    continue
+                err = float(np.max(np.abs(np.asarray(other["box"], np.float64) - np.asarray(det["box"], np.float64))))
+                if err < best_err:
+                    best, best_err = i, err
+            if best is None or best_err > BOX_TOL_PX:
+                missing += 1
+                continue
+            worst = max(worst, best_err)
+            matched += 1
+            free.pop(best)
+        extra += len(free)
+    return {"detections": matched + missing, "matched": matched, "missing": missing, "extra": extra,
+            "max_box_diff_px": round(worst, 4)}
 
 
 def artifact_table(bundle: Bundle | str, split: str = "val", limit: int | None = None) -> list[dict[str, Any]]:
     """One row per artifact: file, format, precision, backend, device, metrics, agreement, max_abs_diff,
     or ``error`` when the artifact cannot run here (an engine without TensorRT, a modified file)."""
-    from kiln.export.metrics import numeric
-    from kiln.export.verify import compare
-    from kiln.runtime import open_artifact
-    from kiln.train.evaluate import bundle_split, run_split, split_metrics
-
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     ds = bundle_split(b, split)
     arts = sorted(b.manifest.artifacts.values(), key=lambda a: (_ORDER.get(a.format, 9), _PREC.get(a.precision, 9), a.file))

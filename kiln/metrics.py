@@ -1,7 +1,8 @@
-"""COCO box mAP with pycocotools: mAP@[.5:.95], mAP@.5 and per-class AP over a list of images.
+"""Accuracy metrics from numpy outputs: classification top-1/top-5 and COCO box mAP.
 
-Both training-time validation and ``kiln eval`` call :func:`coco_map`, so the numbers agree. Image
-ids are ``index + 1`` and category ids ``class index + 1`` (pycocotools treats 0 as "unmatched").
+Training-time validation, ``kiln eval``, export and calibration all score with these functions, so
+their numbers agree. COCO mAP goes through pycocotools: image ids are ``index + 1`` and category ids
+``class index + 1`` (pycocotools treats 0 as "unmatched").
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from kiln.bundle import Bundle
+
+HEADLINE = {"classify": "top1", "detect": "map"}
+# The budget is in points (percent). Top-1 comes in percent; mAP comes as pycocotools' fraction.
+POINTS_PER_UNIT = {"classify": 1.0, "detect": 100.0}
 EVAL_SCORE_THRESHOLD = 0.01  # COCO mAP integrates over all scores: keep low-confidence detections
 EVAL_MAX_DETECTIONS = 100  # COCO's maxDets for mAP
 
@@ -54,6 +60,7 @@ def coco_map(detections: Sequence[Sequence[dict[str, Any]]], targets: Sequence[d
 
     A class without ground truth in the split has AP None. With no detection at all every AP is 0.
     """
+    # pycocotools ships with the train extra; core must import without it
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -82,3 +89,34 @@ def coco_map(detections: Sequence[Sequence[dict[str, Any]]], targets: Sequence[d
         per_class[str(name)] = float(p[p > -1].mean()) if k in present and (p > -1).any() else None
     return {**base, "map": max(0.0, float(ev.stats[0])), "map50": max(0.0, float(ev.stats[1])),
             "map75": max(0.0, float(ev.stats[2])), "per_class_ap": per_class}
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """top-1 / top-5 accuracy (percent), per-class accuracy and the confusion matrix ``[true, pred]``."""
+    labels = labels.astype(np.int64)
+    pred = logits.argmax(1)
+    k = min(5, logits.shape[1])
+    topk = np.argsort(-logits, axis=1)[:, :k]
+    n = max(1, len(labels))
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    return {
+        "top1": 100.0 * float((pred == labels).sum()) / n,
+        "top5": 100.0 * float((topk == labels[:, None]).any(1).sum()) / n,
+        "per_class": [100.0 * float(v) for v in per_class],
+        "confusion": confusion,
+        "count": int(len(labels)),
+    }
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics only (drops per-class lists and the confusion matrix)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def headline(bundle: Bundle, metrics: dict[str, float]) -> tuple[str, float]:
+    """The metric the accuracy budget is measured in: top-1 or mAP@[.5:.95], in points (percent)."""
+    task = bundle.manifest.task
+    key = HEADLINE[task]
+    return key, float(metrics[key]) * POINTS_PER_UNIT[task]
