@@ -8,7 +8,7 @@ DEMO ?= demo
 PORT ?= 8765
 PYTEST_ARGS ?=
 
-.PHONY: venv dev test test-slow test-gpu demo lint clean
+.PHONY: venv dev test test-slow test-gpu demo lint clean mutate
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,13 @@ test: dev
 test-slow: dev
 	$(BIN)/pytest -m "slow" -q $(PYTEST_ARGS)
 
+# Mutation testing, not part of `make test`: mutmut mutates what [tool.mutmut] in pyproject.toml names and
+# runs the tests selected there against each mutant (docs/testing.md: scores, survivors, duration).
+mutate: dev
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $${MUTATE_JOBS:-2}
+	$(BIN)/mutmut results
+
 # On a machine with an NVIDIA GPU (and TensorRT for the trt marker).
 test-gpu: dev
 	$(BIN)/pytest -m "gpu or trt" -q $(PYTEST_ARGS)
@@ -55,13 +62,13 @@ demo: venv
 	$(BIN)/kiln eval $(DEMO)/digits --no-table
 	$(BIN)/kiln export $(DEMO)/digits --precision fp32,fp16,int8
 	$(BIN)/kiln eval $(DEMO)/digits
-	$(BIN)/python -c "from kiln.train.data import open_dataset; v=open_dataset('digits')[1]; v.image(0).resize((64,64)).save('$(DEMO)/digit.png'); print('sample label:', v.target(0))"
+	$(BIN)/kiln data sample digits --out $(DEMO)/samples
 	@set -e; \
 	$(BIN)/kiln serve $(DEMO)/digits --name digits --port $(PORT) --max-delay-ms 2 & pid=$$!; \
 	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' EXIT; \
 	for i in $$(seq 1 120); do curl -fs http://127.0.0.1:$(PORT)/readyz >/dev/null && break; sleep 0.5; done; \
-	echo "POST /v1/models/digits/predict (multipart $(DEMO)/digit.png):"; \
-	curl -fsS -F file=@$(DEMO)/digit.png http://127.0.0.1:$(PORT)/v1/models/digits/predict; echo
+	echo "POST /v1/models/digits/predict (multipart $(DEMO)/samples/digit-7-7.png):"; \
+	curl -fsS -F file=@$(DEMO)/samples/digit-7-7.png http://127.0.0.1:$(PORT)/v1/models/digits/predict; echo
 	$(BIN)/kiln bench $(DEMO)/digits --backend all --precision fp32,int8 --batch 1,8,32 --iters 50 --warmup 10
 
 clean:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln.calib.onnxfile import load_onnx
 from kiln.errors import ConfigError, ExportError, unknown_choice
 from kiln.fsutil import atomic_path, atomic_write_json, sha256_file
 
@@ -154,9 +156,7 @@ def prepare(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str])
 
 def weighted_layers(onnx_path: str | os.PathLike[str]) -> list[str]:
     """Names of the nodes with weights, in graph order: the candidates to keep in float."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_onnx(onnx_path, load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     out = []
     for node in model.graph.node:
@@ -191,7 +191,9 @@ def quantize(prepared: str | os.PathLike[str], out_path: str | os.PathLike[str],
     if reader is not None and hasattr(reader, "rewind"):
         reader.rewind()
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # the histogram calibrators print progress
+        # The histogram calibrators print progress on stdout: keep it for -v, never on stdout (--json).
+        progress = sys.stderr if log.isEnabledFor(logging.DEBUG) else io.StringIO()
+        with contextlib.redirect_stdout(progress):
             quantize_static(
                 str(prepared),
                 str(out_path),

@@ -13,6 +13,7 @@ from kiln.bundle import BatchRange
 from kiln.calib.quantize import CalibSettings
 from kiln.cli import (
     HelpFormatter,
+    batch_range,
     choice,
     csv_of,
     non_negative_float,
@@ -20,18 +21,9 @@ from kiln.cli import (
     positive_float,
     positive_int,
 )
+from kiln.vocab import GRAPH_PRECISIONS as PRECISIONS
 
-PRECISIONS = ("fp32", "fp16", "int8")
 CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")
-
-
-def batch_range(text: str) -> BatchRange:
-    try:
-        return BatchRange.parse(text)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
-        msg = str(exc).splitlines()
-        detail = next((m for m in msg if "MIN <= OPT <= MAX" in m), msg[0])
-        raise argparse.ArgumentTypeError(detail.strip().removeprefix("Value error, ")) from None
 
 
 def _calibration_flags(p: argparse.ArgumentParser) -> None:
@@ -166,9 +158,12 @@ def _print(summary: dict[str, Any], as_json: bool) -> None:
         json.dump({**summary, "artifacts": rows}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         sys.stdout.flush()
+    from kiln.metrics import POINTS_PER_UNIT
+
+    points = POINTS_PER_UNIT.get(summary.get("task", ""), 1.0)  # mAP in points: 76.48, not 0.76
     for a in summary["artifacts"]:
         m = a.get("metrics") or {}
-        acc = ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k in ("top1", "top5", "map", "map50"))
+        acc = ", ".join(f"{k} {v * points:.2f}" for k, v in m.items() if k in ("top1", "top5", "map", "map50"))
         v = a.get("verification") or {}
         check = "verified" if v.get("passed") else ("not verified" if v else "")
         diff = f", max diff {v['max_abs_diff']:.2g}" if "max_abs_diff" in v else ""

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.bundle import BatchRange
-from kiln.errors import BackendUnavailable, ConfigError, ExportError
+from kiln.errors import BackendUnavailable, ConfigError, ExportError, unknown_choice
 from kiln.fsutil import atomic_write
 from kiln.runtime import cuda
 from kiln.runtime.tensorrt import dims_tuple, engine_compatible, import_tensorrt, parse_capability
+from kiln.vocab import GRAPH_PRECISIONS
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["build_flags", "engine_compatible", "onnx2engine"]
 
 log = logging.getLogger("kiln.export.engine")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = GRAPH_PRECISIONS
 
 
 def build_flags(major: int, precision: str, strongly_typed: bool = True) -> tuple[list[str], list[str]]:
@@ -73,7 +74,7 @@ def onnx2engine(
     earlier files as they were.
     """
     if precision not in PRECISIONS:
-        raise ConfigError(f"onnx2engine: unknown precision '{precision}'. Valid: {', '.join(PRECISIONS)}")
+        raise unknown_choice("precision", precision, PRECISIONS, flag="onnx2engine", ordered=True)
     if workspace_gib <= 0:
         raise ConfigError(f"onnx2engine: workspace must be > 0 GiB, got {workspace_gib}")
     major = import_tensorrt()

@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Any
 
+from kiln.calib.onnxfile import load_onnx
 from kiln.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ def onnx2fp16(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = onnx.load(str(onnx_path))
+    model = load_onnx(onnx_path)
     try:
         half = convert_float_to_float16(model, keep_io_types=True)
         # The converter appends the input Casts at the end of the node list; onnx.checker (and

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.bundle import BatchRange, Bundle
+from kiln.calib.onnxfile import check_onnx_file, onnx_errors
 from kiln.calib.quantize import CalibSettings
 from kiln.calib.run import calibrate_bundle, report_paths, write_reports
 from kiln.compare import compare
@@ -23,17 +24,20 @@ from kiln.export.onnx2fp16 import onnx2fp16
 from kiln.export.torch2onnx import torch2onnx
 from kiln.export.triton import TritonOptions, write_triton_repo
 from kiln.export.verify import backend_outputs, verification_images, verify_fp32
-from kiln.fsutil import atomic_path, sha256_file
+from kiln.fsutil import atomic_path, remove_stale_temps, sha256_file
 from kiln.metrics import headline
 from kiln.runtime import open_artifact
 from kiln.runtime.ortfile import OrtFileBackend
+from kiln.vocab import GRAPH_PRECISIONS
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = GRAPH_PRECISIONS
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 ENGINE_FILES = {p: f"model.{p}.engine" for p in PRECISIONS}
 FP16_MIN_AGREEMENT = 98.0  # percent of verification images with the same top-1 as fp32
+TRT_INSTALL = ("pip install '.[trt]' from the kiln checkout (pip install 'kiln-vision[trt]' from a package index) "
+               "on a machine with an NVIDIA GPU and driver")
 
 
 @dataclass
@@ -144,8 +148,7 @@ def build_engines(bundle: Bundle, opts: ExportOptions, onnx_files: dict[str, str
     except ModuleNotFoundError as exc:
         if exc.name not in ("kiln.export.onnx2engine", "tensorrt"):
             raise
-        return [], ["TensorRT support is not installed: pip install 'kiln[trt]' (tensorrt, cuda-python) "
-                    "on a machine with an NVIDIA GPU and driver"]
+        return [], [f"TensorRT support is not installed: {TRT_INSTALL}"]
     done, errors = [], []
     for precision, onnx_file in onnx_files.items():
         file = ENGINE_FILES[precision]
@@ -187,19 +190,59 @@ def export_bundle(path: str | os.PathLike[str], opts: ExportOptions) -> dict[str
     """Run the export; return the summary (``--json``). Raises ExportError after the ONNX artifacts
     are written when only the engine step failed."""
     bundle = open_bundle(path)
-    artifacts: list[dict[str, Any]] = []
+    # A killed export leaves its temporary files behind; this run is the next one on the bundle.
+    remove_stale_temps(bundle.root)
+    if opts.calib_cache is not None:
+        remove_stale_temps(opts.calib_cache)
+    preflight(bundle, opts)
+    with onnx_errors():  # anything onnx/onnxruntime raise past the file checks: one line, not a traceback
+        return _export(bundle, opts)
+
+
+def preflight(bundle: Bundle, opts: ExportOptions) -> None:
+    """Check what can be checked before any work, so a missing requirement costs seconds, not an export."""
+    if opts.engine:
+        engine_requirements()
+    if opts.triton_repo is not None and opts.triton_repo.exists() and not opts.triton_repo.is_dir():
+        raise ExportError(f"--triton-repo {opts.triton_repo} is a file; give a folder")
+
+
+def engine_requirements() -> None:
+    """Raise BackendUnavailable in one line when TensorRT or a GPU is missing, saying how to get it."""
+    from kiln.runtime import cuda
+    from kiln.runtime.tensorrt import INSTALL_HINT, import_tensorrt
+
+    try:
+        import_tensorrt()
+    except BackendUnavailable as exc:
+        why = str(exc).removesuffix(INSTALL_HINT).rstrip(": ")
+        raise BackendUnavailable(f"--engine: {why}: {TRT_INSTALL}; or leave out --engine") from None
+    if (why := cuda.no_gpu_reason()) is not None:
+        raise BackendUnavailable(f"--engine: building a TensorRT engine needs an NVIDIA GPU and driver ({why}); "
+                                 "run the export on a GPU machine, or leave out --engine")
+
+
+def _fp32_is_fresh(bundle: Bundle, opts: ExportOptions) -> bool:
+    """Whether model.onnx is the export of the current model.pt with the options asked for."""
     fp32_file = ONNX_FILES["fp32"]
     existing = bundle.manifest.artifacts.get(fp32_file)
-    fresh = (existing is not None and bundle.path(fp32_file).is_file()
-             and getattr(existing, "source_sha256", None) == sha256_file(bundle.path("model.pt"))
-             and sha256_file(bundle.path(fp32_file)) == existing.sha256
-             # a different --opset or simplification asked for means a different graph
-             and (opts.opset is None or (existing.model_extra or {}).get("opset") == opts.opset)
-             and not ((existing.model_extra or {}).get("simplified") and not opts.simplify))
-    if "fp32" in opts.precisions or not fresh:
+    return (existing is not None and bundle.path(fp32_file).is_file()
+            and getattr(existing, "source_sha256", None) == sha256_file(bundle.path("model.pt"))
+            and sha256_file(bundle.path(fp32_file)) == existing.sha256
+            # a different --opset or simplification asked for means a different graph
+            and (opts.opset is None or (existing.model_extra or {}).get("opset") == opts.opset)
+            and not ((existing.model_extra or {}).get("simplified") and not opts.simplify))
+
+
+def _export(bundle: Bundle, opts: ExportOptions) -> dict[str, Any]:
+    artifacts: list[dict[str, Any]] = []
+    fp32_file = ONNX_FILES["fp32"]
+    if "fp32" in opts.precisions or not _fp32_is_fresh(bundle, opts):
         log.info("exporting %s to %s", bundle.root / "model.pt", fp32_file)
         artifacts.append(export_fp32(bundle, opts))
         drop_stale_artifacts(bundle)
+    else:  # reused as the source of fp16/int8: a damaged file stops here, before minutes of calibration
+        check_onnx_file(bundle.path(fp32_file), hint=f"re-export it: kiln export {bundle.root} --precision fp32")
     onnx_files = {"fp32": fp32_file}
     if "fp16" in opts.precisions:
         log.info("converting to fp16")

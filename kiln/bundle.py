@@ -16,12 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kiln.errors import BundleError
 from kiln.fsutil import atomic_write_json, sha256_file
+from kiln.vocab import Task
 
 MANIFEST = "kiln.json"
 SCHEMA_VERSION = 1
 
-Task = Literal["classify", "detect"]
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 
 class _Model(BaseModel):
@@ -80,16 +79,22 @@ class Preprocess(_Model):
     """How an image becomes the model input (see :mod:`kiln.processing`).
 
     ``resize``: resize to ``size`` (H, W). ``letterbox``: scale to fit keeping the aspect ratio and pad
-    with ``pad_value``; the offsets are kept so boxes map back to the original pixels.
+    with ``pad_value``; the offsets are kept so boxes map back to the original pixels. ``center_crop``:
+    resize the shorter side to ``resize_size`` and cut the central ``size`` (pretrained classifiers).
+    Fields added later have defaults, so older kiln.json files load unchanged.
     """
 
-    mode: Literal["resize", "letterbox"] = "resize"
+    mode: Literal["resize", "letterbox", "center_crop"] = "resize"
     size: tuple[int, int]
     channels: Literal["L", "RGB"] = "RGB"
     mean: list[float]
     std: list[float]
     pad_value: int = 114
-    interpolation: Literal["bilinear", "nearest", "bicubic"] = "bilinear"
+    interpolation: Literal["bilinear", "nearest", "bicubic", "lanczos"] = "bilinear"
+    # center_crop: the shorter side is resized to resize_size, then the centre size (H, W) is cut out,
+    # as torchvision's and timm's ImageNet evaluation transforms do; the weights' recipe is kept here.
+    resize_size: int | None = Field(None, ge=1)
+    source: str | None = None  # where the recipe comes from, e.g. "torchvision:ResNet50_Weights.IMAGENET1K_V2"
 
 
 class ClassifyPost(_Model):
@@ -97,9 +102,14 @@ class ClassifyPost(_Model):
 
 
 class DetectPost(_Model):
-    score_threshold: float = 0.25
-    iou_threshold: float = 0.5
-    max_detections: int = 100
+    """Detection post-processing defaults; predict, serve and eval may override each per call."""
+
+    score_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    iou_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_detections: int = Field(100, ge=1)
+    class_agnostic: bool = False  # NMS across classes: one box per object whatever its label
+    multi_label: bool = False  # a box once per class over the threshold (mAP protocols), not its best class only
+    classes: list[int] | None = None  # keep only these class indices; None keeps every class
 
 
 class Architecture(_Model):

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from kiln import __version__
-from kiln.errors import KilnError, unknown_choice
+from kiln.bundle import BatchRange
+from kiln.errors import KilnError, install_hint, unknown_choice
 
 # Sub-command modules, imported to build the parser; each defines register(subparsers).
 STAGES = ("kiln.train.cli", "kiln.export.cli", "kiln.serve.cli", "kiln.predict", "kiln.bench.cli")
@@ -102,6 +103,16 @@ def _float(text: str) -> float:
     return value
 
 
+def batch_range(text: str) -> BatchRange:
+    """An argparse type for ``MIN:OPT:MAX`` (or N for N:N:N), naming what is wrong with it."""
+    try:
+        return BatchRange.parse(text)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+        msg = str(exc).splitlines()
+        detail = next((m for m in msg if "MIN <= OPT <= MAX" in m), msg[0])
+        raise argparse.ArgumentTypeError(detail.strip().removeprefix("Value error, ")) from None
+
+
 def choice(kind: str, names: Sequence[str] | Callable[[], Sequence[str]]) -> Callable[[str], str]:
     """An argparse type accepting one of ``names``; an unknown one lists them and suggests the nearest."""
 
@@ -162,6 +173,9 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # OpenMP reads this once, when torch loads (building the parser may load it): spinning threads make a
+    # run several times slower whenever another process uses the cores. An explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -170,9 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    if not args.verbose:  # libraries that narrate every pass at INFO
-        for noisy in ("onnx_ir", "onnxscript", "onnxruntime", "matplotlib", "httpx", "PIL"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:
+        # kiln's own lines only: libraries narrate every pass at INFO, some on the root logger.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_kiln_or_warning)
     prog = f"kiln {args.command}"
     try:
         return int(args.func(args) or 0)
@@ -197,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _kiln_or_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name == "kiln" or record.name.startswith("kiln.")
+
+
 def _extra_hint(module: str | None) -> str:
     root = (module or "").split(".")[0]
     extras = {
@@ -210,8 +229,7 @@ def _extra_hint(module: str | None) -> str:
         "cuda": "trt",
     }
     extra = extras.get(root)
-    # kiln installs from its source tree (the distribution is kiln-vision; "kiln" on PyPI is another project).
-    return f"the '{extra}' extra has it: pip install '.[{extra}]' in the kiln checkout" if extra else f"pip install {root}"
+    return f"the '{extra}' extra has it: {install_hint(extra)}" if extra else f"pip install {root}"
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from kiln.data import ImageDataset, open_dataset
 from kiln.errors import DatasetError
 from kiln.metrics import EVAL_MAX_DETECTIONS, EVAL_SCORE_THRESHOLD, classification_metrics, coco_map, numeric
 from kiln.processing import detect_postprocess, preprocess
-from kiln.runtime.base import Backend
+from kiln.runtime.base import Backend, pad_batch
 
 log = logging.getLogger("kiln.eval")
 
@@ -77,9 +77,8 @@ def run_split(bundle: Bundle, backend: Backend, dataset: ImageDataset, limit: in
     for idx in batches(n, bs):
         x, lb = preprocess([dataset.image(i) for i in idx], bundle.manifest.preprocess)
         real = len(x)
-        if real < backend.min_batch:  # pad a short last batch up to the profile minimum
-            x = np.concatenate([x, np.repeat(x[-1:], backend.min_batch - real, axis=0)])
-        out = backend.infer({name: x})
+        feeds, _ = pad_batch({name: x}, backend.min_batch)
+        out = backend.infer(feeds)
         for k, v in out.items():
             chunks.setdefault(k, []).append(v[:real])
         boxes.extend(lb)

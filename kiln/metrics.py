@@ -24,18 +24,29 @@ EVAL_MAX_DETECTIONS = 100  # COCO's maxDets for mAP
 
 
 def coco_ground_truth(targets: Sequence[dict[str, np.ndarray]], classes: Sequence[str],
-                      sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
-    """A COCO instances dict for ``targets`` (boxes in original pixels); ``sizes`` are ``(W, H)``."""
+                      sizes: Sequence[tuple[int, int]] | None = None, image_ids: Sequence[int] | None = None,
+                      category_ids: Sequence[int] | None = None) -> dict[str, Any]:
+    """A COCO instances dict for ``targets`` (boxes in original pixels); ``sizes`` are ``(W, H)``.
+
+    Ids default to ``index + 1``; pass the dataset's own (as :func:`coco_results` takes them) to write
+    a ground truth that results with those ids load against.
+    """
     images: list[dict[str, Any]] = []
     anns: list[dict[str, Any]] = []
     for i, t in enumerate(targets):
         w, h = sizes[i] if sizes is not None else (0, 0)
-        images.append({"id": i + 1, "width": int(w), "height": int(h)})
-        for box, label in zip(np.asarray(t["boxes"]).reshape(-1, 4), np.asarray(t["labels"]).reshape(-1), strict=True):
+        image_id = int(image_ids[i]) if image_ids is not None else i + 1
+        images.append({"id": image_id, "width": int(w), "height": int(h)})
+        labels = np.asarray(t["labels"]).reshape(-1)
+        # iscrowd marks objects the evaluation ignores (VOC "difficult"): not a miss, and no false positive
+        crowd = np.asarray(t.get("iscrowd", np.zeros(len(labels)))).reshape(-1)
+        for box, label, ignored in zip(np.asarray(t["boxes"]).reshape(-1, 4), labels, crowd, strict=True):
             x1, y1, x2, y2 = (float(v) for v in box)
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(label) + 1,
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-    cats = [{"id": i + 1, "name": str(n)} for i, n in enumerate(classes)]
+            cat = int(category_ids[int(label)]) if category_ids is not None else int(label) + 1
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": int(ignored)})
+    cats = [{"id": int(category_ids[i]) if category_ids is not None else i + 1, "name": str(n)}
+            for i, n in enumerate(classes)]
     return {"images": images, "annotations": anns, "categories": cats}
 
 

@@ -10,16 +10,19 @@ from typing import Any
 import numpy as np
 
 from kiln import processing
-from kiln.bundle import ClassifyPost, Manifest
+from kiln.bundle import ClassifyPost, DetectPost, Manifest
 from kiln.processing import Letterbox
 
 
 def predictions(
-    manifest: Manifest, outputs: dict[str, np.ndarray], letterboxes: list[Letterbox], top_k: int | None = None
+    manifest: Manifest, outputs: dict[str, np.ndarray], letterboxes: list[Letterbox], top_k: int | None = None,
+    detect: DetectPost | None = None,
 ) -> list[dict[str, Any]]:
     """Per image ``{"width", "height", "top_k": [...]}`` (classify) or ``{..., "boxes": [...]}`` (detect).
 
     ``outputs`` are the backend's ``[N, ...]`` arrays; ``letterboxes`` map boxes back to original pixels.
+    ``detect`` replaces kiln.json's detection controls (build it with
+    :func:`kiln.processing.detect_overrides`); ``top_k`` only applies to classification.
     """
     if manifest.task == "classify":
         post = ClassifyPost(top_k=top_k) if top_k else manifest.classify_post()
@@ -28,7 +31,7 @@ def predictions(
     names = [o.name for o in manifest.outputs]
     boxes = outputs["boxes" if "boxes" in outputs else names[0]]
     scores = outputs["scores" if "scores" in outputs else names[1]]
-    found = processing.detect_postprocess(boxes, scores, letterboxes, manifest.detect_post(), manifest.classes)
+    found = processing.detect_postprocess(boxes, scores, letterboxes, detect or manifest.detect_post(), manifest.classes)
     return [{"width": b.width, "height": b.height, "boxes": d} for d, b in zip(found, letterboxes, strict=True)]
 
 

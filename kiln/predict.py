@@ -7,20 +7,19 @@ command line and the REST answer agree.
 from __future__ import annotations
 
 import argparse
+import glob as globmod
 import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from kiln.cli import HelpFormatter, choice, positive_int
+from kiln.cli import HelpFormatter, choice, non_negative_float, positive_int
 from kiln.errors import KilnError
+from kiln.vocab import BACKEND_CHOICES, PRECISIONS
 
 if TYPE_CHECKING:
     from PIL import Image
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def register(sub: Any) -> None:
@@ -32,12 +31,14 @@ def register(sub: Any) -> None:
             "Run a bundle on images with the same pre- and post-processing as the server.\n\n"
             "example:\n"
             "  kiln predict runs/digits digit.png other.png --top-k 3\n"
-            "  kiln predict runs/shapes street.jpg --save out/ --json"
+            "  kiln predict runs/shapes street.jpg --save out/ --json\n"
+            "  kiln predict runs/shapes photos/ 'more/*.jpg' --conf 0.4 --iou 0.5 --classes circle,square --save out/"
         ),
     )
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder (with kiln.json)")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--backend", type=choice("backend", _backends), default="auto",
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (PNG, JPEG, ...), folders (their images, sorted) or glob patterns ('data/*.jpg', 'data/**/*.png')")
+    p.add_argument("--backend", type=choice("backend", BACKEND_CHOICES), default="auto",
                    help="runtime: auto tries TensorRT, then ONNX Runtime, then PyTorch")
     p.add_argument("--precision", type=choice("precision", PRECISIONS), default=None,
                    help="artifact precision (default: the backend's choice)")
@@ -45,13 +46,56 @@ def register(sub: Any) -> None:
     p.add_argument("--save", type=Path, default=None, metavar="OUT_DIR",
                    help="write each image with its boxes (or top label) drawn to OUT_DIR/NAME.png")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    d = p.add_argument_group("detection (defaults: the bundle's kiln.json)")
+    d.add_argument("--conf", type=unit_float, default=None, help="score threshold in [0, 1]")
+    d.add_argument("--iou", type=unit_float, default=None, help="NMS IoU threshold in [0, 1]")
+    d.add_argument("--max-det", type=positive_int, default=None, help="detections kept per image")
+    d.add_argument("--agnostic", action="store_true", default=None, help="NMS across classes (one box per object)")
+    d.add_argument("--multi-label", action="store_true", default=None,
+                   help="a box once per class over the threshold (default: its best class only)")
+    d.add_argument("--classes", type=_names, default=None, metavar="A,B",
+                   help="keep only these classes (labels or indices, comma-separated)")
     p.set_defaults(func=run)
 
 
-def _backends() -> list[str]:
-    from kiln.runtime import BACKENDS
+def unit_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got '{text}'")
+    return value
 
-    return ["auto", *BACKENDS]
+
+def _names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected class names or indices separated by commas")
+    return names
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files as given, folders as their images (sorted, not recursive) and glob patterns expanded
+    (``**`` recurses); a folder or pattern without images, or a missing file, is an error."""
+    from kiln.data import IMG_EXTENSIONS
+
+    out: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            kind = "folder"
+        elif any(ch in item for ch in "*?["):
+            found = sorted(Path(p) for p in globmod.glob(str(path), recursive=True) if Path(p).is_file())
+            kind = "pattern"
+        elif path.is_file():
+            out.append(path)
+            continue
+        else:
+            raise KilnError(f"cannot read {item}: no such file, folder or matching pattern")
+        if not found:
+            what = "matches no files" if kind == "pattern" else f"holds no images ({', '.join(IMG_EXTENSIONS)})"
+            raise KilnError(f"{kind} {item} {what}")
+        out.extend(found)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,11 +103,14 @@ def run(args: argparse.Namespace) -> int:
     from kiln.bundle import Bundle
     from kiln.outputs import predictions
     from kiln.runtime import load
+    from kiln.runtime.base import pad_batch
 
     bundle = Bundle.load(args.bundle)
     m = bundle.manifest
+    detect = _detect_controls(args, m)
+    paths = expand_inputs(args.images)
     images: list[Image.Image] = []
-    for path in args.images:
+    for path in paths:
         try:
             images.append(processing.load_image(path))
         except OSError as exc:
@@ -76,24 +123,41 @@ def run(args: argparse.Namespace) -> int:
         for i in range(0, len(images), step):
             chunk = images[i : i + step]
             x, boxes = processing.preprocess(chunk, m.preprocess)
-            pad = max(0, backend.min_batch - len(chunk))
-            if pad:
-                x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            out = backend.infer({m.input.name: x})
+            feeds, _ = pad_batch({m.input.name: x}, backend.min_batch)
+            out = backend.infer(feeds)
             out = {k: v[: len(chunk)] for k, v in out.items()}
-            results.extend(predictions(m, out, boxes, args.top_k))
+            results.extend(predictions(m, out, boxes, args.top_k, detect))
         info = {"backend": backend.name, "precision": backend.precision, "device": backend.device}
-    for path, res in zip(args.images, results, strict=True):
+    for path, res in zip(paths, results, strict=True):
         res["image"] = str(path)
     if args.save is not None:
-        for path, img, res in zip(_unique_names(args.images), images, results, strict=True):
-            _save(args.save / f"{path}.png", img, res)
+        from kiln.draw import save_prediction
+
+        for name, img, res in zip(_unique_names(paths), images, results, strict=True):
+            save_prediction(args.save / f"{name}.png", img, res, m.classes)
+        print(f"saved {len(results)} image(s) with their {'boxes' if m.task == 'detect' else 'labels'} to {args.save}",
+              file=sys.stderr)
     if args.json:
         json.dump({"model": bundle.name, "task": m.task, **info, "predictions": results}, sys.stdout, indent=2)
         print()
     else:
         _print_text(m.task, results)
     return 0
+
+
+def _detect_controls(args: argparse.Namespace, m: Any) -> Any:
+    """kiln.json's detection controls with the flags given; detection flags on a classifier are an error."""
+    from kiln.processing import detect_overrides
+
+    given = [f for f in ("conf", "iou", "max_det", "agnostic", "multi_label", "classes") if getattr(args, f, None) is not None]
+    if m.task != "detect":
+        if given:
+            raise KilnError(f"--{given[0].replace('_', '-')} applies to detection bundles; this one classifies (use --top-k)")
+        return None
+    if args.top_k is not None:
+        raise KilnError("--top-k applies to classification; use --max-det to limit the boxes per image")
+    return detect_overrides(m.detect_post(), m.classes, conf=args.conf, iou=args.iou, max_det=args.max_det,
+                            agnostic=args.agnostic, multi_label=args.multi_label, only=args.classes)
 
 
 def _print_text(task: str, results: list[dict[str, Any]]) -> None:
@@ -108,7 +172,7 @@ def _print_text(task: str, results: list[dict[str, Any]]) -> None:
                 print(f"  {d['label']:<16} {d['score']:.3f}  [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}]")
 
 
-def _unique_names(paths: list[str]) -> list[str]:
+def _unique_names(paths: list[Path]) -> list[str]:
     taken: set[str] = set()
     names = []
     for p in paths:
@@ -120,34 +184,3 @@ def _unique_names(paths: list[str]) -> list[str]:
         taken.add(name)
         names.append(name)
     return names
-
-
-_COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
-
-
-def _save(out: Path, img: Image.Image, res: dict[str, Any]) -> None:
-    """Draw the result on a copy of ``img`` (small images are upscaled so the text stays legible)."""
-    from PIL import Image, ImageDraw
-
-    from kiln.fsutil import atomic_path
-
-    canvas = img.convert("RGB")
-    scale = max(1, 256 // max(canvas.size))
-    if scale > 1:
-        canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)
-    draw = ImageDraw.Draw(canvas)
-    if "top_k" in res:
-        best = res["top_k"][0]
-        text = f"{best['label']} {best['score']:.2f}"
-        box = draw.textbbox((4, 4), text)
-        draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
-        draw.text((4, 4), text, fill=(255, 255, 0))
-    else:
-        for d in res["boxes"]:
-            color = _COLORS[d["index"] % len(_COLORS)]
-            x1, y1, x2, y2 = (v * scale for v in d["box"])
-            draw.rectangle((x1, y1, x2, y2), outline=color, width=2)
-            draw.text((x1 + 2, max(0.0, y1 - 12)), f"{d['label']} {d['score']:.2f}", fill=color)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        canvas.save(tmp, format="PNG")

@@ -6,14 +6,15 @@ docstrings; ``N`` is the batch, ``C`` channels, ``H``/``W`` the model input size
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from kiln.bundle import ClassifyPost, DetectPost, Preprocess
-from kiln.errors import KilnError
+from kiln.errors import KilnError, unknown_choice
 
 # A truncated file must be an error, never a silently half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -22,6 +23,7 @@ _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
     "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
 }
 
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -106,8 +108,28 @@ def _composite(rgba: Image.Image) -> Image.Image:
 
 
 def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode the file at ``path`` (see :func:`decode_image`) turned as its EXIF Orientation says it is
+    displayed, as the server does: a phone photo stored sideways (Orientation 6) comes out upright."""
     with open(path, "rb") as fh:
-        return decode_image(fh.read(), max_pixels)
+        img = decode_image(fh.read(), max_pixels)
+    # In place: no copy for the upright images that are most of them. A malformed EXIF block is
+    # ignored: the pixels are fine, used as stored.
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(img, in_place=True)
+    return img
+
+
+def displayed_size(img: Image.Image) -> tuple[int, int]:
+    """``(W, H)`` of an opened (not necessarily decoded) image as displayed: EXIF Orientation 5-8 swap
+    the sides, so labels drawn on the displayed image line up with what :func:`load_image` returns."""
+    try:
+        turned = img.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8)
+    except Exception:  # a malformed EXIF block is ignored by load_image too
+        turned = False
+    return (img.height, img.width) if turned else img.size
+
+
+ORIENTATION_TAG = 0x0112
 
 
 def to_unit(img: Image.Image, spec: Preprocess) -> tuple[np.ndarray, Letterbox]:
@@ -118,6 +140,8 @@ def to_unit(img: Image.Image, spec: Preprocess) -> tuple[np.ndarray, Letterbox]:
     if spec.mode == "resize":
         placed = img.resize((w, h), resample) if img.size != (w, h) else img
         box = Letterbox(w / img.width, h / img.height, 0.0, 0.0, img.width, img.height)
+    elif spec.mode == "center_crop":
+        placed, box = _resize_center_crop(img, spec.resize_size or min(h, w), (h, w), resample)
     else:
         scale = min(w / img.width, h / img.height)
         nw, nh = max(1, round(img.width * scale)), max(1, round(img.height * scale))
@@ -129,6 +153,22 @@ def to_unit(img: Image.Image, spec: Preprocess) -> tuple[np.ndarray, Letterbox]:
     arr = np.asarray(placed, dtype=np.float32) / 255.0
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr), box
+
+
+def _resize_center_crop(img: Image.Image, short: int, size: tuple[int, int],
+                        resample: Image.Resampling) -> tuple[Image.Image, Letterbox]:
+    """Shorter side to ``short``, then the central ``size`` (H, W), rounding as torchvision's
+    ``Resize([short])`` + ``CenterCrop`` do, so pretrained weights see what they were evaluated on.
+    A crop larger than the resized image is padded with black around it (torchvision pads with 0)."""
+    h, w = size
+    if img.width <= img.height:
+        nw, nh = short, int(short * img.height / img.width)
+    else:
+        nw, nh = int(short * img.width / img.height), short
+    resized = img.resize((nw, nh), resample) if img.size != (nw, nh) else img
+    left, top = int(round((nw - w) / 2.0)), int(round((nh - h) / 2.0))
+    placed = resized.crop((left, top, left + w, top + h))  # PIL fills outside the image with 0
+    return placed, Letterbox(nw / img.width, nh / img.height, float(-left), float(-top), img.width, img.height)
 
 
 def normalize(x: np.ndarray, spec: Preprocess) -> np.ndarray:
@@ -214,6 +254,43 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
+def _candidates(scores: np.ndarray, post: DetectPost) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(anchor, class, score)`` of the candidates in one image's ``scores [A, C]``.
+
+    One label per location (its best class) unless ``post.multi_label``: a location scoring for two
+    classes is then a candidate twice. The class filter applies after the best class is chosen, so a
+    box is never relabelled as a weaker, allowed class.
+    """
+    num_classes = scores.shape[1]
+    if post.multi_label:
+        flat = scores.reshape(-1)
+        cand = np.flatnonzero(flat > post.score_threshold)
+        anchor, cls, s = cand // num_classes, cand % num_classes, flat[cand]
+    else:
+        best = scores.argmax(1)
+        top = scores[np.arange(len(scores)), best]
+        anchor = np.flatnonzero(top > post.score_threshold)
+        cls, s = best[anchor], top[anchor]
+    if post.classes is not None:
+        allowed = np.isin(cls, np.asarray(post.classes, dtype=np.int64))
+        anchor, cls, s = anchor[allowed], cls[allowed], s[allowed]
+    if s.size > PRE_NMS_TOP_K:
+        top_k = np.argsort(-s, kind="stable")[:PRE_NMS_TOP_K]
+        anchor, cls, s = anchor[top_k], cls[top_k], s[top_k]
+    return anchor, cls, s
+
+
+def nms_keep(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float, agnostic: bool) -> np.ndarray:
+    """Indices kept by NMS over ``boxes [K, 4]``: per class (``classes [K]``) or across classes
+    (``agnostic``: overlapping boxes of different classes suppress each other), best score first."""
+    if agnostic:
+        return nms(boxes, scores, iou_threshold)
+    kept = [np.flatnonzero(classes == c)[nms(boxes[classes == c], scores[classes == c], iou_threshold)]
+            for c in np.unique(classes)]
+    keep = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    return keep[np.argsort(-scores[keep], kind="stable")]
+
+
 def detect_postprocess(
     boxes: np.ndarray,
     scores: np.ndarray,
@@ -225,26 +302,21 @@ def detect_postprocess(
 
     ``boxes [N, A, 4]`` xyxy in model-input pixels and ``scores [N, A, C]`` per-class scores in [0, 1]
     -> for each image a list of ``{"box": [x1, y1, x2, y2], "label", "index", "score"}``, best first:
-    (location, class) pairs over ``post.score_threshold`` (at most :data:`PRE_NMS_TOP_K`), NMS per class
-    at ``post.iou_threshold``, the best ``post.max_detections``, boxes mapped to original pixels with
-    each image's :class:`Letterbox` (left in input pixels when ``letterboxes`` is None).
+    each location's best class (every class over the threshold with ``post.multi_label``) scoring over
+    ``post.score_threshold``, only ``post.classes`` when set, at most :data:`PRE_NMS_TOP_K` candidates,
+    NMS at ``post.iou_threshold`` per class (across classes with ``post.class_agnostic``), the best
+    ``post.max_detections``, boxes mapped to original pixels with each image's :class:`Letterbox`
+    (left in input pixels when ``letterboxes`` is None).
     """
     if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
         raise ValueError(f"expected boxes [N, A, 4] and scores [N, A, C], got {boxes.shape} and {scores.shape}")
     if letterboxes is not None and len(letterboxes) != len(boxes):
         raise ValueError(f"{len(letterboxes)} letterboxes for {len(boxes)} images")
-    num_classes = scores.shape[2]
     out: list[list[dict[str, object]]] = []
     for i in range(boxes.shape[0]):
-        flat = scores[i].reshape(-1).astype(np.float32)
-        cand = np.flatnonzero(flat > post.score_threshold)
-        if cand.size > PRE_NMS_TOP_K:
-            cand = cand[np.argsort(-flat[cand], kind="stable")[:PRE_NMS_TOP_K]]
-        anchor, cls = cand // num_classes, cand % num_classes
-        b, s = boxes[i][anchor].astype(np.float32), flat[cand]
-        kept = [np.flatnonzero(cls == c)[nms(b[cls == c], s[cls == c], post.iou_threshold)] for c in np.unique(cls)]
-        keep = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
-        keep = keep[np.argsort(-s[keep], kind="stable")][: post.max_detections]
+        anchor, cls, s = _candidates(scores[i].astype(np.float32), post)
+        b = boxes[i][anchor].astype(np.float32)
+        keep = nms_keep(b, s, cls, post.iou_threshold, post.class_agnostic)[: post.max_detections]
         final = b[keep]
         if letterboxes is not None:
             final = letterboxes[i].to_original(final)
@@ -255,4 +327,43 @@ def detect_postprocess(
     return out
 
 
-__all__ += ["PRE_NMS_TOP_K", "detect_postprocess", "nms"]
+def detect_overrides(post: DetectPost, classes: list[str], *, conf: float | None = None, iou: float | None = None,
+                     max_det: int | None = None, agnostic: bool | None = None, multi_label: bool | None = None,
+                     only: list[str] | None = None) -> DetectPost:
+    """``post`` (kiln.json's defaults) with the controls a caller gave; ``None`` keeps the default.
+
+    ``only`` names classes by label or index (``["car", "3"]``). Raises :class:`DetectControlError`
+    naming the first bad value, so the CLI prints one line and the server answers 400.
+    """
+    changes: dict[str, object] = {}
+    for key, value in (("score_threshold", conf), ("iou_threshold", iou), ("max_detections", max_det),
+                       ("class_agnostic", agnostic), ("multi_label", multi_label)):
+        if value is not None:
+            changes[key] = value
+    if only is not None:
+        changes["classes"] = [class_index(name, classes) for name in only]
+    try:
+        return DetectPost.model_validate({**post.model_dump(), **changes})
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        errors = getattr(exc, "errors", None)
+        first = errors()[0] if callable(errors) else None
+        flag = {"score_threshold": "conf", "iou_threshold": "iou", "max_detections": "max_det"}
+        where = flag.get(str(first["loc"][0]), str(first["loc"][0])) if first else "detection control"
+        msg = first["msg"] if first else str(exc)
+        raise DetectControlError(f"{where}: {msg}") from None
+
+
+def class_index(name: str, classes: list[str]) -> int:
+    """The index of a class given by label or by index (as text)."""
+    if name in classes:
+        return classes.index(name)
+    if name.strip().isdigit() and int(name) < len(classes):
+        return int(name)
+    raise DetectControlError(str(unknown_choice("class", name, classes)))
+
+
+class DetectControlError(KilnError, ValueError):
+    """A detection control (threshold, class filter, ...) has an invalid value."""
+
+
+__all__ += ["PRE_NMS_TOP_K", "DetectControlError", "class_index", "detect_overrides", "detect_postprocess", "nms", "nms_keep"]

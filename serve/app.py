@@ -18,6 +18,7 @@ Every error is ``{"error": {"code": ..., "message": ..., "request_id": ...}}`` (
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -28,24 +29,44 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from kiln import __version__
 from kiln.bundle import Bundle
-from kiln.serve import errors, health, v1, v2
+from kiln.serve import errors, grpc, health, v1, v2
+from kiln.serve.health import WorkerReadiness
 from kiln.serve.metrics import Metrics
 from kiln.serve.middleware import RequestGate
 from kiln.serve.registry import Loader, LoadErrorHook, Registry
 from kiln.serve.settings import Settings
+from kiln.serve.triton_ext import Stats
+
+log = logging.getLogger("kiln.serve")
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI, on_load_error: LoadErrorHook | None) -> AsyncIterator[None]:
     registry: Registry = app.state.registry
+    if app.state.api_key is None:
+        log.warning("no API key (--api-key / KILN_API_KEY is unset or empty): every endpoint is open to "
+                    "anyone who can reach this server")
     registry.start()
-    watcher = asyncio.create_task(registry.watch_loads(app.state.metrics.loaded, on_load_error))
+    watcher = asyncio.create_task(_watch_loads(app, on_load_error))
+    grpc_server = await grpc.start(app) if app.state.settings.grpc_port is not None else None
     try:
         yield
     finally:
         watcher.cancel()
+        if grpc_server is not None:  # finish in-flight gRPC calls before the batchers drain
+            await grpc_server.stop(app.state.settings.timeout_s)
+        if app.state.workers is not None:
+            app.state.workers.unmark()
         # Uvicorn has finished in-flight requests by now; drain whatever is still queued.
         await registry.close(app.state.settings.timeout_s)
+
+
+async def _watch_loads(app: FastAPI, on_load_error: LoadErrorHook | None) -> None:
+    registry: Registry = app.state.registry
+    await registry.watch_loads(app.state.metrics.loaded, on_load_error)
+    workers: WorkerReadiness | None = app.state.workers
+    if workers is not None and registry.not_ready_reason() is None:
+        workers.mark_ready()
 
 
 def create_app(
@@ -54,12 +75,15 @@ def create_app(
     *,
     loader: Loader | None = None,
     on_load_error: LoadErrorHook | None = None,
+    workers: WorkerReadiness | None = None,
 ) -> FastAPI:
     """Build the server for ``models`` (name, bundle path). Backends load in their worker threads when
     the app starts; ``/readyz`` turns ready once every model is loaded and warmed up.
 
     ``loader(bundle, settings) -> Backend`` defaults to :func:`kiln.runtime.load`; ``on_load_error``
-    is called (from the event loop) when a model fails to load.
+    is called (from the event loop) when a model fails to load. ``workers``: this process is one of
+    several (``kiln serve --workers N``); ``/readyz`` waits for all of them and every answer carries an
+    ``X-Kiln-Worker`` header with the pid that served it.
     """
     settings = settings or Settings()
     registry = Registry.build(models, settings, loader)
@@ -78,8 +102,17 @@ def create_app(
     app.state.models = registry.models  # by name, for callers that reach into a model's batcher
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.stats = Stats(registry)  # Triton's statistics extension (REST and gRPC)
     app.state.api_key = settings.api_key_value()
+    app.state.workers = workers
+    # Bounds the requests decoding images in worker threads at once (kiln.serve.images.prepare).
+    app.state.decode_slots = asyncio.Semaphore(settings.decode_threads)
     errors.install(app)
+    # The gate goes on first, so it sits inside CORS: its 401 and 413 answers carry the CORS headers a
+    # browser needs to read them, and a CORS preflight (which carries no API key) never reaches it.
+    app.add_middleware(RequestGate, limit=settings.max_body_bytes, metrics=metrics, models=registry.models,
+                       api_key=app.state.api_key, body_timeout=settings.body_timeout_s,
+                       worker=str(os.getpid()) if workers is not None else None)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -88,8 +121,8 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
-    app.add_middleware(RequestGate, limit=settings.max_body_bytes, metrics=metrics, models=registry.models)
-    for router in (health.router, v1.router, v2.router):
+    # v1 first: routing tries each route in turn and predict is the hot one (no paths overlap).
+    for router in (v1.router, health.router, v2.router):
         # Not include_router: FastAPI keeps an included router as a branch that is matched again on every
         # request. Each APIRoute already carries its router's tags, dependencies and error responses, so
         # placing the routes on the app keeps routing one flat table (app.dependency_overrides skips them).

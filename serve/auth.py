@@ -1,27 +1,65 @@
-"""The API key check shared by every protocol's guarded routes (health probes stay open)."""
+"""The API key: which paths need it, and the check itself.
+
+:class:`~kiln.serve.middleware.RequestGate` runs the check before any route is matched or any body byte
+is read, so a caller without the key costs the server one header lookup whatever it sends. Every path
+needs the key except the probes, the page and the OpenAPI docs (:func:`is_open`): a route added later is
+guarded unless it is named here.
+"""
 
 from __future__ import annotations
 
-import secrets
+import hmac
+import re
+from collections.abc import Mapping
 
 from fastapi import Depends, Request
 
 from kiln.serve.errors import ApiError
 
+_OPEN_PATHS = frozenset({
+    "/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+    "/v2/health/live", "/v2/health/ready",
+})
+# Per-model readiness (KServe v2), with or without a version segment.
+_OPEN_PATTERN = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?/ready$")
+
+
+def is_open(path: str) -> bool:
+    """Whether ``path`` is served without the API key (health probes, the page, the docs)."""
+    return path in _OPEN_PATHS or _OPEN_PATTERN.match(path) is not None
+
+
+def check_key(authorization: bytes | None, key: bytes) -> ApiError | None:
+    """None when ``authorization`` (the raw header value) is ``Bearer <key>``, else the 401 to answer.
+
+    The whole token is compared in constant time, so the answer's timing says nothing about the key.
+    """
+    scheme, _, token = (authorization or b"").partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
+                        {"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(token, key):
+        return ApiError(401, "unauthorized", "wrong API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return None
+
+
+def is_authorized(headers: Mapping[bytes, bytes], key: bytes | None) -> bool:
+    """Whether a request with these (lower-cased) headers may see what only key holders see."""
+    return key is None or check_key(headers.get(b"authorization"), key) is None
+
 
 async def require_key(request: Request) -> None:
-    """Accept ``Authorization: Bearer <key>`` when the app has an API key (``app.state.api_key``)."""
+    """A route dependency doing the gate's check again; the gate already guards every path that is not
+    :func:`is_open`, so no kiln route uses it. Kept for routes mounted outside the gate."""
     api_key: str | None = request.app.state.api_key
     if api_key is None:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
-                       {"WWW-Authenticate": "Bearer"})
-    if not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-        raise ApiError(401, "unauthorized", "wrong API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    error = check_key(request.headers.get("authorization", "").encode("latin-1"), api_key.encode())
+    if error is not None:
+        raise error
 
 
 AUTH = [Depends(require_key)]
 
-__all__ = ["AUTH", "require_key"]
+__all__ = ["AUTH", "check_key", "is_authorized", "is_open", "require_key"]

@@ -1,14 +1,18 @@
 """Dynamic batching: a bounded queue of requests and one worker thread per model that owns the backend.
 
-The core is :func:`collect`, a pure function over a :class:`queue.Queue` that forms one batch; the
-:class:`Batcher` wraps it in a worker loop. A batch closes when it holds ``max_items`` items or
-``max_delay`` seconds after its first request was queued. Items, not requests, count: a request may
-carry several images, and one larger than ``max_items`` is split into parts that are re-joined.
+The policy and its timers live in :mod:`kiln.serve.batching` (:func:`collect`, pure and tested with a
+fake clock); :class:`Batcher` runs it in a worker loop. A batch takes what is queued, up to
+``max_items`` items, and stays open for at most ``max_delay`` seconds after its first request only while
+more requests are known to be on their way (:meth:`Batcher.announce`): a lone request on an idle
+backend runs at once, and requests that arrive while the backend is busy form the next batch. Items,
+not requests, count: a request may carry several images, and one larger than ``max_items`` is split
+into parts that are re-joined.
 
-Each request gets a :class:`concurrent.futures.Future`. A future that was cancelled before the worker
-took it (the client went away, the handler timed out) is skipped; a request past its deadline fails
-with :class:`RequestTimeout` without running. A backend exception fails only the requests of that
-batch (:class:`InferenceFailed`) and the worker keeps serving.
+Each request gets a future. A future that was cancelled before the worker took it (the client went
+away, the handler timed out) is skipped; a request past its deadline fails with
+:class:`RequestTimeout` without running. A backend exception fails only the requests of that batch
+(:class:`InferenceFailed`) and the worker keeps serving. An asyncio caller waits with
+:func:`wait_result`: the worker wakes each event loop once per batch, not once per request.
 
 The backend is created inside the worker thread by a factory, so an engine and its execution context
 stay on the thread that runs them (TensorRT and CUDA contexts are not meant to hop threads).
@@ -20,206 +24,44 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from queue import Full
 
 import numpy as np
 
 from kiln.errors import InputError, KilnError
-from kiln.runtime.base import Backend
+from kiln.runtime.base import Backend, pad_batch
+from kiln.serve.batching import (
+    BatcherClosed,
+    BatchFuture,
+    ClientDisconnected,
+    Clock,
+    Feeds,
+    InferenceFailed,
+    ModelNotReady,
+    Pending,
+    QueueFull,
+    RequestTimeout,
+    WakeableQueue,
+    batch_size,
+    collect,
+    join,
+    split_feeds,
+    take,
+)
 
 log = logging.getLogger("kiln.serve.batcher")
 
-Feeds = dict[str, np.ndarray]
-Clock = Callable[[], float]
-
 _ids = itertools.count(1)
-
-
-class QueueFull(KilnError):
-    """The model's queue is full: the client should retry later (HTTP 503 with Retry-After)."""
-
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class RequestTimeout(KilnError, TimeoutError):
-    """The request did not get its result before its deadline (HTTP 504)."""
-
-
-class BatcherClosed(KilnError):
-    """The batcher is shutting down or stopped; no new requests are taken (HTTP 503)."""
-
-
-class ModelNotReady(KilnError):
-    """The backend is still loading, or failed to load (HTTP 503)."""
-
-
-class ClientDisconnected(KilnError):
-    """The client went away while its request waited; the request was cancelled."""
-
-
-class InferenceFailed(KilnError):
-    """The backend raised while running the batch that held this request (HTTP 500)."""
-
-    def __init__(self, message: str, request_id: str) -> None:
-        super().__init__(message)
-        self.request_id = request_id
-
-
-@dataclass(eq=False)
-class Pending:
-    """One queued request (or one part of a split request). ``size`` items along the batch axis."""
-
-    feeds: Feeds
-    size: int
-    future: Future[Feeds] = field(default_factory=Future)
-    request_id: str = ""
-    enqueued: float = 0.0
-    deadline: float | None = None
-
-
-# ---- the testable core ---------------------------------------------------------------------------
-
-
-def _get(q: queue.Queue[Pending], timeout: float | None) -> Pending | None:
-    """``None`` blocks, ``<= 0`` only takes what is already queued."""
-    try:
-        if timeout is None:
-            return q.get()
-        if timeout <= 0:
-            return q.get_nowait()
-        return q.get(timeout=timeout)
-    except queue.Empty:
-        return None
-
-
-def _remaining(until: float | None, clock: Clock) -> float | None:
-    return None if until is None else until - clock()
-
-
-def claim(item: Pending, clock: Clock = time.monotonic) -> bool:
-    """Mark ``item`` running; False (and the item is dropped) if it was cancelled or its deadline passed."""
-    if item.deadline is not None and clock() >= item.deadline:
-        if item.future.set_running_or_notify_cancel():
-            item.future.set_exception(RequestTimeout(f"request {item.request_id} waited past its deadline"))
-        return False
-    return item.future.set_running_or_notify_cancel()
-
-
-def collect(
-    q: queue.Queue[Pending],
-    max_items: int,
-    max_delay: float | None,
-    first_timeout: float | None = None,
-    carry: Pending | None = None,
-    clock: Clock = time.monotonic,
-    more_coming: Callable[[], bool] | None = None,
-) -> tuple[list[Pending], Pending | None]:
-    """Take one batch from ``q``: claimed requests holding at most ``max_items`` items in total.
-
-    ``first_timeout``: how long to wait for a first request (``None`` blocks, ``0`` does not wait).
-    ``max_delay``: how long after the first request was queued the batch stays open for more
-    (``None``: until it is full; ``0``: only what is queued now). ``carry`` is a claimed request left
-    over from the previous call; it opens this batch. Returns ``(batch, carry)`` where ``carry`` is a
-    claimed request that did not fit and must open the next batch. An empty batch means the first
-    wait timed out.
-
-    ``more_coming()`` tells whether any request is on its way (accepted by the server, not queued
-    yet); when the queue is empty and nothing is on its way the batch closes at once instead of
-    waiting out ``max_delay``, so a lone request pays no batching delay.
-    """
-    if max_items < 1:
-        raise ValueError(f"max_items must be >= 1, got {max_items}")
-    first = carry
-    if first is None:
-        until = None if first_timeout is None else clock() + first_timeout
-        while first is None:
-            item = _get(q, _remaining(until, clock))
-            if item is None:
-                return [], None
-            if claim(item, clock):
-                first = item
-    batch, size = [first], first.size
-    close_at = None if max_delay is None else first.enqueued + max_delay
-    while size < max_items:
-        item = _get(q, 0)
-        if item is None:
-            if more_coming is not None and not more_coming():
-                break
-            item = _get(q, _remaining(close_at, clock))
-            if item is None:
-                break
-        if not claim(item, clock):
-            continue
-        if size + item.size > max_items:
-            return batch, item
-        batch.append(item)
-        size += item.size
-    return batch, None
-
-
-def split_feeds(feeds: Feeds, max_items: int) -> list[Feeds]:
-    """Split feeds along the batch axis into parts of at most ``max_items`` (views, no copies)."""
-    n = batch_size(feeds)
-    return [{k: v[i : i + max_items] for k, v in feeds.items()} for i in range(0, n, max_items)]
-
-
-def batch_size(feeds: Feeds) -> int:
-    sizes = {name: (arr.shape[0] if arr.ndim else 0) for name, arr in feeds.items()}
-    if not sizes:
-        raise InputError("no input tensors given")
-    if len(set(sizes.values())) != 1:
-        raise InputError(f"input tensors disagree on the batch size: {sizes}")
-    n = next(iter(sizes.values()))
-    if n < 1:
-        raise InputError(f"input tensors hold no items (batch size {n})")
-    return n
-
-
-def _join(parts: list[Future[Feeds]], parent: Future[Feeds]) -> None:
-    """Complete ``parent`` with the parts' outputs concatenated in order, or their first error."""
-    remaining = [len(parts)]
-    lock = threading.Lock()
-
-    def done(_: Future[Feeds]) -> None:
-        with lock:
-            remaining[0] -= 1
-            if remaining[0]:
-                return
-        if parent.done():
-            return
-        # The parent may be cancelled by the caller between the check above and here.
-        with contextlib.suppress(InvalidStateError):
-            for p in parts:
-                if p.cancelled():
-                    parent.cancel()
-                    return
-                if p.exception() is not None:
-                    parent.set_exception(p.exception())  # type: ignore[arg-type]
-                    return
-            outs = [p.result() for p in parts]
-            parent.set_result({k: np.concatenate([o[k] for o in outs]) for k in outs[0]})
-
-    def cancel_parts(f: Future[Feeds]) -> None:
-        if f.cancelled():
-            for p in parts:
-                p.cancel()
-
-    parent.add_done_callback(cancel_parts)
-    for p in parts:
-        p.add_done_callback(done)
-
 
 # ---- the worker ----------------------------------------------------------------------------------
 
 
 BatchHook = Callable[[int, float], None]
+RunHook = Callable[[int, float, list[float]], None]
 
 
 class Batcher:
@@ -258,9 +100,11 @@ class Batcher:
         self.max_queue = max_queue
         self._warmup = warmup
         self.on_batch = on_batch
+        # (items, backend seconds, each request's seconds in the queue): inference statistics
+        self.on_run: RunHook | None = None
         self._poll = poll
         self._clock = clock
-        self._queue: queue.Queue[Pending] = queue.Queue(maxsize=max_queue)
+        self._queue: WakeableQueue = WakeableQueue(maxsize=max_queue)
         self._loaded = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -307,18 +151,27 @@ class Batcher:
     # -- requests --
 
     @contextlib.contextmanager
-    def announce(self) -> Iterator[None]:
-        """Mark a request as on its way (being read and decoded) until it is submitted or fails.
+    def announce(self) -> Iterator[Arrival]:
+        """Mark a request as on its way (being read and decoded) until the block ends or it is handed
+        over with :meth:`Arrival.submit`.
 
-        While none is on its way, a batch does not wait for more (see :func:`collect`).
+        While none is on its way, a batch does not wait for more (see :func:`collect`); when the last
+        one leaves without being queued, a worker waiting for it is woken.
         """
         with self._incoming_lock:
             self._incoming += 1
+        arrival = Arrival(self)
         try:
-            yield
+            yield arrival
         finally:
-            with self._incoming_lock:
-                self._incoming -= 1
+            arrival.leave()
+
+    def _leave(self, wake: bool) -> None:
+        with self._incoming_lock:
+            self._incoming -= 1
+            last = self._incoming == 0
+        if last and wake:
+            self._queue.wake()
 
     def _more_coming(self) -> bool:
         return self._incoming > 0
@@ -349,7 +202,7 @@ class Batcher:
         for i, p in enumerate(pendings):
             try:
                 self._queue.put_nowait(p)
-            except queue.Full:
+            except Full:
                 for queued in pendings[:i]:
                     queued.future.cancel()
                 raise QueueFull(
@@ -358,7 +211,7 @@ class Batcher:
         if len(pendings) == 1:
             return pendings[0].future
         parent: Future[Feeds] = Future()
-        _join([p.future for p in pendings], parent)
+        join([p.future for p in pendings], parent)
         return parent
 
     # -- worker --
@@ -421,9 +274,8 @@ class Batcher:
                 feeds = batch[0].feeds
             else:
                 feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
-            pad = max(0, backend.min_batch - n)
-            if pad:  # an engine profile may start above 1: pad with zeros and drop their outputs
-                feeds = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in feeds.items()}
+            feeds, pad = pad_batch(feeds, backend.min_batch)  # outputs of the padding rows are dropped below
+            started = self._clock()
             t0 = time.perf_counter()
             out = backend.infer(feeds)
             seconds = time.perf_counter() - t0
@@ -442,15 +294,21 @@ class Batcher:
         for p in batch:
             p.future.set_result({k: v[offset : offset + p.size] for k, v in out.items()})
             offset += p.size
+        wake_loops([p.future for p in batch])
         if self.on_batch is not None:
             try:
                 self.on_batch(n, seconds)
             except Exception:  # a metrics hook must never take the worker down
                 log.exception("on_batch hook failed")
+        if self.on_run is not None:
+            try:
+                self.on_run(n, seconds, [started - p.enqueued for p in batch])
+            except Exception:
+                log.exception("on_run hook failed")
 
     def _cancel_queued(self) -> None:
         while True:
-            item = _get(self._queue, 0)
+            item = take(self._queue, 0)
             if item is None:
                 return
             if item.future.set_running_or_notify_cancel():
@@ -459,6 +317,73 @@ class Batcher:
 
 def _describe(backend: Backend) -> str:
     return f"{backend.name} {backend.precision} on {backend.device}"
+
+
+class Arrival:
+    """A request announced as on its way (:meth:`Batcher.announce`). :meth:`submit` hands it to the
+    batcher and stops counting it as coming *before* it is queued, so the worker never waits for the
+    very request it has just taken."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self.coming = True
+
+    def leave(self, wake: bool = True) -> None:
+        if self.coming:
+            self.coming = False
+            self._batcher._leave(wake)
+
+    def submit(self, feeds: Feeds, request_id: str = "", timeout: float | None = None) -> Future[Feeds]:
+        self.leave(wake=False)  # the put below wakes the worker
+        try:
+            return self._batcher.submit(feeds, request_id, timeout)
+        except BaseException:
+            self._batcher._queue.wake()  # refused: nothing was put, so tell a waiting worker
+            raise
+
+
+class _LoopWaiter:
+    """Wakes one :func:`wait_result` on its event loop. ``wake`` is the future it awaits right now."""
+
+    __slots__ = ("loop", "wake")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.wake: asyncio.Future[None] | None = None
+
+    def notify(self) -> None:
+        """From any thread (one wakeup for one request: the error and split-request paths)."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            self.loop.call_soon_threadsafe(self.resolve)
+
+    def resolve(self) -> None:
+        if self.wake is not None:
+            _resolve(self.wake)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _resolve_all(waiters: list[_LoopWaiter]) -> None:
+    for w in waiters:
+        w.resolve()
+
+
+def wake_loops(futures: list[Future[Feeds]]) -> None:
+    """One ``call_soon_threadsafe`` per event loop for all of ``futures`` that an asyncio caller awaits.
+
+    Called after the futures are done. A waiter attached after a future was done sees it done itself
+    (:func:`wait_result` attaches, then checks), so no wakeup is lost."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_LoopWaiter]] = {}
+    for f in futures:
+        w = getattr(f, "waiter", None)
+        if w is not None:
+            by_loop.setdefault(w.loop, []).append(w)
+    for loop, waiters in by_loop.items():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve_all, waiters)
 
 
 async def wait_result(
@@ -470,26 +395,42 @@ async def wait_result(
     """Await a batcher future from asyncio, with a deadline and a check that the client is still there.
 
     On timeout, disconnect or cancellation of the awaiting task the future is cancelled, so the worker
-    skips the request if it has not taken it yet.
+    skips the request if it has not taken it yet. The wait costs one loop future and one timer; the
+    client is asked whether it is still there only every ``poll`` seconds.
     """
     loop = asyncio.get_running_loop()
-    afut = asyncio.wrap_future(fut, loop=loop)
+    waiter = _LoopWaiter(loop)
+    if isinstance(fut, BatchFuture):
+        fut.waiter = waiter  # the worker wakes the loop once per batch (wake_loops)
+    else:  # a split request's joined future, or any other: one wakeup of its own
+        fut.add_done_callback(lambda _f: waiter.notify())
     end = None if timeout is None else loop.time() + timeout
     try:
-        while True:
-            wait = poll if end is None else max(0.0, min(poll, end - loop.time()))
-            done, _ = await asyncio.wait({afut}, timeout=wait)
-            if done:
-                return afut.result()
+        while not fut.done():
+            wake = waiter.wake = loop.create_future()
+            if fut.done():  # completed between the check above and the attachment
+                break
+            tick = loop.time() + poll
+            timer = loop.call_at(tick if end is None else min(tick, end), _resolve, wake)
+            try:
+                await wake
+            finally:
+                timer.cancel()
+            if fut.done():
+                break
             if end is not None and loop.time() >= end:
                 fut.cancel()
-                afut.cancel()
                 raise RequestTimeout(f"no result within {timeout:g} s")
             if is_disconnected is not None and await is_disconnected():
                 fut.cancel()
-                afut.cancel()
                 raise ClientDisconnected("client disconnected")
     except asyncio.CancelledError:
         fut.cancel()
-        afut.cancel()
         raise
+    if fut.cancelled():
+        raise asyncio.CancelledError()
+    return fut.result()
+
+
+__all__ = ["Arrival", "Batcher", "BatcherClosed", "ClientDisconnected", "InferenceFailed", "ModelNotReady", "Pending",
+           "QueueFull", "RequestTimeout", "collect", "split_feeds", "wait_result", "wake_loops"]

@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import socket
 from pathlib import Path
 from typing import Any
 
 from kiln.cli import HelpFormatter, choice, csv_of, non_negative_float, positive_float, positive_int
-from kiln.errors import BackendUnavailable, ConfigError, KilnError
+from kiln.errors import ConfigError
+from kiln.vocab import BACKEND_CHOICES, PRECISIONS
 
 log = logging.getLogger("kiln.serve")
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # Flag name -> Settings field; flags default to "not given" so KILN_* variables apply underneath.
 _FLAGS = (
-    "host", "port", "backend", "precision", "max_batch", "max_delay_ms", "max_queue", "timeout_s", "api_key",
-    "max_body_bytes", "max_image_pixels", "max_images_per_request", "cors_origins", "top_k",
+    "host", "port", "grpc_port", "backend", "precision", "max_batch", "max_delay_ms", "max_queue", "timeout_s", "api_key",
+    "max_body_bytes", "max_image_pixels", "max_images_per_request", "max_request_pixels", "decode_threads",
+    "max_header_bytes", "body_timeout_s", "keep_alive_s", "drain_s", "cors_origins", "top_k", "workers",
 )
-
-
-def _backends() -> list[str]:
-    from kiln.runtime import BACKENDS
-
-    return ["auto", *BACKENDS]
 
 
 def _port(text: str) -> int:
@@ -48,7 +42,8 @@ def register(sub: Any) -> None:
             "Serve one or more bundles: POST /v1/models/NAME/predict (multipart `file` fields or JSON base64),\n"
             "KServe v2 /v2/models/NAME/infer, /healthz, /readyz, /metrics, /docs and a try-it page at /.\n"
             "Every flag can also be set with a KILN_* environment variable (KILN_MAX_BATCH=16, KILN_API_KEY=...);\n"
-            "a flag wins over the variable. SIGTERM stops accepting, finishes in-flight requests and exits 0.\n\n"
+            "a flag wins over the variable. SIGTERM turns /readyz to 503, keeps serving for --drain-s seconds,\n"
+            "then stops accepting, finishes in-flight requests and exits 0.\n\n"
             "example:\n"
             "  kiln serve runs/digits --port 8000 --max-batch 32 --max-delay-ms 2\n"
             "  curl -F file=@digit.png http://127.0.0.1:8000/v1/models/digits/predict"
@@ -60,7 +55,9 @@ def register(sub: Any) -> None:
                         "default: the bundle folder's name)")
     p.add_argument("--host", help="interface to listen on [KILN_HOST, default 127.0.0.1; 0.0.0.0 for all]")
     p.add_argument("--port", type=_port, help="TCP port [KILN_PORT, default 8000; 0 picks a free one]")
-    p.add_argument("--backend", type=choice("backend", _backends),
+    p.add_argument("--grpc-port", type=_port,
+                   help="also serve the KServe v2 gRPC protocol on this port [KILN_GRPC_PORT, default off; 0 picks a free one]")
+    p.add_argument("--backend", type=choice("backend", BACKEND_CHOICES),
                    help="runtime [KILN_BACKEND, default auto: TensorRT, then ONNX Runtime, then PyTorch]")
     p.add_argument("--precision", type=choice("precision", PRECISIONS),
                    help="artifact precision [KILN_PRECISION, default: the backend's choice]")
@@ -77,15 +74,33 @@ def register(sub: Any) -> None:
                    help="classification labels per image [KILN_TOP_K, default: kiln.json]")
     s = p.add_argument_group("limits and security")
     s.add_argument("--api-key", metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' except on health endpoints [KILN_API_KEY]")
+                   help="require 'Authorization: Bearer KEY' except on health endpoints [KILN_API_KEY; "
+                        "unset or empty: no key, the server is open]")
     s.add_argument("--max-body-bytes", type=positive_int, metavar="N",
                    help="request body limit, 413 above [KILN_MAX_BODY_BYTES, default 20 MiB]")
     s.add_argument("--max-image-pixels", type=positive_int, metavar="N",
                    help="width x height limit per image [KILN_MAX_IMAGE_PIXELS, default 40000000]")
     s.add_argument("--max-images-per-request", type=positive_int, metavar="N",
                    help="images in one request [KILN_MAX_IMAGES_PER_REQUEST, default 64]")
+    s.add_argument("--max-request-pixels", type=positive_int, metavar="N",
+                   help="decode budget: width x height summed over a request's images, checked from the headers "
+                        "before decoding; 413 above [KILN_MAX_REQUEST_PIXELS, default 40000000]")
+    s.add_argument("--decode-threads", type=positive_int, metavar="N",
+                   help="requests decoding images at once, off the event loop [KILN_DECODE_THREADS, default 2]")
+    s.add_argument("--max-header-bytes", type=positive_int, metavar="N",
+                   help="request line + headers limit, 431 above [KILN_MAX_HEADER_BYTES, default 65536]")
+    s.add_argument("--body-timeout-s", type=positive_float, metavar="S",
+                   help="wait this long for more of a request body, then 408 [KILN_BODY_TIMEOUT_S, default 30]")
+    s.add_argument("--keep-alive-s", type=positive_int, metavar="S",
+                   help="close idle keep-alive connections after S seconds [KILN_KEEP_ALIVE_S, default 5]")
+    s.add_argument("--drain-s", type=non_negative_float, metavar="S",
+                   help="after SIGTERM, keep serving (with /readyz 503) for S seconds before closing the "
+                        "listener [KILN_DRAIN_S, default 5; 0: close at once]")
     s.add_argument("--cors-origins", type=csv_of(str), metavar="URL,...",
                    help="allowed CORS origins [KILN_CORS_ORIGINS, default none: CORS off]")
+    p.add_argument("--workers", type=positive_int, metavar="N",
+                   help="server processes sharing the port, each with its own batchers and backends "
+                        "[KILN_WORKERS, default 1; on a CPU see docs/serve.md; one per GPU]")
     p.add_argument("--access-log", action="store_true", default=False, help="log every request (uvicorn access log)")
     p.set_defaults(func=run)
 
@@ -109,44 +124,19 @@ def run(args: argparse.Namespace) -> int:
     bundles = [Bundle.load(path) for path in args.bundles]
     models = [(names[i] if names else b.name, b) for i, b in enumerate(bundles)]
 
-    import uvicorn
-
-    from kiln.serve.app import create_app
+    from kiln.serve.workers import run_workers, serve_socket
 
     sock = _listen(settings.host, settings.port)
-    load_errors: list[str] = []
-    server: uvicorn.Server | None = None
-
-    def on_load_error(name: str, exc: BaseException) -> None:
-        load_errors.append(f"model '{name}' ({Path(args.bundles[[m[0] for m in models].index(name)])}): {exc}")
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(models, settings, on_load_error=on_load_error)
-    config = uvicorn.Config(
-        app,
-        log_config=None,  # keep kiln's logging setup
-        access_log=args.access_log,
-        lifespan="on",
-        # In-flight requests finish within their own deadline; don't wait for stragglers beyond it.
-        timeout_graceful_shutdown=int(settings.timeout_s) + 5,
-    )
-    server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
     log.info("serving %s on http://%s:%d (docs at /docs)", ", ".join(n for n, _ in models), host, port)
-    terminated: list[int] = []
-    # Uvicorn re-raises the signal it shut down on; a Python handler turns SIGTERM into a clean exit 0.
-    previous = signal.signal(signal.SIGTERM, lambda sig, _frame: terminated.append(sig))
+    # Bundle paths, not loaded bundles: each worker process loads its own.
+    by_path = [(name, str(Path(path))) for (name, _), path in zip(models, args.bundles, strict=True)]
     try:
-        server.run(sockets=[sock])
+        if settings.workers > 1:
+            return run_workers(by_path, settings, sock, access_log=args.access_log)
+        return serve_socket(by_path, settings, sock, access_log=args.access_log)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         sock.close()
-    if load_errors:
-        raise BackendUnavailable("; ".join(load_errors))
-    if not server.started:
-        raise KilnError("the server did not start; see the log above")
-    return 0
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -47,7 +47,8 @@ ERRORS: list[tuple[type[BaseException], int, str]] = [
 
 # Codes for the HTTP errors Starlette raises itself (unknown route, wrong method, ...).
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                413: "body_too_large", 415: "unsupported_media_type", 500: "internal_error", 503: "unavailable"}
+                408: "request_timeout", 413: "body_too_large", 415: "unsupported_media_type",
+                431: "header_too_large", 500: "internal_error", 503: "unavailable"}
 
 
 # The error shape in the OpenAPI description of every route.
@@ -63,10 +64,19 @@ class ApiError(StarletteHTTPException):
 
 
 def error_response(
-    status: int, code: str, message: str, request_id: str | None, headers: Mapping[str, str] | None = None
+    status: int, code: str, message: str, request_id: str | None, headers: Mapping[str, str] | None = None,
+    path: str | None = None,
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "request_id": request_id}}
+    """kiln's error shape; on a KServe v2 ``path`` the protocol's ``{"error": "<message>"}``, which
+    Triton and KServe clients parse."""
+    body: dict[str, Any] = {"error": {"code": code, "message": message, "request_id": request_id}}
+    if path is not None and is_v2(path):
+        body = {"error": message}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def request_id(request: Request) -> str | None:
@@ -87,12 +97,13 @@ def describe_validation(errors: Sequence[Any]) -> str:
 async def _http_error(request: Request, exc: Exception) -> Response:
     exc = cast(StarletteHTTPException, exc)  # registered for this class only
     code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), request_id(request), exc.headers)
+    return error_response(exc.status_code, code, str(exc.detail), request_id(request), exc.headers, request.url.path)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     exc = cast(RequestValidationError, exc)
-    return error_response(400, "invalid_request", describe_validation(exc.errors()), request_id(request))
+    return error_response(400, "invalid_request", describe_validation(exc.errors()), request_id(request),
+                          path=request.url.path)
 
 
 async def _kiln_error(request: Request, exc: Exception) -> Response:
@@ -100,14 +111,18 @@ async def _kiln_error(request: Request, exc: Exception) -> Response:
     headers = None
     if isinstance(exc, QueueFull):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    message = str(exc)
+    if isinstance(exc, ModelNotFound) and not request.scope.get("kiln.authorized", False):
+        message = exc.short  # which models are served is for key holders only
     rid = getattr(exc, "request_id", None) or request_id(request)
-    return error_response(status, code, str(exc), rid, headers)
+    return error_response(status, code, message, rid, headers, request.url.path)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     rid = request_id(request)
     log.error("request %s failed", rid, exc_info=exc)
-    return error_response(500, "internal_error", f"internal error (request id {rid}); see the server log", rid)
+    return error_response(500, "internal_error", f"internal error (request id {rid}); see the server log", rid,
+                          path=request.url.path)
 
 
 def install(app: FastAPI) -> None:
@@ -117,4 +132,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-__all__ = ["ERRORS", "OPENAPI_RESPONSES", "ApiError", "describe_validation", "error_response", "install", "request_id"]
+__all__ = ["ERRORS", "OPENAPI_RESPONSES", "ApiError", "describe_validation", "error_response", "install", "is_v2",
+           "request_id"]

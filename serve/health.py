@@ -3,19 +3,43 @@ and the page at ``/`` to try an image."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
+import os
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
-from kiln.serve.auth import AUTH
 from kiln.serve.errors import OPENAPI_RESPONSES, error_response, request_id
 from kiln.serve.metrics import Metrics
 from kiln.serve.registry import Registry
 from kiln.serve.schemas import Health
 
 router = APIRouter(responses=OPENAPI_RESPONSES)
+
+
+class WorkerReadiness:
+    """Readiness across ``kiln serve --workers N`` processes: each worker writes a file named after its
+    pid into a folder the parent created once all of its models are ready, and removes it when it stops
+    (the parent removes a dead worker's). A probe reaches one worker, so ``/readyz`` counts the files."""
+
+    def __init__(self, folder: str | os.PathLike[str], count: int) -> None:
+        self.folder = Path(folder)
+        self.count = count
+        self.mine = self.folder / str(os.getpid())
+
+    def mark_ready(self) -> None:
+        self.mine.touch()
+
+    def unmark(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.mine.unlink()
+
+    def not_ready_reason(self) -> str | None:
+        ready = sum(1 for _ in self.folder.iterdir()) if self.folder.is_dir() else 0
+        return None if ready >= self.count else f"workers ready: {ready} of {self.count}"
 
 
 @router.get("/", include_in_schema=False)
@@ -33,13 +57,19 @@ async def healthz(request: Request) -> Health:
             summary="readiness: every model loaded and warmed up (503 otherwise)")
 async def readyz(request: Request) -> Any:
     registry: Registry = request.app.state.registry
-    reason = registry.not_ready_reason()
+    reason = registry.not_ready_reason()  # "shutting down" from SIGTERM on, through the drain period
+    workers: WorkerReadiness | None = request.app.state.workers
+    if reason is None and workers is not None:
+        reason = workers.not_ready_reason()
     if reason is not None:
         return error_response(503, "not_ready", reason, request_id(request))
     return Health(status="ok", models={m.name: "ready" for m in registry})
 
 
-@router.get("/metrics", tags=["health"], summary="Prometheus metrics", dependencies=AUTH)
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics (needs the API key, checked by RequestGate)",
+            response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def prometheus(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
     return Response(metrics.render(), media_type=metrics.content_type)

@@ -1,24 +1,44 @@
-"""Images from a predict request: read the body (multipart files or JSON base64) and decode each one."""
+"""Images from a predict request: read the body (multipart files or JSON base64), check the decode budget
+from the image headers, then decode and preprocess each image, off the event loop unless the request is
+small.
+
+A compressed image says little about its decoding cost: a 35 KB palette PNG can decode to 36 million
+pixels, seconds of CPU and hundreds of MB. So every header is read first (PIL's ``Image.open`` reads no
+pixel data) and a request over the per-image or per-request pixel limit is refused before any decode.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
+import ctypes
+import functools
 import io
+import sys
+from collections.abc import Callable
 
+import numpy as np
 from fastapi import Request
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from kiln import processing
-from kiln.processing import ImageDecodeError
+from kiln.bundle import Preprocess
+from kiln.processing import ImageDecodeError, Letterbox
 from kiln.serve.errors import ApiError, describe_validation
 from kiln.serve.schemas import PredictRequest
 
-# Images up to this many pixels are decoded on the event loop: a thread hop costs more than decoding
-# a small image. Anything larger (up to the pixel limit) is decoded in the thread pool.
+# A request of at most this many images and pixels (in all) is decoded on the event loop: a thread hop
+# costs more than decoding it. Anything larger goes to a worker thread, so the loop keeps serving probes
+# and feeding the batcher while it decodes.
+INLINE_IMAGES = 4
 INLINE_PIXELS = 512 * 512
+# After decoding more pixels than this, hand freed memory back to the OS (see release_memory).
+TRIM_PIXELS = 4_000_000
 
 
 async def read_images(request: Request, max_images: int) -> tuple[list[bytes], int | None]:
@@ -53,24 +73,107 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], i
     return blobs, top_k
 
 
-def header_pixels(blob: bytes) -> int | None:
-    """Width x height from the image header (no pixel data decoded), or None if PIL cannot tell."""
-    try:
-        with Image.open(io.BytesIO(blob)) as img:
-            return img.width * img.height
-    except Exception:
-        return None  # decode_images will say what is wrong
-
-
-def decode_images(blobs: list[bytes], max_pixels: int) -> list[Image.Image]:
-    """Decode each blob; with several, an error names the image's index."""
-    images = []
+def open_images(blobs: list[bytes], max_pixels: int, max_request_pixels: int) -> list[Image.Image]:
+    """Each blob opened from its header only; raises before any pixel is decoded when an image is over
+    ``max_pixels`` (400) or all of them together over ``max_request_pixels`` (413)."""
+    opened: list[Image.Image] = []
+    total = 0
     for i, blob in enumerate(blobs):
+        where = f"image {i}: " if len(blobs) > 1 else ""
+        if not blob:
+            raise ImageDecodeError(f"{where}empty image (0 bytes)")
         try:
-            images.append(processing.decode_image(blob, max_pixels))
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(f"image {i}: {exc}" if len(blobs) > 1 else str(exc)) from None
-    return images
+            img = Image.open(io.BytesIO(blob))
+        except UnidentifiedImageError:
+            raise ImageDecodeError(f"{where}not an image: the data is not in a format PIL can read") from None
+        except Exception as exc:  # PIL raises many types for malformed headers
+            raise ImageDecodeError(f"{where}cannot read image header: {exc}") from None
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageDecodeError(f"{where}image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+        total += w * h
+        opened.append(img)
+    if total > max_request_pixels:
+        raise ApiError(413, "too_many_pixels",
+                       f"{len(blobs)} image(s) of {total} pixels in all, over the decode budget of "
+                       f"{max_request_pixels} pixels per request (max_request_pixels)")
+    return opened
+
+
+def pixels(images: list[Image.Image]) -> int:
+    return sum(img.width * img.height for img in images)
+
+
+def decode(img: Image.Image, where: str = "") -> Image.Image:
+    """Decode an image opened by :func:`open_images` into ``L`` or ``RGB``, turned as EXIF says it is
+    displayed (a phone photo stored sideways with Orientation 6 comes out upright)."""
+    try:
+        img.load()
+    except Exception as exc:
+        raise ImageDecodeError(f"{where}cannot decode image ({img.format}): {exc}") from None
+    # Before the mode conversion, which may drop the EXIF block; in place to skip a copy when upright.
+    with contextlib.suppress(Exception):  # a malformed EXIF block: the pixels are fine, use them as stored
+        ImageOps.exif_transpose(img, in_place=True)
+    return processing.to_8bit(img)
+
+
+def decode_preprocess(images: list[Image.Image], spec: Preprocess) -> tuple[np.ndarray, list[Letterbox]]:
+    """``[N, C, H, W]`` float32 model input and each image's placement. One decoded image is alive at a
+    time: each is preprocessed (made model-sized) before the next is decoded."""
+    arrays, boxes = [], []
+    try:
+        for i, img in enumerate(images):
+            x, box = processing.preprocess([decode(img, f"image {i}: " if len(images) > 1 else "")], spec)
+            img.close()
+            arrays.append(x)
+            boxes.extend(box)
+    finally:
+        for img in images:
+            img.close()
+    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), boxes
+
+
+async def prepare(
+    blobs: list[bytes], spec: Preprocess, max_pixels: int, max_request_pixels: int, slots: asyncio.Semaphore
+) -> tuple[np.ndarray, list[Letterbox]]:
+    """Check the budget, then decode and preprocess ``blobs``: on the event loop when the request is
+    small, else in a worker thread once one of the ``slots`` is free (so decoding never takes more than a
+    few cores from the event loop and the batchers)."""
+    images = open_images(blobs, max_pixels, max_request_pixels)
+    total = pixels(images)
+    if len(images) <= INLINE_IMAGES and total <= INLINE_PIXELS:
+        return decode_preprocess(images, spec)
+    async with slots:
+        return await run_in_threadpool(_decode_preprocess_and_release, images, spec, total)
+
+
+def _decode_preprocess_and_release(
+    images: list[Image.Image], spec: Preprocess, total: int
+) -> tuple[np.ndarray, list[Letterbox]]:
+    try:
+        return decode_preprocess(images, spec)
+    finally:
+        images.clear()
+        if total > TRIM_PIXELS:
+            release_memory()
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the OS. glibc keeps large freed blocks in its arenas (one per decode
+    thread), so without this a server's RSS stays at the peak of its largest decode."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
 
 
 def _check_count(n: int, limit: int) -> None:
@@ -89,4 +192,5 @@ def _b64(text: str, index: int) -> bytes:
         raise ApiError(400, "invalid_base64", f"images[{index}] is not valid base64") from None
 
 
-__all__ = ["INLINE_PIXELS", "decode_images", "header_pixels", "read_images"]
+__all__ = ["INLINE_IMAGES", "INLINE_PIXELS", "TRIM_PIXELS", "decode", "decode_preprocess", "open_images",
+           "prepare", "read_images", "release_memory"]

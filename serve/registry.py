@@ -31,7 +31,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class ModelNotFound(KilnError):
-    """A request named a model this server does not serve."""
+    """A request named a model this server does not serve. The message lists the served models;
+    :attr:`short` does not, for callers that may not learn them (no API key)."""
+
+    def __init__(self, message: str, short: str | None = None) -> None:
+        super().__init__(message)
+        self.short = short or message
 
 
 @dataclass
@@ -80,7 +85,8 @@ def default_loader(bundle: Bundle, settings: Settings) -> Backend:
 
 
 class Registry:
-    """Served models by name, in the order given. ``stopping`` turns true when shutdown begins."""
+    """Served models by name, in the order given. ``stopping`` turns true when shutdown begins: at
+    SIGTERM, while the server still drains (``/readyz`` then answers 503), or at :meth:`close`."""
 
     def __init__(self, models: Sequence[ServedModel]) -> None:
         self.models: dict[str, ServedModel] = {m.name: m for m in models}
@@ -125,7 +131,8 @@ class Registry:
     def get(self, name: str) -> ServedModel:
         m = self.models.get(name)
         if m is None:
-            raise ModelNotFound(f"unknown model '{name}'; served: {', '.join(sorted(self.models))}")
+            short = f"unknown model '{name}'"
+            raise ModelNotFound(f"{short}; served: {', '.join(sorted(self.models))}", short)
         return m
 
     def not_ready_reason(self) -> str | None:

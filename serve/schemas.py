@@ -6,7 +6,7 @@ request and response with JSON tensors); ``data`` may be flat (row-major) or nes
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,6 +36,25 @@ class PredictRequest(BaseModel):
 
     images: list[str] = Field(min_length=1, description="base64-encoded image files")
     top_k: int | None = Field(None, ge=1, description="classification: how many labels to return")
+    conf: float | None = Field(None, ge=0, le=1, description="detection: score threshold (default: kiln.json)")
+    iou: float | None = Field(None, ge=0, le=1, description="detection: NMS IoU threshold")
+    max_det: int | None = Field(None, ge=1, description="detection: boxes kept per image")
+    agnostic: bool | None = Field(None, description="detection: NMS across classes")
+    multi_label: bool | None = Field(None, description="detection: a box once per class over the threshold")
+    classes: list[str] | None = Field(None, description="detection: keep only these classes (labels or indices)")
+
+
+class DetectControls(BaseModel):
+    """The detection controls of a JSON predict body (the images are read elsewhere)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    conf: float | None = None
+    iou: float | None = None
+    max_det: int | None = None
+    agnostic: bool | None = None
+    multi_label: bool | None = None
+    classes: list[str] | None = None
 
 
 class LabelScore(BaseModel):
@@ -102,7 +121,7 @@ class Health(BaseModel):
 
 # ---- KServe v2 / Open Inference Protocol -----------------------------------------------------------
 
-# Open Inference Protocol datatypes and their numpy dtypes (BYTES is not used by image tensors).
+# Open Inference Protocol datatypes and their numpy dtypes (BYTES carries encoded images, see V2Datatype).
 V2_DTYPES: dict[str, str] = {
     "BOOL": "bool",
     "UINT8": "uint8",
@@ -148,24 +167,71 @@ class ModelMetadata(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+V2_DATATYPE_NAMES = (*V2_DTYPES, "BYTES")
+V2Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16",
+                     "FP32", "FP64", "BYTES"]
+TensorName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class V2Error(BaseModel):
+    """Errors on the /v2 routes, as the Open Inference Protocol defines them."""
+
+    error: str
+
+
+class InputParameters(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    binary_data_size: int | None = Field(
+        None, ge=0, description="binary data extension: this tensor's bytes follow the JSON header, in input order"
+    )
+
+
 class RequestInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any]
+    model_config = ConfigDict(strict=True)
+
+    name: TensorName
+    shape: list[Annotated[int, Field(ge=0)]] = Field(description="with the batch axis first")
+    datatype: V2Datatype = Field(description="BYTES: encoded image files (PNG, JPEG, ...), shape [N] or [N, 1]")
+    parameters: InputParameters | None = None
+    data: list[Any] | None = Field(None, description="flat (row-major) or nested; absent with binary_data_size")
+
+
+class OutputParameters(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    binary_data: bool | None = Field(None, description="binary data extension: answer this output as raw bytes")
 
 
 class RequestOutput(BaseModel):
-    name: str
-    parameters: dict[str, Any] | None = None
+    model_config = ConfigDict(strict=True)
+
+    name: TensorName
+    parameters: OutputParameters | None = None
+
+
+class RequestParameters(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    binary_data_output: bool | None = Field(None, description="answer every output as raw bytes")
 
 
 class InferenceRequest(BaseModel):
+    """The JSON of ``POST /v2/models/{name}/infer``; with the binary data extension it is the first
+    ``Inference-Header-Content-Length`` bytes of the body and the tensors' bytes follow."""
+
+    model_config = ConfigDict(strict=True)
+
     id: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: RequestParameters | None = None
     inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
+
+
+class RepositoryIndexRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    ready: bool | None = Field(None, description="true: only the models that are ready")
 
 
 class ResponseOutput(BaseModel):
@@ -173,7 +239,7 @@ class ResponseOutput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    data: list[Any] | None = Field(None, description="absent when the output is answered as binary data")
 
 
 class InferenceResponse(BaseModel):

@@ -2,18 +2,18 @@
 
 ``KILN_MAX_BATCH=16 KILN_API_KEY=secret kiln serve runs/digits`` is the same as
 ``kiln serve runs/digits --max-batch 16 --api-key secret``. ``KILN_CORS_ORIGINS`` takes a
-comma-separated list (or a JSON list).
+comma-separated list (or a JSON list). An empty ``KILN_API_KEY`` means no key: the server is open.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
+from kiln.vocab import Precision
 
 
 class Settings(BaseSettings):
@@ -23,6 +23,9 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 for all)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535, description="KServe v2 gRPC port (0 picks a free one); none: no gRPC endpoint"
+    )
     backend: str = Field("auto", description="auto | tensorrt | onnxrt | torch")
     precision: Precision | None = Field(None, description="artifact precision; default: the best available")
     max_batch: int | None = Field(None, ge=1, description="largest batch; default: the backend's maximum")
@@ -33,11 +36,22 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit (413 above)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height limit per image")
     max_images_per_request: int = Field(64, ge=1, description="images in one predict request")
+    max_request_pixels: int = Field(
+        40_000_000, ge=1, description="decode budget: width x height summed over a request's images (413 above)"
+    )
+    decode_threads: int = Field(2, ge=1, description="requests decoding images at once, off the event loop")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="request line + headers limit (431 above)")
+    body_timeout_s: float = Field(30.0, gt=0, description="wait for the next piece of a request body before 408")
+    keep_alive_s: int = Field(5, ge=1, description="close an idle keep-alive connection after this many seconds")
+    drain_s: float = Field(
+        5.0, ge=0, description="after SIGTERM: keep serving, /readyz answering 503, before the listener closes"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed CORS origins; none by default (CORS off)"
     )
     top_k: int | None = Field(None, ge=1, description="classification: labels returned; default: kiln.json")
     warmup: bool = Field(True, description="run one batch per model before reporting ready")
+    workers: int = Field(1, ge=1, description="server processes sharing the port, each with its own backends")
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -47,6 +61,15 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [o.strip() for o in text.split(",") if o.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        # KILN_API_KEY= (as docker/compose.yaml passes through when unset) means "no key", not "the empty key".
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and not text.strip():
+            return None
         return value
 
     @field_validator("backend")

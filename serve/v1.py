@@ -1,32 +1,35 @@
 """The native REST API: ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /v1/models/{name}/predict``.
 
-A predict request is read, decoded and preprocessed here (small images on the event loop, large ones
-in the thread pool), submitted to the model's batcher and answered with :func:`kiln.outputs.predictions`.
+A predict request is read, checked against the decode budget, decoded and preprocessed here
+(:func:`kiln.serve.images.prepare`: small requests on the event loop, larger ones in a worker thread),
+submitted to the model's batcher and answered with :func:`kiln.outputs.predictions`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from fastapi import APIRouter, Query, Request
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from kiln import processing
+from kiln.bundle import DetectPost
 from kiln.outputs import predictions
-from kiln.processing import Letterbox
-from kiln.serve.auth import AUTH
+from kiln.processing import DetectControlError, detect_overrides
 from kiln.serve.batcher import wait_result
-from kiln.serve.errors import OPENAPI_RESPONSES, request_id
-from kiln.serve.images import INLINE_PIXELS, decode_images, header_pixels, read_images
-from kiln.serve.registry import Registry, ServedModel
-from kiln.serve.schemas import ModelInfo, ModelList, PredictRequest, PredictResponse
+from kiln.serve.errors import OPENAPI_RESPONSES, ApiError, request_id
+from kiln.serve.images import prepare, read_images
+from kiln.serve.registry import Registry
+from kiln.serve.schemas import DetectControls, ModelInfo, ModelList, PredictRequest, PredictResponse
 from kiln.serve.settings import Settings
 
-router = APIRouter(tags=["v1"], dependencies=AUTH, responses=OPENAPI_RESPONSES)
+# The API key is checked by RequestGate before a route is matched (kiln.serve.auth).
+router = APIRouter(tags=["v1"], responses=OPENAPI_RESPONSES)
 
-_PREDICT_BODY = {
+_PREDICT_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
@@ -43,69 +46,130 @@ _PREDICT_BODY = {
 }
 
 
-@dataclass
-class Prepared:
-    x: np.ndarray  # [N, C, H, W] float32
-    boxes: list[Letterbox]
+def json_response(content: Any) -> Response:
+    """A 200 JSON answer serialised by orjson. The hot routes return this instead of a model FastAPI
+    would validate and encode again; their schemas stay in the OpenAPI description via ``responses``."""
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
-def _prepare(blobs: list[bytes], model: ServedModel, max_pixels: int) -> Prepared:
-    x, boxes = processing.preprocess(decode_images(blobs, max_pixels), model.manifest.preprocess)
-    return Prepared(x, boxes)
+class PredictQuery(BaseModel):
+    """The predict route's query parameters, validated here rather than by FastAPI's per-parameter
+    dependency injection, which cost more per request than the whole LeNet-5 inference."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    top_k: int | None = Field(None, ge=1, description="classification: labels per image")
+    conf: float | None = Field(None, ge=0, le=1, description="detection: score threshold (default: kiln.json)")
+    iou: float | None = Field(None, ge=0, le=1, description="detection: NMS IoU threshold")
+    max_det: int | None = Field(None, ge=1, description="detection: boxes kept per image")
+    agnostic: bool | None = Field(None, description="detection: NMS across classes")
+    multi_label: bool | None = Field(None, description="detection: a box once per class over the threshold")
+    classes: str | None = Field(
+        None, description="detection: keep only these classes (comma-separated labels or indices)"
+    )
 
 
-@router.get("/v1/models", response_model=ModelList)
-async def list_models(request: Request) -> ModelList:
+_NO_QUERY = PredictQuery()
+
+
+def _query(request: Request) -> PredictQuery:
+    if not request.scope.get("query_string"):
+        return _NO_QUERY
+    try:
+        return PredictQuery.model_validate(dict(request.query_params))
+    except ValidationError as exc:  # the same 400 FastAPI's own query validation gives
+        raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in exc.errors()]) from None
+
+
+def _query_parameters() -> list[dict[str, Any]]:
+    schema = PredictQuery.model_json_schema()
+    return [{"name": name, "in": "query", "required": False, "description": prop.pop("description", ""),
+             "schema": prop} for name, prop in schema["properties"].items()]
+
+
+_PREDICT_BODY["parameters"] = _query_parameters()
+
+
+@router.get("/v1/models", response_model=None, responses={200: {"model": ModelList, "description": "served models"}})
+async def list_models(request: Request) -> Response:
     registry: Registry = request.app.state.registry
-    return ModelList(models=[m.info() for m in registry])
+    return json_response(ModelList(models=[m.info() for m in registry]).model_dump(mode="json"))
 
 
-@router.get("/v1/models/{name}", response_model=ModelInfo)
-async def model_info(name: str, request: Request) -> ModelInfo:
+@router.get("/v1/models/{name}", response_model=None, responses={200: {"model": ModelInfo, "description": "one model"}})
+async def model_info(name: str, request: Request) -> Response:
     registry: Registry = request.app.state.registry
-    return registry.get(name).info()
+    return json_response(registry.get(name).info().model_dump(mode="json"))
 
 
 @router.post(
     "/v1/models/{name}/predict",
-    response_model=PredictResponse,
-    response_model_exclude_none=True,
+    response_model=None,
+    responses={200: {"model": PredictResponse, "description": "predictions"}},
     summary="top-k labels (classify) or boxes in original-image pixels (detect) for each image",
     openapi_extra=_PREDICT_BODY,
 )
-async def predict(
-    name: str,
-    request: Request,
-    top_k: int | None = Query(None, ge=1, description="classification: labels per image"),
-) -> Any:
+async def predict(name: str, request: Request) -> Response:
     state = request.app.state
     registry: Registry = state.registry
     settings: Settings = state.settings
     model = registry.get(name)
     backend = model.check_ready()
+    q = _query(request)
     rid = request_id(request) or ""
-    with model.batcher.announce():
+    with model.batcher.announce() as arrival:
         blobs, body_top_k = await read_images(request, settings.max_images_per_request)
-        pixels = [header_pixels(b) for b in blobs]
-        if all(p is not None and p <= INLINE_PIXELS for p in pixels):
-            prep = _prepare(blobs, model, settings.max_image_pixels)
-        else:
-            prep = await run_in_threadpool(_prepare, blobs, model, settings.max_image_pixels)
-        fut = model.submit({model.manifest.input.name: prep.x}, rid, settings.timeout_s)
+        detect = None
+        # Detection controls can only come from the query or a JSON body; a plain classify upload skips them.
+        if q is not _NO_QUERY or model.manifest.task == "detect" or _is_json(request):
+            query = DetectControls(conf=q.conf, iou=q.iou, max_det=q.max_det, agnostic=q.agnostic,
+                                   multi_label=q.multi_label,
+                                   classes=q.classes.split(",") if q.classes is not None else None)
+            detect = await _detect_controls(request, model.manifest, query, q.top_k or body_top_k)
+        x, boxes = await prepare(blobs, model.manifest.preprocess, settings.max_image_pixels,
+                                 settings.max_request_pixels, state.decode_slots)
+        del blobs  # the request's bytes are not needed while it waits for the batcher
+        fut = arrival.submit({model.manifest.input.name: x}, rid, settings.timeout_s)
     out = await wait_result(fut, settings.timeout_s, request.is_disconnected)
-    k = top_k or body_top_k or settings.top_k
+    k = q.top_k or body_top_k or settings.top_k
     if model.manifest.task == "classify":
-        results = predictions(model.manifest, out, prep.boxes, k)
+        results = predictions(model.manifest, out, boxes, k)
     else:  # NMS over many boxes: keep it off the event loop
-        results = await run_in_threadpool(predictions, model.manifest, out, prep.boxes, k)
-    return {
+        results = await run_in_threadpool(predictions, model.manifest, out, boxes, k, detect)
+    return json_response({
         "model": name,
         "task": model.manifest.task,
         "backend": backend.name,
         "precision": backend.precision,
         "request_id": rid,
         "predictions": results,
-    }
+    })
+
+
+def _is_json(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+
+
+async def _detect_controls(request: Request, manifest: Any, query: DetectControls, top_k: int | None) -> DetectPost | None:
+    """kiln.json's detection controls overridden by the JSON body's, then by the query's; checked before
+    the request reaches the batcher. Detection controls on a classifier and top_k on a detector are
+    400s, not silently ignored."""
+    body = DetectControls()
+    if _is_json(request):
+        body = DetectControls.model_validate_json(await request.body())  # starlette keeps the body read before
+    given = {**body.model_dump(exclude_none=True), **query.model_dump(exclude_none=True)}
+    if manifest.task != "detect":
+        if given:
+            raise ApiError(400, "invalid_request", f"{next(iter(given))} applies to detection models; this one classifies (use top_k)")
+        return None
+    if top_k is not None:
+        raise ApiError(400, "invalid_request", "top_k applies to classification; use max_det to limit the boxes per image")
+    try:
+        return detect_overrides(manifest.detect_post(), manifest.classes, conf=given.get("conf"), iou=given.get("iou"),
+                                max_det=given.get("max_det"), agnostic=given.get("agnostic"),
+                                multi_label=given.get("multi_label"), only=given.get("classes"))
+    except DetectControlError as exc:
+        raise ApiError(400, "invalid_request", str(exc)) from None
 
 
 __all__ = ["router"]

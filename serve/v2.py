@@ -1,41 +1,113 @@
-"""The KServe v2 / Open Inference Protocol REST API (JSON tensors): server and model metadata, health,
-and ``POST /v2/models/{name}/infer``. Readiness answers 400 when not ready, as the protocol says.
+"""The KServe v2 / Open Inference Protocol REST API, as Triton serves it: server and model metadata,
+health, ``POST /v2/models/{name}/infer`` with JSON tensors and the binary tensor data extension, and
+Triton's model configuration, repository index and statistics extensions.
+
+Every model route also answers under ``/versions/{version}`` (a bundle is version "1"). Bodies are
+read whatever their Content-Type says (tritonclient sends none), and errors on these routes are the
+protocol's ``{"error": "<message>"}`` (:func:`kiln.serve.errors.error_response`). Readiness answers
+400 when not ready, as the protocol says.
 """
 
 from __future__ import annotations
 
-import math
+import json
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 
 from kiln import __version__
 from kiln.errors import InputError
 from kiln.serve.auth import AUTH
 from kiln.serve.batcher import ModelNotReady, wait_result
-from kiln.serve.errors import OPENAPI_RESPONSES, error_response, request_id
-from kiln.serve.registry import Registry, ServedModel
+from kiln.serve.errors import ApiError, describe_validation, error_response, request_id
+from kiln.serve.registry import ModelNotFound, Registry, ServedModel
 from kiln.serve.schemas import (
-    V2_DTYPES,
     InferenceRequest,
     InferenceResponse,
     MetadataTensor,
     ModelMetadata,
-    ResponseOutput,
+    RepositoryIndexRequest,
     ServerMetadata,
+    V2Error,
     v2_datatype,
 )
 from kiln.serve.settings import Settings
+from kiln.serve.triton_ext import (
+    EXTENSIONS,
+    VERSION,
+    Stats,
+    config_message,
+    index_message,
+    message_to_json,
+    platform,
+)
+from kiln.serve.v2_tensors import (
+    InputTensor,
+    check_inputs,
+    from_list,
+    from_raw,
+    model_feeds,
+    output_names,
+    to_bytes,
+)
 
-router = APIRouter(tags=["v2"], responses=OPENAPI_RESPONSES)
+V2_RESPONSES: dict[int | str, dict[str, Any]] = {"default": {"model": V2Error, "description": 'error: {"error": "<message>"}'}}
+router = APIRouter(tags=["v2"], responses=V2_RESPONSES)
 
-_TRITON_PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxrt": "onnxruntime_onnx", "torch": "pytorch_torch"}
+
+class VersionNotFound(ModelNotFound):
+    """A versioned route named a version the model does not have (404, like an unknown model)."""
 
 
-@router.get("/v2", response_model=ServerMetadata, dependencies=AUTH)
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its ``$defs`` inlined, to sit in an operation's ``openapi_extra``."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+_VERSION_PARAM = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"},
+                  "description": f'model version; a bundle is version "{VERSION}"'}
+
+
+def _route(path: str, methods: list[str], endpoint: Callable[..., Any], **kw: Any) -> None:
+    """Register ``path`` and its ``/versions/{version}`` twin (the model path is the first 3 segments)."""
+    router.add_api_route(path, endpoint, methods=methods, **kw)
+    head, tail = path[: path.index("{name}") + 6], path[path.index("{name}") + 6 :]
+    extra = dict(kw.pop("openapi_extra", None) or {})
+    extra["parameters"] = [_VERSION_PARAM]
+    router.add_api_route(f"{head}/versions/{{version}}{tail}", endpoint, methods=methods, openapi_extra=extra, **kw)
+
+
+def served(request: Request, name: str) -> ServedModel:
+    """The model a route names, checking the version of a versioned route."""
+    model = request.app.state.registry.get(name)
+    version = request.path_params.get("version")
+    if version is not None and version != VERSION:
+        raise VersionNotFound(f"model '{name}' has no version '{version}'; available: {VERSION}")
+    return model
+
+
+# ---- server ----------------------------------------------------------------------------------------
+
+
+@router.get("/v2", response_model=ServerMetadata)
 async def v2_server() -> ServerMetadata:
-    return ServerMetadata(name="kiln", version=__version__, extensions=[])
+    return ServerMetadata(name="kiln", version=__version__, extensions=EXTENSIONS)
 
 
 @router.get("/v2/health/live", tags=["health"])
@@ -47,19 +119,39 @@ async def v2_live() -> dict[str, bool]:
 async def v2_ready(request: Request) -> Any:
     reason = request.app.state.registry.not_ready_reason()
     if reason is not None:
-        return error_response(400, "not_ready", reason, request_id(request))
+        return error_response(400, "not_ready", reason, request_id(request), path=request.url.path)
     return {"ready": True}
 
 
-@router.get("/v2/models/{name}", response_model=ModelMetadata, dependencies=AUTH)
+@router.post("/v2/repository/index", dependencies=AUTH, response_model=list[dict[str, Any]],
+             summary="Triton's model repository extension: every served model and its state",
+             openapi_extra={"requestBody": {"required": False, "content": {
+                 "application/json": {"schema": inline_schema(RepositoryIndexRequest)}}}})
+async def v2_repository_index(request: Request) -> Any:
+    body = await request.body()
+    query = _parse(RepositoryIndexRequest, body) if body.strip() else RepositoryIndexRequest()
+    return message_to_json(index_message(request.app.state.registry, bool(query.ready))).get("models", [])
+
+
+@router.get("/v2/models/stats", dependencies=AUTH, response_model=dict[str, Any],
+            summary="Triton's statistics extension, for every served model")
+async def v2_all_stats(request: Request) -> Any:
+    registry: Registry = request.app.state.registry
+    stats: Stats = request.app.state.stats
+    return message_to_json(stats.message([m.name for m in registry]))
+
+
+# ---- models ----------------------------------------------------------------------------------------
+
+
 async def v2_model(name: str, request: Request) -> ModelMetadata:
-    model = request.app.state.registry.get(name)
+    model = served(request, name)
     m = model.manifest
     b = model.batcher.backend
     return ModelMetadata(
         name=name,
-        versions=["1"],
-        platform=_TRITON_PLATFORMS.get(b.name, b.name) if b else "loading",
+        versions=[VERSION],
+        platform=platform(model),
         inputs=[MetadataTensor(name=m.input.name, datatype=v2_datatype(m.input.dtype), shape=[-1, *m.input.shape])],
         outputs=[MetadataTensor(name=o.name, datatype=v2_datatype(o.dtype), shape=[-1, *o.shape]) for o in m.outputs],
         parameters={"task": m.task, "labels": m.classes, "backend": b.name if b else None,
@@ -67,83 +159,153 @@ async def v2_model(name: str, request: Request) -> ModelMetadata:
     )
 
 
-@router.get("/v2/models/{name}/ready", tags=["health"])
 async def v2_model_ready(name: str, request: Request) -> Any:
-    model = request.app.state.registry.get(name)
+    model = served(request, name)
     if not model.batcher.ready:
         try:
             model.check_ready()
         except ModelNotReady as exc:
-            return error_response(400, "not_ready", str(exc), request_id(request))
-        return error_response(400, "not_ready", f"model '{name}' is shutting down", request_id(request))
+            return error_response(400, "not_ready", str(exc), request_id(request), path=request.url.path)
+        return error_response(400, "not_ready", f"model '{name}' is shutting down", request_id(request),
+                              path=request.url.path)
     return {"name": name, "ready": True}
 
 
-@router.post("/v2/models/{name}/infer", response_model=InferenceResponse, dependencies=AUTH,
-             response_model_exclude_none=True)
-async def v2_infer(name: str, body: InferenceRequest, request: Request) -> InferenceResponse:
+async def v2_model_config(name: str, request: Request) -> Any:
+    return message_to_json(config_message(served(request, name)))
+
+
+async def v2_model_stats(name: str, request: Request) -> Any:
+    served(request, name)
+    stats: Stats = request.app.state.stats
+    return message_to_json(stats.message([name]))
+
+
+async def v2_infer(name: str, request: Request) -> Response:
     state = request.app.state
-    registry: Registry = state.registry
     settings: Settings = state.settings
-    model = registry.get(name)
+    stats: Stats = state.stats
+    model = served(request, name)
     model.check_ready()
-    feeds = _feeds(model, body, settings.max_images_per_request)
-    wanted = _outputs(model, body)
-    fut = model.submit(feeds, request_id(request) or "", settings.timeout_s)
-    out = await wait_result(fut, settings.timeout_s, request.is_disconnected)
-    return InferenceResponse(
-        model_name=name,
-        model_version="1",
-        id=body.id,
-        outputs=[
-            ResponseOutput(name=k, shape=list(out[k].shape), datatype=v2_datatype(out[k].dtype),
-                           data=out[k].ravel().tolist())
-            for k in wanted
-        ],
-    )
+    with stats.request(name):
+        with model.batcher.announce():
+            req, binary = parse_infer(await request.body(), request.headers.get("inference-header-content-length"))
+            check_inputs(model, [(t.name, t.datatype, t.shape) for t in req.inputs], settings.max_images_per_request)
+            tensors = http_inputs(req, binary)
+            wanted, as_binary = requested_outputs(model, req)
+            feeds = await model_feeds(model, tensors, settings, state.decode_slots)
+            fut = model.submit(feeds, request_id(request) or "", settings.timeout_s)
+        out = await wait_result(fut, settings.timeout_s, request.is_disconnected)
+    return infer_response(name, req.id, {k: out[k] for k in wanted}, as_binary)
 
 
-def _feeds(model: ServedModel, body: InferenceRequest, max_items: int) -> dict[str, np.ndarray]:
-    """Check each JSON tensor against the model input; errors name the tensor, what came and what was expected."""
-    spec = model.manifest.input
-    expected = (-1, *spec.shape)
-    names = [t.name for t in body.inputs]
-    if spec.name not in names or len(names) != 1:
-        unknown = [n for n in names if n != spec.name]
-        raise InputError(
-            f"Input tensor: {unknown[0] if unknown else spec.name} | received inputs {names} | "
-            f"expected exactly one input named '{spec.name}'"
-        )
-    t = body.inputs[0]
-    want_type = v2_datatype(spec.dtype)
-    if t.datatype.upper() != want_type:
-        raise InputError(f"Input tensor: {t.name} | received datatype {t.datatype} | expected {want_type}")
-    if len(t.shape) != len(expected) or tuple(t.shape[1:]) != tuple(spec.shape) or t.shape[0] < 1:
-        raise InputError(
-            f"Input tensor: {t.name} | received shape {t.shape} | expected a shape compatible with {list(expected)}"
-        )
-    if t.shape[0] > max_items:
-        raise InputError(f"Input tensor: {t.name} | received batch {t.shape[0]} | expected at most {max_items} items")
+_INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": inline_schema(InferenceRequest)},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}, "description": (
+        "binary data extension: the JSON request (Inference-Header-Content-Length bytes) then each input's bytes")},
+}}}
+_BINARY_ANSWER: dict[int | str, dict[str, Any]] = {200: {"content": {"application/octet-stream": {}}, "description": (
+    "with binary outputs: the JSON response (Inference-Header-Content-Length bytes) then each output's bytes")}}
+
+_route("/v2/models/{name}", ["GET"], v2_model, response_model=ModelMetadata)
+_route("/v2/models/{name}/ready", ["GET"], v2_model_ready, tags=["health"],
+       summary="200 when the model is ready, 400 otherwise")
+_route("/v2/models/{name}/config", ["GET"], v2_model_config, dependencies=AUTH, response_model=dict[str, Any],
+       summary="Triton's model configuration extension (ModelConfig as JSON)")
+_route("/v2/models/{name}/stats", ["GET"], v2_model_stats, dependencies=AUTH, response_model=dict[str, Any],
+       summary="Triton's statistics extension: requests, queue and compute time (ns), executions per batch size")
+_route("/v2/models/{name}/infer", ["POST"], v2_infer, dependencies=AUTH, response_model=InferenceResponse,
+       response_model_exclude_none=True, openapi_extra=_INFER_BODY, responses=_BINARY_ANSWER)
+
+
+# ---- the inference request and response --------------------------------------------------------------
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def _parse(model: type[Any], text: bytes | memoryview) -> Any:
     try:
-        arr = np.asarray(t.data, dtype=np.dtype(V2_DTYPES[want_type]))
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"Input tensor: {t.name} | data is not a regular array of {want_type} ({exc})") from None
-    count = math.prod(t.shape)
-    if arr.size != count:
-        raise InputError(f"Input tensor: {t.name} | received {arr.size} values | expected {count} for shape {t.shape}")
-    return {t.name: arr.reshape(t.shape)}
+        raw = json.loads(bytes(text), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_request", f"the request is not valid JSON: {exc}") from None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid_request", describe_validation(exc.errors())) from None
 
 
-def _outputs(model: ServedModel, body: InferenceRequest) -> list[str]:
-    """The output names the request asked for (all of them when it names none)."""
-    names = [o.name for o in model.manifest.outputs]
-    if not body.outputs:
-        return names
-    wanted = [o.name for o in body.outputs]
-    unknown = [n for n in wanted if n not in names]
-    if unknown:
-        raise InputError(f"Output tensor: {unknown[0]} | unknown | expected one of {names}")
-    return wanted
+def parse_infer(body: bytes, header_length: str | None) -> tuple[InferenceRequest, memoryview]:
+    """The JSON request and the binary data after it (binary data extension)."""
+    if header_length is None:
+        return _parse(InferenceRequest, body), memoryview(b"")
+    text = header_length.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise InputError(f"Inference-Header-Content-Length: '{header_length[:40]}' | expected a non-negative integer")
+    n = int(text)
+    if n > len(body):
+        raise InputError(f"Inference-Header-Content-Length: {n} | past the end of the {len(body)}-byte body")
+    view = memoryview(body)
+    return _parse(InferenceRequest, view[:n]), view[n:]
 
 
-__all__ = ["router"]
+def http_inputs(req: InferenceRequest, binary: memoryview) -> list[InputTensor]:
+    """Each input from its JSON ``data`` or its ``binary_data_size`` bytes of the binary part, in order."""
+    tensors, pos = [], 0
+    for t in req.inputs:
+        size = t.parameters.binary_data_size if t.parameters is not None else None
+        if size is not None:
+            if t.data is not None:
+                raise InputError(f"Input tensor: {t.name} | has both data and binary_data_size | expected one")
+            if pos + size > len(binary):
+                raise InputError(f"Input tensor: {t.name} | binary_data_size {size} | only {len(binary) - pos} bytes "
+                                 "of binary data follow (is Inference-Header-Content-Length set?)")
+            data = from_raw(t.name, t.datatype, t.shape, binary[pos : pos + size])
+            pos += size
+        elif t.data is None:
+            raise InputError(f"Input tensor: {t.name} | no data | expected data or a binary_data_size parameter")
+        else:
+            data = from_list(t.name, t.datatype, t.shape, t.data)
+        tensors.append(InputTensor(t.name, t.datatype, list(t.shape), data))
+    if pos != len(binary):
+        raise InputError(f"{len(binary) - pos} bytes of binary data follow the JSON that no input's binary_data_size claims")
+    return tensors
+
+
+def requested_outputs(model: ServedModel, req: InferenceRequest) -> tuple[list[str], dict[str, bool]]:
+    """The outputs to answer and, for each, whether as binary data."""
+    wanted = output_names(model, [o.name for o in req.outputs] if req.outputs else None)
+    default = bool(req.parameters is not None and req.parameters.binary_data_output)
+    binary = dict.fromkeys(wanted, default)
+    for o in req.outputs or []:
+        params = o.parameters.model_dump(exclude_none=True) if o.parameters is not None else {}
+        if "classification" in params:
+            raise InputError(f"Output tensor: {o.name} | parameter 'classification' | not supported: ask for the tensor")
+        if "binary_data" in params:
+            binary[o.name] = params["binary_data"]
+    return wanted, binary
+
+
+def infer_response(name: str, rid: str | None, out: dict[str, Any], as_binary: dict[str, bool]) -> Response:
+    outputs, chunks = [], []
+    for k, arr in out.items():
+        entry: dict[str, Any] = {"name": k, "datatype": v2_datatype(arr.dtype), "shape": list(arr.shape)}
+        if as_binary[k]:
+            raw = to_bytes(arr)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        outputs.append(entry)
+    body: dict[str, Any] = {"model_name": name, "model_version": VERSION, "outputs": outputs}
+    if rid is not None:
+        body["id"] = rid
+    if not chunks:
+        return JSONResponse(body)
+    header = json.dumps(body, separators=(",", ":")).encode()
+    return Response(b"".join([header, *chunks]), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(header))})
+
+
+__all__ = ["V2_RESPONSES", "VersionNotFound", "inline_schema", "router", "served"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,16 +12,17 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
-def _free_port() -> int:
+@pytest.fixture
+def free_port() -> Iterator[int]:
+    """A TCP port on 127.0.0.1 where nothing listens: connecting to it is refused.
+
+    The port stays bound (never listening) by this fixture until the test ends, so no other process
+    can take it in between. A server a test starts binds port 0 itself (``--port 0``, a socket handed
+    to uvicorn, ``torchrun --standalone``) instead of asking for a number here.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    return _free_port()
+        yield int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -5,33 +5,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
+import shlex
+import subprocess
 import sys
 from dataclasses import fields
 from typing import Any
 
 from kiln import runtime
-from kiln.bundle import BatchRange, Bundle
+from kiln.bundle import Bundle
 from kiln.cli import (
     HelpFormatter,
+    batch_range,
     choice,
+    csv_of,
     non_negative_float,
     non_negative_int,
     open_fraction,
     positive_float,
     positive_int,
 )
-from kiln.compare import artifact_table, format_table
+from kiln.compare import Timing, artifact_table, format_speed_table, format_table
 from kiln.data import DataSpec
 from kiln.data.detect import write_shapes_coco
 from kiln.errors import ConfigError
 from kiln.evaluate import bundle_split, json_safe, run_split, split_metrics
+from kiln.fsutil import remove_stale_temps
 from kiln.train.config import AMP_MODES, DEVICES, MODEL_NAMES, OPTIMIZERS, SCHEDULES, TASKS, TrainConfig
 from kiln.train.reports import write_classify_reports, write_detect_reports
+from kiln.train.samples import write_samples
+from kiln.vocab import BACKEND_CHOICES
 
 log = logging.getLogger("kiln.train")
 
-DATASETS = ("digits", "mnist:DIR", "cifar10:DIR", "folder:DIR", "shapes", "coco:ANN.json:IMAGES", "yolo:DATA.yaml")
+DATASETS = ("digits", "mnist:DIR", "cifar10:DIR", "folder:DIR", "shapes", "coco:ANN.json:IMAGES", "yolo:DATA.yaml", "voc:ROOT")
 
 
 def _data_spec(text: str) -> str:
@@ -42,11 +50,8 @@ def _data_spec(text: str) -> str:
     return text
 
 
-def batch_range(text: str) -> str:
-    try:
-        return str(BatchRange.parse(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _batch_range_text(text: str) -> str:
+    return str(batch_range(text))  # TrainConfig keeps the range as text, as config.json shows it
 
 
 def _defaults() -> dict[str, Any]:
@@ -54,6 +59,12 @@ def _defaults() -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_train(sub)
+    _register_eval(sub)
+    _register_data(sub)
+
+
+def _register_train(sub: argparse._SubParsersAction) -> None:
     d = _defaults()
     s = argparse.SUPPRESS  # only flags the user gave override a resumed run's saved config
     p = sub.add_parser(
@@ -67,25 +78,34 @@ def register(sub: argparse._SubParsersAction) -> None:
             "  kiln train --data cifar10:~/data/cifar --model resnet18 --epochs 30 --out runs/c10\n"
             "  kiln train --data shapes --out runs/det     # kiln-det-s on synthetic shapes\n"
             "  kiln train --resume runs/c10 --epochs 40    # continue (exactly) where it stopped\n"
+            "  kiln train --nproc 2 --data digits --out runs/ddp   # 2 processes (DDP), as torchrun would\n"
             "  torchrun --nproc-per-node 2 -m kiln.cli train --data digits --out runs/ddp\n\n"
             f"Datasets (--data): {', '.join(DATASETS)}. Nothing is downloaded."
         ),
     )
     g = p.add_argument_group("data and model")
     g.add_argument("--data", type=_data_spec, default=s, help=f"dataset spec (default: {d['data']})")
-    g.add_argument("--model", type=choice("model", MODEL_NAMES), default=s,
-                   help="architecture (default: lenet5 for classification, kiln-det-s for detection); "
-                        "one of " + ", ".join(MODEL_NAMES))
+    g.add_argument("--model", default=s,
+                   help="architecture (default: lenet5 for classification, kiln-det-s for detection): "
+                        + ", ".join(MODEL_NAMES) + ", any torchvision classifier (e.g. convnext_tiny) or timm:NAME")
     g.add_argument("--task", type=choice("task", TASKS), default=s, help="classify | detect (default: from --model or --data)")
     g.add_argument("--image-size", type=positive_int, default=s, help="input side in pixels (default: the model's or dataset's)")
     g.add_argument("--val-fraction", type=open_fraction, default=s,
                    help=f"share held out for validation when the dataset has no val split (default: {d['val_fraction']})")
     g.add_argument("--skip-bad-images", action="store_true", default=s, help="skip unreadable images instead of stopping")
-    g.add_argument("--weights", default=s, metavar="FILE", help="start from a local state dict (head replaced if the class count differs)")
+    g.add_argument("--weights", default=s, metavar="FILE",
+                   help="start from a local state dict, e.g. a downloaded torchvision/timm checkpoint (head replaced if the class count differs)")
+    g.add_argument("--pretrained", nargs="?", const="DEFAULT", default=s, metavar="WEIGHTS",
+                   help="start from the library's pretrained weights (torchvision: DEFAULT or a name such as IMAGENET1K_V2; "
+                        "kiln-det-<backbone>: the backbone's); fetched through TORCH_HOME / the Hugging Face cache")
     g.add_argument("--workers", type=non_negative_int, default=s,
                    help="DataLoader worker processes (default: 0 for in-memory datasets, up to 4 for image files)")
     o = p.add_argument_group("optimization")
     o.add_argument("--epochs", type=positive_int, default=s, help=f"(default: {d['epochs']})")
+    o.add_argument("--freeze-backbone", type=non_negative_int, default=s, metavar="N",
+                   help="train only the new head for the first N epochs, then everything (default: 0)")
+    o.add_argument("--backbone-lr-scale", type=positive_float, default=s, metavar="F",
+                   help="the backbone's learning rate is F x --lr, e.g. 0.1 when fine-tuning (default: 1)")
     o.add_argument("--batch-size", type=positive_int, default=s, help="per process (default: 64 for classification, 16 for detection)")
     o.add_argument("--lr", type=positive_float, default=s, help="peak learning rate (default: 2e-3 for adam/adamw, 0.05 for sgd/momentum, 0.01 for adagrad)")
     o.add_argument("--optimizer", type=choice("optimizer", OPTIMIZERS), default=s, help=f"{', '.join(OPTIMIZERS)} (default: {d['optimizer']})")
@@ -97,47 +117,73 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--out", default=s, metavar="RUN_DIR", help="run folder / bundle (default: runs/<data>-<model>-<time>)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    r.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                   help="start N training processes on this machine (DDP: one per GPU, or CPU processes with gloo) "
+                        "through torch.distributed.run, as torchrun --nproc-per-node N would (default: 1)")
     r.add_argument("--seed", type=int, default=s, help=f"(default: {d['seed']})")
     r.add_argument("--deterministic", action="store_true", default=s, help="use deterministic kernels only")
     r.add_argument("--device", type=choice("device", DEVICES), default=s, help="auto | cpu | cuda (default: auto)")
     r.add_argument("--amp", type=choice("amp mode", AMP_MODES), default=s, help="mixed precision on CUDA: auto (bf16 where supported), bf16, fp16, off")
     r.add_argument("--channels-last", action="store_true", default=s, help="channels_last memory format on CUDA")
     r.add_argument("--compile", action="store_true", default=s, help="torch.compile the model")
-    r.add_argument("--batch-range", type=batch_range, default=s, metavar="MIN:OPT:MAX", help=f"batch range recorded for export and serving (default: {d['batch_range']})")
+    r.add_argument("--batch-range", type=_batch_range_text, default=s, metavar="MIN:OPT:MAX", help=f"batch range recorded for export and serving (default: {d['batch_range']})")
     r.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, train_parser=p)
 
+
+def _register_eval(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "eval", help="accuracy / mAP of a bundle, and a table over its exported artifacts",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Evaluate a bundle on its validation split (or --data): top-1/top-5, per-class accuracy and a\n"
             "confusion matrix for classifiers; COCO mAP for detectors. The fp32 result is stored in kiln.json\n"
-            "as the reference later stages compare with; exported artifacts get a comparison table.\n\n"
-            "Example:\n  kiln eval runs/digits --json"
+            "as the reference later stages compare with; exported artifacts get a comparison table.\n"
+            "--bench adds one table of accuracy and speed per artifact (size, top-1/mAP, p50 ms, items/s).\n\n"
+            "Example:\n  kiln eval runs/digits --json\n  kiln eval runs/digits --bench"
         ),
     )
     e.add_argument("bundle", metavar="RUN_OR_BUNDLE")
     e.add_argument("--data", type=_data_spec, help="evaluate on this dataset's val split instead (same classes)")
-    e.add_argument("--backend", default="torch", type=choice("backend", ("torch", "onnxrt", "tensorrt", "auto")),
+    e.add_argument("--backend", default="torch", type=choice("backend", BACKEND_CHOICES),
                    help="runtime for the main evaluation")
     e.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     e.add_argument("--no-table", action="store_true", help="skip the table over exported artifacts")
+    e.add_argument("--bench", action="store_true",
+                   help="also time every artifact: size, top-1/mAP, p50 ms at batch 1, items/s at the best batch")
+    e.add_argument("--bench-batch", type=csv_of(positive_int), default=[1, 8, 32], metavar="B,B,...",
+                   help="batch sizes timed by --bench (default: 1,8,32)")
+    e.add_argument("--bench-iters", type=positive_int, default=50, metavar="N",
+                   help="timed calls per artifact and batch for --bench, after N/10 warm-up calls (default: 50)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
     e.set_defaults(func=run_eval)
 
-    dp = sub.add_parser("data", help="write a built-in dataset to disk", formatter_class=HelpFormatter,
-                        description="Write a built-in dataset to disk so its format can be seen and reused.\n\n"
-                                    "Example:\n  kiln data shapes --out data/shapes   # COCO layout")
-    dp.add_argument("name", type=choice("dataset", ("shapes",)))
-    dp.add_argument("--out", required=True, metavar="DIR")
-    dp.add_argument("--count", type=positive_int, help="number of images (default: the training set size)")
-    dp.add_argument("--seed", type=int, default=0)
+
+def _register_data(sub: argparse._SubParsersAction) -> None:
+    dp = sub.add_parser(
+        "data", help="write a built-in dataset, or a few sample images of a dataset, to disk", formatter_class=HelpFormatter,
+        description="Write a built-in dataset to disk so its format can be seen and reused, or write a few of a\n"
+                    "dataset's validation images as PNG files to look at or to send to `kiln predict`.\n\n"
+                    "Examples:\n"
+                    "  kiln data shapes --out data/shapes           # the shapes detection set in COCO layout\n"
+                    "  kiln data sample digits --out samples/       # samples/digit-<label>-<i>.png\n"
+                    "  kiln data sample shapes --out samples/       # images, and copies with their boxes drawn")
+    dp.add_argument("name", type=choice("data command", ("shapes", "sample")), metavar="{shapes,sample}",
+                    help="shapes: write the synthetic detection set; sample: write sample images of DATA")
+    dp.add_argument("sample_data", nargs="?", type=_data_spec, metavar="DATA",
+                    help=f"with sample: the dataset spec ({', '.join(DATASETS)})")
+    dp.add_argument("--out", required=True, metavar="DIR", help="folder to write into (created if missing)")
+    dp.add_argument("--count", type=positive_int,
+                    help="number of images (default: the training set size for shapes; one per class, or 4 "
+                         "detection images, for sample)")
+    dp.add_argument("--seed", type=int, default=0, help="random seed of the generated images and of the val split")
     dp.set_defaults(func=run_data)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.nproc > 1:
+        return _launch(args)
     # the training loop imports torch: `kiln --help` and the other commands do not need it
     from kiln.train.loop import TrainingInterrupted, train
 
@@ -153,11 +199,57 @@ def run_train(args: argparse.Namespace) -> int:
     if trainer.dist.main:
         summary = result.summary(trainer.cfg, trainer.task.name)
         best = ", ".join(f"{k} {v:.4g}" for k, v in result.best.items())
-        print(f"trained {trainer.cfg.model} on {trainer.cfg.data}: best epoch {result.best_epoch} ({best}); "
-              f"{result.seconds:.1f} s, {result.images_per_s:.0f} images/s -> {result.run_dir}", file=sys.stderr)
+        if result.up_to_date:
+            print(f"{result.run_dir} already holds all {len(result.history)} epoch(s) (best epoch {result.best_epoch}: {best}); "
+                  f"nothing to train, nothing changed on disk. Pass a larger --epochs to train further.", file=sys.stderr)
+        else:
+            print(f"trained {trainer.cfg.model} on {trainer.cfg.data}: best epoch {result.best_epoch} ({best}); "
+                  f"{result.seconds:.1f} s, {result.images_per_s:.0f} images/s -> {result.run_dir}", file=sys.stderr)
         if args.json:
             print(json.dumps(summary, indent=2))
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run this command in ``--nproc`` processes through ``torch.distributed.run`` (what torchrun runs).
+
+    ``--standalone`` picks a free local rendezvous port, so two runs on one machine do not collide. The
+    children get the same options without ``--nproc``, so they train instead of launching again.
+    """
+    if "WORLD_SIZE" in os.environ:
+        raise _usage(f"--nproc {args.nproc}: this process is already one of {os.environ['WORLD_SIZE']} started by "
+                     "torchrun; drop --nproc")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+           "-m", "kiln.cli", *(["--verbose"] if args.verbose else []), "train", *_child_argv(args)]
+    log.info("starting %d training processes: %s", args.nproc, shlex.join(cmd))
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the children got the same Ctrl-C; let them save and exit
+        proc.wait()
+        raise
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    """The ``kiln train`` options the user gave, as arguments again (without ``--nproc``).
+
+    Read from the parser's own actions, so every option of ``kiln train`` is passed on; a value is
+    written back with ``str()``, which every option type accepts again.
+    """
+    argv: list[str] = []
+    parser: argparse.ArgumentParser = args.train_parser
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "nproc") or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:
+            argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def _usage(msg: str) -> Exception:
@@ -166,6 +258,7 @@ def _usage(msg: str) -> Exception:
 
 def run_eval(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.bundle)
+    remove_stale_temps(bundle.root)  # what an interrupted eval or export left behind
     m = bundle.manifest
     ds = bundle_split(bundle, "val", args.data)
     with runtime.load(bundle, backend=args.backend, precision="fp32") as backend:
@@ -180,7 +273,7 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics = split_metrics(bundle, res, ds)
     if m.task == "detect":
         files = write_detect_reports(bundle, res, ds, metrics, out_dir)
-        headline = f"mAP@[.5:.95] {metrics['map']:.4f}  mAP@.5 {metrics['map50']:.4f}"
+        headline = f"mAP@[.5:.95] {100 * metrics['map']:.2f}  mAP@.5 {100 * metrics['map50']:.2f}"
     else:
         files = write_classify_reports(bundle, metrics, out_dir)
         headline = f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%"
@@ -191,16 +284,38 @@ def run_eval(args: argparse.Namespace) -> int:
         m.evaluation["fp32"] = record
         bundle.save()
     print(f"{bundle.name}: {headline} on {len(res.targets)} val images ({info['backend']}, {info['precision']})", file=sys.stderr)
-    if m.task == "classify":
-        worst = sorted(zip(m.classes, metrics["per_class"], strict=True), key=lambda t: t[1])[:3]
-        print("  lowest per-class accuracy: " + ", ".join(f"{c} {a:.1f}%" for c, a in worst), file=sys.stderr)
-    table = None
-    if not args.no_table and any(a.format != "torch" for a in m.artifacts.values()):
-        table = artifact_table(bundle, limit=args.limit)
-        print(format_table(table, m.task), file=sys.stderr)
+    _print_per_class(m.task, m.classes, metrics)
+    print("wrote " + ", ".join(sorted(files.values())), file=sys.stderr)
+    table = _artifact_tables(bundle, args)
     if args.json:
         print(json.dumps({"bundle": str(bundle.root), "metrics": record, "files": files, "artifacts": table}, indent=2, default=str))
     return 0
+
+
+def _print_per_class(task: str, classes: list[str], metrics: dict[str, Any]) -> None:
+    if task == "classify":
+        worst = sorted(zip(classes, metrics["per_class"], strict=True), key=lambda t: t[1])[:3]
+        print("  lowest per-class accuracy: " + ", ".join(f"{c} {a:.1f}%" for c, a in worst), file=sys.stderr)
+        return
+    aps = metrics.get("per_class_ap", {})
+    print("  AP@[.5:.95] per class: " + ", ".join(
+        f"{c} {'-' if aps.get(c) is None else f'{100 * aps[c]:.2f}'}" for c in classes), file=sys.stderr)
+
+
+def _artifact_tables(bundle: Bundle, args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The comparison table over exported artifacts and, with --bench, the accuracy/speed table."""
+    m = bundle.manifest
+    exported = any(a.format != "torch" for a in m.artifacts.values())
+    if args.no_table and not args.bench or not (exported or args.bench):
+        return None
+    timing = Timing(batches=tuple(args.bench_batch), warmup=max(1, args.bench_iters // 10),
+                    iters=args.bench_iters) if args.bench else None
+    table = artifact_table(bundle, limit=args.limit, timing=timing)
+    if exported and not args.no_table:
+        print(format_table(table, m.task), file=sys.stderr)
+    if args.bench:
+        print(format_speed_table(table, m.task), file=sys.stderr)
+    return table
 
 
 def _slug(data: str, limit: int | None) -> str:
@@ -209,6 +324,14 @@ def _slug(data: str, limit: int | None) -> str:
 
 
 def run_data(args: argparse.Namespace) -> int:
+    if args.name == "sample":
+        if args.sample_data is None:
+            raise _usage("kiln data sample needs a dataset, e.g. kiln data sample digits --out samples/")
+        for path in write_samples(args.sample_data, args.out, args.count, seed=args.seed):
+            print(path)
+        return 0
+    if args.sample_data is not None:
+        raise _usage(f"kiln data shapes takes no dataset (got {args.sample_data}); did you mean kiln data sample {args.sample_data}?")
     path = write_shapes_coco(args.out, count=args.count, seed=args.seed)
     print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -6,16 +6,20 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln import vocab
 from kiln.bundle import BatchRange
 from kiln.errors import ConfigError, unknown_choice
 
 # The names in kiln.models.MODELS, here so `kiln --help` does not import torch (a test keeps them equal).
-MODEL_NAMES = ("lenet5", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "kiln-det-s", "kiln-det-m")
+# Beyond these, any torchvision classifier name and timm:NAME are accepted (checked when the model is built).
+MODEL_NAMES = ("lenet5", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "kiln-det-s", "kiln-det-m",
+               "kiln-det-resnet18", "kiln-det-resnet34", "kiln-det-resnet50", "kiln-det-mobilenet_v3_large",
+               "kiln-det-efficientnet_b0")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-TASKS = ("auto", "classify", "detect")
+TASKS = ("auto", *vocab.TASKS)
 
 # Learning rates that work out of the box for each optimizer (used when --lr is not given).
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adagrad": 0.01, "adam": 2e-3, "adamw": 2e-3}
@@ -46,6 +50,9 @@ class TrainConfig:
     val_fraction: float = 0.2
     skip_bad_images: bool = False
     weights: str | None = None
+    pretrained: str | None = None  # "DEFAULT" or a weights name (IMAGENET1K_V2); None: random init
+    freeze_backbone: int = 0  # epochs trained with the backbone frozen (the new head only), then unfrozen
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to --lr
     batch_range: str = "1:8:32"
     out: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # task-specific (e.g. detection loss weights)
@@ -71,6 +78,8 @@ class TrainConfig:
             ("--val-fraction", 0 < self.val_fraction < 1, self.val_fraction),
             ("--image-size", self.image_size is None or self.image_size >= 8, self.image_size),
             ("--workers", self.workers is None or self.workers >= 0, self.workers),
+            ("--freeze-backbone", self.freeze_backbone >= 0, self.freeze_backbone),
+            ("--backbone-lr-scale", 0 < self.backbone_lr_scale <= 1, self.backbone_lr_scale),
         ]
         try:
             BatchRange.parse(self.batch_range)

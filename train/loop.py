@@ -2,59 +2,67 @@
 
 Determinism: every epoch reseeds the global RNGs and the DataLoader generator from ``(seed, epoch)``,
 so a run resumed from last.pt replays the interrupted epoch exactly as an uninterrupted run would.
+
+A :class:`Trainer` is built in two steps: :func:`~kiln.train.resolve.resolve_settings` fills in every
+default from the config and the dataset, then :meth:`Trainer._build` makes the model, data loaders,
+optimizer and schedule. Run-folder outputs live in :mod:`kiln.train.run`, the optimizer and schedule in
+:mod:`kiln.train.optim`, process groups and devices in :mod:`kiln.train.device`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import csv
-import io
+import json
 import logging
 import os
-import random
-import subprocess
 import sys
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kiln import __version__
-from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess
-from kiln.data import DataSpec, open_dataset
+from kiln.bundle import Architecture, BatchRange, Preprocess
+from kiln.data import open_dataset
 from kiln.errors import ConfigError, KilnError
-from kiln.fsutil import atomic_path, atomic_write_json, atomic_write_text
-from kiln.models import build_model, load_weights, model_entry, read_state_dict
+from kiln.models import build_model, load_weights, read_state_dict
 from kiln.train import checkpoint
 from kiln.train.config import TrainConfig
-from kiln.train.tasks import Task, default_workers, make_task
+from kiln.train.device import (
+    Dist,
+    configure_kernels,
+    dist_cleanup,
+    init_distributed,
+    resolve_device,
+    seed_everything,
+)
+from kiln.train.optim import amp_dtype, build_optimizer, build_scheduler, replay_scheduler
+from kiln.train.resolve import (
+    RESUME_OVERRIDES,
+    Settings,
+    check_resume_overrides,
+    resolve_settings,
+    resumed_config,
+)
+from kiln.train.run import (
+    bundle_manifest,
+    open_tensorboard,
+    run_files,
+    write_bundle,
+    write_config,
+    write_metrics_csv,
+)
+from kiln.train.tasks import Task
+from kiln.train.throttle import throttle_warning
 
 log = logging.getLogger("kiln.train")
 
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
+__all__ = ["RESUME_OVERRIDES", "Dist", "RunResult", "Trainer", "TrainingInterrupted", "train"]
 
 
 @dataclass
@@ -67,6 +75,7 @@ class RunResult:
     images_per_s: float
     interrupted: bool = False
     files: dict[str, str] = field(default_factory=dict)
+    up_to_date: bool = False  # a resumed run that had nothing left to train: nothing was written
 
     def summary(self, cfg: TrainConfig, task: str) -> dict[str, Any]:
         return {
@@ -82,94 +91,8 @@ class RunResult:
             "timings": {"total_s": round(self.seconds, 3), "train_images_per_s": round(self.images_per_s, 1)},
             "files": self.files,
             "interrupted": self.interrupted,
+            "up_to_date": self.up_to_date,
         }
-
-
-def init_distributed(device_kind: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    backend = "nccl" if device_kind == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def resolve_device(name: str, d: Dist) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    torch.cuda.set_device(d.local_rank)
-    return torch.device("cuda", d.local_rank)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def default_run_dir(cfg: TrainConfig) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{DataSpec.parse(cfg.data).name}-{cfg.model}-{stamp}"
-
-
-def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
-    lr, wd = cfg.learning_rate, cfg.weight_decay
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
-    if cfg.optimizer == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
-    if cfg.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-
-
-def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """A per-step schedule; ``warmup_epochs`` of linear warm-up precede it (onecycle has its own)."""
-    total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler
-    if cfg.schedule == "onecycle":
-        pct = min(0.5, max(cfg.warmup_epochs / cfg.epochs, 0.05))
-        return sched.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=total, pct_start=pct)
-    warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    rest = total - warm
-    main: sched.LRScheduler
-    if cfg.schedule == "constant":
-        main = sched.LambdaLR(opt, lambda _: 1.0)
-    elif cfg.schedule == "step":
-        main = sched.StepLR(opt, step_size=max(1, rest // 3), gamma=0.1)
-    else:
-        main = sched.CosineAnnealingLR(opt, T_max=max(1, rest), eta_min=cfg.learning_rate * 0.01)
-    if warm <= 0:
-        return main
-    warmup = sched.LinearLR(opt, start_factor=0.01, end_factor=1.0, total_iters=warm)
-    return sched.SequentialLR(opt, [warmup, main], milestones=[warm])
-
-
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or cfg.amp == "off":
-        return None
-    if cfg.amp == "fp16":
-        return torch.float16
-    if cfg.amp == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16 if cfg.amp == "auto" else None
-
-
-RESUME_OVERRIDES = frozenset({"epochs", "workers", "device"})
 
 
 class Trainer:
@@ -181,62 +104,73 @@ class Trainer:
         the options in :data:`RESUME_OVERRIDES` may be changed through ``overrides``."""
         self.progress = progress
         self.resume_state: dict[str, Any] | None = None
+        saved_pre: Preprocess | None = None
         if resume is not None:
-            bad = sorted(set(overrides or {}) - RESUME_OVERRIDES)
-            if bad:
-                raise ConfigError(f"--resume continues a run with its saved settings; only "
-                                  f"{', '.join('--' + o.replace('_', '-') for o in sorted(RESUME_OVERRIDES))} may change "
-                                  f"(got --{bad[0].replace('_', '-')})")
+            check_resume_overrides(overrides)  # before reading the checkpoint: a usage error costs nothing
             self.resume_state = checkpoint.load(resume / checkpoint.LAST)
-            saved = TrainConfig.from_dict(self.resume_state["config"])
-            cfg = saved.replace(**(overrides or {}), out=str(resume), weights=None)
+            cfg = resumed_config(self.resume_state["config"], resume, overrides)
+            saved_pre = Preprocess.model_validate(self.resume_state["preprocess"])
         elif cfg is None:
             cfg = TrainConfig(**(overrides or {}))
         self.dist = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = resolve_device(cfg.device, self.dist)
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-
-        train_raw, val_raw = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                          skip_bad_images=cfg.skip_bad_images)
-        data_task = train_raw.task
-        if cfg.model and model_entry(cfg.model).task != data_task:
-            raise ConfigError(f"--model {cfg.model} is a {model_entry(cfg.model).task} model but --data {cfg.data} "
-                              f"is a {data_task} dataset")
-        task_name = data_task if cfg.task == "auto" else cfg.task
-        if task_name != data_task:
-            raise ConfigError(f"--task {task_name} does not fit --data {cfg.data}, a {data_task} dataset")
-        self.task: Task = make_task(task_name, len(train_raw.classes))
-        if cfg.model is None:
-            cfg = cfg.replace(model=self.task.default_model)
-        self.batch_size: int = cfg.batch_size or self.task.default_batch_size
-        cfg = cfg.replace(batch_size=self.batch_size)
-        entry = model_entry(cfg.model or "")
-        if cfg.out is None:
-            cfg = cfg.replace(out=str(default_run_dir(cfg)))
-        self.cfg = cfg
-        self.run_dir = Path(cfg.out or ".")
+        configure_kernels(cfg, self.device)
+        self.train_raw, self.val_raw = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                                    skip_bad_images=cfg.skip_bad_images)
+        self.settings: Settings = resolve_settings(cfg, self.train_raw, preprocess=saved_pre)
         if resume is None and (self.run_dir / checkpoint.LAST).exists():
             raise ConfigError(f"--out {self.run_dir} already holds a run; resume it with --resume {self.run_dir} or pick another --out")
-        self.classes = train_raw.classes
-        self.train_raw, self.val_raw = train_raw, val_raw
-
+        self._build()
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, float] = {}
+        self.best_epoch = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.start_epoch = 0
+        self.throttle_warned = False
         if self.resume_state is not None:
-            self.pre = Preprocess.model_validate(self.resume_state["preprocess"])
-        else:
-            native = max(train_raw.native_size) if train_raw.native_size else None
-            size = cfg.image_size or entry.default_size or (max(native, 32) if native else 224)
-            self.pre = self.task.preprocess_spec(cfg, train_raw, size)
-        channels = 1 if self.pre.channels == "L" else 3
-        self.arch = Architecture(name=cfg.model or "", args={
-            "num_classes": len(self.classes), "in_channels": channels, "image_size": self.pre.size[0],
-            **self.task.model_args(cfg),
-        })
-        self.batch_range = BatchRange.parse(cfg.batch_range)
+            self._restore(self.resume_state)
+
+    # The resolved settings, under the names the loop and its callers use.
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.settings.cfg
+
+    @property
+    def task(self) -> Task:
+        return self.settings.task
+
+    @property
+    def pre(self) -> Preprocess:
+        return self.settings.pre
+
+    @property
+    def arch(self) -> Architecture:
+        return self.settings.arch
+
+    @property
+    def classes(self) -> list[str]:
+        return self.settings.classes
+
+    @property
+    def batch_range(self) -> BatchRange:
+        return self.settings.batch_range
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def workers(self) -> int:
+        return self.settings.workers
+
+    @property
+    def run_dir(self) -> Path:
+        return self.settings.run_dir
+
+    def _build(self) -> None:
+        """The model (DDP-wrapped and compiled as asked), datasets, sampler, optimizer and schedule."""
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and on resume
         self.model = build_model(self.arch)
         if cfg.weights:
@@ -247,11 +181,10 @@ class Trainer:
         self.model.to(self.device)
         if cfg.channels_last and self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
-        self.train_ds, self.val_ds = self.task.torch_datasets(cfg, train_raw, val_raw, self.pre)
-        self.workers = cfg.workers if cfg.workers is not None else default_workers(train_raw)
-        self.sampler: DistributedSampler[Any] | None = (DistributedSampler(self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank,
-                                           shuffle=True, seed=cfg.seed) if self.dist.enabled else None)
+        self.train_ds, self.val_ds = self.task.torch_datasets(cfg, self.train_raw, self.val_raw, self.pre)
+        self.sampler: DistributedSampler[Any] | None = (
+            DistributedSampler(self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=cfg.seed)
+            if self.dist.enabled else None)
         self.steps_per_epoch = len(self._loader(0))
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
@@ -263,13 +196,6 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
             self.net = torch.compile(self.net)  # type: ignore[assignment]
-        self.history: list[dict[str, Any]] = []
-        self.best: dict[str, float] = {}
-        self.best_epoch = 0
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.start_epoch = 0
-        if self.resume_state is not None:
-            self._restore(self.resume_state)
 
     # ---- data ------------------------------------------------------------------------------------
 
@@ -294,22 +220,20 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        done_steps = int(state["epoch"]) * self.steps_per_epoch
-        if int(state["config"]["epochs"]) == self.cfg.epochs:
+        self.start_epoch = int(state["epoch"])
+        saved_epochs = int(state["config"]["epochs"])
+        if saved_epochs == self.cfg.epochs:
             self.scheduler.load_state_dict(state["scheduler"])
-        else:
-            # --epochs changed: the saved schedule has the old length. Rebuild it for the new length from
-            # the base learning rate and replay the steps already taken (no optimizer step is involved).
-            for group in self.optimizer.param_groups:
-                group["lr"] = group.get("initial_lr", self.cfg.learning_rate)
-            self.scheduler = build_scheduler(self.cfg, self.optimizer, self.steps_per_epoch)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"
-                for _ in range(done_steps):
-                    self.scheduler.step()
+        elif self.start_epoch < self.cfg.epochs:
+            was = self.optimizer.param_groups[0]["lr"]
+            self.scheduler = replay_scheduler(self.cfg, self.optimizer, self.steps_per_epoch,
+                                              self.start_epoch * self.steps_per_epoch)
+            log.info("--epochs %d -> %d: the %s schedule is rebuilt for %d epochs and replayed to the end of epoch %d; "
+                     "the learning rate goes from %.3g (where it stopped) to %.3g (where the longer schedule is now)",
+                     saved_epochs, self.cfg.epochs, self.cfg.schedule, self.cfg.epochs, self.start_epoch,
+                     was, self.optimizer.param_groups[0]["lr"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = int(state["epoch"])
         self.history = list(state.get("history", []))
         self.best = dict(state.get("best", {}))
         self.best_epoch = int(state.get("best_epoch", 0))
@@ -339,12 +263,12 @@ class Trainer:
 
     def fit(self) -> RunResult:
         t0 = time.perf_counter()
+        if self.start_epoch >= self.cfg.epochs:
+            return self._up_to_date(t0)
         main = self.dist.main
         if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.run_dir / "config.json", {**self.cfg.to_dict(), "preprocess": self.pre.model_dump(mode="json"),
-                                                             "architecture": self.arch.model_dump(), "world_size": self.dist.world})
-        writer = self._tensorboard() if main else None
+            write_config(self.settings, self.dist.world)
+        writer = open_tensorboard(self.run_dir, self.start_epoch) if main else None
         images = 0
         train_time = 0.0
         interrupted = False
@@ -363,9 +287,8 @@ class Trainer:
         except KeyboardInterrupt:
             interrupted = True
             if main:
-                done = len(self.history)
                 log.warning("interrupted: %d complete epoch(s) saved in %s; continue with `kiln train --resume %s`",
-                            done, self.run_dir / checkpoint.LAST, self.run_dir)
+                            len(self.history), self.run_dir / checkpoint.LAST, self.run_dir)
             if not self.history:
                 raise
         finally:
@@ -381,6 +304,32 @@ class Trainer:
         if interrupted:
             raise TrainingInterrupted(result)
         return result
+
+    def _up_to_date(self, t0: float) -> RunResult:
+        """A resumed run with no epoch left: its folder already is the result, so nothing is rewritten
+        (model.pt would get a new hash, and kiln.json would lose the exported artifacts it lists)."""
+        if self.dist.main and not self._bundle_complete():
+            log.info("%s: all %d epochs are in %s but the bundle is incomplete; writing it",
+                     self.run_dir, self.start_epoch, checkpoint.LAST)
+            files = self.write_bundle()
+        else:
+            files = run_files(self.run_dir)
+            if self.dist.main:
+                log.info("%s already holds %d trained epoch(s) (--epochs %d): nothing to train, nothing on disk changed; "
+                         "pass a larger --epochs to train further", self.run_dir, self.start_epoch, self.cfg.epochs)
+        if self.dist.enabled:
+            dist.barrier()
+        rate = self.history[-1].get("images_per_s", 0.0) if self.history else 0.0
+        return RunResult(self.run_dir, self.best, self.best_epoch, self.history, time.perf_counter() - t0,
+                         float(rate), files=files, up_to_date=True)
+
+    def _bundle_complete(self) -> bool:
+        """Whether model.pt and kiln.json were written after the last epoch (a kill can fall between)."""
+        try:
+            manifest = json.loads((self.run_dir / "kiln.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return (self.run_dir / "model.pt").is_file() and manifest.get("training", {}).get("epochs") == len(self.history)
 
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
         self.net.train()
@@ -447,64 +396,30 @@ class Trainer:
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                 checkpoint.save(self.run_dir / checkpoint.BEST, copy.copy(self.best_state))
             self._checkpoint(epoch + 1)
-            self._write_metrics_csv()
+            write_metrics_csv(self.history, self.run_dir / "metrics.csv")
             msg = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             log.info("%s%s", msg, "  *best*" if improved else "")
+            self._warn_if_throttled()
         return row
 
+    def _warn_if_throttled(self) -> None:
+        if self.throttle_warned:
+            return
+        warning = throttle_warning([float(r.get("images_per_s", 0.0)) for r in self.history])
+        if warning:
+            self.throttle_warned = True  # once per run: every later epoch would repeat it
+            log.warning("%s", warning)
+
     # ---- outputs ---------------------------------------------------------------------------------
-
-    def _tensorboard(self) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.warning("tensorboard is not installed; no TensorBoard events written (pip install tensorboard)")
-            return None
-        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.start_epoch + 1)
-
-    def _write_metrics_csv(self) -> None:
-        keys: list[str] = []
-        for row in self.history:
-            keys.extend(k for k in row if k not in keys)
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=keys)
-        w.writeheader()
-        w.writerows(self.history)
-        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
 
     def write_bundle(self) -> dict[str, str]:
         """Write model.pt (best weights), kiln.json and curves.png into the run folder."""
         state = self.best_state or {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        checkpoint.save(self.run_dir / "model.pt", dict(state))
-        probe = build_model(self.arch)
-        manifest = Manifest(
-            kiln_version=__version__,
-            task=self.task.name,  # type: ignore[arg-type]
-            classes=self.classes,
-            input=InputSpec(name="images", shape=[1 if self.pre.channels == "L" else 3, *self.pre.size],
-                            dtype="float32", layout="NCHW", batch=self.batch_range),
-            outputs=self.task.outputs(probe, len(self.classes)),
-            preprocess=self.pre,
-            postprocess=self.task.postprocess(),
-            architecture=self.arch,
-            training={
-                "data": self.cfg.data, "val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed,
-                "epochs": len(self.history), "best_epoch": self.best_epoch, "config": self.cfg.to_dict(),
-                "git_sha": git_sha(), "world_size": self.dist.world, "device": str(self.device),
-                "torch": torch.__version__, "train_images": len(self.train_raw), "val_images": len(self.val_raw),
-            },
-        )
-        # A fresh manifest: after more training, earlier evaluations and exported artifacts describe
-        # other weights, so they are not carried over.
-        bundle = Bundle(self.run_dir, manifest)
-        old = self.run_dir / "kiln.json"
-        bundle.add_artifact("model.pt", "torch", "fp32", metrics=self.best)
-        bundle.save()
-        curves = self.run_dir / "curves.png"
-        plot_curves(self.history, curves, self.task.primary)
-        return {"model": str(self.run_dir / "model.pt"), "manifest": str(old), "last": str(self.run_dir / checkpoint.LAST),
-                "best": str(self.run_dir / checkpoint.BEST), "metrics_csv": str(self.run_dir / "metrics.csv"),
-                "curves": str(curves), "tensorboard": str(self.run_dir / "tensorboard")}
+        manifest = bundle_manifest(self.settings, build_model(self.arch), {
+            "epochs": len(self.history), "best_epoch": self.best_epoch, "world_size": self.dist.world,
+            "device": str(self.device), "train_images": len(self.train_raw), "val_images": len(self.val_raw),
+        })
+        return write_bundle(self.settings, manifest, state, self.best, self.history)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -515,49 +430,12 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.result = result
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path, primary: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [r["train_loss"] for r in history], label="train")
-    if "val_loss" in history[0]:
-        ax1.plot(epochs, [r["val_loss"] for r in history], label="val")
-    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax1.legend()
-    if "train_acc" in history[0]:
-        ax2.plot(epochs, [r["train_acc"] for r in history], label="train accuracy")
-    ax2.plot(epochs, [r[f"val_{primary}"] for r in history], label=f"val {primary}")
-    ax2.set(xlabel="epoch", ylabel="%" if primary == "top1" else primary, title=f"validation {primary}")
-    ax2.legend()
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
-@contextlib.contextmanager
-def _dist_cleanup() -> Iterator[None]:
-    try:
-        yield
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def train(cfg: TrainConfig | None = None, *, resume: str | os.PathLike[str] | None = None,
           overrides: dict[str, Any] | None = None, progress: bool = True) -> tuple[RunResult, Trainer]:
     """Train a run from ``cfg`` (or ``TrainConfig(**overrides)``), or continue the run in ``resume``.
 
     Returns the result and the trainer (for its resolved config and task).
     """
-    with _dist_cleanup():
+    with dist_cleanup():
         trainer = Trainer(cfg, resume=Path(resume) if resume else None, overrides=overrides, progress=progress)
         return trainer.fit(), trainer

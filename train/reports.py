@@ -1,5 +1,6 @@
 """The files ``kiln eval`` writes beside the numbers: confusion matrix and per-class accuracy for
-classification; COCO predictions, per-class AP and a grid of predicted boxes for detection.
+classification; COCO predictions with the ground truth they were scored against, per-class AP and a
+grid of predicted boxes for detection.
 
 The metrics themselves come from :mod:`kiln.evaluate`, shared with export and calibration; the PNG grid
 shows what serving would return (the bundle's own score threshold).
@@ -18,8 +19,9 @@ from PIL import Image, ImageDraw
 from kiln.bundle import Bundle
 from kiln.data import ImageDataset
 from kiln.evaluate import SplitOutputs, detections, eval_post
+from kiln.figures import new_figure, save_figure
 from kiln.fsutil import atomic_path, atomic_write_json, atomic_write_text
-from kiln.metrics import coco_results
+from kiln.metrics import coco_ground_truth, coco_results
 
 GRID_IMAGES = 16
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -43,13 +45,9 @@ def write_classify_reports(bundle: Bundle, metrics: dict[str, Any], out_dir: Pat
         w.writerow([name, f"{acc:.2f}", int(count)])
     atomic_write_text(out_dir / "per_class.csv", buf.getvalue())
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * k + 2), max(3.5, 0.45 * k + 1.5)))
+    fig = new_figure(figsize=(max(4, 0.45 * k + 2), max(3.5, 0.45 * k + 1.5)))
+    ax = fig.add_subplot()
     im = ax.imshow(cm, cmap="Blues")
     ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true",
            title=f"confusion matrix (top-1 {metrics['top1']:.2f}%)")
@@ -63,16 +61,19 @@ def write_classify_reports(bundle: Bundle, metrics: dict[str, Any], out_dir: Pat
                             color="white" if cm[i, j] > cm.max() / 2 else "black")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    with atomic_path(out_dir / "confusion.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_dir / "confusion.png", dpi=100)
     return {"confusion_csv": str(out_dir / "confusion.csv"), "confusion_png": str(out_dir / "confusion.png"),
             "per_class_csv": str(out_dir / "per_class.csv")}
 
 
 def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, metrics: dict[str, Any], out_dir: Path) -> dict[str, str]:
-    """predictions.json (COCO results), per_class_ap.csv and predictions.png (a grid of val images with
-    predicted boxes in colour and ground truth in white) in ``out_dir``."""
+    """predictions.json (COCO results), ground_truth.json (the COCO ground truth they were scored
+    against, with the same image and category ids), per_class_ap.csv and predictions.png (a grid of val
+    images with predicted boxes in colour and ground truth in white) in ``out_dir``.
+
+    pycocotools reproduces kiln's mAP from the two JSON files alone: ``COCO("ground_truth.json")``,
+    ``loadRes("predictions.json")``, ``COCOeval(gt, dt, "bbox")``.
+    """
     out_dir = Path(out_dir)
     n = len(res.targets)
     ids = ds.info.get("image_ids")
@@ -80,6 +81,9 @@ def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, me
     cats = ds.info.get("category_ids")
     preds = coco_results(detections(bundle, res, eval_post(bundle)), image_ids, cats)
     atomic_write_json(out_dir / "predictions.json", preds)
+    sizes = [(lb.width, lb.height) for lb in res.letterboxes]
+    atomic_write_json(out_dir / "ground_truth.json",
+                      coco_ground_truth(res.targets, bundle.manifest.classes, sizes, image_ids, cats))
 
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -99,8 +103,8 @@ def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, me
                      bundle.manifest.classes, title=f"mAP@[.5:.95] {metrics.get('map', 0):.3f}  mAP@.5 {metrics.get('map50', 0):.3f}")
     with atomic_path(out_dir / "predictions.png") as tmp:
         grid.save(tmp, format="PNG")
-    return {"predictions_json": str(out_dir / "predictions.json"), "per_class_ap_csv": str(out_dir / "per_class_ap.csv"),
-            "predictions_png": str(out_dir / "predictions.png")}
+    return {"predictions_json": str(out_dir / "predictions.json"), "ground_truth_json": str(out_dir / "ground_truth.json"),
+            "per_class_ap_csv": str(out_dir / "per_class_ap.csv"), "predictions_png": str(out_dir / "predictions.png")}
 
 
 def draw_grid(images: list[Image.Image], targets: list[dict[str, np.ndarray]], detections: list[list[dict[str, Any]]],

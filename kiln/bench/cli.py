@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from kiln.bench.loadgen import ENCODINGS, PROTOCOLS, LoadConfig, run_load
 from kiln.bench.report import (
@@ -110,6 +111,12 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot_engine(report, args.plot)
         print(f"wrote {args.plot}")
+    # A backend or precision asked for that gave no row is a failure, not a table of baselines.
+    for miss in report["unmet"]:
+        print(f"kiln bench: error: no result for {miss['backend']} {miss['precision']}: {miss['reason']}",
+              file=sys.stderr)
+    if report["unmet"]:
+        return 2
     return 0 if any(r["status"] == "ok" for r in report["results"]) else 1
 
 

@@ -32,7 +32,7 @@ from kiln.bench.environment import environment
 from kiln.bench.server import histogram_diff, prepare_request, scrape_batches
 from kiln.bench.stats import PERCENTILES, summarize
 from kiln.bench.worker import ClientProcesses, Share, ShareResult, client_loop_name, run_share, split
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, unknown_choice
 
 log = logging.getLogger("kiln.bench")
 
@@ -80,9 +80,9 @@ class LoadConfig:
         if self.concurrency is None and self.rate is None:
             self.concurrency = list(DEFAULT_CONCURRENCY)
         if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"--protocol: unknown protocol '{self.protocol}'. Valid: {', '.join(PROTOCOLS)}")
+            raise unknown_choice("protocol", self.protocol, PROTOCOLS, flag="--protocol")
         if self.encoding not in ENCODINGS:
-            raise ConfigError(f"--encoding: unknown encoding '{self.encoding}'. Valid: {', '.join(ENCODINGS)}")
+            raise unknown_choice("encoding", self.encoding, ENCODINGS, flag="--encoding")
         if self.protocol == "v2" and self.image is not None:
             raise ConfigError("--image is for the native protocol; v2 sends a random tensor of the model's input shape")
         for name in ("duration", "timeout"):

@@ -24,11 +24,11 @@ from kiln.bench.environment import environment
 from kiln.bench.stats import summarize
 from kiln.bundle import Bundle
 from kiln.errors import ConfigError, InputError, KilnError, unknown_choice
-from kiln.runtime import BACKENDS as RUNTIME_BACKENDS
-from kiln.runtime import OPTIONS, PRECISIONS, load
+from kiln.runtime import OPTIONS, load
+from kiln.vocab import BACKEND_CHOICES, BACKEND_NAMES, PRECISIONS
 
-ALL_BACKENDS = tuple(RUNTIME_BACKENDS)
-BACKENDS = ("auto", *ALL_BACKENDS, "all")
+ALL_BACKENDS = BACKEND_NAMES
+BACKENDS = (*BACKEND_CHOICES, "all")
 BASELINE = ("torch", "fp32")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MAX_IMAGES = 256
@@ -122,6 +122,7 @@ class _Loaded:
     backend: Any | None
     reason: str | None
     baseline: bool
+    same_as_baseline: bool = False  # "auto" chose torch fp32: the baseline's rows answer it
 
 
 def short_reason(message: str, backend: str) -> str:
@@ -206,7 +207,7 @@ def _load_all(bundle: Bundle, cfg: BenchConfig) -> list[_Loaded]:
             last = loaded[-1].backend
             if last is not None and (last.name, last.precision) == BASELINE:
                 last.close()  # "auto" chose torch fp32: that is the baseline row already
-                loaded.pop()
+                loaded[-1] = _Loaded(backend, precision, None, None, baseline=False, same_as_baseline=True)
     return loaded
 
 
@@ -261,10 +262,15 @@ def run_bench(bundle_path: str | os.PathLike[str], cfg: BenchConfig,
     say = progress or (lambda _msg: None)
     loaded = _load_all(bundle, cfg)
     results: list[Result] = []
+    produced: list[list[Result]] = [[] for _ in loaded]
     try:
         for batch in cfg.batches:
             feeds = make_inputs(bundle, batch, cfg)
-            rows = [_measure(entry, batch, feeds, cfg, say) for entry in loaded]
+            rows = []
+            for entry, mine in zip(loaded, produced, strict=True):
+                if not entry.same_as_baseline:
+                    mine.append(_measure(entry, batch, feeds, cfg, say))
+                    rows.append(mine[-1])
             _add_speedups(rows)
             results.extend(rows)
     finally:
@@ -284,4 +290,35 @@ def run_bench(bundle_path: str | os.PathLike[str], cfg: BenchConfig,
         "environment": environment(),
         "config": cfg.to_json(),
         "results": [r.to_json() for r in results],
+        "unmet": unmet_requests(cfg, loaded, produced),
     }
+
+
+def unmet_requests(cfg: BenchConfig, loaded: list[_Loaded], produced: list[list[Result]]) -> list[dict[str, str]]:
+    """Each requested (backend, precision) that produced no timed row, with the reasons.
+
+    A backend named in ``--backend`` (or ``auto``) must run; ``all`` means whichever can run here, so
+    it asks only that each precision ran on at least one backend.
+    """
+    rows_of = {id(e): rows for e, rows in zip(loaded, produced, strict=True)}
+    baseline_rows = next((rows for e, rows in zip(loaded, produced, strict=True) if e.baseline), [])
+
+    def rows(entry: _Loaded) -> list[Result]:
+        return baseline_rows if entry.same_as_baseline else rows_of[id(entry)]
+
+    def ran(entry: _Loaded) -> bool:
+        return any(r.status == "ok" for r in rows(entry))
+
+    def why(entry: _Loaded) -> str:
+        reasons = dict.fromkeys(r.reason for r in rows(entry) if r.reason)
+        return entry.reason or "; ".join(str(r) for r in reasons) or "no batch was timed"
+
+    unmet = [{"backend": e.requested, "precision": e.precision, "reason": why(e)} for e in loaded
+             if e.requested in cfg.backends and e.precision in cfg.precisions and not ran(e)]
+    if "all" in cfg.backends:
+        for precision in cfg.precisions:
+            pool = [e for e in loaded if e.precision == precision and e.requested in ALL_BACKENDS]
+            if not any(ran(e) for e in pool):
+                unmet.append({"backend": "all", "precision": precision,
+                              "reason": "; ".join(f"{e.requested}: {why(e)}" for e in pool) or "no backend"})
+    return unmet

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from kiln.data import classify, detect
+from kiln.data import classify, detect, voc
 from kiln.data.dataset import IMG_EXTENSIONS, ImageDataset, Split, check_images, split_indices
 from kiln.errors import DatasetError, unknown_choice
 
@@ -85,4 +85,5 @@ OPENERS: dict[str, Opener] = {
     "shapes": Opener(detect.open_shapes, 0, "shapes", "detect"),
     "coco": Opener(detect.open_coco, 2, "coco:ANNOTATIONS.json:IMAGES_DIR", "detect"),
     "yolo": Opener(detect.open_yolo, 1, "yolo:DATA.yaml", "detect"),
+    "voc": Opener(voc.open_voc, 1, "voc:ROOT (VOCdevkit layout: Annotations/, JPEGImages/, ImageSets/Main/)", "detect"),
 }

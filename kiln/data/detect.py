@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from kiln.data.dataset import IMG_EXTENSIONS, ImageDataset, Split, check_images, split_indices
 from kiln.errors import DatasetError
 from kiln.fsutil import atomic_path, atomic_write_json, atomic_write_text
+from kiln.processing import displayed_size
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def _coco_split(ann_path: Path, images_dir: Path, split: Split, skip_bad_images:
         w, h = im.get("width"), im.get("height")
         if not w or not h:
             with Image.open(paths[k]) as pil:
-                w, h = pil.size
+                w, h = displayed_size(pil)
         boxes, labels = per_image[ids[k]]
         b, lab, c, d = sanitize_boxes(np.asarray(boxes, dtype=np.float32), np.asarray(labels), int(w), int(h))
         clipped, dropped = clipped + c, dropped + d
@@ -404,7 +405,7 @@ def _yolo_split(paths: list[Path], names: list[str], split: Split, skip_bad_imag
     for k in good:
         img = paths[k]
         with Image.open(img) as pil:
-            w, h = pil.size
+            w, h = displayed_size(pil)
         boxes, labels = [], []
         lp = _label_path(img)
         if lp.is_file():  # no label file: a negative image, as in Ultralytics

@@ -1,7 +1,11 @@
 """The model registry: name -> a builder of an ``nn.Module`` from (classes, channels, input size, args).
 
-Architectures are torchvision's (no downloaded weights), adapted to the input channels and the class
-count; small inputs (<= 64 px) get a stride-1 stem so a 32x32 image is not reduced to 1x1.
+kiln's own entries (lenet5, the resnets and mobilenet_v3_small adapted to small inputs, the kiln-det
+detectors) come first; any other torchvision classifier is taken by its name
+(``torchvision.models.list_models(module=torchvision.models)``) and timm models as ``timm:NAME``.
+Builders never download: pretrained weights are loaded afterwards (:mod:`kiln.models.pretrained`), so
+``load_model(bundle)`` rebuilds the same module offline. Small inputs (<= 64 px) give kiln's resnets a
+stride-1 stem so a 32x32 image is not reduced to 1x1.
 ``kiln.json`` records the name and arguments, so ``load_model(bundle)`` rebuilds the same module.
 
 Training builds from this registry and the PyTorch backend and export rebuild from it, so it lives in
@@ -14,15 +18,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
-from kiln.bundle import Architecture, Bundle
-from kiln.errors import CheckpointError, ConfigError, unknown_choice
-from kiln.models.detector import build_detector
+from kiln.bundle import Architecture, Bundle, Preprocess
+from kiln.errors import CheckpointError, ConfigError
+from kiln.models.backbones import adapt_in_channels
+from kiln.models.detector import TV_BACKBONES, build_detector
 
 
 class LeNet5(nn.Module):
@@ -78,6 +84,41 @@ def _detector(size: str) -> Callable[..., nn.Module]:
     return build
 
 
+# Auxiliary classifiers only train-time losses use; kiln trains one head, so they are left out.
+_NO_AUX = {"inception_v3": {"aux_logits": False, "init_weights": True}, "googlenet": {"aux_logits": False, "init_weights": True}}
+
+
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, in_channels: int = 3, image_size: int = 224, **_: Any) -> nn.Module:
+        kw: dict[str, Any] = dict(_NO_AUX.get(name, {}))
+        if name.startswith("vit_"):
+            kw["image_size"] = image_size  # ViT's position embedding is sized for the input
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+        return adapt_in_channels(model, in_channels) if in_channels != 3 else model
+
+    return build
+
+
+def _timm(arch: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, in_channels: int = 3, image_size: int = 224, **_: Any) -> nn.Module:
+        from kiln.models.pretrained import timm_module, timm_name
+
+        timm = timm_module()
+        name = timm_name(arch)
+        kw: dict[str, Any] = {}
+        cfg = timm.models.get_pretrained_cfg(name)
+        if (cfg is not None and getattr(cfg, "fixed_input_size", False)) or name.startswith(("vit_", "deit", "eva")):
+            kw["img_size"] = image_size  # position embeddings are sized for the input
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
+
+    return build
+
+
+def torchvision_classifiers() -> list[str]:
+    """Every classification architecture torchvision builds (not detection, segmentation or video)."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     build: Callable[..., nn.Module]
@@ -93,13 +134,33 @@ MODELS: dict[str, ModelEntry] = {
     "mobilenet_v3_small": ModelEntry(_mobilenet_v3_small, "classify", None),
     "kiln-det-s": ModelEntry(_detector("s"), "detect", 128),
     "kiln-det-m": ModelEntry(_detector("m"), "detect", 320),
+    **{f"kiln-det-{b}": ModelEntry(_detector(b), "detect", 320) for b in TV_BACKBONES},
 }
 
 
 def model_entry(name: str) -> ModelEntry:
-    if name not in MODELS:
-        raise unknown_choice("model", name, MODELS, flag="--model")
-    return MODELS[name]
+    """kiln's entry for ``name``, else a torchvision classifier of that name, else ``timm:NAME``."""
+    if name in MODELS:
+        return MODELS[name]
+    if name.startswith("timm:"):
+        from kiln.models.pretrained import timm_name
+
+        timm_name(name)  # unknown names fail here, with the nearest ones
+        return ModelEntry(_timm(name), "classify", 224)
+    tv = torchvision_classifiers()
+    if name in tv:
+        return ModelEntry(_torchvision(name), "classify", 224)
+    raise unknown_model(name, [*MODELS, *tv])
+
+
+def unknown_model(name: str, known: list[str]) -> ConfigError:
+    """One line with the nearest names (the full list of torchvision models is too long to print)."""
+    import difflib
+
+    near = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
+    hint = f" Did you mean '{near[0]}'? Nearest: {', '.join(near)}." if near else ""
+    return ConfigError(f"--model: unknown model '{name}'.{hint} Known: {', '.join(MODELS)}, any torchvision "
+                       "classifier (torchvision.models.list_models()) or timm:NAME")
 
 
 def build_model(arch: Architecture) -> nn.Module:
@@ -108,34 +169,93 @@ def build_model(arch: Architecture) -> nn.Module:
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load a state dict with ``weights_only=True``; accepts a bare state dict or a kiln checkpoint."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"weights file not found: {path}") from None
-    except Exception as exc:
-        raise CheckpointError(f"cannot read weights {path}: not a valid PyTorch file ({type(exc).__name__}: {exc})") from None
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
+    """Load a state dict with ``weights_only=True``; accepts a bare state dict (a torchvision or timm
+    download as it is), a kiln checkpoint, or a ``.safetensors`` file (Hugging Face / timm)."""
+    if str(path).endswith(".safetensors"):
+        obj: Any = _read_safetensors(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"weights file not found: {path}") from None
+        except Exception as exc:
+            raise CheckpointError(f"cannot read weights {path}: not a valid PyTorch file ({type(exc).__name__}: {exc})") from None
+    for key in ("model", "state_dict"):  # kiln checkpoints; timm training checkpoints
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, replace_head: bool = False) -> list[str]:
-    """Copy ``state`` into ``model``. With ``replace_head``, tensors whose shape differs are skipped
-    (the new head keeps its fresh initialization); returns the names that were skipped."""
+def _read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"cannot read weights {path}: not a valid safetensors file ({exc})") from None
+
+
+def _is_head_change(own: torch.Size, got: torch.Size) -> bool:
+    """A class-count change alters only the output dimension (dim 0) of the head's weight and bias;
+    any other shape difference means the weights come from another architecture."""
+    return len(own) == len(got) and own[1:] == got[1:] and own[:1] != got[:1]
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, replace_head: bool = False,
+                 ignore: tuple[str, ...] = ()) -> list[str]:
+    """Copy ``state`` into ``model``. With ``replace_head``, tensors whose output dimension differs
+    (the classifier for another class count) are skipped and keep their fresh initialization; returns
+    the names that were skipped. ``ignore``: key prefixes of ``state`` to leave out (auxiliary heads).
+
+    Anything else that does not fit (another architecture's checkpoint) raises one line naming the
+    first key that does not match.
+    """
     own = model.state_dict()
-    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if skipped and not replace_head:
-        k = skipped[0]
-        raise CheckpointError(f"weights do not fit the model: {k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}")
+    state = {k: v for k, v in state.items() if not (ignore and k.startswith(ignore))}
+    skipped: list[str] = []
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            if not (replace_head and _is_head_change(own[k].shape, v.shape)):
+                raise CheckpointError(f"weights do not fit the model: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+                                      + ("" if replace_head else " (a different class count? fine-tune with --weights in kiln train)"))
+            skipped.append(k)
     filtered = {k: v for k, v in state.items() if k not in skipped}
     missing, unexpected = model.load_state_dict(filtered, strict=False)
-    missing = [m for m in missing if m not in skipped]
-    if unexpected or (missing and not replace_head):
-        raise CheckpointError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    missing = [m for m in missing if m not in skipped and not m.endswith("num_batches_tracked")]
+    if unexpected:
+        raise CheckpointError(f"weights do not fit the model: the file has {unexpected[0]}, which the model does not "
+                              f"(and {len(unexpected) - 1} more); a checkpoint of another architecture?")
+    if missing:
+        raise CheckpointError(f"weights do not fit the model: {missing[0]} is missing from the file "
+                              f"(and {len(missing) - 1} more); a checkpoint of another architecture?")
     return skipped
+
+
+def load_pretrained(model: nn.Module, arch: Architecture, which: str | bool) -> tuple[Preprocess, list[str]]:
+    """Load the pretrained weights ``which`` (``True``: the recommended ones) of ``arch`` into ``model``,
+    replacing the classifier head when the class count differs; a kiln-det-<backbone> detector loads
+    them into its backbone. Returns the weights' preprocessing and the head tensors left fresh."""
+    from kiln.models.backbones import TorchvisionBackbone, load_classifier_weights
+    from kiln.models.pretrained import WEIGHTS_HINT, pretrained_state
+
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, TorchvisionBackbone):
+        state, pre = pretrained_state(backbone.arch, which)
+        load_classifier_weights(backbone, state)
+        return pre, []
+    name = arch.name
+    if name in MODELS and (MODELS[name].task != "classify" or name == "lenet5"):
+        raise ConfigError(f"--pretrained: {name} has no pretrained weights; they exist for {WEIGHTS_HINT}")
+    state, pre = pretrained_state(name, which)
+    aux = ("AuxLogits.", "aux1.", "aux2.")  # train-time auxiliary heads kiln leaves out
+    return pre, load_weights(model, state, replace_head=True, ignore=aux)
 
 
 def load_model(bundle: Bundle | str | os.PathLike[str], *, file: str = "model.pt") -> nn.Module:

@@ -29,8 +29,11 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FeaturePyramidNetwork
 
 from kiln.errors import ConfigError
+from kiln.models.backbones import TorchvisionBackbone
 
 STRIDES = (8, 16, 32)
+# torchvision classifiers offered as backbones (kiln-det-<name>); any resnet or features-style network works
+TV_BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,15 @@ class Detector(nn.Module):
     range_lo: torch.Tensor
     range_hi: torch.Tensor
 
-    def __init__(self, cfg: DetectorConfig, num_classes: int, in_channels: int, image_size: int) -> None:
+    def __init__(self, cfg: DetectorConfig, num_classes: int, in_channels: int, image_size: int,
+                 backbone: nn.Module | None = None) -> None:
         super().__init__()
         if num_classes < 1:
             raise ConfigError(f"a detector needs at least one class, got {num_classes}")
         if image_size < 32 or image_size % 32:
             raise ConfigError(f"--image-size {image_size}: a detector's input side must be a multiple of 32 (e.g. 128, 160, 256)")
         self.num_classes, self.image_size = num_classes, image_size
-        self.backbone = Backbone(cfg, in_channels)
+        self.backbone = backbone if backbone is not None else Backbone(cfg, in_channels)
         self.fpn = FeaturePyramidNetwork(self.backbone.out_channels, cfg.fpn)
         self.head = Head(cfg.fpn, num_classes, cfg.tower)
         points, strides, lo, hi = [], [], [], []
@@ -206,6 +210,10 @@ class Detector(nn.Module):
 
 
 def build_detector(size: str, *, num_classes: int, in_channels: int = 3, image_size: int = 128, **_: Any) -> Detector:
+    """``s`` / ``m``: kiln's own trunks; a name in :data:`TV_BACKBONES`: that torchvision ImageNet
+    classifier as the backbone (its weights load with ``--pretrained``), with ``m``'s FPN and head."""
+    if size in TV_BACKBONES:
+        return Detector(CONFIGS["m"], num_classes, in_channels, image_size, TorchvisionBackbone(size, in_channels))
     if size not in CONFIGS:
-        raise ConfigError(f"unknown detector size '{size}' (known: {', '.join(CONFIGS)})")
+        raise ConfigError(f"unknown detector size '{size}' (known: {', '.join([*CONFIGS, *TV_BACKBONES])})")
     return Detector(CONFIGS[size], num_classes, in_channels, image_size)

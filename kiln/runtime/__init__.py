@@ -26,6 +26,7 @@ from kiln.runtime.base import Backend, BackendClosed, BaseBackend
 from kiln.runtime.onnxrt import OnnxRuntimeBackend
 from kiln.runtime.tensorrt import TensorRTBackend, engine_compatible
 from kiln.runtime.torch import TorchBackend
+from kiln.vocab import BACKEND_CHOICES, PRECISIONS, BackendName
 
 __all__ = [
     "BACKENDS",
@@ -45,7 +46,7 @@ __all__ = [
 log = logging.getLogger("kiln.runtime")
 
 # The table load() chooses from, in "auto" order: fastest first.
-BACKENDS: dict[str, type[KilnBackend]] = {
+BACKENDS: dict[BackendName, type[KilnBackend]] = {
     "tensorrt": TensorRTBackend,
     "onnxrt": OnnxRuntimeBackend,
     "torch": TorchBackend,
@@ -60,7 +61,7 @@ FORMAT_BACKEND: dict[str, type[KilnBackend]] = {
     "onnx": OnnxRuntimeBackend,
     "torch": TorchBackend,
 }
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+_FORMAT_OF: dict[BackendName, str] = {"tensorrt": "tensorrt", "onnxrt": "onnx", "torch": "torch"}
 # With no precision asked for, an engine is picked in this order: fp16 is TensorRT's usual deployment
 # precision (its accuracy is measured and recorded in kiln.json by export); ONNX and torch run fp32.
 TENSORRT_DEFAULT_ORDER = ("fp16", "fp32", "int8")
@@ -86,7 +87,7 @@ def load(
     """
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     if backend != "auto" and backend not in BACKENDS:
-        raise unknown_choice("backend", backend, ["auto", *BACKENDS], flag="--backend")
+        raise unknown_choice("backend", backend, BACKEND_CHOICES, flag="--backend")
     if precision is not None and precision not in PRECISIONS:
         raise unknown_choice("precision", precision, PRECISIONS, flag="--precision")
     dev = parse_device(device)
@@ -106,7 +107,10 @@ def load(
         except BackendUnavailable as exc:
             reason = str(exc).removeprefix(f"{name}: ")
             skipped.append(f"{name}: {reason}")
-            log.info("runtime: skipping %s for %s: %s", name, b.name, reason)
+            # Worth a warning only when the bundle has something this backend could have run.
+            has_artifact = any(a.format == _FORMAT_OF[name] for a in b.manifest.artifacts.values())
+            log.log(logging.WARNING if has_artifact and backend == "auto" else logging.DEBUG,
+                    "runtime: skipping %s for %s: %s", name, b.name, reason)
             continue
         chosen.fallback_log = skipped
         log.info(

@@ -115,3 +115,15 @@ class BaseBackend:
 
     def _close(self) -> None:
         return None
+
+
+def pad_batch(feeds: dict[str, np.ndarray], minimum: int) -> tuple[dict[str, np.ndarray], int]:
+    """Zero-pad each feed [N, ...] up to ``minimum`` rows; returns the feeds and the rows added.
+
+    An engine profile may start above batch 1. Callers drop the last ``pad`` rows of every output.
+    """
+    n = min(v.shape[0] for v in feeds.values())
+    pad = max(0, minimum - n)
+    if not pad:
+        return feeds, 0
+    return {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in feeds.items()}, pad

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from kiln.errors import BackendUnavailable, KilnError
+from kiln.errors import BackendUnavailable, KilnError, install_hint
 
-INSTALL_HINT = "pip install 'kiln[trt]' on a machine with an NVIDIA GPU and driver"
+INSTALL_HINT = f"{install_hint('trt')} on a machine with an NVIDIA GPU and driver"
 
 
 class CudaError(KilnError, RuntimeError):

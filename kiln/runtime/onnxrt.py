@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kiln.bundle import Artifact, Bundle, TensorSpec
-from kiln.errors import BackendUnavailable, BundleError, ConfigError
+from kiln.errors import BackendUnavailable, BundleError, ConfigError, install_hint, unknown_choice
 from kiln.runtime import cuda
 from kiln.runtime._common import Device, KilnBackend, batch_limits, installed, parse_device, spec_names
 
@@ -30,7 +30,7 @@ CPU_EP = "CPUExecutionProvider"
 def unavailable_reason(device: Device | None = None) -> str | None:
     """Why this backend cannot run on ``device`` here, or None (cheap: no session is created)."""
     if not installed("onnxruntime"):
-        return "onnxruntime is not installed (pip install 'kiln[serve]')"
+        return f"onnxruntime is not installed ({install_hint('serve')})"
     if device is not None and device.kind == "cuda":
         import onnxruntime as ort
 
@@ -69,7 +69,7 @@ class OnnxRuntimeBackend(KilnBackend):
         import onnxruntime as ort
 
         if optimization not in OPTIMIZATION_LEVELS:
-            raise ConfigError(f"onnxrt optimization: unknown level '{optimization}'. Valid: {', '.join(OPTIMIZATION_LEVELS)}")
+            raise unknown_choice("level", optimization, OPTIMIZATION_LEVELS, flag="onnxrt optimization", ordered=True)
         for opt, value in (("threads", threads), ("inter_op_threads", inter_op_threads)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"onnxrt {opt} must be a positive integer, got {value!r}")

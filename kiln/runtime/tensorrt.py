@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kiln.bundle import Artifact, Bundle, TensorSpec
-from kiln.errors import BackendUnavailable, BundleError, ConfigError, InputError, KilnError
+from kiln.errors import BackendUnavailable, BundleError, ConfigError, InputError, KilnError, install_hint
 from kiln.runtime import cuda
 from kiln.runtime._common import Device, KilnBackend, parse_device, spec_names
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kiln.runtime")
 OPTIONS = frozenset({"max_batch"})
-INSTALL_HINT = "pip install 'kiln[trt]' on a machine with an NVIDIA GPU and driver"
+INSTALL_HINT = f"{install_hint('trt')} on a machine with an NVIDIA GPU and driver"
 PROVENANCE_KEYS = ("tensorrt_version", "gpu_name", "compute_capability")
 SUPPORTED_MAJORS = (10, 11)
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from kiln.bundle import Artifact, Bundle
-from kiln.errors import BackendUnavailable, ConfigError, KilnError
+from kiln.errors import BackendUnavailable, ConfigError, KilnError, install_hint, unknown_choice
 from kiln.runtime._common import Device, KilnBackend, batch_limits, installed, parse_device, spec_names
 
 OPTIONS = frozenset({"compile", "cuda_graphs", "threads", "max_batch"})
@@ -32,7 +32,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 def unavailable_reason(device: Device | None = None, precision: str = "fp32") -> str | None:
     """Why this backend cannot run here, or None. Imports torch only when CUDA must be checked."""
     if not installed("torch"):
-        return "PyTorch is not installed (pip install 'kiln[train]')"
+        return f"PyTorch is not installed ({install_hint('train')})"
     if precision not in PRECISIONS:
         return f"torch runs {', '.join(PRECISIONS)} (autocast), not {precision}"
     if precision == "fp16" and device is not None and device.kind == "cpu":
@@ -89,7 +89,7 @@ class TorchBackend(KilnBackend):
             mode = "default"
         elif isinstance(compile, str):
             if compile not in COMPILE_MODES:
-                raise ConfigError(f"torch compile: unknown mode '{compile}'. Valid: {', '.join(COMPILE_MODES)}")
+                raise unknown_choice("mode", compile, COMPILE_MODES, flag="torch compile")
             mode = compile
 
         model = load_model(bundle, file=file).to(self._device)

@@ -17,7 +17,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kiln import __version__
     from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
     from kiln.export.torch2onnx import torch2onnx
-    from kiln.train.models import build_model
+    from kiln.models import build_model
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bench") / "tiny"

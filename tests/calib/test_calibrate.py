@@ -34,7 +34,7 @@ def test_int8_is_symmetric_per_channel_qdq(fp32_bundle: Path) -> None:
     bundle = Bundle.load(fp32_bundle)
     out = fp32_bundle / "model.int8.onnx"
     report = calibrate_bundle(bundle, fp32_bundle / "model.onnx", out,
-                              CalibSettings(method="minmax", images=32, max_accuracy_drop=100.0))
+                              CalibSettings(method="minmax", images=32, max_accuracy_drop=2.0))
     model = onnx.load(str(out))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -48,7 +48,8 @@ def test_int8_is_symmetric_per_channel_qdq(fp32_bundle: Path) -> None:
     assert set(report["latency_ms_ort_cpu"]) == {"fp32", "int8"}
     text = (fp32_bundle / "model.int8.calib.txt").read_text()
     assert "minmax" in text and "32 images" in text
-    assert json.loads((fp32_bundle / "model.int8.calib.json").read_text())["within_budget"] is True
+    saved = json.loads((fp32_bundle / "model.int8.calib.json").read_text())
+    assert saved["within_budget"] is True and saved["drop"] <= 2.0  # lenet5 on digits loses well under 2 points
 
 
 def test_fake_evaluator_forces_sensitivity_search(fp32_bundle: Path, tmp_path: Path) -> None:
@@ -92,7 +93,7 @@ def test_cache_hit_and_miss(fp32_bundle: Path, tmp_path: Path) -> None:
     bundle = Bundle.load(fp32_bundle)
     fp32 = fp32_bundle / "model.onnx"
     cache = tmp_path / "cache"
-    settings = CalibSettings(method="minmax", images=32, max_accuracy_drop=100.0)
+    settings = CalibSettings(method="minmax", images=32, max_accuracy_drop=0.0)  # the fake evaluator loses nothing
     evaluations: list[Path] = []
 
     def evaluate(path: Path) -> float:

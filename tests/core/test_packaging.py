@@ -21,7 +21,7 @@ def test_non_editable_install_imports_every_stage(tmp_path: Path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = (
-        "import kiln, kiln.data, kiln.models, kiln.train, kiln.train.detect, kiln.export, kiln.serve, kiln.calib, kiln.runtime;"
+        "import kiln, kiln.bench, kiln.bench.cli, kiln.data, kiln.models, kiln.train, kiln.train.detect, kiln.export, kiln.serve, kiln.calib, kiln.runtime;"
         "print(kiln.train.__file__); print(kiln.models.MODELS['lenet5'].task)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},

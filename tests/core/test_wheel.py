@@ -44,3 +44,20 @@ def test_wheel_name_extras_and_command(tmp_path: Path) -> None:
     for pkg in ("kiln/__init__.py", "kiln/train/__init__.py", "kiln/export/__init__.py",
                 "kiln/serve/__init__.py", "kiln/calib/__init__.py", "kiln/runtime/__init__.py"):
         assert pkg in names, pkg
+
+
+def test_every_package_folder_is_listed() -> None:
+    """A package missing from [tool.setuptools] packages works editable and vanishes from the wheel."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    found = set()
+    for name, folder in setuptools["package-dir"].items():
+        base = ROOT / folder
+        for init in base.rglob("__init__.py"):
+            rel = init.parent.relative_to(base)
+            if any(part.startswith((".", "__")) for part in rel.parts):
+                continue
+            found.add(".".join([name, *rel.parts]))
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"

@@ -189,7 +189,6 @@ def _prepare(args: list[str], work: Path, **env: str) -> subprocess.CompletedPro
 
 
 def test_prepare_engines_without_tensorrt_serves_the_bundle_as_is(tmp_path: Path) -> None:
-    pytest.importorskip("kiln.export.onnx2engine")
     bundle = _bundle(tmp_path / "models" / "tiny")
     (tmp_path / "models" / "junk").mkdir()
     proc = _prepare([str(bundle), str(tmp_path / "models" / "junk")], tmp_path / "work")
@@ -204,7 +203,6 @@ def test_prepare_engines_without_tensorrt_serves_the_bundle_as_is(tmp_path: Path
 
 
 def test_prepare_engines_drops_a_stale_copy(tmp_path: Path) -> None:
-    pytest.importorskip("kiln.export.onnx2engine")
     bundle = _bundle(tmp_path / "models" / "tiny")
     stale = _bundle(tmp_path / "work" / "tiny")
     (stale / "model.fp16.onnx").write_bytes(b"an older model")

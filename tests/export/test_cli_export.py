@@ -69,9 +69,9 @@ def _trt_usable() -> bool:
 
 
 @pytest.mark.skipif(_trt_usable(), reason="TensorRT and a GPU are usable here")
-def test_engine_without_tensorrt_fails_after_onnx_is_written(bundle_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_engine_without_tensorrt_fails_before_any_work(bundle_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = snapshot(bundle_copy)
     assert main(["export", str(bundle_copy), "--engine", "--no-simplify"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "tensorrt" in err[-1].lower() and "install" in err[-1].lower()
-    assert "ONNX artifacts were written" in err[-1]
-    assert "model.onnx" in Bundle.load(bundle_copy).manifest.artifacts
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "tensorrt" in line.lower() and "pip install '.[trt]'" in line
+    assert snapshot(bundle_copy) == before  # nothing exported: the requirement was checked first

@@ -9,14 +9,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("kiln.models.detector")
-from kiln import processing  # noqa: E402
-
-if not hasattr(processing, "detect_postprocess"):
-    pytest.skip("kiln.processing.detect_postprocess is not there yet", allow_module_level=True)
-
-from kiln.bundle import Bundle  # noqa: E402
-from kiln.cli import main  # noqa: E402
+from kiln.bundle import Bundle
+from kiln.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +58,11 @@ def test_detector_fp32_export_gives_the_same_detections(det_bundle: Path) -> Non
 @pytest.mark.slow
 def test_detector_int8_records_map(det_bundle: Path) -> None:
     assert main(["export", str(det_bundle), "--precision", "fp32,int8", "--calib-images", "16",
-                 "--calib-method", "minmax", "--max-accuracy-drop", "100", "--batch", "1:2:4"]) == 0
+                 "--calib-method", "minmax", "--max-accuracy-drop", "5", "--batch", "1:2:4"]) == 0
     b = Bundle.load(det_bundle)
     int8 = b.manifest.artifacts["model.int8.onnx"]
-    assert "map" in int8.metrics and (int8.model_extra or {})["calibration"]["images"] == 16
-    assert (int8.model_extra or {})["verification"]["detections"] >= 0
+    extra = int8.model_extra or {}
+    assert "map" in int8.metrics and extra["calibration"]["images"] == 16
+    v = extra["verification"]
+    assert v["detections"] > 0 and v["max_accuracy_drop"] == 5
+    assert v["accuracy_drop"] <= 5  # mAP points against the fp32 ONNX

@@ -41,7 +41,7 @@ def test_bad_arguments_fail_before_tensorrt(tmp_path: Path) -> None:
 def test_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_bytes(b"")
     engine = tmp_path / "m.engine"
-    with pytest.raises(BackendUnavailable, match=r"pip install 'kiln\[trt\]' on a machine with an NVIDIA GPU|needs an NVIDIA GPU"):
+    with pytest.raises(BackendUnavailable, match=r"pip install '\.\[trt\]' in the kiln checkout on a machine with an NVIDIA GPU|needs an NVIDIA GPU"):
         onnx2engine(tmp_path / "m.onnx", engine, precision="fp32", batch=BATCH, input_name="images")
     assert not engine.exists()
 
@@ -183,7 +183,7 @@ def trt_gpu() -> Any:
 def _detector_bundle(root: Path) -> Path:
     import torch
 
-    from kiln.train.models import build_model
+    from kiln.models import build_model
     from kiln.train.tasks import make_task
 
     arch = Architecture(name="kiln-det-s", args={"num_classes": 3, "in_channels": 3, "image_size": 256})

@@ -25,7 +25,7 @@ NUM_CLASSES = 10
 def make_lenet_bundle(root: Path, *, onnx: bool = True) -> Path:
     import torch
 
-    from kiln.train.models import build_model
+    from kiln.models import build_model
 
     torch.manual_seed(0)
     arch = Architecture(name="lenet5", args={"num_classes": NUM_CLASSES, "in_channels": 1, "image_size": 28})
@@ -61,7 +61,7 @@ def make_lenet_bundle(root: Path, *, onnx: bool = True) -> Path:
 def make_detector_bundle(root: Path) -> Path:
     import torch
 
-    from kiln.train.models import build_model
+    from kiln.models import build_model
     from kiln.train.tasks import make_task
 
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ def test_table_order() -> None:
 
 
 def test_auto_picks_onnxrt_on_cpu_and_says_why(lenet_bundle: Path, images: np.ndarray, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="kiln.runtime")
+    caplog.set_level(logging.DEBUG, logger="kiln.runtime")
     with load(lenet_bundle) as b:
         assert (b.name, b.device, b.precision, b.artifact) == ("onnxrt", "cpu", "fp32", "model.onnx")
         assert b.fallback_log == ["tensorrt: the bundle has no TensorRT engine (it has: onnx fp32, torch fp32)"]
@@ -41,6 +41,9 @@ def test_auto_picks_onnxrt_on_cpu_and_says_why(lenet_bundle: Path, images: np.nd
     messages = [r.getMessage() for r in caplog.records if r.name == "kiln.runtime"]
     assert any("skipping tensorrt" in m and "no TensorRT engine" in m for m in messages)
     assert any("runs onnxrt" in m for m in messages)
+    # A bundle that never had an engine is not worth a warning on every start.
+    skips = [r for r in caplog.records if "skipping" in r.getMessage()]
+    assert skips and all(r.levelno == logging.DEBUG for r in skips)
 
 
 def test_auto_skips_an_engine_when_tensorrt_is_missing(lenet_bundle: Path, caplog) -> None:
@@ -50,7 +53,10 @@ def test_auto_skips_an_engine_when_tensorrt_is_missing(lenet_bundle: Path, caplo
         assert b.name == "onnxrt"
         assert len(b.fallback_log) == 1
         assert b.fallback_log[0].startswith("tensorrt: TensorRT is not installed")
-        assert "pip install 'kiln[trt]'" in b.fallback_log[0]
+        assert "pip install '.[trt]' in the kiln checkout" in b.fallback_log[0]
+    # An engine that exists but cannot run here is worth a warning.
+    skips = [r for r in caplog.records if "skipping tensorrt" in r.getMessage()]
+    assert skips and all(r.levelno == logging.WARNING for r in skips)
 
 
 def test_auto_falls_back_to_torch_without_onnx(lenet_bundle: Path, images: np.ndarray) -> None:
@@ -88,9 +94,9 @@ def test_explicit_tensorrt_says_what_to_install(lenet_bundle: Path) -> None:
     with pytest.raises(BackendUnavailable, match="no backend can run .*tensorrt: the bundle has no TensorRT engine"):
         load(lenet_bundle, "tensorrt")
     _add_fake_engine(lenet_bundle)
-    with pytest.raises(BackendUnavailable, match=r"pip install 'kiln\[trt\]' on a machine with an NVIDIA GPU"):
+    with pytest.raises(BackendUnavailable, match=r"pip install '\.\[trt\]' in the kiln checkout on a machine with an NVIDIA GPU"):
         load(lenet_bundle, "tensorrt")
-    with pytest.raises(BackendUnavailable, match=r"pip install 'kiln\[trt\]'"):
+    with pytest.raises(BackendUnavailable, match=r"pip install '\.\[trt\]' in the kiln checkout"):
         open_artifact(lenet_bundle, "model.fp16.engine")
 
 
@@ -123,5 +129,5 @@ def test_available_backends() -> None:
     assert set(info) == {"tensorrt", "onnxrt", "torch"}
     assert info["onnxrt"]["available"] is True and "CPUExecutionProvider" in info["onnxrt"]["providers"]
     assert info["torch"]["available"] is True
-    assert info["tensorrt"]["available"] is False and "kiln[trt]" in info["tensorrt"]["reason"]
+    assert info["tensorrt"]["available"] is False and "'.[trt]'" in info["tensorrt"]["reason"]
     assert info["tensorrt"]["gpus"] == []

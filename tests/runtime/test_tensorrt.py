@@ -59,8 +59,8 @@ def test_stub_only_tensorrt_is_not_tensorrt() -> None:
 @no_gpu
 def test_backend_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
     ok, reason = engine_compatible(PROV)
-    assert not ok and "pip install 'kiln[trt]' on a machine with an NVIDIA GPU" in reason
-    with pytest.raises(BackendUnavailable, match=r"^tensorrt: .*pip install 'kiln\[trt\]'"):
+    assert not ok and "pip install '.[trt]' in the kiln checkout on a machine with an NVIDIA GPU" in reason
+    with pytest.raises(BackendUnavailable, match=r"^tensorrt: .*pip install '\.\[trt\]' in the kiln checkout"):
         TensorRTBackend(tmp_path / "x.engine", inputs=[TensorSpec(name="images", shape=[1, 28, 28])], outputs=[])
     with pytest.raises(BackendUnavailable, match="device cpu was requested"):
         TensorRTBackend(tmp_path / "x.engine", inputs=[], outputs=[], device="cpu")

@@ -102,7 +102,7 @@ def test_timeout_zero_takes_only_what_is_queued() -> None:
     t0 = time.monotonic()
     batch, _ = collect(q, max_items=8, max_delay=0.0, first_timeout=0.0)
     assert len(batch) == 2
-    assert time.monotonic() - t0 < 0.05
+    assert time.monotonic() - t0 < 1.0  # no wait at all; the bound only catches a blocking get
 
 
 def test_max_delay_none_waits_until_full_and_real_timer_fires() -> None:
@@ -117,7 +117,7 @@ def test_max_delay_none_waits_until_full_and_real_timer_fires() -> None:
     t0 = time.monotonic()
     batch, _ = collect(q, max_items=8, max_delay=0.05, first_timeout=0.0)
     assert len(batch) == 1
-    assert 0.03 < time.monotonic() - t0 < 0.5
+    assert 0.03 < time.monotonic() - t0 < 5.0  # waited out the window, and did not block for good
 
 
 def test_items_not_requests_count_and_overflow_is_carried() -> None:
@@ -359,27 +359,30 @@ def test_batch_closes_at_once_when_nothing_more_is_coming() -> None:
 
 
 def test_announce_counts_requests_on_their_way(started) -> None:  # type: ignore[no-untyped-def]
-    batcher, backend = started(max_batch=8, max_delay=0.5)
+    batcher, backend = started(max_batch=8, max_delay=2.0)
     backend.calls.clear()
     t0 = time.monotonic()
-    assert batcher.submit(_feeds(1)).result(5)["logits"].shape == (1, 10)
-    assert time.monotonic() - t0 < 0.25  # nothing announced: the 0.5 s window is skipped
+    assert batcher.submit(_feeds(1)).result(10)["logits"].shape == (1, 10)
+    assert time.monotonic() - t0 < 1.5  # nothing announced: the 2 s window is skipped
     with batcher.announce():
         first = batcher.submit(_feeds(1))
         time.sleep(0.05)
         assert not first.done()  # the worker waits for the announced request
         second = batcher.submit(_feeds(1))
-    first.result(5), second.result(5)
+    first.result(10), second.result(10)
     assert [n for n, _ in backend.calls] == [1, 2]
 
 
 def test_dynamic_batching_amortizes_a_per_call_cost(classify_bundle) -> None:  # type: ignore[no-untyped-def]
-    """When a call costs the same for 1 or 32 images (a GPU), 32 concurrent clients get >= 3x."""
+    """When a call costs the same for 1 or 32 images (a GPU), 32 concurrent clients need a third of the
+    calls or fewer. Calls are counted, not timed: a loaded machine slows both runs, not the count."""
+    made: list[FakeBackend] = []
 
-    def run(max_batch: int) -> float:
+    def run(max_batch: int) -> int:
         def factory() -> FakeBackend:
             b = FakeBackend(classify_bundle)
             b.delay = 0.01
+            made.append(b)
             return b
 
         batcher = Batcher(factory, name="amortize", max_batch=max_batch, max_delay=0.005, warmup=False).start()
@@ -391,12 +394,13 @@ def test_dynamic_batching_amortizes_a_per_call_cost(classify_bundle) -> None:  #
                 batcher.submit(_feeds(1)).result(10)
             done.wait(30)
 
-        t0 = time.monotonic()
         for _ in range(32):
             threading.Thread(target=client, daemon=True).start()
-        done.wait(30)
-        seconds = time.monotonic() - t0
+        done.wait(60)
         batcher.close(timeout=5)
-        return 128 / seconds
+        calls = made[-1].calls
+        assert sum(n for n, _ in calls) == 128
+        return len(calls)
 
-    assert run(32) >= 3 * run(1)
+    assert run(1) == 128
+    assert run(32) * 3 <= 128

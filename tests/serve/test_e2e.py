@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 
 def _classifier(root: Path) -> Bundle:
     from kiln.export.torch2onnx import torch2onnx
-    from kiln.train.models import build_model
+    from kiln.models import build_model
 
     arch = Architecture(name="lenet5", args={"num_classes": 10, "in_channels": 1})
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def _classifier(root: Path) -> Bundle:
 
 
 def _detector(root: Path) -> Bundle:
-    from kiln.train.models import build_model
+    from kiln.models import build_model
 
     arch = Architecture(name="kiln-det-s", args={"num_classes": 2, "in_channels": 3, "image_size": 64})
     torch.manual_seed(0)
@@ -170,7 +170,11 @@ def test_serve_end_to_end(server: tuple[subprocess.Popen[str], str, list[str]]) 
         threads = [threading.Thread(target=send) for _ in range(6)]
         for t in threads:
             t.start()
-        time.sleep(0.05)
+        # Signal once the server has answered one of them (however loaded the machine, at least one
+        # was accepted), while the others are still in flight or queued.
+        end = time.monotonic() + 30
+        while not statuses and time.monotonic() < end:
+            time.sleep(0.001)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(30)

@@ -117,14 +117,14 @@ def test_detector_sizes_match_their_grid(size: str, image_size: int) -> None:
     assert float(boxes.min()) >= 0 and float(boxes.max()) <= image_size and 0 <= float(scores.min()) <= float(scores.max()) <= 1
 
 
-def test_detector_ddp_two_cpu_processes(coco_spec: str, tmp_path: Path, free_port: int) -> None:
+def test_detector_ddp_two_cpu_processes(coco_spec: str, tmp_path: Path) -> None:
     """torchrun with 2 gloo processes trains a detector into a valid bundle written by rank 0 only."""
     import os
     import subprocess
     import sys
 
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "kiln.cli", "train", "--data", coco_spec, "--epochs", "1", "--batch-size", "4", "--image-size", "64",
            "--out", str(run), "--no-progress", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -32,7 +32,8 @@ def test_eval_rejects_dataset_with_other_classes(digits_bundle: Path, tmp_path: 
         (tmp_path / "f" / c).mkdir(parents=True)
         for i in range(3):
             Image.new("L", (8, 8), i * 40).save(tmp_path / "f" / c / f"{i}.png")
-    assert main(["eval", str(digits_bundle), "--data", f"folder:{tmp_path / 'f'}"]) == 2
+    run = Path(shutil.copytree(digits_bundle, tmp_path / "b"))  # eval records its results in the bundle
+    assert main(["eval", str(run), "--data", f"folder:{tmp_path / 'f'}"]) == 2
     err = capsys.readouterr().err
     assert "classes" in err and len(err.strip().splitlines()) == 1
 

@@ -82,8 +82,11 @@ def test_corrupt_checkpoint_on_resume_changes_nothing(tmp_path: Path, digits_bun
     assert "cannot read weights" in capsys.readouterr().err
 
 
-def test_refuses_to_overwrite_a_run(digits_bundle: Path, capsys: pytest.CaptureFixture[str]):
-    assert main(["train", "--out", str(digits_bundle), "--no-progress"]) == 2
+def test_refuses_to_overwrite_a_run(digits_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    run = Path(shutil.copytree(digits_bundle, tmp_path / "run"))  # a failed refusal would overwrite it
+    before = (run / "model.pt").read_bytes()
+    assert main(["train", "--out", str(run), "--no-progress"]) == 2
+    assert (run / "model.pt").read_bytes() == before
     assert "--resume" in capsys.readouterr().err
 
 
@@ -126,9 +129,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path):
     assert Bundle.load(run).manifest.training["epochs"] == epochs
 
 
-def test_ddp_two_cpu_processes_with_gloo(tmp_path: Path, free_port: int):
+def test_ddp_two_cpu_processes_with_gloo(tmp_path: Path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "kiln.cli", "train", "--epochs", "5", "--out", str(run), "--no-progress", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -167,8 +170,9 @@ def test_ctrl_c_stops_cleanly_with_a_resumable_bundle(tmp_path: Path):
     torch.load(run / "model.pt", weights_only=True)
 
 
-def test_resume_rejects_changed_settings(digits_bundle: Path, capsys: pytest.CaptureFixture[str]):
-    assert main(["train", "--resume", str(digits_bundle), "--lr", "0.5", "--no-progress"]) == 2
+def test_resume_rejects_changed_settings(digits_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    run = Path(shutil.copytree(digits_bundle, tmp_path / "run"))  # a failed refusal would train it further
+    assert main(["train", "--resume", str(run), "--lr", "0.5", "--no-progress"]) == 2
     assert "only --device, --epochs, --workers may change (got --lr)" in capsys.readouterr().err
 
 

@@ -20,14 +20,26 @@ def detect_postprocess_torch(boxes: torch.Tensor, scores: torch.Tensor, letterbo
     ``letterboxes`` is None), best first."""
     out: list[list[dict[str, object]]] = []
     num_classes = scores.shape[-1]
+    allowed = torch.as_tensor(post.classes, dtype=torch.long) if post.classes is not None else None
     for i in range(boxes.shape[0]):
-        flat = scores[i].reshape(-1)
-        cand = torch.nonzero(flat > post.score_threshold).squeeze(1)
-        if cand.numel() > PRE_NMS_TOP_K:
-            cand = cand[torch.topk(flat[cand], PRE_NMS_TOP_K).indices]
-        anchor, cls = cand // num_classes, cand % num_classes
-        b, s = boxes[i][anchor].float(), flat[cand].float()
-        keep = batched_nms(b, s, cls, post.iou_threshold)[: post.max_detections]
+        if post.multi_label:
+            flat = scores[i].reshape(-1)
+            cand = torch.nonzero(flat > post.score_threshold).squeeze(1)
+            anchor, cls, s = cand // num_classes, cand % num_classes, flat[cand]
+        else:  # one label per location: its best class
+            top, best = scores[i].max(1)
+            anchor = torch.nonzero(top > post.score_threshold).squeeze(1)
+            cls, s = best[anchor], top[anchor]
+        if allowed is not None:
+            ok = torch.isin(cls, allowed.to(cls.device))
+            anchor, cls, s = anchor[ok], cls[ok], s[ok]
+        if s.numel() > PRE_NMS_TOP_K:
+            # a stable order, as numpy's argsort(kind="stable") picks the same candidates on ties
+            top_k = torch.sort(-s, stable=True).indices[:PRE_NMS_TOP_K]
+            anchor, cls, s = anchor[top_k], cls[top_k], s[top_k]
+        b, s = boxes[i][anchor].float(), s.float()
+        groups = torch.zeros_like(cls) if post.class_agnostic else cls
+        keep = batched_nms(b, s, groups, post.iou_threshold)[: post.max_detections]
         kept = b[keep].cpu().numpy()
         if letterboxes is not None:
             kept = letterboxes[i].to_original(kept)

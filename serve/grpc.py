@@ -1,0 +1,236 @@
+"""The KServe v2 / Open Inference Protocol over gRPC (``inference.GRPCInferenceService``), as Triton
+serves it, for ``kiln serve --grpc-port N``.
+
+The same registry, batchers, statistics and API key as the REST API: this module only turns protobuf
+messages into :class:`~kiln.serve.v2_tensors.InputTensor` and typed errors into status codes. The servicer
+base class and messages are tritonclient's (``tritonclient.grpc.service_pb2`` / ``service_pb2_grpc``),
+so the service is the one Triton clients are generated from. The server runs on grpcio's asyncio
+server in the app's event loop; the app lifespan starts it and stops it (finishing in-flight calls)
+before the batchers drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from starlette.datastructures import State
+from starlette.exceptions import HTTPException
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from kiln import __version__
+from kiln.errors import ConfigError, InputError, KilnError
+from kiln.serve.batcher import (
+    BatcherClosed,
+    InferenceFailed,
+    ModelNotReady,
+    QueueFull,
+    RequestTimeout,
+    wait_result,
+)
+from kiln.serve.registry import ModelNotFound, Registry, ServedModel
+from kiln.serve.schemas import v2_datatype
+from kiln.serve.settings import Settings
+from kiln.serve.triton_ext import EXTENSIONS, VERSION, Stats, config_message, index_message, platform
+from kiln.serve.v2_tensors import (
+    InputTensor,
+    check_inputs,
+    from_list,
+    from_raw,
+    model_feeds,
+    output_names,
+    to_bytes,
+)
+
+log = logging.getLogger("kiln.serve.grpc")
+
+# Most specific first, as kiln.serve.errors.ERRORS does for HTTP; any other KilnError is INVALID_ARGUMENT.
+STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (QueueFull, grpc.StatusCode.UNAVAILABLE),
+    (BatcherClosed, grpc.StatusCode.UNAVAILABLE),
+    (ModelNotReady, grpc.StatusCode.UNAVAILABLE),
+    (RequestTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (InferenceFailed, grpc.StatusCode.INTERNAL),
+]
+
+_HTTP_STATUS = {401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
+                413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+
+# The typed-contents field that carries each datatype when raw_input_contents is not used (FP16 has none).
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+             "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def rpc(guarded: bool = True) -> Callable[[Handler], Handler]:
+    """Check the API key (``guarded``), and answer a typed error with its status code; anything else is
+    logged and answered INTERNAL without internals. Cancellation by the client passes through."""
+
+    def wrap(method: Handler) -> Handler:
+        @functools.wraps(method)
+        async def call(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if guarded:
+                denied = self.denied(context)
+                if denied is not None:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
+            try:
+                return await method(self, request, context)
+            except KilnError as exc:
+                code = next((c for cls, c in STATUS if isinstance(exc, cls)), grpc.StatusCode.INVALID_ARGUMENT)
+                await context.abort(code, str(exc))
+            except HTTPException as exc:  # raised by code shared with the REST API (image budget)
+                await context.abort(_HTTP_STATUS.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT), str(exc.detail))
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception:
+                log.exception("gRPC %s failed", method.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
+
+        return call
+
+    return wrap
+
+
+class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService`` over the app's registry, settings and statistics."""
+
+    def __init__(self, state: State) -> None:
+        self.registry: Registry = state.registry
+        self.settings: Settings = state.settings
+        self.stats: Stats = state.stats
+        self.api_key: str | None = state.api_key
+        self.decode_slots: asyncio.Semaphore = state.decode_slots
+
+    def denied(self, context: grpc.aio.ServicerContext) -> str | None:
+        """Why the call's ``authorization: Bearer <key>`` metadata is refused, or None when it is fine."""
+        if self.api_key is None:
+            return None
+        value = next((str(v) for k, v in context.invocation_metadata() or () if k == "authorization"), "")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return "missing API key: send metadata 'authorization: Bearer <key>'"
+        if not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return "wrong API key"
+        return None
+
+    def served(self, name: str, version: str) -> ServedModel:
+        model = self.registry.get(name)
+        if version not in ("", VERSION):
+            raise ModelNotFound(f"model '{name}' has no version '{version}'; available: {VERSION}")
+        return model
+
+    @rpc(guarded=False)
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc(guarded=False)
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self.registry.not_ready_reason() is None)
+
+    @rpc(guarded=False)
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        return pb.ModelReadyResponse(ready=self.served(request.name, request.version).batcher.ready)
+
+    @rpc()
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(name="kiln", version=__version__, extensions=EXTENSIONS)
+
+    @rpc()
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        model = self.served(request.name, request.version)
+        m = model.manifest
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name, versions=[VERSION], platform=platform(model),
+            inputs=[meta(name=m.input.name, datatype=v2_datatype(m.input.dtype), shape=[-1, *m.input.shape])],
+            outputs=[meta(name=o.name, datatype=v2_datatype(o.dtype), shape=[-1, *o.shape]) for o in m.outputs],
+        )
+
+    @rpc()
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        return pb.ModelConfigResponse(config=config_message(self.served(request.name, request.version)))
+
+    @rpc()
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        names = [self.served(request.name, request.version).name] if request.name else [m.name for m in self.registry]
+        return self.stats.message(names)
+
+    @rpc()
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        return index_message(self.registry, request.ready)
+
+    @rpc()
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        model = self.served(request.model_name, request.model_version)
+        model.check_ready()
+        timeout = self.settings.timeout_s
+        with self.stats.request(model.name):
+            with model.batcher.announce():
+                check_inputs(model, [(t.name, t.datatype, [int(d) for d in t.shape]) for t in request.inputs],
+                             self.settings.max_images_per_request)
+                tensors = grpc_inputs(request)
+                wanted = output_names(model, [o.name for o in request.outputs] or None)
+                feeds = await model_feeds(model, tensors, self.settings, self.decode_slots)
+                fut = model.submit(feeds, request.id, timeout)
+            out = await wait_result(fut, timeout)
+        response = pb.ModelInferResponse(model_name=model.name, model_version=VERSION, id=request.id)
+        for k in wanted:
+            arr = out[k]
+            response.outputs.append(
+                pb.ModelInferResponse.InferOutputTensor(name=k, datatype=v2_datatype(arr.dtype), shape=list(arr.shape))
+            )
+            response.raw_output_contents.append(to_bytes(arr))
+        return response
+
+
+def grpc_inputs(request: Any) -> list[InputTensor]:
+    """Each input from ``raw_input_contents`` (one entry per input, in order) or its typed contents."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InputError(f"raw_input_contents holds {len(raw)} tensors | expected one per input ({len(request.inputs)})")
+    tensors = []
+    for i, t in enumerate(request.inputs):
+        shape = [int(d) for d in t.shape]
+        if raw:
+            data = from_raw(t.name, t.datatype, shape, raw[i])
+        elif t.datatype in _CONTENTS:
+            data = from_list(t.name, t.datatype, shape, list(getattr(t.contents, _CONTENTS[t.datatype])))
+        else:
+            raise InputError(f"Input tensor: {t.name} | datatype {t.datatype} in typed contents | "
+                             f"expected raw_input_contents, or one of {', '.join(_CONTENTS)}")
+        tensors.append(InputTensor(t.name, t.datatype, shape, data))
+    return tensors
+
+
+async def start(app: Any) -> grpc.aio.Server:
+    """Listen on ``settings.grpc_port`` (0: a free port, kept in ``app.state.grpc_port``) and start serving."""
+    settings: Settings = app.state.settings
+    limit = settings.max_body_bytes
+    # Above the body limit a call answers RESOURCE_EXHAUSTED. Without SO_REUSEPORT a port already taken is an
+    # error at start instead of a second server sharing it silently (grpcio's default on Linux).
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(app.state), server)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    try:
+        port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise ConfigError(f"cannot listen for gRPC on {host}:{settings.grpc_port}")
+    await server.start()
+    app.state.grpc_port = port
+    log.info("serving gRPC (KServe v2) on %s:%d", host, port)
+    return server
+
+
+__all__ = ["STATUS", "Servicer", "grpc_inputs", "start"]

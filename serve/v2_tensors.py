@@ -1,0 +1,172 @@
+"""Open Inference Protocol tensors, protocol-neutral: the REST API (JSON and the binary data extension)
+and gRPC (typed contents and ``raw_input_contents``) both turn their inputs into :class:`InputTensor`
+and let :func:`model_feeds` check them against the model, so both answer a bad tensor the same way.
+
+Every error names the tensor, what came and what was expected (:class:`~kiln.errors.InputError`).
+A ``BYTES`` input holds encoded image files (PNG, JPEG, ...), one per element, which are decoded and
+preprocessed with the bundle's own preprocessing, as /v1 images are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import InputError
+from kiln.serve.images import prepare
+from kiln.serve.numeric import parse_tensor
+from kiln.serve.registry import ServedModel
+from kiln.serve.schemas import V2_DTYPES, v2_datatype
+from kiln.serve.settings import Settings
+
+
+@dataclass
+class InputTensor:
+    """One request input: ``data`` is flat (row-major); for BYTES an object array of ``bytes``."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray
+
+
+def element_count(name: str, shape: Sequence[int]) -> int:
+    if any(d < 0 for d in shape):
+        raise InputError(f"Input tensor: {name} | received shape {list(shape)} | expected non-negative dimensions")
+    return math.prod(shape)
+
+
+def numpy_dtype(name: str, datatype: str) -> np.dtype[Any]:
+    if datatype not in V2_DTYPES:
+        raise InputError(f"Input tensor: {name} | received datatype {datatype} | expected one of "
+                         f"{', '.join([*V2_DTYPES, 'BYTES'])}")
+    return np.dtype(V2_DTYPES[datatype])
+
+
+def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview) -> np.ndarray:
+    """A tensor from its raw bytes (binary data extension, gRPC ``raw_input_contents``), flat."""
+    count = element_count(name, shape)
+    if datatype == "BYTES":
+        items = deserialize_bytes(name, raw)
+        if len(items) != count:
+            raise InputError(f"Input tensor: {name} | received {len(items)} BYTES elements | "
+                             f"expected {count} for shape {list(shape)}")
+        return items
+    dtype = numpy_dtype(name, datatype)
+    want = count * dtype.itemsize
+    if len(raw) != want:
+        raise InputError(f"Input tensor: {name} | received {len(raw)} bytes of data | "
+                         f"expected {want} for shape {list(shape)} {datatype}")
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+
+
+def from_list(name: str, datatype: str, shape: Sequence[int], data: Sequence[Any]) -> np.ndarray:
+    """A tensor from JSON ``data`` or gRPC typed contents (flat or nested), flat, checked strictly
+    (:func:`kiln.serve.numeric.parse_tensor`)."""
+    count = element_count(name, shape)
+    if datatype == "BYTES":
+        items = [s.encode() if isinstance(s, str) else s for s in np.array(data, dtype=object).ravel().tolist()]
+        if not all(isinstance(s, bytes) for s in items):
+            raise InputError(f"Input tensor: {name} | BYTES data holds non-string elements | expected strings")
+        arr = np.empty(len(items), dtype=object)
+        arr[:] = items
+    else:
+        arr = parse_tensor(name, list(data), datatype, numpy_dtype(name, datatype))
+    if arr.size != count:
+        raise InputError(f"Input tensor: {name} | received {arr.size} values | expected {count} for shape {list(shape)}")
+    return arr
+
+
+def deserialize_bytes(name: str, raw: bytes | memoryview) -> np.ndarray:
+    """BYTES elements, each a 4-byte little-endian length and that many bytes."""
+    view = memoryview(raw)
+    items: list[bytes] = []
+    pos = 0
+    while pos < len(view):
+        if pos + 4 > len(view):
+            raise InputError(f"Input tensor: {name} | BYTES element {len(items)} has a truncated length prefix "
+                             f"({len(view) - pos} of 4 bytes)")
+        (size,) = struct.unpack_from("<I", view, pos)
+        pos += 4
+        if pos + size > len(view):
+            raise InputError(f"Input tensor: {name} | BYTES element {len(items)} declares {size} bytes | "
+                             f"only {len(view) - pos} remain")
+        items.append(bytes(view[pos : pos + size]))
+        pos += size
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+def serialize_bytes(items: Sequence[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def check_inputs(model: ServedModel, inputs: Sequence[tuple[str, str, Sequence[int]]], max_items: int) -> None:
+    """Check the request's (name, datatype, shape) against the model input, before any data is read.
+
+    The model takes one tensor, ``[N, *input shape]`` of its datatype, or ``[N]`` / ``[N, 1]`` BYTES of
+    encoded images.
+    """
+    spec = model.manifest.input
+    expected = [-1, *spec.shape]
+    names = [name for name, _, _ in inputs]
+    if names != [spec.name]:
+        unknown = [n for n in names if n != spec.name]
+        raise InputError(f"Input tensor: {unknown[0] if unknown else spec.name} | received inputs {names} | "
+                         f"expected exactly one input named '{spec.name}'")
+    name, datatype, shape = inputs[0][0], inputs[0][1], list(inputs[0][2])
+    batch = shape[0] if shape else 0
+    if batch > max_items:
+        raise InputError(f"Input tensor: {name} | received batch {batch} | expected at most {max_items} items")
+    if datatype == "BYTES":
+        if len(shape) not in (1, 2) or batch < 1 or shape[1:] not in ([], [1]):
+            raise InputError(f"Input tensor: {name} | received BYTES shape {shape} | expected [N] or [N, 1] encoded images")
+        return
+    want_type = v2_datatype(spec.dtype)
+    if datatype != want_type:
+        raise InputError(f"Input tensor: {name} | received datatype {datatype} | expected {want_type} "
+                         "(or BYTES of encoded images)")
+    if len(shape) != len(expected) or shape[1:] != list(spec.shape) or batch < 1:
+        raise InputError(f"Input tensor: {name} | received shape {shape} | expected a shape compatible with {expected}")
+
+
+async def model_feeds(model: ServedModel, tensors: Sequence[InputTensor], settings: Settings,
+                      slots: asyncio.Semaphore) -> dict[str, np.ndarray]:
+    """The batcher's feeds from tensors that passed :func:`check_inputs`: encoded images are decoded
+    within the pixel budget and preprocessed like /v1 images (:func:`kiln.serve.images.prepare`,
+    decoding in one of ``slots`` when large)."""
+    t = tensors[0]
+    if t.datatype == "BYTES":
+        x, _ = await prepare(list(t.data), model.manifest.preprocess, settings.max_image_pixels,
+                             settings.max_request_pixels, slots)
+        return {t.name: x}
+    return {t.name: t.data.reshape(t.shape)}
+
+
+def output_names(model: ServedModel, wanted: Sequence[str] | None) -> list[str]:
+    """The outputs a request asked for, in its order (all of the model's when it names none)."""
+    names = [o.name for o in model.manifest.outputs]
+    if not wanted:
+        return names
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise InputError(f"Output tensor: {unknown[0]} | unknown | expected one of {names}")
+    return list(wanted)
+
+
+def to_bytes(arr: np.ndarray) -> bytes:
+    """Row-major little-endian bytes, as the binary data extension and ``raw_output_contents`` carry them."""
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+
+
+__all__ = [
+    "InputTensor", "check_inputs", "deserialize_bytes", "element_count", "from_list", "from_raw", "model_feeds", "numpy_dtype",
+    "output_names", "serialize_bytes", "to_bytes",
+]

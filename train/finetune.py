@@ -1,0 +1,127 @@
+"""Fine-tuning from pretrained weights: the weights' preprocessing, loading them, learning-rate groups
+and freezing the backbone for the first epochs.
+
+The training loop calls four functions and knows nothing else about fine-tuning:
+:func:`fit_preprocess` (before the architecture is fixed), :func:`init_pretrained` (after the model is
+built), :func:`param_groups` (for the optimizer) and :func:`set_epoch` (at the start of every epoch).
+
+"Backbone" is everything but the head: for a kiln-det detector its ``backbone`` module (the FPN and
+the detection head are new), for a classifier every parameter outside its last classification layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from kiln.bundle import Architecture, Preprocess
+from kiln.errors import ConfigError
+from kiln.models import load_pretrained, model_entry
+from kiln.models.backbones import TorchvisionBackbone
+from kiln.models.detector import TV_BACKBONES
+from kiln.models.pretrained import (
+    TIMM_PREFIX,
+    WEIGHTS_HINT,
+    timm_preprocess,
+    torchvision_preprocess,
+    torchvision_weights,
+)
+from kiln.train.config import TrainConfig
+
+log = logging.getLogger("kiln.train")
+
+DET_PREFIX = "kiln-det-"
+
+
+def _backbone_arch(model_name: str) -> str | None:
+    """The torchvision classifier inside a kiln-det-<backbone> name, else None."""
+    name = model_name.removeprefix(DET_PREFIX)
+    return name if model_name.startswith(DET_PREFIX) and name in TV_BACKBONES else None
+
+
+def weights_preprocess(cfg: TrainConfig) -> Preprocess | None:
+    """The preprocessing of ``cfg.pretrained``'s weights (read from the library, nothing downloaded)."""
+    if not cfg.pretrained or not cfg.model:
+        return None
+    if cfg.model.startswith(TIMM_PREFIX):
+        return timm_preprocess(cfg.model)
+    arch = _backbone_arch(cfg.model) or cfg.model
+    own_trunk = model_entry(cfg.model).task == "detect" and _backbone_arch(cfg.model) is None
+    if own_trunk or cfg.model == "lenet5":
+        raise ConfigError(f"--pretrained: {cfg.model} has no pretrained weights; they exist for {WEIGHTS_HINT}")
+    return torchvision_preprocess(torchvision_weights(arch, True if cfg.pretrained == "DEFAULT" else cfg.pretrained))
+
+
+def fit_preprocess(cfg: TrainConfig, task_pre: Preprocess) -> Preprocess:
+    """The preprocessing a run records in kiln.json: the task's (from the dataset) without pretrained
+    weights; with them, a classifier takes the weights' whole recipe (resize, crop, mean/std,
+    interpolation; ``--image-size`` sets the crop and scales the resize with it) and a detector keeps
+    its letterbox but takes the weights' mean/std and RGB input."""
+    pre = weights_preprocess(cfg)
+    if pre is None:
+        return task_pre
+    if task_pre.mode == "letterbox":
+        return task_pre.model_copy(update={"channels": "RGB", "mean": pre.mean, "std": pre.std, "source": pre.source})
+    if cfg.image_size:
+        ratio = (pre.resize_size or pre.size[0]) / pre.size[0]
+        pre = pre.model_copy(update={"size": (cfg.image_size, cfg.image_size), "resize_size": round(cfg.image_size * ratio)})
+    return pre
+
+
+def init_pretrained(model: nn.Module, arch: Architecture, cfg: TrainConfig) -> None:
+    """Load ``cfg.pretrained``'s weights into ``model`` (its new head stays freshly initialized)."""
+    if not cfg.pretrained:
+        return
+    which: str | bool = True if cfg.pretrained == "DEFAULT" else cfg.pretrained
+    pre, fresh = load_pretrained(model, arch, which)
+    log.info("--pretrained: loaded %s%s", pre.source or cfg.pretrained,
+             f"; new head for {arch.args.get('num_classes')} classes: {', '.join(fresh)}" if fresh else "")
+
+
+def head_parameters(model: nn.Module) -> set[str]:
+    """Names of the head's parameters (see the module docstring)."""
+    names = [n for n, _ in model.named_parameters()]
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module) and (isinstance(backbone, TorchvisionBackbone) or hasattr(model, "fpn")):
+        return {n for n in names if not n.startswith("backbone.")}
+    get_classifier = getattr(model, "get_classifier", None)  # timm models name their head
+    if callable(get_classifier):
+        head = get_classifier()
+        ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+        return {n for n, p in model.named_parameters() if id(p) in ids}
+    last = [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))][-1]
+    return {n for n in names if n.startswith(f"{last}.")}
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig, lr: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: the backbone at ``lr * cfg.backbone_lr_scale``, the head at ``lr``.
+    One group when the scale is 1, so plain runs keep their optimizer state layout."""
+    params = list(model.named_parameters())
+    if cfg.backbone_lr_scale == 1.0:
+        return [{"params": [p for _, p in params], "lr": lr}]
+    head = head_parameters(model)
+    return [
+        {"params": [p for n, p in params if n not in head], "lr": lr * cfg.backbone_lr_scale, "name": "backbone"},
+        {"params": [p for n, p in params if n in head], "lr": lr, "name": "head"},
+    ]
+
+
+def set_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
+    """Freeze the backbone for epochs ``0 .. cfg.freeze_backbone - 1`` and unfreeze it afterwards.
+
+    Frozen parameters get no gradient, so the optimizer leaves them (and their state) alone; calling
+    this at every epoch start also restores the right state when a run resumes mid-way.
+    """
+    if cfg.freeze_backbone <= 0:
+        return
+    frozen = epoch < cfg.freeze_backbone
+    head = head_parameters(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in head or not frozen)
+    if epoch in (0, cfg.freeze_backbone):
+        log.info("epoch %d: backbone %s", epoch + 1, "frozen (training the head only)" if frozen else "unfrozen")
+
+
+__all__ = ["fit_preprocess", "head_parameters", "init_pretrained", "param_groups", "set_epoch", "weights_preprocess"]
