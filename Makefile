@@ -37,12 +37,12 @@ test: dev
 test-slow: dev
 	$(BIN)/pytest -m "slow" -q $(PYTEST_ARGS)
 
-# Mutation testing, not part of `make test`: mutmut mutates what [tool.mutmut] in pyproject.toml names and
-# runs the tests selected there against each mutant (docs/testing.md: scores, survivors, duration).
+# Mutation testing, not part of `make test`: tools/mutate.py runs mutmut module by module on a copy laid
+# out as the installed package, against the tests [tool.kiln.mutate] in pyproject.toml names for each
+# (docs/testing.md: scores, equivalent mutants, duration). MUTATE="batcher bundle" runs some modules.
 mutate: dev
 	rm -rf mutants
-	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $${MUTATE_JOBS:-2}
-	$(BIN)/mutmut results
+	OMP_NUM_THREADS=1 $(BIN)/python tools/mutate.py --jobs $${MUTATE_JOBS:-2} $(MUTATE)
 
 # On a machine with an NVIDIA GPU (and TensorRT for the trt marker).
 test-gpu: dev

@@ -53,6 +53,21 @@ def build_flags(major: int, precision: str, strongly_typed: bool = True) -> tupl
     return [], {"fp16": ["FP16"], "int8": ["INT8"]}.get(precision, [])
 
 
+def _builder_config(
+    builder: Any, profile: Any, workspace_gib: float, builder_flags: list[str], hardware_compat: bool, version_compat: bool
+) -> Any:
+    import tensorrt as trt
+
+    config = builder.create_builder_config()
+    config.add_optimization_profile(profile)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    for flag in [*builder_flags, *(["VERSION_COMPATIBLE"] if version_compat else [])]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if hardware_compat:
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    return config
+
+
 def onnx2engine(
     onnx_path: str | os.PathLike[str],
     engine_path: str | os.PathLike[str],
@@ -104,13 +119,7 @@ def onnx2engine(
     _check_precision(network, precision, src)
     profile = _profile(builder, network, src, input_name, batch)
 
-    config = builder.create_builder_config()
-    config.add_optimization_profile(profile)
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    for flag in [*builder_flags, *(["VERSION_COMPATIBLE"] if version_compat else [])]:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    if hardware_compat:
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    config = _builder_config(builder, profile, workspace_gib, builder_flags, hardware_compat, version_compat)
     cache_path = Path(timing_cache) if timing_cache is not None else None
     _load_timing_cache(config, cache_path)
 

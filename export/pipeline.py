@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = GRAPH_PRECISIONS
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-ENGINE_FILES = {p: f"model.{p}.engine" for p in PRECISIONS}
+ENGINE_FILES: dict[str, str] = {p: f"model.{p}.engine" for p in PRECISIONS}
 FP16_MIN_AGREEMENT = 98.0  # percent of verification images with the same top-1 as fp32
 TRT_INSTALL = ("pip install '.[trt]' from the kiln checkout (pip install 'kiln-vision[trt]' from a package index) "
                "on a machine with an NVIDIA GPU and driver")
@@ -217,8 +217,8 @@ def engine_requirements() -> None:
     except BackendUnavailable as exc:
         why = str(exc).removesuffix(INSTALL_HINT).rstrip(": ")
         raise BackendUnavailable(f"--engine: {why}: {TRT_INSTALL}; or leave out --engine") from None
-    if (why := cuda.no_gpu_reason()) is not None:
-        raise BackendUnavailable(f"--engine: building a TensorRT engine needs an NVIDIA GPU and driver ({why}); "
+    if (no_gpu := cuda.no_gpu_reason()) is not None:
+        raise BackendUnavailable(f"--engine: building a TensorRT engine needs an NVIDIA GPU and driver ({no_gpu}); "
                                  "run the export on a GPU machine, or leave out --engine")
 
 

@@ -86,6 +86,10 @@ def _det_outputs(manifest: Manifest, out: dict[str, np.ndarray]) -> tuple[np.nda
     return out[boxes], out[scores]
 
 
+def _score(det: dict[str, Any]) -> float:
+    return float(det["score"])
+
+
 def compare_detections(manifest: Manifest, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
                        letterboxes: list[Letterbox], score_tol: float = SCORE_ATOL) -> dict[str, Any]:
     """Post-process both and match detections per image: same class, every box edge within BOX_TOL_PX.
@@ -100,7 +104,7 @@ def compare_detections(manifest: Manifest, reference: dict[str, np.ndarray], can
     matched = missing = extra = borderline = 0
     worst = 0.0
     for r_img, c_img in zip(ref, cand, strict=True):
-        cuts = [post.score_threshold, *(min(float(d["score"]) for d in dets) for dets in (r_img, c_img)
+        cuts = [post.score_threshold, *(min(_score(d) for d in dets) for dets in (r_img, c_img)
                                         if dets and len(dets) >= post.max_detections)]
         free = list(c_img)
         for det in r_img:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,7 +108,7 @@ def _composite(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba.convert("RGBA")).convert("RGB")
 
 
-def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode the file at ``path`` (see :func:`decode_image`) turned as its EXIF Orientation says it is
     displayed, as the server does: a phone photo stored sideways (Orientation 6) comes out upright."""
     with open(path, "rb") as fh:

@@ -18,7 +18,7 @@ log = logging.getLogger("kiln.serve")
 _FLAGS = (
     "host", "port", "grpc_port", "backend", "precision", "max_batch", "max_delay_ms", "max_queue", "timeout_s", "api_key",
     "max_body_bytes", "max_image_pixels", "max_images_per_request", "max_request_pixels", "decode_threads",
-    "max_header_bytes", "body_timeout_s", "keep_alive_s", "drain_s", "cors_origins", "top_k", "workers",
+    "max_header_bytes", "body_timeout_s", "keep_alive_s", "drain_s", "cors_origins", "top_k", "workers", "threads",
 )
 
 
@@ -98,6 +98,9 @@ def register(sub: Any) -> None:
                         "listener [KILN_DRAIN_S, default 5; 0: close at once]")
     s.add_argument("--cors-origins", type=csv_of(str), metavar="URL,...",
                    help="allowed CORS origins [KILN_CORS_ORIGINS, default none: CORS off]")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="intra-op threads per model for ONNX Runtime / PyTorch [KILN_THREADS, default: one per "
+                        "physical core]; with --workers N on a CPU, about cores / N")
     p.add_argument("--workers", type=positive_int, metavar="N",
                    help="server processes sharing the port, each with its own batchers and backends "
                         "[KILN_WORKERS, default 1; on a CPU see docs/serve.md; one per GPU]")

@@ -81,7 +81,8 @@ class ServedModel:
 
 
 def default_loader(bundle: Bundle, settings: Settings) -> Backend:
-    return runtime.load(bundle, backend=settings.backend, precision=settings.precision)
+    opts = {"threads": settings.threads} if settings.threads is not None else {}
+    return runtime.load(bundle, backend=settings.backend, precision=settings.precision, **opts)
 
 
 class Registry:

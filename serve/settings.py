@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     top_k: int | None = Field(None, ge=1, description="classification: labels returned; default: kiln.json")
     warmup: bool = Field(True, description="run one batch per model before reporting ready")
     workers: int = Field(1, ge=1, description="server processes sharing the port, each with its own backends")
+    threads: int | None = Field(
+        None, ge=1, description="intra-op threads per model for ONNX Runtime and PyTorch; default: the runtime's"
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod

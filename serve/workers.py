@@ -149,7 +149,7 @@ def run_workers(models: Models, settings: Settings, sock: socket.socket, *, acce
     return 0
 
 
-def _supervise(procs: list[multiprocessing.process.BaseProcess], stopping: list[int], metrics_dir: str,
+def _supervise(procs: Sequence[multiprocessing.process.BaseProcess], stopping: list[int], metrics_dir: str,
                ready_dir: str, stop_all: Callable[[], None]) -> multiprocessing.process.BaseProcess | None:
     """Wait for every worker to exit; the first that exits non-zero (or before a signal) is returned, and
     the others are told to stop."""

@@ -31,7 +31,7 @@ from kiln.bundle import Architecture, BatchRange, Preprocess
 from kiln.data import open_dataset
 from kiln.errors import ConfigError, KilnError
 from kiln.models import build_model, load_weights, read_state_dict
-from kiln.train import checkpoint
+from kiln.train import checkpoint, finetune
 from kiln.train.config import TrainConfig
 from kiln.train.device import (
     Dist,
@@ -173,6 +173,8 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and on resume
         self.model = build_model(self.arch)
+        if self.resume_state is None:  # a resumed run restores its own weights
+            finetune.init_pretrained(self.model, self.arch, cfg)
         if cfg.weights:
             skipped = load_weights(self.model, read_state_dict(cfg.weights), replace_head=True)
             if skipped:
@@ -186,7 +188,7 @@ class Trainer:
             DistributedSampler(self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=cfg.seed)
             if self.dist.enabled else None)
         self.steps_per_epoch = len(self._loader(0))
-        self.optimizer = build_optimizer(cfg, self.model.parameters())
+        self.optimizer = build_optimizer(cfg, finetune.param_groups(self.model, cfg, cfg.learning_rate))
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.amp = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
@@ -275,6 +277,7 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 seed_everything(self.cfg.seed * 1_000_003 + epoch)
+                finetune.set_epoch(self.model, self.cfg, epoch)
                 stats, seconds = self._train_epoch(epoch)
                 images += int(stats["count"])
                 train_time += seconds

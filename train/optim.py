@@ -31,7 +31,9 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoc
         pct = min(0.5, max(cfg.warmup_epochs / cfg.epochs, 0.05))
         # Adagrad has neither momentum nor betas to cycle; without this onecycle + adagrad fails to start.
         cycle = "momentum" in opt.defaults or "betas" in opt.defaults
-        return sched.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=total, pct_start=pct, cycle_momentum=cycle)
+        # per group: a backbone group keeps its --backbone-lr-scale share of the peak
+        peaks = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
+        return sched.OneCycleLR(opt, max_lr=peaks, total_steps=total, pct_start=pct, cycle_momentum=cycle)
     warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
     rest = total - warm
     main: sched.LRScheduler

@@ -13,6 +13,7 @@ from kiln.data import DataSpec, ImageDataset
 from kiln.errors import ConfigError
 from kiln.models import model_entry
 from kiln.train.config import TrainConfig
+from kiln.train.finetune import fit_preprocess
 from kiln.train.tasks import Task, default_workers, make_task
 
 # What `--resume` may change: everything else would make the continued run a different run.
@@ -80,7 +81,7 @@ def resolve_settings(cfg: TrainConfig, train_raw: ImageDataset, *, preprocess: P
     if preprocess is None:
         native = max(train_raw.native_size) if train_raw.native_size else None
         size = cfg.image_size or model_entry(cfg.model or "").default_size or (max(native, 32) if native else 224)
-        preprocess = task.preprocess_spec(cfg, train_raw, size)
+        preprocess = fit_preprocess(cfg, task.preprocess_spec(cfg, train_raw, size))  # pretrained weights' recipe
     arch = Architecture(name=cfg.model or "", args={
         "num_classes": len(train_raw.classes), "in_channels": 1 if preprocess.channels == "L" else 3,
         "image_size": preprocess.size[0], **task.model_args(cfg),

@@ -188,8 +188,12 @@ def _run_level(cfg: LoadConfig, mode: str, value: float, endpoint: Endpoint, pay
     def scrape_before() -> None:
         before["hist"], before["note"] = scrape_batches(cfg.url, cfg.model, cfg.batch_metric, cfg.headers, cfg.timeout)
 
+    def scrape_then_start() -> float:
+        scrape_before()
+        return time.monotonic()
+
     if procs is None:
-        results = [run_share(shares[0], lambda: (scrape_before(), time.monotonic())[1])]
+        results = [run_share(shares[0], scrape_then_start)]
     else:
         results = procs.run(shares, scrape_before)
     level = Level(mode, value, results)

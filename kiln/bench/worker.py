@@ -209,7 +209,7 @@ class _ShareRunner:
                 await self.closed_loop(conns, start)
             else:
                 idle = [c for c in conns if c is not None and c.usable]
-                conns = idle  # the pool the open loop takes from and gives back to
+                conns = list[Connection | None](idle)  # the pool the open loop takes from and gives back to
                 await self.open_loop(idle, start)
         finally:
             self.result.cpu_s = time.process_time() - cpu0

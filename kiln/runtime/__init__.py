@@ -61,7 +61,7 @@ FORMAT_BACKEND: dict[str, type[KilnBackend]] = {
     "onnx": OnnxRuntimeBackend,
     "torch": TorchBackend,
 }
-_FORMAT_OF: dict[BackendName, str] = {"tensorrt": "tensorrt", "onnxrt": "onnx", "torch": "torch"}
+_FORMAT_OF: dict[str, str] = {"tensorrt": "tensorrt", "onnxrt": "onnx", "torch": "torch"}
 # With no precision asked for, an engine is picked in this order: fp16 is TensorRT's usual deployment
 # precision (its accuracy is measured and recorded in kiln.json by export); ONNX and torch run fp32.
 TENSORRT_DEFAULT_ORDER = ("fp16", "fp32", "int8")

@@ -77,3 +77,18 @@ def test_train_pretrained_frozen_backbone(tmp_path: Path, monkeypatch: pytest.Mo
     # one epoch with the backbone frozen: its first layer is still the file's, the new head has 2 classes
     assert torch.equal(model.features[0][0].weight, state["features.0.0.weight"])
     assert model.classifier[3].weight.shape == (2, 1024)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_every_schedule_keeps_the_backbone_share(schedule: str) -> None:
+    from kiln.train.optim import build_optimizer, build_scheduler
+
+    cfg = TrainConfig(schedule=schedule, epochs=2, backbone_lr_scale=0.1, lr=1e-2)
+    model = build_model(_arch("resnet18"))
+    opt = build_optimizer(cfg, param_groups(model, cfg, cfg.learning_rate))
+    sched = build_scheduler(cfg, opt, steps_per_epoch=5)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+        backbone, head = (g["lr"] for g in opt.param_groups)
+        assert backbone == pytest.approx(head * 0.1)
