@@ -21,7 +21,7 @@ from kiln.bundle import Bundle, DetectPost
 from kiln.data import ImageDataset, open_dataset
 from kiln.errors import DatasetError
 from kiln.metrics import EVAL_MAX_DETECTIONS, EVAL_SCORE_THRESHOLD, classification_metrics, coco_map, numeric
-from kiln.processing import detect_postprocess, preprocess
+from kiln.processing import detect_overrides, detect_postprocess, preprocess
 from kiln.runtime.base import Backend, pad_batch
 
 log = logging.getLogger("kiln.eval")
@@ -100,18 +100,26 @@ def evaluate(bundle: Bundle, backend: Backend, split: str = "val", limit: int | 
     return numeric(evaluate_backend(bundle, backend, split=split, limit=limit))
 
 
-def split_metrics(bundle: Bundle, res: SplitOutputs, dataset: ImageDataset) -> dict[str, Any]:
-    """The task's metrics of outputs already computed over ``dataset`` (see :func:`run_split`)."""
+def split_metrics(bundle: Bundle, res: SplitOutputs, dataset: ImageDataset,
+                  post: DetectPost | None = None) -> dict[str, Any]:
+    """The task's metrics of outputs already computed over ``dataset`` (see :func:`run_split`);
+    ``post``: detection post-processing (default :func:`eval_post`)."""
     if bundle.manifest.task == "detect":
-        return detection_metrics(bundle, res)
+        return detection_metrics(bundle, res, post)
     logits = res.outputs[bundle.manifest.outputs[0].name]
     return classification_metrics(logits, np.asarray(res.targets), len(bundle.manifest.classes))
 
 
-def eval_post(bundle: Bundle) -> DetectPost:
-    """The bundle's detection post-processing with COCO evaluation's score threshold and detection cap."""
-    return bundle.manifest.detect_post().model_copy(
-        update={"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS})
+def eval_post(bundle: Bundle, **controls: Any) -> DetectPost:
+    """Detection post-processing for mAP: the bundle's NMS IoU with COCO evaluation's score threshold and
+    detection cap, every class over the threshold per box (as mAP protocols score), no class filter;
+    ``controls`` (``conf``, ``iou``, ``max_det``, ``agnostic``, ``multi_label``, ``only``, see
+    :func:`kiln.processing.detect_overrides`) override that."""
+    base = bundle.manifest.detect_post().model_copy(update={
+        "score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS,
+        "multi_label": True, "class_agnostic": False, "classes": None})
+    given = {k: v for k, v in controls.items() if v is not None}
+    return detect_overrides(base, bundle.manifest.classes, **given) if given else base
 
 
 def detections(bundle: Bundle, res: SplitOutputs, post: DetectPost) -> list[list[dict[str, Any]]]:
@@ -123,9 +131,9 @@ def detections(bundle: Bundle, res: SplitOutputs, post: DetectPost) -> list[list
                               bundle.manifest.classes)
 
 
-def detection_metrics(bundle: Bundle, res: SplitOutputs) -> dict[str, Any]:
+def detection_metrics(bundle: Bundle, res: SplitOutputs, post: DetectPost | None = None) -> dict[str, Any]:
     """``map`` (mAP@[.5:.95]), ``map50``, ``map75``, ``per_class_ap`` {class: AP or None}, ``count``."""
-    return coco_map(detections(bundle, res, eval_post(bundle)), res.targets, bundle.manifest.classes)
+    return coco_map(detections(bundle, res, post or eval_post(bundle)), res.targets, bundle.manifest.classes)
 
 
 def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:

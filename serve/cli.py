@@ -17,7 +17,7 @@ log = logging.getLogger("kiln.serve")
 # Flag name -> Settings field; flags default to "not given" so KILN_* variables apply underneath.
 _FLAGS = (
     "host", "port", "grpc_port", "backend", "precision", "max_batch", "max_delay_ms", "max_queue", "timeout_s", "api_key",
-    "max_body_bytes", "max_image_pixels", "max_images_per_request", "max_request_pixels", "decode_threads",
+    "max_body_bytes", "max_image_pixels", "max_images_per_request", "max_request_pixels", "max_pixels_per_byte", "decode_threads",
     "max_header_bytes", "body_timeout_s", "keep_alive_s", "drain_s", "cors_origins", "top_k", "workers", "threads",
 )
 
@@ -85,6 +85,9 @@ def register(sub: Any) -> None:
     s.add_argument("--max-request-pixels", type=positive_int, metavar="N",
                    help="decode budget: width x height summed over a request's images, checked from the headers "
                         "before decoding; 413 above [KILN_MAX_REQUEST_PIXELS, default 40000000]")
+    s.add_argument("--max-pixels-per-byte", type=positive_float, metavar="R",
+                   help="decompression-bomb guard: an image over 1 Mpx that decodes to more than R pixels per byte "
+                        "of its file is refused from its header; 400 [KILN_MAX_PIXELS_PER_BYTE, default 256]")
     s.add_argument("--decode-threads", type=positive_int, metavar="N",
                    help="requests decoding images at once, off the event loop [KILN_DECODE_THREADS, default 2]")
     s.add_argument("--max-header-bytes", type=positive_int, metavar="N",

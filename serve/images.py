@@ -39,6 +39,11 @@ INLINE_IMAGES = 4
 INLINE_PIXELS = 512 * 512
 # After decoding more pixels than this, hand freed memory back to the OS (see release_memory).
 TRIM_PIXELS = 4_000_000
+# Decompression bombs decode to far more pixels than their bytes could describe as a photo: a 12 Mpx JPEG
+# is about 5 pixels per byte, a screenshot PNG 20, a 35 KB palette PNG of 6000x6000 1,000. Above
+# BOMB_FLOOR_PIXELS an image over the ratio is refused from its header, so it costs no decode time.
+MAX_PIXELS_PER_BYTE = 256.0
+BOMB_FLOOR_PIXELS = 1_000_000
 
 
 async def read_images(request: Request, max_images: int) -> tuple[list[bytes], int | None]:
@@ -73,11 +78,15 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], i
     return blobs, top_k
 
 
-def open_images(blobs: list[bytes], max_pixels: int, max_request_pixels: int) -> list[Image.Image]:
+def open_images(
+    blobs: list[bytes], max_pixels: int, max_request_pixels: int, max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE
+) -> list[Image.Image]:
     """Each blob opened from its header only; raises before any pixel is decoded when an image is over
-    ``max_pixels`` (400) or all of them together over ``max_request_pixels`` (413)."""
+    ``max_pixels`` or decodes to more than ``max_pixels_per_byte`` of its size (400), or all of them
+    together over ``max_request_pixels`` (413)."""
     opened: list[Image.Image] = []
     total = 0
+    bomb: ImageDecodeError | None = None
     for i, blob in enumerate(blobs):
         where = f"image {i}: " if len(blobs) > 1 else ""
         if not blob:
@@ -91,12 +100,19 @@ def open_images(blobs: list[bytes], max_pixels: int, max_request_pixels: int) ->
         w, h = img.size
         if w * h > max_pixels:
             raise ImageDecodeError(f"{where}image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+        if bomb is None and w * h > BOMB_FLOOR_PIXELS and w * h > max_pixels_per_byte * len(blob):
+            bomb = ImageDecodeError(
+                f"{where}image is {w}x{h} = {w * h} pixels from {len(blob)} bytes, over {max_pixels_per_byte:g} "
+                "pixels per byte: refused as a decompression bomb (max_pixels_per_byte)"
+            )
         total += w * h
         opened.append(img)
     if total > max_request_pixels:
         raise ApiError(413, "too_many_pixels",
                        f"{len(blobs)} image(s) of {total} pixels in all, over the decode budget of "
                        f"{max_request_pixels} pixels per request (max_request_pixels)")
+    if bomb is not None:
+        raise bomb
     return opened
 
 
@@ -134,12 +150,13 @@ def decode_preprocess(images: list[Image.Image], spec: Preprocess) -> tuple[np.n
 
 
 async def prepare(
-    blobs: list[bytes], spec: Preprocess, max_pixels: int, max_request_pixels: int, slots: asyncio.Semaphore
+    blobs: list[bytes], spec: Preprocess, max_pixels: int, max_request_pixels: int, slots: asyncio.Semaphore,
+    max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE,
 ) -> tuple[np.ndarray, list[Letterbox]]:
     """Check the budget, then decode and preprocess ``blobs``: on the event loop when the request is
     small, else in a worker thread once one of the ``slots`` is free (so decoding never takes more than a
     few cores from the event loop and the batchers)."""
-    images = open_images(blobs, max_pixels, max_request_pixels)
+    images = open_images(blobs, max_pixels, max_request_pixels, max_pixels_per_byte)
     total = pixels(images)
     if len(images) <= INLINE_IMAGES and total <= INLINE_PIXELS:
         return decode_preprocess(images, spec)

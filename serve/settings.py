@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_request_pixels: int = Field(
         40_000_000, ge=1, description="decode budget: width x height summed over a request's images (413 above)"
     )
+    max_pixels_per_byte: float = Field(
+        256.0, gt=0, description="decompression-bomb guard: decoded pixels per byte of an image over 1 Mpx (400 above)"
+    )
     decode_threads: int = Field(2, ge=1, description="requests decoding images at once, off the event loop")
     max_header_bytes: int = Field(64 * 1024, ge=1024, description="request line + headers limit (431 above)")
     body_timeout_s: float = Field(30.0, gt=0, description="wait for the next piece of a request body before 408")

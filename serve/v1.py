@@ -127,7 +127,7 @@ async def predict(name: str, request: Request) -> Response:
                                    classes=q.classes.split(",") if q.classes is not None else None)
             detect = await _detect_controls(request, model.manifest, query, q.top_k or body_top_k)
         x, boxes = await prepare(blobs, model.manifest.preprocess, settings.max_image_pixels,
-                                 settings.max_request_pixels, state.decode_slots)
+                                 settings.max_request_pixels, state.decode_slots, settings.max_pixels_per_byte)
         del blobs  # the request's bytes are not needed while it waits for the batcher
         fut = arrival.submit({model.manifest.input.name: x}, rid, settings.timeout_s)
     out = await wait_result(fut, settings.timeout_s, request.is_disconnected)

@@ -145,7 +145,7 @@ async def model_feeds(model: ServedModel, tensors: Sequence[InputTensor], settin
     t = tensors[0]
     if t.datatype == "BYTES":
         x, _ = await prepare(list(t.data), model.manifest.preprocess, settings.max_image_pixels,
-                             settings.max_request_pixels, slots)
+                             settings.max_request_pixels, slots, settings.max_pixels_per_byte)
         return {t.name: x}
     return {t.name: t.data.reshape(t.shape)}
 

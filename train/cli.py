@@ -30,7 +30,7 @@ from kiln.compare import Timing, artifact_table, format_speed_table, format_tabl
 from kiln.data import DataSpec
 from kiln.data.detect import write_shapes_coco
 from kiln.errors import ConfigError
-from kiln.evaluate import bundle_split, json_safe, run_split, split_metrics
+from kiln.evaluate import bundle_split, eval_post, json_safe, run_split, split_metrics
 from kiln.fsutil import remove_stale_temps
 from kiln.train.config import AMP_MODES, DEVICES, MODEL_NAMES, OPTIMIZERS, SCHEDULES, TASKS, TrainConfig
 from kiln.train.reports import write_classify_reports, write_detect_reports
@@ -157,6 +157,18 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--bench-iters", type=positive_int, default=50, metavar="N",
                    help="timed calls per artifact and batch for --bench, after N/10 warm-up calls (default: 50)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
+    d = e.add_argument_group(
+        "detection", "post-processing for mAP (default: the COCO protocol: score >= 0.01, 100 boxes per image, "
+                     "every class over the threshold per box, the bundle's NMS IoU); a result with any of these "
+                     "is written under eval/ and not recorded as the bundle's reference")
+    d.add_argument("--conf", type=non_negative_float, metavar="SCORE", help="score threshold")
+    d.add_argument("--iou", type=non_negative_float, metavar="IOU", help="NMS IoU threshold")
+    d.add_argument("--max-det", type=positive_int, metavar="N", help="boxes kept per image")
+    d.add_argument("--agnostic", action="store_true", default=None, help="NMS across classes")
+    d.add_argument("--single-label", dest="multi_label", action="store_false", default=None,
+                   help="each box counts once, with its best class")
+    d.add_argument("--classes", type=lambda t: [c.strip() for c in t.split(",") if c.strip()], metavar="A,B,...",
+                   help="score only these classes (labels or indices)")
     e.set_defaults(func=run_eval)
 
 
@@ -265,14 +277,20 @@ def run_eval(args: argparse.Namespace) -> int:
         res = run_split(bundle, backend, ds, args.limit)
         info = {"backend": backend.name, "precision": backend.precision, "device": backend.device}
     files: dict[str, str]
-    reference = args.data is None and args.limit is None
+    controls = {"conf": args.conf, "iou": args.iou, "max_det": args.max_det, "agnostic": args.agnostic,
+                "multi_label": args.multi_label, "only": args.classes}
+    given = {k: v for k, v in controls.items() if v is not None}
+    if given and m.task != "detect":
+        raise ConfigError(f"--{next(iter(given)).replace('_', '-')} applies to detection; this bundle classifies")
+    post = eval_post(bundle, **given) if m.task == "detect" else None
+    reference = args.data is None and args.limit is None and not given
     # Only the reference evaluation writes beside kiln.json; others go to a subfolder so the
     # reports in the bundle always match the numbers recorded in it.
-    out_dir = bundle.root if reference else bundle.root / "eval" / _slug(args.data or m.training.get("data", "val"), args.limit)
+    out_dir = bundle.root if reference else bundle.root / "eval" / _slug(args.data or m.training.get("data", "val"), args.limit, given)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = split_metrics(bundle, res, ds)
+    metrics = split_metrics(bundle, res, ds, post)
     if m.task == "detect":
-        files = write_detect_reports(bundle, res, ds, metrics, out_dir)
+        files = write_detect_reports(bundle, res, ds, metrics, out_dir, post)
         headline = f"mAP@[.5:.95] {100 * metrics['map']:.2f}  mAP@.5 {100 * metrics['map50']:.2f}"
     else:
         files = write_classify_reports(bundle, metrics, out_dir)
@@ -318,9 +336,13 @@ def _artifact_tables(bundle: Bundle, args: argparse.Namespace) -> list[dict[str,
     return table
 
 
-def _slug(data: str, limit: int | None) -> str:
+def _slug(data: str, limit: int | None, controls: dict[str, Any] | None = None) -> str:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", data).strip("_") or "data"
-    return f"{name}-first{limit}" if limit else name
+    name = f"{name}-first{limit}" if limit else name
+    for key, value in sorted((controls or {}).items()):
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        name += "-" + re.sub(r"[^A-Za-z0-9_.,-]+", "_", f"{key}{text}")
+    return name
 
 
 def run_data(args: argparse.Namespace) -> int:

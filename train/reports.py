@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from kiln.bundle import Bundle
+from kiln.bundle import Bundle, DetectPost
 from kiln.data import ImageDataset
 from kiln.evaluate import SplitOutputs, detections, eval_post
 from kiln.figures import new_figure, save_figure
@@ -66,7 +66,8 @@ def write_classify_reports(bundle: Bundle, metrics: dict[str, Any], out_dir: Pat
             "per_class_csv": str(out_dir / "per_class.csv")}
 
 
-def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, metrics: dict[str, Any], out_dir: Path) -> dict[str, str]:
+def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, metrics: dict[str, Any], out_dir: Path,
+                         post: DetectPost | None = None) -> dict[str, str]:
     """predictions.json (COCO results), ground_truth.json (the COCO ground truth they were scored
     against, with the same image and category ids), per_class_ap.csv and predictions.png (a grid of val
     images with predicted boxes in colour and ground truth in white) in ``out_dir``.
@@ -79,7 +80,7 @@ def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, me
     ids = ds.info.get("image_ids")
     image_ids = list(ids[:n]) if ids is not None and len(ids) >= n else None
     cats = ds.info.get("category_ids")
-    preds = coco_results(detections(bundle, res, eval_post(bundle)), image_ids, cats)
+    preds = coco_results(detections(bundle, res, post or eval_post(bundle)), image_ids, cats)
     atomic_write_json(out_dir / "predictions.json", preds)
     sizes = [(lb.width, lb.height) for lb in res.letterboxes]
     atomic_write_json(out_dir / "ground_truth.json",

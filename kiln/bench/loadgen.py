@@ -192,10 +192,7 @@ def _run_level(cfg: LoadConfig, mode: str, value: float, endpoint: Endpoint, pay
         scrape_before()
         return time.monotonic()
 
-    if procs is None:
-        results = [run_share(shares[0], scrape_then_start)]
-    else:
-        results = procs.run(shares, scrape_before)
+    results = [run_share(shares[0], scrape_then_start)] if procs is None else procs.run(shares, scrape_before)
     level = Level(mode, value, results)
     after, note_after = scrape_batches(cfg.url, cfg.model, cfg.batch_metric, cfg.headers, cfg.timeout)
     if after is not None and before["hist"] is not None:

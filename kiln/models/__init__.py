@@ -27,8 +27,9 @@ from torch import nn
 
 from kiln.bundle import Architecture, Bundle, Preprocess
 from kiln.errors import CheckpointError, ConfigError
-from kiln.models.backbones import adapt_in_channels
+from kiln.models.backbones import TorchvisionBackbone, adapt_in_channels, load_classifier_weights
 from kiln.models.detector import TV_BACKBONES, build_detector
+from kiln.models.pretrained import WEIGHTS_HINT, pretrained_state, timm_module, timm_name
 
 
 class LeNet5(nn.Module):
@@ -101,8 +102,6 @@ def _torchvision(name: str) -> Callable[..., nn.Module]:
 
 def _timm(arch: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, in_channels: int = 3, image_size: int = 224, **_: Any) -> nn.Module:
-        from kiln.models.pretrained import timm_module, timm_name
-
         timm = timm_module()
         name = timm_name(arch)
         kw: dict[str, Any] = {}
@@ -143,8 +142,6 @@ def model_entry(name: str) -> ModelEntry:
     if name in MODELS:
         return MODELS[name]
     if name.startswith("timm:"):
-        from kiln.models.pretrained import timm_name
-
         timm_name(name)  # unknown names fail here, with the nearest ones
         return ModelEntry(_timm(name), "classify", 224)
     tv = torchvision_classifiers()
@@ -242,9 +239,6 @@ def load_pretrained(model: nn.Module, arch: Architecture, which: str | bool) -> 
     """Load the pretrained weights ``which`` (``True``: the recommended ones) of ``arch`` into ``model``,
     replacing the classifier head when the class count differs; a kiln-det-<backbone> detector loads
     them into its backbone. Returns the weights' preprocessing and the head tensors left fresh."""
-    from kiln.models.backbones import TorchvisionBackbone, load_classifier_weights
-    from kiln.models.pretrained import WEIGHTS_HINT, pretrained_state
-
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, TorchvisionBackbone):
         state, pre = pretrained_state(backbone.arch, which)

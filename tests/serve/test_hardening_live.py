@@ -147,7 +147,20 @@ def test_decode_bombs_are_refused_from_their_headers(serve: Callable[..., Live])
     assert live.status("VmHWM") < 200 * MB, live.status("VmHWM")
     assert live.status("VmRSS") - rss_before < 50 * MB
 
-    # One large image within the budget is decoded (in a worker thread), and its memory goes back.
+    # One bomb within the pixel budget is refused from its header too: it decodes to ~1,000 pixels per byte.
+    t0 = time.perf_counter()
+    resp = httpx.post(live.url + "/v1/models/digits/predict", timeout=30,
+                      files={"file": ("one.png", bomb, "image/png")})
+    assert resp.status_code == 400 and "decompression bomb" in resp.json()["error"]["message"], resp.text
+    assert time.perf_counter() - t0 < max(1.0, 50 * base)
+    assert live.status("VmHWM") < 200 * MB, live.status("VmHWM")
+
+
+def test_large_image_within_the_limits_is_decoded_and_its_memory_returned(serve: Callable[..., Live]) -> None:
+    # With the bomb guard off, one large image within the budget is decoded (in a worker thread), and
+    # its memory goes back.
+    live = serve(KILN_MAX_PIXELS_PER_BYTE="1e9")
+    rss_before = live.status("VmRSS")
     resp = httpx.post(live.url + "/v1/models/digits/predict", timeout=60,
                       files={"file": ("one.png", palette_bomb(3000), "image/png")})
     assert resp.status_code == 200, resp.text

@@ -41,3 +41,15 @@ def test_eval_rejects_dataset_with_other_classes(digits_bundle: Path, tmp_path: 
 def test_eval_on_a_folder_that_is_not_a_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["eval", str(tmp_path)]) == 2
     assert "not a kiln bundle" in capsys.readouterr().err
+
+
+def test_detection_controls_on_a_classifier_are_refused(digits_bundle: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from kiln.cli import main
+
+    bundle = shutil.copytree(digits_bundle, tmp_path / "b")
+    assert main(["eval", str(bundle), "--conf", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kiln eval: error: --conf applies to detection; this bundle classifies"], err
