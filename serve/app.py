@@ -26,10 +26,12 @@ from functools import partial
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from kiln import __version__
 from kiln.bundle import Bundle
 from kiln.serve import errors, grpc, health, v1, v2
+from kiln.serve.auth import DOCS_ASSETS
 from kiln.serve.health import WorkerReadiness
 from kiln.serve.metrics import Metrics
 from kiln.serve.middleware import RequestGate
@@ -91,7 +93,9 @@ def create_app(
     for m in registry:
         metrics.watch(m)
 
-    app = FastAPI(
+    # fastapi-offline serves Swagger UI and ReDoc from its package files: /docs renders with no internet.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="kiln",
         version=__version__,
         description="Image classification and detection served from kiln bundles.",
@@ -112,7 +116,7 @@ def create_app(
     # browser needs to read them, and a CORS preflight (which carries no API key) never reaches it.
     app.add_middleware(RequestGate, limit=settings.max_body_bytes, metrics=metrics, models=registry.models,
                        api_key=app.state.api_key, body_timeout=settings.body_timeout_s,
-                       worker=str(os.getpid()) if workers is not None else None)
+                       worker=str(os.getpid()) if workers is not None else None, fast=v1.FastPredict(app).match)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -22,11 +22,13 @@ _OPEN_PATHS = frozenset({
 })
 # Per-model readiness (KServe v2), with or without a version segment.
 _OPEN_PATTERN = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?/ready$")
+# Swagger UI's and ReDoc's scripts and styles, served from the package (kiln.serve.app).
+DOCS_ASSETS = "/docs-assets"
 
 
 def is_open(path: str) -> bool:
-    """Whether ``path`` is served without the API key (health probes, the page, the docs)."""
-    return path in _OPEN_PATHS or _OPEN_PATTERN.match(path) is not None
+    """Whether ``path`` is served without the API key (health probes, the page, the docs and their assets)."""
+    return path in _OPEN_PATHS or _OPEN_PATTERN.match(path) is not None or path.startswith(DOCS_ASSETS + "/")
 
 
 def check_key(authorization: bytes | None, key: bytes) -> ApiError | None:

@@ -86,7 +86,7 @@ def register(sub: Any) -> None:
                    help="decode budget: width x height summed over a request's images, checked from the headers "
                         "before decoding; 413 above [KILN_MAX_REQUEST_PIXELS, default 40000000]")
     s.add_argument("--max-pixels-per-byte", type=positive_float, metavar="R",
-                   help="decompression-bomb guard: an image over 1 Mpx that decodes to more than R pixels per byte "
+                   help="decompression-bomb guard: an image over 4 Mpx that decodes to more than R pixels per byte "
                         "of its file is refused from its header; 400 [KILN_MAX_PIXELS_PER_BYTE, default 256]")
     s.add_argument("--decode-threads", type=positive_int, metavar="N",
                    help="requests decoding images at once, off the event loop [KILN_DECODE_THREADS, default 2]")

@@ -125,6 +125,19 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
                           path=request.url.path)
 
 
+async def handle(request: Request, exc: Exception) -> Response:
+    """The answer the installed handlers give for ``exc``, for a route served without FastAPI's exception
+    middleware (:class:`kiln.serve.v1.FastPredict`). Anything else is re-raised, as that middleware would:
+    a client disconnect to :class:`~kiln.serve.middleware.RequestGate`, a bug to the 500 handler."""
+    if isinstance(exc, StarletteHTTPException):
+        return await _http_error(request, exc)
+    if isinstance(exc, RequestValidationError):
+        return await _validation_error(request, exc)
+    if isinstance(exc, KilnError):
+        return await _kiln_error(request, exc)
+    raise exc
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -132,5 +145,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-__all__ = ["ERRORS", "OPENAPI_RESPONSES", "ApiError", "describe_validation", "error_response", "install", "is_v2",
+__all__ = ["ERRORS", "OPENAPI_RESPONSES", "ApiError", "describe_validation", "error_response", "handle", "install", "is_v2",
            "request_id"]

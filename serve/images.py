@@ -41,9 +41,10 @@ INLINE_PIXELS = 512 * 512
 TRIM_PIXELS = 4_000_000
 # Decompression bombs decode to far more pixels than their bytes could describe as a photo: a 12 Mpx JPEG
 # is about 5 pixels per byte, a screenshot PNG 20, a 35 KB palette PNG of 6000x6000 1,000. Above
-# BOMB_FLOOR_PIXELS an image over the ratio is refused from its header, so it costs no decode time.
+# BOMB_FLOOR_PIXELS (a 4 Mpx image costs a fraction of a second to decode) an image over the ratio is
+# refused from its header, so it costs no decode time.
 MAX_PIXELS_PER_BYTE = 256.0
-BOMB_FLOOR_PIXELS = 1_000_000
+BOMB_FLOOR_PIXELS = 4_000_000
 
 
 async def read_images(request: Request, max_images: int) -> tuple[list[bytes], int | None]:

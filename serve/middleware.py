@@ -8,12 +8,12 @@ and buffers through a stream, a cost every request would pay.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import re
 import time
-import itertools
-import os
-from collections.abc import Container
+from collections.abc import Callable, Container
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -50,13 +50,16 @@ class RequestGate:
     """
 
     def __init__(self, app: ASGIApp, limit: int, metrics: Metrics, models: Container[str], *,
-                 api_key: str | None = None, body_timeout: float = 30.0, worker: str | None = None) -> None:
+                 api_key: str | None = None, body_timeout: float = 30.0, worker: str | None = None,
+                 fast: Callable[[Scope], ASGIApp | None] | None = None) -> None:
         self.app = app
         self.limit = limit
         self.metrics = metrics
         self.models = models
         self.key = api_key.encode() if api_key else None
         self.body_timeout = body_timeout
+        # Routes served directly, without the framework's per-request layers (kiln.serve.v1.FastPredict).
+        self.fast = fast
         # Which process answered, when several share the port (kiln serve --workers N).
         self.extra_headers = [(b"x-kiln-worker", worker.encode())] if worker else []
 
@@ -105,7 +108,8 @@ class RequestGate:
             if rejection is not None:
                 await rejection(scope, receive, send_with_id)
                 return
-            await self.app(scope, guarded_receive, send_with_id)
+            handler = self.fast(scope) if self.fast is not None else None
+            await (handler or self.app)(scope, guarded_receive, send_with_id)
         except ClientDisconnect:
             gone[0] = True
         finally:

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
         40_000_000, ge=1, description="decode budget: width x height summed over a request's images (413 above)"
     )
     max_pixels_per_byte: float = Field(
-        256.0, gt=0, description="decompression-bomb guard: decoded pixels per byte of an image over 1 Mpx (400 above)"
+        256.0, gt=0, description="decompression-bomb guard: decoded pixels per byte of an image over 4 Mpx (400 above)"
     )
     decode_threads: int = Field(2, ge=1, description="requests decoding images at once, off the event loop")
     max_header_bytes: int = Field(64 * 1024, ge=1024, description="request line + headers limit (431 above)")

@@ -7,6 +7,7 @@ submitted to the model's batcher and answered with :func:`kiln.outputs.predictio
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -15,10 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiln.bundle import DetectPost
 from kiln.outputs import predictions
 from kiln.processing import DetectControlError, detect_overrides
+from kiln.serve import errors
 from kiln.serve.batcher import wait_result
 from kiln.serve.errors import OPENAPI_RESPONSES, ApiError, request_id
 from kiln.serve.images import prepare, read_images
@@ -146,6 +149,43 @@ async def predict(name: str, request: Request) -> Response:
     })
 
 
+class FastPredict:
+    """``POST /v1/models/{name}/predict`` served straight from :class:`~kiln.serve.middleware.RequestGate`.
+
+    The same :func:`predict` the FastAPI route runs, without the layers FastAPI and Starlette put around a
+    route (exception middleware, exit stack, routing, endpoint wrappers): on a small model they cost more
+    than the inference. Errors get the answers :func:`kiln.serve.errors.install` gives; the route stays
+    registered for the OpenAPI description.
+    """
+
+    PATH = re.compile(r"^/v1/models/([^/]+)/predict$")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._route: Any = None
+
+    def match(self, scope: Scope) -> ASGIApp | None:
+        if scope["method"] != "POST":
+            return None
+        m = self.PATH.match(scope["path"])
+        if m is None:
+            return None
+        if self._route is None:
+            self._route = next(r for r in self.app.router.routes if getattr(r, "path", "") == "/v1/models/{name}/predict")
+        scope["app"] = self.app
+        scope["route"] = self._route
+        scope["path_params"] = {"name": m.group(1)}
+        return self._serve
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        try:
+            response = await predict(scope["path_params"]["name"], request)
+        except Exception as exc:  # noqa: BLE001 - handle() re-raises what it does not answer
+            response = await errors.handle(request, exc)
+        await response(scope, receive, send)
+
+
 def _is_json(request: Request) -> bool:
     return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
 
@@ -172,4 +212,4 @@ async def _detect_controls(request: Request, manifest: Any, query: DetectControl
         raise ApiError(400, "invalid_request", str(exc)) from None
 
 
-__all__ = ["router"]
+__all__ = ["FastPredict", "router"]

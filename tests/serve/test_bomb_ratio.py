@@ -1,4 +1,4 @@
-"""The decompression-bomb guard: pixels per byte, judged from the header, above a floor of 1 Mpx."""
+"""The decompression-bomb guard: pixels per byte, judged from the header, above a floor of 4 Mpx."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ def _png(w: int, h: int) -> bytes:
 
 
 def test_ratio_boundary() -> None:
-    blob = _png(2000, 1000)  # 2 Mpx of one colour: a few KB
-    ratio = 2000 * 1000 / len(blob)
+    blob = _png(3000, 2000)  # 6 Mpx of one colour: a few KB
+    ratio = 3000 * 2000 / len(blob)
     assert open_images([blob], 10**9, 10**9, max_pixels_per_byte=ratio)  # exactly at the ratio: allowed
-    with pytest.raises(ImageDecodeError, match=r"2000x1000 = 2000000 pixels from \d+ bytes.*decompression bomb"):
+    with pytest.raises(ImageDecodeError, match=r"3000x2000 = 6000000 pixels from \d+ bytes.*decompression bomb"):
         open_images([blob], 10**9, 10**9, max_pixels_per_byte=ratio * 0.99)
 
 

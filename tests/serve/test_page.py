@@ -106,3 +106,24 @@ def test_page_uploads_image_and_shows_prediction(live_url: str, browser: object,
         "let n = 0; for (let i = 0; i < d.length; i += 4) { if (d[i] > 200 && d[i + 1] < 100) n++; } return [c.width, n];"
     )
     assert painted[0] == 256 and painted[1] > 50  # red box outlines on a black image
+
+
+def test_docs_render_offline(live_url: str, browser: object) -> None:
+    """Swagger UI and ReDoc load their scripts from the server itself, not a CDN (the machine running
+    this test has no internet), and render the API's operations."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    html = httpx.get(live_url + "/docs").text
+    assert "cdn" not in html.lower() and "/docs-assets/swagger-ui-bundle.js" in html
+    driver.get(live_url + "/docs")  # type: ignore[attr-defined]
+    wait = WebDriverWait(driver, 30)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) > 5)
+    paths = driver.execute_script(  # type: ignore[attr-defined]
+        "return Array.from(document.querySelectorAll('.opblock-summary-path')).map(e => e.innerText)")
+    assert any("/v1/models/{name}/predict" in p for p in paths), paths
+    assert any("/v2/models/{name}/infer" in p for p in paths), paths
+
+    driver.get(live_url + "/redoc")  # type: ignore[attr-defined]
+    wait.until(lambda d: "predict" in d.find_element(By.TAG_NAME, "body").text.lower())
