@@ -47,10 +47,11 @@ MAX_PIXELS_PER_BYTE = 256.0
 BOMB_FLOOR_PIXELS = 4_000_000
 
 
-async def read_images(request: Request, max_images: int) -> tuple[list[bytes], int | None]:
-    """The image files of a predict request and an optional top_k from the JSON body."""
+async def read_images(request: Request, max_images: int) -> tuple[list[bytes], PredictRequest | None]:
+    """The image files of a predict request and, for a JSON body, the body (its top_k and detection
+    controls), parsed once."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    top_k = None
+    body = None
     if ctype == "multipart/form-data":
         form = await request.form(max_files=max_images + 1, max_fields=max_images + 8)
         try:
@@ -68,7 +69,7 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], i
             raise ApiError(400, "invalid_request", describe_validation(exc.errors())) from None
         _check_count(len(body.images), max_images)
         blobs = [_b64(s, i) for i, s in enumerate(body.images)]
-        top_k = body.top_k
+        body.images = []  # decoded into blobs: the base64 text need not wait with the request
     else:
         raise ApiError(
             415,
@@ -76,7 +77,7 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], i
             f"content type '{ctype or 'none'}': send multipart/form-data with `file` fields, "
             'or application/json {"images": ["<base64>", ...]}',
         )
-    return blobs, top_k
+    return blobs, body
 
 
 def open_images(

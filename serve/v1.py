@@ -121,14 +121,15 @@ async def predict(name: str, request: Request) -> Response:
     q = _query(request)
     rid = request_id(request) or ""
     with model.batcher.announce() as arrival:
-        blobs, body_top_k = await read_images(request, settings.max_images_per_request)
+        blobs, body = await read_images(request, settings.max_images_per_request)
+        body_top_k = body.top_k if body is not None else None
         detect = None
         # Detection controls can only come from the query or a JSON body; a plain classify upload skips them.
-        if q is not _NO_QUERY or model.manifest.task == "detect" or _is_json(request):
+        if q is not _NO_QUERY or model.manifest.task == "detect" or body is not None:
             query = DetectControls(conf=q.conf, iou=q.iou, max_det=q.max_det, agnostic=q.agnostic,
                                    multi_label=q.multi_label,
                                    classes=q.classes.split(",") if q.classes is not None else None)
-            detect = await _detect_controls(request, model.manifest, query, q.top_k or body_top_k)
+            detect = _detect_controls(body, model.manifest, query, q.top_k or body_top_k)
         x, boxes = await prepare(blobs, model.manifest.preprocess, settings.max_image_pixels,
                                  settings.max_request_pixels, state.decode_slots, settings.max_pixels_per_byte)
         del blobs  # the request's bytes are not needed while it waits for the batcher
@@ -186,18 +187,13 @@ class FastPredict:
         await response(scope, receive, send)
 
 
-def _is_json(request: Request) -> bool:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
-
-
-async def _detect_controls(request: Request, manifest: Any, query: DetectControls, top_k: int | None) -> DetectPost | None:
+def _detect_controls(body: PredictRequest | None, manifest: Any, query: DetectControls,
+                     top_k: int | None) -> DetectPost | None:
     """kiln.json's detection controls overridden by the JSON body's, then by the query's; checked before
     the request reaches the batcher. Detection controls on a classifier and top_k on a detector are
     400s, not silently ignored."""
-    body = DetectControls()
-    if _is_json(request):
-        body = DetectControls.model_validate_json(await request.body())  # starlette keeps the body read before
-    given = {**body.model_dump(exclude_none=True), **query.model_dump(exclude_none=True)}
+    controls = body.model_dump(exclude_none=True, exclude={"images", "top_k"}) if body is not None else {}
+    given = {**controls, **query.model_dump(exclude_none=True)}
     if manifest.task != "detect":
         if given:
             raise ApiError(400, "invalid_request", f"{next(iter(given))} applies to detection models; this one classifies (use top_k)")
