@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--name was given {len(names)} time(s) for {len(args.bundles)} bundle(s): give one per bundle")
     bundles = [Bundle.load(path) for path in args.bundles]
     models = [(names[i] if names else b.name, b) for i, b in enumerate(bundles)]
+    from kiln import runtime
+
+    for b in bundles:  # a backend that cannot run here fails now, in one line, not after the server started
+        runtime.preflight(b, settings.backend, settings.precision)
 
     from kiln.serve.workers import run_workers, serve_socket
 

@@ -40,6 +40,7 @@ __all__ = [
     "available_backends",
     "engine_compatible",
     "load",
+    "preflight",
     "open_artifact",
 ]
 
@@ -228,6 +229,42 @@ _OPENERS: Mapping[str, Callable[[Bundle, str | None, Device | None, str | None, 
     "onnxrt": _open_onnxrt,
     "torch": _open_torch,
 }
+
+
+def preflight(bundle: Bundle | str | os.PathLike[str], backend: str = "auto", precision: str | None = None,
+              device: str | None = None) -> None:
+    """Raise BackendUnavailable, with the command that fixes it, when ``load(bundle, backend, precision)``
+    cannot succeed here: checked from kiln.json and the installed libraries, without loading anything, so
+    a server refuses to start before it binds a port."""
+    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    if backend != "auto" and backend not in BACKENDS:
+        raise unknown_choice("backend", backend, BACKEND_CHOICES, flag="--backend")
+    dev = parse_device(device)
+    reasons = []
+    for name in list(BACKENDS) if backend == "auto" else [backend]:
+        why = _cannot_open(b, name, precision, dev)
+        if why is None:
+            return
+        reasons.append(f"{name}: {why}")
+    raise BackendUnavailable(f"{b.name}: " + "; ".join(reasons))
+
+
+def _cannot_open(b: Bundle, name: str, precision: str | None, dev: Device | None) -> str | None:
+    if name == "tensorrt":
+        order = [precision] if precision else list(TENSORRT_DEFAULT_ORDER)
+        if not any(b.artifacts("tensorrt", p) for p in order):
+            return (f"the bundle has no {precision + ' ' if precision else ''}TensorRT engine; build one on the GPU "
+                    f"machine: kiln export {b.root} --engine" + (f" --precision {precision}" if precision else ""))
+        return tensorrt.unavailable_reason(dev)
+    if name == "onnxrt":
+        prec = precision or "fp32"
+        if b.artifact("onnx", prec) is None:
+            return f"the bundle has no {prec} ONNX model; export it: kiln export {b.root} --precision {prec}"
+        return onnxrt.unavailable_reason(dev)
+    why = torch_backend.unavailable_reason(dev, precision or "fp32")
+    if why is None and b.artifact("torch", "fp32") is None and not b.path("model.pt").is_file():
+        why = "the bundle has no PyTorch weights (model.pt)"
+    return why
 
 
 def _index(dev: Device | None) -> int:
