@@ -84,7 +84,7 @@ class CalibrationReader(CalibrationDataReader):
     def rewind(self) -> None:
         self._cursor = 0
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, len(self.images), self.batch_size):
             yield {self.input_name: self.images[start : start + self.batch_size]}
 

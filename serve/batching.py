@@ -59,7 +59,7 @@ class InferenceFailed(KilnError):
         self.request_id = request_id
 
 
-class BatchFuture(Future):  # type: ignore[type-arg]
+class BatchFuture(Future):
     """A request's future. ``waiter`` is set by an asyncio caller (:func:`kiln.serve.batcher.wait_result`)
     so the worker can wake the event loop once per batch instead of once per request. An error (rare)
     wakes its waiter at once."""
@@ -84,7 +84,7 @@ class Pending:
     deadline: float | None = None
 
 
-class WakeableQueue(queue.Queue):  # type: ignore[type-arg]
+class WakeableQueue(queue.Queue):
     """A bounded queue whose waiting :meth:`get` :meth:`wake` ends early (``queue.Empty``) without an
     item: the worker waiting for announced requests re-checks at once when the last one was refused or
     submitted, instead of sleeping out ``max_delay``."""
@@ -229,7 +229,7 @@ def join(parts: list[Future[Feeds]], parent: Future[Feeds]) -> None:
                     parent.cancel()
                     return
                 if p.exception() is not None:
-                    parent.set_exception(p.exception())  # type: ignore[arg-type]
+                    parent.set_exception(p.exception())
                     return
             outs = [p.result() for p in parts]
             parent.set_result({k: np.concatenate([o[k] for o in outs]) for k in outs[0]})

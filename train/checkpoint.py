@@ -31,7 +31,7 @@ def _legacy_numpy_globals() -> list[Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    name, key, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    name, key, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)),

@@ -182,7 +182,7 @@ class Trainer:
                          cfg.weights, len(skipped), ", ".join(skipped[:4]))
         self.model.to(self.device)
         if cfg.channels_last and self.device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.model.to(memory_format=torch.channels_last)
         self.train_ds, self.val_ds = self.task.torch_datasets(cfg, self.train_raw, self.val_raw, self.pre)
         self.sampler: DistributedSampler[Any] | None = (
             DistributedSampler(self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=cfg.seed)

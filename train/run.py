@@ -93,7 +93,7 @@ def bundle_manifest(s: Settings, probe: nn.Module, training: dict[str, Any]) -> 
     """The manifest of the run's bundle; ``probe`` is a model of the run's architecture (for its outputs)."""
     return Manifest(
         kiln_version=__version__,
-        task=s.task.name,  # type: ignore[arg-type]
+        task=s.task.name,
         classes=s.classes,
         input=InputSpec(name="images", shape=[1 if s.pre.channels == "L" else 3, *s.pre.size],
                         dtype="float32", layout="NCHW", batch=s.batch_range),
