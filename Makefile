@@ -64,7 +64,7 @@ demo: venv
 	$(BIN)/kiln eval $(DEMO)/digits
 	$(BIN)/kiln data sample digits --out $(DEMO)/samples
 	@set -e; \
-	$(BIN)/kiln serve $(DEMO)/digits --name digits --port $(PORT) --max-delay-ms 2 & pid=$$!; \
+	$(BIN)/kiln serve $(DEMO)/digits --name digits --port $(PORT) --drain-s 0 & pid=$$!; \
 	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' EXIT; \
 	for i in $$(seq 1 120); do curl -fs http://127.0.0.1:$(PORT)/readyz >/dev/null && break; sleep 0.5; done; \
 	echo "POST /v1/models/digits/predict (multipart $(DEMO)/samples/digit-7-7.png):"; \

@@ -20,7 +20,7 @@ import numpy as np
 from kiln.bundle import Bundle, DetectPost
 from kiln.data import ImageDataset, open_dataset
 from kiln.errors import DatasetError
-from kiln.metrics import EVAL_MAX_DETECTIONS, EVAL_SCORE_THRESHOLD, classification_metrics, coco_map, numeric
+from kiln.metrics import classification_metrics, coco_map, map_post, numeric
 from kiln.processing import detect_overrides, detect_postprocess, preprocess
 from kiln.runtime.base import Backend, pad_batch
 
@@ -115,9 +115,7 @@ def eval_post(bundle: Bundle, **controls: Any) -> DetectPost:
     detection cap, every class over the threshold per box (as mAP protocols score), no class filter;
     ``controls`` (``conf``, ``iou``, ``max_det``, ``agnostic``, ``multi_label``, ``only``, see
     :func:`kiln.processing.detect_overrides`) override that."""
-    base = bundle.manifest.detect_post().model_copy(update={
-        "score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS,
-        "multi_label": True, "class_agnostic": False, "classes": None})
+    base = map_post(bundle.manifest.detect_post())
     given = {k: v for k, v in controls.items() if v is not None}
     return detect_overrides(base, bundle.manifest.classes, **given) if given else base
 

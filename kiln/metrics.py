@@ -14,13 +14,20 @@ from typing import Any
 
 import numpy as np
 
-from kiln.bundle import Bundle
+from kiln.bundle import Bundle, DetectPost
 
 HEADLINE = {"classify": "top1", "detect": "map"}
 # The budget is in points (percent). Top-1 comes in percent; mAP comes as pycocotools' fraction.
 POINTS_PER_UNIT = {"classify": 1.0, "detect": 100.0}
 EVAL_SCORE_THRESHOLD = 0.01  # COCO mAP integrates over all scores: keep low-confidence detections
 EVAL_MAX_DETECTIONS = 100  # COCO's maxDets for mAP
+
+
+def map_post(post: DetectPost) -> DetectPost:
+    """``post`` (its NMS IoU) as mAP is scored, in training and in ``kiln eval`` alike: COCO's low score
+    threshold and detection cap, every class over the threshold per box, no class filter."""
+    return post.model_copy(update={"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS,
+                                   "multi_label": True, "class_agnostic": False, "classes": None})
 
 
 def coco_ground_truth(targets: Sequence[dict[str, np.ndarray]], classes: Sequence[str],

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from kiln.bundle import DetectPost, Preprocess, TensorSpec
 from kiln.data import ImageDataset
 from kiln.errors import ConfigError
-from kiln.metrics import EVAL_MAX_DETECTIONS, EVAL_SCORE_THRESHOLD, coco_map
+from kiln.metrics import coco_map, map_post
 from kiln.models.detector import Detector
 from kiln.processing import Letterbox, to_unit
 from kiln.train.config import TrainConfig
@@ -170,7 +170,7 @@ class DetectTask:
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         model.eval()
         det = detector(model)
-        post = DetectPost(score_threshold=EVAL_SCORE_THRESHOLD, max_detections=EVAL_MAX_DETECTIONS)
+        post = map_post(DetectPost())
         detections: list[list[dict[str, object]]] = []
         originals: list[dict[str, np.ndarray]] = []
         loss_sum, count = 0.0, 0
