@@ -147,7 +147,7 @@ def model_entry(name: str) -> ModelEntry:
     tv = torchvision_classifiers()
     if name in tv:
         return ModelEntry(_torchvision(name), "classify", 224)
-    raise unknown_model(name, [*MODELS, *tv])
+    raise unknown_model(name, list(dict.fromkeys([*MODELS, *tv])))  # resnet18 etc. are in both
 
 
 def unknown_model(name: str, known: list[str]) -> ConfigError:
