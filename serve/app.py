@@ -10,7 +10,7 @@ of served models to a router per protocol; routes find the registry, settings an
 - KServe v2 / Open Inference Protocol (:mod:`kiln.serve.v2`): ``/v2``, ``/v2/health/live``,
   ``/v2/health/ready``, ``/v2/models/{name}``, ``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``
 - :mod:`kiln.serve.health`: ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), ``/`` (a page to try an
-  image); FastAPI serves ``/docs`` (OpenAPI)
+  image); :mod:`kiln.serve.docs`: ``/docs`` and ``/redoc`` (OpenAPI) from package files
 
 Every error is ``{"error": {"code": ..., "message": ..., "request_id": ...}}`` (:mod:`kiln.serve.errors`).
 """
@@ -26,12 +26,11 @@ from functools import partial
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi_offline import FastAPIOffline
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiln import __version__
 from kiln.bundle import Bundle
-from kiln.serve import errors, grpc, health, v1, v2
-from kiln.serve.auth import DOCS_ASSETS
+from kiln.serve import docs, errors, grpc, health, v1, v2
 from kiln.serve.health import WorkerReadiness
 from kiln.serve.metrics import Metrics
 from kiln.serve.middleware import RequestGate
@@ -71,6 +70,24 @@ async def _watch_loads(app: FastAPI, on_load_error: LoadErrorHook | None) -> Non
         workers.mark_ready()
 
 
+class KilnApp(FastAPI):
+    """FastAPI behind kiln's own front: CORS (when configured), then
+    :class:`~kiln.serve.middleware.RequestGate`, which answers the hot predict route itself
+    (:class:`kiln.serve.v1.FastPredict`) and hands everything else to FastAPI. Outside the framework, the
+    gate's checks run before any of its per-request layers, and the hot route skips them all."""
+
+    front: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.front is None or scope["type"] == "lifespan":
+            await super().__call__(scope, receive, send)
+        else:
+            await self.front(scope, receive, send)
+
+    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     models: Sequence[tuple[str, str | os.PathLike[str] | Bundle]],
     settings: Settings | None = None,
@@ -93,9 +110,9 @@ def create_app(
     for m in registry:
         metrics.watch(m)
 
-    # fastapi-offline serves Swagger UI and ReDoc from its package files: /docs renders with no internet.
-    app = FastAPIOffline(
-        static_url=DOCS_ASSETS,
+    app = KilnApp(
+        docs_url=None,  # kiln.serve.docs serves them from package files: /docs renders with no internet
+        redoc_url=None,
         title="kiln",
         version=__version__,
         description="Image classification and detection served from kiln bundles.",
@@ -112,19 +129,21 @@ def create_app(
     # Bounds the requests decoding images in worker threads at once (kiln.serve.images.prepare).
     app.state.decode_slots = asyncio.Semaphore(settings.decode_threads)
     errors.install(app)
-    # The gate goes on first, so it sits inside CORS: its 401 and 413 answers carry the CORS headers a
-    # browser needs to read them, and a CORS preflight (which carries no API key) never reaches it.
-    app.add_middleware(RequestGate, limit=settings.max_body_bytes, metrics=metrics, models=registry.models,
-                       api_key=app.state.api_key, body_timeout=settings.body_timeout_s,
-                       worker=str(os.getpid()) if workers is not None else None, fast=v1.FastPredict(app).match)
+    docs.install(app)
+    # The gate sits inside CORS: its 401 and 413 answers carry the CORS headers a browser needs to read
+    # them, and a CORS preflight (which carries no API key) never reaches it.
+    front: ASGIApp = RequestGate(app.framework, limit=settings.max_body_bytes, metrics=metrics, models=registry.models,
+                                 api_key=app.state.api_key, body_timeout=settings.body_timeout_s,
+                                 worker=str(os.getpid()) if workers is not None else None, fast=v1.FastPredict(app).match)
     if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
+        front = CORSMiddleware(
+            front,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
+    app.front = front
     # v1 first: routing tries each route in turn and predict is the hot one (no paths overlap).
     for router in (v1.router, health.router, v2.router):
         # Not include_router: FastAPI keeps an included router as a branch that is matched again on every

@@ -56,6 +56,9 @@ from kiln.serve.batching import (
 log = logging.getLogger("kiln.serve.batcher")
 
 _ids = itertools.count(1)
+# A backend whose single-item run takes less than this may run a lone request on the caller's thread
+# (Batcher.run_inline): the event loop stalls no longer than a thread hand-over would cost.
+INLINE_MAX_S = 0.002
 
 # ---- the worker ----------------------------------------------------------------------------------
 
@@ -113,6 +116,9 @@ class Batcher:
         self._closed = False
         self._incoming = 0
         self._incoming_lock = threading.Lock()
+        self._busy = False  # the worker is running a batch
+        self._inline = False  # set by the warm-up: a lone request may run on the caller's thread
+        self._inline_lock = threading.Lock()
 
     # -- lifecycle --
 
@@ -214,6 +220,41 @@ class Batcher:
         join([p.future for p in pendings], parent)
         return parent
 
+    def run_inline(self, feeds: Feeds, request_id: str = "") -> Feeds | None:
+        """Run ``feeds`` on the calling thread when that is cheaper than a hand-over: the backend may run on
+        several threads (``thread_safe``), its warm-up took under INLINE_MAX_S, nothing is queued or
+        running, no other request is on its way (:meth:`announce`; the caller's own may be), and no
+        other inline run is in progress. Returns the outputs, or None when the request must be
+        :meth:`submit`-ted. A lone request then costs no thread hop each way; under load requests batch
+        on the worker thread as usual, which also lets inference overlap the event loop's work."""
+        backend = self.backend
+        if (not self._inline or backend is None or self._busy or self._incoming > 1 or self._closed
+                or self._stopping.is_set() or self._queue.qsize() or not self._inline_lock.acquire(blocking=False)):
+            return None
+        try:
+            n = batch_size(feeds)
+            if n > self.max_items:
+                return None
+            padded, pad = pad_batch(feeds, backend.min_batch)
+            t0 = time.perf_counter()
+            try:
+                out = backend.infer(padded)
+            except Exception as exc:
+                log.error("model '%s': inference failed for %d items", self.name, n, exc_info=True)
+                raise InferenceFailed(f"inference failed ({type(exc).__name__}); see the server log",
+                                      request_id) from None
+            seconds = time.perf_counter() - t0
+        finally:
+            self._inline_lock.release()
+        try:
+            if self.on_batch is not None:
+                self.on_batch(n, seconds)
+            if self.on_run is not None:
+                self.on_run(n, seconds, [0.0])
+        except Exception:  # a metrics hook must never fail the request
+            log.exception("metrics hook failed")
+        return {k: v[:n] for k, v in out.items()} if pad else out
+
     # -- worker --
 
     def _run(self) -> None:
@@ -248,7 +289,11 @@ class Batcher:
                     more_coming=self._more_coming,
                 )
                 if batch:
-                    self._run_batch(backend, batch)
+                    self._busy = True
+                    try:
+                        self._run_batch(backend, batch)
+                    finally:
+                        self._busy = False
                 elif stopping:
                     break
         finally:
@@ -262,10 +307,16 @@ class Batcher:
         self._cancel_queued()
 
     def _warm(self, backend: Backend) -> None:
-        """Run the smallest and largest batch once so the first real request pays no lazy setup."""
-        for n in sorted({max(1, backend.min_batch), self.max_items}):
+        """Run the smallest and largest batch once so the first real request pays no lazy setup, then time
+        the smallest once more: whether a lone request is cheap enough to run inline (:meth:`run_inline`)."""
+        smallest = max(1, backend.min_batch)
+        for n in sorted({smallest, self.max_items}):
             feeds = {s.name: np.zeros((n, *s.shape), dtype=np.dtype(s.dtype)) for s in backend.inputs}
             backend.infer(feeds)
+        feeds = {s.name: np.zeros((smallest, *s.shape), dtype=np.dtype(s.dtype)) for s in backend.inputs}
+        t0 = time.perf_counter()
+        backend.infer(feeds)
+        self._inline = getattr(backend, "thread_safe", False) and time.perf_counter() - t0 < INLINE_MAX_S
 
     def _run_batch(self, backend: Backend, batch: list[Pending]) -> None:
         n = sum(p.size for p in batch)

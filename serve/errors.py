@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from kiln.errors import ConfigError, InputError, KilnError
 from kiln.processing import ImageDecodeError
@@ -119,6 +120,8 @@ async def _kiln_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ClientDisconnect):  # not an error of the server's: RequestGate records it as 499
+        raise exc
     rid = request_id(request)
     log.error("request %s failed", rid, exc_info=exc)
     return error_response(500, "internal_error", f"internal error (request id {rid}); see the server log", rid,
@@ -126,16 +129,16 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 async def handle(request: Request, exc: Exception) -> Response:
-    """The answer the installed handlers give for ``exc``, for a route served without FastAPI's exception
-    middleware (:class:`kiln.serve.v1.FastPredict`). Anything else is re-raised, as that middleware would:
-    a client disconnect to :class:`~kiln.serve.middleware.RequestGate`, a bug to the 500 handler."""
+    """The answer the installed handlers give for ``exc``, for a route served outside FastAPI
+    (:class:`kiln.serve.v1.FastPredict`); a client that went away is re-raised for
+    :class:`~kiln.serve.middleware.RequestGate` to record."""
     if isinstance(exc, StarletteHTTPException):
         return await _http_error(request, exc)
     if isinstance(exc, RequestValidationError):
         return await _validation_error(request, exc)
     if isinstance(exc, KilnError):
         return await _kiln_error(request, exc)
-    raise exc
+    return await _unexpected(request, exc)
 
 
 def install(app: FastAPI) -> None:

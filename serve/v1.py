@@ -133,8 +133,12 @@ async def predict(name: str, request: Request) -> Response:
         x, boxes = await prepare(blobs, model.manifest.preprocess, settings.max_image_pixels,
                                  settings.max_request_pixels, state.decode_slots, settings.max_pixels_per_byte)
         del blobs  # the request's bytes are not needed while it waits for the batcher
-        fut = arrival.submit({model.manifest.input.name: x}, rid, settings.timeout_s)
-    out = await wait_result(fut, settings.timeout_s, request.is_disconnected)
+        feeds = {model.manifest.input.name: x}
+        out = model.batcher.run_inline(feeds, rid)
+        if out is None:
+            fut = arrival.submit(feeds, rid, settings.timeout_s)
+    if out is None:
+        out = await wait_result(fut, settings.timeout_s, request.is_disconnected)
     k = q.top_k or body_top_k or settings.top_k
     if model.manifest.task == "classify":
         results = predictions(model.manifest, out, boxes, k)

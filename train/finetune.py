@@ -12,12 +12,13 @@ the detection head are new), for a classifier every parameter outside its last c
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from kiln.bundle import Architecture, Preprocess
-from kiln.errors import ConfigError
+from kiln.bundle import MANIFEST, Architecture, Bundle, Manifest, Preprocess
+from kiln.errors import BundleError, ConfigError
 from kiln.models import load_pretrained, model_entry
 from kiln.models.backbones import TorchvisionBackbone
 from kiln.models.detector import TV_BACKBONES
@@ -61,6 +62,10 @@ def fit_preprocess(cfg: TrainConfig, task_pre: Preprocess) -> Preprocess:
     its letterbox but takes the weights' mean/std and RGB input."""
     pre = weights_preprocess(cfg)
     if pre is None:
+        source = weights_bundle(cfg)
+        if source is not None and len(source.preprocess.mean) == len(task_pre.mean):
+            # The features were learned on inputs normalized this way: keep it, or they see other numbers.
+            return task_pre.model_copy(update={"mean": source.preprocess.mean, "std": source.preprocess.std})
         return task_pre
     if task_pre.mode == "letterbox":
         return task_pre.model_copy(update={"channels": "RGB", "mean": pre.mean, "std": pre.std, "source": pre.source})
@@ -68,6 +73,29 @@ def fit_preprocess(cfg: TrainConfig, task_pre: Preprocess) -> Preprocess:
         ratio = (pre.resize_size or pre.size[0]) / pre.size[0]
         pre = pre.model_copy(update={"size": (cfg.image_size, cfg.image_size), "resize_size": round(cfg.image_size * ratio)})
     return pre
+
+
+def weights_bundle(cfg: TrainConfig) -> Manifest | None:
+    """The kiln.json beside ``--weights`` when the file is a kiln bundle's model.pt, else None."""
+    if not cfg.weights:
+        return None
+    folder = Path(cfg.weights).expanduser().parent
+    if not (folder / MANIFEST).is_file():
+        return None
+    try:
+        return Bundle.load(folder).manifest
+    except BundleError:
+        return None
+
+
+def fresh_head(model: nn.Module, cfg: TrainConfig, classes: list[str]) -> tuple[str, ...]:
+    """Head parameters ``--weights`` must not fill: a kiln bundle's head for other classes means other
+    outputs even when their count is the same (digits 0-4 are not digits 5-9). Other files (a torchvision
+    or timm download) are judged by shape in :func:`kiln.models.load_weights`."""
+    source = weights_bundle(cfg)
+    if source is None or source.classes == classes:
+        return ()
+    return tuple(sorted(head_parameters(model)))
 
 
 def init_pretrained(model: nn.Module, arch: Architecture, cfg: TrainConfig) -> None:
@@ -124,4 +152,4 @@ def set_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
         log.info("epoch %d: backbone %s", epoch + 1, "frozen (training the head only)" if frozen else "unfrozen")
 
 
-__all__ = ["fit_preprocess", "head_parameters", "init_pretrained", "param_groups", "set_epoch", "weights_preprocess"]
+__all__ = ["fit_preprocess", "fresh_head", "head_parameters", "weights_bundle", "init_pretrained", "param_groups", "set_epoch", "weights_preprocess"]

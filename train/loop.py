@@ -176,7 +176,8 @@ class Trainer:
         if self.resume_state is None:  # a resumed run restores its own weights
             finetune.init_pretrained(self.model, self.arch, cfg)
         if cfg.weights:
-            skipped = load_weights(self.model, read_state_dict(cfg.weights), replace_head=True)
+            fresh = finetune.fresh_head(self.model, cfg, list(self.classes))
+            skipped = load_weights(self.model, read_state_dict(cfg.weights), replace_head=True, ignore=fresh) + list(fresh)
             if skipped:
                 log.info("--weights %s: re-initialised %d tensor(s) whose shape differs (new head): %s",
                          cfg.weights, len(skipped), ", ".join(skipped[:4]))

@@ -209,7 +209,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, replace_he
                  ignore: tuple[str, ...] = ()) -> list[str]:
     """Copy ``state`` into ``model``. With ``replace_head``, tensors whose output dimension differs
     (the classifier for another class count) are skipped and keep their fresh initialization; returns
-    the names that were skipped. ``ignore``: key prefixes of ``state`` to leave out (auxiliary heads).
+    the names that were skipped. ``ignore``: key prefixes to leave out of the copy (auxiliary heads in the
+    file; a head the model keeps freshly initialized).
 
     Anything else that does not fit (another architecture's checkpoint) raises one line naming the
     first key that does not match.
@@ -225,7 +226,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, replace_he
             skipped.append(k)
     filtered = {k: v for k, v in state.items() if k not in skipped}
     missing, unexpected = model.load_state_dict(filtered, strict=False)
-    missing = [m for m in missing if m not in skipped and not m.endswith("num_batches_tracked")]
+    missing = [m for m in missing if m not in skipped and not m.endswith("num_batches_tracked")
+               and not (ignore and m.startswith(ignore))]
     if unexpected:
         raise CheckpointError(f"weights do not fit the model: the file has {unexpected[0]}, which the model does not "
                               f"(and {len(unexpected) - 1} more); a checkpoint of another architecture?")

@@ -45,6 +45,9 @@ class BaseBackend:
     name: str = "base"
     precision: str = "fp32"
     device: str = "cpu"
+    # Whether infer() may run on several threads at once. A server may then run a small request on its
+    # own thread when the backend is idle, instead of handing it to the model's worker thread.
+    thread_safe: bool = False
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     min_batch: int = 1

@@ -44,7 +44,8 @@ def unavailable_reason(device: Device | None = None) -> str | None:
 class OnnxRuntimeBackend(KilnBackend):
     """Runs an ONNX graph with ONNX Runtime. Outputs are fresh numpy arrays owned by the caller.
 
-    A session may be shared between threads by ONNX Runtime, but kiln gives each backend to one worker.
+    ONNX Runtime's ``InferenceSession.run`` may be called from several threads at once: on the CPU the
+    backend says so (``thread_safe``), and a server may run a lone small request without a thread hop.
     """
 
     name = "onnxrt"
@@ -103,6 +104,7 @@ class OnnxRuntimeBackend(KilnBackend):
                 raise BackendUnavailable(f"onnxrt: the CUDA provider could not start on cuda:{index} (active: {active})")
             use_cuda = False
         self.device = f"cuda:{index}" if use_cuda else "cpu"
+        self.thread_safe = not use_cuda
         self._device_index = index
         self._io_binding = use_cuda and (io_binding is None or io_binding)
 

@@ -59,6 +59,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--source-epochs", type=int, default=10)
     ap.add_argument("--train-per-class", type=int, default=20)
+    ap.add_argument("--tune-flags", default="", help="extra kiln train flags for the fine-tuned run, e.g. "
+                                                   "'--backbone-lr-scale 0.1'")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-finetune-"))
@@ -67,7 +69,7 @@ def main() -> int:
     write_folder(target, range(5, 10), args.train_per_class)
     kiln_train(source, work / "pre", args.model, args.source_epochs, [])
     scratch = kiln_train(target, work / "scratch", args.model, args.epochs, [])
-    tuned = kiln_train(target, work / "tuned", args.model, args.epochs, ["--weights", str(work / "pre" / "model.pt")])
+    tuned = kiln_train(target, work / "tuned", args.model, args.epochs, ["--weights", str(work / "pre" / "model.pt"), *args.tune_flags.split()])
     goal = scratch[-1]
     reached = next((i + 1 for i, acc in enumerate(tuned) if acc >= goal), None)
     for name, accs in (("scratch", scratch), ("fine-tuned", tuned)):
