@@ -11,10 +11,7 @@ import asyncio
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
-
-import numpy as np
 
 from kiln import runtime
 from kiln.bundle import Bundle, Manifest
@@ -56,9 +53,6 @@ class ServedModel:
         if backend is None:
             raise ModelNotReady(f"model '{self.name}' is still loading")
         return backend
-
-    def submit(self, feeds: dict[str, np.ndarray], request_id: str, timeout: float) -> Future[dict[str, np.ndarray]]:
-        return self.batcher.submit(feeds, request_id=request_id, timeout=timeout)
 
     def info(self) -> ModelInfo:
         m = self.manifest
