@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import os
 import platform
@@ -34,8 +33,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_serve_latency import digit_png  # noqa: E402  (the same request body as the latency script)
 
 LEVELS = (1, 32, 64)
 
@@ -78,14 +77,6 @@ BARE_APP = textwrap.dedent('''
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": out})
 ''')
-
-
-def digit_png(seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray((rng.random((28, 28)) * 255).astype(np.uint8), mode="L")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _free_port() -> int:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import re
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +114,33 @@ def classify_bundle(tmp_path: Path) -> Bundle:
 @pytest.fixture
 def detect_bundle(tmp_path: Path) -> Bundle:
     return make_bundle(tmp_path / "shapes", task="detect")
+
+
+@contextlib.contextmanager
+def kiln_serve(cmd: list[str], env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
+    """``kiln serve`` in a subprocess on the port it picked (``--port 0``): (process, base URL, stderr
+    lines so far). Killed at the end if still running."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    url: list[str] = []
+    found = threading.Event()
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(r"serving .* on (http://\S+)", line)
+            if m:
+                url.append(m.group(1))
+                found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not found.wait(60):
+        proc.kill()
+        pytest.fail("kiln serve did not start:\n" + "".join(lines))
+    try:
+        yield proc, url[0], lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

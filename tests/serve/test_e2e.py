@@ -20,6 +20,8 @@ from PIL import Image
 
 from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
 
+from .conftest import kiln_serve
+
 torch = pytest.importorskip("torch")
 
 
@@ -79,30 +81,8 @@ def server(bundles: tuple[Path, Path]) -> Iterator[tuple[subprocess.Popen[str], 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KILN_MAX_DELAY_MS": "2"}
     cmd = [sys.executable, "-m", "kiln.cli", "serve", str(bundles[0]), str(bundles[1]), "--name", "digits",
            "--name", "shapes", "--port", "0"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
-    url: list[str] = []
-    found = threading.Event()
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            m = re.search(r"serving .* on (http://\S+)", line)
-            if m:
-                url.append(m.group(1))
-                found.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not found.wait(60):
-        proc.kill()
-        pytest.fail("kiln serve did not start:\n" + "".join(lines))
-    try:
-        yield proc, url[0], lines
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with kiln_serve(cmd, env) as running:
+        yield running
 
 
 def _png(img: Image.Image) -> bytes:

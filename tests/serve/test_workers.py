@@ -22,6 +22,8 @@ from PIL import Image
 
 from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
 
+from .conftest import kiln_serve
+
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
@@ -61,30 +63,8 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, list[st
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     cmd = [sys.executable, "-m", "kiln.cli", "serve", str(bundle.root), "--name", "digits", "--port", "0",
            "--backend", "onnxrt", "--workers", "2", "--drain-s", "1"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
-    url: list[str] = []
-    found = threading.Event()
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            m = re.search(r"serving .* on (http://\S+)", line)
-            if m:
-                url.append(m.group(1))
-                found.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not found.wait(60):
-        proc.kill()
-        pytest.fail("kiln serve did not start:\n" + "".join(lines))
-    try:
-        yield proc, url[0], lines
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with kiln_serve(cmd, env) as running:
+        yield running
 
 
 def _body() -> dict[str, list[str]]:
