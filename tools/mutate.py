@@ -69,6 +69,8 @@ def stage(name: str, spec: dict, pyproject: dict, text: str, layout: dict[str, s
     target = installed_path(spec["file"], layout)
     shared = dict(pyproject["tool"]["mutmut"])
     shared.update(only_mutate=[target], pytest_add_cli_args_test_selection=spec["tests"])
+    # per-module pytest options (a per-test timeout for the thread-based batcher tests, a -k filter)
+    shared["pytest_add_cli_args"] = [*shared.get("pytest_add_cli_args", []), *spec.get("pytest_args", [])]
     section = "[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in shared.items())
     # replace the checkout's [tool.mutmut] (up to the next table) with this module's
     body = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[)", "", text)
