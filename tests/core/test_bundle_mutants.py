@@ -87,9 +87,11 @@ def test_invalid_manifest_names_the_first_bad_field_by_its_full_path(tmp_path: P
 def test_save_writes_json_that_loads_back(tmp_path: Path) -> None:
     b = make(tmp_path / "b")
     b.manifest.training["history"] = (1, 2)
+    b.manifest.training["data"] = tmp_path / "digits"  # a path recorded as given: written as its text
     b.save()
     data = json.loads((tmp_path / "b" / MANIFEST).read_text())
     assert data["preprocess"]["size"] == [8, 8] and data["training"]["history"] == [1, 2]
+    assert data["training"]["data"] == str(tmp_path / "digits")
     assert Bundle.load(tmp_path / "b").manifest == Bundle.load(tmp_path / "b" / MANIFEST).manifest
 
 

@@ -142,6 +142,8 @@ def test_box_tolerance_is_measured_in_original_pixels() -> None:
     half = Letterbox(0.5, 0.5, 0.0, 0.0, 128, 128)
     assert counts(compare(detect_manifest(), ref, cand, [IDENTITY])) == (1, 1, 0, 0, 0)
     assert counts(compare(detect_manifest(), ref, cand, [half])) == (1, 0, 1, 1, 0)
+    same = compare(detect_manifest(), ref, ref, [half])  # both sides mapped back the same way
+    assert counts(same) == (1, 1, 0, 0, 0) and same["max_box_diff_px"] == 0.0
 
 
 def test_a_box_moved_by_exactly_the_tolerance_still_matches() -> None:

@@ -108,7 +108,7 @@ def test_verification_images_are_the_first_validation_images(tmp_path: Path, fak
 
 def test_an_empty_validation_split_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(verify, "bundle_split", lambda _b, _s: Split(0))
-    with pytest.raises(ExportError, match="verification: the validation split has no images"):
+    with pytest.raises(ExportError, match="^verification: the validation split has no images$"):
         verify.verification_images(classify_bundle(tmp_path / "b"), 8)
 
 
@@ -129,6 +129,12 @@ def test_a_model_returning_more_outputs_than_named_is_an_error(tmp_path: Path, f
     fakes.returns = "two"
     with pytest.raises(ExportError, match=r"the model returns 2 outputs but kiln.json names 1: \['logits'\]"):
         verify.torch_outputs(classify_bundle(tmp_path / "b"), np.zeros((1, 1, 2, 2), np.float32))
+
+
+def test_a_single_tensor_for_a_model_with_two_named_outputs_is_refused(tmp_path: Path, fakes: Model) -> None:
+    bundle = detect_bundle(tmp_path / "b")  # kiln.json names boxes and scores
+    with pytest.raises(ValueError, match="zip"):
+        verify.torch_outputs(bundle, np.zeros((1, 1, 2, 2), np.float32))
 
 
 def test_backend_outputs_in_contiguous_batches_in_order(fakes: Model) -> None:

@@ -219,3 +219,58 @@ def test_cancelling_the_request_cancels_its_parts() -> None:
     assert futures[2].cancelled() and not futures[0].cancelled() and futures[1].running()
     futures[1].set_result({"y": np.array([1])})  # the last part finishing later changes nothing
     assert parent.cancelled()
+
+
+def test_wakeable_queue_is_unbounded_by_default() -> None:
+    q = WakeableQueue()
+    for i in range(3):
+        q.put_nowait(i)
+    assert q.qsize() == 3
+
+
+def test_a_timed_get_waits_for_an_item_that_comes_within_the_timeout() -> None:
+    q = WakeableQueue()
+    threading.Timer(0.05, lambda: q.put("x")).start()
+    assert q.get(timeout=0.5) == "x"
+
+
+def test_every_wake_ends_the_wait_in_progress() -> None:
+    q = WakeableQueue()
+    for _ in range(2):
+        threading.Timer(0.05, q.wake).start()
+        t0 = time.monotonic()
+        with pytest.raises(queue.Empty):
+            q.get(timeout=5)
+        assert time.monotonic() - t0 < 4
+
+
+def test_queue_full_keeps_its_message() -> None:
+    assert str(QueueFull("model 'digits' queue is full")) == "model 'digits' queue is full"
+
+
+def test_bad_max_items_is_named() -> None:
+    with pytest.raises(ValueError, match="^max_items must be >= 1, got 0$"):
+        collect(queue.Queue(), max_items=0, max_delay=0.0)
+
+
+def test_deadlines_are_read_on_the_given_clock() -> None:
+    """A clock far behind the real monotonic one: requests due later on it are all taken."""
+    clock = FakeClock()
+    clock.now = -1000.0
+    q = FakeQueue(clock)
+    items = [item(enqueued=-1000.0, deadline=-999.0) for _ in range(3)]
+    for p in items:
+        q.put(p)
+    batch, carry = collect(q, max_items=8, max_delay=0.0, first_timeout=0, clock=clock)
+    assert batch == items and carry is None
+
+
+def test_a_cancelled_request_in_the_middle_is_skipped_and_the_rest_join() -> None:
+    clock = FakeClock()
+    q = FakeQueue(clock)
+    first, gone, last = item(rid="a"), item(rid="b"), item(rid="c")
+    gone.future.cancel()
+    for p in (first, gone, last):
+        q.put(p)
+    batch, _ = collect(q, max_items=8, max_delay=0.0, first_timeout=0, clock=clock)
+    assert batch == [first, last]
