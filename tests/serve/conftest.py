@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -144,3 +145,20 @@ def kiln_serve(cmd: list[str], env: dict[str, str]) -> Iterator[tuple[subprocess
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def wait_ready(client: Any, proc: subprocess.Popen[str], lines: list[str], timeout: float) -> None:
+    """Poll ``/readyz`` through ``client`` (an httpx.Client on the server) until 200; fail with the
+    server's log if it exits or ``timeout`` seconds pass."""
+    import httpx
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, "".join(lines)
+        assert time.monotonic() < end, "".join(lines)
+        time.sleep(0.1)

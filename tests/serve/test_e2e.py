@@ -20,7 +20,7 @@ from PIL import Image
 
 from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
 
-from .conftest import kiln_serve
+from .conftest import kiln_serve, wait_ready
 
 torch = pytest.importorskip("torch")
 
@@ -94,16 +94,7 @@ def _png(img: Image.Image) -> bytes:
 def test_serve_end_to_end(server: tuple[subprocess.Popen[str], str, list[str]]) -> None:
     proc, url, lines = server
     with httpx.Client(base_url=url, timeout=30) as client:
-        end = time.monotonic() + 60
-        while True:  # the socket is bound before uvicorn starts listening on it
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, "".join(lines)
-            assert time.monotonic() < end, "".join(lines)
-            time.sleep(0.1)
+        wait_ready(client, proc, lines, 60)  # the socket is bound before uvicorn starts listening on it
 
         info = client.get("/v1/models/digits").json()
         assert (info["backend"], info["precision"]) == ("onnxrt", "fp32")

@@ -22,7 +22,7 @@ from PIL import Image
 
 from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
 
-from .conftest import kiln_serve
+from .conftest import kiln_serve, wait_ready
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -75,17 +75,9 @@ def _body() -> dict[str, list[str]]:
 
 def test_two_workers_share_the_port_metrics_and_shutdown(server: tuple[subprocess.Popen[str], str, list[str]]) -> None:
     proc, url, lines = server
-    end = time.monotonic() + 90
+    end = time.monotonic() + 90  # the whole test's deadline
     with httpx.Client(base_url=url, timeout=30) as client:
-        while True:  # ready only once both workers have loaded their model
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, "".join(lines)
-            assert time.monotonic() < end, "".join(lines)
-            time.sleep(0.1)
+        wait_ready(client, proc, lines, 90)  # ready only once both workers have loaded their model
 
     # Each new connection is accepted by whichever worker gets to it first: both answer in time.
     pids: set[str] = set()
