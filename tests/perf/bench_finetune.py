@@ -1,81 +1,128 @@
 """Fine-tuning against training from scratch on a related task, with the same budget.
 
-    .venv/bin/python tests/perf/bench_finetune.py [--model lenet5] [--epochs 10] [--train-per-class 20] [--json out.json]
+    .venv/bin/python tests/perf/bench_finetune.py [--pair hue] [--model resnet18] [--image-size 32]
+        [--epochs 10] [--train-per-class 10] [--batch-size 16] [--tune-flags '...'] [--json out.json]
 
-The pair of related tasks is built from scikit-learn's digits (no download):
-- source: digits 0-4, every training image; a model trained on it stands in for "pretrained" weights;
-- target: digits 5-9 with only ``--train-per-class`` training images per class (the few-photos case),
-  validated on all of their validation images.
-Both are written as ``folder:`` datasets (PNG files), so the runs are plain ``kiln train`` commands:
-``kiln train --data folder:SOURCE`` once, then on the target ``kiln train --data folder:TARGET`` from
-scratch and with ``--weights SOURCE/model.pt`` (the 5-class head is replaced by a new 5-class head),
-each for ``--epochs`` with the same settings. Reported: validation top-1 per epoch for both (from each
-run's metrics.csv) and the first epoch at which fine-tuning reaches scratch's final accuracy
-(target: at most half the epochs). Not collected by pytest.
+The pairs of related tasks are built from scikit-learn's digits (no download), and written as
+``folder:`` datasets (PNG files), so every run is a plain ``kiln train`` command:
+
+- ``--pair hue`` (default), a new domain for the same classes, as photos of one's own are to ImageNet:
+  source = the 10 digits in grey on black, from the first half of the digits train split (a model
+  trained on it stands in for "pretrained" weights); target = *other* images of the digits (second half
+  of the train split, and the val split), drawn in a random hue on a background of another random hue,
+  with only ``--train-per-class`` training images per class (the few-photos case).
+- ``--pair split``, new classes: source = digits 0-4 (every training image), target = digits 5-9 with
+  ``--train-per-class`` training images each.
+
+``kiln train --data folder:SOURCE`` runs once (``--source-epochs``); then on the target the same
+command from scratch and with ``--weights SOURCE_RUN/model.pt`` (the source bundle's head is for
+other classes, so a new head is initialized), each for ``--epochs`` with the same settings
+(``--tune-flags`` adds flags to the fine-tuned run only). Reported: validation top-1 per epoch for
+both (from each run's metrics.csv) and the first epoch at which fine-tuning reaches scratch's final
+accuracy (target: at most half the epochs). Not collected by pytest.
 """
 
 from __future__ import annotations
 
 import argparse
+import colorsys
 import csv
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, ImageOps
+
 from kiln.data import open_dataset
 
 
-def write_folder(root: Path, digits: range, per_class: int | None) -> None:
+def _hue(img: Image.Image, rng: random.Random) -> Image.Image:
+    """The grey digit ``img`` in one random hue on a background of another (at least 90 degrees away)."""
+    h = rng.random()
+    fg = colorsys.hsv_to_rgb(h, rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))
+    bg = colorsys.hsv_to_rgb((h + rng.uniform(0.25, 0.75)) % 1.0, rng.uniform(0.3, 1.0), rng.uniform(0.2, 0.6))
+    return ImageOps.colorize(img.convert("L"), black=tuple(round(255 * c) for c in bg),
+                             white=tuple(round(255 * c) for c in fg))
+
+
+def write_pair(root: Path, pair: str, per_class: int) -> tuple[Path, Path]:
+    """Write the source and target ``folder:`` datasets of ``pair`` under ``root``."""
     train, val = open_dataset("digits")
-    for split, ds, cap in (("train", train, per_class), ("val", val, None)):
-        counts: dict[int, int] = {}
-        for i in range(len(ds)):
-            label = int(ds.target(i))
-            if label not in digits or (cap is not None and counts.get(label, 0) >= cap):
-                continue
+    rng = random.Random(0)
+    half = len(train) // 2
+    counts: dict[int, int] = {}
+
+    def put(dataset: Path, split: str, ds: Any, i: int, recolor: bool) -> None:
+        label = int(ds.target(i))
+        folder = dataset / split / f"d{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img = ds.image(i).convert("RGB")
+        (_hue(img, rng) if recolor else img).save(folder / f"{split}{i}.png")
+
+    source, target = root / "source", root / "target"
+    for i in range(len(train)):
+        label = int(train.target(i))
+        if pair == "hue":
+            if i < half:
+                put(source, "train", train, i, False)
+            elif counts.get(label, 0) < per_class:
+                counts[label] = counts.get(label, 0) + 1
+                put(target, "train", train, i, True)
+        elif label < 5:
+            put(source, "train", train, i, False)
+        elif counts.get(label, 0) < per_class:
             counts[label] = counts.get(label, 0) + 1
-            folder = root / split / f"d{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            ds.image(i).save(folder / f"{i}.png")
+            put(target, "train", train, i, False)
+    for i in range(len(val)):
+        label = int(val.target(i))
+        if pair == "hue":
+            put(source, "val", val, i, False)
+            put(target, "val", val, i, True)
+        else:
+            put(source if label < 5 else target, "val", val, i, False)
+    return source, target
 
 
-def kiln_train(data: Path, out: Path, model: str, epochs: int, extra: list[str]) -> list[float]:
-    subprocess.run([sys.executable, "-m", "kiln.cli", "train", "--data", f"folder:{data}", "--model", model,
-                    "--epochs", str(epochs), "--out", str(out), "--no-progress", "--seed", "0", *extra],
-                   check=True, capture_output=True, text=True)
+def kiln_train(data: Path, out: Path, args: argparse.Namespace, epochs: int, extra: list[str]) -> list[float]:
+    cmd = [sys.executable, "-m", "kiln.cli", "train", "--data", f"folder:{data}", "--model", args.model,
+           "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--out", str(out), "--no-progress",
+           "--seed", "0", *(["--image-size", str(args.image_size)] if args.image_size else []), *extra]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
     with open(out / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
-    key = next(k for k in rows[0] if k.startswith("val_top1") or k == "val_acc" or k == "val_accuracy")
-    return [float(r[key]) for r in rows]
+    return [float(r["val_top1"]) for r in rows]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="lenet5")
+    ap.add_argument("--pair", choices=("hue", "split"), default="hue")
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--source-epochs", type=int, default=10)
-    ap.add_argument("--train-per-class", type=int, default=20)
+    ap.add_argument("--train-per-class", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--tune-flags", default="", help="extra kiln train flags for the fine-tuned run, e.g. "
                                                    "'--backbone-lr-scale 0.1'")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-finetune-"))
-    source, target = work / "source", work / "target"
-    write_folder(source, range(0, 5), None)
-    write_folder(target, range(5, 10), args.train_per_class)
-    kiln_train(source, work / "pre", args.model, args.source_epochs, [])
-    scratch = kiln_train(target, work / "scratch", args.model, args.epochs, [])
-    tuned = kiln_train(target, work / "tuned", args.model, args.epochs, ["--weights", str(work / "pre" / "model.pt"), *args.tune_flags.split()])
+    source, target = write_pair(work, args.pair, args.train_per_class)
+    kiln_train(source, work / "pre", args, args.source_epochs, [])
+    scratch = kiln_train(target, work / "scratch", args, args.epochs, [])
+    tuned = kiln_train(target, work / "tuned", args, args.epochs,
+                       ["--weights", str(work / "pre" / "model.pt"), *args.tune_flags.split()])
     goal = scratch[-1]
     reached = next((i + 1 for i, acc in enumerate(tuned) if acc >= goal), None)
     for name, accs in (("scratch", scratch), ("fine-tuned", tuned)):
         print(f"{name:10s} " + " ".join(f"{a:5.1f}" for a in accs))
     print(f"scratch final {goal:.1f}%; fine-tuning reaches it at epoch {reached} of {args.epochs} "
-          f"(target <= {args.epochs // 2})")
+          f"(target <= {args.epochs // 2}); runs in {work}")
     report: dict[str, Any] = {**vars(args), "json": None, "scratch": scratch, "fine_tuned": tuned,
                               "epoch_reached": reached, "loadavg": os.getloadavg()}
     if args.json:
