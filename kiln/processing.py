@@ -205,9 +205,10 @@ def classify_topk(logits: np.ndarray, classes: list[str], post: ClassifyPost) ->
     probs = softmax(logits)
     k = min(post.top_k, probs.shape[1])
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    # Python lists first: indexing numpy rows element by element costs more than the softmax.
     return [
-        [{"label": classes[j], "index": int(j), "score": float(row[j])} for j in idx]
-        for row, idx in zip(probs, order, strict=True)
+        [{"label": classes[j], "index": j, "score": row[j]} for j in idx]
+        for row, idx in zip(probs.tolist(), order.tolist(), strict=True)
     ]
 
 

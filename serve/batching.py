@@ -92,35 +92,44 @@ class WakeableQueue(queue.Queue):
     def __init__(self, maxsize: int = 0) -> None:
         super().__init__(maxsize)
         self._wakes = 0
+        self._listening = 0  # waits in progress that a wake ends
 
     def wake(self) -> None:
+        """End the wakeable :meth:`get` in progress, if any. Other waits (for a first request) are left
+        asleep: waking a thread that has nothing to do costs a context switch per request."""
         with self.not_empty:
             self._wakes += 1
-            self.not_empty.notify()
+            if self._listening:
+                self.not_empty.notify_all()
 
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+    def get(self, block: bool = True, timeout: float | None = None, wakeable: bool = True) -> Any:
         if not block or (timeout is not None and timeout <= 0):
             return super().get(block=False)
         with self.not_empty:
             wakes = self._wakes
             end = None if timeout is None else time.monotonic() + timeout
-            while not self._qsize():
-                left = None if end is None else end - time.monotonic()
-                if self._wakes != wakes or (left is not None and left <= 0):
-                    raise queue.Empty
-                self.not_empty.wait(left)
+            self._listening += wakeable
+            try:
+                while not self._qsize():
+                    left = None if end is None else end - time.monotonic()
+                    if (wakeable and self._wakes != wakes) or (left is not None and left <= 0):
+                        raise queue.Empty
+                    self.not_empty.wait(left)
+            finally:
+                self._listening -= wakeable
             item = self._get()
             self.not_full.notify()
             return item
 
 
-def take(q: queue.Queue[Pending], timeout: float | None) -> Pending | None:
-    """``None`` blocks, ``<= 0`` only takes what is already queued."""
+def take(q: queue.Queue[Pending], timeout: float | None, wakeable: bool = True) -> Pending | None:
+    """``None`` blocks, ``<= 0`` only takes what is already queued. ``wakeable=False``: a
+    :meth:`WakeableQueue.wake` does not end the wait."""
     try:
-        if timeout is None:
-            return q.get()
-        if timeout <= 0:
+        if timeout is not None and timeout <= 0:
             return q.get_nowait()
+        if isinstance(q, WakeableQueue):
+            return q.get(timeout=timeout, wakeable=wakeable)
         return q.get(timeout=timeout)
     except queue.Empty:
         return None
@@ -169,7 +178,7 @@ def collect(
     if first is None:
         until = None if first_timeout is None else clock() + first_timeout
         while first is None:
-            item = take(q, _remaining(until, clock))
+            item = take(q, _remaining(until, clock), wakeable=False)  # a submit's put wakes this wait
             if item is None:
                 return [], None
             if claim(item, clock):

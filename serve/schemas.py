@@ -6,6 +6,7 @@ request and response with JSON tensors); ``data`` may be flat (row-major) or nes
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -139,7 +140,9 @@ V2_DTYPES: dict[str, str] = {
 NUMPY_TO_V2 = {np.dtype(v).name: k for k, v in V2_DTYPES.items()}
 
 
+@functools.cache
 def v2_datatype(dtype: str | np.dtype[Any]) -> str:
+    """The protocol's datatype name of a numpy dtype (cached: it is asked for every output of every request)."""
     name = np.dtype(dtype).name
     if name not in NUMPY_TO_V2:
         raise ValueError(f"dtype {name} has no Open Inference Protocol datatype")

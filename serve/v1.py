@@ -124,8 +124,10 @@ async def predict(name: str, request: Request) -> Response:
         blobs, body = await read_images(request, settings.max_images_per_request)
         body_top_k = body.top_k if body is not None else None
         detect = None
-        # Detection controls can only come from the query or a JSON body; a plain classify upload skips them.
-        if q is not _NO_QUERY or model.manifest.task == "detect" or body is not None:
+        # Detection controls can only come from the query or a JSON body; a classify request that names
+        # none (a plain upload, or JSON with only images and top_k) skips them.
+        if q is not _NO_QUERY or model.manifest.task == "detect" or (
+                body is not None and not body.model_fields_set <= {"images", "top_k"}):
             query = DetectControls(conf=q.conf, iou=q.iou, max_det=q.max_det, agnostic=q.agnostic,
                                    multi_label=q.multi_label,
                                    classes=q.classes.split(",") if q.classes is not None else None)

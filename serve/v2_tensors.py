@@ -10,6 +10,7 @@ preprocessed with the bundle's own preprocessing, as /v1 images are.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -63,7 +64,7 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memory
     if len(raw) != want:
         raise InputError(f"Input tensor: {name} | received {len(raw)} bytes of data | "
                          f"expected {want} for shape {list(shape)} {datatype}")
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+    return np.frombuffer(raw, dtype=_little(dtype)).astype(dtype, copy=False)
 
 
 def from_list(name: str, datatype: str, shape: Sequence[int], data: Sequence[Any]) -> np.ndarray:
@@ -161,9 +162,14 @@ def output_names(model: ServedModel, wanted: Sequence[str] | None) -> list[str]:
     return list(wanted)
 
 
+@functools.cache
+def _little(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    return dtype.newbyteorder("<")
+
+
 def to_bytes(arr: np.ndarray) -> bytes:
     """Row-major little-endian bytes, as the binary data extension and ``raw_output_contents`` carry them."""
-    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+    return np.ascontiguousarray(arr, dtype=_little(arr.dtype)).tobytes()
 
 
 __all__ = [

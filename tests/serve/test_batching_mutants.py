@@ -274,3 +274,37 @@ def test_a_cancelled_request_in_the_middle_is_skipped_and_the_rest_join() -> Non
         q.put(p)
     batch, _ = collect(q, max_items=8, max_delay=0.0, first_timeout=0, clock=clock)
     assert batch == [first, last]
+
+
+def test_a_wake_leaves_a_wait_for_a_first_request_asleep() -> None:
+    """The worker waiting for a first request has nothing to re-check: a wake (a request handled on the
+    event loop, or refused) must not cost it a context switch. An item still ends the wait."""
+    q = WakeableQueue()
+    woke = threading.Event()
+    threading.Timer(0.02, q.wake).start()
+    threading.Timer(0.3, lambda: q.put("x")).start()
+
+    def notify_spy() -> None:  # any notify while the only waiter does not listen is the bug
+        woke.set()
+        real()
+
+    real = q.not_empty.notify_all
+    q.not_empty.notify_all = notify_spy  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    assert q.get(timeout=5, wakeable=False) == "x"
+    assert time.monotonic() - t0 >= 0.25  # not ended by the wake at 0.02 s
+    assert not woke.is_set()
+
+
+def test_take_passes_wakeable_to_a_wakeable_queue_only() -> None:
+    q = WakeableQueue()
+    threading.Timer(0.02, q.wake).start()
+    t0 = time.monotonic()
+    assert take(q, 0.3, wakeable=False) is None
+    assert time.monotonic() - t0 >= 0.25
+    threading.Timer(0.02, q.wake).start()
+    t0 = time.monotonic()
+    assert take(q, 5) is None
+    assert time.monotonic() - t0 < 4
+    plain: queue.Queue[Pending] = queue.Queue()
+    assert take(plain, 0.01, wakeable=False) is None
