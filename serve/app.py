@@ -18,6 +18,7 @@ Every error is ``{"error": {"code": ..., "message": ..., "request_id": ...}}`` (
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -65,6 +66,13 @@ async def _lifespan(app: FastAPI, on_load_error: LoadErrorHook | None) -> AsyncI
 async def _watch_loads(app: FastAPI, on_load_error: LoadErrorHook | None) -> None:
     registry: Registry = app.state.registry
     await registry.watch_loads(app.state.metrics.loaded, on_load_error)
+    if app.state.freeze_gc:
+        # Everything alive now (modules, the framework, the loaded models) lives as long as the process:
+        # moved out of the collector's view, a full collection scans only what requests created since,
+        # instead of stalling the event loop ~50 ms for every object the process holds (measured with
+        # clients disconnecting mid-upload, whose exceptions leave reference cycles behind).
+        gc.freeze()
+        log.debug("gc.freeze(): %d objects moved to the permanent generation", gc.get_freeze_count())
     workers: WorkerReadiness | None = app.state.workers
     if workers is not None and registry.not_ready_reason() is None:
         workers.mark_ready()
@@ -95,6 +103,7 @@ def create_app(
     loader: Loader | None = None,
     on_load_error: LoadErrorHook | None = None,
     workers: WorkerReadiness | None = None,
+    freeze_gc: bool = False,
 ) -> FastAPI:
     """Build the server for ``models`` (name, bundle path). Backends load in their worker threads when
     the app starts; ``/readyz`` turns ready once every model is loaded and warmed up.
@@ -102,7 +111,9 @@ def create_app(
     ``loader(bundle, settings) -> Backend`` defaults to :func:`kiln.runtime.load`; ``on_load_error``
     is called (from the event loop) when a model fails to load. ``workers``: this process is one of
     several (``kiln serve --workers N``); ``/readyz`` waits for all of them and every answer carries an
-    ``X-Kiln-Worker`` header with the pid that served it.
+    ``X-Kiln-Worker`` header with the pid that served it. ``freeze_gc``: once every model has loaded,
+    ``gc.freeze()`` the process's long-lived objects (what ``kiln serve`` does; an app embedded in
+    another program leaves its collector alone).
     """
     settings = settings or Settings()
     registry = Registry.build(models, settings, loader)
@@ -126,6 +137,7 @@ def create_app(
     app.state.stats = Stats(registry)  # Triton's statistics extension (REST and gRPC)
     app.state.api_key = settings.api_key_value()
     app.state.workers = workers
+    app.state.freeze_gc = freeze_gc
     # Bounds the requests decoding images in worker threads at once (kiln.serve.images.prepare).
     app.state.decode_slots = asyncio.Semaphore(settings.decode_threads)
     errors.install(app)

@@ -58,7 +58,7 @@ def serve_socket(models: Models, settings: Settings, sock: socket.socket, *, acc
             server.should_exit = True
 
     workers = WorkerReadiness(ready_dir, settings.workers) if ready_dir is not None else None
-    app = create_app(list(models), settings, on_load_error=on_load_error, workers=workers)
+    app = create_app(list(models), settings, on_load_error=on_load_error, workers=workers, freeze_gc=True)
     server = build_server(app, app.state.registry, settings, access_log=access_log)
     # Uvicorn re-raises the signal it shut down on; a Python handler turns SIGTERM into a clean exit 0.
     previous = signal.signal(signal.SIGTERM, lambda sig, _frame: None)

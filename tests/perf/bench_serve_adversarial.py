@@ -5,8 +5,8 @@
 Two runs of ``--seconds`` each on the same server (defaults, ONNX Runtime, one intra-op thread):
 1. baseline: wrk (``-t1``) with 58 well-behaved connections posting one digit PNG as JSON;
 2. the same wrk load, plus 6 connections (10% of 64) that send a request head and part of its body,
-   then disconnect, over and over, and 1 connection (1-2%) that posts decode bombs (a 6000x6000
-   palette PNG, 35 KB compressed, 36 Mpx decoded).
+   then disconnect, over and over (a new connection each time), and 1 keep-alive connection (1-2%)
+   that posts decode bombs (a 6000x6000 palette PNG, 6 KB as JSON, 36 Mpx decoded) one after another.
 Reported: 5xx among good and bad answers (wrk's non-2xx and the server's own /metrics), the good
 clients' p99 in each run and their ratio, and the server's RSS growth across the adversarial run.
 Not collected by pytest. Needs Debian's wrk.
@@ -61,19 +61,34 @@ async def _disconnector(port: int, stop: float, counts: dict[str, int]) -> None:
 
 
 async def _bomber(port: int, stop: float, counts: dict[str, int]) -> None:
+    """Decode bombs on one keep-alive connection, one after the other (a new connection when the server
+    closes it)."""
     body = bomb_body()
     head = (f"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
+    reader = writer = None
     while time.monotonic() < stop:
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            if writer is None or reader is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(head + body)
             await writer.drain()
             status = (await reader.readline()).split()[1].decode()
+            length, close = 0, False
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                length = int(value) if name.strip().lower() == "content-length" else length
+                close = close or (name.strip().lower() == "connection" and "close" in value.lower())
+            await reader.readexactly(length)
             counts[f"bomb_{status}"] = counts.get(f"bomb_{status}", 0) + 1
-            writer.close()
-        except (OSError, IndexError):
+            if close:
+                writer.close()
+                reader = writer = None
+        except (OSError, IndexError, ValueError, asyncio.IncompleteReadError):
             counts["bomb_errors"] = counts.get("bomb_errors", 0) + 1
+            if writer is not None:
+                writer.close()
+            reader = writer = None
 
 
 def bad_clients(port: int, seconds: float, out: Any) -> None:

@@ -8,6 +8,9 @@
 2. p50 at concurrency 1 with Triton's own clients: ``tritonclient.http`` ``infer(binary_data=True)``
    and ``tritonclient.grpc`` ``infer``, ``--iters`` calls each after 200 warm-up, interleaved in
    blocks so drift in the machine's load hits both alike.
+3. The transports' floors, measured the same way: the same two clients against servers that do no work
+   (a grpcio asyncio ``ModelInfer`` and a bare ASGI app on uvicorn, each answering a fixed 10-float
+   response). What kiln adds per call is each protocol's figure minus its floor.
 Not collected by pytest. Needs Debian's wrk.
 """
 
@@ -16,9 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +57,62 @@ def lua_binary(folder: Path, x: np.ndarray) -> Path:
     return path
 
 
-def client_p50(http_port: int, grpc_port: int, x: np.ndarray, iters: int) -> dict[str, Any]:
+FLOOR_SERVERS = textwrap.dedent('''
+    import asyncio, json, sys
+    import grpc, numpy as np, uvicorn
+    from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+
+    LOGITS = np.zeros((1, 10), np.float32).tobytes()
+    HEADER = json.dumps({"model_name": "digits", "model_version": "1", "outputs": [{"name": "logits",
+        "datatype": "FP32", "shape": [1, 10], "parameters": {"binary_data_size": len(LOGITS)}}]}).encode()
+
+    class Floor(service_pb2_grpc.GRPCInferenceServiceServicer):
+        async def ModelInfer(self, request, context):
+            r = pb.ModelInferResponse(model_name="digits", model_version="1", id=request.id)
+            r.outputs.append(pb.ModelInferResponse.InferOutputTensor(name="logits", datatype="FP32", shape=[1, 10]))
+            r.raw_output_contents.append(LOGITS)
+            return r
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/octet-stream"),
+            (b"inference-header-content-length", str(len(HEADER)).encode())]})
+        await send({"type": "http.response.body", "body": HEADER + LOGITS})
+
+    async def main():
+        server = grpc.aio.server()
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Floor(), server)
+        server.add_insecure_port(f"127.0.0.1:{sys.argv[2]}")
+        await server.start()
+        config = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+        await uvicorn.Server(config).serve()
+
+    asyncio.run(main())
+''')
+
+
+def floors(x: np.ndarray, iters: int) -> dict[str, Any]:
+    """p50 of the two clients against servers that do nothing (see the module docstring)."""
+    port, gport = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR_SERVERS, str(port), str(gport)])
+    try:
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", port), 0.2), socket.create_connection(("127.0.0.1", gport), 0.2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        return client_p50(port, gport, x, iters, model_check=False)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def client_p50(http_port: int, grpc_port: int, x: np.ndarray, iters: int, model_check: bool = True) -> dict[str, Any]:
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
@@ -65,7 +126,8 @@ def client_p50(http_port: int, grpc_port: int, x: np.ndarray, iters: int) -> dic
     calls = {"http_binary": lambda: h.infer("digits", [hin], outputs=hout).as_numpy("logits"),
              "grpc": lambda: g.infer("digits", [gin]).as_numpy("logits")}
     first = {k: f() for k, f in calls.items()}
-    np.testing.assert_allclose(first["http_binary"], first["grpc"], atol=1e-6)
+    if model_check:
+        np.testing.assert_allclose(first["http_binary"], first["grpc"], atol=1e-6)
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(200):
         for f in calls.values():
@@ -114,6 +176,10 @@ def main() -> int:
             print(f"{k:12s} c=1 p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms  ({v['n']} calls)")
     finally:
         server.stop()
+    report["floor_c1"] = floors(x, args.iters)
+    for k, v in report["floor_c1"].items():
+        added = report["c1"][k]["p50_ms"] - v["p50_ms"]
+        print(f"{k:12s} floor p50 {v['p50_ms']:.3f} ms (a server doing nothing); kiln adds {added:.3f} ms")
     report["env"]["loadavg_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))

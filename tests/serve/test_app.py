@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import time
 from collections.abc import Callable, Iterator
@@ -499,3 +500,25 @@ def test_client_gone_request_is_cancelled_not_run(classify_bundle: Bundle) -> No
             assert len(backend.calls) == 1  # the abandoned request was skipped
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_gc_freeze_once_the_models_have_loaded(classify_bundle: Bundle, freeze: bool) -> None:
+    """`kiln serve` (freeze_gc=True) moves what is alive after loading out of the collector's view, so a
+    full collection does not stall the event loop for every long-lived object; an embedded app does not."""
+    gc.unfreeze()
+    app = create_app([("digits", classify_bundle)], Settings(), loader=lambda bundle, _s: FakeBackend(bundle),
+                     freeze_gc=freeze)
+    try:
+        with TestClient(app) as client:
+            end = time.monotonic() + 5
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < end
+                time.sleep(0.01)
+            end = time.monotonic() + 5
+            while freeze and gc.get_freeze_count() == 0 and time.monotonic() < end:
+                time.sleep(0.01)  # the freeze follows readiness on the event loop
+            assert (gc.get_freeze_count() > 1000) is freeze
+            assert client.post("/v1/models/digits/predict", files={"file": ("a.png", png(), "image/png")}).status_code == 200
+    finally:
+        gc.unfreeze()  # the test process's objects go back to the collector
