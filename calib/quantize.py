@@ -9,9 +9,16 @@ percentile), range caching (``calibration_cache_path``), and Q/DQ insertion. kil
    float at a time, with the best method's cached ranges) and keep the most sensitive layers in float,
    one more at a time, until the model is within budget, or say that it cannot be.
 
-TensorRT's form: symmetric int8 activations and weights (zero point 0), per-channel weights, Q/DQ
-format on the inputs of Conv/Gemm/MatMul with their outputs in float; biases stay float (TensorRT
-folds them into its int8 kernels and has no int32 DequantizeLinear).
+Two layouts of the Q/DQ graph (``CalibSettings.layout``):
+
+- ``tensorrt`` (the default): symmetric int8 activations and weights (zero point 0), per-channel
+  weights, Q/DQ on the inputs of Conv/Gemm/MatMul with their outputs in float; biases stay float
+  (TensorRT folds them into its int8 kernels and has no int32 DequantizeLinear). ONNX Runtime's CPU
+  provider cannot fuse this into integer kernels: it runs float kernels behind the dequantization, so on a
+  CPU this graph is *slower* than fp32.
+- ``cpu``: what ONNX Runtime's CPU provider runs as integer kernels (``QLinearConv``, ``MatMulInteger``
+  and the like): Q/DQ on the inputs and outputs of every op it can quantize, uint8 activations
+  (asymmetric), symmetric int8 per-channel weights, int32 biases. TensorRT cannot build an engine from it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,13 @@ from kiln.fsutil import atomic_path, atomic_write_json, sha256_file
 log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "entropy", "percentile")
+LAYOUTS = ("tensorrt", "cpu")
+FORMATS = {
+    "tensorrt": "QDQ on Conv/Gemm/MatMul inputs, symmetric int8 activations and weights, per-channel weights, "
+                "float bias and outputs",
+    "cpu": "QDQ on the inputs and outputs of every quantizable op, uint8 activations, symmetric int8 per-channel "
+           "weights, int32 bias",
+}
 # Layers the sensitivity search may keep in float: the ones with weights, where int8 pays off.
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CACHE_VERSION = 2
@@ -54,10 +68,13 @@ class CalibSettings:
     per_channel: bool = True
     eval_limit: int | None = None  # validation images per candidate (None: the whole split)
     batch_size: int = 16
+    layout: str = "tensorrt"  # see the module docstring
 
     def __post_init__(self) -> None:
         if self.method != "auto" and self.method not in METHODS:
             raise unknown_choice("calibration method", self.method, ("auto", *METHODS), flag="--calib-method")
+        if self.layout not in LAYOUTS:
+            raise unknown_choice("int8 layout", self.layout, LAYOUTS, flag="--int8-layout")
         if self.images < 1:
             raise ConfigError(f"--calib-images must be >= 1, got {self.images}")
         if self.max_accuracy_drop < 0:
@@ -175,7 +192,8 @@ def quantize(prepared: str | os.PathLike[str], out_path: str | os.PathLike[str],
 
     calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                     "percentile": CalibrationMethod.Percentile}[method]
-    extra: dict[str, Any] = {
+    cpu = settings.layout == "cpu"
+    extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True} if cpu else {
         "ActivationSymmetric": True,
         "WeightSymmetric": True,
         "QuantizeBias": False,
@@ -201,9 +219,10 @@ def quantize(prepared: str | os.PathLike[str], out_path: str | os.PathLike[str],
                 quant_format=QuantFormat.QDQ,
                 per_channel=settings.per_channel,
                 reduce_range=False,
-                activation_type=QuantType.QInt8,
+                # uint8 activations: what the x86 integer kernels (VNNI) multiply with int8 weights.
+                activation_type=QuantType.QUInt8 if cpu else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
-                op_types_to_quantize=list(WEIGHTED_OPS),
+                op_types_to_quantize=None if cpu else list(WEIGHTED_OPS),
                 nodes_to_exclude=list(excluded),
                 calibrate_method=calib_method,
                 extra_options=extra,
@@ -343,7 +362,8 @@ def calibrate(
             "settings": asdict(settings),
             "cache": {"key": cache.key, "dir": str(cache.dir), "calibrated_now": calibrated_now,
                       "trial_hits": cache.hits, "trial_misses": cache.misses},
-            "format": "QDQ on Conv/Gemm/MatMul inputs, symmetric int8 activations and weights, per-channel weights, float bias and outputs",
+            "layout": settings.layout,
+            "format": FORMATS[settings.layout],
         }
         if not result.within_budget:
             return CalibOutcome(result, report)

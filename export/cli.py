@@ -24,6 +24,7 @@ from kiln.cli import (
 from kiln.vocab import GRAPH_PRECISIONS as PRECISIONS
 
 CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")
+INT8_LAYOUTS = ("tensorrt", "cpu")
 
 
 def _calibration_flags(p: argparse.ArgumentParser) -> None:
@@ -40,6 +41,10 @@ def _calibration_flags(p: argparse.ArgumentParser) -> None:
                    help="validation images per candidate during the search; None: the whole split")
     g.add_argument("--calib-cache", type=Path, default=None, metavar="DIR",
                    help="calibration cache folder; None: BUNDLE/.cache/calib")
+    g.add_argument("--int8-layout", type=choice("int8 layout", INT8_LAYOUTS), default="tensorrt",
+                   help="tensorrt: Q/DQ on weighted layers' inputs, what TensorRT builds engines from (ONNX "
+                        "Runtime runs it in float on a CPU, slower than fp32); cpu: what ONNX Runtime's CPU "
+                        "provider runs as integer kernels (no TensorRT engine from it)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -119,7 +124,8 @@ def _options(args: argparse.Namespace) -> Any:
         triton_precision=args.triton_precision,
         triton_max_delay_us=args.triton_max_delay_us,
         calib=CalibSettings(method=args.calib_method, images=args.calib_images, seed=args.calib_seed,
-                            max_accuracy_drop=args.max_accuracy_drop, eval_limit=args.calib_eval_images),
+                            max_accuracy_drop=args.max_accuracy_drop, eval_limit=args.calib_eval_images,
+                            layout=args.int8_layout),
         calib_cache=args.calib_cache,
     )
 

@@ -18,7 +18,7 @@ from kiln.calib.onnxfile import check_onnx_file, onnx_errors
 from kiln.calib.quantize import CalibSettings
 from kiln.calib.run import calibrate_bundle, report_paths, write_reports
 from kiln.compare import compare
-from kiln.errors import BackendUnavailable, BundleError, ExportError, unknown_choice
+from kiln.errors import BackendUnavailable, BundleError, ConfigError, ExportError, unknown_choice
 from kiln.evaluate import evaluate
 from kiln.export.onnx2fp16 import onnx2fp16
 from kiln.export.torch2onnx import torch2onnx
@@ -135,7 +135,7 @@ def export_int8(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str
     write_reports(report, out)
     verification.update({"passed": True, "accuracy_drop": report["drop"], "max_accuracy_drop": report["max_accuracy_drop"]})
     json_report, _ = report_paths(out)
-    calibration = {k: report[k] for k in ("method", "images", "excluded_layers", "fp32", "int8", "drop",
+    calibration = {k: report[k] for k in ("method", "layout", "images", "excluded_layers", "fp32", "int8", "drop",
                                           "latency_ms_ort_cpu") if k in report}
     return _record(bundle, file, "onnx", "int8", metrics=metrics, verification=verification,
                    source_sha256=fp32_art.sha256, calibration=calibration, calibration_report=json_report.name)
@@ -201,6 +201,9 @@ def export_bundle(path: str | os.PathLike[str], opts: ExportOptions) -> dict[str
 
 def preflight(bundle: Bundle, opts: ExportOptions) -> None:
     """Check what can be checked before any work, so a missing requirement costs seconds, not an export."""
+    if opts.engine and "int8" in opts.precisions and opts.calib.layout == "cpu":
+        raise ConfigError("--int8-layout cpu is for ONNX Runtime on a CPU; TensorRT builds int8 engines from "
+                          "--int8-layout tensorrt (the default)")
     if opts.engine:
         engine_requirements()
     if opts.triton_repo is not None and opts.triton_repo.exists() and not opts.triton_repo.is_dir():

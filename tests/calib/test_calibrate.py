@@ -158,3 +158,50 @@ def test_unreadable_calibration_images_fail_in_one_line(fp32_bundle: Path, tmp_p
     err = capsys.readouterr().err.strip()
     assert "broken.png" in err and len(err.splitlines()) == 1
     assert {p.name: sha256_file(p) for p in fp32_bundle.iterdir() if p.is_file()} == before
+
+
+def test_cpu_layout_is_integer_kernels_for_onnxruntime(fp32_bundle: Path) -> None:
+    """--int8-layout cpu: uint8 activations, Q/DQ around the weighted layers' outputs too, int32 bias —
+    the form ONNX Runtime's CPU provider fuses into integer kernels — within the same accuracy budget."""
+    import onnxruntime as ort
+
+    bundle = Bundle.load(fp32_bundle)
+    out = fp32_bundle / "model.int8.onnx"
+    report = calibrate_bundle(bundle, fp32_bundle / "model.onnx", out,
+                              CalibSettings(method="minmax", images=32, max_accuracy_drop=2.0, layout="cpu"))
+    assert report["layout"] == "cpu" and "uint8 activations" in report["format"]
+    model = onnx.load(str(out))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    act_zps = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[2] in inits]
+    assert act_zps and all(z.dtype == np.uint8 for z in act_zps)
+    q_inputs = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert weighted and all(n.output[0] in q_inputs for n in weighted)  # outputs quantized as well
+    assert any(inits[n.input[0]].dtype == np.int32 for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in inits)  # int32 bias
+    assert report["within_budget"] and report["drop"] <= 2.0
+    # ONNX Runtime fuses it into integer kernels: the optimized graph runs QLinearConv, not Conv.
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(fp32_bundle / "optimized.onnx")
+    ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(fp32_bundle / "optimized.onnx")).graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops
+
+
+def test_cpu_layout_has_its_own_cache_and_is_recorded(fp32_bundle: Path) -> None:
+    a = CalibSettings(method="minmax", images=8)
+    b = CalibSettings(method="minmax", images=8, layout="cpu")
+    from kiln.calib.quantize import CalibCache
+
+    assert CalibCache(fp32_bundle / "c", "m", "d", a).key != CalibCache(fp32_bundle / "c", "m", "d", b).key
+    with pytest.raises(Exception, match="--int8-layout"):
+        CalibSettings(layout="gpu")
+
+
+def test_cpu_layout_refused_with_an_engine_before_any_work(fp32_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = sorted(p.name for p in fp32_bundle.iterdir())
+    code = main(["export", str(fp32_bundle), "--precision", "int8", "--int8-layout", "cpu", "--engine"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--int8-layout cpu" in err and "TensorRT" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in fp32_bundle.iterdir()) == before

@@ -1,4 +1,4 @@
-"""On-demand measurement of the issue-4 INT8 targets (not collected by pytest: not a test_ file).
+"""On-demand measurement of the INT8 targets (not collected by pytest: not a test_ file).
 
     python tests/export/bench_int8_targets.py synth32 DIR --kind hue --per-class 80
     kiln train --data folder:DIR --model resnet18 --epochs 3 --batch-size 16 --workers 0 --out runs/r18

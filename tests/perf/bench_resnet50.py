@@ -12,7 +12,8 @@ photos (smooth colour fields with noise, 256x320 JPEG) in a ``folder:`` dataset 
 
 Steps, each a kiln command: ``kiln train ... --epochs 1`` (training images/s from its ``--json`` summary),
 ``kiln export RUN --precision fp32,int8 --calib-images 32`` (INT8's accuracy budget is lifted: the
-labels are random), ``kiln bench RUN --backend onnxrt --precision fp32,int8 --batch 1,8``.
+labels are random), ``kiln bench RUN --backend onnxrt --precision fp32,int8 --batch 1,8``; then the int8
+graph again with ``--int8-layout cpu`` (ONNX Runtime's integer kernels) and the same bench.
 Not collected by pytest.
 """
 
@@ -54,6 +55,15 @@ def kiln(*args: str, env: dict[str, str]) -> tuple[str, float]:
     return out.stdout, time.perf_counter() - t0
 
 
+def bench(run: Path, precisions: str, iters: int, env: dict[str, str], layout: str) -> list[dict[str, Any]]:
+    """``kiln bench`` rows of ONNX Runtime for ``precisions``, tagged with the int8 graph's layout."""
+    out = run / f"bench.{layout}.json"
+    kiln("bench", str(run), "--backend", "onnxrt", "--precision", precisions, "--batch", "1,8",
+         "--iters", str(iters), "--json", str(out), env=env)
+    rows = [r for r in json.loads(out.read_text())["results"] if r["backend"] == "onnxrt"]
+    return [{**r, "layout": layout} for r in rows]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images-per-class", type=int, default=48)
@@ -75,23 +85,22 @@ def main() -> int:
     manifest = json.loads((run / "kiln.json").read_text())
     _, export_wall = kiln("export", str(run), "--precision", "fp32,int8", "--calib-images", "32",
                           "--max-accuracy-drop", "100", env=env)
-    bench_json = work / "bench.json"
-    kiln("bench", str(run), "--backend", "onnxrt", "--precision", "fp32,int8", "--batch", "1,8",
-         "--iters", str(args.iters), "--json", str(bench_json), env=env)
-    bench = json.loads(bench_json.read_text())
-    rows = [r for r in bench["results"] if r["backend"] == "onnxrt"]
+    rows = bench(run, "fp32,int8", args.iters, env, "tensorrt")
+    kiln("export", str(run), "--precision", "int8", "--int8-layout", "cpu", "--calib-images", "32",
+         "--max-accuracy-drop", "100", env=env)
+    rows += bench(run, "int8", args.iters, env, "cpu")
     report: dict[str, Any] = {
         "torch": torch.__version__, "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
         "preprocess": manifest["preprocess"], "train_images_per_s": summary["timings"]["train_images_per_s"],
         "train_wall_s": round(train_wall, 1), "export_wall_s": round(export_wall, 1),
-        "onnxrt": [{"precision": r["precision"], "batch": r["batch"], "p50_ms": r["latency_ms"]["p50"],
+        "onnxrt": [{"precision": r["precision"] + ("" if r["precision"] == "fp32" else f" {r['layout']}"), "batch": r["batch"], "p50_ms": r["latency_ms"]["p50"],
                     "p99_ms": r["latency_ms"]["p99"], "images_per_s": r["throughput"]} for r in rows if r["status"] == "ok"],
     }
     print(f"resnet50 224x224 --pretrained ({manifest['preprocess']['source']}), batch {args.batch_size}: "
           f"{report['train_images_per_s']} training images/s ({report['train_wall_s']} s for 1 epoch of "
           f"{2 * args.images_per_class} images incl. validation and start-up)")
     for r in report["onnxrt"]:
-        print(f"ONNX Runtime CPU {r['precision']:5s} batch {r['batch']:2d}: p50 {r['p50_ms']:.1f} ms "
+        print(f"ONNX Runtime CPU {r['precision']:13s} batch {r['batch']:2d}: p50 {r['p50_ms']:.1f} ms "
               f"({r['p50_ms'] / r['batch']:.1f} ms/image), {r['images_per_s']:.1f} images/s")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
