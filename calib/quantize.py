@@ -251,7 +251,9 @@ class CalibCache:
             "v": CACHE_VERSION,
             "model": model_sha256,
             "data": data_sha256,
-            "settings": {k: v for k, v in asdict(settings).items() if k != "max_accuracy_drop"},
+            # The default layout is left out: caches made before layouts existed stay valid.
+            "settings": {k: v for k, v in asdict(settings).items()
+                         if k != "max_accuracy_drop" and not (k == "layout" and v == "tensorrt")},
             "onnxruntime": onnxruntime.__version__,
         }
         self.key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from kiln.bundle import Bundle
-from kiln.errors import KilnError
+from kiln.errors import ExportError, KilnError
 from kiln.fsutil import atomic_path
 
 log = logging.getLogger("kiln.prepare_engines")
@@ -73,6 +73,13 @@ def prepare(path: Path, precisions: list[str], work: Path, require: bool) -> Pat
         onnx = bundle.artifact("onnx", precision)
         if onnx is None:
             log.info("%s: no %s ONNX artifact, no %s engine", bundle.name, precision, precision)
+            continue
+        if ((onnx.model_extra or {}).get("calibration") or {}).get("layout") == "cpu":
+            why = (f"{onnx.file} is the int8 layout for ONNX Runtime on a CPU (--int8-layout cpu); TensorRT "
+                   "builds from `kiln export --precision int8` with the default --int8-layout tensorrt")
+            if require:
+                raise ExportError(why)
+            log.warning("%s: no %s engine: %s", bundle.name, precision, why)
             continue
         if (found := _compatible_engine(bundle, precision)) is not None:
             log.info("%s: %s engine %s matches this GPU", bundle.name, precision, found)

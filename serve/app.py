@@ -71,6 +71,7 @@ async def _watch_loads(app: FastAPI, on_load_error: LoadErrorHook | None) -> Non
         # moved out of the collector's view, a full collection scans only what requests created since,
         # instead of stalling the event loop ~50 ms for every object the process holds (measured with
         # clients disconnecting mid-upload, whose exceptions leave reference cycles behind).
+        gc.collect()  # garbage from loading (tracebacks, cycles) must not become permanent
         gc.freeze()
         log.debug("gc.freeze(): %d objects moved to the permanent generation", gc.get_freeze_count())
     workers: WorkerReadiness | None = app.state.workers

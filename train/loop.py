@@ -41,6 +41,7 @@ from kiln.train.device import (
     resolve_device,
     seed_everything,
 )
+from kiln.train.interrupt import StopRequest, stop_on_sigint
 from kiln.train.optim import amp_dtype, build_optimizer, build_scheduler, replay_scheduler
 from kiln.train.resolve import (
     RESUME_OVERRIDES,
@@ -122,6 +123,7 @@ class Trainer:
             raise ConfigError(f"--out {self.run_dir} already holds a run; resume it with --resume {self.run_dir} or pick another --out")
         self._build()
         self.history: list[dict[str, Any]] = []
+        self._stop = StopRequest()  # replaced by fit() while it trains
         self.best: dict[str, float] = {}
         self.best_epoch = 0
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -276,18 +278,20 @@ class Trainer:
         train_time = 0.0
         interrupted = False
         try:
-            for epoch in range(self.start_epoch, self.cfg.epochs):
-                seed_everything(self.cfg.seed * 1_000_003 + epoch)
-                finetune.set_epoch(self.model, self.cfg, epoch)
-                stats, seconds = self._train_epoch(epoch)
-                images += int(stats["count"])
-                train_time += seconds
-                row = self._end_epoch(epoch, stats, seconds)
-                if main and writer is not None:
-                    for k, v in row.items():
-                        if k != "epoch" and isinstance(v, int | float):
-                            writer.add_scalar(k, v, epoch + 1)
-                    writer.flush()
+            with stop_on_sigint() as self._stop:
+                for epoch in range(self.start_epoch, self.cfg.epochs):
+                    self._stop.check()
+                    seed_everything(self.cfg.seed * 1_000_003 + epoch)
+                    finetune.set_epoch(self.model, self.cfg, epoch)
+                    stats, seconds = self._train_epoch(epoch)
+                    images += int(stats["count"])
+                    train_time += seconds
+                    row = self._end_epoch(epoch, stats, seconds)
+                    if main and writer is not None:
+                        for k, v in row.items():
+                            if k != "epoch" and isinstance(v, int | float):
+                                writer.add_scalar(k, v, epoch + 1)
+                        writer.flush()
         except KeyboardInterrupt:
             interrupted = True
             if main:
@@ -354,6 +358,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            self._stop.check()  # Ctrl-C: stop here, between batches (kiln.train.interrupt)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             if hasattr(bar, "set_postfix") and totals.get("count"):

@@ -239,3 +239,20 @@ def test_entrypoint_runs_commands_and_finds_bundles(tmp_path: Path) -> None:
     assert served.returncode == 0, served.stderr
     assert shlex.split(served.stdout) == ["serve", str(tmp_path / "m" / "a"), str(tmp_path / "m" / "b"),
                                           "--host", "0.0.0.0", "--port", "9000", "--max-batch", "16"]
+
+
+def test_prepare_engines_skips_an_int8_graph_in_the_cpu_layout(tmp_path: Path) -> None:
+    """TensorRT cannot build from `--int8-layout cpu`: no build attempt, one line saying why (an error
+    when an engine is required)."""
+    from kiln.bundle import Bundle
+
+    root = _bundle(tmp_path / "models" / "tiny")
+    (root / "model.int8.onnx").write_bytes(b"not really onnx")
+    b = Bundle.load(root)
+    b.add_artifact("model.int8.onnx", "onnx", "int8", calibration={"layout": "cpu"})
+    b.save()
+    proc = _prepare([str(root)], tmp_path / "work", KILN_ENGINE_PRECISIONS="int8")
+    assert proc.returncode == 0, proc.stderr
+    assert "--int8-layout cpu" in proc.stderr and "building" not in proc.stderr
+    failed = _prepare([str(root)], tmp_path / "work", KILN_ENGINE_PRECISIONS="int8", KILN_REQUIRE_ENGINE="1")
+    assert failed.returncode != 0 and "--int8-layout cpu" in failed.stderr

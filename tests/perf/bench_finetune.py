@@ -15,8 +15,9 @@ The pairs of related tasks are built from scikit-learn's digits (no download), a
   ``--train-per-class`` training images each.
 
 ``kiln train --data folder:SOURCE`` runs once (``--source-epochs``); then on the target the same
-command from scratch and with ``--weights SOURCE_RUN/model.pt`` (the source bundle's head is for
-other classes, so a new head is initialized), each for ``--epochs`` with the same settings
+command from scratch and with ``--weights SOURCE_RUN/model.pt`` (the target's classes have other names
+than the source's, so kiln initializes a new head and loads only the backbone), each for ``--epochs``
+with the same settings
 (``--tune-flags`` adds flags to the fine-tuned run only). Reported: validation top-1 per epoch for
 both (from each run's metrics.csv) and the first epoch at which fine-tuning reaches scratch's final
 accuracy (target: at most half the epochs). Not collected by pytest.
@@ -59,7 +60,9 @@ def write_pair(root: Path, pair: str, per_class: int) -> tuple[Path, Path]:
 
     def put(dataset: Path, split: str, ds: Any, i: int, recolor: bool) -> None:
         label = int(ds.target(i))
-        folder = dataset / split / f"d{label}"
+        # The target's classes have other names ("h3" is the recoloured "d3"), so --weights gets a new
+        # head, as a pretrained model's head is replaced for one's own classes; only the backbone carries over.
+        folder = dataset / split / f"{'h' if recolor else 'd'}{label}"
         folder.mkdir(parents=True, exist_ok=True)
         img = ds.image(i).convert("RGB")
         (_hue(img, rng) if recolor else img).save(folder / f"{split}{i}.png")
