@@ -1,9 +1,9 @@
 """Ctrl-C during training: stop at the next batch boundary, not wherever the signal lands.
 
-Python raises KeyboardInterrupt at whatever bytecode runs when SIGINT arrives; inside a finalizer or a
-weakref callback it is printed and dropped, and the run goes on to its last epoch. While a run trains,
-the first Ctrl-C only asks it to stop: the loop raises KeyboardInterrupt itself at the next batch (the
-completed epochs are saved as always); a second Ctrl-C stops at once.
+Python raises KeyboardInterrupt at whatever bytecode runs when SIGINT arrives (inside a finalizer it
+would be printed and dropped). While a run trains, the first Ctrl-C only asks it to stop: the loop raises
+KeyboardInterrupt itself at the next batch (the completed epochs are saved as always); a second Ctrl-C
+stops at once. A process started with SIGINT ignored (``nohup``, a background job) keeps ignoring it.
 """
 
 from __future__ import annotations

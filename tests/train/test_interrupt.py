@@ -6,10 +6,20 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from kiln.train.interrupt import StopRequest, stop_on_sigint
+
+
+@pytest.fixture(autouse=True)
+def default_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler, whatever the test process inherited (a background job gets SIGINT
+    ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _sigint() -> None:
@@ -48,4 +58,13 @@ def test_an_embedding_programs_handler_and_other_threads_are_left_alone() -> Non
     t = threading.Thread(target=in_thread)
     t.start()
     t.join()
-    assert seen and not seen[0].requested and signal.getsignal(signal.SIGINT) is previous
+    assert seen and not seen[0].requested and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigint_ignored_by_the_parent_stays_ignored() -> None:
+    """`nohup kiln train ...` or a background job: SIGINT was ignored when kiln started; it stays so."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with stop_on_sigint() as stop:
+        _sigint()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert not stop.requested

@@ -154,8 +154,11 @@ def _wait_for_epochs(run: Path, proc: subprocess.Popen, n: int, timeout: float =
 
 def test_ctrl_c_stops_cleanly_with_a_resumable_bundle(tmp_path: Path):
     run = tmp_path / "int"
+    # A shell that starts jobs in the background hands them SIGINT ignored, and the child would inherit
+    # that (as `nohup` intends): give it the default disposition, as a terminal would.
     proc = subprocess.Popen([*KILN, "train", "--out", str(run), "--epochs", "30", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_epochs(run, proc, 1)
         proc.send_signal(signal.SIGINT)
