@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.bundle import BatchRange
-from kiln.calib.quantize import CalibSettings
+from kiln.calib.quantize import LAYOUTS, METHODS, CalibSettings
 from kiln.cli import (
     HelpFormatter,
     batch_range,
@@ -23,8 +23,7 @@ from kiln.cli import (
 )
 from kiln.vocab import GRAPH_PRECISIONS as PRECISIONS
 
-CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")
-INT8_LAYOUTS = ("tensorrt", "cpu")
+CALIB_METHODS = ("auto", *METHODS)
 
 
 def _calibration_flags(p: argparse.ArgumentParser) -> None:
@@ -41,7 +40,7 @@ def _calibration_flags(p: argparse.ArgumentParser) -> None:
                    help="validation images per candidate during the search; None: the whole split")
     g.add_argument("--calib-cache", type=Path, default=None, metavar="DIR",
                    help="calibration cache folder; None: BUNDLE/.cache/calib")
-    g.add_argument("--int8-layout", type=choice("int8 layout", INT8_LAYOUTS), default="tensorrt",
+    g.add_argument("--int8-layout", type=choice("int8 layout", LAYOUTS), default="tensorrt",
                    help="tensorrt: Q/DQ on weighted layers' inputs, what TensorRT builds engines from (ONNX "
                         "Runtime runs it in float on a CPU, slower than fp32); cpu: what ONNX Runtime's CPU "
                         "provider runs as integer kernels (no TensorRT engine from it)")

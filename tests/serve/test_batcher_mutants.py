@@ -42,6 +42,15 @@ def feeds(n: int) -> dict[str, np.ndarray]:
     return {"images": np.zeros((n, 1, 28, 28), np.float32)}
 
 
+def occupy(batcher: Batcher, backend: FakeBackend) -> Future[dict[str, np.ndarray]]:
+    """Hold the backend busy on one request (until ``backend.gate`` is set); returns that request."""
+    backend.gate = threading.Event()
+    backend.calls.clear()
+    busy = batcher.submit(feeds(1))
+    assert eventually(lambda: bool(backend.calls))
+    return busy
+
+
 @pytest.fixture
 def make(classify_bundle) -> Iterator[Callable[..., tuple[Batcher, FakeBackend]]]:  # type: ignore[no-untyped-def]
     batchers: list[Batcher] = []
@@ -112,10 +121,7 @@ def test_a_request_the_queue_could_never_hold_is_an_input_error(make) -> None:  
 
 def test_queue_full_names_the_model_and_the_queue_size(make) -> None:  # type: ignore[no-untyped-def]
     batcher, backend = make(max_batch=1, max_delay=0.0, max_queue=1)
-    backend.gate = threading.Event()
-    backend.calls.clear()
-    busy = batcher.submit(feeds(1))
-    assert eventually(lambda: bool(backend.calls))
+    busy = occupy(batcher, backend)
     queued = batcher.submit(feeds(1))
     with pytest.raises(QueueFull, match=r"^model 'digits' queue is full \(1 requests waiting\); retry later$"):
         batcher.submit(feeds(1))
@@ -205,10 +211,7 @@ def test_hooks_get_the_items_and_times_and_cannot_stop_the_worker(make, caplog) 
 
 def test_close_without_drain_fails_what_is_queued_naming_the_model(make) -> None:  # type: ignore[no-untyped-def]
     batcher, backend = make(max_batch=1, max_delay=0.0)
-    backend.gate = threading.Event()
-    backend.calls.clear()
-    busy = batcher.submit(feeds(1))
-    assert eventually(lambda: bool(backend.calls))
+    busy = occupy(batcher, backend)
     waiting = batcher.submit(feeds(1))
     threading.Timer(0.05, backend.gate.set).start()
     batcher.close(drain=False, timeout=5)
@@ -415,10 +418,7 @@ def test_an_arrival_without_an_id_is_named_after_the_model(make) -> None:  # typ
 
 def test_a_request_that_did_not_fit_opens_the_next_batch(make) -> None:  # type: ignore[no-untyped-def]
     batcher, backend = make(max_batch=4, max_delay=0.0)
-    backend.gate = threading.Event()
-    backend.calls.clear()
-    busy = batcher.submit(feeds(1))
-    assert eventually(lambda: bool(backend.calls))
+    busy = occupy(batcher, backend)
     a, b = batcher.submit(feeds(3)), batcher.submit(feeds(3))
     backend.gate.set()
     assert busy.result(5) and a.result(5)["logits"].shape == (3, 10) and b.result(5)["logits"].shape == (3, 10)
