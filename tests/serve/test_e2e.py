@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import signal
@@ -166,3 +167,27 @@ def test_bad_bundle_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "kiln.json is missing" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "empty"), "--name", "a", "--name", "b"]) == 2
     assert "one per bundle" in capsys.readouterr().err
+
+
+def test_photo_uploads_with_curl_are_answered(server: tuple[subprocess.Popen[str], str, list[str]],
+                                              tmp_path: Path) -> None:
+    """curl -F file=@photo as a user sends it: scikit-learn's sample photos (427x640) as a PNG of several
+    hundred KB and a JPEG, both far over the 64 KiB head limit, through kiln serve's own server."""
+    from sklearn.datasets import load_sample_images
+
+    proc, url, lines = server
+    with httpx.Client(base_url=url, timeout=30) as client:
+        wait_ready(client, proc, lines, 60)
+    china = Image.fromarray(load_sample_images().images[0])
+    files = {"photo.png": tmp_path / "photo.png", "photo.jpg": tmp_path / "photo.jpg"}
+    china.save(files["photo.png"])
+    china.save(files["photo.jpg"], quality=95)
+    assert all(p.stat().st_size > 100_000 for p in files.values())
+    for model in ("digits", "shapes"):
+        for path in files.values():
+            out = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", "-F", f"file=@{path}",
+                                  f"{url}/v1/models/{model}/predict"], capture_output=True, text=True, timeout=60)
+            body, _, code = out.stdout.rpartition("\n")
+            assert code == "200", (path.name, model, out.stdout[-500:], out.stderr)
+            pred = json.loads(body)["predictions"][0]
+            assert (pred["width"], pred["height"]) == (640, 427)
