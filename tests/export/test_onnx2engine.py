@@ -137,10 +137,11 @@ def test_wrong_graph_for_the_precision(monkeypatch: pytest.MonkeyPatch, tmp_path
 def test_plugin_layers_parse_and_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     env, prov = _build(monkeypatch, tmp_path, 10, "fp32", plugins=True)
     assert env.trt.calls[0] == ("init_libnvinfer_plugins", "")
-    env.trt.plugins_registered = False  # a fresh process: the backend must register them itself
+    env = _fakes().install(monkeypatch)  # a fresh process: the backend must register them itself
     specs = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])], "outputs": [TensorSpec(name="logits", shape=[10])]}
     with TensorRTBackend(tmp_path / "m.fp32.engine", **specs) as b:
         assert b.max_batch == 4
+    assert env.trt.violations == []
 
 
 def test_timing_cache_is_reused_and_replaced_when_stale(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
