@@ -37,6 +37,7 @@ from kiln.runtime import cuda
 from kiln.runtime.tensorrt import (
     dims_tuple,
     engine_compatible,
+    engine_file_name,
     import_tensorrt,
     parse_capability,
     timing_cache_name,
@@ -47,7 +48,7 @@ from kiln.vocab import GRAPH_PRECISIONS
 if TYPE_CHECKING:
     import tensorrt as trt
 
-__all__ = ["build_flags", "engine_compatible", "onnx2engine", "timing_cache_file"]
+__all__ = ["build_flags", "engine_compatible", "engine_file_here", "onnx2engine", "timing_cache_file"]
 LEGACY_TIMING_CACHE = "timing.cache"  # the one file a cache folder held before caches were keyed
 
 log = logging.getLogger("kiln.export.engine")
@@ -168,6 +169,15 @@ def onnx2engine(
         "strongly_typed": strongly_typed,
         "tf32": tf32,
     }
+
+
+def engine_file_here(precision: str) -> str:
+    """The bundle file name for a ``precision`` engine built here (GPU 0 and the installed TensorRT):
+    ``model.fp16.nvidia-l4.trt-10.13.0.35.engine`` (:func:`kiln.runtime.tensorrt.engine_file_name`)."""
+    import_tensorrt()
+    import tensorrt as trt
+
+    return engine_file_name(precision, cuda.device_info(0).name, str(trt.__version__))
 
 
 def _bits(enum: Any, names: list[str]) -> int:

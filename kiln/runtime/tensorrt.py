@@ -234,6 +234,20 @@ def timing_cache_name(gpu_name: str, trt_version: str) -> str:
     return f"timing.{_slug(gpu_name)}.trt-{_slug(trt_version)}.cache"
 
 
+def unlist_superseded_engines(bundle: Bundle, file: str) -> list[str]:
+    """Unlist the engines that ``file`` replaces: same precision, GPU model and TensorRT version (an engine
+    kiln.json lists under an older name, such as ``model.fp16.engine``). Returns their names; the
+    caller saves the bundle. Engines for other GPUs or TensorRT versions stay listed."""
+    new = bundle.manifest.artifacts[file]
+    key = ((new.model_extra or {}).get("gpu_name"), (new.model_extra or {}).get("tensorrt_version"))
+    gone = [name for name, art in bundle.manifest.artifacts.items()
+            if name != file and art.format == "tensorrt" and art.precision == new.precision
+            and ((art.model_extra or {}).get("gpu_name"), (art.model_extra or {}).get("tensorrt_version")) == key]
+    for name in gone:
+        del bundle.manifest.artifacts[name]
+    return gone
+
+
 def engine_compatible(provenance: Mapping[str, Any], device_index: int = 0) -> tuple[bool, str]:
     """``(ok, reason)``: can this machine run an engine whose kiln.json provenance is ``provenance``?"""
     if (why := unavailable_reason()) is not None:

@@ -256,3 +256,91 @@ def test_prepare_engines_skips_an_int8_graph_in_the_cpu_layout(tmp_path: Path) -
     assert "--int8-layout cpu" in proc.stderr and "building" not in proc.stderr
     failed = _prepare([str(root)], tmp_path / "work", KILN_ENGINE_PRECISIONS="int8", KILN_REQUIRE_ENGINE="1")
     assert failed.returncode != 0 and "--int8-layout cpu" in failed.stderr
+
+
+# ---- prepare_engines in this process, on the TensorRT / CUDA fakes of tests/runtime/fakes ------------
+
+
+def _load_by_path(name: str, path: Path, package: bool = False) -> object:
+    import importlib.util
+
+    if (done := sys.modules.get(name)) is not None:
+        return done
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py" if package else path,
+                                                  submodule_search_locations=[str(path)] if package else None)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_bundle(root: Path, fakes: object) -> Path:
+    from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
+
+    root.mkdir(parents=True)
+    fakes.make_graph(root / "model.fp16.onnx", layers=[("CONVOLUTION", "HALF")])  # type: ignore[attr-defined]
+    manifest = Manifest(kiln_version="test", task="classify", classes=[str(i) for i in range(10)],
+                        input=InputSpec(name="images", shape=[1, 28, 28], batch=BatchRange(min=1, opt=2, max=4)),
+                        outputs=[TensorSpec(name="logits", shape=[10])],
+                        preprocess=Preprocess(size=(28, 28), channels="L", mean=[0.5], std=[0.5]),
+                        architecture=Architecture(name="lenet5"))
+    bundle = Bundle(root, manifest)
+    bundle.add_artifact("model.fp16.onnx", "onnx", "fp16")
+    bundle.save()
+    return root
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> object:
+    """``fake_gpu(name, capability)`` installs fakes of TensorRT 10 and cuda-python for that GPU."""
+    fakes = _load_by_path("kiln_test_fakes", ROOT / "tests" / "runtime" / "fakes", package=True)
+
+    def install(name: str = "NVIDIA L4", capability: tuple[int, int] = (8, 9)) -> object:
+        env = fakes.install(monkeypatch)  # type: ignore[attr-defined]
+        env.gpu.name, env.gpu.capability = name, capability
+        return env
+
+    install.fakes = fakes  # type: ignore[attr-defined]
+    return install
+
+
+def test_replicas_on_two_gpu_types_sharing_a_volume_keep_their_own_engines(fake_gpu: object, tmp_path: Path) -> None:
+    from kiln.bundle import Bundle
+    from kiln.runtime import load
+
+    prep = _load_by_path("kiln_prepare_engines", DOCKER / "prepare_engines.py")
+    root = _fake_bundle(tmp_path / "models" / "digits", fake_gpu.fakes)  # type: ignore[attr-defined]
+    work = tmp_path / "volume"
+    work.mkdir()
+    for gpu, capability in (("NVIDIA L4", (8, 9)), ("NVIDIA A10G", (8, 6))):
+        fake_gpu(gpu, capability)  # type: ignore[operator]
+        assert prep.prepare(root, ["fp16"], work, True) == root  # type: ignore[attr-defined]
+    engines = sorted(a.file for a in Bundle.load(root).artifacts("tensorrt"))
+    assert engines == ["model.fp16.nvidia-a10g.trt-10.13.0.35.engine", "model.fp16.nvidia-l4.trt-10.13.0.35.engine"]
+    assert sorted(p.name for p in work.glob("timing.*")) == [
+        "timing.nvidia-a10g.trt-10.13.0.35.cache", "timing.nvidia-l4.trt-10.13.0.35.cache"]
+    env = fake_gpu("NVIDIA L4", (8, 9))  # type: ignore[operator]
+    prep.prepare(root, ["fp16"], work, True)  # type: ignore[attr-defined]
+    assert not [c for c in env.trt.calls if c[0] == "build"]  # its engine is still there: nothing rebuilt
+    with load(root, "tensorrt") as backend:
+        assert backend.artifact == "model.fp16.nvidia-l4.trt-10.13.0.35.engine"
+
+
+def test_prepare_engines_says_when_a_listed_engine_file_is_missing(fake_gpu: object, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from kiln.bundle import Bundle
+
+    prep = _load_by_path("kiln_prepare_engines", DOCKER / "prepare_engines.py")
+    fake_gpu()  # type: ignore[operator]
+    root = _fake_bundle(tmp_path / "digits", fake_gpu.fakes)  # type: ignore[attr-defined]
+    prep.prepare(root, ["fp16"], tmp_path / "work", True)  # type: ignore[attr-defined]
+    (engine,) = Bundle.load(root).artifacts("tensorrt")
+    (root / engine.file).unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kiln.prepare_engines"):
+        prep.prepare(root, ["fp16"], tmp_path / "work", True)  # type: ignore[attr-defined]
+    lines = [r.getMessage() for r in caplog.records if r.name == "kiln.prepare_engines"]
+    assert f"digits: engine {engine.file} is listed in kiln.json but the file is missing" in lines
+    assert not any("cannot run here" in line for line in lines), lines
+    assert (root / engine.file).is_file()  # rebuilt
