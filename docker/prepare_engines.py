@@ -20,10 +20,13 @@ Logs go to stderr; stdout holds only the paths.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from kiln.bundle import Bundle
@@ -66,8 +69,27 @@ def _writable_copy(root: Path, work: Path) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def bundle_lock(work: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``work/.NAME.lock``: replicas sharing the volume prepare one bundle at a
+    time, so none rewrites kiln.json from a copy read before another replica's engine was recorded
+    (and a replica that waited finds an engine for its GPU instead of building it again)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / f".{name}.lock", "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def prepare(path: Path, precisions: list[str], work: Path, require: bool) -> Path:
     """Return the bundle folder to serve: ``path``, or its copy under ``work`` holding the engines."""
+    with bundle_lock(work, path.name):
+        return _prepare(path, precisions, work, require)
+
+
+def _prepare(path: Path, precisions: list[str], work: Path, require: bool) -> Path:
     bundle = Bundle.load(path)
     copy = work / path.name
     if copy.resolve() != path.resolve() and (copy / "kiln.json").is_file():

@@ -80,7 +80,43 @@ def _final_from(name: str) -> str:
 def test_base_images() -> None:
     assert _final_from("Dockerfile.cpu").startswith("python:3.11-slim")
     gpu = _final_from("Dockerfile.gpu")
-    assert gpu.startswith("nvcr.io/nvidia/tensorrt:") and gpu.endswith("-py3")
+    assert gpu.startswith("nvidia/cuda:") and "-runtime-ubuntu" in gpu
+
+
+def _arg_default(name: str, key: str) -> str:
+    (value,) = [a.partition("=")[2] for a in _args(name, "ARG") if a.partition("=")[0] == key]
+    return value
+
+
+def _cuda_majors_of_extra(extra: str) -> set[int]:
+    """The CUDA major each requirement of a kiln extra is built for (tensorrt-cuNN, cuda-python>=NN,<NN+1)."""
+    import re
+    import tomllib
+
+    reqs = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]
+    majors = set()
+    for req in reqs:
+        if m := re.fullmatch(r"tensorrt-cu(\d+)[<>=,.\d]*", req):
+            majors.add(int(m.group(1)))
+        elif m := re.fullmatch(r"cuda-python>=(\d+)[.\d]*,<(\d+)", req):
+            assert int(m.group(2)) == int(m.group(1)) + 1, req  # one CUDA major
+            majors.add(int(m.group(1)))
+    return majors
+
+
+def test_gpu_image_cuda_matches_its_tensorrt_extra() -> None:
+    # The bindings, TensorRT and the image's CUDA must share one major version: the image's CUDA runtime
+    # and the TensorRT / cuda-python wheels the extra installs.
+    import re
+
+    base = _final_from("Dockerfile.gpu")
+    (cuda_major,) = re.findall(r"^nvidia/cuda:(\d+)\.", base)
+    extra = _arg_default("Dockerfile.gpu", "TRT_EXTRA")
+    assert _cuda_majors_of_extra(extra) == {int(cuda_major)}, (base, extra)
+    # The documented CUDA 12 build uses the CUDA 12 extra.
+    text = (DOCKER / "Dockerfile.gpu").read_text()
+    cu12 = re.search(r"CUDA_IMAGE=nvidia/cuda:(\d+)\.\S+ \\\n#\s+--build-arg TRT_EXTRA=(\S+)", text)
+    assert cu12 is not None and _cuda_majors_of_extra(cu12.group(2)) == {int(cu12.group(1))}
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -108,7 +144,7 @@ def test_extras_installed() -> None:
     cpu = " ".join(_args("Dockerfile.cpu", "RUN"))
     gpu = " ".join(_args("Dockerfile.gpu", "RUN"))
     assert '".[serve]"' in cpu and "cuda" not in cpu.lower() and "tensorrt" not in cpu.lower()
-    assert '".[serve,trt]"' in gpu
+    assert '".[serve,${TRT_EXTRA}]"' in gpu and _arg_default("Dockerfile.gpu", "TRT_EXTRA") == "trt"
     assert "KILN_BUILD_ENGINES=1" in " ".join(_args("Dockerfile.gpu", "ENV"))
     # Every folder pyproject.toml maps must be in the image, or pip install fails.
     import tomllib
@@ -344,3 +380,34 @@ def test_prepare_engines_says_when_a_listed_engine_file_is_missing(fake_gpu: obj
     assert f"digits: engine {engine.file} is listed in kiln.json but the file is missing" in lines
     assert not any("cannot run here" in line for line in lines), lines
     assert (root / engine.file).is_file()  # rebuilt
+
+
+def test_prepare_engines_records_engines_under_the_volume_lock(fake_gpu: object, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Replicas sharing the volume must not rewrite kiln.json from copies read before each other's engine
+    # was recorded: every save happens while this bundle's lock on the volume is held.
+    import fcntl
+
+    from kiln.bundle import Bundle
+
+    prep = _load_by_path("kiln_prepare_engines", DOCKER / "prepare_engines.py")
+    fake_gpu()  # type: ignore[operator]
+    root = _fake_bundle(tmp_path / "digits", fake_gpu.fakes)  # type: ignore[attr-defined]
+    work = tmp_path / "volume"
+    saves: list[bool] = []
+    original = Bundle.save
+
+    def save(self: Bundle) -> None:
+        with open(work / ".digits.lock", "a+b") as other:  # another open file: as another replica would
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                saves.append(True)
+            else:
+                fcntl.flock(other, fcntl.LOCK_UN)
+                saves.append(False)
+        original(self)
+
+    monkeypatch.setattr(Bundle, "save", save)
+    prep.prepare(root, ["fp16"], work, True)  # type: ignore[attr-defined]
+    assert saves and all(saves)
