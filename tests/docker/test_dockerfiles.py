@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -202,15 +203,20 @@ def test_healthcheck_script(free_port: int) -> None:
     assert subprocess.run([sys.executable, script], env=closed, timeout=20, capture_output=True).returncode == 1
 
 
-def _bundle(root: Path) -> Path:
+def _bundle(root: Path, size: int = 8, classes: int = 1, write_onnx: Any = None) -> Path:
+    """A classify bundle whose only artifact is ``model.fp16.onnx`` (``write_onnx(path)`` writes it, else junk)."""
     from kiln import __version__
     from kiln.bundle import Architecture, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
 
     root.mkdir(parents=True)
-    (root / "model.fp16.onnx").write_bytes(b"not really onnx")
-    manifest = Manifest(kiln_version=__version__, task="classify", classes=["a"],
-                        input=InputSpec(name="images", shape=[1, 8, 8]), outputs=[TensorSpec(name="logits", shape=[1])],
-                        preprocess=Preprocess(size=(8, 8), channels="L", mean=[0.5], std=[0.5]),
+    if write_onnx is None:
+        (root / "model.fp16.onnx").write_bytes(b"not really onnx")
+    else:
+        write_onnx(root / "model.fp16.onnx")
+    manifest = Manifest(kiln_version=__version__, task="classify", classes=[str(i) for i in range(classes)],
+                        input=InputSpec(name="images", shape=[1, size, size]),
+                        outputs=[TensorSpec(name="logits", shape=[classes])],
+                        preprocess=Preprocess(size=(size, size), channels="L", mean=[0.5], std=[0.5]),
                         architecture=Architecture(name="lenet5"))
     bundle = Bundle(root, manifest)
     bundle.add_artifact("model.fp16.onnx", "onnx", "fp16")
@@ -312,19 +318,11 @@ def _load_by_path(name: str, path: Path, package: bool = False) -> object:
 
 
 def _fake_bundle(root: Path, fakes: object) -> Path:
-    from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
+    """A bundle whose fp16 graph is the TensorRT fake's (28x28 input, 10 logits)."""
+    def graph(path: Path) -> None:
+        fakes.make_graph(path, layers=[("CONVOLUTION", "HALF")])  # type: ignore[attr-defined]
 
-    root.mkdir(parents=True)
-    fakes.make_graph(root / "model.fp16.onnx", layers=[("CONVOLUTION", "HALF")])  # type: ignore[attr-defined]
-    manifest = Manifest(kiln_version="test", task="classify", classes=[str(i) for i in range(10)],
-                        input=InputSpec(name="images", shape=[1, 28, 28], batch=BatchRange(min=1, opt=2, max=4)),
-                        outputs=[TensorSpec(name="logits", shape=[10])],
-                        preprocess=Preprocess(size=(28, 28), channels="L", mean=[0.5], std=[0.5]),
-                        architecture=Architecture(name="lenet5"))
-    bundle = Bundle(root, manifest)
-    bundle.add_artifact("model.fp16.onnx", "onnx", "fp16")
-    bundle.save()
-    return root
+    return _bundle(root, size=28, classes=10, write_onnx=graph)
 
 
 @pytest.fixture

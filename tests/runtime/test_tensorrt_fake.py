@@ -317,16 +317,21 @@ def test_build_number_is_compared(fakes: Any, monkeypatch: pytest.MonkeyPatch, l
     assert env.trt.violations == []
 
 
+def _t4_engine(bundle: Path, fakes: Any) -> None:
+    """An fp16 engine built on a Tesla T4 (compute capability 7.5), listed in kiln.json."""
+    _plan(bundle, fakes, name="model.fp16.engine", capability=(7, 5), gpu_name="Tesla T4")
+    b = Bundle.load(bundle)
+    b.add_artifact("model.fp16.engine", "tensorrt", "fp16", tensorrt_version=V10, gpu_name="Tesla T4",
+                   compute_capability="7.5")
+    b.save()
+
+
 def test_preflight_refuses_an_engine_from_another_gpu(fakes: Any, monkeypatch: pytest.MonkeyPatch,
                                                       lenet_bundle: Path) -> None:
     from kiln.runtime import preflight
 
     fakes.install(monkeypatch)
-    _plan(lenet_bundle, fakes, name="model.fp16.engine", capability=(7, 5), gpu_name="Tesla T4")
-    b = Bundle.load(lenet_bundle)
-    b.add_artifact("model.fp16.engine", "tensorrt", "fp16", tensorrt_version=V10, gpu_name="Tesla T4",
-                   compute_capability="7.5")
-    b.save()
+    _t4_engine(lenet_bundle, fakes)
     with pytest.raises(BackendUnavailable, match=r"tensorrt: no engine fits this machine \(model.fp16.engine: engine "
                                                  r"built for Tesla T4 \(compute capability 7.5\), this GPU is Fake GPU"):
         preflight(lenet_bundle, "tensorrt")
@@ -340,11 +345,7 @@ def test_serve_refuses_a_foreign_engine_before_binding_the_port(fakes: Any, monk
     from kiln.serve import cli as serve_cli
 
     fakes.install(monkeypatch)
-    _plan(lenet_bundle, fakes, name="model.fp16.engine", capability=(7, 5), gpu_name="Tesla T4")
-    b = Bundle.load(lenet_bundle)
-    b.add_artifact("model.fp16.engine", "tensorrt", "fp16", tensorrt_version=V10, gpu_name="Tesla T4",
-                   compute_capability="7.5")
-    b.save()
+    _t4_engine(lenet_bundle, fakes)
 
     def no_port(*_a: object) -> None:
         raise AssertionError("kiln serve bound its port before refusing the engine")
