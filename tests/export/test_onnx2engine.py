@@ -371,3 +371,23 @@ def test_export_names_engines_per_gpu_and_replaces_only_this_gpus_older_entry(mo
     assert entry["file"] == file and entry["tf32"] is True
     # The older entry for this GPU and TensorRT is replaced; the other GPU's engine stays listed.
     assert sorted(Bundle.load(root).manifest.artifacts) == sorted(["model.onnx", file, "model.fp32.t4.engine"])
+
+
+@pytest.mark.parametrize(("capability", "builds"), [((8, 0), True), ((7, 5), False)])
+def test_hardware_compatible_build_from_compute_capability_8_0(capability: tuple[int, int], builds: bool,
+                                                               monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env = _fakes().install(monkeypatch)
+    env.gpu.name, env.gpu.capability = "NVIDIA A100", capability
+    graph = _fakes().make_graph(tmp_path / "m.onnx")
+    build = lambda: onnx2engine(graph, tmp_path / "m.engine", precision="fp32", batch=BATCH,  # noqa: E731
+                                input_name="images", hardware_compat=True)
+    if not builds:
+        with pytest.raises(ExportError, match="need compute capability >= 8.0; NVIDIA A100 has 7.5"):
+            build()
+        return
+    prov = build()
+    assert prov["hardware_compat"] is True and prov["compute_capability"] == "8.0"
+    env.gpu.name, env.gpu.capability = "NVIDIA H100", (9, 0)  # another Ampere-or-newer GPU runs it
+    assert check_provenance(prov, env.trt.__version__, cuda.device_info(0))[0]
+    with TensorRTBackend(tmp_path / "m.engine", **SPECS) as b:
+        assert b.max_batch == 4
