@@ -41,6 +41,7 @@ from kiln.serve.triton_ext import EXTENSIONS, VERSION, Stats, config_message, in
 from kiln.serve.v2_tensors import (
     InputTensor,
     check_inputs,
+    check_output_parameters,
     from_list,
     from_raw,
     model_feeds,
@@ -86,15 +87,19 @@ def rpc(guarded: bool = True) -> Callable[[Handler], Handler]:
             try:
                 return await method(self, request, context)
             except KilnError as exc:
-                code = next((c for cls, c in STATUS if isinstance(exc, cls)), grpc.StatusCode.INVALID_ARGUMENT)
-                await context.abort(code, str(exc))
+                code, message = next((c for cls, c in STATUS if isinstance(exc, cls)), grpc.StatusCode.INVALID_ARGUMENT), str(exc)
             except HTTPException as exc:  # raised by code shared with the REST API (image budget)
-                await context.abort(_HTTP_STATUS.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT), str(exc.detail))
+                code, message = _HTTP_STATUS.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT), str(exc.detail)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception:
                 log.exception("gRPC %s failed", method.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
+                code, message = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log"
+            # Aborted outside the except block and without the request: the abort's traceback (and, inside
+            # the block, the error it would carry as context) would keep every frame's locals, the request and
+            # its tensors, alive in a reference cycle until a full collection, tens of MB per refused request.
+            del request
+            await context.abort(code, message)
 
         return call
 
@@ -137,7 +142,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(self, request: Any, context: Any) -> Any:
         return pb.ServerReadyResponse(ready=self.registry.not_ready_reason() is None)
 
-    @rpc(guarded=False)
+    # Which models are served is for key holders only: per-model readiness needs the key, as over REST.
+    @rpc()
     async def ModelReady(self, request: Any, context: Any) -> Any:
         return pb.ModelReadyResponse(ready=self.served(request.name, request.version).batcher.ready)
 
@@ -180,6 +186,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                              self.settings.max_images_per_request)
                 tensors = grpc_inputs(request)
                 wanted = output_names(model, [o.name for o in request.outputs] or None)
+                for o in request.outputs:
+                    check_output_parameters(o.name, o.parameters)
                 feeds = await model_feeds(model, tensors, self.settings, self.decode_slots)
                 out = model.batcher.run_inline(feeds, request.id)  # a lone request on an idle, cheap backend
                 if out is None:
@@ -196,6 +204,17 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+async def _unimplemented(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not implemented by kiln's server")
+
+
+# Every method of the service that kiln does not implement answers UNIMPLEMENTED with a status, not
+# grpcio's default (NotImplementedError, logged as an error with a traceback per call).
+for _name, _method in vars(service_pb2_grpc.GRPCInferenceServiceServicer).items():
+    if callable(_method) and not _name.startswith("_") and _name not in vars(Servicer):
+        setattr(Servicer, _name, _unimplemented)
+
+
 def grpc_inputs(request: Any) -> list[InputTensor]:
     """Each input from ``raw_input_contents`` (one entry per input, in order) or its typed contents."""
     raw = request.raw_input_contents
@@ -207,7 +226,8 @@ def grpc_inputs(request: Any) -> list[InputTensor]:
         if raw:
             data = from_raw(t.name, t.datatype, shape, raw[i])
         elif t.datatype in _CONTENTS:
-            data = from_list(t.name, t.datatype, shape, list(getattr(t.contents, _CONTENTS[t.datatype])))
+            # The repeated field, not a list of it: from_list counts its values before converting any.
+            data = from_list(t.name, t.datatype, shape, getattr(t.contents, _CONTENTS[t.datatype]))
         else:
             raise InputError(f"Input tensor: {t.name} | datatype {t.datatype} in typed contents | "
                              f"expected raw_input_contents, or one of {', '.join(_CONTENTS)}")
