@@ -235,4 +235,4 @@ class RequestGate:
         return f"request body of {size} bytes is over the limit of {self.limit} bytes"
 
 
-__all__ = ["CLIENT_CLOSED", "RequestGate"]
+__all__ = ["CLIENT_CLOSED", "ENCODINGS", "BodyDecoder", "RequestGate"]
