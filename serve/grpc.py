@@ -2,7 +2,8 @@
 serves it, for ``kiln serve --grpc-port N``.
 
 The same registry, batchers, statistics and API key as the REST API: this module only turns protobuf
-messages into :class:`~kiln.serve.v2_tensors.InputTensor` and typed errors into status codes. The servicer
+messages into :class:`~kiln.serve.v2_tensors.InputTensor` and typed errors into status codes. Methods
+it does not implement answer UNIMPLEMENTED. The servicer
 base class and messages are tritonclient's (``tritonclient.grpc.service_pb2`` / ``service_pb2_grpc``),
 so the service is the one Triton clients are generated from. The server runs on grpcio's asyncio
 server in the app's event loop; the app lifespan starts it and stops it (finishing in-flight calls)
@@ -15,7 +16,7 @@ import asyncio
 import functools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -69,6 +70,9 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
              "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
              "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+# Requests of one ModelStreamInfer stream served at once; the stream reads no further until one finishes.
+STREAM_IN_FLIGHT = 64
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -177,6 +181,55 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc()
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self.infer(request)
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Triton's streaming inference (tritonclient's ``start_stream`` / ``async_stream_infer``): each
+        request of the stream is served as :meth:`ModelInfer` serves it, with the same limits, up to
+        :data:`STREAM_IN_FLIGHT` at once; each answer carries its request's id (answers come in the order
+        they finish), an error as ``error_message`` while the stream goes on."""
+        denied = self.denied(context)
+        if denied is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        running: set[asyncio.Task[None]] = set()
+
+        async def serve(request: Any) -> None:
+            try:
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=await self.infer(request)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every error is this request's answer
+                answers.put_nowait(pb.ModelStreamInferResponse(
+                    error_message=_stream_error(exc),
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(serve(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(set(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def infer(self, request: Any) -> Any:
+        """One ``ModelInferRequest`` answered (typed errors raised, for the caller to answer)."""
         model = self.served(request.model_name, request.model_version)
         model.check_ready()
         timeout = self.settings.timeout_s
@@ -202,6 +255,15 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
             response.raw_output_contents.append(to_bytes(arr))
         return response
+
+
+def _stream_error(exc: Exception) -> str:
+    if isinstance(exc, KilnError):
+        return str(exc)
+    if isinstance(exc, HTTPException):
+        return str(exc.detail)
+    log.error("gRPC ModelStreamInfer request failed", exc_info=exc)
+    return "internal error in ModelStreamInfer; see the server log"
 
 
 async def _unimplemented(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -256,4 +318,4 @@ async def start(app: Any) -> grpc.aio.Server:
     return server
 
 
-__all__ = ["STATUS", "Servicer", "grpc_inputs", "start"]
+__all__ = ["STATUS", "STREAM_IN_FLIGHT", "Servicer", "grpc_inputs", "start"]

@@ -56,22 +56,56 @@ def test_class_count_is_refused_alike_over_grpc_and_http(serve: Callable[..., Li
 
 def test_unimplemented_methods_answer_unimplemented_quietly(serve: Callable[..., Live]) -> None:
     live, target = grpc_server(serve)
-    client = grpcclient.InferenceServerClient(target)
-    answers: queue.Queue[object] = queue.Queue()
-    client.start_stream(callback=lambda result, error: answers.put(error))
-    client.async_stream_infer("digits", [zeros(grpcclient)], request_id="s-1")
-    error = answers.get(timeout=30)
-    client.stop_stream()
-    assert isinstance(error, InferenceServerException) and error.status() == "StatusCode.UNIMPLEMENTED", error
     with grpc.insecure_channel(target) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         for call, request in [(stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(model_name="digits")),
                               (stub.SystemSharedMemoryStatus, service_pb2.SystemSharedMemoryStatusRequest()),
+                              (stub.CudaSharedMemoryRegister, service_pb2.CudaSharedMemoryRegisterRequest()),
                               (stub.LogSettings, service_pb2.LogSettingsRequest())]:
             with pytest.raises(grpc.RpcError) as info:
                 call(request, timeout=30)
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert client.is_server_live()
+    assert grpcclient.InferenceServerClient(target).is_server_live()
+    assert "ERROR" not in live.log() and "Traceback" not in live.log(), live.log()
+
+
+def brightness(level: float) -> object:
+    inp = grpcclient.InferInput("images", [1, 1, 28, 28], "FP32")
+    inp.set_data_from_numpy(np.full((1, 1, 28, 28), level, np.float32))
+    return inp
+
+
+def test_stream_infer_answers_each_request_by_id_with_the_unary_limits(serve: Callable[..., Live]) -> None:
+    live, target = grpc_server_with_key(serve)
+    client = grpcclient.InferenceServerClient(target)
+    answers: queue.Queue[tuple[object, object]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)),
+                        headers={"authorization": f"Bearer {KEY}"})
+    levels = {"dark": -0.9, "mid": 0.5, "bright": 0.9}  # classes 0, 7, 9 for the test backend
+    for rid, level in levels.items():
+        client.async_stream_infer("digits", [brightness(level)], request_id=rid)
+    flood = grpcclient.InferInput("images", [5000, 1, 28, 28], "FP32")
+    flood.set_data_from_numpy(np.zeros((5000, 1, 28, 28), np.float32))  # 15 MB: refused from its shape
+    client.async_stream_infer("digits", [flood], request_id="flood")
+    client.async_stream_infer("digits", [brightness(0.5)], request_id="after")  # the stream goes on
+    results, errors = {}, []
+    for _ in range(5):
+        result, error = answers.get(timeout=60)
+        if error is not None:
+            errors.append(error)
+        else:
+            results[result.get_response().id] = int(result.as_numpy("logits").argmax())  # type: ignore[attr-defined]
+    client.stop_stream()
+    assert results == {"dark": 0, "mid": 7, "bright": 9, "after": 7}
+    assert [e.message() for e in errors] == [  # type: ignore[attr-defined]
+        "Input tensor: images | received batch 5000 | expected at most 64 items"]
+    # without the key the stream is refused
+    stranger = grpcclient.InferenceServerClient(target)
+    stranger.start_stream(callback=lambda result, error: answers.put((result, error)))
+    stranger.async_stream_infer("digits", [brightness(0.0)])
+    _, error = answers.get(timeout=30)
+    stranger.stop_stream()
+    assert isinstance(error, InferenceServerException) and "missing API key" in str(error)
     assert "ERROR" not in live.log() and "Traceback" not in live.log(), live.log()
 
 
