@@ -275,6 +275,7 @@ async def _unimplemented(self: Servicer, request: Any, context: grpc.aio.Service
 for _name, _method in vars(service_pb2_grpc.GRPCInferenceServiceServicer).items():
     if callable(_method) and not _name.startswith("_") and _name not in vars(Servicer):
         setattr(Servicer, _name, _unimplemented)
+del _name, _method
 
 
 def grpc_inputs(request: Any) -> list[InputTensor]:

@@ -192,7 +192,8 @@ class RequestGate:
                                          time.perf_counter() - t0)
 
     def _reject(self, scope: Scope, headers: dict[bytes, bytes], rid: str) -> ASGIApp | None:
-        """The answer for a request refused on its headers alone (no key, body too large), or None."""
+        """The answer for a request refused on its head alone (a path with a control character, no key, a
+        body too large), or None."""
         length = headers.get(b"content-length")
         has_body = (length is not None and length != b"0") or b"transfer-encoding" in headers
         if _CONTROL.search(scope["path"]):
@@ -225,7 +226,9 @@ class RequestGate:
     def _refuse_encoding(self, scope: Scope, headers: dict[bytes, bytes], rid: str) -> ASGIApp | None:
         """415 for a request body in an encoding this server does not decode."""
         encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
-        if encoding in ("", "identity", *ENCODINGS):
+        length = headers.get(b"content-length")
+        has_body = (length is not None and length != b"0") or b"transfer-encoding" in headers
+        if encoding in ("", "identity", *ENCODINGS) or not has_body:
             return None
         message = (f"Content-Encoding '{encoding[:40]}' is not supported for request bodies; "
                    f"send {', '.join(ENCODINGS)} or identity")
