@@ -285,3 +285,34 @@ def test_top1_agreement_counts_real_disagreements_beside_ties() -> None:
     cand[2, 2] = 3.0  # a real disagreement
     out = compare_mod.top1_agreement(ref, cand)
     assert out == {"top1_agreement": pytest.approx(100.0 * 2 / 3, abs=1e-3), "top1_ties": 1}
+
+
+@pytest.mark.parametrize(("val_images", "eval_limit", "follows", "budget"), [
+    (48, None, True, 2.0833),  # one image of 48: the default 1.0 would let no image change
+    (200, None, True, 1.0),  # one image is 0.5 points: the default stands
+    (200, 20, True, 5.0),  # the search measures 20 images
+    (48, None, False, 1.0),  # --max-accuracy-drop given: as asked
+])
+def test_default_int8_budget_is_at_least_one_validation_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             val_images: int, eval_limit: int | None, follows: bool,
+                                                             budget: float) -> None:
+    from kiln.calib.quantize import CalibSettings
+
+    monkeypatch.setattr(pipeline, "bundle_split", lambda _b, _s: range(val_images))
+    opts = pipeline.ExportOptions(precisions=["int8"], calib=CalibSettings(eval_limit=eval_limit),
+                                  budget_follows_split=follows)
+    assert pipeline.int8_budget(classify_bundle(tmp_path / "b"), opts).max_accuracy_drop == pytest.approx(budget)
+
+
+def test_cli_leaves_the_budget_to_the_split_only_by_default() -> None:
+    import argparse
+
+    from kiln.export import cli
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    cli.register(sub)
+    default = parser.parse_args(["export", "b"])
+    given = parser.parse_args(["export", "b", "--max-accuracy-drop", "0.5"])
+    assert cli._options(default).budget_follows_split and cli._options(default).calib.max_accuracy_drop == 1.0
+    assert not cli._options(given).budget_follows_split and cli._options(given).calib.max_accuracy_drop == 0.5
