@@ -354,6 +354,12 @@ def run(args: argparse.Namespace) -> int:
                     sink.write(results)
                     count += len(chunk)
                     bar.update(len(chunk))
+        except KeyboardInterrupt:
+            if args.out is None:
+                raise
+            print(f"kiln predict: interrupted after {count} image(s), written to {args.out}; run the same command "
+                  "with --resume to go on", file=sys.stderr)
+            return 130
         finally:
             sink.close()
     elapsed = time.perf_counter() - start

@@ -277,3 +277,27 @@ def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> Non
     text = sys.stderr.getvalue()
     assert "6/10" in text and "img/s" in text
     assert progress_bar(10, 0, False).disable  # --no-progress
+
+
+def test_ctrl_c_with_out_keeps_what_was_written_and_says_how_to_resume(
+        classify_bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def load(bundle: Bundle, backend: str = "auto", precision: str | None = None) -> FakeBackend:
+        fake = FakeBackend(bundle if isinstance(bundle, Bundle) else Bundle.load(bundle), max_batch=2)
+        real = fake._infer
+
+        def infer(feeds: Any) -> Any:
+            if fake.calls:
+                raise KeyboardInterrupt
+            return real(feeds)
+
+        fake._infer = infer  # type: ignore[method-assign]
+        return fake
+
+    monkeypatch.setattr(kiln.runtime, "load", load)
+    folder = _folder(tmp_path / "imgs", [0, 255, 128, 30, 200])
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", str(classify_bundle.root), str(folder), "--out", str(out)]) == 130
+    assert len(out.read_text().splitlines()) == 2
+    assert capsys.readouterr().err.strip() == (f"kiln predict: interrupted after 2 image(s), written to {out}; "
+                                               "run the same command with --resume to go on")
