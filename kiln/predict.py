@@ -345,8 +345,8 @@ def run(args: argparse.Namespace) -> int:
             decode = batch_decoder(m.preprocess, args.save is not None, args.skip_bad_images)
             names = _unique_names()
             with progress_bar(len(paths), len(paths) - len(todo), not args.no_progress) as bar:
-                # threads decode the next batches while the backend runs this one: at most
-                # (threads + 1) batches decoded or decoding, one more being written
+                # `threads` batches decode while the backend runs this one: at most threads + 1 batches
+                # of decoded images exist at once, whatever the folder holds
                 for chunk in in_order(chunks(todo, batch), decode, threads, window=threads + 1):
                     results = infer_batch(m, backend, chunk, args.top_k, detect)
                     if args.save is not None:
