@@ -19,6 +19,7 @@ _FLAGS = (
     "host", "port", "grpc_port", "backend", "precision", "max_batch", "max_delay_ms", "max_queue", "timeout_s", "api_key",
     "max_body_bytes", "max_image_pixels", "max_images_per_request", "max_request_pixels", "max_pixels_per_byte", "decode_threads",
     "max_header_bytes", "body_timeout_s", "keep_alive_s", "drain_s", "cors_origins", "top_k", "workers", "threads",
+    "header_timeout_s", "max_connections",
 )
 
 
@@ -92,6 +93,14 @@ def register(sub: Any) -> None:
                    help="requests decoding images at once, off the event loop [KILN_DECODE_THREADS, default 2]")
     s.add_argument("--max-header-bytes", type=positive_int, metavar="N",
                    help="request line + headers limit, 431 above [KILN_MAX_HEADER_BYTES, default 65536]")
+    s.add_argument("--header-timeout-s", type=positive_float, metavar="S",
+                   help="a request line + headers not complete within S seconds of the connection opening (or of "
+                        "the request's first byte on a kept-alive connection) gets 408 and the connection closes; "
+                        "a connection that sends nothing is closed [KILN_HEADER_TIMEOUT_S, default 10]")
+    s.add_argument("--max-connections", type=positive_int, metavar="N",
+                   help="open HTTP connections per process; above it new requests get 503 with Connection: close "
+                        "(/healthz and /readyz still answer) [KILN_MAX_CONNECTIONS, default: the open-file limit "
+                        "(raised to its hard value at start) less 192, at most 8192]")
     s.add_argument("--body-timeout-s", type=positive_float, metavar="S",
                    help="wait this long for more of a request body, then 408 [KILN_BODY_TIMEOUT_S, default 30]")
     s.add_argument("--keep-alive-s", type=positive_int, metavar="S",
