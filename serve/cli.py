@@ -146,20 +146,27 @@ def run(args: argparse.Namespace) -> int:
     from kiln.serve.workers import run_workers, serve_socket
 
     sock = _listen(settings.host, settings.port)
-    host, port = sock.getsockname()[:2]
-    log.info("serving %s on http://%s:%d (docs at /docs)", ", ".join(n for n, _ in models), host, port)
-    # Bundle paths, not loaded bundles: each worker process loads its own.
-    by_path = [(name, str(Path(path))) for (name, _), path in zip(models, args.bundles, strict=True)]
+    grpc_hold = None
     try:
+        if settings.grpc_port is not None:
+            grpc_hold = _hold_grpc_port(settings.host, settings.grpc_port, shared=settings.workers > 1)
+            settings = settings.model_copy(update={"grpc_port": grpc_hold.getsockname()[1]})
+            if settings.workers == 1:
+                grpc_hold.close()  # the one server binds it itself, a moment later
+        host, port = sock.getsockname()[:2]
+        log.info("serving %s on http://%s:%d (docs at /docs)", ", ".join(n for n, _ in models), host, port)
+        # Bundle paths, not loaded bundles: each worker process loads its own.
+        by_path = [(name, str(Path(path))) for (name, _), path in zip(models, args.bundles, strict=True)]
         if settings.workers > 1:
             return run_workers(by_path, settings, sock, access_log=args.access_log)
         return serve_socket(by_path, settings, sock, access_log=args.access_log)
     finally:
         sock.close()
+        if grpc_hold is not None:
+            grpc_hold.close()
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """Bind here rather than in uvicorn, so a port in use is a one-line error instead of sys.exit."""
+def _bind(host: str, port: int, what: str, reuse_port: bool = False) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -167,10 +174,31 @@ def _listen(host: str, port: int) -> socket.socket:
     family, kind, proto, _, addr = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(addr)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise ConfigError(f"cannot listen{what} on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind here rather than in uvicorn, so a port in use is a one-line error instead of sys.exit."""
+    sock = _bind(host, port, "")
     sock.set_inheritable(True)
     return sock
+
+
+def _hold_grpc_port(host: str, port: int, shared: bool) -> socket.socket:
+    """A socket bound to the gRPC port (port 0: a free one), so a port in use is a one-line error before
+    anything loads. ``shared`` (``--workers N``): bound with ``SO_REUSEPORT`` and kept by the parent for
+    its lifetime, so every worker (and any replacement) can listen on it while no other program can; the
+    port is first bound without ``SO_REUSEPORT``, which fails if anyone else holds it, even sharing."""
+    probe = _bind(host, port, " for gRPC (--grpc-port)")
+    if not shared:
+        return probe
+    port = probe.getsockname()[1]
+    probe.close()
+    return _bind(host, port, " for gRPC (--grpc-port)", reuse_port=True)
