@@ -4,6 +4,7 @@ while the others keep answering and /readyz says so, and a gRPC port in use is a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -45,14 +46,26 @@ def bundle(tmp_path: Path) -> Path:
     return _linear_bundle(tmp_path / "digits").root
 
 
-@pytest.fixture
-def workers(bundle: Path) -> Iterator[Running]:
-    with kiln_serve(_cmd(bundle, "--workers", "2", "--grpc-port", "0"), _env()) as running:
+@contextlib.contextmanager
+def _two_workers(bundle: Path, *extra: str) -> Iterator[Running]:
+    with kiln_serve(_cmd(bundle, "--workers", "2", *extra), _env()) as running:
         proc, url, lines = running
         with httpx.Client(base_url=url, timeout=30) as client:
             wait_ready(client, proc, lines, 120)
         yield running
     assert not [line for line in lines if "Traceback" in line], "".join(lines)
+
+
+@pytest.fixture
+def workers(bundle: Path) -> Iterator[Running]:
+    with _two_workers(bundle) as running:
+        yield running
+
+
+@pytest.fixture
+def grpc_workers(bundle: Path) -> Iterator[Running]:
+    with _two_workers(bundle, "--grpc-port", "0") as running:
+        yield running
 
 
 def _wait_for(predicate: object, what: str, lines: list[str], timeout: float = 60) -> None:
@@ -72,8 +85,8 @@ def _grpc_infer(port: int) -> np.ndarray:
         client.close()
 
 
-def test_both_workers_serve_grpc_on_one_port(workers: Running) -> None:
-    proc, _, lines = workers
+def test_both_workers_serve_grpc_on_one_port(grpc_workers: Running) -> None:
+    proc, _, lines = grpc_workers
     ports = {int(m.group(1)) for line in lines if (m := re.search(r"serving gRPC \(KServe v2\) on \S+:(\d+)", line))}
     assert len(ports) == 1 and sum("serving gRPC" in line for line in lines) == 2, "".join(lines)
     port = ports.pop()
