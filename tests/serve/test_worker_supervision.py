@@ -86,11 +86,18 @@ def _grpc_infer(port: int) -> np.ndarray:
 
 
 def test_both_workers_serve_grpc_on_one_port(grpc_workers: Running) -> None:
-    proc, _, lines = grpc_workers
+    proc, url, lines = grpc_workers
     ports = {int(m.group(1)) for line in lines if (m := re.search(r"serving gRPC \(KServe v2\) on \S+:(\d+)", line))}
     assert len(ports) == 1 and sum("serving gRPC" in line for line in lines) == 2, "".join(lines)
     port = ports.pop()
     for _ in range(8):  # a new channel (connection) each time: the kernel picks a worker for each
+        assert _grpc_infer(port).shape == (1, 10)
+    # A replacement worker listens on the same gRPC port (the parent held it meanwhile).
+    os.kill(_pids(lines)[0], signal.SIGKILL)
+    _wait_for(lambda: sum("serving gRPC" in line for line in lines) == 3, "the replacement's gRPC server", lines)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        wait_ready(client, proc, lines, 120)
+    for _ in range(8):
         assert _grpc_infer(port).shape == (1, 10)
     assert proc.poll() is None
 
