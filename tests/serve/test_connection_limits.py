@@ -6,7 +6,6 @@ flood of slow clients under a 1,024 soft limit leaves good clients served."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import resource
 import socket
@@ -18,17 +17,9 @@ import httpx
 import pytest
 
 from .live_server import Live, serve_fixture  # noqa: F401 (a fixture)
+from .test_http_framing import read_response
 
 PREDICT = "/v1/models/digits/predict"
-
-
-def read_response(f: io.BufferedReader) -> tuple[int, dict[str, str], bytes]:
-    status = int(f.readline().split(b" ", 2)[1])
-    headers: dict[str, str] = {}
-    while (line := f.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers, f.read(int(headers.get("content-length", "0")))
 
 
 def trickle_until_answered(sock: socket.socket, head: bytes, period: float, deadline: float) -> bytes:

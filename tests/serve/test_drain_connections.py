@@ -14,7 +14,7 @@ from collections.abc import Callable
 import httpx
 
 from .live_server import Live, serve_fixture  # noqa: F401 (a fixture)
-from .test_connection_limits import read_response
+from .test_http_framing import read_response
 
 PREDICT = "/v1/models/digits/predict"
 IMAGE = {"images": ["iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGM4AQAAygDJmcpdfgAAAABJRU5ErkJggg=="]}
