@@ -21,17 +21,23 @@ and a drain period after SIGTERM.
   drain period, then shuts down as uvicorn does (finish in-flight requests, then the lifespan). From the
   drain's start every response says ``Connection: close`` and idle keep-alive connections are closed
   after at most :data:`DRAIN_IDLE_S`, while the listener still accepts: a client reconnects instead of
-  finding its kept-alive connection reset when the listener closes.
+  finding its kept-alive connection reset when the listener closes. At the drain's end the listener
+  refuses new connections first and accepts those already queued for :data:`ACCEPT_GRACE_S`
+  (:func:`refuse_new_connections`): closing it would reset them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import json
 import logging
 import resource
 import signal
+import socket
+import struct
+import sys
 import time
 from dataclasses import dataclass
 from types import FrameType
@@ -168,6 +174,31 @@ PROBES = frozenset({b"/healthz", b"/readyz"})
 OVER_CAP_HEADER_TIMEOUT_S = 1.0
 # During the drain, the longest an idle keep-alive connection stays open.
 DRAIN_IDLE_S = 1.0
+# At the drain's end: how long connections already queued on the listener are still accepted (and
+# answered) after new ones are refused, before the listener closes.
+ACCEPT_GRACE_S = 0.5
+# A classic BPF program of one instruction, "ret #0": every packet to the socket is dropped.
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+_SO_ATTACH_FILTER = 26  # Linux
+
+
+def refuse_new_connections(sock: socket.socket | Any) -> bool:
+    """Make a listening socket drop new connection attempts (SYNs) while connections already in its
+    accept queue can still be accepted; returns whether it could (Linux only).
+
+    Closing a listener resets every connection in its accept queue: clients that connected a moment
+    before see ECONNRESET on a request they already sent. Refusing new ones first, then accepting the
+    queue for :data:`ACCEPT_GRACE_S`, leaves a client at most a refused (retried) connection attempt."""
+    if sys.platform != "linux":
+        return False
+    program = ctypes.create_string_buffer(_DROP_ALL)
+    fprog = struct.pack("HxxxxxxQ", 1, ctypes.addressof(program))  # struct sock_fprog {len; *filter}
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError as exc:
+        log.debug("could not stop new connections on the listener before closing it: %s", exc)
+        return False
+    return True
 
 
 def raise_open_file_limit() -> int:
@@ -310,6 +341,20 @@ if HttpToolsProtocol is not None:
             if self.limits.draining and self.timeout_keep_alive_task is not None:
                 self.drain()
 
+        def shutdown(self) -> None:
+            """The listener closed. uvicorn closes a connection without a request at once, resetting one
+            accepted a moment ago whose request is on its way; here such a connection (and one whose head
+            is arriving) gets until its head deadline, at most :data:`DRAIN_IDLE_S` for one that sent
+            nothing, and its request is answered with ``Connection: close``."""
+            self.limits.draining = True
+            if self.cycle is None and not self._refused and not self.transport.is_closing():
+                if not (self._reported or self._pending) and self._head_timer is not None:
+                    self._head_timer.cancel()
+                    self._head_timer = self.loop.call_later(DRAIN_IDLE_S, self._head_timeout)
+                if self._head_timer is not None:
+                    return
+            super().shutdown()
+
 
 def http_protocol(limits: ConnectionLimits | None = None) -> Any:
     """The protocol class (or uvicorn's name for one) that enforces the connection limits."""
@@ -326,11 +371,14 @@ class DrainingServer(uvicorn.Server):
     SIGTERM shuts down at once."""
 
     def __init__(self, config: uvicorn.Config, registry: Registry, drain_s: float,
-                 limits: ConnectionLimits | None = None) -> None:
+                 limits: ConnectionLimits | None = None, own_listener: bool = True) -> None:
         super().__init__(config)
         self.registry = registry
         self.drain_s = drain_s
         self.limits = limits
+        # A listener shared with other workers is theirs too: the parent refuses new connections on it.
+        self.own_listener = own_listener
+        self.close_at: float | None = None
         self.drain_until: float | None = None
         self.drain_announced = False
 
@@ -353,15 +401,23 @@ class DrainingServer(uvicorn.Server):
                     drain = getattr(connection, "drain", None)
                     if drain is not None:
                         drain()
-            if time.monotonic() >= self.drain_until:
+            now = time.monotonic()
+            if now >= self.drain_until and self.close_at is None:
+                refused = self.own_listener and all(
+                    [refuse_new_connections(sock) for server in self.servers for sock in server.sockets])
+                # A shared listener: the parent refuses new connections on it at the same moment.
+                self.close_at = now + (ACCEPT_GRACE_S if refused or not self.own_listener else 0)
+            if self.close_at is not None and now >= self.close_at:
                 super().handle_exit(signal.SIGTERM, None)  # recorded, so uvicorn re-raises it after shutdown
         return await super().on_tick(counter)
 
 
-def build_server(app: Any, registry: Registry, settings: Settings, *, access_log: bool = False) -> DrainingServer:
+def build_server(app: Any, registry: Registry, settings: Settings, *, access_log: bool = False,
+                 own_listener: bool = True) -> DrainingServer:
     """The uvicorn server for ``app`` with every connection limit from ``settings``. Lifts the soft
     open-file limit to the hard one (:func:`raise_open_file_limit`); the connection cap defaults to a
-    size derived from it."""
+    size derived from it. ``own_listener=False``: the listening socket is shared with other workers, so
+    the drain's end leaves refusing new connections on it to the parent."""
     open_files = raise_open_file_limit()
     max_connections = settings.max_connections or default_max_connections(open_files)
     limits = ConnectionLimits(settings.header_timeout_s, max_connections, settings.keep_alive_s)
@@ -382,8 +438,8 @@ def build_server(app: Any, registry: Registry, settings: Settings, *, access_log
         # In-flight requests finish within their own deadline; don't wait for stragglers beyond it.
         timeout_graceful_shutdown=int(settings.timeout_s) + 5,
     )
-    return DrainingServer(config, registry, settings.drain_s, limits)
+    return DrainingServer(config, registry, settings.drain_s, limits, own_listener)
 
 
 __all__ = ["ConnectionLimits", "DrainingServer", "build_server", "default_max_connections", "http_protocol",
-           "raise_open_file_limit"]
+           "raise_open_file_limit", "refuse_new_connections"]

@@ -45,7 +45,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from kiln.errors import BackendUnavailable, KilnError
 from kiln.serve.app import create_app
 from kiln.serve.health import WorkerReadiness
-from kiln.serve.http_server import DrainingServer, build_server
+from kiln.serve.http_server import DrainingServer, build_server, refuse_new_connections
 from kiln.serve.settings import Settings
 
 log = logging.getLogger("kiln.serve")
@@ -71,7 +71,7 @@ def serve_socket(models: Models, settings: Settings, sock: socket.socket, *, acc
     workers = WorkerReadiness(ready_dir, settings.workers) if ready_dir is not None else None
     app = create_app(list(models), settings, on_load_error=on_load_error, workers=workers, freeze_gc=True,
                      serve_when_loaded=serve_when_loaded)
-    server = build_server(app, app.state.registry, settings, access_log=access_log)
+    server = build_server(app, app.state.registry, settings, access_log=access_log, own_listener=ready_dir is None)
     # Uvicorn re-raises the signal it shut down on; a Python handler turns SIGTERM into a clean exit 0.
     previous = signal.signal(signal.SIGTERM, lambda sig, _frame: None)
     try:
@@ -164,6 +164,13 @@ def run_workers(models: Models, settings: Settings, sock: socket.socket, *, acce
     stopping: list[int] = []
 
     def forward(sig: int, _frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not stopping and settings.drain_s > 0:
+            # The workers drain for drain_s, then accept what is queued on the shared listener for
+            # ACCEPT_GRACE_S before closing their copies (closing the last copy would reset the queue),
+            # while new connections are refused from drain_s on.
+            refuse = threading.Timer(settings.drain_s, refuse_new_connections, (sock,))
+            refuse.daemon = True
+            refuse.start()
         stopping.append(sig)
         for slot in slots:
             p = slot.proc

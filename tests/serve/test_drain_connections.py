@@ -5,6 +5,7 @@ closed during the drain, not when the listener is already gone."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -79,3 +80,54 @@ def test_an_idle_kept_alive_connection_is_closed_while_the_listener_still_accept
     assert resp.status_code == 200 and resp.json()["status"] == "stopping", resp.text
     assert resp.headers["connection"] == "close"
     assert live.proc.wait(60) == 0, live.log()
+
+
+def test_clients_that_keep_connecting_through_the_drain_end_are_refused_never_reset(serve: Callable[..., Live]) -> None:
+    """Clients under load keep coming after the drain: once the listener is gone they are refused (they
+    can retry elsewhere), but no request they sent on an accepted connection is reset or cut."""
+    live = serve(KILN_DRAIN_S="2")
+    body = json.dumps(IMAGE).encode()
+    request = (f"POST {PREDICT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    outcomes: list[str] = []
+    sigterm = threading.Event()
+
+    def client() -> None:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            try:
+                s = socket.create_connection((live.host, live.port), timeout=30)
+            except ConnectionRefusedError:
+                outcomes.append("refused")
+                if sigterm.is_set():
+                    return
+                continue
+            with s:
+                f = s.makefile("rb")
+                while True:  # keep-alive until the server says close
+                    try:
+                        s.sendall(request)
+                        status, headers, _ = read_response(f)
+                    except (ConnectionResetError, BrokenPipeError, IndexError, ValueError) as exc:
+                        outcomes.append(f"cut: {exc!r}")  # reset, or closed without an answer
+                        break
+                    outcomes.append(str(status))
+                    if headers.get("connection") == "close":
+                        break
+
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while outcomes.count("200") < 100:
+        assert time.monotonic() < deadline, outcomes[-20:]
+        time.sleep(0.01)
+    sigterm.set()
+    live.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(90)
+    assert live.proc.wait(60) == 0, live.log()
+    cut = [o for o in outcomes if o.startswith("cut")]
+    assert not cut, (len(cut), cut[:5])
+    assert set(outcomes) <= {"200", "refused"}, set(outcomes)
+    assert outcomes.count("refused") >= 16  # each client ended on a refused connection
