@@ -219,7 +219,9 @@ def _supervise(slots: Sequence[_Slot], stopping: list[int], metrics_dir: str, re
     failed: tuple[int, int | None] | None = None
     up = False  # every worker has been ready once
     while True:
-        alive = [s.proc for s in slots if s.proc is not None and s.proc.exitcode is None]
+        # Every process not yet handled below, dead or not: a dead one's sentinel is ready, so the wait
+        # returns at once for it (leaving out one that died since the last pass would miss its death).
+        alive = [s.proc for s in slots if s.proc is not None]
         if stopping and not alive:
             return failed
         now = time.monotonic()
