@@ -302,9 +302,11 @@ async def start(app: Any) -> grpc.aio.Server:
     """Listen on ``settings.grpc_port`` (0: a free port, kept in ``app.state.grpc_port``) and start serving."""
     settings: Settings = app.state.settings
     limit = settings.max_body_bytes
-    # Above the body limit a call answers RESOURCE_EXHAUSTED. Without SO_REUSEPORT a port already taken is an
-    # error at start instead of a second server sharing it silently (grpcio's default on Linux).
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
+    # Above the body limit a call answers RESOURCE_EXHAUSTED. One server: without SO_REUSEPORT a port already
+    # taken is an error at start instead of a second server sharing it silently (grpcio's default on Linux).
+    # Workers of `kiln serve --workers N` (app.state.workers) share the port the parent holds for them.
+    shared = getattr(app.state, "workers", None) is not None
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", int(shared))])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(app.state), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
