@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     images: list[Image.Image] = []
     for path in paths:
         try:
-            images.append(processing.load_image(path))
+            images.append(processing.load_image(path, spec=m.preprocess))
         except OSError as exc:
             raise KilnError(f"cannot read {path}: {exc.strerror or exc}") from None
         except processing.ImageDecodeError as exc:
