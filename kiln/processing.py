@@ -97,7 +97,7 @@ def decode(img: Image.Image, spec: Preprocess | None = None, where: str = "") ->
     displayed = displayed_size(img)
     stored_width = img.width
     scale = 1.0
-    if spec is not None and spec.decode == "draft" and img.format == "JPEG":
+    if spec is not None and spec.decode == "draft" and img.format in ("JPEG", "MPO"):  # MPO: a camera JPEG
         want = covering_size(spec, displayed)
         if displayed != img.size:  # EXIF turns it: the DCT scale is chosen on the stored sides
             want = (want[1], want[0])
