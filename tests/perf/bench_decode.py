@@ -6,11 +6,13 @@ classifier's answers. Not collected by pytest.
 1. time, single-threaded, median of ``--repeat`` after warm-up, of a 1920x1080 camera JPEG (real photo
    content, ~0.5 MB) to a 224x224 model input (decode + EXIF + one resize + normalisation), through
    ``kiln.processing`` with ``decode="full"`` and ``decode="draft"`` (PIL's ``Image.draft``: libjpeg's
-   DCT-domain downscaling), and through simplejpeg's scaled decode (``min_width``/``min_height``) plus
-   the same resize, when simplejpeg is installed; PyTurboJPEG is reported when its system library is found;
+   DCT-domain downscaling to DRAFT_MARGIN times the input), the same without the margin, and
+   simplejpeg's scaled decode (``min_width``/``min_height``, same margin) plus the same resize when
+   simplejpeg is installed; PyTurboJPEG is reported when its system library is found;
 2. top-1 agreement of a torchvision resnet18 (seeded; no pretrained weights are available offline) between
    full and draft decodes of real photos: scikit-learn's two sample photos and scikit-image's bundled
-   ``skimage.data`` photos when installed, each saved as camera-like JPEGs at several sizes and crops, through
+   ``skimage.data`` photos when installed, each saved as camera-like JPEGs at several sizes and crops
+   (beside the draft decode without margin and a full decode of a quality-95 re-save, the noise floor), through
    the resize 224 and centre-crop 224 (shorter side 256) recipes. The untrained network's logits are
    standardised per class over the set so its answer follows the image; the report prints how many
    distinct classes it answered, so an agreement that a constant answer would give is visible.
@@ -72,7 +74,7 @@ def simplejpeg_input(data: bytes, spec: Preprocess) -> np.ndarray:
 
     exif = Image.open(io.BytesIO(data))  # header only: EXIF orientation
     turned = processing.displayed_size(exif) != exif.size
-    w, h = processing.covering_size(spec, processing.displayed_size(exif))
+    w, h = (v * processing.DRAFT_MARGIN for v in processing.covering_size(spec, processing.displayed_size(exif)))
     arr = simplejpeg.decode_jpeg(data, min_width=h if turned else w, min_height=w if turned else h)
     img = Image.fromarray(arr)
     img.info["exif"] = exif.info.get("exif", b"")
@@ -93,7 +95,7 @@ def turbojpeg_decoder() -> Callable[[bytes, Preprocess], np.ndarray] | str:
 
     def decode(data: bytes, spec: Preprocess) -> np.ndarray:
         w0, h0, _, _ = tj.decode_header(data)
-        w, h = processing.covering_size(spec, (w0, h0))
+        w, h = (v * processing.DRAFT_MARGIN for v in processing.covering_size(spec, (w0, h0)))
         factor = next(f for f in ((1, 8), (1, 4), (1, 2), (1, 1)) if w0 * f[0] / f[1] >= w and h0 * f[0] / f[1] >= h)
         arr = tj.decode(data, pixel_format=0, scaling_factor=factor)  # TJPF_RGB
         x, _ = processing.preprocess([Image.fromarray(arr)], spec)
@@ -108,6 +110,7 @@ def timings(repeat: int) -> dict[str, object]:
     out: dict[str, object] = {"jpeg_bytes": len(data)}
     out["full_ms"] = median_ms(lambda: kiln_input(data, full), repeat)
     out["draft_ms"] = median_ms(lambda: kiln_input(data, RESIZE), repeat)
+    out["draft_no_margin_ms"] = median_ms(lambda: draft_with_margin(data, RESIZE, 1), repeat)
     try:
         import simplejpeg  # noqa: F401
 
@@ -166,12 +169,13 @@ def resaved(data: bytes, quality: int = 95) -> bytes:
         return jpeg(img.convert("RGB"), quality)
 
 
-def draft_with_margin(data: bytes, spec: Preprocess, margin: int) -> np.ndarray:
-    """The DCT scale chosen for an input ``margin`` times larger, then the real recipe's one resize."""
+def draft_with_margin(data: bytes, spec: Preprocess, margin: float) -> np.ndarray:
+    """The DCT scale kiln would choose with ``margin`` in place of DRAFT_MARGIN, then the recipe's resize."""
+    k = margin / processing.DRAFT_MARGIN
     h, w = spec.size
-    big = spec.model_copy(update={"size": (h * margin, w * margin),
-                                  "resize_size": spec.resize_size and spec.resize_size * margin})
-    x, _ = processing.preprocess([processing.decode_image(data, spec=big)], spec)
+    other = spec.model_copy(update={"size": (max(1, round(h * k)), max(1, round(w * k))),
+                                    "resize_size": spec.resize_size and max(1, round(spec.resize_size * k))})
+    x, _ = processing.preprocess([processing.decode_image(data, spec=other)], spec)
     return x
 
 
@@ -188,7 +192,7 @@ def agreement(variants: int) -> dict[str, object]:
         full = spec.model_copy(update={"decode": "full"})
         decoders: dict[str, Callable[[bytes], np.ndarray]] = {
             "draft (kiln)": lambda d, spec=spec: kiln_input(d, spec),  # type: ignore[misc]
-            "draft, 2x margin": lambda d, spec=spec: draft_with_margin(d, spec, 2),  # type: ignore[misc]
+            "draft at the input size (no margin)": lambda d, spec=spec: draft_with_margin(d, spec, 1),  # type: ignore[misc]
             "full decode of a q95 re-save (noise floor)": lambda d, full=full: kiln_input(resaved(d), full),  # type: ignore[misc]
         }
         with torch.inference_mode():
