@@ -10,22 +10,29 @@ training data, which a serving image has not. For each precision in ``KILN_ENGIN
 already lists one that ``kiln.runtime.engine_compatible`` accepts here.
 
 A bundle on a read-only mount is copied to ``$KILN_ENGINE_DIR/NAME`` first, and later starts reuse that
-copy: put ``KILN_ENGINE_DIR`` on a volume so replicas and restarts do not rebuild. Without a GPU or
+copy: put ``KILN_ENGINE_DIR`` on a volume so replicas and restarts do not rebuild. Engine files and the
+timing caches there are named after the GPU model and TensorRT version
+(``model.fp16.nvidia-l4.trt-10.13.0.35.engine``, ``timing.nvidia-l4.trt-10.13.0.35.cache``), so replicas
+on two GPU types sharing the volume keep one engine each instead of overwriting each other's. Without a GPU or
 TensorRT the bundle is served as is (ONNX Runtime), with a warning, unless ``KILN_REQUIRE_ENGINE=1``.
 Logs go to stderr; stdout holds only the paths.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from kiln.bundle import Bundle
 from kiln.errors import ExportError, KilnError
 from kiln.fsutil import atomic_path
+from kiln.runtime.tensorrt import unlist_superseded_engines
 
 log = logging.getLogger("kiln.prepare_engines")
 
@@ -35,9 +42,12 @@ def _compatible_engine(bundle: Bundle, precision: str) -> str | None:
 
     for art in bundle.artifacts("tensorrt", precision):
         ok, why = engine_compatible(art.model_extra or {})
-        if ok and bundle.path(art.file).is_file():
+        if not ok:
+            log.info("%s: engine %s cannot run here: %s", bundle.name, art.file, why)
+        elif not bundle.path(art.file).is_file():
+            log.info("%s: engine %s is listed in kiln.json but the file is missing", bundle.name, art.file)
+        else:
             return art.file
-        log.info("%s: engine %s cannot run here: %s", bundle.name, art.file, why)
     return None
 
 
@@ -59,8 +69,27 @@ def _writable_copy(root: Path, work: Path) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def bundle_lock(work: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``work/.NAME.lock``: replicas sharing the volume prepare one bundle at a
+    time, so none rewrites kiln.json from a copy read before another replica's engine was recorded
+    (and a replica that waited finds an engine for its GPU instead of building it again)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / f".{name}.lock", "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def prepare(path: Path, precisions: list[str], work: Path, require: bool) -> Path:
     """Return the bundle folder to serve: ``path``, or its copy under ``work`` holding the engines."""
+    with bundle_lock(work, path.name):
+        return _prepare(path, precisions, work, require)
+
+
+def _prepare(path: Path, precisions: list[str], work: Path, require: bool) -> Path:
     bundle = Bundle.load(path)
     copy = work / path.name
     if copy.resolve() != path.resolve() and (copy / "kiln.json").is_file():
@@ -87,16 +116,17 @@ def prepare(path: Path, precisions: list[str], work: Path, require: bool) -> Pat
         target = _writable_copy(bundle.root, work)
         if target != bundle.root:
             bundle = Bundle.load(target)
-        file = f"model.{precision}.engine"
-        log.info("%s: building %s from %s (minutes for large models)", bundle.name, file, onnx.file)
         try:
             # Imported only to build: a bundle whose engines match needs no builder.
-            from kiln.export.onnx2engine import onnx2engine
+            from kiln.export.onnx2engine import engine_file_here, onnx2engine
 
+            file = engine_file_here(precision)
+            log.info("%s: building %s from %s (minutes for large models)", bundle.name, file, onnx.file)
             with atomic_path(bundle.path(file)) as tmp:
+                # A folder: one timing cache per GPU model and TensorRT version.
                 provenance = onnx2engine(bundle.path(onnx.file), tmp, precision=precision,
                                          batch=bundle.manifest.input.batch, input_name=bundle.manifest.input.name,
-                                         timing_cache=work / "timing.cache")
+                                         timing_cache=work)
         except KilnError as exc:  # BackendUnavailable (no GPU / TensorRT) or ExportError
             if require:
                 raise
@@ -104,6 +134,8 @@ def prepare(path: Path, precisions: list[str], work: Path, require: bool) -> Pat
             continue
         extra = {k: v for k, v in provenance.items() if k not in ("file", "format", "precision", "sha256")}
         bundle.add_artifact(file, "tensorrt", precision, source_sha256=onnx.sha256, **extra)
+        if replaced := unlist_superseded_engines(bundle, file):
+            log.info("%s: %s replaces %s", bundle.name, file, ", ".join(replaced))
         bundle.save()
     return bundle.root
 

@@ -74,9 +74,13 @@ def register(sub: Any) -> None:
     g = p.add_argument_group("TensorRT")
     g.add_argument("--engine", action="store_true", help="also build a TensorRT engine per precision")
     g.add_argument("--workspace-gib", type=positive_float, default=4.0, help="builder workspace limit")
-    g.add_argument("--timing-cache", type=Path, default=None, metavar="FILE", help="timing cache reused across builds")
+    g.add_argument("--timing-cache", type=Path, default=None, metavar="FILE_OR_DIR",
+                   help="timing cache reused across builds (a folder keeps one per GPU model and TensorRT version)")
     g.add_argument("--hardware-compat", action="store_true", help="engine runs on Ampere and newer GPUs")
     g.add_argument("--version-compat", action="store_true", help="engine runs on later TensorRT versions")
+    g.add_argument("--tf32", action="store_true",
+                   help="let float32 layers compute in TF32 (faster on Ampere and newer, 10-bit mantissas); "
+                        "default: float32 layers compute in fp32")
     t = p.add_argument_group("Triton")
     t.add_argument("--triton-repo", type=Path, default=None, metavar="DIR", help="write a Triton model repository")
     t.add_argument("--triton-precision", type=choice("precision", PRECISIONS), default=None,
@@ -100,7 +104,7 @@ def register(sub: Any) -> None:
     _common(c)
     _calibration_flags(c)
     c.set_defaults(func=run_calibrate, precision=["int8"], engine=False, workspace_gib=4.0, timing_cache=None,
-                   hardware_compat=False, version_compat=False, triton_repo=None, triton_precision=None,
+                   hardware_compat=False, version_compat=False, tf32=False, triton_repo=None, triton_precision=None,
                    triton_max_delay_us=1000)
 
 
@@ -119,6 +123,7 @@ def _options(args: argparse.Namespace) -> Any:
         timing_cache=args.timing_cache,
         hardware_compat=args.hardware_compat,
         version_compat=args.version_compat,
+        tf32=args.tf32,
         triton_repo=args.triton_repo,
         triton_precision=args.triton_precision,
         triton_max_delay_us=args.triton_max_delay_us,

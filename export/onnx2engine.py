@@ -10,9 +10,16 @@ built as *strongly typed* networks, so the engine computes in the types the grap
   weakly typed instead, with ``BuilderFlag.FP16`` / ``INT8`` so the builder may use those kernels;
   weak typing does not exist in TensorRT 11, where that option is refused.
 
+TF32: TensorRT lets float32 layers compute in TF32 (10-bit mantissas) unless the TF32 builder flag is
+cleared. kiln clears it, so an engine computes in the types its graph states (the fp32 graph in fp32,
+the float layers an int8 graph kept in float in fp32); ``tf32=True`` (``kiln export --tf32``) allows it.
+kiln.json records the choice.
+
 One optimization profile covers the batch range; a timing cache file is reused and updated across
-builds; hardware- and version-compatible builds are optional. The engine is a plain plan file (what
-trtexec and C++ loaders read); the provenance this returns goes into kiln.json.
+builds (a folder given as the cache holds one file per GPU model and TensorRT version);
+hardware- and version-compatible builds are optional. The engine is a plain plan file (what trtexec and
+C++ loaders read); the provenance this returns goes into kiln.json. TensorRT's messages go to Python
+logging through the process-wide logger (:func:`kiln.runtime.tensorrt.trt_logger`).
 """
 
 from __future__ import annotations
@@ -27,13 +34,22 @@ from kiln.bundle import BatchRange
 from kiln.errors import BackendUnavailable, ConfigError, ExportError, unknown_choice
 from kiln.fsutil import atomic_write
 from kiln.runtime import cuda
-from kiln.runtime.tensorrt import dims_tuple, engine_compatible, import_tensorrt, parse_capability
+from kiln.runtime.tensorrt import (
+    dims_tuple,
+    engine_compatible,
+    engine_file_name,
+    import_tensorrt,
+    parse_capability,
+    timing_cache_name,
+    trt_logger,
+)
 from kiln.vocab import GRAPH_PRECISIONS
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-__all__ = ["build_flags", "engine_compatible", "onnx2engine"]
+__all__ = ["build_flags", "engine_compatible", "engine_file_here", "onnx2engine", "timing_cache_file"]
+LEGACY_TIMING_CACHE = "timing.cache"  # the one file a cache folder held before caches were keyed
 
 log = logging.getLogger("kiln.export.engine")
 PRECISIONS = GRAPH_PRECISIONS
@@ -54,7 +70,8 @@ def build_flags(major: int, precision: str, strongly_typed: bool = True) -> tupl
 
 
 def _builder_config(
-    builder: Any, profile: Any, workspace_gib: float, builder_flags: list[str], hardware_compat: bool, version_compat: bool
+    builder: Any, profile: Any, workspace_gib: float, builder_flags: list[str], hardware_compat: bool, version_compat: bool,
+    tf32: bool,
 ) -> Any:
     import tensorrt as trt
 
@@ -63,6 +80,8 @@ def _builder_config(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     for flag in [*builder_flags, *(["VERSION_COMPATIBLE"] if version_compat else [])]:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    if not tf32:  # on by default in TensorRT 10 and 11
+        config.clear_flag(trt.BuilderFlag.TF32)
     if hardware_compat:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     return config
@@ -80,8 +99,12 @@ def onnx2engine(
     hardware_compat: bool = False,
     version_compat: bool = False,
     strongly_typed: bool = True,
+    tf32: bool = False,
 ) -> dict[str, Any]:
     """Build ``engine_path`` from ``onnx_path`` on GPU 0 and return its provenance for kiln.json.
+
+    ``timing_cache``: a file, or a folder that holds one cache per GPU model and TensorRT version
+    (:func:`timing_cache_file`). ``tf32``: let float32 layers compute in TF32 (off: they compute in fp32).
 
     Raises BackendUnavailable when TensorRT (10 or 11) or a GPU is missing, ConfigError for options
     this TensorRT cannot honour, ExportError when the graph cannot be parsed (naming the node and
@@ -107,9 +130,9 @@ def onnx2engine(
             f"hardware-compatible engines (AMPERE_PLUS) need compute capability >= 8.0; {gpu.name} has {gpu.compute_capability}"
         )
 
-    logger = _python_logger()
-    # The ONNX parser maps some operators onto TensorRT's plugin library: register its creators first.
-    trt.init_libnvinfer_plugins(logger, "")
+    # Process-wide: it registered the plugin library (the ONNX parser maps some operators onto it).
+    logger = trt_logger()
+    mark = logger.error_count
     builder = trt.Builder(logger)
     network = builder.create_network(_bits(trt.NetworkDefinitionCreationFlag, network_flags))
     parser = trt.OnnxParser(network, logger)
@@ -119,15 +142,15 @@ def onnx2engine(
     _check_precision(network, precision, src)
     profile = _profile(builder, network, src, input_name, batch)
 
-    config = _builder_config(builder, profile, workspace_gib, builder_flags, hardware_compat, version_compat)
-    cache_path = Path(timing_cache) if timing_cache is not None else None
-    _load_timing_cache(config, cache_path)
+    config = _builder_config(builder, profile, workspace_gib, builder_flags, hardware_compat, version_compat, tf32)
+    cache_path, seed = timing_cache_file(timing_cache, gpu.name, str(trt.__version__))
+    _load_timing_cache(config, seed)
 
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
     if plan is None:
-        detail = "; ".join(logger.errors[-3:]) or "see the TensorRT log"
+        detail = "; ".join(logger.errors_since(mark)[-3:]) or "see the TensorRT log"
         raise ExportError(f"TensorRT failed to build {precision} engine from {src}: {detail}")
     atomic_write(engine_path, lambda fh: fh.write(memoryview(plan)))
     if cache_path is not None:
@@ -144,7 +167,17 @@ def onnx2engine(
         "hardware_compat": hardware_compat,
         "version_compat": version_compat,
         "strongly_typed": strongly_typed,
+        "tf32": tf32,
     }
+
+
+def engine_file_here(precision: str) -> str:
+    """The bundle file name for a ``precision`` engine built here (GPU 0 and the installed TensorRT):
+    ``model.fp16.nvidia-l4.trt-10.13.0.35.engine`` (:func:`kiln.runtime.tensorrt.engine_file_name`)."""
+    import_tensorrt()
+    import tensorrt as trt
+
+    return engine_file_name(precision, cuda.device_info(0).name, str(trt.__version__))
 
 
 def _bits(enum: Any, names: list[str]) -> int:
@@ -173,26 +206,23 @@ def _profile(
     return profile
 
 
-def _python_logger() -> Any:
-    """A TensorRT logger that forwards to Python logging and keeps the error messages for reports."""
-    import tensorrt as trt
+def timing_cache_file(
+    timing_cache: str | os.PathLike[str] | None, gpu_name: str, trt_version: str
+) -> tuple[Path | None, Path | None]:
+    """``(file to write, file to read)`` for ``timing_cache`` (a file, a folder, or None).
 
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            sev = trt.ILogger.Severity
-            if severity in (sev.INTERNAL_ERROR, sev.ERROR):
-                self.errors.append(msg)
-                log.error("TensorRT: %s", msg)
-            elif severity == sev.WARNING:
-                log.warning("TensorRT: %s", msg)
-            elif severity == sev.INFO:
-                log.debug("TensorRT: %s", msg)
-
-    return _Logger()
+    A folder holds one cache per GPU model and TensorRT version (``timing.<gpu>.trt-<version>.cache``),
+    so builders of several GPU types can share it; while this GPU has none yet, the folder's older
+    single ``timing.cache`` is read (a cache that does not match is discarded when loaded).
+    """
+    if timing_cache is None:
+        return None, None
+    path = Path(timing_cache)
+    if not path.is_dir():
+        return path, path
+    keyed = path / timing_cache_name(gpu_name, trt_version)
+    legacy = path / LEGACY_TIMING_CACHE
+    return keyed, (legacy if not keyed.is_file() and legacy.is_file() else keyed)
 
 
 def _parser_errors(parser: trt.OnnxParser) -> list[str]:

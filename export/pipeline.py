@@ -28,13 +28,13 @@ from kiln.fsutil import atomic_path, remove_stale_temps, sha256_file
 from kiln.metrics import headline
 from kiln.runtime import open_artifact
 from kiln.runtime.ortfile import OrtFileBackend
+from kiln.runtime.tensorrt import unlist_superseded_engines
 from kiln.vocab import GRAPH_PRECISIONS
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = GRAPH_PRECISIONS
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-ENGINE_FILES: dict[str, str] = {p: f"model.{p}.engine" for p in PRECISIONS}
 FP16_MIN_AGREEMENT = 98.0  # percent of verification images with the same top-1 as fp32
 TRT_INSTALL = ("pip install '.[trt]' from the kiln checkout (pip install 'kiln-vision[trt]' from a package index) "
                "on a machine with an NVIDIA GPU and driver")
@@ -51,6 +51,7 @@ class ExportOptions:
     timing_cache: Path | None = None
     hardware_compat: bool = False
     version_compat: bool = False
+    tf32: bool = False
     triton_repo: Path | None = None
     triton_precision: str | None = None
     triton_max_delay_us: int = 1000
@@ -144,21 +145,21 @@ def export_int8(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str
 def build_engines(bundle: Bundle, opts: ExportOptions, onnx_files: dict[str, str]) -> tuple[list[dict[str, Any]], list[str]]:
     """Build one engine per exported precision; returns (artifacts, errors) so ONNX results stand."""
     try:  # TensorRT is an optional extra: without it the ONNX artifacts still stand
-        from kiln.export.onnx2engine import onnx2engine
+        from kiln.export.onnx2engine import engine_file_here, onnx2engine
     except ModuleNotFoundError as exc:
         if exc.name not in ("kiln.export.onnx2engine", "tensorrt"):
             raise
         return [], [f"TensorRT support is not installed: {TRT_INSTALL}"]
     done, errors = [], []
     for precision, onnx_file in onnx_files.items():
-        file = ENGINE_FILES[precision]
         try:
+            file = engine_file_here(precision)  # keyed by GPU model and TensorRT version
             with atomic_path(bundle.path(file)) as tmp:
                 provenance = onnx2engine(
                     bundle.path(onnx_file), tmp, precision=precision, batch=opts.batch,
                     input_name=bundle.manifest.input.name, workspace_gib=opts.workspace_gib,
                     timing_cache=opts.timing_cache, hardware_compat=opts.hardware_compat,
-                    version_compat=opts.version_compat,
+                    version_compat=opts.version_compat, tf32=opts.tf32,
                 )
         except BackendUnavailable as exc:
             errors.append(f"--engine: {exc}")
@@ -169,6 +170,9 @@ def build_engines(bundle: Bundle, opts: ExportOptions, onnx_files: dict[str, str
         provenance = {k: v for k, v in dict(provenance).items() if k not in ("file", "format", "precision", "sha256")}
         entry = _record(bundle, file, "tensorrt", precision, source_sha256=bundle.manifest.artifacts[onnx_file].sha256,
                         **provenance)
+        if replaced := unlist_superseded_engines(bundle, file):
+            log.info("%s replaces %s (same GPU model and TensorRT)", file, ", ".join(replaced))
+            bundle.save()
         entry["metrics"] = _engine_metrics(bundle, file)
         if entry["metrics"]:
             bundle.manifest.artifacts[file].metrics = entry["metrics"]

@@ -4,11 +4,14 @@ The config is built as Triton's own ``ModelConfig`` protobuf (shipped in tritonc
 with ``google.protobuf.text_format``, so it is valid by construction. The ONNX graph is always
 copied (``1/model.onnx``); where a TensorRT engine of the same precision was built it is copied as
 ``1/model.plan`` and the config selects the ``tensorrt_plan`` platform (delete that line pair to fall
-back to ONNX Runtime in Triton).
+back to ONNX Runtime in Triton). The class names are written to ``labels.txt`` beside config.pbtxt (one
+per line, class 0 first), which the class outputs name as their ``label_filename``; each output's
+meaning is described in the config's ``parameters``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -19,7 +22,7 @@ from typing import Any
 from kiln.bundle import BatchRange, Bundle
 from kiln.errors import ExportError
 from kiln.fsutil import atomic_path, atomic_write_text
-from kiln.triton_config import TritonOptions, model_config
+from kiln.triton_config import LABELS_FILE, TritonOptions, model_config
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ def write_triton_repo(
         # Triton may send any batch from 1 to max_batch_size; a plan whose profile starts higher rejects it.
         raise ExportError(f"--triton-repo with --engine needs a batch range starting at 1 (got --batch {batch}): "
                           "Triton's dynamic batcher sends batches from 1 up to max_batch_size")
+    if bad := [c for c in bundle.manifest.classes if "\n" in c or "\r" in c]:
+        raise ExportError(f"--triton-repo: class names with a line break cannot go in {LABELS_FILE}: {bad}")
     name = options.model_name or triton_name(bundle)
     folder = Path(repo) / name
     version = folder / "1"
@@ -56,6 +61,8 @@ def write_triton_repo(
         with atomic_path(version / "model.plan") as tmp:
             shutil.copyfile(bundle.path(engine_file), tmp)
         platform = "tensorrt_plan"
+    atomic_write_text(folder / LABELS_FILE, "".join(f"{c}\n" for c in bundle.manifest.classes))
+    options = dataclasses.replace(options, label_filename=LABELS_FILE)
     cfg = model_config(bundle, batch, platform=platform, name=name, options=options)
     atomic_write_text(folder / "config.pbtxt", text_format.MessageToString(cfg))
     log.info("Triton model repository: %s (%s)", folder, platform)

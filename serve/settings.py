@@ -59,6 +59,9 @@ class Settings(BaseSettings):
         None, ge=1, description="intra-op threads per model for ONNX Runtime and PyTorch; default: the runtime's"
     )
 
+    # Request contents, checked against the model's shape before anything is materialised (v2 REST, gRPC).
+    max_json_depth: int = Field(32, ge=4, le=512, description="nesting depth of a JSON request body (400 above)")
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:

@@ -255,7 +255,18 @@ def _cannot_open(b: Bundle, name: str, precision: str | None, dev: Device | None
         if not any(b.artifacts("tensorrt", p) for p in order):
             return (f"the bundle has no {precision + ' ' if precision else ''}TensorRT engine; build one on the GPU "
                     f"machine: kiln export {b.root} --engine" + (f" --precision {precision}" if precision else ""))
-        return tensorrt.unavailable_reason(dev)
+        if (why := tensorrt.unavailable_reason(dev)) is not None:
+            return why
+        # The same rule load() applies: an engine from another GPU or TensorRT must fail here, before a
+        # server binds its port, not when the model loads.
+        reasons = []
+        for art in (a for p in order for a in b.artifacts("tensorrt", p)):
+            ok, why = engine_compatible(art.model_extra or {}, _index(dev))
+            if ok:
+                return None
+            reasons.append(f"{art.file}: {why}")
+        return ("no engine fits this machine (" + "; ".join(reasons) + f"); rebuild on this GPU: kiln export {b.root} "
+                "--engine" + (f" --precision {precision}" if precision else ""))
     if name == "onnxrt":
         prec = precision or "fp32"
         if b.artifact("onnx", prec) is None:

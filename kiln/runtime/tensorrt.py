@@ -14,13 +14,20 @@ pinned buffers into fresh arrays, so the caller owns them. Whenever a step fails
 queued, and in ``close()``, the stream is synchronized before any buffer can be reused or freed.
 
 Options: ``max_batch`` (lower the profile's max; cannot raise it).
+
+Logging: TensorRT's own ``trt.Logger`` prints to stdout, where ``--json`` commands write their answer.
+Every Runtime, Builder and parser kiln creates gets :func:`trt_logger` instead: one logger per process
+that forwards to Python logging (``kiln.tensorrt``, stderr by default), and the one TensorRT's plugin
+library is initialised with, once (the library keeps that logger for the life of the process).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +44,7 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 log = logging.getLogger("kiln.runtime")
+trt_log = logging.getLogger("kiln.tensorrt")
 OPTIONS = frozenset({"max_batch"})
 INSTALL_HINT = f"{install_hint('trt')} on a machine with an NVIDIA GPU and driver"
 PROVENANCE_KEYS = ("tensorrt_version", "gpu_name", "compute_capability")
@@ -90,6 +98,66 @@ def unavailable_reason(device: Device | None = None) -> str | None:
     return None
 
 
+class _LoggerState:
+    """The process-wide TensorRT logger and the module it was made for (tests swap the module)."""
+
+    lock = threading.Lock()
+    module: Any = None
+    logger: Any = None
+
+
+def trt_logger() -> Any:
+    """The process's TensorRT logger (a ``trt.ILogger``), made on first use; plugins are registered with it.
+
+    TensorRT messages go to the ``kiln.tensorrt`` Python logger: errors as ERROR, warnings as WARNING,
+    info and verbose as DEBUG; never to stdout. ``logger.errors_since(mark)`` returns the error
+    messages logged after ``mark = logger.error_count`` (builds report them). Thread-safe; every
+    Builder, Runtime and OnnxParser kiln creates gets this logger, and it lives as long as the process,
+    as the plugin library (``init_libnvinfer_plugins``, called once here) requires.
+    """
+    import tensorrt as trt
+
+    with _LoggerState.lock:
+        if _LoggerState.module is not trt:
+            logger = _make_logger(trt)
+            # A plan or an ONNX graph may hold layers from TensorRT's plugin library; their creators must
+            # be registered before parsing or deserializing (as trtexec and Polygraphy do).
+            if not trt.init_libnvinfer_plugins(logger, ""):
+                trt_log.warning("TensorRT: init_libnvinfer_plugins failed; plans with plugin layers will not load")
+            _LoggerState.module, _LoggerState.logger = trt, logger
+        return _LoggerState.logger
+
+
+def _make_logger(trt: Any) -> Any:
+    sev = trt.ILogger.Severity
+    levels = {sev.INTERNAL_ERROR: logging.CRITICAL, sev.ERROR: logging.ERROR, sev.WARNING: logging.WARNING,
+              sev.INFO: logging.DEBUG, sev.VERBOSE: logging.DEBUG}
+
+    class PythonLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self._lock = threading.Lock()
+            self._errors: collections.deque[str] = collections.deque(maxlen=64)
+            self.error_count = 0
+
+        def log(self, severity: Any, msg: str) -> None:
+            level = levels.get(severity, logging.DEBUG)
+            if level >= logging.ERROR:
+                with self._lock:
+                    self._errors.append(msg)
+                    self.error_count += 1
+            if trt_log.isEnabledFor(level):
+                trt_log.log(level, "TensorRT: %s", msg)
+
+        def errors_since(self, mark: int) -> list[str]:
+            """Error messages logged after ``error_count`` was ``mark`` (the last 64 at most)."""
+            with self._lock:
+                new = min(self.error_count - mark, len(self._errors))
+                return list(self._errors)[len(self._errors) - new:] if new > 0 else []
+
+    return PythonLogger()
+
+
 def dims_tuple(dims: trt.Dims | tuple[int, ...]) -> tuple[int, ...]:
     """A TensorRT ``Dims`` as a tuple (the stubs give Dims no ``__iter__``, but it indexes like one)."""
     return tuple(int(dims[i]) for i in range(len(dims)))
@@ -128,7 +196,7 @@ def check_provenance(provenance: Mapping[str, Any], version: str, gpu: cuda.Devi
     if provenance.get("version_compat"):
         if not _version_compatible_runs(version_tuple(built_v), version_tuple(here_v)):
             return False, f"version-compatible engine built with TensorRT {built_v} cannot run on TensorRT {here_v}"
-    elif version_tuple(built_v)[:3] != version_tuple(here_v)[:3]:
+    elif version_tuple(built_v) != version_tuple(here_v):  # major.minor.patch.build: a plan names all four
         return False, f"engine built with TensorRT {built_v}, this is TensorRT {here_v} (rebuild it here)"
     built_cc, here_cc = parse_capability(provenance["compute_capability"]), parse_capability(gpu.compute_capability)
     built_gpu = provenance["gpu_name"]
@@ -144,6 +212,40 @@ def check_provenance(provenance: Mapping[str, Any], version: str, gpu: cuda.Devi
     if built_gpu != gpu.name:
         return True, f"engine built on {built_gpu}, running on {gpu.name} (same compute capability)"
     return True, f"engine built here ({gpu.name}, TensorRT {built_v})"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.") or "unknown"
+
+
+def engine_file_name(precision: str, gpu_name: str, trt_version: str) -> str:
+    """The engine file for ``precision`` built on ``gpu_name`` with TensorRT ``trt_version``.
+
+    ``model.fp16.nvidia-l4.trt-10.13.0.35.engine``: a plan runs only on the GPU model and TensorRT that
+    built it, so engines from several GPU types or TensorRT versions can sit side by side in one bundle
+    (replicas sharing a volume) without overwriting each other. kiln.json lists each with its provenance;
+    engines listed under the older name ``model.<precision>.engine`` are still read.
+    """
+    return f"model.{precision}.{_slug(gpu_name)}.trt-{_slug(trt_version)}.engine"
+
+
+def timing_cache_name(gpu_name: str, trt_version: str) -> str:
+    """A timing cache file name keyed like :func:`engine_file_name` (a cache is per GPU model and TensorRT)."""
+    return f"timing.{_slug(gpu_name)}.trt-{_slug(trt_version)}.cache"
+
+
+def unlist_superseded_engines(bundle: Bundle, file: str) -> list[str]:
+    """Unlist the engines that ``file`` replaces: same precision, GPU model and TensorRT version (an engine
+    kiln.json lists under an older name, such as ``model.fp16.engine``). Returns their names; the
+    caller saves the bundle. Engines for other GPUs or TensorRT versions stay listed."""
+    new = bundle.manifest.artifacts[file]
+    key = ((new.model_extra or {}).get("gpu_name"), (new.model_extra or {}).get("tensorrt_version"))
+    gone = [name for name, art in bundle.manifest.artifacts.items()
+            if name != file and art.format == "tensorrt" and art.precision == new.precision
+            and ((art.model_extra or {}).get("gpu_name"), (art.model_extra or {}).get("tensorrt_version")) == key]
+    for name in gone:
+        del bundle.manifest.artifacts[name]
+    return gone
 
 
 def engine_compatible(provenance: Mapping[str, Any], device_index: int = 0) -> tuple[bool, str]:
@@ -235,21 +337,18 @@ class TensorRTBackend(KilnBackend):
     def _deserialize(self, path: str, version_compat: bool) -> trt.ICudaEngine:
         import tensorrt as trt
 
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        # A plan may hold layers from TensorRT's plugin library; their creators must be registered
-        # before deserializing (as trtexec and Polygraphy do), or such plans fail to load.
-        trt.init_libnvinfer_plugins(self._logger, "")
-        runtime = trt.Runtime(self._logger)
+        # The process-wide logger: TensorRT's own prints to stdout; it also registered the plugin creators.
+        logger = trt_logger()
+        runtime = trt.Runtime(logger)
         self._runtime = runtime
         if version_compat:
             # A version-compatible plan carries its own lean runtime, which is host code.
             runtime.engine_host_code_allowed = True
+        mark = logger.error_count
         engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if engine is None:
-            raise BackendUnavailable(
-                f"tensorrt: cannot deserialize {path} with TensorRT {trt.__version__} "
-                "(built by another TensorRT version or for another GPU? see the TensorRT log above)"
-            )
+            why = "; ".join(logger.errors_since(mark)[-2:]) or "built by another TensorRT version or for another GPU?"
+            raise BackendUnavailable(f"tensorrt: cannot deserialize {path} with TensorRT {trt.__version__}: {why}")
         self._engine = engine
         return engine
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -80,7 +81,43 @@ def _final_from(name: str) -> str:
 def test_base_images() -> None:
     assert _final_from("Dockerfile.cpu").startswith("python:3.11-slim")
     gpu = _final_from("Dockerfile.gpu")
-    assert gpu.startswith("nvcr.io/nvidia/tensorrt:") and gpu.endswith("-py3")
+    assert gpu.startswith("nvidia/cuda:") and "-runtime-ubuntu" in gpu
+
+
+def _arg_default(name: str, key: str) -> str:
+    (value,) = [a.partition("=")[2] for a in _args(name, "ARG") if a.partition("=")[0] == key]
+    return value
+
+
+def _cuda_majors_of_extra(extra: str) -> set[int]:
+    """The CUDA major each requirement of a kiln extra is built for (tensorrt-cuNN, cuda-python>=NN,<NN+1)."""
+    import re
+    import tomllib
+
+    reqs = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]
+    majors = set()
+    for req in reqs:
+        if m := re.fullmatch(r"tensorrt-cu(\d+)[<>=,.\d]*", req):
+            majors.add(int(m.group(1)))
+        elif m := re.fullmatch(r"cuda-python>=(\d+)[.\d]*,<(\d+)", req):
+            assert int(m.group(2)) == int(m.group(1)) + 1, req  # one CUDA major
+            majors.add(int(m.group(1)))
+    return majors
+
+
+def test_gpu_image_cuda_matches_its_tensorrt_extra() -> None:
+    # The bindings, TensorRT and the image's CUDA must share one major version: the image's CUDA runtime
+    # and the TensorRT / cuda-python wheels the extra installs.
+    import re
+
+    base = _final_from("Dockerfile.gpu")
+    (cuda_major,) = re.findall(r"^nvidia/cuda:(\d+)\.", base)
+    extra = _arg_default("Dockerfile.gpu", "TRT_EXTRA")
+    assert _cuda_majors_of_extra(extra) == {int(cuda_major)}, (base, extra)
+    # The documented CUDA 12 build uses the CUDA 12 extra.
+    text = (DOCKER / "Dockerfile.gpu").read_text()
+    cu12 = re.search(r"CUDA_IMAGE=nvidia/cuda:(\d+)\.\S+ \\\n#\s+--build-arg TRT_EXTRA=(\S+)", text)
+    assert cu12 is not None and _cuda_majors_of_extra(cu12.group(2)) == {int(cu12.group(1))}
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -108,7 +145,7 @@ def test_extras_installed() -> None:
     cpu = " ".join(_args("Dockerfile.cpu", "RUN"))
     gpu = " ".join(_args("Dockerfile.gpu", "RUN"))
     assert '".[serve]"' in cpu and "cuda" not in cpu.lower() and "tensorrt" not in cpu.lower()
-    assert '".[serve,trt]"' in gpu
+    assert '".[serve,${TRT_EXTRA}]"' in gpu and _arg_default("Dockerfile.gpu", "TRT_EXTRA") == "trt"
     assert "KILN_BUILD_ENGINES=1" in " ".join(_args("Dockerfile.gpu", "ENV"))
     # Every folder pyproject.toml maps must be in the image, or pip install fails.
     import tomllib
@@ -166,15 +203,20 @@ def test_healthcheck_script(free_port: int) -> None:
     assert subprocess.run([sys.executable, script], env=closed, timeout=20, capture_output=True).returncode == 1
 
 
-def _bundle(root: Path) -> Path:
+def _bundle(root: Path, size: int = 8, classes: int = 1, write_onnx: Any = None) -> Path:
+    """A classify bundle whose only artifact is ``model.fp16.onnx`` (``write_onnx(path)`` writes it, else junk)."""
     from kiln import __version__
     from kiln.bundle import Architecture, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
 
     root.mkdir(parents=True)
-    (root / "model.fp16.onnx").write_bytes(b"not really onnx")
-    manifest = Manifest(kiln_version=__version__, task="classify", classes=["a"],
-                        input=InputSpec(name="images", shape=[1, 8, 8]), outputs=[TensorSpec(name="logits", shape=[1])],
-                        preprocess=Preprocess(size=(8, 8), channels="L", mean=[0.5], std=[0.5]),
+    if write_onnx is None:
+        (root / "model.fp16.onnx").write_bytes(b"not really onnx")
+    else:
+        write_onnx(root / "model.fp16.onnx")
+    manifest = Manifest(kiln_version=__version__, task="classify", classes=[str(i) for i in range(classes)],
+                        input=InputSpec(name="images", shape=[1, size, size]),
+                        outputs=[TensorSpec(name="logits", shape=[classes])],
+                        preprocess=Preprocess(size=(size, size), channels="L", mean=[0.5], std=[0.5]),
                         architecture=Architecture(name="lenet5"))
     bundle = Bundle(root, manifest)
     bundle.add_artifact("model.fp16.onnx", "onnx", "fp16")
@@ -256,3 +298,114 @@ def test_prepare_engines_skips_an_int8_graph_in_the_cpu_layout(tmp_path: Path) -
     assert "--int8-layout cpu" in proc.stderr and "building" not in proc.stderr
     failed = _prepare([str(root)], tmp_path / "work", KILN_ENGINE_PRECISIONS="int8", KILN_REQUIRE_ENGINE="1")
     assert failed.returncode != 0 and "--int8-layout cpu" in failed.stderr
+
+
+# ---- prepare_engines in this process, on the TensorRT / CUDA fakes of tests/runtime/fakes ------------
+
+
+def _load_by_path(name: str, path: Path, package: bool = False) -> object:
+    import importlib.util
+
+    if (done := sys.modules.get(name)) is not None:
+        return done
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py" if package else path,
+                                                  submodule_search_locations=[str(path)] if package else None)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_bundle(root: Path, fakes: object) -> Path:
+    """A bundle whose fp16 graph is the TensorRT fake's (28x28 input, 10 logits)."""
+    def graph(path: Path) -> None:
+        fakes.make_graph(path, layers=[("CONVOLUTION", "HALF")])  # type: ignore[attr-defined]
+
+    return _bundle(root, size=28, classes=10, write_onnx=graph)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> object:
+    """``fake_gpu(name, capability)`` installs fakes of TensorRT 10 and cuda-python for that GPU."""
+    fakes = _load_by_path("kiln_test_fakes", ROOT / "tests" / "runtime" / "fakes", package=True)
+
+    def install(name: str = "NVIDIA L4", capability: tuple[int, int] = (8, 9)) -> object:
+        env = fakes.install(monkeypatch)  # type: ignore[attr-defined]
+        env.gpu.name, env.gpu.capability = name, capability
+        return env
+
+    install.fakes = fakes  # type: ignore[attr-defined]
+    return install
+
+
+def test_replicas_on_two_gpu_types_sharing_a_volume_keep_their_own_engines(fake_gpu: object, tmp_path: Path) -> None:
+    from kiln.bundle import Bundle
+    from kiln.runtime import load
+
+    prep = _load_by_path("kiln_prepare_engines", DOCKER / "prepare_engines.py")
+    root = _fake_bundle(tmp_path / "models" / "digits", fake_gpu.fakes)  # type: ignore[attr-defined]
+    work = tmp_path / "volume"
+    work.mkdir()
+    for gpu, capability in (("NVIDIA L4", (8, 9)), ("NVIDIA A10G", (8, 6))):
+        fake_gpu(gpu, capability)  # type: ignore[operator]
+        assert prep.prepare(root, ["fp16"], work, True) == root  # type: ignore[attr-defined]
+    engines = sorted(a.file for a in Bundle.load(root).artifacts("tensorrt"))
+    assert engines == ["model.fp16.nvidia-a10g.trt-10.13.0.35.engine", "model.fp16.nvidia-l4.trt-10.13.0.35.engine"]
+    assert sorted(p.name for p in work.glob("timing.*")) == [
+        "timing.nvidia-a10g.trt-10.13.0.35.cache", "timing.nvidia-l4.trt-10.13.0.35.cache"]
+    env = fake_gpu("NVIDIA L4", (8, 9))  # type: ignore[operator]
+    prep.prepare(root, ["fp16"], work, True)  # type: ignore[attr-defined]
+    assert not [c for c in env.trt.calls if c[0] == "build"]  # its engine is still there: nothing rebuilt
+    with load(root, "tensorrt") as backend:
+        assert backend.artifact == "model.fp16.nvidia-l4.trt-10.13.0.35.engine"
+
+
+def test_prepare_engines_says_when_a_listed_engine_file_is_missing(fake_gpu: object, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from kiln.bundle import Bundle
+
+    prep = _load_by_path("kiln_prepare_engines", DOCKER / "prepare_engines.py")
+    fake_gpu()  # type: ignore[operator]
+    root = _fake_bundle(tmp_path / "digits", fake_gpu.fakes)  # type: ignore[attr-defined]
+    prep.prepare(root, ["fp16"], tmp_path / "work", True)  # type: ignore[attr-defined]
+    (engine,) = Bundle.load(root).artifacts("tensorrt")
+    (root / engine.file).unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kiln.prepare_engines"):
+        prep.prepare(root, ["fp16"], tmp_path / "work", True)  # type: ignore[attr-defined]
+    lines = [r.getMessage() for r in caplog.records if r.name == "kiln.prepare_engines"]
+    assert f"digits: engine {engine.file} is listed in kiln.json but the file is missing" in lines
+    assert not any("cannot run here" in line for line in lines), lines
+    assert (root / engine.file).is_file()  # rebuilt
+
+
+def test_prepare_engines_records_engines_under_the_volume_lock(fake_gpu: object, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Replicas sharing the volume must not rewrite kiln.json from copies read before each other's engine
+    # was recorded: every save happens while this bundle's lock on the volume is held.
+    import fcntl
+
+    from kiln.bundle import Bundle
+
+    prep = _load_by_path("kiln_prepare_engines", DOCKER / "prepare_engines.py")
+    fake_gpu()  # type: ignore[operator]
+    root = _fake_bundle(tmp_path / "digits", fake_gpu.fakes)  # type: ignore[attr-defined]
+    work = tmp_path / "volume"
+    saves: list[bool] = []
+    original = Bundle.save
+
+    def save(self: Bundle) -> None:
+        with open(work / ".digits.lock", "a+b") as other:  # another open file: as another replica would
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                saves.append(True)
+            else:
+                fcntl.flock(other, fcntl.LOCK_UN)
+                saves.append(False)
+        original(self)
+
+    monkeypatch.setattr(Bundle, "save", save)
+    prep.prepare(root, ["fp16"], work, True)  # type: ignore[attr-defined]
+    assert saves and all(saves)

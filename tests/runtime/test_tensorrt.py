@@ -89,14 +89,16 @@ def test_cuda_check_raises_on_error_codes() -> None:
             cuda.check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
 
 
-def test_trt_extra_pins_one_cuda_major() -> None:
-    # cuda.bindings.runtime exists from cuda-python 12.6.1, and the bindings' CUDA major must be the one
-    # of the TensorRT wheel (and the driver): tensorrt-cuNN goes with cuda-python >= NN.6.1, < NN+1.
-    extra = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]["trt"]
+@pytest.mark.parametrize("name", ["trt", "trt-cu12"])
+def test_trt_extras_pin_one_cuda_major(name: str) -> None:
+    # The bindings' CUDA major must be the one of the TensorRT wheel (and the driver): tensorrt-cuNN goes
+    # with cuda-python >= NN, < NN+1; on CUDA 12, cuda.bindings.runtime exists from cuda-python 12.6.1.
+    extra = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"][name]
     trt = [r for r in extra if r.startswith("tensorrt")]
     bindings = [r for r in extra if r.startswith("cuda-python")]
     assert len(trt) == 1 and len(bindings) == 1, extra
-    major = re.fullmatch(r"tensorrt-cu(\d+)>=10\.0,<12", trt[0])
+    major = re.fullmatch(r"tensorrt-cu(\d+)>=10\.[\d.]+,<12", trt[0])
     assert major, trt[0]
     low, high = re.fullmatch(r"cuda-python>=([\d.]+),<(\d+)", bindings[0]).groups()  # type: ignore[union-attr]
-    assert int(high) == int(major[1]) + 1 and tuple(map(int, low.split("."))) >= (int(major[1]), 6, 1)
+    assert int(high) == int(major[1]) + 1
+    assert tuple(map(int, low.split("."))) >= ((12, 6, 1) if major[1] == "12" else (int(major[1]),))

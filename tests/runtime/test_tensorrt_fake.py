@@ -244,3 +244,136 @@ def test_load_prefers_a_compatible_engine(fakes: Any, monkeypatch: pytest.Monkey
         load(lenet_bundle, "tensorrt", precision="fp16")
     with pytest.raises(BackendUnavailable, match="no backend can run fp16 .*compute capability 7.5.*no fp16 ONNX model"):
         load(lenet_bundle, precision="fp16")
+
+
+# ---- the process-wide logger, plugins, version and GPU checks ----------------------------------
+
+
+def test_tensorrt_warnings_go_to_logging_never_stdout(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # TensorRT warns when a plan from another GPU model of the same compute capability is loaded; its
+    # own logger would print that to stdout, where `--json` commands write their answer.
+    fakes.install(monkeypatch)
+    plan = _plan(tmp_path, fakes, gpu_name="Other GPU")
+    with caplog.at_level("WARNING", logger="kiln.tensorrt"), TensorRTBackend(plan, **SPECS):
+        pass
+    assert capsys.readouterr().out == ""
+    assert any(r.name == "kiln.tensorrt" and r.levelname == "WARNING" and "different models of devices" in r.message
+               for r in caplog.records)
+
+
+def test_predict_json_stays_json_when_tensorrt_warns(fakes: Any, monkeypatch: pytest.MonkeyPatch, lenet_bundle: Path,
+                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from PIL import Image
+
+    from kiln.cli import main
+
+    fakes.install(monkeypatch)
+    _plan(lenet_bundle, fakes, name="model.fp32.engine", gpu_name="Other GPU")
+    b = Bundle.load(lenet_bundle)
+    b.add_artifact("model.fp32.engine", "tensorrt", "fp32", tensorrt_version=V10, gpu_name="Other GPU",
+                   compute_capability="8.9")
+    b.save()
+    Image.new("L", (28, 28), 128).save(tmp_path / "digit.png")
+    assert main(["predict", str(lenet_bundle), str(tmp_path / "digit.png"), "--backend", "tensorrt", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)  # the whole of stdout is the JSON document
+
+
+def test_plugins_are_initialised_once_with_a_logger_that_outlives_backends(
+        fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import gc
+
+    env = fakes.install(monkeypatch)
+    plan = _plan(tmp_path, fakes, plugins=True)
+    with TensorRTBackend(plan, **SPECS):
+        pass
+    gc.collect()  # whatever the first backend owned is gone; the plugin library still logs through its logger
+    with TensorRTBackend(plan, **SPECS):
+        pass
+    assert [c for c in env.trt.calls if c[0] == "init_libnvinfer_plugins"] == [("init_libnvinfer_plugins", "")]
+    assert env.trt.violations == []
+
+
+def test_build_number_is_compared(fakes: Any, monkeypatch: pytest.MonkeyPatch, lenet_bundle: Path) -> None:
+    from kiln.runtime import preflight
+
+    env = fakes.install(monkeypatch)
+    other_build = "10.13.0.34"  # same major.minor.patch, another build: TensorRT refuses the plan
+    plan = _plan(lenet_bundle, fakes, version=other_build, name="model.fp32.engine")
+    with pytest.raises(BackendUnavailable, match=rf"expecting library version {V10} got {other_build}"):
+        TensorRTBackend(plan, **SPECS)
+    _record(lenet_bundle, "model.fp32.engine", "fp32", other_build)
+    reason = f"engine built with TensorRT {other_build}, this is TensorRT {V10}"
+    with pytest.raises(BackendUnavailable, match=reason):
+        load(lenet_bundle, "tensorrt")
+    with pytest.raises(BackendUnavailable, match=reason):
+        preflight(lenet_bundle, "tensorrt")
+    with load(lenet_bundle) as backend:
+        assert backend.name == "onnxrt" and reason in backend.fallback_log[0]
+    assert env.trt.violations == []
+
+
+def _t4_engine(bundle: Path, fakes: Any) -> None:
+    """An fp16 engine built on a Tesla T4 (compute capability 7.5), listed in kiln.json."""
+    _plan(bundle, fakes, name="model.fp16.engine", capability=(7, 5), gpu_name="Tesla T4")
+    b = Bundle.load(bundle)
+    b.add_artifact("model.fp16.engine", "tensorrt", "fp16", tensorrt_version=V10, gpu_name="Tesla T4",
+                   compute_capability="7.5")
+    b.save()
+
+
+def test_preflight_refuses_an_engine_from_another_gpu(fakes: Any, monkeypatch: pytest.MonkeyPatch,
+                                                      lenet_bundle: Path) -> None:
+    from kiln.runtime import preflight
+
+    fakes.install(monkeypatch)
+    _t4_engine(lenet_bundle, fakes)
+    with pytest.raises(BackendUnavailable, match=r"tensorrt: no engine fits this machine \(model.fp16.engine: engine "
+                                                 r"built for Tesla T4 \(compute capability 7.5\), this GPU is Fake GPU"):
+        preflight(lenet_bundle, "tensorrt")
+    preflight(lenet_bundle)  # auto: ONNX Runtime runs model.onnx
+
+
+def test_serve_refuses_a_foreign_engine_before_binding_the_port(fakes: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                 lenet_bundle: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.cli import main
+    from kiln.serve import cli as serve_cli
+
+    fakes.install(monkeypatch)
+    _t4_engine(lenet_bundle, fakes)
+
+    def no_port(*_a: object) -> None:
+        raise AssertionError("kiln serve bound its port before refusing the engine")
+
+    monkeypatch.setattr(serve_cli, "_listen", no_port)
+    assert main(["serve", str(lenet_bundle), "--backend", "tensorrt", "--port", "0"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("kiln serve: error: ") and "compute capability 7.5" in line and "--engine" in line
+
+
+@pytest.mark.parametrize(("capability", "runs"), [((8, 0), True), ((9, 0), True), ((7, 5), False)])
+def test_hardware_compatible_engine_runs_from_compute_capability_8_0(
+        capability: tuple[int, int], runs: bool, fakes: Any, monkeypatch: pytest.MonkeyPatch, lenet_bundle: Path,
+        images: np.ndarray) -> None:
+    from kiln.runtime import preflight
+
+    env = fakes.install(monkeypatch)
+    env.gpu.name, env.gpu.capability = "Here GPU", capability
+    _plan(lenet_bundle, fakes, name="model.fp16.engine", capability=(8, 6), gpu_name="NVIDIA RTX A6000",
+          hardware_compatible=True)
+    b = Bundle.load(lenet_bundle)
+    b.add_artifact("model.fp16.engine", "tensorrt", "fp16", tensorrt_version=V10, gpu_name="NVIDIA RTX A6000",
+                   compute_capability="8.6", hardware_compat=True)
+    b.save()
+    if runs:
+        preflight(lenet_bundle, "tensorrt")
+        with load(lenet_bundle, "tensorrt") as backend:
+            assert backend.infer({"images": images})["logits"].shape == (3, 10)
+    else:
+        with pytest.raises(BackendUnavailable, match="needs compute capability >= 8.0, Here GPU has 7.5"):
+            preflight(lenet_bundle, "tensorrt")

@@ -141,9 +141,9 @@ def test_key_is_checked_before_the_body_and_models_stay_private(make_client: Mak
     assert resp.status_code == 401 and resp.headers["connection"] == "close"
     assert client.get("/v1/models/nope").status_code == 401
     assert client.get("/no/such/route").status_code == 401
-    # an open route naming an unknown model: 404 without the served names, unless the key comes along
+    # per-model readiness would tell a stranger which names are served: it needs the key too
     stranger = client.get("/v2/models/nope/ready")
-    assert stranger.status_code == 404 and "digits" not in stranger.text
+    assert stranger.status_code == 401 and "digits" not in stranger.text
     member = client.get("/v2/models/nope/ready", headers={"Authorization": "Bearer s3cret"})
     assert member.status_code == 404 and "digits" in member.text
     assert client.get("/v1/models/nope", headers={"Authorization": "Bearer s3cret"}).status_code == 404

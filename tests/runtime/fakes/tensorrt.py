@@ -8,9 +8,19 @@ Version differences it models (TensorRT 10.16 / 11.x Python bindings and their m
   and a weakly typed network with Q/DQ layers needs INT8.
 - ``nptype`` raises TypeError for BF16, FP8, INT4, FP4 and E8M0; ``DataType.itemsize`` is 0.5 for the
   4-bit types and None for E8M0.
-- Plans run only on the TensorRT version that built them, unless built VERSION_COMPATIBLE: then on the
-  same or a newer release of that major, and 10 plans on 11; a version-compatible plan needs
-  ``engine_host_code_allowed``. A plan using plugins deserializes only after ``init_libnvinfer_plugins``.
+- Plans run only on the TensorRT version that built them, all four parts (major.minor.patch.build),
+  unless built VERSION_COMPATIBLE: then on the same or a newer release of that major, and 10 plans on 11;
+  a version-compatible plan needs ``engine_host_code_allowed``. A plan using plugins deserializes only
+  after ``init_libnvinfer_plugins``.
+- Plans run only on the compute capability that built them (an error naming both), unless built with
+  ``hardware_compatibility_level = AMPERE_PLUS`` (then on 8.0 and newer); another GPU model of the same
+  capability loads with a WARNING through the runtime's logger.
+- ``trt.Logger`` prints to stdout, as the real one does ("Logs a message to `stdout`").
+  ``init_libnvinfer_plugins`` is to be called once: the plugin library keeps the logger it was given and
+  logs through it whenever a plugin is used; a second call, or a plugin used after that logger was
+  released (a crash in the real library), is recorded in ``trt.violations``.
+- ``BuilderFlag.TF32`` is set on a new builder config (enabled by default); a plan built with it
+  computes float32 layers in TF32 (inputs rounded to 10-bit mantissas).
 
 "ONNX files" are JSON graph descriptions (:func:`make_graph`) and plans are JSON (:func:`make_plan`).
 The network's computation: each float output row is twice the first elements of the first input row.
@@ -21,7 +31,9 @@ from __future__ import annotations
 import enum
 import json
 import math
+import sys
 import types
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,11 +90,16 @@ def make_graph(path: Path, *, inputs: list[tuple[str, tuple[int, ...], str]] | N
 
 
 def make_plan(version: str, *, tensors: list[tuple[str, str, tuple[int, ...], str]] | None = None,
-              profile: tuple[int, int, int] = (1, 4, 8), version_compatible: bool = False, plugins: bool = False) -> bytes:
-    """A plan: tensors ``(name, "INPUT"|"OUTPUT", shape with -1 batch, DataType name)``; one batch profile."""
+              profile: tuple[int, int, int] = (1, 4, 8), version_compatible: bool = False, plugins: bool = False,
+              gpu_name: str = "Fake GPU", capability: tuple[int, int] = (8, 9), hardware_compatible: bool = False,
+              tf32: bool = False) -> bytes:
+    """A plan: tensors ``(name, "INPUT"|"OUTPUT", shape with -1 batch, DataType name)``; one batch profile;
+    built on ``gpu_name`` of compute ``capability`` (FakeDevice's defaults)."""
     tensors = tensors or [("images", "INPUT", (-1, 1, 28, 28), "FLOAT"), ("logits", "OUTPUT", (-1, 10), "FLOAT")]
     return json.dumps({"magic": "fake-plan", "version": version, "tensors": tensors, "profile": profile,
-                       "version_compatible": version_compatible, "plugins": plugins}).encode()
+                       "version_compatible": version_compatible, "plugins": plugins, "gpu_name": gpu_name,
+                       "capability": list(capability), "hardware_compatible": hardware_compatible,
+                       "tf32": tf32}).encode()
 
 
 def _major(version: str) -> int:
@@ -91,7 +108,7 @@ def _major(version: str) -> int:
 
 def _runs_on(plan: dict[str, Any], here: str) -> bool:
     built_v, here_v = tuple(map(int, plan["version"].split("."))), tuple(map(int, here.split(".")))
-    if built_v[:3] == here_v[:3]:
+    if built_v == here_v:
         return True
     if not plan["version_compatible"] or here_v < built_v:
         return False
@@ -109,6 +126,8 @@ def make_tensorrt(major: int, gpu: FakeDevice, *, has_context: Callable[[], bool
     trt.__version__ = VERSIONS[major]  # type: ignore[attr-defined]
     calls: list[tuple[Any, ...]] = []
     trt.calls, trt.deprecations, trt.plugins_registered = calls, [], False  # type: ignore[attr-defined]
+    trt.violations = []  # type: ignore[attr-defined]
+    plugin_logger: list[weakref.ref[Any]] = []
     trt.DataType, trt.nptype, trt.Dims = DataType, nptype, Dims  # type: ignore[attr-defined]
     for alias, member in {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int8": "INT8", "int32": "INT32",
                           "int64": "INT64", "bool": "BOOL", "uint8": "UINT8", "fp8": "FP8", "int4": "INT4",
@@ -130,34 +149,50 @@ def make_tensorrt(major: int, gpu: FakeDevice, *, has_context: Callable[[], bool
 
     class ILogger:
         Severity = enum.IntEnum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE", start=0)
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = Severity
 
         def __init__(self) -> None:
             pass
 
         def log(self, severity: Any, msg: str) -> None:
-            pass
+            raise NotImplementedError("ILogger.log is pure virtual")
 
     class Logger(ILogger):
-        WARNING = ILogger.Severity.WARNING
+        """TensorRT's own logger: prints to stdout."""
 
-        def __init__(self, severity: Any = ILogger.Severity.WARNING) -> None:
-            self.messages: list[str] = []
+        def __init__(self, min_severity: Any = ILogger.Severity.WARNING) -> None:
+            self.min_severity = min_severity
 
         def log(self, severity: Any, msg: str) -> None:
-            self.messages.append(msg)
+            if severity <= self.min_severity:
+                print(f"[TRT] [{severity.name[0]}] {msg}", file=sys.stdout)
 
     def init_libnvinfer_plugins(logger: ILogger, namespace: str) -> bool:
         calls.append(("init_libnvinfer_plugins", namespace))
+        if plugin_logger:
+            trt.violations.append("init_libnvinfer_plugins called again: the plugin library keeps the first logger")
+        plugin_logger[:] = [weakref.ref(logger)]
+        logger.log(ILogger.Severity.VERBOSE, "Registered plugin creator - ::EfficientNMS_TRT version 1")
         trt.plugins_registered = True  # type: ignore[attr-defined]
         return True
 
+    def plugin_used(name: str) -> None:
+        """The plugin library logs through the logger it was initialised with."""
+        logger = plugin_logger[0]() if plugin_logger else None
+        if logger is None:
+            trt.violations.append(f"plugin {name} logged through a released logger (a crash in TensorRT)")
+            return
+        logger.log(ILogger.Severity.VERBOSE, f"Plugin creator found: {name}")
+
+    trt.plugin_used = plugin_used  # type: ignore[attr-defined]
+
     trt.ILogger, trt.Logger, trt.init_libnvinfer_plugins = ILogger, Logger, init_libnvinfer_plugins  # type: ignore[attr-defined]
-    _builder(trt, major, calls)
+    _builder(trt, major, calls, gpu)
     _runtime(trt, gpu, has_context)
     return trt
 
 
-def _builder(trt: Any, major: int, calls: list[tuple[Any, ...]]) -> None:
+def _builder(trt: Any, major: int, calls: list[tuple[Any, ...]], gpu: FakeDevice) -> None:
     class Tensor:
         def __init__(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
             self.name, self.shape, self.dtype = name, Dims(shape), DataType[dtype]
@@ -215,6 +250,8 @@ def _builder(trt: Any, major: int, calls: list[tuple[Any, ...]]) -> None:
             errors = list(graph["errors"])
             if graph["plugins"] and not trt.plugins_registered:
                 errors.append({"node": 0, "name": "nms", "op": "EfficientNMS_TRT", "desc": "plugin creator not found"})
+            elif graph["plugins"]:
+                trt.plugin_used("EfficientNMS_TRT")
             self.errors = [ParserError(e) for e in errors]
             self.network.graph = graph
             self.network._inputs = [Tensor(n, tuple(s), d) for n, s, d in graph["inputs"]]
@@ -239,7 +276,7 @@ def _builder(trt: Any, major: int, calls: list[tuple[Any, ...]]) -> None:
 
     class Config:
         def __init__(self) -> None:
-            self.flags: set[str] = set()
+            self.flags: set[str] = {"TF32"}  # enabled by default
             self.profiles: list[Profile] = []
             self.hardware_compatibility_level = trt.HardwareCompatibilityLevel.NONE
             self.cache: TimingCache | None = None
@@ -247,6 +284,13 @@ def _builder(trt: Any, major: int, calls: list[tuple[Any, ...]]) -> None:
         def set_flag(self, flag: Any) -> None:
             calls.append(("set_flag", flag.name))
             self.flags.add(flag.name)
+
+        def clear_flag(self, flag: Any) -> None:
+            calls.append(("clear_flag", flag.name))
+            self.flags.discard(flag.name)
+
+        def get_flag(self, flag: Any) -> bool:
+            return flag.name in self.flags
 
         def add_optimization_profile(self, profile: Profile) -> int:
             self.profiles.append(profile)
@@ -297,7 +341,9 @@ def _builder(trt: Any, major: int, calls: list[tuple[Any, ...]]) -> None:
             lo, opt, hi = config.profiles[0].shapes[graph["inputs"][0][0]]
             tensors = [(n, "INPUT", s, d) for n, s, d in graph["inputs"]] + [(n, "OUTPUT", s, d) for n, s, d in graph["outputs"]]
             return make_plan(trt.__version__, tensors=tensors, profile=(lo[0], opt[0], hi[0]),
-                             version_compatible="VERSION_COMPATIBLE" in config.flags, plugins=graph["plugins"])
+                             version_compatible="VERSION_COMPATIBLE" in config.flags, plugins=graph["plugins"],
+                             gpu_name=gpu.name, capability=gpu.capability, tf32="TF32" in config.flags,
+                             hardware_compatible=config.hardware_compatibility_level.name == "AMPERE_PLUS")
 
         @staticmethod
         def _invalid(network: Network, config: Config) -> str | None:
@@ -348,6 +394,8 @@ def _runtime(trt: Any, gpu: FakeDevice, has_context: Callable[[], bool]) -> None
             x = gpu.memory[self.addresses[first]]
             n, dtype = self.batch, self.engine.dtypes[first]
             rows = x[: n * _row_bytes(self.engine.shapes[first], dtype)].view(nptype(dtype)).reshape(n, -1)
+            if self.engine.tf32 and dtype.name == "FLOAT":  # TF32 keeps 10 of float32's 23 mantissa bits
+                rows = (rows.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
             for name in self.engine.outputs:
                 out_dtype, shape = self.engine.dtypes[name], self.engine.shapes[name]
                 if out_dtype.name not in ("FLOAT", "HALF"):
@@ -364,6 +412,7 @@ def _runtime(trt: Any, gpu: FakeDevice, has_context: Callable[[], bool]) -> None
             self.dtypes = {t[0]: DataType[t[3]] for t in plan["tensors"]}
             self.outputs = [n for n in self.names if self.modes[n] == trt.TensorIOMode.OUTPUT]
             self.profile = tuple(plan["profile"])
+            self.tf32 = bool(plan["tf32"])
 
         num_io_tensors = property(lambda self: len(self.names))
 
@@ -398,11 +447,24 @@ def _runtime(trt: Any, gpu: FakeDevice, has_context: Callable[[], bool]) -> None
             except (ValueError, KeyError, AssertionError, TypeError):
                 return self._error("the plan is not a TensorRT engine")
             if not _runs_on(plan, trt.__version__):
-                return self._error(f"plan built by TensorRT {plan['version']} cannot run on {trt.__version__}")
+                return self._error("The engine plan file is not compatible with this version of TensorRT, "
+                                   f"expecting library version {trt.__version__} got {plan['version']}, please rebuild.")
+            built_cc, here_cc = tuple(plan["capability"]), tuple(gpu.capability)
+            if plan["hardware_compatible"]:
+                if here_cc < (8, 0):
+                    return self._error(f"hardware-compatible plan needs compute capability 8.0 or newer, got {here_cc}")
+            elif built_cc != here_cc:
+                return self._error("The engine plan file is generated on an incompatible device, expecting compute "
+                                   f"{here_cc[0]}.{here_cc[1]} got compute {built_cc[0]}.{built_cc[1]}, please rebuild.")
+            elif plan["gpu_name"] != gpu.name:
+                self.logger.log(trt.ILogger.Severity.WARNING, "Using an engine plan file across different models of "
+                                "devices is not recommended and is likely to affect performance or even cause errors.")
             if plan["version_compatible"] and not self.engine_host_code_allowed:
                 return self._error("version-compatible plan needs engine_host_code_allowed")
             if plan["plugins"] and not trt.plugins_registered:
                 return self._error("getPluginCreator could not find plugin EfficientNMS_TRT")
+            if plan["plugins"]:
+                trt.plugin_used("EfficientNMS_TRT")
             return Engine(plan)
 
         def _error(self, msg: str) -> None:
