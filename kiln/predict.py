@@ -201,7 +201,7 @@ def batch_decoder(pre: Any, keep_images: bool, skip_bad: bool) -> Callable[[list
         images, good, errors = [], [], {}
         for path in paths:
             try:
-                images.append(processing.load_image(path))
+                images.append(processing.load_image(path, spec=pre))
                 good.append(path)
                 continue
             except OSError as exc:
