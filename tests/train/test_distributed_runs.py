@@ -164,8 +164,10 @@ def test_two_process_run_killed_and_resumed_with_one_keeps_the_learning_rate_cur
         _wait_until_gone(run)  # no worker keeps training and rewriting the folder
     finally:
         _stop(proc, run)
-    done = int(torch.load(run / "last.pt", weights_only=True)["epoch"])
+    saved = torch.load(run / "last.pt", weights_only=True)
+    done = int(saved["epoch"])
     assert 2 <= done < epochs
+    assert saved["scheduler"]["last_epoch"] == done * 22  # the global batch: 22 steps per epoch, as with one process
 
     resumed, _ = train(resume=run, progress=False)  # one process
     assert [r["world_size"] for r in resumed.history] == [2] * done + [1] * (epochs - done)
