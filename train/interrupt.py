@@ -4,6 +4,7 @@ Python raises KeyboardInterrupt at whatever bytecode runs when SIGINT arrives (i
 would be printed and dropped). While a run trains, the first Ctrl-C only asks it to stop: the loop raises
 KeyboardInterrupt itself at the next batch (the completed epochs are saved as always); a second Ctrl-C
 stops at once. A process started with SIGINT ignored (``nohup``, a background job) keeps ignoring it.
+The processes of a DDP run stop together, at the same batch (:class:`StopRequest`).
 """
 
 from __future__ import annotations
