@@ -4,6 +4,7 @@ processes, and what killing or interrupting `kiln train --nproc N` leaves behind
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import signal
 import subprocess
@@ -49,11 +50,14 @@ def _epoch_end_rates(cfg: TrainConfig, layout: list[tuple[int, int]]) -> list[fl
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_resumed_schedule_goes_by_progress_whatever_the_steps_per_epoch(schedule: str):
+def test_resumed_schedule_goes_by_progress_whatever_the_steps_per_epoch(schedule: str, caplog: pytest.LogCaptureFixture):
     """11 steps per epoch (2 processes at a per-process batch), resumed at 22: the rate continues from
     the same point of the run, reaches its minimum at the last epoch and does not climb back."""
     cfg = TrainConfig(schedule=schedule, epochs=6, warmup_epochs=1)
-    resumed = _epoch_end_rates(cfg, [(11, 3), (22, 3)])
+    with caplog.at_level(logging.INFO, logger="kiln.train"):
+        resumed = _epoch_end_rates(cfg, [(11, 3), (22, 3)])
+    said = [r.getMessage() for r in caplog.records if "steps per epoch" in r.getMessage()]
+    assert len(said) == 1 and "resumed with 22 steps per epoch where the run took 11" in said[0], said
     assert resumed[3:] == pytest.approx(_epoch_end_rates(cfg, [(22, 6)])[3:], rel=1e-9)
     if schedule != "onecycle":  # one-cycle's phases are whole steps: the same curve up to rounding
         assert resumed == pytest.approx(_epoch_end_rates(cfg, [(11, 6)]), rel=1e-9)
