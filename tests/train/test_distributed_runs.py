@@ -128,23 +128,30 @@ def _wait_for_epochs(run: Path, proc: subprocess.Popen, n: int, timeout: float =
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= n + 1:
             return
         time.sleep(0.02)
-    raise AssertionError(f"the run did not reach epoch {n} (exit status {proc.poll()})")
+    log = _output(run).read_text()[-3000:] if _output(run).is_file() else ""
+    raise AssertionError(f"the run did not reach epoch {n} (exit status {proc.poll()}): {log}")
 
 
-def _start(run: Path, *args: str) -> subprocess.Popen:
+def _start(run: Path, *args: str, cmd: tuple[str, ...] = (*KILN, "train", "--nproc", "2")) -> subprocess.Popen:
     """`kiln train --nproc 2` in a session of its own (a terminal's foreground job), SIGINT at its default
-    (a background job would inherit it ignored)."""
-    return subprocess.Popen([*KILN, "train", "--nproc", "2", "--out", str(run), "--no-progress", *args],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    (a background job would inherit it ignored). Its output goes to a file: an orphaned worker would hold
+    a pipe open."""
+    with open(_output(run), "w") as out:
+        return subprocess.Popen([*cmd, "--out", str(run), "--no-progress", *args], env=ENV, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _output(run: Path) -> Path:
+    return run.with_name(run.name + ".log")
 
 
 def _stop(proc: subprocess.Popen, run: Path) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
     for pid in _processes_of(run):
         os.kill(pid, signal.SIGKILL)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _metrics(run: Path) -> list[dict[str, str]]:
@@ -164,7 +171,7 @@ def test_two_process_run_killed_and_resumed_with_one_keeps_the_learning_rate_cur
         _wait_for_epochs(run, proc, 2)
         assert proc.poll() is None, "training finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)  # the launcher only: its workers are not told
-        proc.communicate(timeout=30)
+        proc.wait(timeout=30)
         _wait_until_gone(run)  # no worker keeps training and rewriting the folder
     finally:
         _stop(proc, run)
@@ -189,10 +196,11 @@ def test_ctrl_c_stops_every_process_at_one_batch_with_one_message(tmp_path: Path
     try:
         _wait_for_epochs(run, proc, 1)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the foreground process group
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
         _wait_until_gone(run)
     finally:
         _stop(proc, run)
+    err = _output(run).read_text()
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
     assert err.count("kiln train --resume") == 1 and err.count("stopping after this batch") == 1, err[-3000:]
@@ -205,12 +213,28 @@ def test_ctrl_c_stops_every_process_at_one_batch_with_one_message(tmp_path: Path
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_its_workers(tmp_path: Path):
     run = tmp_path / "term"
-    proc = _start(run, *RUN, "--epochs", "30")
+    proc = _start(run, *RUN, "--epochs", "1000")
     try:
         _wait_for_epochs(run, proc, 1)
         os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
         _wait_until_gone(run)
     finally:
         _stop(proc, run)
+    err = _output(run).read_text()
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_sigkill_to_a_torchrun_agent_takes_its_workers_down(tmp_path: Path):
+    """The same without kiln's launcher: the workers of a plain `torchrun` die with its agent."""
+    run = tmp_path / "torchrun"
+    proc = _start(run, *RUN, "--epochs", "1000", cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      "--nproc-per-node", "2", "-m", "kiln.cli", "train"))
+    try:
+        _wait_for_epochs(run, proc, 1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        _wait_until_gone(run)
+    finally:
+        _stop(proc, run)
