@@ -44,7 +44,9 @@ def launch(nproc: int, argv: list[str], *, verbose: bool = False) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        rank, failure = min(exc.failures.items())  # the lowest rank that failed
+        # the cause: not a worker the agent stopped (SIGTERM) because another had failed; the earliest, lowest rank
+        rank, failure = min(exc.failures.items(), key=lambda item: (
+            item[1].exitcode == -signal.SIGTERM, item[1].timestamp, item[0]))
         code = failure.exitcode
         if code < 0:  # killed by a signal: the worker had no chance to say why
             name = signal.Signals(-code).name

@@ -238,3 +238,20 @@ def test_sigkill_to_a_torchrun_agent_takes_its_workers_down(tmp_path: Path):
         _wait_until_gone(run)
     finally:
         _stop(proc, run)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_a_signal_is_named_and_ends_the_run(tmp_path: Path):
+    run = tmp_path / "worker"
+    proc = _start(run, *RUN, "--epochs", "1000")
+    try:
+        _wait_for_epochs(run, proc, 1)
+        rank1 = [pid for pid in _processes_of(run) if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGKILL)
+        proc.wait(timeout=60)
+        _wait_until_gone(run)
+    finally:
+        _stop(proc, run)
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert f"kiln train: rank 1 (pid {rank1[0]}) was killed by SIGKILL" in _output(run).read_text()
