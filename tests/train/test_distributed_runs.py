@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,20 @@ def _metrics(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _signal_after(run: Path, proc: subprocess.Popen, epochs: int, send: Callable[[], None]) -> str:
+    """Once ``epochs`` epochs are saved, ``send()`` a signal; wait for the launcher and for every process of
+    the run to end (within deadlines). Returns the launcher's output."""
+    try:
+        _wait_for_epochs(run, proc, epochs)
+        assert proc.poll() is None, "training finished before the signal"
+        send()
+        proc.wait(timeout=120)
+        _wait_until_gone(run)  # no worker keeps training and rewriting the folder
+    finally:
+        _stop(proc, run)
+    return _output(run).read_text()
+
+
 def test_two_process_run_killed_and_resumed_with_one_keeps_the_learning_rate_curve(tmp_path: Path):
     from kiln.train.loop import train
 
@@ -167,14 +182,7 @@ def test_two_process_run_killed_and_resumed_with_one_keeps_the_learning_rate_cur
                                      epochs=epochs, out=str(tmp_path / "ref")), progress=False)
     run = tmp_path / "killed"
     proc = _start(run, *RUN, "--epochs", str(epochs))
-    try:
-        _wait_for_epochs(run, proc, 2)
-        assert proc.poll() is None, "training finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)  # the launcher only: its workers are not told
-        proc.wait(timeout=30)
-        _wait_until_gone(run)  # no worker keeps training and rewriting the folder
-    finally:
-        _stop(proc, run)
+    _signal_after(run, proc, 2, lambda: os.kill(proc.pid, signal.SIGKILL))  # the launcher only: the workers are not told
     saved = torch.load(run / "last.pt", weights_only=True)
     done = int(saved["epoch"])
     assert 2 <= done < epochs
@@ -193,14 +201,8 @@ def test_two_process_run_killed_and_resumed_with_one_keeps_the_learning_rate_cur
 def test_ctrl_c_stops_every_process_at_one_batch_with_one_message(tmp_path: Path):
     run = tmp_path / "int"
     proc = _start(run, *RUN, "--epochs", "30")
-    try:
-        _wait_for_epochs(run, proc, 1)
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the foreground process group
-        proc.wait(timeout=120)
-        _wait_until_gone(run)
-    finally:
-        _stop(proc, run)
-    err = _output(run).read_text()
+    # Ctrl-C in a terminal: SIGINT to the foreground process group
+    err = _signal_after(run, proc, 1, lambda: os.killpg(proc.pid, signal.SIGINT))
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
     assert err.count("kiln train --resume") == 1 and err.count("stopping after this batch") == 1, err[-3000:]
@@ -214,14 +216,7 @@ def test_ctrl_c_stops_every_process_at_one_batch_with_one_message(tmp_path: Path
 def test_sigterm_to_the_launcher_stops_its_workers(tmp_path: Path):
     run = tmp_path / "term"
     proc = _start(run, *RUN, "--epochs", "1000")
-    try:
-        _wait_for_epochs(run, proc, 1)
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-        _wait_until_gone(run)
-    finally:
-        _stop(proc, run)
-    err = _output(run).read_text()
+    err = _signal_after(run, proc, 1, lambda: os.kill(proc.pid, signal.SIGTERM))
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
 
 
@@ -231,27 +226,21 @@ def test_sigkill_to_a_torchrun_agent_takes_its_workers_down(tmp_path: Path):
     run = tmp_path / "torchrun"
     proc = _start(run, *RUN, "--epochs", "1000", cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                       "--nproc-per-node", "2", "-m", "kiln.cli", "train"))
-    try:
-        _wait_for_epochs(run, proc, 1)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        _wait_until_gone(run)
-    finally:
-        _stop(proc, run)
+    _signal_after(run, proc, 1, lambda: os.kill(proc.pid, signal.SIGKILL))
 
 
 @pytest.mark.slow
 def test_a_worker_killed_by_a_signal_is_named_and_ends_the_run(tmp_path: Path):
     run = tmp_path / "worker"
     proc = _start(run, *RUN, "--epochs", "1000")
-    try:
-        _wait_for_epochs(run, proc, 1)
-        rank1 = [pid for pid in _processes_of(run) if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
-        assert len(rank1) == 1
-        os.kill(rank1[0], signal.SIGKILL)
-        proc.wait(timeout=60)
-        _wait_until_gone(run)
-    finally:
-        _stop(proc, run)
-    assert proc.returncode == 128 + signal.SIGKILL
-    assert f"kiln train: rank 1 (pid {rank1[0]}) was killed by SIGKILL" in _output(run).read_text()
+    killed: list[int] = []
+
+    def kill_rank_1() -> None:
+        killed.extend(pid for pid in _processes_of(run)
+                      if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        assert len(killed) == 1
+        os.kill(killed[0], signal.SIGKILL)
+
+    err = _signal_after(run, proc, 1, kill_rank_1)
+    assert proc.returncode == 128 + signal.SIGKILL, err[-3000:]
+    assert f"kiln train: rank 1 (pid {killed[0]}) was killed by SIGKILL" in err
