@@ -23,6 +23,36 @@ TASKS = ("auto", *vocab.TASKS)
 
 # Learning rates that work out of the box for each optimizer (used when --lr is not given).
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adagrad": 0.01, "adam": 2e-3, "adamw": 2e-3}
+# The batch size of each task when the training set gives enough steps per epoch at it (see default_batch_size).
+DEFAULT_BATCH = {"classify": 64, "detect": 16}
+MIN_STEPS_PER_EPOCH = 10
+MIN_AUTO_BATCH = 8
+WARMUP_SHARE = 0.05  # default warm-up: this share of the run's steps (at least MIN_WARMUP_STEPS), at most one epoch
+MIN_WARMUP_STEPS = 20
+PRECISE_BN_IMAGES = 512
+
+
+def default_batch_size(task: str, train_images: int, world: int = 1) -> int:
+    """The task's batch size, halved (down to 8) until an epoch has at least 10 optimizer steps: a small
+    set at batch 64 takes 3 steps an epoch, too few for the weights or BatchNorm statistics to settle."""
+    batch = DEFAULT_BATCH[task]
+    while batch > MIN_AUTO_BATCH and train_images // (batch * world) < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+    return batch
+
+
+def default_warmup_epochs(epochs: int, steps_per_epoch: int) -> float:
+    """Warm-up scaled to the run: 5% of its steps but at least 20 steps, never more than one epoch (a
+    2-epoch run does not spend half of it warming up; a 3-step epoch still warms up over a whole one)."""
+    steps = max(WARMUP_SHARE * epochs * steps_per_epoch, MIN_WARMUP_STEPS)
+    return min(1.0, steps / max(1, steps_per_epoch))
+
+
+def warmup_epochs(cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """``cfg``'s warm-up in epochs: ``--warmup-epochs``, else :func:`default_warmup_epochs`."""
+    if cfg.warmup_epochs is not None:
+        return cfg.warmup_epochs
+    return default_warmup_epochs(cfg.epochs, steps_per_epoch)
 
 
 @dataclass
@@ -31,11 +61,11 @@ class TrainConfig:
     model: str | None = None  # None: lenet5 for classification, kiln-det-s for detection
     task: str = "auto"
     epochs: int = 20
-    batch_size: int | None = None  # None: the task's default (64 classification, 16 detection)
+    batch_size: int | None = None  # None: default_batch_size() of the task and the training set
     lr: float | None = None
     optimizer: str = "adamw"
     schedule: str = "cosine"
-    warmup_epochs: float = 1.0
+    warmup_epochs: float | None = None  # None: default_warmup_epochs(epochs)
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     grad_clip: float | None = None
@@ -45,7 +75,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool = False
     compile: bool = False
-    workers: int | None = None  # None: 0 for in-memory datasets, min(4, cpus) for image files
+    workers: int | None = None  # None: 0 for images held in memory, else up to 4 (one core left to training)
     image_size: int | None = None
     val_fraction: float = 0.2
     skip_bad_images: bool = False
@@ -54,6 +84,8 @@ class TrainConfig:
     freeze_backbone: int = 0  # epochs trained with the backbone frozen (the new head only), then unfrozen
     backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to --lr
     batch_range: str = "1:8:32"
+    precise_bn: bool = True  # re-estimate BatchNorm statistics before each validation (and so in the bundle)
+    precise_bn_images: int = PRECISE_BN_IMAGES  # training images (no augmentation) the statistics are taken over
     out: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # task-specific (e.g. detection loss weights)
 
@@ -71,7 +103,8 @@ class TrainConfig:
             ("--epochs", self.epochs >= 1, self.epochs),
             ("--batch-size", self.batch_size is None or self.batch_size >= 1, self.batch_size),
             ("--lr", self.lr is None or self.lr > 0, self.lr),
-            ("--warmup-epochs", self.warmup_epochs >= 0, self.warmup_epochs),
+            ("--warmup-epochs", self.warmup_epochs is None or self.warmup_epochs >= 0, self.warmup_epochs),
+            ("--precise-bn-images", self.precise_bn_images >= 1, self.precise_bn_images),
             ("--weight-decay", self.weight_decay >= 0, self.weight_decay),
             ("--label-smoothing", 0 <= self.label_smoothing < 1, self.label_smoothing),
             ("--grad-clip", self.grad_clip is None or self.grad_clip > 0, self.grad_clip),

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,6 +30,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from kiln import __version__
 from kiln.bundle import Architecture, BatchRange, Preprocess
 from kiln.data import open_dataset
+from kiln.data.dataset import collect_skipped
+from kiln.data.inspect import summarize
 from kiln.errors import ConfigError, KilnError
 from kiln.models import build_model, load_weights, read_state_dict
 from kiln.train import checkpoint, finetune
@@ -58,6 +61,7 @@ from kiln.train.run import (
     write_config,
     write_metrics_csv,
 )
+from kiln.train.stats import chance_warning, sample_indices
 from kiln.train.tasks import Task
 from kiln.train.throttle import throttle_warning
 
@@ -116,11 +120,16 @@ class Trainer:
         self.dist = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = resolve_device(cfg.device, self.dist)
         configure_kernels(cfg, self.device)
-        self.train_raw, self.val_raw = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                                    skip_bad_images=cfg.skip_bad_images)
+        with collect_skipped() as skipped:
+            self.train_raw, self.val_raw = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                                        skip_bad_images=cfg.skip_bad_images)
         self.settings: Settings = resolve_settings(cfg, self.train_raw, preprocess=saved_pre)
         if resume is None and (self.run_dir / checkpoint.LAST).exists():
             raise ConfigError(f"--out {self.run_dir} already holds a run; resume it with --resume {self.run_dir} or pick another --out")
+        self.data_summary = summarize(self.cfg.data, self.train_raw, self.val_raw, self.settings.input_size,
+                                      self.batch_size, skipped, self.dist.world)
+        if self.dist.main:
+            self._log_plan()
         self._build()
         self.history: list[dict[str, Any]] = []
         self._stop = StopRequest()  # replaced by fit() while it trains
@@ -129,6 +138,8 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.start_epoch = 0
         self.throttle_warned = False
+        self.chance_warned = False
+        self.warnings: list[str] = list(self.data_summary.warnings)
         if self.resume_state is not None:
             self._restore(self.resume_state)
 
@@ -190,7 +201,17 @@ class Trainer:
         self.sampler: DistributedSampler[Any] | None = (
             DistributedSampler(self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=cfg.seed)
             if self.dist.enabled else None)
-        self.steps_per_epoch = len(self._loader(0))
+        self.train_gen = torch.Generator()
+        self.train_loader = DataLoader(
+            self.train_ds, batch_size=self.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
+            num_workers=self.workers, pin_memory=self.device.type == "cuda", collate_fn=self.task.collate,
+            generator=self.train_gen, drop_last=len(self.train_ds) > self.batch_size * self.dist.world,
+            persistent_workers=self.workers > 0)
+        self.val_batches = DataLoader(self.val_ds, batch_size=max(64, self.batch_size), shuffle=False,
+                                      num_workers=self.workers, collate_fn=self.task.collate,
+                                      pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
+        self.bn_batches = self._bn_loader()
+        self.steps_per_epoch = len(self.train_loader)
         self.optimizer = build_optimizer(cfg, finetune.param_groups(self.model, cfg, cfg.learning_rate))
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.amp = amp_dtype(cfg, self.device)
@@ -205,20 +226,30 @@ class Trainer:
     # ---- data ------------------------------------------------------------------------------------
 
     def _loader(self, epoch: int) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        """The training loader, its shuffle seeded from ``(seed, epoch)``. Its workers persist across epochs;
+        with ``--workers 0`` (the default for images held in memory) augmentation is seeded per epoch too,
+        so a resumed run replays an epoch exactly."""
+        self.train_gen.manual_seed(self.cfg.seed * 100_003 + epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-        return DataLoader(
-            self.train_ds, batch_size=self.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
-            num_workers=self.workers, pin_memory=self.device.type == "cuda", collate_fn=self.task.collate,
-            generator=gen, drop_last=len(self.train_ds) > self.batch_size * self.dist.world,
-            persistent_workers=False,
-        )
+        return self.train_loader
 
     def val_loader(self) -> DataLoader:
-        return DataLoader(self.val_ds, batch_size=max(64, self.batch_size), shuffle=False,
-                          num_workers=self.workers, collate_fn=self.task.collate,
-                          pin_memory=self.device.type == "cuda")
+        return self.val_batches
+
+    def _bn_loader(self) -> DataLoader | None:
+        """Training images without augmentation for precise-BN (:meth:`_precise_bn`), or None when the
+        model has no BatchNorm statistics to re-estimate or precise-BN is off."""
+        if not self.cfg.precise_bn or not any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in self.model.modules()):
+            return None
+        # A fixed sample in a shuffled order: folder sets list their images class by class, and a batch of
+        # one class has a far smaller variance than the data (its statistics would be wrong).
+        idx = sample_indices(len(self.train_raw), self.cfg.precise_bn_images, self.cfg.seed)
+        plain = self.train_raw.subset(np.random.default_rng(self.cfg.seed).permutation(idx).tolist())
+        ds = self.task.torch_datasets(self.cfg, plain, plain, self.pre)[1]  # the val-side dataset: no augmentation
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=0, collate_fn=self.task.collate,
+                          drop_last=len(ds) > self.batch_size)
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -313,6 +344,19 @@ class Trainer:
             raise TrainingInterrupted(result)
         return result
 
+    def _log_plan(self) -> None:
+        """The dataset summary and the choices made from it, before anything is built."""
+        for line in self.data_summary.format():
+            if line.startswith("  input size") and self.settings.input_size.source != "option":
+                line += "; --image-size changes it"
+            if not line.startswith("  warning:"):
+                log.info("%s", line)
+        for warning in self.data_summary.warnings:
+            log.warning("%s", warning)
+        cfg = self.cfg
+        log.info("  %d epochs, warm-up %.2g epoch(s) (--warmup-epochs), %s batch norm statistics",
+                 cfg.epochs, cfg.warmup_epochs, "precise" if cfg.precise_bn else "running")
+
     def _up_to_date(self, t0: float) -> RunResult:
         """A resumed run with no epoch left: its folder already is the result, so nothing is rewritten
         (model.pt would get a new hash, and kiln.json would lose the exported artifacts it lists)."""
@@ -391,6 +435,7 @@ class Trainer:
         if "correct" in totals:
             row["train_acc"] = 100.0 * totals["correct"] / count
         if self.dist.main:
+            self._precise_bn()
             val = self.task.evaluate(self.model, self.val_loader(), self.device)
             row.update({f"val_{k}": v for k, v in val.items()})
         row["images_per_s"] = count / max(seconds, 1e-9)
@@ -409,7 +454,30 @@ class Trainer:
             msg = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             log.info("%s%s", msg, "  *best*" if improved else "")
             self._warn_if_throttled()
+            self._warn_if_at_chance(final=epoch + 1 == self.cfg.epochs)
         return row
+
+    def _precise_bn(self) -> None:
+        """Re-estimate BatchNorm statistics on training images before validation (precise-BN).
+
+        Training updates them with momentum from its own batches, so on small sets (few, small batches,
+        augmented) they lag the weights and evaluation-mode outputs collapse to one class. One pass in
+        training mode without gradients over a fixed sample sets them to the cumulative average, as
+        ``torch.optim.swa_utils.update_bn`` does; the bundle's weights carry them.
+        """
+        if self.bn_batches is None:
+            return
+        torch.optim.swa_utils.update_bn(self.bn_batches, self.model, self.device)
+
+    def _warn_if_at_chance(self, final: bool) -> None:
+        if self.chance_warned or self.task.name != "classify":
+            return
+        counts = list(self.data_summary.val.per_class.values())
+        warning = chance_warning(self.history, counts, final=final, precise_bn=self.cfg.precise_bn, data=self.cfg.data)
+        if warning:
+            self.chance_warned = True
+            self.warnings.append(warning)
+            log.warning("%s", warning)
 
     def _warn_if_throttled(self) -> None:
         if self.throttle_warned:

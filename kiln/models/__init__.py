@@ -123,6 +123,17 @@ class ModelEntry:
     build: Callable[..., nn.Module]
     task: str
     default_size: int | None  # input side when the dataset does not fix one
+    min_size: int = 1  # the smallest input side the architecture takes
+
+
+def _torchvision_min_size(name: str) -> int:
+    """torchvision's own record of the smallest input of ``name`` (its weights' ``min_size``: 75 for
+    inception_v3, 224 for the ViTs, 1 for most), read from the library without downloading anything."""
+    try:
+        weights = list(torchvision.models.get_model_weights(name))
+    except (ValueError, KeyError):
+        return 1
+    return max((max(w.meta.get("min_size", (1, 1))) for w in weights), default=1)
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -146,7 +157,7 @@ def model_entry(name: str) -> ModelEntry:
         return ModelEntry(_timm(name), "classify", 224)
     tv = torchvision_classifiers()
     if name in tv:
-        return ModelEntry(_torchvision(name), "classify", 224)
+        return ModelEntry(_torchvision(name), "classify", 224, _torchvision_min_size(name))
     raise unknown_model(name, list(dict.fromkeys([*MODELS, *tv])))  # resnet18 etc. are in both
 
 
