@@ -147,10 +147,10 @@ class ClassifyTask:
         y = torch.cat(labels)
         loss = nn.functional.cross_entropy(out, y).item()
         metrics = classification_metrics(out.numpy(), y.numpy(), self.num_classes)
-        out = {"loss": loss, "top1": metrics["top1"]}
+        result = {"loss": loss, "top1": metrics["top1"]}
         if self.num_classes > 5:  # with 5 classes or fewer top-5 is 100% by definition
-            out["top5"] = metrics["top5"]
-        return out
+            result["top5"] = metrics["top5"]
+        return result
 
 
 def make_task(name: str, num_classes: int) -> Task:
