@@ -28,7 +28,7 @@ from kiln.cli import (
 )
 from kiln.compare import Timing, artifact_table, format_speed_table, format_table
 from kiln.data import DataSpec
-from kiln.data.detect import write_shapes_coco
+from kiln.data.detect import write_shapes_coco, write_shapes_yolo
 from kiln.errors import ConfigError
 from kiln.evaluate import bundle_split, eval_post, json_safe, run_split, split_metrics
 from kiln.fsutil import remove_stale_temps
@@ -40,6 +40,7 @@ from kiln.train.config import (
     SCHEDULES,
     TASKS,
     TrainConfig,
+    check_model_name,
     default_batch_size,
 )
 from kiln.train.reports import write_classify_reports, write_detect_reports
@@ -200,6 +201,7 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
                     "Examples:\n"
                     "  kiln data inspect folder:photos --batch-size 16 --save inspect/   # + contact sheet and JSON\n"
                     "  kiln data shapes --out data/shapes           # the shapes detection set in COCO layout\n"
+                    "  kiln data shapes --format yolo --out data/y  # ... in Ultralytics layout, with data.yaml\n"
                     "  kiln data sample digits --out samples/       # samples/digit-<label>-<i>.png\n"
                     "  kiln data sample shapes --out samples/       # images, and copies with their boxes drawn")
     dp.add_argument("name", type=choice("data command", ("inspect", "shapes", "sample")), metavar="{inspect,shapes,sample}",
@@ -211,6 +213,8 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
                     help="number of images (default: the training set size for shapes; one per class, or 4 "
                          "detection images, for sample)")
     dp.add_argument("--seed", type=int, default=0, help="random seed of the generated images and of the val split")
+    dp.add_argument("--format", type=choice("format", ("coco", "yolo")), default="coco",
+                    help="shapes: coco (annotations/instances_{train,val}.json) or yolo (labels/ and data.yaml)")
     i = dp.add_argument_group("inspect")
     i.add_argument("--batch-size", type=positive_int, metavar="B",
                    help="steps per epoch at this batch size (default: the batch size kiln train would choose)")
@@ -225,12 +229,14 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         return _launch(args)
-    # the training loop imports torch: `kiln --help` and the other commands do not need it
-    from kiln.train.loop import TrainingInterrupted, train
-
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume and "out" in given:
         raise _usage("--resume RUN_DIR and --out cannot be combined (the run folder is RUN_DIR)")
+    if given.get("model"):
+        check_model_name(given["model"])  # a typo costs nothing: torch is not loaded yet
+    # the training loop imports torch: `kiln --help` and the other commands do not need it
+    from kiln.train.loop import TrainingInterrupted, train
+
     try:
         result, trainer = train(resume=args.resume, overrides=given, progress=not args.no_progress)
     except TrainingInterrupted as stop:
@@ -246,6 +252,11 @@ def run_train(args: argparse.Namespace) -> int:
         else:
             print(f"trained {trainer.cfg.model} on {trainer.cfg.data}: best epoch {result.best_epoch} ({best}); "
                   f"{result.seconds:.1f} s, {result.images_per_s:.0f} images/s -> {result.run_dir}", file=sys.stderr)
+            files = result.files
+            print(f"  curves: {files.get('curves')}  metrics: {files.get('metrics_csv')}  "
+                  f"TensorBoard: tensorboard --logdir {files.get('tensorboard')}", file=sys.stderr)
+            for warning in result.warnings:
+                print(f"  warning: {warning}", file=sys.stderr)
         if args.json:
             print(json.dumps(summary, indent=2))
     return 0
@@ -387,8 +398,13 @@ def run_data(args: argparse.Namespace) -> int:
         return 0
     if args.sample_data is not None:
         raise _usage(f"kiln data shapes takes no dataset (got {args.sample_data}); did you mean kiln data sample {args.sample_data}?")
+    if args.format == "yolo":
+        path = write_shapes_yolo(args.out, count=args.count, seed=args.seed)
+        print(f"wrote {path.parent}; train with --data yolo:{path}", file=sys.stderr)
+        return 0
     path = write_shapes_coco(args.out, count=args.count, seed=args.seed)
-    print(f"wrote {path}", file=sys.stderr)
+    print(f"wrote {path}; train with --data coco:{path / 'annotations' / 'instances_train.json'}:{path / 'images' / 'train'}",
+          file=sys.stderr)
     return 0
 
 

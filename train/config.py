@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,24 @@ from kiln.errors import ConfigError, unknown_choice
 MODEL_NAMES = ("lenet5", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "kiln-det-s", "kiln-det-m",
                "kiln-det-resnet18", "kiln-det-resnet34", "kiln-det-resnet50", "kiln-det-mobilenet_v3_large",
                "kiln-det-efficientnet_b0")
+# torchvision.models.list_models(module=torchvision.models), so a mistyped --model fails before torch loads
+# (tests/train/test_models.py keeps it equal to the installed torchvision's list).
+TORCHVISION_CLASSIFIERS = (
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121",
+    "densenet161", "densenet169", "densenet201", "efficientnet_b0", "efficientnet_b1",
+    "efficientnet_b2", "efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6",
+    "efficientnet_b7", "efficientnet_v2_l", "efficientnet_v2_m", "efficientnet_v2_s", "googlenet",
+    "inception_v3", "maxvit_t", "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3", "mobilenet_v2",
+    "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_16gf", "regnet_x_1_6gf", "regnet_x_32gf",
+    "regnet_x_3_2gf", "regnet_x_400mf", "regnet_x_800mf", "regnet_x_8gf", "regnet_y_128gf",
+    "regnet_y_16gf", "regnet_y_1_6gf", "regnet_y_32gf", "regnet_y_3_2gf", "regnet_y_400mf",
+    "regnet_y_800mf", "regnet_y_8gf", "resnet101", "resnet152", "resnet18", "resnet34", "resnet50",
+    "resnext101_32x8d", "resnext101_64x4d", "resnext50_32x4d", "shufflenet_v2_x0_5",
+    "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "squeezenet1_0", "squeezenet1_1",
+    "swin_b", "swin_s", "swin_t", "swin_v2_b", "swin_v2_s", "swin_v2_t", "vgg11", "vgg11_bn", "vgg13",
+    "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "vit_b_16", "vit_b_32", "vit_h_14",
+    "vit_l_16", "vit_l_32", "wide_resnet101_2", "wide_resnet50_2",
+)
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -30,6 +49,17 @@ MIN_AUTO_BATCH = 8
 WARMUP_SHARE = 0.05  # default warm-up: this share of the run's steps (at least MIN_WARMUP_STEPS), at most one epoch
 MIN_WARMUP_STEPS = 20
 PRECISE_BN_IMAGES = 512
+
+
+def check_model_name(name: str) -> None:
+    """Raise the one-line error for a ``--model`` that names nothing kiln can build (no torch needed)."""
+    if name in MODEL_NAMES or name in TORCHVISION_CLASSIFIERS or name.startswith("timm:"):
+        return
+    known = list(dict.fromkeys([*MODEL_NAMES, *TORCHVISION_CLASSIFIERS]))
+    near = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
+    hint = f" Did you mean '{near[0]}'? Nearest: {', '.join(near)}." if near else ""
+    raise ConfigError(f"--model: unknown model '{name}'.{hint} Known: {', '.join(MODEL_NAMES)}, any torchvision "
+                      "classifier (torchvision.models.list_models()) or timm:NAME")
 
 
 def default_batch_size(task: str, train_images: int, world: int = 1) -> int:

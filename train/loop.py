@@ -33,7 +33,7 @@ from kiln.data import open_dataset
 from kiln.data.dataset import collect_skipped
 from kiln.data.inspect import summarize
 from kiln.errors import ConfigError, KilnError
-from kiln.models import build_model, load_weights, read_state_dict
+from kiln.models import build_model, load_weights, model_cost, read_state_dict
 from kiln.train import checkpoint, finetune
 from kiln.train.config import TrainConfig
 from kiln.train.device import (
@@ -56,6 +56,7 @@ from kiln.train.resolve import (
 from kiln.train.run import (
     bundle_manifest,
     open_tensorboard,
+    plot_curves,
     run_files,
     write_bundle,
     write_config,
@@ -80,6 +81,7 @@ class RunResult:
     images_per_s: float
     interrupted: bool = False
     files: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # about the data and the run (see Trainer.warnings)
     up_to_date: bool = False  # a resumed run that had nothing left to train: nothing was written
 
     def summary(self, cfg: TrainConfig, task: str) -> dict[str, Any]:
@@ -97,6 +99,7 @@ class RunResult:
             "files": self.files,
             "interrupted": self.interrupted,
             "up_to_date": self.up_to_date,
+            "warnings": self.warnings,
         }
 
 
@@ -194,6 +197,10 @@ class Trainer:
             if skipped:
                 log.info("--weights %s: re-initialised %d tensor(s) whose shape differs (new head): %s",
                          cfg.weights, len(skipped), ", ".join(skipped[:4]))
+        self.cost = model_cost(self.model, (self.arch.args["in_channels"], *self.pre.size))
+        if self.dist.main:
+            log.info("%s: %.2fM parameters, %.3g GFLOPs per %dx%d image", cfg.model, self.cost["parameters"] / 1e6,
+                     self.cost["gflops"], *self.pre.size)
         self.model.to(self.device)
         if cfg.channels_last and self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
@@ -298,7 +305,7 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> RunResult:
-        t0 = time.perf_counter()
+        t0 = self.fit_started = time.perf_counter()
         if self.start_epoch >= self.cfg.epochs:
             return self._up_to_date(t0)
         main = self.dist.main
@@ -339,7 +346,7 @@ class Trainer:
         if self.dist.enabled:
             dist.barrier()
         result = RunResult(self.run_dir, self.best, self.best_epoch, self.history, time.perf_counter() - t0,
-                           images / train_time if train_time else 0.0, interrupted, files)
+                           images / train_time if train_time else 0.0, interrupted, files, self.warnings)
         if interrupted:
             raise TrainingInterrupted(result)
         return result
@@ -451,8 +458,9 @@ class Trainer:
                 checkpoint.save(self.run_dir / checkpoint.BEST, copy.copy(self.best_state))
             self._checkpoint(epoch + 1)
             write_metrics_csv(self.history, self.run_dir / "metrics.csv")
+            plot_curves(self.history, self.run_dir / "curves.png", self.task.primary)  # to watch while it trains
             msg = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-            log.info("%s%s", msg, "  *best*" if improved else "")
+            log.info("%s%s%s", msg, "  *best*" if improved else "", self._eta(epoch))
             self._warn_if_throttled()
             self._warn_if_at_chance(final=epoch + 1 == self.cfg.epochs)
         return row
@@ -479,6 +487,15 @@ class Trainer:
             self.warnings.append(warning)
             log.warning("%s", warning)
 
+    def _eta(self, epoch: int) -> str:
+        """The whole run's time left, from the epochs (with validation) done in this process so far."""
+        left = self.cfg.epochs - epoch - 1
+        done = epoch + 1 - self.start_epoch
+        if left <= 0 or done <= 0:
+            return ""
+        per_epoch = (time.perf_counter() - self.fit_started) / done
+        return f"  eta {_duration(per_epoch * left)}"
+
     def _warn_if_throttled(self) -> None:
         if self.throttle_warned:
             return
@@ -493,10 +510,15 @@ class Trainer:
         """Write model.pt (best weights), kiln.json and curves.png into the run folder."""
         state = self.best_state or {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         manifest = bundle_manifest(self.settings, build_model(self.arch), {
-            "epochs": len(self.history), "best_epoch": self.best_epoch, "world_size": self.dist.world,
+            "epochs": len(self.history), "best_epoch": self.best_epoch, "world_size": self.dist.world, **self.cost,
             "device": str(self.device), "train_images": len(self.train_raw), "val_images": len(self.val_raw),
         })
         return write_bundle(self.settings, manifest, state, self.best, self.history)
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 class TrainingInterrupted(KeyboardInterrupt):

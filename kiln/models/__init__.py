@@ -171,6 +171,27 @@ def unknown_model(name: str, known: list[str]) -> ConfigError:
                        "classifier (torchvision.models.list_models()) or timm:NAME")
 
 
+def model_cost(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+    """Parameter count and GFLOPs of one forward pass on an input of ``input_shape`` ``[C, H, W]``.
+
+    GFLOPs count a multiply-add once, as torchvision's and timm's model tables do (resnet18 at 224:
+    1.8), measured with ``torch.utils.flop_counter.FlopCounterMode`` over one batch-1 pass in eval mode
+    (BatchNorm statistics are left alone); the model's train/eval mode is restored afterwards.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in model.parameters())
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+    return {"parameters": int(params), "gflops": round(counter.get_total_flops() / 2 / 1e9, 4)}
+
+
 def build_model(arch: Architecture) -> nn.Module:
     """Build the (untrained) module that ``arch`` describes."""
     return model_entry(arch.name).build(**arch.args)

@@ -14,8 +14,8 @@ from PIL import Image
 
 # class -> (photo, rows, cols) in the 427x640 photos of sklearn.datasets.load_sample_images()
 REGIONS = {
-    "temple": ("china.jpg", (60, 370), (80, 340)),
-    "trees": ("china.jpg", (200, 427), (460, 640)),
+    "temple": ("china.jpg", (40, 340), (100, 320)),
+    "trees": ("china.jpg", (180, 427), (520, 640)),
     "petals": ("flower.jpg", (80, 350), (170, 450)),
     "leaves": ("flower.jpg", (0, 427), (0, 160)),
 }

@@ -81,3 +81,14 @@ def test_small_detections_are_drawn_at_the_whole_factor_closest_to_256() -> None
     assert render(Image.new("RGB", (160, 120)), res, ["a"]).size == (320, 240)
     assert render(Image.new("RGB", (100, 80)), res, ["a"]).size == (300, 240)
     assert render(Image.new("RGB", (300, 200)), res, ["a"]).size == (300, 200)
+
+
+def test_mistyped_model_fails_before_torch_loads() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom kiln.cli import main\nrc = main(['train', '--model', 'resnt18', '--no-progress'])\n"
+            "print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"]
+    assert "unknown model 'resnt18'. Did you mean 'resnet18'?" in out.stderr
