@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from kiln import runtime
@@ -29,7 +32,7 @@ from kiln.cli import (
 from kiln.compare import Timing, artifact_table, format_speed_table, format_table
 from kiln.data import DataSpec
 from kiln.data.detect import write_shapes_coco, write_shapes_yolo
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, KilnError
 from kiln.evaluate import bundle_split, eval_post, json_safe, run_split, split_metrics
 from kiln.fsutil import remove_stale_temps
 from kiln.train.config import (
@@ -243,6 +246,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"interrupted: the bundle in {stop.result.run_dir} holds the best of {len(stop.result.history)} epoch(s); "
               f"continue with: kiln train --resume {stop.result.run_dir}", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError) as exc:
+        if not _disk_full(exc):
+            raise
+        raise _disk_full_error(Path(args.resume or given.get("out") or "runs")) from None
     if trainer.dist.main:
         summary = result.summary(trainer.cfg, trainer.task.name)
         best = ", ".join(f"{k} {v:.4g}" for k, v in result.best.items())
@@ -302,6 +309,27 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """A write that failed for want of space: ENOSPC/EDQUOT, or torch.save's own wording for it."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return "No space left on device" in text or "file write failed" in text
+
+
+def _disk_full_error(run_dir: Path) -> KilnError:
+    where = run_dir.resolve()
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return KilnError(f"the disk holding {where} is full ({free}); free some space or pass --out on another disk, "
+                     f"then resume with --resume {run_dir} if a checkpoint was written")
 
 
 def _usage(msg: str) -> Exception:

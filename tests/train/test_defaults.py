@@ -92,3 +92,29 @@ def test_mistyped_model_fails_before_torch_loads() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False"]
     assert "unknown model 'resnt18'. Did you mean 'resnet18'?" in out.stderr
+
+
+def test_full_disk_is_one_line_naming_the_run_folder_and_free_space(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from kiln.cli import main
+    from kiln.train import checkpoint
+
+    def full(path: Path, obj: dict) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(checkpoint, "save", full)
+    rc = main(["train", "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(f"kiln train: error: the disk holding {tmp_path / 'run'} is full (")
+    assert "MiB free" in err[-1]
+
+    def enospc(path: Path, obj: dict) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save", enospc)
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "run2"), "--no-progress"]) == 2
+    assert "is full" in capsys.readouterr().err
