@@ -222,6 +222,8 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--batch-size", type=positive_int, metavar="B",
                    help="steps per epoch at this batch size (default: the batch size kiln train would choose)")
     i.add_argument("--image-size", type=positive_int, metavar="S", help="the --image-size a run would get")
+    i.add_argument("--model", metavar="NAME",
+                   help="the --model a run would use, for the input size it takes (default: the task's default model)")
     i.add_argument("--val-fraction", type=open_fraction, default=0.2, help="share held out when DATA has no val split")
     i.add_argument("--save", metavar="DIR", help="write contact_sheet.png (a row of samples per class) and summary.json")
     i.add_argument("--per-class", type=positive_int, default=8, metavar="N", help="images per class on the contact sheet")
@@ -439,17 +441,20 @@ def run_data(args: argparse.Namespace) -> int:
 def _run_inspect(args: argparse.Namespace) -> int:
     from kiln.data import open_dataset
     from kiln.data.dataset import collect_skipped
-    from kiln.data.inspect import InputSize, data_image_size, save_inspection, summarize
+    from kiln.data.inspect import save_inspection, summarize
 
     if args.sample_data is None:
         raise _usage("kiln data inspect needs a dataset, e.g. kiln data inspect folder:photos")
+    if args.model:
+        check_model_name(args.model)
     with collect_skipped() as skipped:
         train, val = open_dataset(args.sample_data, val_fraction=args.val_fraction, seed=args.seed, skip_bad_images=True)
-    if args.image_size:
-        size = InputSize(args.image_size, "option", "--image-size")
-    else:
-        size = data_image_size(train) or InputSize(
-            None, "model", "set by the model (letterbox at its default side); --image-size changes it")
+    # the input size exactly as `kiln train` would choose it (this loads torch, for the model registry)
+    from kiln.train.resolve import input_size
+    from kiln.train.tasks import make_task
+
+    model = args.model or make_task(train.task, len(train.classes)).default_model
+    size = input_size(TrainConfig(data=args.sample_data, model=model, image_size=args.image_size), train)
     batch = args.batch_size or default_batch_size(train.task, len(train))
     summary = summarize(args.sample_data, train, val, size, batch, skipped)
     for line in summary.format():
