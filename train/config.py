@@ -9,6 +9,7 @@ from typing import Any
 
 from kiln import vocab
 from kiln.bundle import BatchRange
+from kiln.data.inspect import MIN_STEPS
 from kiln.errors import ConfigError, unknown_choice
 
 # The names in kiln.models.MODELS, here so `kiln --help` does not import torch (a test keeps them equal).
@@ -44,7 +45,7 @@ TASKS = ("auto", *vocab.TASKS)
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adagrad": 0.01, "adam": 2e-3, "adamw": 2e-3}
 # The batch size of each task when the training set gives enough steps per epoch at it (see default_batch_size).
 DEFAULT_BATCH = {"classify": 64, "detect": 16}
-MIN_STEPS_PER_EPOCH = 10
+MIN_STEPS_PER_EPOCH = MIN_STEPS  # the same bar as the steps-per-epoch warning of kiln data inspect
 MIN_AUTO_BATCH = 8
 WARMUP_SHARE = 0.05  # default warm-up: this share of the run's steps (at least MIN_WARMUP_STEPS), at most one epoch
 MIN_WARMUP_STEPS = 20

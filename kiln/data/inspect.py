@@ -38,6 +38,7 @@ SIZE_SAMPLE = 2000
 IMBALANCE_RATIO = 3.0  # the largest class over the smallest that earns a warning
 FEW_IMAGES = 10  # fewer training images than this in a class earn a warning
 MIN_STEPS = 10  # fewer optimizer steps per epoch than this earn a warning
+MAX_CLASS_ROWS = 20  # past this many classes the printed table shows the largest and smallest ten
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,13 @@ class DatasetSummary:
         width = max([len("class"), *(len(c) for c in self.classes)])
         lines.append(f"  {'class':<{width}}  train  val   ({what} the class"
                      + ("; boxes in brackets)" if self.task == "detect" else ")"))
-        for c in self.classes:
+        shown = self.classes
+        if len(shown) > MAX_CLASS_ROWS:  # the largest and the smallest classes; summary.json has them all
+            ranked = sorted(self.classes, key=lambda c: -t.per_class.get(c, 0))
+            shown = ranked[: MAX_CLASS_ROWS // 2] + ranked[-(MAX_CLASS_ROWS // 2):]
+        for n, c in enumerate(shown):
+            if len(shown) < len(self.classes) and n == MAX_CLASS_ROWS // 2:
+                lines.append(f"  ... {len(self.classes) - len(shown)} more classes ...")
             row = f"  {c:<{width}}  {t.per_class.get(c, 0):>5}  {v.per_class.get(c, 0):>5}"
             if t.boxes_per_class is not None and v.boxes_per_class is not None:
                 row += f"   [{t.boxes_per_class.get(c, 0)} / {v.boxes_per_class.get(c, 0)}]"

@@ -141,3 +141,12 @@ def test_contact_sheet_has_a_row_per_class_with_its_images(tmp_path: Path) -> No
 
 def test_cli_inspect_needs_a_dataset() -> None:
     assert main(["data", "inspect"]) == 2
+
+
+def test_many_classes_print_the_largest_and_smallest(tmp_path: Path) -> None:
+    _folder(tmp_path / "set", {f"c{i:02d}": 2 + i % 7 for i in range(30)}, size=(8, 8))
+    s = inspect_dataset(f"folder:{tmp_path / 'set'}")
+    lines = s.format()
+    assert any("10 more classes" in line for line in lines)
+    assert len([line for line in lines if line.startswith("  c") and not line.startswith("  class")]) == 20
+    assert len(s.train.per_class) == 30
