@@ -120,6 +120,8 @@ class Trainer:
             saved_pre = Preprocess.model_validate(self.resume_state["preprocess"])
         elif cfg is None:
             cfg = TrainConfig(**(overrides or {}))
+        if resume is None:
+            finetune.check_pretrained(cfg)  # before the dataset is read: a missing weights file costs nothing
         self.dist = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = resolve_device(cfg.device, self.dist)
         configure_kernels(cfg, self.device)

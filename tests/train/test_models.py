@@ -169,3 +169,20 @@ def test_model_cost_counts_parameters_and_multiply_adds_as_torchvision_does():
     assert cost["parameters"] == 11_689_512  # torchvision's table: 11.7M, 1.81 GFLOPS
     assert cost["gflops"] == pytest.approx(1.81, abs=0.02)
     assert model.training  # the mode is restored
+
+
+def test_missing_pretrained_file_fails_before_the_dataset_is_read(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from kiln.train import loop
+    from kiln.train.config import TrainConfig
+
+    _no_network(monkeypatch)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+
+    def never(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the dataset was read before the weights were checked")
+
+    monkeypatch.setattr(loop, "open_dataset", never)
+    with pytest.raises(CheckpointError, match="resnet18-f37072fd.pth"):
+        loop.Trainer(TrainConfig(model="resnet18", pretrained="DEFAULT", out=str(tmp_path / "r")), progress=False)
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        loop.Trainer(TrainConfig(model="lenet5", pretrained="DEFAULT", out=str(tmp_path / "r")), progress=False)
