@@ -5,6 +5,7 @@ The full check over several models is tests/perf/bench_photos_train.py."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,10 @@ def test_small_photo_set_trains_past_90_with_the_defaults(tmp_path: Path) -> Non
     assert trainer.pre.size == (32, 32) and trainer.batch_size == 8  # from the data: 32 px crops, 96 images
     assert result.best["top1"] >= 90.0, result.history
     assert not any("sits at chance" in w for w in result.warnings)
+    training = json.loads((tmp_path / "run" / "kiln.json").read_text())["training"]
+    assert training["parameters"] == sum(p.numel() for p in trainer.model.parameters()) and training["gflops"] > 0
+    assert "top5" not in result.best  # 4 classes: top-5 would be 100% by definition
+    assert (tmp_path / "run" / "curves.png").is_file() and result.files["curves"].endswith("curves.png")
 
 
 def test_chance_guard_fires_on_shuffled_labels(tmp_path: Path) -> None:
