@@ -27,6 +27,7 @@ from kiln.data import DataSpec, ImageDataset, open_dataset
 from kiln.data.dataset import SkippedImage, collect_skipped
 from kiln.draw import class_color
 from kiln.fsutil import atomic_path, atomic_write_json
+from kiln.processing import displayed_size
 
 # The input side chosen from a folder set's images is bounded: below 32 px convolutional models run out
 # of pixels; above 224 px (the usual ImageNet side) a step costs more without helping small sets.
@@ -190,6 +191,9 @@ def inspect_dataset(data: str | DataSpec, *, batch_size: int | None = None, imag
     Returns: a :class:`DatasetSummary`.
 
     Raises: :class:`~kiln.errors.DatasetError` when the dataset cannot be read (with the file and why).
+
+    Thread-safety: holds no shared state (the skipped-file list is collected per context), so several
+    threads may inspect datasets at once. It reads the whole dataset: call it off an event loop.
     """
     with collect_skipped() as skipped:
         train, val = open_dataset(data, val_fraction=val_fraction, seed=seed, skip_bad_images=skip_bad_images)
@@ -247,8 +251,6 @@ def _sizes(ds: ImageDataset) -> list[tuple[int, int]]:
         return [tuple(ds.images.shape[1:3])] * len(ds) if len(ds) else []
     if ds.sizes is not None:
         return list(ds.sizes)
-    from kiln.processing import displayed_size
-
     n = len(ds.images)
     idx = range(n) if n <= SIZE_SAMPLE else np.random.default_rng(0).choice(n, SIZE_SAMPLE, replace=False)
     out = []
