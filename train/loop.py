@@ -363,8 +363,8 @@ class Trainer:
         for warning in self.data_summary.warnings:
             log.warning("%s", warning)
         cfg = self.cfg
-        log.info("  %d epochs, warm-up %.2g epoch(s) (--warmup-epochs), %s batch norm statistics",
-                 cfg.epochs, cfg.warmup_epochs, "precise" if cfg.precise_bn else "running")
+        log.info("  %d epochs, warm-up %.2g epoch(s) (--warmup-epochs), precise-BN %s", cfg.epochs, cfg.warmup_epochs,
+                 "on (for models with BatchNorm)" if cfg.precise_bn else "off")
 
     def _up_to_date(self, t0: float) -> RunResult:
         """A resumed run with no epoch left: its folder already is the result, so nothing is rewritten
