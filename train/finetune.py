@@ -12,9 +12,11 @@ the detection head are new), for a classifier every parameter outside its last c
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from kiln.bundle import MANIFEST, Architecture, Bundle, Manifest, Preprocess
@@ -25,6 +27,7 @@ from kiln.models.detector import TV_BACKBONES
 from kiln.models.pretrained import (
     TIMM_PREFIX,
     WEIGHTS_HINT,
+    fetch_torchvision,
     timm_preprocess,
     torchvision_preprocess,
     torchvision_weights,
@@ -53,6 +56,20 @@ def weights_preprocess(cfg: TrainConfig) -> Preprocess | None:
     if own_trunk or cfg.model == "lenet5":
         raise ConfigError(f"--pretrained: {cfg.model} has no pretrained weights; they exist for {WEIGHTS_HINT}")
     return torchvision_preprocess(torchvision_weights(arch, True if cfg.pretrained == "DEFAULT" else cfg.pretrained))
+
+
+def check_pretrained(cfg: TrainConfig) -> None:
+    """Fail now, before the dataset is read, when ``cfg.pretrained`` cannot be had: an architecture
+    without weights, an unknown weights name, or a torchvision file neither in torch.hub's cache nor
+    downloadable (fetching it here also fills the cache :func:`init_pretrained` reads)."""
+    if not cfg.pretrained or not cfg.model:
+        return
+    weights_preprocess(cfg)
+    if cfg.model.startswith(TIMM_PREFIX):
+        return
+    weights = torchvision_weights(_backbone_arch(cfg.model) or cfg.model, True if cfg.pretrained == "DEFAULT" else cfg.pretrained)
+    if not (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)).is_file():
+        fetch_torchvision(weights)
 
 
 def fit_preprocess(cfg: TrainConfig, task_pre: Preprocess) -> Preprocess:
@@ -152,4 +169,4 @@ def set_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
         log.info("epoch %d: backbone %s", epoch + 1, "frozen (training the head only)" if frozen else "unfrozen")
 
 
-__all__ = ["fit_preprocess", "fresh_head", "head_parameters", "weights_bundle", "init_pretrained", "param_groups", "set_epoch", "weights_preprocess"]
+__all__ = ["check_pretrained", "fit_preprocess", "fresh_head", "head_parameters", "weights_bundle", "init_pretrained", "param_groups", "set_epoch", "weights_preprocess"]
