@@ -92,7 +92,7 @@ def inspect_dataset(request: Request, spec: str = Query(...)) -> dict[str, Any]:
     if not any(d["spec"] == spec for d in s.datasets()):
         raise HTTPException(404, f"no dataset {spec!r}: add it first")
     try:
-        from kiln.data import inspect as data_inspect
+        from kiln.data import inspect as data_inspect  # type: ignore[attr-defined]
     except ImportError:
         raise HTTPException(501, "dataset inspection (kiln data inspect) is not part of this install") from None
     report = data_inspect.inspect(spec)

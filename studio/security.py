@@ -49,27 +49,34 @@ class Gate:
             return
         received = 0
         started = False
+        refused = False
 
         async def counted_receive() -> Message:
-            nonlocal received
+            # Over the limit: answer 413 now and tell the app the client left (whatever it makes of the
+            # missing body, its answer is dropped).
+            nonlocal received, refused, started
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge
+                    refused = True
+                    if not started:
+                        started = True
+                        await _error(send, 413, f"request body over the studio's limit of {limit} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        try:
-            await self.app(scope, counted_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await _error(send, 413, f"request body over the studio's limit of {limit} bytes")
+        await self.app(scope, counted_receive, tracking_send)
 
     def refusal(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str] | None:
         host = headers.get("host", "")
@@ -91,10 +98,6 @@ class Gate:
             if origin is not None and urlsplit(origin).netloc != host:
                 return 403, f"cross-site request from {origin} refused"
         return None
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 def _bearer(value: str) -> str:

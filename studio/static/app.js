@@ -224,10 +224,10 @@ function renderRun(s) {
   $("run-resume").disabled = !s.resumable || s.state === "running" || s.state === "queued";
   const rows = s.metrics || [];
   const col = (k) => rows.filter((r) => r[k] !== undefined && r[k] !== "").map((r) => [r.epoch, +r[k]]);
-  KilnChart.draw($("chart-loss"), { title: "loss per epoch", xLabel: "epoch", series: [
+  KilnChart.draw($("chart-loss"), { title: "loss per epoch", xLabel: "epoch", xInteger: true, series: [
     { name: "train", points: col("train_loss") }, { name: "val", points: col("val_loss") }] });
   const metric = s.task === "detect" ? "val_map" : "val_top1";
-  KilnChart.draw($("chart-metric"), { title: s.task === "detect" ? "validation mAP" : "accuracy %", xLabel: "epoch", series: [
+  KilnChart.draw($("chart-metric"), { title: s.task === "detect" ? "validation mAP" : "accuracy %", xLabel: "epoch", xInteger: true, series: [
     { name: metric.replace("val_", "val "), points: col(metric), color: "#2ca02c" },
     ...(s.task === "detect" ? [] : [{ name: "train", points: col("train_acc"), color: "#ff7f0e" }])] });
   KilnChart.draw($("chart-steps"), { title: "running training loss within epochs (progress bar)", xLabel: "epoch", series: [
@@ -257,9 +257,9 @@ $("cmp-go").addEventListener("click", async () => {
   if (!chosen.length) return;
   const data = await api("/compare?" + chosen.map((r) => "run=" + encodeURIComponent(r)).join("&"));
   const pal = KilnChart.PALETTE;
-  KilnChart.draw($("cmp-loss"), { title: "validation loss", xLabel: "epoch", series: data.map((d, i) => ({
+  KilnChart.draw($("cmp-loss"), { title: "validation loss", xLabel: "epoch", xInteger: true, series: data.map((d, i) => ({
     name: d.run, color: pal[i % pal.length], points: d.metrics.filter((r) => r.val_loss !== undefined).map((r) => [r.epoch, r.val_loss]) })) });
-  KilnChart.draw($("cmp-metric"), { title: "validation top-1 % / mAP", xLabel: "epoch", series: data.map((d, i) => ({
+  KilnChart.draw($("cmp-metric"), { title: "validation top-1 % / mAP", xLabel: "epoch", xInteger: true, series: data.map((d, i) => ({
     name: d.run, color: pal[i % pal.length], points: d.metrics.map((r) => [r.epoch, r.val_top1 !== undefined ? r.val_top1 : r.val_map]) })) });
   const t = $("cmp-table");
   t.replaceChildren(el("tr", {}, ...["run", "model", "data", "epochs", "best", "parameters", "artifacts (size)", "p50 ms b1 per artifact"].map((h) => el("th", { text: h }))));

@@ -29,7 +29,7 @@
     ctx.clearRect(0, 0, w, h);
     ctx.font = "12px system-ui, sans-serif";
     const series = (opts.series || []).filter((s) => s.points && s.points.length);
-    const pad = { l: 52, r: 12, t: opts.title ? 22 : 10, b: 34 };
+    const pad = { l: 52, r: 12, t: opts.title || series.length ? 26 : 10, b: 34 };
     if (opts.title) { ctx.fillStyle = "#222"; ctx.fillText(opts.title, pad.l, 14); }
     const pts = series.flatMap((s) => s.points);
     if (!pts.length) {
@@ -49,7 +49,8 @@
       ctx.beginPath(); ctx.moveTo(pad.l, Y(t)); ctx.lineTo(w - pad.r, Y(t)); ctx.stroke();
       ctx.fillText(fmt(t), 4, Y(t) + 4);
     }
-    for (const t of niceTicks(x0, x1, 6)) {
+    const xt = niceTicks(x0, x1, 6).filter((t) => !opts.xInteger || Number.isInteger(t));
+    for (const t of xt) {
       ctx.beginPath(); ctx.moveTo(X(t), pad.t); ctx.lineTo(X(t), h - pad.b); ctx.stroke();
       ctx.fillText(fmt(t), X(t) - 8, h - pad.b + 14);
     }
@@ -67,17 +68,17 @@
         for (const p of s.points) { ctx.beginPath(); ctx.arc(X(p[0]), Y(p[1]), 3, 0, 7); ctx.fill(); }
       }
     });
-    // legend, top right
-    let ly = pad.t + 4;
-    series.forEach((s, i) => {
-      const label = s.name || "";
+    // legend on the title line, right-aligned
+    let lx = w - pad.r;
+    for (let i = series.length - 1; i >= 0; i--) {
+      const s = series[i], label = s.name || "";
       const tw = ctx.measureText(label).width;
-      ctx.fillStyle = "rgba(255,255,255,.85)"; ctx.fillRect(w - pad.r - tw - 26, ly - 10, tw + 24, 15);
+      lx -= tw;
+      ctx.fillStyle = "#222"; ctx.fillText(label, lx, 14);
       ctx.fillStyle = s.color || PALETTE[i % PALETTE.length];
-      ctx.fillRect(w - pad.r - tw - 22, ly - 5, 14, 4);
-      ctx.fillStyle = "#222"; ctx.fillText(label, w - pad.r - tw - 4, ly);
-      ly += 16;
-    });
+      ctx.fillRect(lx - 18, 9, 14, 4);
+      lx -= 30;
+    }
     canvas.dataset.points = String(pts.length);
   }
 
