@@ -191,12 +191,13 @@ def _backend(s: Studio, path: Path, precision: str | None) -> Any:
     except OSError:
         raise HTTPException(409, f"{path.name} has no bundle yet (kiln.json)") from None
     key = (str(path), precision, stamp)
-    if key not in s.backends:
-        for old in [k for k in s.backends if k[0] == str(path)]:
-            s.backends.pop(old).close()
-        bundle = Bundle.load(path)
-        s.backends[key] = (load(bundle, backend="auto", precision=precision), bundle)
-    return s.backends[key]
+    with s.backend_lock:  # one backend per bundle and precision, replaced when kiln.json changes
+        if key not in s.backends:
+            for old in [k for k in s.backends if k[0] == str(path)]:
+                s.backends.pop(old)[0].close()
+            bundle = Bundle.load(path)
+            s.backends[key] = (load(bundle, backend="auto", precision=precision), bundle)
+        return s.backends[key]
 
 
 # ---- serve -----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ class Studio:
         self._start_runner = start_runner
         self.datasets_file = cfg.state_dir / "datasets.json"
         self._lock = threading.Lock()
+        self.backend_lock = threading.Lock()
         self.backends: dict[tuple[str, str | None, float], Any] = {}
 
     def open(self) -> None:
@@ -35,7 +36,7 @@ class Studio:
 
     def close(self) -> None:
         self.runner.close()
-        for backend in self.backends.values():
+        for backend, _bundle in self.backends.values():
             backend.close()
         self.backends.clear()
         self.store.close()
