@@ -37,9 +37,9 @@ class Gate:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        refused = self.refusal(scope, headers)
-        if refused is not None:
-            status, message = refused
+        refusal = self.refusal(scope, headers)
+        if refusal is not None:
+            status, message = refusal
             await _error(send, status, message)
             return
         limit = self.cfg.max_upload_bytes
