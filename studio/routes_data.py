@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 
 from kiln.data import IMG_EXTENSIONS, OPENERS, DataSpec
 from kiln.errors import KilnError
@@ -88,15 +89,35 @@ def remove_dataset(request: Request, spec: str = Query(...)) -> dict[str, Any]:
 
 @router.get("/datasets/inspect")
 def inspect_dataset(request: Request, spec: str = Query(...)) -> dict[str, Any]:
+    """``kiln data inspect``'s summary: counts per class and split, image sizes, skipped files, warnings."""
     s = studio(request)
+    _known(s, spec)
+    from kiln.data.inspect import inspect_dataset as inspect
+
+    return inspect(spec).to_dict()
+
+
+@router.get("/datasets/sheet")
+def contact_sheet(request: Request, spec: str = Query(...), split: str = Query("train", pattern="^(train|val)$"),
+                  per_class: int = Query(8, ge=1, le=32)) -> FileResponse:
+    """The contact sheet ``kiln data inspect`` writes: one row of thumbnails per class (boxes drawn for
+    detection), made once per dataset and split and kept in the studio's state folder."""
+    s = studio(request)
+    _known(s, spec)
+    from kiln.data.inspect import write_contact_sheet
+
+    stamps = [Path(a).stat().st_mtime for a in DataSpec.parse(spec).args if Path(a).exists()]
+    key = hashlib.sha256(f"{spec}|{split}|{per_class}|{stamps}".encode()).hexdigest()[:16]
+    path = s.cfg.state_dir / "sheets" / f"{key}.png"
+    if not path.is_file():
+        write_contact_sheet(spec, path, per_class=per_class, split=split)
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+def _known(s: Any, spec: str) -> None:
+    """Only datasets added through the studio (their paths were checked against the roots then)."""
     if not any(d["spec"] == spec for d in s.datasets()):
         raise HTTPException(404, f"no dataset {spec!r}: add it first")
-    try:
-        from kiln.data import inspect as data_inspect  # type: ignore[attr-defined]
-    except ImportError:
-        raise HTTPException(501, "dataset inspection (kiln data inspect) is not part of this install") from None
-    report = data_inspect.inspect(spec)
-    return report if isinstance(report, dict) else data_inspect.to_dict(report)
 
 
 @router.get("/thumb")

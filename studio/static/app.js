@@ -111,22 +111,34 @@ async function inspect(spec) {
   try { renderReport(await api("/datasets/inspect?" + q({ spec }))); } catch (e) { showError($("ds-report"), e); }
 }
 function renderReport(r) {
-  const out = [el("h3", { text: r.spec || r.data || "" })];
-  const splits = r.splits || {};
-  const classes = r.classes || [];
-  const table = el("table", { class: "table ds-counts" });
-  const names = Object.keys(splits);
-  table.append(el("tr", {}, el("th", { text: "class" }), ...names.map((n) => el("th", { text: n }))));
-  classes.forEach((c, i) => table.append(el("tr", {}, el("td", { text: c }),
-    ...names.map((n) => el("td", { text: String(((splits[n].per_class || splits[n].counts || [])[i]) ?? "-") })))));
-  table.append(el("tr", {}, el("th", { text: "total" }), ...names.map((n) => el("th", { text: String(splits[n].images ?? splits[n].total ?? "-") }))));
-  out.push(table);
-  for (const w of r.warnings || []) out.push(el("div", { class: "warning", text: "⚠ " + w }));
-  if (r.sizes) out.push(el("p", { text: "image sizes: " + JSON.stringify(r.sizes) }));
-  if (r.skipped && r.skipped.length) out.push(el("p", { class: "warning", text: `${r.skipped.length} skipped file(s): ` + r.skipped.slice(0, 5).map((s) => s.path || s).join(", ") }));
-  for (const [cls, files] of Object.entries(r.samples || {})) {
-    out.push(el("div", { text: cls }), el("div", { class: "thumbs" }, ...files.map((f) => el("img", { src: withToken("api/thumb?" + q({ path: f })), alt: cls, loading: "lazy" }))));
+  const out = [el("h3", { text: `${r.data}: ${r.task}, ${r.classes.length} classes, ${r.channels}` }),
+    el("p", { text: `${r.train.images} train + ${r.val.images} val images (${r.split_source})` })];
+  const det = r.task === "detect";
+  const table = el("table", { class: "table ds-counts" },
+    el("tr", {}, ...["class", "train", "val", ...(det ? ["train boxes", "val boxes"] : [])].map((h) => el("th", { text: h }))));
+  for (const c of r.classes) {
+    table.append(el("tr", {}, el("td", { text: c }), el("td", { text: String(r.train.per_class[c] ?? 0) }),
+      el("td", { text: String(r.val.per_class[c] ?? 0) }),
+      ...(det ? [el("td", { text: String(r.train.boxes_per_class[c] ?? 0) }), el("td", { text: String(r.val.boxes_per_class[c] ?? 0) })] : [])));
   }
+  table.append(el("tr", {}, el("th", { text: "total" }), el("th", { text: String(r.train.images) }), el("th", { text: String(r.val.images) })));
+  out.push(table);
+  for (const s of [r.train, r.val]) {
+    if (!s.sizes) continue;
+    const w = s.sizes.width, h = s.sizes.height;
+    out.push(el("div", { text: w[0] === w[2] && h[0] === h[2] ? `${s.split} image sizes: all ${w[0]}x${h[0]}` :
+      `${s.split} image sizes (W x H): min ${w[0]}x${h[0]}, median ${w[1]}x${h[1]}, max ${w[2]}x${h[2]}` +
+      (s.sizes.images < s.images ? ` (a sample of ${s.sizes.images})` : "") }));
+  }
+  const size = r.input_size;
+  out.push(el("div", { text: size.size ? `input size a run would use: ${size.size}x${size.size} (${size.reason})` : `input size: ${size.reason}` }));
+  if (r.skipped.length) {
+    out.push(el("div", { class: "warning", text: `${r.skipped.length} unreadable file(s) skipped:` }),
+      el("ul", {}, ...r.skipped.slice(0, 20).map((k) => el("li", { text: `${k.path}: ${k.reason}` }))));
+  }
+  for (const w of r.warnings) out.push(el("div", { class: "warning", text: "⚠ " + w }));
+  out.push(el("h4", { text: "thumbnails per class (training split)" }),
+    el("img", { class: "sheet", alt: "contact sheet", src: withToken("api/datasets/sheet?" + q({ spec: r.data })) }));
   $("ds-report").replaceChildren(...out);
 }
 
