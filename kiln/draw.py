@@ -65,7 +65,7 @@ def _legend(draw: ImageDraw.ImageDraw, entries: list[tuple[str, tuple[int, int, 
 def render(img: Image.Image, res: dict[str, Any], classes: list[str] | None = None) -> Image.Image:
     """A copy of ``img`` with the result of :func:`kiln.outputs.predictions` drawn on it."""
     canvas = img.convert("RGB")
-    scale = max(1, MIN_SIDE // max(canvas.size))  # whole factors keep the pixels crisp
+    scale = max(1, round(MIN_SIDE / max(canvas.size)))  # whole factors keep the pixels crisp
     if scale > 1:
         canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(canvas)

@@ -32,8 +32,9 @@ def map_post(post: DetectPost) -> DetectPost:
 
 def coco_ground_truth(targets: Sequence[dict[str, np.ndarray]], classes: Sequence[str],
                       sizes: Sequence[tuple[int, int]] | None = None, image_ids: Sequence[int] | None = None,
-                      category_ids: Sequence[int] | None = None) -> dict[str, Any]:
-    """A COCO instances dict for ``targets`` (boxes in original pixels); ``sizes`` are ``(W, H)``.
+                      category_ids: Sequence[int] | None = None, file_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """A COCO instances dict for ``targets`` (boxes in original pixels); ``sizes`` are ``(W, H)``;
+    ``file_names`` (each image's ``file_name``) let other tools match their predictions to the images.
 
     Ids default to ``index + 1``; pass the dataset's own (as :func:`coco_results` takes them) to write
     a ground truth that results with those ids load against.
@@ -43,7 +44,8 @@ def coco_ground_truth(targets: Sequence[dict[str, np.ndarray]], classes: Sequenc
     for i, t in enumerate(targets):
         w, h = sizes[i] if sizes is not None else (0, 0)
         image_id = int(image_ids[i]) if image_ids is not None else i + 1
-        images.append({"id": image_id, "width": int(w), "height": int(h)})
+        images.append({"id": image_id, "width": int(w), "height": int(h),
+                       **({"file_name": str(file_names[i])} if file_names is not None else {})})
         labels = np.asarray(t["labels"]).reshape(-1)
         # iscrowd marks objects the evaluation ignores (VOC "difficult"): not a miss, and no false positive
         crowd = np.asarray(t.get("iscrowd", np.zeros(len(labels)))).reshape(-1)

@@ -28,11 +28,21 @@ from kiln.cli import (
 )
 from kiln.compare import Timing, artifact_table, format_speed_table, format_table
 from kiln.data import DataSpec
-from kiln.data.detect import write_shapes_coco
+from kiln.data.detect import write_shapes_coco, write_shapes_yolo
 from kiln.errors import ConfigError
 from kiln.evaluate import bundle_split, eval_post, json_safe, run_split, split_metrics
 from kiln.fsutil import remove_stale_temps
-from kiln.train.config import AMP_MODES, DEVICES, MODEL_NAMES, OPTIMIZERS, SCHEDULES, TASKS, TrainConfig
+from kiln.train.config import (
+    AMP_MODES,
+    DEVICES,
+    MODEL_NAMES,
+    OPTIMIZERS,
+    SCHEDULES,
+    TASKS,
+    TrainConfig,
+    check_model_name,
+    default_batch_size,
+)
 from kiln.train.reports import write_classify_reports, write_detect_reports
 from kiln.train.samples import write_samples
 from kiln.vocab import BACKEND_CHOICES
@@ -89,7 +99,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
                    help="architecture (default: lenet5 for classification, kiln-det-s for detection): "
                         + ", ".join(MODEL_NAMES) + ", any torchvision classifier (e.g. convnext_tiny) or timm:NAME")
     g.add_argument("--task", type=choice("task", TASKS), default=s, help="classify | detect (default: from --model or --data)")
-    g.add_argument("--image-size", type=positive_int, default=s, help="input side in pixels (default: the model's or dataset's)")
+    g.add_argument("--image-size", type=positive_int, default=s,
+                   help="input side in pixels (default: for folder sets the images' median shorter side, rounded "
+                        "and bounded to 32..224; else the model's, or the dataset's)")
     g.add_argument("--val-fraction", type=open_fraction, default=s,
                    help=f"share held out for validation when the dataset has no val split (default: {d['val_fraction']})")
     g.add_argument("--skip-bad-images", action="store_true", default=s, help="skip unreadable images instead of stopping")
@@ -106,11 +118,14 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
                    help="train only the new head for the first N epochs, then everything (default: 0)")
     o.add_argument("--backbone-lr-scale", type=positive_float, default=s, metavar="F",
                    help="the backbone's learning rate is F x --lr, e.g. 0.1 when fine-tuning (default: 1)")
-    o.add_argument("--batch-size", type=positive_int, default=s, help="per process (default: 64 for classification, 16 for detection)")
+    o.add_argument("--batch-size", type=positive_int, default=s,
+                   help="per process (default: 64 for classification, 16 for detection, halved down to 8 until an "
+                        "epoch has 10 steps)")
     o.add_argument("--lr", type=positive_float, default=s, help="peak learning rate (default: 2e-3 for adam/adamw, 0.05 for sgd/momentum, 0.01 for adagrad)")
     o.add_argument("--optimizer", type=choice("optimizer", OPTIMIZERS), default=s, help=f"{', '.join(OPTIMIZERS)} (default: {d['optimizer']})")
     o.add_argument("--schedule", type=choice("schedule", SCHEDULES), default=s, help=f"{', '.join(SCHEDULES)} (default: {d['schedule']})")
-    o.add_argument("--warmup-epochs", type=non_negative_float, default=s, help=f"linear warm-up (default: {d['warmup_epochs']})")
+    o.add_argument("--warmup-epochs", type=non_negative_float, default=s,
+                   help="linear warm-up (default: 5%% of the run, at most 1 epoch)")
     o.add_argument("--weight-decay", type=non_negative_float, default=s, help=f"(default: {d['weight_decay']})")
     o.add_argument("--label-smoothing", type=non_negative_float, default=s, help=f"(default: {d['label_smoothing']})")
     o.add_argument("--grad-clip", type=positive_float, default=s, help="clip the gradient norm to this value (default: off)")
@@ -126,6 +141,11 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--amp", type=choice("amp mode", AMP_MODES), default=s, help="mixed precision on CUDA: auto (bf16 where supported), bf16, fp16, off")
     r.add_argument("--channels-last", action="store_true", default=s, help="channels_last memory format on CUDA")
     r.add_argument("--compile", action="store_true", default=s, help="torch.compile the model")
+    r.add_argument("--no-precise-bn", dest="precise_bn", action="store_false", default=s,
+                   help="keep the running BatchNorm statistics of training instead of re-estimating them on "
+                        "training images before each validation")
+    r.add_argument("--precise-bn-images", type=positive_int, default=s, metavar="N",
+                   help=f"training images the BatchNorm statistics are re-estimated on (default: {d['precise_bn_images']})")
     r.add_argument("--batch-range", type=_batch_range_text, default=s, metavar="MIN:OPT:MAX", help=f"batch range recorded for export and serving (default: {d['batch_range']})")
     r.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -174,34 +194,49 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
 
 def _register_data(sub: argparse._SubParsersAction) -> None:
     dp = sub.add_parser(
-        "data", help="write a built-in dataset, or a few sample images of a dataset, to disk", formatter_class=HelpFormatter,
-        description="Write a built-in dataset to disk so its format can be seen and reused, or write a few of a\n"
-                    "dataset's validation images as PNG files to look at or to send to `kiln predict`.\n\n"
+        "data", help="inspect a dataset, write a built-in one, or a few sample images, to disk", formatter_class=HelpFormatter,
+        description="Inspect a dataset (counts per class and split, image sizes, unreadable files, imbalance, the\n"
+                    "input size and steps per epoch a run would get), write a built-in dataset to disk so its\n"
+                    "format can be seen and reused, or write a few validation images as PNG files.\n\n"
                     "Examples:\n"
+                    "  kiln data inspect folder:photos --batch-size 16 --save inspect/   # + contact sheet and JSON\n"
                     "  kiln data shapes --out data/shapes           # the shapes detection set in COCO layout\n"
+                    "  kiln data shapes --format yolo --out data/y  # ... in Ultralytics layout, with data.yaml\n"
                     "  kiln data sample digits --out samples/       # samples/digit-<label>-<i>.png\n"
                     "  kiln data sample shapes --out samples/       # images, and copies with their boxes drawn")
-    dp.add_argument("name", type=choice("data command", ("shapes", "sample")), metavar="{shapes,sample}",
-                    help="shapes: write the synthetic detection set; sample: write sample images of DATA")
+    dp.add_argument("name", type=choice("data command", ("inspect", "shapes", "sample")), metavar="{inspect,shapes,sample}",
+                    help="inspect: summarise DATA; shapes: write the synthetic detection set; sample: write sample images of DATA")
     dp.add_argument("sample_data", nargs="?", type=_data_spec, metavar="DATA",
-                    help=f"with sample: the dataset spec ({', '.join(DATASETS)})")
-    dp.add_argument("--out", required=True, metavar="DIR", help="folder to write into (created if missing)")
+                    help=f"with inspect and sample: the dataset spec ({', '.join(DATASETS)})")
+    dp.add_argument("--out", metavar="DIR", help="shapes, sample: folder to write into (created if missing)")
     dp.add_argument("--count", type=positive_int,
                     help="number of images (default: the training set size for shapes; one per class, or 4 "
                          "detection images, for sample)")
     dp.add_argument("--seed", type=int, default=0, help="random seed of the generated images and of the val split")
+    dp.add_argument("--format", type=choice("format", ("coco", "yolo")), default="coco",
+                    help="shapes: coco (annotations/instances_{train,val}.json) or yolo (labels/ and data.yaml)")
+    i = dp.add_argument_group("inspect")
+    i.add_argument("--batch-size", type=positive_int, metavar="B",
+                   help="steps per epoch at this batch size (default: the batch size kiln train would choose)")
+    i.add_argument("--image-size", type=positive_int, metavar="S", help="the --image-size a run would get")
+    i.add_argument("--val-fraction", type=open_fraction, default=0.2, help="share held out when DATA has no val split")
+    i.add_argument("--save", metavar="DIR", help="write contact_sheet.png (a row of samples per class) and summary.json")
+    i.add_argument("--per-class", type=positive_int, default=8, metavar="N", help="images per class on the contact sheet")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     dp.set_defaults(func=run_data)
 
 
 def run_train(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         return _launch(args)
-    # the training loop imports torch: `kiln --help` and the other commands do not need it
-    from kiln.train.loop import TrainingInterrupted, train
-
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume and "out" in given:
         raise _usage("--resume RUN_DIR and --out cannot be combined (the run folder is RUN_DIR)")
+    if given.get("model"):
+        check_model_name(given["model"])  # a typo costs nothing: torch is not loaded yet
+    # the training loop imports torch: `kiln --help` and the other commands do not need it
+    from kiln.train.loop import TrainingInterrupted, train
+
     try:
         result, trainer = train(resume=args.resume, overrides=given, progress=not args.no_progress)
     except TrainingInterrupted as stop:
@@ -217,6 +252,11 @@ def run_train(args: argparse.Namespace) -> int:
         else:
             print(f"trained {trainer.cfg.model} on {trainer.cfg.data}: best epoch {result.best_epoch} ({best}); "
                   f"{result.seconds:.1f} s, {result.images_per_s:.0f} images/s -> {result.run_dir}", file=sys.stderr)
+            files = result.files
+            print(f"  curves: {files.get('curves')}  metrics: {files.get('metrics_csv')}  "
+                  f"TensorBoard: tensorboard --logdir {files.get('tensorboard')}", file=sys.stderr)
+            for warning in result.warnings:
+                print(f"  warning: {warning}", file=sys.stderr)
         if args.json:
             print(json.dumps(summary, indent=2))
     return 0
@@ -294,7 +334,7 @@ def run_eval(args: argparse.Namespace) -> int:
         headline = f"mAP@[.5:.95] {100 * metrics['map']:.2f}  mAP@.5 {100 * metrics['map50']:.2f}"
     else:
         files = write_classify_reports(bundle, metrics, out_dir)
-        headline = f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%"
+        headline = f"top-1 {metrics['top1']:.2f}%" + (f"  top-5 {metrics['top5']:.2f}%" if len(m.classes) > 5 else "")
     record = {**json_safe(metrics), **info, "split": "val", "data": args.data or m.training.get("data"),
               "images": len(res.targets)}
     record.pop("confusion", None)
@@ -346,6 +386,10 @@ def _slug(data: str, limit: int | None, controls: dict[str, Any] | None = None) 
 
 
 def run_data(args: argparse.Namespace) -> int:
+    if args.name == "inspect":
+        return _run_inspect(args)
+    if args.out is None:
+        raise _usage(f"kiln data {args.name} needs --out DIR")
     if args.name == "sample":
         if args.sample_data is None:
             raise _usage("kiln data sample needs a dataset, e.g. kiln data sample digits --out samples/")
@@ -354,6 +398,37 @@ def run_data(args: argparse.Namespace) -> int:
         return 0
     if args.sample_data is not None:
         raise _usage(f"kiln data shapes takes no dataset (got {args.sample_data}); did you mean kiln data sample {args.sample_data}?")
+    if args.format == "yolo":
+        path = write_shapes_yolo(args.out, count=args.count, seed=args.seed)
+        print(f"wrote {path.parent}; train with --data yolo:{path}", file=sys.stderr)
+        return 0
     path = write_shapes_coco(args.out, count=args.count, seed=args.seed)
-    print(f"wrote {path}", file=sys.stderr)
+    print(f"wrote {path}; train with --data coco:{path / 'annotations' / 'instances_train.json'}:{path / 'images' / 'train'}",
+          file=sys.stderr)
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from kiln.data import open_dataset
+    from kiln.data.dataset import collect_skipped
+    from kiln.data.inspect import InputSize, data_image_size, save_inspection, summarize
+
+    if args.sample_data is None:
+        raise _usage("kiln data inspect needs a dataset, e.g. kiln data inspect folder:photos")
+    with collect_skipped() as skipped:
+        train, val = open_dataset(args.sample_data, val_fraction=args.val_fraction, seed=args.seed, skip_bad_images=True)
+    if args.image_size:
+        size = InputSize(args.image_size, "option", "--image-size")
+    else:
+        size = data_image_size(train) or InputSize(
+            None, "model", "set by the model (letterbox at its default side); --image-size changes it")
+    batch = args.batch_size or default_batch_size(train.task, len(train))
+    summary = summarize(args.sample_data, train, val, size, batch, skipped)
+    for line in summary.format():
+        print(line, file=sys.stderr)
+    if args.save:
+        files = save_inspection(summary, train, val, args.save, per_class=args.per_class)
+        print("wrote " + ", ".join(str(p) for p in files.values()), file=sys.stderr)
+    if args.json:
+        print(summary.to_json(indent=2))
     return 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,8 +30,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from kiln import __version__
 from kiln.bundle import Architecture, BatchRange, Preprocess
 from kiln.data import open_dataset
+from kiln.data.dataset import collect_skipped
+from kiln.data.inspect import summarize
 from kiln.errors import ConfigError, KilnError
-from kiln.models import build_model, load_weights, read_state_dict
+from kiln.models import build_model, load_weights, model_cost, read_state_dict
 from kiln.train import checkpoint, finetune
 from kiln.train.config import TrainConfig
 from kiln.train.device import (
@@ -53,11 +56,13 @@ from kiln.train.resolve import (
 from kiln.train.run import (
     bundle_manifest,
     open_tensorboard,
+    plot_curves,
     run_files,
     write_bundle,
     write_config,
     write_metrics_csv,
 )
+from kiln.train.stats import chance_warning, sample_indices
 from kiln.train.tasks import Task
 from kiln.train.throttle import throttle_warning
 
@@ -76,6 +81,7 @@ class RunResult:
     images_per_s: float
     interrupted: bool = False
     files: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # about the data and the run (see Trainer.warnings)
     up_to_date: bool = False  # a resumed run that had nothing left to train: nothing was written
 
     def summary(self, cfg: TrainConfig, task: str) -> dict[str, Any]:
@@ -93,6 +99,7 @@ class RunResult:
             "files": self.files,
             "interrupted": self.interrupted,
             "up_to_date": self.up_to_date,
+            "warnings": self.warnings,
         }
 
 
@@ -116,11 +123,16 @@ class Trainer:
         self.dist = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = resolve_device(cfg.device, self.dist)
         configure_kernels(cfg, self.device)
-        self.train_raw, self.val_raw = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                                    skip_bad_images=cfg.skip_bad_images)
+        with collect_skipped() as skipped:
+            self.train_raw, self.val_raw = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                                        skip_bad_images=cfg.skip_bad_images)
         self.settings: Settings = resolve_settings(cfg, self.train_raw, preprocess=saved_pre)
         if resume is None and (self.run_dir / checkpoint.LAST).exists():
             raise ConfigError(f"--out {self.run_dir} already holds a run; resume it with --resume {self.run_dir} or pick another --out")
+        self.data_summary = summarize(self.cfg.data, self.train_raw, self.val_raw, self.settings.input_size,
+                                      self.batch_size, skipped, self.dist.world)
+        if self.dist.main:
+            self._log_plan()
         self._build()
         self.history: list[dict[str, Any]] = []
         self._stop = StopRequest()  # replaced by fit() while it trains
@@ -129,6 +141,8 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.start_epoch = 0
         self.throttle_warned = False
+        self.chance_warned = False
+        self.warnings: list[str] = list(self.data_summary.warnings)
         if self.resume_state is not None:
             self._restore(self.resume_state)
 
@@ -183,6 +197,10 @@ class Trainer:
             if skipped:
                 log.info("--weights %s: re-initialised %d tensor(s) whose shape differs (new head): %s",
                          cfg.weights, len(skipped), ", ".join(skipped[:4]))
+        self.cost = model_cost(self.model, (self.arch.args["in_channels"], *self.pre.size))
+        if self.dist.main:
+            log.info("%s: %.2fM parameters, %.3g GFLOPs per %dx%d image", cfg.model, self.cost["parameters"] / 1e6,
+                     self.cost["gflops"], *self.pre.size)
         self.model.to(self.device)
         if cfg.channels_last and self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
@@ -190,7 +208,17 @@ class Trainer:
         self.sampler: DistributedSampler[Any] | None = (
             DistributedSampler(self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=cfg.seed)
             if self.dist.enabled else None)
-        self.steps_per_epoch = len(self._loader(0))
+        self.train_gen = torch.Generator()
+        self.train_loader = DataLoader(
+            self.train_ds, batch_size=self.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
+            num_workers=self.workers, pin_memory=self.device.type == "cuda", collate_fn=self.task.collate,
+            generator=self.train_gen, drop_last=len(self.train_ds) > self.batch_size * self.dist.world,
+            persistent_workers=self.workers > 0)
+        self.val_batches = DataLoader(self.val_ds, batch_size=max(64, self.batch_size), shuffle=False,
+                                      num_workers=self.workers, collate_fn=self.task.collate,
+                                      pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
+        self.bn_batches = self._bn_loader()
+        self.steps_per_epoch = len(self.train_loader)
         self.optimizer = build_optimizer(cfg, finetune.param_groups(self.model, cfg, cfg.learning_rate))
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.amp = amp_dtype(cfg, self.device)
@@ -205,20 +233,30 @@ class Trainer:
     # ---- data ------------------------------------------------------------------------------------
 
     def _loader(self, epoch: int) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        """The training loader, its shuffle seeded from ``(seed, epoch)``. Its workers persist across epochs;
+        with ``--workers 0`` (the default for images held in memory) augmentation is seeded per epoch too,
+        so a resumed run replays an epoch exactly."""
+        self.train_gen.manual_seed(self.cfg.seed * 100_003 + epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-        return DataLoader(
-            self.train_ds, batch_size=self.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
-            num_workers=self.workers, pin_memory=self.device.type == "cuda", collate_fn=self.task.collate,
-            generator=gen, drop_last=len(self.train_ds) > self.batch_size * self.dist.world,
-            persistent_workers=False,
-        )
+        return self.train_loader
 
     def val_loader(self) -> DataLoader:
-        return DataLoader(self.val_ds, batch_size=max(64, self.batch_size), shuffle=False,
-                          num_workers=self.workers, collate_fn=self.task.collate,
-                          pin_memory=self.device.type == "cuda")
+        return self.val_batches
+
+    def _bn_loader(self) -> DataLoader | None:
+        """Training images without augmentation for precise-BN (:meth:`_precise_bn`), or None when the
+        model has no BatchNorm statistics to re-estimate or precise-BN is off."""
+        if not self.cfg.precise_bn or not any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in self.model.modules()):
+            return None
+        # A fixed sample in a shuffled order: folder sets list their images class by class, and a batch of
+        # one class has a far smaller variance than the data (its statistics would be wrong).
+        idx = sample_indices(len(self.train_raw), self.cfg.precise_bn_images, self.cfg.seed)
+        plain = self.train_raw.subset(np.random.default_rng(self.cfg.seed).permutation(idx).tolist())
+        ds = self.task.torch_datasets(self.cfg, plain, plain, self.pre)[1]  # the val-side dataset: no augmentation
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=0, collate_fn=self.task.collate,
+                          drop_last=len(ds) > self.batch_size)
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -267,7 +305,7 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> RunResult:
-        t0 = time.perf_counter()
+        t0 = self.fit_started = time.perf_counter()
         if self.start_epoch >= self.cfg.epochs:
             return self._up_to_date(t0)
         main = self.dist.main
@@ -308,10 +346,23 @@ class Trainer:
         if self.dist.enabled:
             dist.barrier()
         result = RunResult(self.run_dir, self.best, self.best_epoch, self.history, time.perf_counter() - t0,
-                           images / train_time if train_time else 0.0, interrupted, files)
+                           images / train_time if train_time else 0.0, interrupted, files, self.warnings)
         if interrupted:
             raise TrainingInterrupted(result)
         return result
+
+    def _log_plan(self) -> None:
+        """The dataset summary and the choices made from it, before anything is built."""
+        for line in self.data_summary.format():
+            if line.startswith("  input size") and self.settings.input_size.source != "option":
+                line += "; --image-size changes it"
+            if not line.startswith("  warning:"):
+                log.info("%s", line)
+        for warning in self.data_summary.warnings:
+            log.warning("%s", warning)
+        cfg = self.cfg
+        log.info("  %d epochs, warm-up %.2g epoch(s) (--warmup-epochs), %s batch norm statistics",
+                 cfg.epochs, cfg.warmup_epochs, "precise" if cfg.precise_bn else "running")
 
     def _up_to_date(self, t0: float) -> RunResult:
         """A resumed run with no epoch left: its folder already is the result, so nothing is rewritten
@@ -391,6 +442,7 @@ class Trainer:
         if "correct" in totals:
             row["train_acc"] = 100.0 * totals["correct"] / count
         if self.dist.main:
+            self._precise_bn()
             val = self.task.evaluate(self.model, self.val_loader(), self.device)
             row.update({f"val_{k}": v for k, v in val.items()})
         row["images_per_s"] = count / max(seconds, 1e-9)
@@ -406,10 +458,43 @@ class Trainer:
                 checkpoint.save(self.run_dir / checkpoint.BEST, copy.copy(self.best_state))
             self._checkpoint(epoch + 1)
             write_metrics_csv(self.history, self.run_dir / "metrics.csv")
+            plot_curves(self.history, self.run_dir / "curves.png", self.task.primary)  # to watch while it trains
             msg = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-            log.info("%s%s", msg, "  *best*" if improved else "")
+            log.info("%s%s%s", msg, "  *best*" if improved else "", self._eta(epoch))
             self._warn_if_throttled()
+            self._warn_if_at_chance(final=epoch + 1 == self.cfg.epochs)
         return row
+
+    def _precise_bn(self) -> None:
+        """Re-estimate BatchNorm statistics on training images before validation (precise-BN).
+
+        Training updates them with momentum from its own batches, so on small sets (few, small batches,
+        augmented) they lag the weights and evaluation-mode outputs collapse to one class. One pass in
+        training mode without gradients over a fixed sample sets them to the cumulative average, as
+        ``torch.optim.swa_utils.update_bn`` does; the bundle's weights carry them.
+        """
+        if self.bn_batches is None:
+            return
+        torch.optim.swa_utils.update_bn(self.bn_batches, self.model, self.device)
+
+    def _warn_if_at_chance(self, final: bool) -> None:
+        if self.chance_warned or self.task.name != "classify":
+            return
+        counts = list(self.data_summary.val.per_class.values())
+        warning = chance_warning(self.history, counts, final=final, precise_bn=self.cfg.precise_bn, data=self.cfg.data)
+        if warning:
+            self.chance_warned = True
+            self.warnings.append(warning)
+            log.warning("%s", warning)
+
+    def _eta(self, epoch: int) -> str:
+        """The whole run's time left, from the epochs (with validation) done in this process so far."""
+        left = self.cfg.epochs - epoch - 1
+        done = epoch + 1 - self.start_epoch
+        if left <= 0 or done <= 0:
+            return ""
+        per_epoch = (time.perf_counter() - self.fit_started) / done
+        return f"  eta {_duration(per_epoch * left)}"
 
     def _warn_if_throttled(self) -> None:
         if self.throttle_warned:
@@ -425,10 +510,15 @@ class Trainer:
         """Write model.pt (best weights), kiln.json and curves.png into the run folder."""
         state = self.best_state or {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         manifest = bundle_manifest(self.settings, build_model(self.arch), {
-            "epochs": len(self.history), "best_epoch": self.best_epoch, "world_size": self.dist.world,
+            "epochs": len(self.history), "best_epoch": self.best_epoch, "world_size": self.dist.world, **self.cost,
             "device": str(self.device), "train_images": len(self.train_raw), "val_images": len(self.val_raw),
         })
         return write_bundle(self.settings, manifest, state, self.best, self.history)
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kiln.train.config import TrainConfig
+from kiln.train.config import TrainConfig, warmup_epochs
 
 
 def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
@@ -28,13 +28,13 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoc
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler
     if cfg.schedule == "onecycle":
-        pct = min(0.5, max(cfg.warmup_epochs / cfg.epochs, 0.05))
+        pct = min(0.5, max(warmup_epochs(cfg, steps_per_epoch) / cfg.epochs, 0.05))
         # Adagrad has neither momentum nor betas to cycle; without this onecycle + adagrad fails to start.
         cycle = "momentum" in opt.defaults or "betas" in opt.defaults
         # per group: a backbone group keeps its --backbone-lr-scale share of the peak
         peaks = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
         return sched.OneCycleLR(opt, max_lr=peaks, total_steps=total, pct_start=pct, cycle_momentum=cycle)
-    warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    warm = min(int(warmup_epochs(cfg, steps_per_epoch) * steps_per_epoch), total - 1)
     rest = total - warm
     main: sched.LRScheduler
     if cfg.schedule == "constant":

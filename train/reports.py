@@ -66,6 +66,22 @@ def write_classify_reports(bundle: Bundle, metrics: dict[str, Any], out_dir: Pat
             "per_class_csv": str(out_dir / "per_class.csv")}
 
 
+def _file_names(ds: ImageDataset, n: int) -> list[str] | None:
+    """Each image's ``file_name`` as COCO writes it: relative to the images folder when the dataset
+    names one (COCO, the shapes export), else the file's own path; None for in-memory images."""
+    if isinstance(ds.images, np.ndarray):
+        return None
+    root = ds.info.get("images")
+    out = []
+    for p in list(ds.images)[:n]:
+        path = Path(p)
+        try:
+            out.append(str(path.relative_to(root)) if root else str(path))
+        except ValueError:
+            out.append(str(path))
+    return out
+
+
 def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, metrics: dict[str, Any], out_dir: Path,
                          post: DetectPost | None = None) -> dict[str, str]:
     """predictions.json (COCO results), ground_truth.json (the COCO ground truth they were scored
@@ -84,7 +100,7 @@ def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, me
     atomic_write_json(out_dir / "predictions.json", preds)
     sizes = [(lb.width, lb.height) for lb in res.letterboxes]
     atomic_write_json(out_dir / "ground_truth.json",
-                      coco_ground_truth(res.targets, bundle.manifest.classes, sizes, image_ids, cats))
+                      coco_ground_truth(res.targets, bundle.manifest.classes, sizes, image_ids, cats, _file_names(ds, n)))
 
     buf = io.StringIO()
     w = csv.writer(buf)

@@ -10,9 +10,10 @@ from typing import Any
 
 from kiln.bundle import Architecture, BatchRange, Preprocess
 from kiln.data import DataSpec, ImageDataset
+from kiln.data.inspect import InputSize, data_image_size, steps_per_epoch
 from kiln.errors import ConfigError
 from kiln.models import model_entry
-from kiln.train.config import TrainConfig
+from kiln.train.config import TrainConfig, default_batch_size, default_warmup_epochs
 from kiln.train.finetune import fit_preprocess
 from kiln.train.tasks import Task, default_workers, make_task
 
@@ -31,6 +32,7 @@ class Settings:
     arch: Architecture
     batch_range: BatchRange
     workers: int
+    input_size: InputSize  # the input side and why it was chosen
 
     @property
     def run_dir(self) -> Path:
@@ -38,7 +40,7 @@ class Settings:
 
     @property
     def batch_size(self) -> int:
-        return self.cfg.batch_size or self.task.default_batch_size
+        return self.cfg.batch_size or 1  # always filled in by resolve_settings
 
 
 def check_resume_overrides(overrides: dict[str, Any] | None) -> None:
@@ -75,16 +77,44 @@ def resolve_settings(cfg: TrainConfig, train_raw: ImageDataset, *, preprocess: P
     task = make_task(task_name, len(train_raw.classes))
     if cfg.model is None:
         cfg = cfg.replace(model=task.default_model)
-    cfg = cfg.replace(batch_size=cfg.batch_size or task.default_batch_size)
+    cfg = cfg.replace(batch_size=cfg.batch_size or default_batch_size(task_name, len(train_raw)))
+    if cfg.warmup_epochs is None:
+        steps = steps_per_epoch(len(train_raw), cfg.batch_size or 1)
+        cfg = cfg.replace(warmup_epochs=default_warmup_epochs(cfg.epochs, steps))
     if cfg.out is None:
         cfg = cfg.replace(out=str(default_run_dir(cfg)))
     if preprocess is None:
-        native = max(train_raw.native_size) if train_raw.native_size else None
-        size = cfg.image_size or model_entry(cfg.model or "").default_size or (max(native, 32) if native else 224)
-        preprocess = fit_preprocess(cfg, task.preprocess_spec(cfg, train_raw, size))  # pretrained weights' recipe
+        chosen = input_size(cfg, train_raw)
+        task_pre = task.preprocess_spec(cfg, train_raw, chosen.size or 224)
+        preprocess = fit_preprocess(cfg, task_pre)  # pretrained weights' recipe
+        if preprocess.size != task_pre.size:
+            chosen = InputSize(preprocess.size[0], "model", f"the preprocessing of --pretrained {cfg.pretrained} weights")
+    else:
+        chosen = InputSize(preprocess.size[0], "resume", "the resumed run's")
     arch = Architecture(name=cfg.model or "", args={
         "num_classes": len(train_raw.classes), "in_channels": 1 if preprocess.channels == "L" else 3,
         "image_size": preprocess.size[0], **task.model_args(cfg),
     })
     workers = cfg.workers if cfg.workers is not None else default_workers(train_raw)
-    return Settings(cfg, task, list(train_raw.classes), preprocess, arch, BatchRange.parse(cfg.batch_range), workers)
+    return Settings(cfg, task, list(train_raw.classes), preprocess, arch, BatchRange.parse(cfg.batch_range), workers,
+                    chosen)
+
+
+def input_size(cfg: TrainConfig, train_raw: ImageDataset) -> InputSize:
+    """The input side of a new run, and why: ``--image-size``; else, for folder sets, the data's typical
+    size (:func:`kiln.data.inspect.data_image_size`) raised to what the model takes; else the model's
+    default side; else the side of in-memory images; else 224."""
+    if cfg.image_size:
+        return InputSize(cfg.image_size, "option", "--image-size")
+    entry = model_entry(cfg.model or "")
+    data = data_image_size(train_raw)
+    if data is not None and data.size and not train_raw.native_size:
+        if data.size < entry.min_size:
+            return InputSize(entry.min_size, "model", f"{data.reason}; raised to {entry.min_size}, the smallest "
+                                                      f"input {cfg.model} takes")
+        return data
+    if entry.default_size:
+        return InputSize(entry.default_size, "model", f"{cfg.model}'s default input side")
+    if data is not None and data.size:
+        return data
+    return InputSize(224, "default", "no size from the model or the data")

@@ -11,12 +11,11 @@ import gzip
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from kiln.data.dataset import IMG_EXTENSIONS, ImageDataset, Split, check_images, split_indices
+from kiln.data.dataset import IMG_EXTENSIONS, ImageDataset, Split, decode_images, split_indices
 from kiln.errors import DatasetError
 
 
@@ -130,25 +129,18 @@ def open_folder(root: str, *, val_fraction: float, seed: int, skip_bad_images: b
     if not base.is_dir():
         raise DatasetError(f"folder: {base} does not exist")
 
-    def make(split: Split, paths: list[Path], labels: list[int], classes: list[str]) -> ImageDataset:
-        ok = check_images(paths, skip_bad_images)
-        return ImageDataset("folder", split, "classify", classes, _folder_channels(paths, ok), [paths[i] for i in ok],
-                            [labels[i] for i in ok], None, {"root": str(base)})
+    def make(split: Split, paths: list[Path], labels: list[int], classes: list[str], own_val: bool) -> ImageDataset:
+        seen = decode_images(paths, skip_bad_images)  # the one decoding pass; small sets keep the pixels
+        ok = seen.good
+        return ImageDataset("folder", split, "classify", classes, "L" if seen.gray else "RGB", [paths[i] for i in ok],
+                            [labels[i] for i in ok], None, {"root": str(base), "own_val": own_val}, seen.sizes, seen.pixels)
 
     if (base / "train").is_dir() and (base / "val").is_dir():
         names, tp, tl = _scan_folder(base / "train")
         vp, vl = _scan_folder(base / "val", names)[1:]
-        return make("train", tp, tl, names), make("val", vp, vl, names)
+        return make("train", tp, tl, names, True), make("val", vp, vl, names, True)
     classes, paths, labels = _scan_folder(base)
     tr, va = split_indices(len(paths), val_fraction, seed, labels)
-    return (make("train", [paths[i] for i in tr], [labels[i] for i in tr], classes),
-            make("val", [paths[i] for i in va], [labels[i] for i in va], classes))
+    return (make("train", [paths[i] for i in tr], [labels[i] for i in tr], classes, False),
+            make("val", [paths[i] for i in va], [labels[i] for i in va], classes, False))
 
-
-def _folder_channels(paths: list[Path], ok: list[int]) -> Literal["L", "RGB"]:
-    """Grayscale only when every sampled image is single-channel."""
-    for i in ok[:32]:
-        with Image.open(paths[i]) as im:
-            if im.mode not in ("L", "1", "I;16", "I", "LA"):
-                return "RGB"
-    return "L" if ok else "RGB"

@@ -9,8 +9,11 @@ is a :class:`~kiln.errors.DatasetError` that says which file was expected where.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,12 +22,39 @@ import numpy as np
 from PIL import Image
 
 from kiln.errors import DatasetError
-from kiln.processing import ImageDecodeError, load_image
+from kiln.processing import ImageDecodeError, load_image, to_8bit
 
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "val"]
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+GRAY_MODES = ("L", "1", "I;16", "I;16B", "I;16L", "I", "LA", "F")
+
+# Decoded 8-bit pixels of a folder split are kept when they fit this many MiB (KILN_DECODE_CACHE_MB):
+# small sets are then decoded once, by the pass that checks them, instead of once per epoch.
+DECODE_CACHE_MB = 512
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image file that could not be decoded (and was skipped under ``--skip-bad-images``)."""
+
+    path: str
+    reason: str
+
+
+_skipped: ContextVar[list[SkippedImage] | None] = ContextVar("kiln_skipped_images", default=None)
+
+
+@contextlib.contextmanager
+def collect_skipped() -> Iterator[list[SkippedImage]]:
+    """Collect every image the readers skip while the block runs (:func:`kiln.data.inspect` lists them)."""
+    found: list[SkippedImage] = []
+    token = _skipped.set(found)
+    try:
+        yield found
+    finally:
+        _skipped.reset(token)
 
 
 @dataclass
@@ -40,6 +70,8 @@ class ImageDataset:
     targets: list[Any]
     native_size: tuple[int, int] | None = None  # (H, W) when every image has the same size
     info: dict[str, Any] = field(default_factory=dict)
+    sizes: list[tuple[int, int]] | None = None  # (H, W) of each image as decoded, when a pass has seen them
+    decoded: list[np.ndarray] | None = None  # 8-bit pixels of each file, when they fit the decode cache
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -48,7 +80,9 @@ class ImageDataset:
         if isinstance(self.images, np.ndarray):
             arr = self.images[i]
             return Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB")
-        return load_image(str(self.images[i])).convert(self.channels)
+        if self.decoded is not None:
+            return Image.fromarray(self.decoded[i]).convert(self.channels)
+        return to_8bit(load_image(str(self.images[i]))).convert(self.channels)
 
     def target(self, i: int) -> Any:
         return self.targets[i]
@@ -63,6 +97,8 @@ class ImageDataset:
         return ImageDataset(
             self.name, self.split, self.task, self.classes, self.channels, images,
             [self.targets[i] for i in idx], self.native_size, dict(self.info),
+            None if self.sizes is None else [self.sizes[i] for i in idx],
+            None if self.decoded is None else [self.decoded[i] for i in idx],
         )
 
 
@@ -93,19 +129,72 @@ def check_images(paths: Sequence[Path], skip_bad: bool) -> list[int]:
 
     A bad image stops everything with its path unless ``skip_bad`` is set, then they are counted.
     """
-    good, bad = [], []
+    return decode_images(paths, skip_bad, cache_bytes=0).good
+
+
+@dataclass
+class Decoded:
+    """What one decoding pass over image files found (see :func:`decode_images`)."""
+
+    good: list[int]  # indices of the readable files
+    sizes: list[tuple[int, int]]  # (H, W) of each readable file, as displayed (EXIF-turned)
+    gray: bool  # every readable file is single-channel
+    pixels: list[np.ndarray] | None  # 8-bit L or RGB pixels of each readable file; None past the budget
+
+
+def decode_cache_bytes() -> int:
+    """The decode cache budget in bytes: ``KILN_DECODE_CACHE_MB`` MiB, else :data:`DECODE_CACHE_MB`."""
+    text = os.environ.get("KILN_DECODE_CACHE_MB", "")
+    try:
+        mib = float(text) if text else DECODE_CACHE_MB
+    except ValueError:
+        raise DatasetError(f"KILN_DECODE_CACHE_MB: expected a number of MiB, got '{text}'") from None
+    return max(0, int(mib * 2**20))
+
+
+def decode_images(paths: Sequence[Path], skip_bad: bool, *, cache_bytes: int | None = None) -> Decoded:
+    """Decode every file once: check it, note its size and keep its 8-bit pixels while they fit
+    ``cache_bytes`` (default :func:`decode_cache_bytes`); past the budget every pixel is dropped and
+    training decodes from the files. Unreadable files stop everything with their paths unless
+    ``skip_bad``; then they are logged and reported to :func:`collect_skipped`."""
+    budget = decode_cache_bytes() if cache_bytes is None else cache_bytes
+    good: list[int] = []
+    sizes: list[tuple[int, int]] = []
+    pixels: list[np.ndarray] | None = [] if budget > 0 else None
+    held = 0
+    gray = True
+    bad: list[tuple[Path, Exception]] = []
     for i, p in enumerate(paths):
         try:
-            load_image(str(p))
+            img = load_image(str(p))
         except (ImageDecodeError, OSError) as exc:
             bad.append((p, exc))
             continue
         good.append(i)
+        sizes.append((img.height, img.width))
+        is_gray = img.mode in GRAY_MODES
+        gray = gray and is_gray
+        if pixels is not None:
+            arr = np.asarray(to_8bit(img).convert("L" if is_gray else "RGB"))
+            held += arr.nbytes
+            if held > budget:
+                log.info("%d decoded images exceed the decode cache (%d MiB, KILN_DECODE_CACHE_MB): images are "
+                         "decoded from their files in every epoch", len(paths), budget // 2**20)
+                pixels = None
+            else:
+                pixels.append(arr)
+    _report_bad(bad, skip_bad)
+    return Decoded(good, sizes, gray and bool(good), pixels)
+
+
+def _report_bad(bad: list[tuple[Path, Exception]], skip_bad: bool) -> None:
     if bad and not skip_bad:
         first = "; ".join(f"{p}: {e}" for p, e in bad[:3])
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise DatasetError(f"{len(bad)} unreadable image(s): {first}{more}. Fix them or pass --skip-bad-images")
     if bad:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), bad[0][0])
-    return good
+        found = _skipped.get()
+        if found is not None:
+            found.extend(SkippedImage(str(p), str(e)) for p, e in bad)
 

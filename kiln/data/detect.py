@@ -211,7 +211,8 @@ def write_shapes_coco(out: str | os.PathLike[str], count: int | None = None, see
 
 
 def write_shapes_yolo(out: str | os.PathLike[str], count: int | None = None, seed: int = 0) -> Path:
-    """Write shapes in the Ultralytics layout; returns the path of ``data.yaml`` (for ``--data yolo:...``)."""
+    """Write shapes in the Ultralytics layout; returns the path of ``data.yaml`` (for ``--data yolo:...``
+    and for Ultralytics as written: its ``path`` is the folder's absolute path)."""
     root = Path(out)
     n = count or shapes_count()
     images, targets = make_shapes(n, seed)
@@ -227,7 +228,9 @@ def write_shapes_yolo(out: str | os.PathLike[str], count: int | None = None, see
             atomic_write_text(root / "labels" / split / f"{i:06d}.txt", "".join(f"{ln}\n" for ln in lines))
     names = "".join(f"  {i}: {name}\n" for i, name in enumerate(SHAPES_CLASSES))
     path = root / "data.yaml"
-    atomic_write_text(path, f"path: .\ntrain: images/train\nval: images/val\nnames:\n{names}")
+    # An absolute path: Ultralytics resolves a relative one against its own datasets folder (or the current
+    # directory), not against this file, so `path: .` loads only when run from this folder.
+    atomic_write_text(path, f"path: {json.dumps(str(root.resolve()))}\ntrain: images/train\nval: images/val\nnames:\n{names}")
     return path
 
 

@@ -123,6 +123,17 @@ class ModelEntry:
     build: Callable[..., nn.Module]
     task: str
     default_size: int | None  # input side when the dataset does not fix one
+    min_size: int = 1  # the smallest input side the architecture takes
+
+
+def _torchvision_min_size(name: str) -> int:
+    """torchvision's own record of the smallest input of ``name`` (its weights' ``min_size``: 75 for
+    inception_v3, 224 for the ViTs, 1 for most), read from the library without downloading anything."""
+    try:
+        weights = list(torchvision.models.get_model_weights(name))
+    except (ValueError, KeyError):
+        return 1
+    return max((max(w.meta.get("min_size", (1, 1))) for w in weights), default=1)
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -146,7 +157,7 @@ def model_entry(name: str) -> ModelEntry:
         return ModelEntry(_timm(name), "classify", 224)
     tv = torchvision_classifiers()
     if name in tv:
-        return ModelEntry(_torchvision(name), "classify", 224)
+        return ModelEntry(_torchvision(name), "classify", 224, _torchvision_min_size(name))
     raise unknown_model(name, list(dict.fromkeys([*MODELS, *tv])))  # resnet18 etc. are in both
 
 
@@ -158,6 +169,27 @@ def unknown_model(name: str, known: list[str]) -> ConfigError:
     hint = f" Did you mean '{near[0]}'? Nearest: {', '.join(near)}." if near else ""
     return ConfigError(f"--model: unknown model '{name}'.{hint} Known: {', '.join(MODELS)}, any torchvision "
                        "classifier (torchvision.models.list_models()) or timm:NAME")
+
+
+def model_cost(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+    """Parameter count and GFLOPs of one forward pass on an input of ``input_shape`` ``[C, H, W]``.
+
+    GFLOPs count a multiply-add once, as torchvision's and timm's model tables do (resnet18 at 224:
+    1.8), measured with ``torch.utils.flop_counter.FlopCounterMode`` over one batch-1 pass in eval mode
+    (BatchNorm statistics are left alone); the model's train/eval mode is restored afterwards.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in model.parameters())
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+    return {"parameters": int(params), "gflops": round(counter.get_total_flops() / 2 / 1e9, 4)}
 
 
 def build_model(arch: Architecture) -> nn.Module:

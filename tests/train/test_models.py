@@ -3,7 +3,14 @@ import torch
 
 from kiln.bundle import Architecture
 from kiln.errors import CheckpointError, ConfigError
-from kiln.models import MODELS, build_model, load_weights, read_state_dict
+from kiln.models import (
+    MODELS,
+    build_model,
+    load_weights,
+    model_cost,
+    read_state_dict,
+    torchvision_classifiers,
+)
 
 
 @pytest.mark.parametrize("name", [n for n, e in MODELS.items() if e.task == "classify"])
@@ -35,9 +42,10 @@ def test_weights_fine_tune_replaces_head(tmp_path):
 
 
 def test_cli_model_names_match_the_registry():
-    from kiln.train.config import MODEL_NAMES
+    from kiln.train.config import MODEL_NAMES, TORCHVISION_CLASSIFIERS
 
     assert tuple(MODELS) == MODEL_NAMES
+    assert list(TORCHVISION_CLASSIFIERS) == torchvision_classifiers()
 
 
 # ---- any torchvision classifier, timm, pretrained weights (no network: the caches are pre-filled) ----
@@ -151,3 +159,13 @@ def test_timm_model_pretrained_through_its_cache(monkeypatch) -> None:  # type: 
         load_pretrained(build_model(_arch(name, 3)), _arch(name, 3), True)
     with pytest.raises(ConfigError, match=r"Nearest: .*timm:mobilenetv3_small_050"):
         model_entry("timm:mobilenetv3_small_05")
+
+
+def test_model_cost_counts_parameters_and_multiply_adds_as_torchvision_does():
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    cost = model_cost(model.train(), (3, 224, 224))
+    assert cost["parameters"] == 11_689_512  # torchvision's table: 11.7M, 1.81 GFLOPS
+    assert cost["gflops"] == pytest.approx(1.81, abs=0.02)
+    assert model.training  # the mode is restored

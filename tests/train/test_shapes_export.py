@@ -1,0 +1,57 @@
+"""`kiln data shapes --format coco|yolo`: files other tools load as written, and ground truth they can match."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from kiln.cli import main
+from kiln.data import ImageDataset, open_dataset
+from kiln.train.reports import write_detect_reports
+
+from .test_eval_reports import detector, noisy_split
+
+
+def test_yolo_data_yaml_names_its_own_folder_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["data", "shapes", "--format", "yolo", "--out", str(tmp_path / "y"), "--count", "10"]) == 0
+    cfg = yaml.safe_load((tmp_path / "y" / "data.yaml").read_text())
+    # Ultralytics resolves a relative `path` against its datasets folder, so it must be absolute
+    assert Path(cfg["path"]).is_absolute() and Path(cfg["path"]) == (tmp_path / "y").resolve()
+    assert (Path(cfg["path"]) / cfg["train"]).is_dir() and (Path(cfg["path"]) / cfg["val"]).is_dir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    train, val = open_dataset(f"yolo:{tmp_path / 'y' / 'data.yaml'}")
+    assert len(train) + len(val) == 10 and train.classes == list(cfg["names"].values())
+
+
+def test_shapes_format_coco_is_the_default(tmp_path: Path) -> None:
+    assert main(["data", "shapes", "--out", str(tmp_path / "c"), "--count", "10"]) == 0
+    assert (tmp_path / "c" / "annotations" / "instances_train.json").is_file()
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "shapes", "--format", "voc", "--out", str(tmp_path / "v")])
+    assert stop.value.code == 2
+
+
+def test_ground_truth_json_names_each_image_file(tmp_path: Path) -> None:
+    bundle = detector(tmp_path / "b")
+    res, targets = noisy_split(n=3)
+    images = tmp_path / "images"
+    ds = ImageDataset(name="coco", split="val", task="detect", classes=["circle", "square"], channels="RGB",
+                      images=[images / "a.png", images / "sub" / "b.png", images / "c.png"], targets=targets,
+                      info={"images": str(images), "image_ids": [5, 6, 7], "category_ids": [1, 2]})
+    from kiln.evaluate import split_metrics
+
+    metrics = split_metrics(bundle, res, ds)
+    from PIL import Image
+
+    (images / "sub").mkdir(parents=True)
+    for p in ds.images:
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(p)
+    write_detect_reports(bundle, res, ds, metrics, tmp_path / "out")
+    gt = json.loads((tmp_path / "out" / "ground_truth.json").read_text())
+    assert [(im["id"], im["file_name"]) for im in gt["images"]] == [(5, "a.png"), (6, "sub/b.png"), (7, "c.png")]
