@@ -52,8 +52,8 @@ def train_resolve(request: Request, form: dict[str, Any] = Body(...)) -> dict[st
     train_raw, _ = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images)
     st = resolve_settings(cfg.replace(out="unused"), train_raw)
     return {"model": st.cfg.model, "task": st.task.name, "batch_size": st.batch_size, "lr": st.cfg.learning_rate,
-            "image_size": list(st.pre.size), "workers": st.workers, "classes": st.classes,
-            "train_images": len(train_raw)}
+            "warmup_epochs": st.cfg.warmup_epochs, "image_size": list(st.pre.size), "image_size_reason": st.input_size.reason,
+            "workers": st.workers, "classes": st.classes, "train_images": len(train_raw)}
 
 
 @router.post("/runs", status_code=202)

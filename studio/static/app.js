@@ -83,7 +83,7 @@ async function browse(path) {
     const items = [];
     if (r.parent) items.push(el("a", { text: "..", onclick: () => browse(r.parent) }));
     for (const e of r.entries) {
-      items.push(el("a", { text: (e.dir ? "📁 " : "") + e.name, onclick: () => {
+      items.push(el("a", { text: e.name + (e.dir ? "/" : ""), onclick: () => {
         const form = $("ds-form").value || "folder";
         $("ds-spec").value = `${form}:${e.path}`;
         if (e.dir) browse(e.path);
@@ -187,7 +187,8 @@ $("new-resolve").addEventListener("click", async () => {
   try {
     const r = await api("/train/resolve", { method: "POST", body: formValues() });
     $("new-resolved").textContent = `kiln train would use: model ${r.model} (${r.task}), batch ${r.batch_size}, lr ${r.lr}, ` +
-      `input ${r.image_size.join("x")}, ${r.workers} loader worker(s); ${r.train_images} training images, ${r.classes.length} classes`;
+      `warm-up ${+r.warmup_epochs.toFixed(3)} epoch(s), input ${r.image_size.join("x")} (${r.image_size_reason}), ${r.workers} loader worker(s); ` +
+      `${r.train_images} training images, ${r.classes.length} classes`;
   } catch (e) { showError($("new-resolved"), e); }
 });
 $("new-start").addEventListener("click", async () => {

@@ -6,6 +6,7 @@ import io
 import json
 import shlex
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -105,6 +106,11 @@ def test_serve_starts_kiln_serve_and_the_copied_curl_line_works(client: TestClie
                              timeout=60)
         answer = json.loads(out.stdout)
         assert answer["predictions"][0]["top_k"][0]["label"] == str(label)
+        for name in ("python", "tritonclient"):  # the other snippets run as copied
+            ran = subprocess.run([sys.executable, "-c", server["snippets"][name]], cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=120)
+            assert ran.returncode == 0, (name, ran.stderr[-2000:])
+            assert "digits-cli" in ran.stdout or "top_k" in ran.stdout or "outputs" in ran.stdout, ran.stdout
         assert client.post("/api/serve/stop", json={"id": job_id}, headers=WRITE).status_code == 200
         assert jobs.wait(job_id, 60).state == "stopped"
         with pytest.raises(httpx.TransportError):
@@ -137,5 +143,26 @@ def test_datasets_are_added_from_the_allowed_roots(client: TestClient, photo_fol
     assert [d["spec"] for d in client.get("/api/datasets").json()] == [f"folder:{photo_folder}"]
     listing = client.get("/api/fs", params={"path": str(photo_folder)}).json()
     assert [e["name"] for e in listing["entries"]] == ["china", "flower"]
+    report = client.get("/api/datasets/inspect", params={"spec": f"folder:{photo_folder}"}).json()
+    assert report["classes"] == ["china", "flower"]
+    assert {c: report["train"]["per_class"][c] + report["val"]["per_class"][c] for c in report["classes"]} == \
+        {"china": 8, "flower": 8}
+    sheet = client.get("/api/datasets/sheet", params={"spec": f"folder:{photo_folder}", "per_class": 4})
+    assert sheet.status_code == 200 and Image.open(io.BytesIO(sheet.content)).height >= 2 * 64  # a row per class
+    assert client.get("/api/datasets/inspect", params={"spec": "folder:/etc"}).status_code == 404  # never added
     thumb = client.get("/api/thumb", params={"path": str(photo_folder / "china" / "china-0.jpg"), "size": 32})
     assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).size == (32, 32)
+
+
+def test_resolve_fills_blank_fields_as_kiln_train_would(client: TestClient, photo_folder: Path) -> None:
+    from kiln.data import open_dataset
+    from kiln.train.config import TrainConfig
+    from kiln.train.resolve import resolve_settings
+
+    form = {"data": f"folder:{photo_folder}", "epochs": 3}
+    r = client.post("/api/train/resolve", json=form, headers=WRITE)
+    assert r.status_code == 200, r.text
+    expected = resolve_settings(TrainConfig(**form, out="x"), open_dataset(form["data"])[0])  # type: ignore[arg-type]
+    got = r.json()
+    assert (got["model"], got["batch_size"], got["image_size"]) == (expected.cfg.model, expected.batch_size, list(expected.pre.size))
+    assert got["image_size"] == [64, 64] and got["classes"] == ["china", "flower"]
