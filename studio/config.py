@@ -9,8 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.errors import ConfigError
+from kiln.serve.settings import Settings as ServeSettings
 
 TOKEN_ENV = "KILN_STUDIO_TOKEN"
+# uploads are held to kiln serve's default limits
+_SERVING = {name: ServeSettings.model_fields[name].default
+            for name in ("max_body_bytes", "max_image_pixels", "max_images_per_request")}
 STATE_DIR = ".studio"  # inside the workspace: studio.db, job logs, the dataset list
 
 
@@ -33,8 +37,9 @@ class StudioConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     token: str | None = None
-    max_upload_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_upload_bytes: int = _SERVING["max_body_bytes"]
+    max_image_pixels: int = _SERVING["max_image_pixels"]
+    max_images: int = _SERVING["max_images_per_request"]
     extra_env: dict[str, str] = field(default_factory=dict)  # for the subprocesses (tests set threads)
 
     def __post_init__(self) -> None:

@@ -27,7 +27,6 @@ CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")  # checked again by 
 INT8_LAYOUTS = ("tensorrt", "cpu")
 # Detection answers carry every box over this score with no NMS: the page's sliders filter them.
 TEST_CONF = 0.05
-MAX_TEST_IMAGES = 64
 BUNDLE_SKIP = ("last.pt", "best.pt")
 
 
@@ -146,8 +145,8 @@ async def predict(request: Request, run: str = Query(...), precision: str | None
 
     s = studio(request)
     path = s.run_dir(run)
-    if len(files) > MAX_TEST_IMAGES:
-        raise HTTPException(413, f"at most {MAX_TEST_IMAGES} images per request")
+    if len(files) > s.cfg.max_images:
+        raise HTTPException(413, f"at most {s.cfg.max_images} images per request")
     if precision is not None and precision not in GRAPH_PRECISIONS:
         raise HTTPException(400, f"precision: one of {', '.join(GRAPH_PRECISIONS)}")
     datas = [await f.read() for f in files]
