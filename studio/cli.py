@@ -8,18 +8,9 @@ import sys
 from pathlib import Path
 
 from kiln.cli import HelpFormatter
+from kiln.serve.cli import _port  # the same port rule as kiln serve
 
 log = logging.getLogger("kiln.studio")
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got '{text}'") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -68,10 +68,7 @@ def _count_params(path: Path) -> int | None:
 def export(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
     """Queue ``kiln export RUN --precision ...`` and then ``kiln eval RUN --bench --json`` (the table)."""
     s = studio(request)
-    run = str(body.get("run", ""))
-    path = s.run_dir(run)
-    if not (path / "kiln.json").is_file():
-        raise HTTPException(409, f"{run} has no bundle yet (kiln.json): train it first")
+    run, path = _bundle_run(s, body)
     if s.active_job(run) is not None:
         raise HTTPException(409, f"{run} is already queued or running")
     precisions = body.get("precisions") or ["fp32"]
@@ -100,6 +97,15 @@ def export(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]
     table = ["eval", run, "--bench", "--json", f"--bench-iters={max(1, min(iters, 1000))}"]
     job = s.store.add("export", run, [argv, table], {"command": f"{command_line(argv)} && {command_line(table)}"})
     return {"job": job.public(), "command": job.info["command"]}
+
+
+def _bundle_run(s: Studio, body: dict[str, Any]) -> tuple[str, Path]:
+    """The ``run`` a request names and its folder, which must hold a bundle."""
+    run = str(body.get("run", ""))
+    path = s.run_dir(run)
+    if not (path / "kiln.json").is_file():
+        raise HTTPException(409, f"{run} has no bundle yet (kiln.json): train it first")
+    return run, path
 
 
 @router.get("/run/table")
@@ -206,10 +212,7 @@ def _backend(s: Studio, path: Path, precision: str | None) -> Any:
 def serve(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
     """Start ``kiln serve RUN`` on a free loopback port."""
     s = studio(request)
-    run = str(body.get("run", ""))
-    path = s.run_dir(run)
-    if not (path / "kiln.json").is_file():
-        raise HTTPException(409, f"{run} has no bundle yet (kiln.json)")
+    run, path = _bundle_run(s, body)
     if s.store.list(run=run, kind="serve", states=("queued", "running")):
         raise HTTPException(409, f"{run} is already being served")
     with socket.socket() as sock:

@@ -14,33 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from .browser import chromium, needs_chromium
 from .conftest import LiveStudio, copy_bundle
 from .test_models_api import digit_png
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
-)
-webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+pytestmark = needs_chromium
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "studio"
 
 
 @pytest.fixture
 def browser() -> Iterator[object]:
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    yield from chromium()
 
 
 def js(driver, script: str, *args):  # type: ignore[no-untyped-def]

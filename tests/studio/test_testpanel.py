@@ -4,20 +4,15 @@ per class, re-filtered by the score and IoU sliders without a new request; class
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
-)
-webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+from .browser import chromium, needs_chromium
+
+pytestmark = needs_chromium
 STATIC = Path(__file__).resolve().parents[2] / "studio" / "static"
 
 # boxes before NMS, as the studio returns them: two overlapping circles, a square, a weak square
@@ -32,8 +27,6 @@ ANSWER = {"task": "detect", "backend": "stub", "precision": "fp32", "results": [
 
 @pytest.fixture
 def page(tmp_path: Path) -> Iterator[object]:
-    from selenium.webdriver.chrome.service import Service
-
     html = tmp_path / "panel.html"
     html.write_text(f"""<!doctype html><html><head><link rel="stylesheet" href="{STATIC / 'testpanel.css'}"></head><body>
 <div id="panel"></div><script src="{STATIC / 'testpanel.js'}"></script>
@@ -41,16 +34,9 @@ def page(tmp_path: Path) -> Iterator[object]:
 KilnTestPanel.mount(document.getElementById("panel"), {{score: 0.25, iou: 0.45,
   predict: async (files) => {{ window.calls++; return window.answer; }} }});</script></body></html>""")
     Image.new("RGB", (200, 100), (0, 0, 0)).save(tmp_path / "scene.png")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--allow-file-access-from-files"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    try:
-        driver.get(html.as_uri())
+    for driver in chromium():
+        driver.get(html.as_uri())  # type: ignore[attr-defined]
         yield driver
-    finally:
-        driver.quit()
 
 
 def _listed(d) -> list[str]:  # type: ignore[no-untyped-def]
