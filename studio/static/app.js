@@ -331,7 +331,15 @@ function renderTable(table) {
 }
 
 // ---- test -----------------------------------------------------------------------------------------
-pages.test = async () => { await refreshRunSelects(); };
+pages.test = async () => { await refreshRunSelects(); showConfusion(); };
+$("test-run").addEventListener("change", showConfusion);
+function showConfusion() {
+  // the validation confusion matrix kiln eval writes into the bundle, when the run has been evaluated
+  const r = runsCache.find((x) => x.run === $("test-run").value);
+  const img = el("img", { class: "sheet", alt: "validation confusion matrix", src: withToken("api/download?" + q({ run: r ? r.run : "", file: "confusion.png" })) });
+  img.onerror = () => $("test-confusion").replaceChildren();
+  $("test-confusion").replaceChildren(el("h3", { text: "validation confusion matrix (kiln eval)" }), img);
+}
 KilnTestPanel.mount($("test-panel"), {
   predict: async (files) => {
     const form = new FormData();

@@ -111,14 +111,19 @@ def test_curves_gain_a_point_over_server_sent_events(live_studio: LiveStudio, di
     csv_path = live_studio.workspace / rel / "metrics.csv"
     lines = csv_path.read_text().splitlines()
     atomic_write_text(csv_path, "\n".join(lines[:3]) + "\n")  # header + 2 epochs
-    with httpx.stream("GET", f"{live_studio.url}/api/run/events", params={"run": rel}, timeout=30) as resp:
+    url, params = f"{live_studio.url}/api/run/events", {"run": rel}
+    with httpx.stream("GET", url, params=params, timeout=30) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = _events(resp.iter_lines())
         assert len(next(events)["metrics"]) == 2
+        with httpx.stream("GET", url, params=params, timeout=30) as other:  # a second tab, closed again
+            assert len(next(_events(other.iter_lines()))["metrics"]) == 2
         atomic_write_text(csv_path, "\n".join(lines[:4]) + "\n")
         written = time.monotonic()
         assert len(next(events)["metrics"]) == 3
         assert time.monotonic() - written < 10  # a deadline, not a benchmark (docs/BENCHMARKS.md has the figure)
+    with httpx.stream("GET", url, params=params, timeout=30) as reloaded:  # a reload gets the current state
+        assert len(next(_events(reloaded.iter_lines()))["metrics"]) == 3
 
 
 def _events(lines):  # type: ignore[no-untyped-def]
