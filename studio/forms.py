@@ -21,6 +21,7 @@ BOOLS = ("skip_bad_images",)
 FORM_FIELDS = (*STRINGS, *INTS, *FLOATS, *BOOLS)
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 RUNS_DIR = "runs"
+__all__ = ["MODEL_NAMES", "command_line", "form_defaults", "parse_form", "run_name", "train_argv"]
 
 
 def form_defaults() -> dict[str, Any]:

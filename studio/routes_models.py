@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Body, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from kiln.errors import KilnError
 from kiln.studio.forms import command_line
-from kiln.studio.runs import read_metrics, summary
+from kiln.studio.paths import PathRefused, confine
+from kiln.studio.runs import read_metrics, summary, tail
 from kiln.studio.state import Studio, studio
 from kiln.vocab import GRAPH_PRECISIONS
 
@@ -116,8 +117,6 @@ def run_table(request: Request, run: str = Query(...)) -> dict[str, Any]:
     job = s.latest_job(run, "export")
     log = ""
     if job is not None:
-        from kiln.studio.runs import tail
-
         log = "\n".join(tail(s.runner.log_path(job)).splitlines()[-30:])
     return {"job": job.public() if job else None, "table": _bench_table(s, run), "log": log}
 
@@ -288,8 +287,6 @@ def snippets(url: str, model: str) -> dict[str, str]:
 @router.get("/download")
 def download(request: Request, run: str = Query(...), file: str = Query(...)) -> FileResponse:
     """One file of a run (an artifact, kiln.json, metrics.csv...), confined to the run folder."""
-    from kiln.studio.paths import PathRefused, confine
-
     s = studio(request)
     path = s.run_dir(run)
     try:
@@ -315,4 +312,4 @@ def download_bundle(request: Request, run: str = Query(...)) -> FileResponse:
                         background=BackgroundTask(Path(tmp.name).unlink, missing_ok=True))
 
 
-__all__ = ["router", "snippets", "Response"]
+__all__ = ["router", "snippets"]

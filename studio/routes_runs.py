@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import shutil
 import time
@@ -14,6 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from kiln.errors import KilnError
 from kiln.studio import forms
+from kiln.studio.paths import PathRefused
 from kiln.studio.runs import eta_seconds, progress, raw_tail, read_metrics, step_points, summary, tail
 from kiln.studio.state import Studio, studio
 
@@ -25,6 +27,21 @@ HEARTBEAT_S = 10.0
 @router.get("/train/defaults")
 def train_defaults() -> dict[str, Any]:
     return forms.form_defaults()
+
+
+@router.get("/train/models")
+def train_models() -> dict[str, Any]:
+    """Model names for the form: kiln's, then torchvision's classifiers (timm models are ``timm:NAME``)."""
+    return {"kiln": list(forms.MODEL_NAMES), "torchvision": _torchvision_models()}
+
+
+@functools.cache
+def _torchvision_models() -> list[str]:
+    try:
+        import torchvision
+    except ModuleNotFoundError:
+        return []
+    return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 @router.post("/train/command")
@@ -179,7 +196,7 @@ def _form(s: Studio, form: dict[str, Any]) -> tuple[dict[str, Any], str]:
         given = forms.parse_form({k: v for k, v in form.items() if k != "name"}, s.cfg.roots)
         return given, forms.run_name(form, given)
     except KilnError as exc:
-        raise HTTPException(403 if type(exc).__name__ == "PathRefused" else 400, str(exc)) from None
+        raise HTTPException(403 if isinstance(exc, PathRefused) else 400, str(exc)) from None
 
 
 def _state(s: Studio, rel: str, path: Any) -> str:

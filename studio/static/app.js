@@ -158,6 +158,9 @@ pages.new = async () => {
     f.elements.optimizer.value = defaults.values.optimizer; f.elements.schedule.value = defaults.values.schedule;
     f.elements.lr.placeholder = `(${defaults.default_lr[defaults.values.optimizer]} for ${defaults.values.optimizer})`;
     $("model-options").replaceChildren(...defaults.models.map((m) => el("option", { value: m })));
+    api("/train/models").then((m) => $("model-options").append(
+      ...m.torchvision.filter((n) => !m.kiln.includes(n)).map((n) => el("option", { value: n, label: "torchvision" })),
+      el("option", { value: "timm:", label: "timm:NAME (any timm model)" })));
   }
   listDatasets();
   updateCommand();

@@ -166,3 +166,10 @@ def test_resolve_fills_blank_fields_as_kiln_train_would(client: TestClient, phot
     got = r.json()
     assert (got["model"], got["batch_size"], got["image_size"]) == (expected.cfg.model, expected.batch_size, list(expected.pre.size))
     assert got["image_size"] == [64, 64] and got["classes"] == ["china", "flower"]
+
+
+def test_model_list_has_kiln_and_torchvision_classifiers(client: TestClient) -> None:
+    models = client.get("/api/train/models").json()
+    assert "lenet5" in models["kiln"] and "kiln-det-s" in models["kiln"]
+    assert "convnext_tiny" in models["torchvision"] and "resnet18" in models["torchvision"]
+    assert not any(n.startswith(("fasterrcnn", "deeplab")) for n in models["torchvision"])  # classifiers only
