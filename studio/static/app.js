@@ -175,9 +175,13 @@ function formValues() {
   }
   return out;
 }
+let commandSeq = 0;
 async function updateCommand() {
-  try { const r = await api("/train/command", { method: "POST", body: formValues() }); $("new-command").textContent = r.command; }
-  catch (e) { $("new-command").textContent = "✗ " + e.message; }
+  const seq = ++commandSeq;  // answers can arrive out of order: only the latest request's is shown
+  let text;
+  try { text = (await api("/train/command", { method: "POST", body: formValues() })).command; }
+  catch (e) { text = "✗ " + e.message; }
+  if (seq === commandSeq) $("new-command").textContent = text;
 }
 $("new-form").addEventListener("input", updateCommand);
 $("new-form").elements.optimizer.addEventListener("change", () => {

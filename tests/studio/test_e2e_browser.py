@@ -69,7 +69,9 @@ def test_studio_from_a_folder_of_photos_to_a_served_model(live_studio: LiveStudi
     epochs.send_keys("1")
     name = d.find_element(By.NAME, "name")  # type: ignore[attr-defined]
     name.send_keys("first")
-    wait.until(lambda x: x.find_element(By.ID, "new-command").text == "kiln train --epochs=1 --out=runs/first")
+    command = "kiln train --epochs=1 --out=runs/first"
+    wait.until(lambda x: x.find_element(By.ID, "new-command").text == command,
+               f"the command shown is not {command!r}")
     shot(d, "new-run")
     d.find_element(By.ID, "new-start").click()  # type: ignore[attr-defined]
 
