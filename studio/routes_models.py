@@ -43,7 +43,8 @@ def compare(request: Request, run: list[str] = Query(...)) -> list[dict[str, Any
     for r in run:
         path = s.run_dir(r)
         info = summary(path, r)
-        info["params"] = _count_params(path / "model.pt")
+        if info["params"] is None:  # a bundle from before kiln.json recorded it
+            info["params"] = _count_params(path / "model.pt")
         out.append({**info, "metrics": read_metrics(path), "bench": _bench_table(s, r)})
     return out
 

@@ -95,7 +95,8 @@ def summary(run_dir: Path, rel: str) -> dict[str, Any]:
         "resumable": (run_dir / "last.pt").is_file(),
         "artifacts": [{"file": name, "format": a.get("format"), "precision": a.get("precision"),
                        "size": _size(run_dir / name), "metrics": a.get("metrics") or {}} for name, a in arts.items()],
-        "params": _params(run_dir),
+        "params": training.get("parameters"),  # written by the training loop (model_cost)
+        "gflops": training.get("gflops"),
         "classes": manifest.get("classes", []),
         "mtime": _mtime(run_dir),
     }
@@ -106,12 +107,6 @@ def _size(p: Path) -> int | None:
         return p.stat().st_size
     except OSError:
         return None
-
-
-def _params(run_dir: Path) -> int | None:
-    """Parameters of the trained model, counted from model.pt's tensors (from the size on disk: fp32)."""
-    size = _size(run_dir / "model.pt")
-    return size // 4 if size else None
 
 
 def raw_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:

@@ -282,12 +282,12 @@ $("cmp-go").addEventListener("click", async () => {
   KilnChart.draw($("cmp-metric"), { title: "validation top-1 % / mAP", xLabel: "epoch", xInteger: true, series: data.map((d, i) => ({
     name: d.run, color: pal[i % pal.length], points: d.metrics.map((r) => [r.epoch, r.val_top1 !== undefined ? r.val_top1 : r.val_map]) })) });
   const t = $("cmp-table");
-  t.replaceChildren(el("tr", {}, ...["run", "model", "data", "epochs", "best", "parameters", "artifacts (size)", "p50 ms b1 per artifact"].map((h) => el("th", { text: h }))));
+  t.replaceChildren(el("tr", {}, ...["run", "model", "data", "epochs", "best", "parameters", "GFLOPs", "artifacts (size)", "p50 ms b1 per artifact"].map((h) => el("th", { text: h }))));
   for (const d of data) {
     const bench = d.bench ? d.bench.artifacts.map((a) => `${a.precision} ${a.format}: ${fmtNum(a.p50_ms_b1, 3)}`).join(", ") : "-";
     t.append(el("tr", {}, el("td", { text: d.run }), el("td", { text: d.model }), el("td", { text: d.data }),
       el("td", { text: String(d.epochs_done) }), el("td", { text: headline(d.task, d.best) }),
-      el("td", { text: d.params ? d.params.toLocaleString() : "-" }),
+      el("td", { text: d.params ? d.params.toLocaleString() : "-" }), el("td", { text: d.gflops ? (+d.gflops).toPrecision(3) : "-" }),
       el("td", { text: d.artifacts.map((a) => `${a.file} ${fmtBytes(a.size)}`).join(", ") }), el("td", { text: bench })));
   }
 });

@@ -39,12 +39,17 @@ def two_runs(workspace: Path, digits_bundle: Path) -> tuple[str, str]:
     return a, b
 
 
-def test_compare_gives_curves_parameters_and_sizes(client: TestClient, two_runs: tuple[str, str]) -> None:
+def test_compare_gives_curves_parameters_and_sizes(client: TestClient, two_runs: tuple[str, str], workspace: Path) -> None:
     a, b = two_runs
+    manifest = json.loads((workspace / b / "kiln.json").read_text())
+    manifest["training"].pop("parameters")  # as a bundle from before kiln.json recorded it
+    (workspace / b / "kiln.json").write_text(json.dumps(manifest))
     rows = client.get("/api/compare", params=[("run", a), ("run", b)]).json()
     assert [r["run"] for r in rows] == [a, b]
     assert [len(r["metrics"]) for r in rows] == [4, 2]
     assert rows[0]["params"] == 61_706  # LeNet-5 for 10 classes: conv, conv, fc 120, fc 84, fc 10
+    assert 0 < rows[0]["gflops"] < 0.01
+    assert rows[1]["params"] == 61_706  # counted from model.pt
     assert rows[0]["artifacts"][0]["file"] == "model.pt" and rows[0]["artifacts"][0]["size"] > 200_000
     assert client.get("/api/compare", params={"run": "runs/none"}).status_code == 404
 
