@@ -19,7 +19,7 @@ from kiln.bundle import BatchRange
 from kiln.errors import KilnError, install_hint, unknown_choice
 
 # Sub-command modules, imported to build the parser; each defines register(subparsers).
-STAGES = ("kiln.train.cli", "kiln.export.cli", "kiln.serve.cli", "kiln.predict", "kiln.bench.cli")
+STAGES = ("kiln.train.cli", "kiln.export.cli", "kiln.serve.cli", "kiln.predict", "kiln.bench.cli", "kiln.studio.cli")
 
 
 class ArgumentParser(argparse.ArgumentParser):

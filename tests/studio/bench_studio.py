@@ -1,0 +1,117 @@
+"""Studio figures for docs/BENCHMARKS.md: first page load, curve latency, and a run from the studio against
+the same `kiln train` command.
+
+    OMP_NUM_THREADS=1 .venv/bin/python tests/studio/bench_studio.py --epochs 3
+
+Starts `kiln studio` on a temporary workspace, drives headless Chromium (Debian's chromium +
+chromium-driver), and prints one line per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def start_studio(ws: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "studio", "--workspace", str(ws), "--port", "0"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert proc.stderr is not None
+    url = re.search(r"(http://\S+?)/", proc.stderr.readline()).group(1)  # type: ignore[union-attr]
+    while True:
+        try:
+            if httpx.get(url + "/api/info").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
+def browser():  # type: ignore[no-untyped-def]
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+
+
+def images_per_s(run: Path) -> float:
+    with open(run / "metrics.csv") as f:
+        return statistics.mean(float(r["images_per_s"]) for r in csv.DictReader(f))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--loads", type=int, default=5)
+    ap.add_argument("--points", type=int, default=5)
+    args = ap.parse_args()
+    ws = Path(tempfile.mkdtemp(prefix="studio-bench-"))
+    proc, url = start_studio(ws)
+    d = browser()
+    try:
+        # 1. first page load: navigation start to the runs table drawn (the API answered), fresh browser cache
+        loads = []
+        for _ in range(args.loads):
+            d.execute_cdp_cmd("Network.clearBrowserCache", {})
+            d.get("about:blank")
+            t0 = time.perf_counter()
+            d.get(url + "/#runs")
+            while not d.execute_script("return document.querySelectorAll('#runs-table tr').length > 0"):
+                time.sleep(0.005)
+            loads.append((time.perf_counter() - t0) * 1000)
+        print(f"first page load (navigation to the runs table drawn), median of {args.loads}: "
+              f"{statistics.median(loads):.0f} ms (min {min(loads):.0f}, max {max(loads):.0f})")
+
+        # 2. a run from the studio, then the same command in a terminal
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        r = httpx.post(url + "/api/runs", json={"epochs": args.epochs, "name": "studio"}, headers={"X-Kiln-Studio": "1"})
+        command = r.json()["command"]
+        while httpx.get(url + "/api/run", params={"run": "runs/studio"}).json()["state"] in ("queued", "running"):
+            time.sleep(0.5)
+        cli = subprocess.run([sys.executable, "-m", "kiln.cli", "train", f"--epochs={args.epochs}", "--out=runs/cli",
+                              "--no-progress"], cwd=ws, env=env, capture_output=True, text=True)
+        assert cli.returncode == 0, cli.stderr[-2000:]
+        a, b = images_per_s(ws / "runs/studio"), images_per_s(ws / "runs/cli")
+        print(f"training images/s, mean over {args.epochs} epochs: studio ({command}) {a:.0f}, "
+              f"terminal (same command, --no-progress) {b:.0f}: studio/terminal {a / b:.2f}")
+
+        # 3. curve latency: a new epoch row in metrics.csv until the chart on the page has one more point
+        from kiln.fsutil import atomic_write_text
+
+        run = ws / "runs/cli"
+        rows = (run / "metrics.csv").read_text().splitlines()
+        d.get(url + "/#runs?run=runs/cli")
+        lat = []
+        for _ in range(args.points):
+            atomic_write_text(run / "metrics.csv", "\n".join(rows[:2]) + "\n")
+            while d.execute_script("return document.getElementById('chart-loss').dataset.points") != "2":
+                time.sleep(0.01)
+            atomic_write_text(run / "metrics.csv", "\n".join(rows[:3]) + "\n")
+            t0 = time.perf_counter()
+            while d.execute_script("return document.getElementById('chart-loss').dataset.points") != "4":
+                time.sleep(0.01)
+            lat.append((time.perf_counter() - t0) * 1000)
+        print(f"metrics.csv row written -> point drawn, median of {args.points}: {statistics.median(lat):.0f} ms "
+              f"(max {max(lat):.0f})")
+    finally:
+        d.quit()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(15)
+
+
+if __name__ == "__main__":
+    main()
