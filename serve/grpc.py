@@ -29,10 +29,18 @@ from kiln import __version__
 from kiln.errors import ConfigError, InputError, KilnError
 from kiln.serve.errors import GRPC_FOR_HTTP, lookup
 from kiln.serve.inference import Input, infer
-from kiln.serve.registry import ModelNotFound, Registry, ServedModel
+from kiln.serve.registry import Registry, ServedModel
 from kiln.serve.schemas import v2_datatype
 from kiln.serve.settings import Settings
-from kiln.serve.triton_ext import EXTENSIONS, VERSION, Stats, config_message, index_message, model_metadata
+from kiln.serve.triton_ext import (
+    EXTENSIONS,
+    VERSION,
+    Stats,
+    config_message,
+    index_message,
+    model_metadata,
+    versioned,
+)
 from kiln.serve.v2_tensors import (
     InputTensor,
     check_inputs,
@@ -115,10 +123,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return None
 
     def served(self, name: str, version: str) -> ServedModel:
-        model = self.registry.get(name)
-        if version not in ("", VERSION):
-            raise ModelNotFound(f"model '{name}' has no version '{version}'; available: {VERSION}")
-        return model
+        return versioned(self.registry, name, version)
 
     @rpc(guarded=False)
     async def ServerLive(self, request: Any, context: Any) -> Any:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -42,7 +42,7 @@ _UNCOUNTED = contextlib.nullcontext()  # reusable: a protocol without Triton's s
 
 async def infer(
     model: ServedModel,
-    read: Awaitable[tuple[Input, T]],
+    read: Coroutine[Any, Any, tuple[Input, T]],
     request_id: str,
     settings: Settings,
     slots: asyncio.Semaphore,
@@ -58,7 +58,11 @@ async def infer(
     ``stats``, the request is counted as a success or a failure (Triton's statistics extension);
     ``disconnected`` is polled while the request waits, to give up on a client that went away.
     """
-    backend = model.check_ready()
+    try:
+        backend = model.check_ready()
+    except BaseException:
+        read.close()  # never started: no "coroutine was never awaited" warning
+        raise
     timeout = settings.timeout_s
     with stats.request(model.name) if stats is not None else _UNCOUNTED:
         with model.batcher.announce() as arrival:

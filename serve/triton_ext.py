@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.bundle import BatchRange
-from kiln.serve.registry import Registry, ServedModel
+from kiln.serve.registry import ModelNotFound, Registry, ServedModel
 from kiln.serve.schemas import MetadataTensor, ModelMetadata, v2_datatype
 from kiln.triton_config import TritonOptions, model_config
 
@@ -25,6 +25,18 @@ PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxrt": "onnxruntime_onnx", "torch":
 
 # Extensions this server implements, as named in server metadata (REST and gRPC).
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
+
+
+class VersionNotFound(ModelNotFound):
+    """A request named a version the model does not have (404 / NOT_FOUND, like an unknown model)."""
+
+
+def versioned(registry: Registry, name: str, version: str | None) -> ServedModel:
+    """The model ``name`` of a request that may name a version (None or "": any)."""
+    model = registry.get(name)
+    if version and version != VERSION:
+        raise VersionNotFound(f"model '{name}' has no version '{version}'; available: {VERSION}")
+    return model
 
 
 def platform(model: ServedModel) -> str:
@@ -207,5 +219,6 @@ class Stats:
         return pb.ModelStatisticsResponse(model_stats=[self.models[n].message(n) for n in names])
 
 
-__all__ = ["EXTENSIONS", "PLATFORMS", "VERSION", "ModelStats", "Stats", "config_message", "index_message",
-           "message_to_json", "model_metadata", "platform"]
+__all__ = ["EXTENSIONS", "PLATFORMS", "VERSION", "ModelStats", "Stats", "VersionNotFound", "config_message", "index_message",
+           "message_to_json", "model_metadata", "platform",
+           "versioned"]

@@ -27,7 +27,7 @@ from kiln.serve.auth import AUTH
 from kiln.serve.batcher import ModelNotReady
 from kiln.serve.errors import ApiError, describe_validation, error_response, request_id
 from kiln.serve.inference import Input, infer
-from kiln.serve.registry import ModelNotFound, Registry, ServedModel
+from kiln.serve.registry import Registry, ServedModel
 from kiln.serve.schemas import (
     InferenceRequest,
     InferenceResponse,
@@ -42,10 +42,12 @@ from kiln.serve.triton_ext import (
     EXTENSIONS,
     VERSION,
     Stats,
+    VersionNotFound,
     config_message,
     index_message,
     message_to_json,
     model_metadata,
+    versioned,
 )
 from kiln.serve.v2_tensors import (
     InputTensor,
@@ -60,10 +62,6 @@ from kiln.serve.v2_tensors import (
 
 V2_RESPONSES: dict[int | str, dict[str, Any]] = {"default": {"model": V2Error, "description": 'error: {"error": "<message>"}'}}
 router = APIRouter(tags=["v2"], responses=V2_RESPONSES)
-
-
-class VersionNotFound(ModelNotFound):
-    """A versioned route named a version the model does not have (404, like an unknown model)."""
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -99,11 +97,7 @@ def _route(path: str, methods: list[str], endpoint: Callable[..., Any], **kw: An
 
 def served(request: Request, name: str) -> ServedModel:
     """The model a route names, checking the version of a versioned route."""
-    model = request.app.state.registry.get(name)
-    version = request.path_params.get("version")
-    if version is not None and version != VERSION:
-        raise VersionNotFound(f"model '{name}' has no version '{version}'; available: {VERSION}")
-    return model
+    return versioned(request.app.state.registry, name, request.path_params.get("version"))
 
 
 # ---- server ----------------------------------------------------------------------------------------
