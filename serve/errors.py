@@ -1,7 +1,9 @@
-"""Every error the server answers is ``{"error": {"code", "message", "request_id"}}``.
+"""Every error the server answers is ``{"error": {"code", "message", "request_id"}}`` (on /v2 routes the
+protocol's ``{"error": "<message>"}``).
 
-:data:`ERRORS` is the one table from a typed exception to its HTTP status and machine-readable code;
-:func:`install` registers the handlers that apply it (and shape FastAPI's own errors the same way).
+:data:`ERRORS` is the one table from a typed exception to its HTTP status, machine-readable code and
+gRPC status, for every protocol (:func:`lookup`); :func:`install` registers the HTTP handlers that
+apply it (and shape FastAPI's own errors the same way), :mod:`kiln.serve.grpc` aborts with its column.
 """
 
 from __future__ import annotations
@@ -32,19 +34,30 @@ from kiln.serve.schemas import ErrorResponse
 
 log = logging.getLogger("kiln.serve")
 
-# Most specific first: the first isinstance match decides the answer. Any other KilnError is a 400.
-ERRORS: list[tuple[type[BaseException], int, str]] = [
-    (ModelNotFound, 404, "model_not_found"),
-    (ImageDecodeError, 400, "invalid_image"),
-    (InputError, 400, "invalid_input"),
-    (QueueFull, 503, "queue_full"),
-    (BatcherClosed, 503, "shutting_down"),
-    (ModelNotReady, 503, "not_ready"),
-    (RequestTimeout, 504, "timeout"),
-    (InferenceFailed, 500, "inference_failed"),
-    (ClientDisconnected, 499, "client_closed_request"),
-    (ConfigError, 400, "invalid_request"),
+# Most specific first: the first isinstance match decides the answer. Any other KilnError is a 400
+# invalid_request, INVALID_ARGUMENT over gRPC. gRPC statuses are grpc.StatusCode member names.
+ERRORS: list[tuple[type[BaseException], int, str, str]] = [
+    (ModelNotFound, 404, "model_not_found", "NOT_FOUND"),
+    (ImageDecodeError, 400, "invalid_image", "INVALID_ARGUMENT"),
+    (InputError, 400, "invalid_input", "INVALID_ARGUMENT"),
+    (QueueFull, 503, "queue_full", "UNAVAILABLE"),
+    (BatcherClosed, 503, "shutting_down", "UNAVAILABLE"),
+    (ModelNotReady, 503, "not_ready", "UNAVAILABLE"),
+    (RequestTimeout, 504, "timeout", "DEADLINE_EXCEEDED"),
+    (InferenceFailed, 500, "inference_failed", "INTERNAL"),
+    (ClientDisconnected, 499, "client_closed_request", "CANCELLED"),
+    (ConfigError, 400, "invalid_request", "INVALID_ARGUMENT"),
 ]
+_OTHER = (400, "invalid_request", "INVALID_ARGUMENT")
+
+# The gRPC status of the HTTP errors raised by code the protocols share (the image budget's 413, ...).
+GRPC_FOR_HTTP = {401: "UNAUTHENTICATED", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
+
+
+def lookup(exc: BaseException) -> tuple[int, str, str]:
+    """``exc``'s HTTP status, code and gRPC status name from :data:`ERRORS`."""
+    return next(((s, c, g) for cls, s, c, g in ERRORS if isinstance(exc, cls)), _OTHER)
+
 
 # Codes for the HTTP errors Starlette raises itself (unknown route, wrong method, ...).
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
@@ -108,7 +121,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 
 async def _kiln_error(request: Request, exc: Exception) -> Response:
-    status, code = next(((s, c) for cls, s, c in ERRORS if isinstance(exc, cls)), (400, "invalid_request"))
+    status, code, _ = lookup(exc)
     headers = None
     if isinstance(exc, QueueFull):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
@@ -148,5 +161,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-__all__ = ["ERRORS", "OPENAPI_RESPONSES", "ApiError", "describe_validation", "error_response", "handle", "install", "is_v2",
-           "request_id"]
+__all__ = ["ERRORS", "GRPC_FOR_HTTP", "OPENAPI_RESPONSES", "ApiError", "describe_validation", "error_response", "handle", "install", "is_v2",
+           "lookup", "request_id"]

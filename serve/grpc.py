@@ -27,43 +27,32 @@ from tritonclient.grpc import service_pb2_grpc
 
 from kiln import __version__
 from kiln.errors import ConfigError, InputError, KilnError
-from kiln.serve.batcher import (
-    BatcherClosed,
-    InferenceFailed,
-    ModelNotReady,
-    QueueFull,
-    RequestTimeout,
-    wait_result,
-)
-from kiln.serve.registry import ModelNotFound, Registry, ServedModel
+from kiln.serve.errors import GRPC_FOR_HTTP, lookup
+from kiln.serve.inference import Input, infer
+from kiln.serve.registry import Registry, ServedModel
 from kiln.serve.schemas import v2_datatype
 from kiln.serve.settings import Settings
-from kiln.serve.triton_ext import EXTENSIONS, VERSION, Stats, config_message, index_message, platform
+from kiln.serve.triton_ext import (
+    EXTENSIONS,
+    VERSION,
+    Stats,
+    config_message,
+    index_message,
+    model_metadata,
+    versioned,
+)
 from kiln.serve.v2_tensors import (
     InputTensor,
     check_inputs,
     check_output_parameters,
     from_list,
     from_raw,
-    model_feeds,
+    model_input,
     output_names,
     to_bytes,
 )
 
 log = logging.getLogger("kiln.serve.grpc")
-
-# Most specific first, as kiln.serve.errors.ERRORS does for HTTP; any other KilnError is INVALID_ARGUMENT.
-STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
-    (QueueFull, grpc.StatusCode.UNAVAILABLE),
-    (BatcherClosed, grpc.StatusCode.UNAVAILABLE),
-    (ModelNotReady, grpc.StatusCode.UNAVAILABLE),
-    (RequestTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (InferenceFailed, grpc.StatusCode.INTERNAL),
-]
-
-_HTTP_STATUS = {401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
-                413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 
 # The typed-contents field that carries each datatype when raw_input_contents is not used (FP16 has none).
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -91,9 +80,10 @@ def rpc(guarded: bool = True) -> Callable[[Handler], Handler]:
             try:
                 return await method(self, request, context)
             except KilnError as exc:
-                code, message = next((c for cls, c in STATUS if isinstance(exc, cls)), grpc.StatusCode.INVALID_ARGUMENT), str(exc)
+                code, message = grpc.StatusCode[lookup(exc)[2]], str(exc)
             except HTTPException as exc:  # raised by code shared with the REST API (image budget)
-                code, message = _HTTP_STATUS.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT), str(exc.detail)
+                code = grpc.StatusCode[GRPC_FOR_HTTP.get(exc.status_code, "INVALID_ARGUMENT")]
+                message = str(exc.detail)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception:
@@ -133,10 +123,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return None
 
     def served(self, name: str, version: str) -> ServedModel:
-        model = self.registry.get(name)
-        if version not in ("", VERSION):
-            raise ModelNotFound(f"model '{name}' has no version '{version}'; available: {VERSION}")
-        return model
+        return versioned(self.registry, name, version)
 
     @rpc(guarded=False)
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -157,13 +144,12 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc()
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        model = self.served(request.name, request.version)
-        m = model.manifest
+        md = model_metadata(self.served(request.name, request.version))
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=model.name, versions=[VERSION], platform=platform(model),
-            inputs=[meta(name=m.input.name, datatype=v2_datatype(m.input.dtype), shape=[-1, *m.input.shape])],
-            outputs=[meta(name=o.name, datatype=v2_datatype(o.dtype), shape=[-1, *o.shape]) for o in m.outputs],
+            name=md.name, versions=md.versions, platform=md.platform,
+            inputs=[meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in md.inputs],
+            outputs=[meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in md.outputs],
         )
 
     @rpc()
@@ -231,22 +217,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def infer(self, request: Any) -> Any:
         """One ``ModelInferRequest`` answered (typed errors raised, for the caller to answer)."""
         model = self.served(request.model_name, request.model_version)
-        model.check_ready()
-        timeout = self.settings.timeout_s
-        with self.stats.request(model.name):
-            with model.batcher.announce() as arrival:
-                check_inputs(model, [(t.name, t.datatype, [int(d) for d in t.shape]) for t in request.inputs],
-                             self.settings.max_images_per_request)
-                tensors = grpc_inputs(request)
-                wanted = output_names(model, [o.name for o in request.outputs] or None)
-                for o in request.outputs:
-                    check_output_parameters(o.name, o.parameters)
-                feeds = await model_feeds(model, tensors, self.settings, self.decode_slots)
-                out = model.batcher.run_inline(feeds, request.id)  # a lone request on an idle, cheap backend
-                if out is None:
-                    fut = arrival.submit(feeds, request.id, timeout)
-            if out is None:
-                out = await wait_result(fut, timeout)
+        out, _, wanted, _ = await infer(model, self._read(model, request), request.id, self.settings,
+                                        self.decode_slots, self.stats)
         response = pb.ModelInferResponse(model_name=model.name, model_version=VERSION, id=request.id)
         for k in wanted:
             arr = out[k]
@@ -255,6 +227,16 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
             response.raw_output_contents.append(to_bytes(arr))
         return response
+
+    async def _read(self, model: ServedModel, request: Any) -> tuple[Input, list[str]]:
+        """The model's input from the request's tensors, and the outputs it asks for."""
+        check_inputs(model, [(t.name, t.datatype, [int(d) for d in t.shape]) for t in request.inputs],
+                     self.settings.max_images_per_request)
+        tensors = grpc_inputs(request)
+        wanted = output_names(model, [o.name for o in request.outputs] or None)
+        for o in request.outputs:
+            check_output_parameters(o.name, o.parameters)
+        return model_input(tensors), wanted
 
 
 def _stream_error(exc: Exception) -> str:
@@ -321,4 +303,4 @@ async def start(app: Any) -> grpc.aio.Server:
     return server
 
 
-__all__ = ["STATUS", "STREAM_IN_FLIGHT", "Servicer", "grpc_inputs", "start"]
+__all__ = ["STREAM_IN_FLIGHT", "Servicer", "grpc_inputs", "start"]

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.bundle import BatchRange
-from kiln.serve.registry import Registry, ServedModel
+from kiln.serve.registry import ModelNotFound, Registry, ServedModel
+from kiln.serve.schemas import MetadataTensor, ModelMetadata, v2_datatype
 from kiln.triton_config import TritonOptions, model_config
 
 VERSION = "1"  # a bundle is one model version; metadata advertises it and versioned routes accept it
@@ -26,9 +27,38 @@ PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxrt": "onnxruntime_onnx", "torch":
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
 
 
+class VersionNotFound(ModelNotFound):
+    """A request named a version the model does not have (404 / NOT_FOUND, like an unknown model)."""
+
+
+def versioned(registry: Registry, name: str, version: str | None) -> ServedModel:
+    """The model ``name`` of a request that may name a version (None or "": any)."""
+    model = registry.get(name)
+    if version and version != VERSION:
+        raise VersionNotFound(f"model '{name}' has no version '{version}'; available: {VERSION}")
+    return model
+
+
 def platform(model: ServedModel) -> str:
     b = model.batcher.backend
     return PLATFORMS.get(b.name, b.name) if b is not None else "loading"
+
+
+def model_metadata(model: ServedModel) -> ModelMetadata:
+    """The protocol's model metadata (name, versions, platform, input and output tensors with a dynamic
+    batch axis), and kiln's parameters (task, labels, backend, precision); REST answers all of it, gRPC
+    the tensors and names (its parameters hold scalars only)."""
+    m = model.manifest
+    b = model.batcher.backend
+    return ModelMetadata(
+        name=model.name,
+        versions=[VERSION],
+        platform=platform(model),
+        inputs=[MetadataTensor(name=m.input.name, datatype=v2_datatype(m.input.dtype), shape=[-1, *m.input.shape])],
+        outputs=[MetadataTensor(name=o.name, datatype=v2_datatype(o.dtype), shape=[-1, *o.shape]) for o in m.outputs],
+        parameters={"task": m.task, "labels": m.classes, "backend": b.name if b else None,
+                    "precision": b.precision if b else None},
+    )
 
 
 def config_message(model: ServedModel) -> Any:
@@ -189,5 +219,6 @@ class Stats:
         return pb.ModelStatisticsResponse(model_stats=[self.models[n].message(n) for n in names])
 
 
-__all__ = ["EXTENSIONS", "PLATFORMS", "VERSION", "ModelStats", "Stats", "config_message", "index_message",
-           "message_to_json", "platform"]
+__all__ = ["EXTENSIONS", "PLATFORMS", "VERSION", "ModelStats", "Stats", "VersionNotFound", "config_message", "index_message",
+           "message_to_json", "model_metadata", "platform",
+           "versioned"]

@@ -1,8 +1,8 @@
 """The native REST API: ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /v1/models/{name}/predict``.
 
-A predict request is read, checked against the decode budget, decoded and preprocessed here
-(:func:`kiln.serve.images.prepare`: small requests on the event loop, larger ones in a worker thread),
-submitted to the model's batcher and answered with :func:`kiln.outputs.predictions`.
+A predict request's images and controls are read here (multipart or JSON), run through
+:func:`kiln.serve.inference.infer` (decoding within the budget, the model's batcher) and answered with
+:func:`kiln.outputs.predictions`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from kiln.bundle import DetectPost
 from kiln.outputs import predictions
 from kiln.processing import DetectControlError, detect_overrides
 from kiln.serve import errors
-from kiln.serve.batcher import wait_result
 from kiln.serve.errors import OPENAPI_RESPONSES, ApiError, request_id
-from kiln.serve.images import prepare, read_images
-from kiln.serve.registry import Registry
+from kiln.serve.images import read_images
+from kiln.serve.inference import infer
+from kiln.serve.registry import Registry, ServedModel
 from kiln.serve.schemas import DetectControls, ModelInfo, ModelList, PredictRequest, PredictResponse
 from kiln.serve.settings import Settings
 
@@ -114,34 +114,11 @@ async def model_info(name: str, request: Request) -> Response:
 )
 async def predict(name: str, request: Request) -> Response:
     state = request.app.state
-    registry: Registry = state.registry
     settings: Settings = state.settings
-    model = registry.get(name)
-    backend = model.check_ready()
-    q = _query(request)
+    model = state.registry.get(name)
     rid = request_id(request) or ""
-    with model.batcher.announce() as arrival:
-        blobs, body = await read_images(request, settings.max_images_per_request)
-        body_top_k = body.top_k if body is not None else None
-        detect = None
-        # Detection controls can only come from the query or a JSON body; a classify request that names
-        # none (a plain upload, or JSON with only images and top_k) skips them.
-        if q is not _NO_QUERY or model.manifest.task == "detect" or (
-                body is not None and not body.model_fields_set <= {"images", "top_k"}):
-            query = DetectControls(conf=q.conf, iou=q.iou, max_det=q.max_det, agnostic=q.agnostic,
-                                   multi_label=q.multi_label,
-                                   classes=q.classes.split(",") if q.classes is not None else None)
-            detect = _detect_controls(body, model.manifest, query, q.top_k or body_top_k)
-        x, boxes = await prepare(blobs, model.manifest.preprocess, settings.max_image_pixels,
-                                 settings.max_request_pixels, state.decode_slots, settings.max_pixels_per_byte)
-        del blobs  # the request's bytes are not needed while it waits for the batcher
-        feeds = {model.manifest.input.name: x}
-        out = model.batcher.run_inline(feeds, rid)
-        if out is None:
-            fut = arrival.submit(feeds, rid, settings.timeout_s)
-    if out is None:
-        out = await wait_result(fut, settings.timeout_s, request.is_disconnected)
-    k = q.top_k or body_top_k or settings.top_k
+    out, boxes, (k, detect), backend = await infer(model, _read(model, request, settings), rid, settings,
+                                                   state.decode_slots, disconnected=request.is_disconnected)
     if model.manifest.task == "classify":
         results = predictions(model.manifest, out, boxes, k)
     else:  # NMS over many boxes: keep it off the event loop
@@ -154,6 +131,24 @@ async def predict(name: str, request: Request) -> Response:
         "request_id": rid,
         "predictions": results,
     })
+
+
+async def _read(model: ServedModel, request: Request,
+                settings: Settings) -> tuple[list[bytes], tuple[int, DetectPost | None]]:
+    """The request's encoded images, and its top-k and detection controls (checked before any decoding)."""
+    q = _query(request)
+    blobs, body = await read_images(request, settings.max_images_per_request)
+    body_top_k = body.top_k if body is not None else None
+    detect = None
+    # Detection controls can only come from the query or a JSON body; a classify request that names
+    # none (a plain upload, or JSON with only images and top_k) skips them.
+    if q is not _NO_QUERY or model.manifest.task == "detect" or (
+            body is not None and not body.model_fields_set <= {"images", "top_k"}):
+        query = DetectControls(conf=q.conf, iou=q.iou, max_det=q.max_det, agnostic=q.agnostic,
+                               multi_label=q.multi_label,
+                               classes=q.classes.split(",") if q.classes is not None else None)
+        detect = _detect_controls(body, model.manifest, query, q.top_k or body_top_k)
+    return blobs, (q.top_k or body_top_k or settings.top_k, detect)
 
 
 class FastPredict:

@@ -24,13 +24,13 @@ from pydantic import BaseModel, ValidationError
 from kiln import __version__
 from kiln.errors import InputError
 from kiln.serve.auth import AUTH
-from kiln.serve.batcher import ModelNotReady, wait_result
+from kiln.serve.batcher import ModelNotReady
 from kiln.serve.errors import ApiError, describe_validation, error_response, request_id
-from kiln.serve.registry import ModelNotFound, Registry, ServedModel
+from kiln.serve.inference import Input, infer
+from kiln.serve.registry import Registry, ServedModel
 from kiln.serve.schemas import (
     InferenceRequest,
     InferenceResponse,
-    MetadataTensor,
     ModelMetadata,
     RepositoryIndexRequest,
     ServerMetadata,
@@ -42,10 +42,12 @@ from kiln.serve.triton_ext import (
     EXTENSIONS,
     VERSION,
     Stats,
+    VersionNotFound,
     config_message,
     index_message,
     message_to_json,
-    platform,
+    model_metadata,
+    versioned,
 )
 from kiln.serve.v2_tensors import (
     InputTensor,
@@ -53,17 +55,13 @@ from kiln.serve.v2_tensors import (
     check_output_parameters,
     from_list,
     from_raw,
-    model_feeds,
+    model_input,
     output_names,
     to_bytes,
 )
 
 V2_RESPONSES: dict[int | str, dict[str, Any]] = {"default": {"model": V2Error, "description": 'error: {"error": "<message>"}'}}
 router = APIRouter(tags=["v2"], responses=V2_RESPONSES)
-
-
-class VersionNotFound(ModelNotFound):
-    """A versioned route named a version the model does not have (404, like an unknown model)."""
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -99,11 +97,7 @@ def _route(path: str, methods: list[str], endpoint: Callable[..., Any], **kw: An
 
 def served(request: Request, name: str) -> ServedModel:
     """The model a route names, checking the version of a versioned route."""
-    model = request.app.state.registry.get(name)
-    version = request.path_params.get("version")
-    if version is not None and version != VERSION:
-        raise VersionNotFound(f"model '{name}' has no version '{version}'; available: {VERSION}")
-    return model
+    return versioned(request.app.state.registry, name, request.path_params.get("version"))
 
 
 # ---- server ----------------------------------------------------------------------------------------
@@ -150,18 +144,7 @@ async def v2_all_stats(request: Request) -> Any:
 
 
 async def v2_model(name: str, request: Request) -> ModelMetadata:
-    model = served(request, name)
-    m = model.manifest
-    b = model.batcher.backend
-    return ModelMetadata(
-        name=name,
-        versions=[VERSION],
-        platform=platform(model),
-        inputs=[MetadataTensor(name=m.input.name, datatype=v2_datatype(m.input.dtype), shape=[-1, *m.input.shape])],
-        outputs=[MetadataTensor(name=o.name, datatype=v2_datatype(o.dtype), shape=[-1, *o.shape]) for o in m.outputs],
-        parameters={"task": m.task, "labels": m.classes, "backend": b.name if b else None,
-                    "precision": b.precision if b else None},
-    )
+    return model_metadata(served(request, name))
 
 
 async def v2_model_ready(name: str, request: Request) -> Any:
@@ -188,29 +171,27 @@ async def v2_model_stats(name: str, request: Request) -> Any:
 
 async def v2_infer(name: str, request: Request) -> Response:
     state = request.app.state
-    settings: Settings = state.settings
-    stats: Stats = state.stats
     model = served(request, name)
-    model.check_ready()
-    with stats.request(name):
-        with model.batcher.announce() as arrival:
-            body = await request.body()
-            header_length = request.headers.get("inference-header-content-length")
-            if len(body) > _INLINE_BYTES:  # parsing takes the event loop's time: do it beside it
-                async with state.decode_slots:
-                    req, tensors = await asyncio.to_thread(read_infer, model, body, header_length, settings)
-            else:
-                req, tensors = read_infer(model, body, header_length, settings)
-            del body
-            wanted, as_binary = requested_outputs(model, req)
-            feeds = await model_feeds(model, tensors, settings, state.decode_slots)
-            rid = request_id(request) or ""
-            out = model.batcher.run_inline(feeds, rid)  # a lone request on an idle, cheap backend
-            if out is None:
-                fut = arrival.submit(feeds, rid, settings.timeout_s)
-        if out is None:
-            out = await wait_result(fut, settings.timeout_s, request.is_disconnected)
+    out, _, (req, wanted, as_binary), _ = await infer(model, _read(model, request, state), request_id(request) or "",
+                                                    state.settings, state.decode_slots, state.stats,
+                                                    request.is_disconnected)
     return infer_response(name, req.id, {k: out[k] for k in wanted}, as_binary)
+
+
+async def _read(model: ServedModel, request: Request,
+                state: Any) -> tuple[Input, tuple[InferenceRequest, list[str], dict[str, bool]]]:
+    """The model's input from the JSON request and its binary data, and the outputs it asks for."""
+    settings: Settings = state.settings
+    body = await request.body()
+    header_length = request.headers.get("inference-header-content-length")
+    if len(body) > _INLINE_BYTES:  # parsing takes the event loop's time: do it beside it
+        async with state.decode_slots:
+            req, tensors = await asyncio.to_thread(read_infer, model, body, header_length, settings)
+    else:
+        req, tensors = read_infer(model, body, header_length, settings)
+    del body
+    wanted, as_binary = requested_outputs(model, req)
+    return model_input(tensors), (req, wanted, as_binary)
 
 
 _INFER_BODY = {"requestBody": {"required": True, "content": {

@@ -1,6 +1,6 @@
 """Open Inference Protocol tensors, protocol-neutral: the REST API (JSON and the binary data extension)
 and gRPC (typed contents and ``raw_input_contents``) both turn their inputs into :class:`InputTensor`
-and let :func:`model_feeds` check them against the model, so both answer a bad tensor the same way.
+and let :func:`check_inputs` check them against the model, so both answer a bad tensor the same way.
 
 Every error names the tensor, what came and what was expected (:class:`~kiln.errors.InputError`).
 A ``BYTES`` input holds encoded image files (PNG, JPEG, ...), one per element, which are decoded and
@@ -9,7 +9,6 @@ preprocessed with the bundle's own preprocessing, as /v1 images are.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import math
 import struct
@@ -20,11 +19,9 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import InputError
-from kiln.serve.images import prepare
 from kiln.serve.numeric import parse_tensor
 from kiln.serve.registry import ServedModel
 from kiln.serve.schemas import V2_DTYPES, v2_datatype
-from kiln.serve.settings import Settings
 
 
 @dataclass
@@ -173,17 +170,14 @@ def check_inputs(model: ServedModel, inputs: Sequence[tuple[str, str, Sequence[i
         raise InputError(f"Input tensor: {name} | received shape {shape} | expected a shape compatible with {expected}")
 
 
-async def model_feeds(model: ServedModel, tensors: Sequence[InputTensor], settings: Settings,
-                      slots: asyncio.Semaphore) -> dict[str, np.ndarray]:
-    """The batcher's feeds from tensors that passed :func:`check_inputs`: encoded images are decoded
-    within the pixel budget and preprocessed like /v1 images (:func:`kiln.serve.images.prepare`,
-    decoding in one of ``slots`` when large)."""
+def model_input(tensors: Sequence[InputTensor]) -> list[bytes] | np.ndarray:
+    """The model's input from tensors that passed :func:`check_inputs`: BYTES are encoded images (decoded
+    and preprocessed like /v1 images by :func:`kiln.serve.inference.infer`), any other datatype the
+    input tensor itself."""
     t = tensors[0]
     if t.datatype == "BYTES":
-        x, _ = await prepare(list(t.data), model.manifest.preprocess, settings.max_image_pixels,
-                             settings.max_request_pixels, slots, settings.max_pixels_per_byte)
-        return {t.name: x}
-    return {t.name: t.data.reshape(t.shape)}
+        return list(t.data)
+    return t.data.reshape(t.shape)
 
 
 def output_names(model: ServedModel, wanted: Sequence[str] | None) -> list[str]:
@@ -216,6 +210,6 @@ def to_bytes(arr: np.ndarray) -> bytes:
 
 
 __all__ = [
-    "InputTensor", "check_count", "check_inputs", "check_output_parameters", "deserialize_bytes", "element_count", "from_list", "from_raw", "model_feeds", "numpy_dtype",
+    "InputTensor", "check_count", "check_inputs", "check_output_parameters", "deserialize_bytes", "element_count", "from_list", "from_raw", "model_input", "numpy_dtype",
     "output_names", "serialize_bytes", "to_bytes",
 ]

@@ -523,3 +523,26 @@ def test_gc_freeze_once_the_models_have_loaded(classify_bundle: Bundle, freeze: 
             assert client.post("/v1/models/digits/predict", files={"file": ("a.png", png(), "image/png")}).status_code == 200
     finally:
         gc.unfreeze()  # the test process's objects go back to the collector
+
+
+def test_repository_index_ready_filter_keeps_only_ready_models(classify_bundle: Bundle, detect_bundle: Bundle) -> None:
+    failures: list[str] = []
+
+    def loader(bundle: Bundle, _s: Settings) -> FakeBackend:
+        if bundle.manifest.task == "detect":
+            raise RuntimeError("no artifact for backend onnxruntime")
+        return FakeBackend(bundle)
+
+    app = create_app([("digits", classify_bundle), ("shapes", detect_bundle)], Settings(), loader=loader,
+                     on_load_error=lambda n, e: failures.append(n))
+    with TestClient(app) as client:
+        end = time.monotonic() + 5
+        while not failures or client.get("/v2/models/digits/ready").status_code != 200:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        every = client.post("/v2/repository/index", json={})
+        assert {(m["name"], m["state"]) for m in every.json()} == {("digits", "READY"), ("shapes", "UNAVAILABLE")}
+        ready = client.post("/v2/repository/index", json={"ready": True})
+        assert [(m["name"], m["state"]) for m in ready.json()] == [("digits", "READY")]
+        not_only_ready = client.post("/v2/repository/index", json={"ready": False})
+        assert {m["name"] for m in not_only_ready.json()} == {"digits", "shapes"}

@@ -154,6 +154,40 @@ def test_statistics_count_requests_and_batches(client: httpclient.InferenceServe
     assert {s["name"] for s in client.get_inference_statistics()["model_stats"]} == {"digits", "shapes"}
 
 
+def test_request_of_exactly_the_image_limit_is_served(client: httpclient.InferenceServerClient) -> None:
+    limit = Settings().max_images_per_request  # the server runs with the default limit
+    got = _infer(client, "digits", _images(limit, [1, 28, 28]), True, ["logits"]).as_numpy("logits")
+    assert got.shape == (limit, 10)
+    with pytest.raises(InferenceServerException) as info:
+        _infer(client, "digits", _images(limit + 1, [1, 28, 28]), True, ["logits"])
+    assert f"received batch {limit + 1} | expected at most {limit} items" in str(info.value)
+
+
+def test_statistics_count_requests_not_batches(classify_bundle: Bundle) -> None:
+    """Four requests of two images run as one batch of eight: compute and queue count four requests,
+    the execution count one batch, the inference count eight images."""
+    from kiln.serve.batcher import Batcher
+    from kiln.serve.triton_ext import ModelStats, message_to_json
+
+    from .conftest import FakeBackend
+
+    stats = ModelStats()
+    batcher = Batcher(lambda: FakeBackend(classify_bundle), name="digits", max_batch=8, max_delay=30.0).start()
+    try:
+        assert batcher.wait_ready(5)
+        batcher.on_run = stats.record_run
+        futures = [batcher.submit({"images": np.zeros((2, 1, 28, 28), np.float32)}) for _ in range(4)]
+        for f in futures:
+            assert f.result(10)["logits"].shape == (2, 10)  # the batch closed when full, not after 30 s
+    finally:
+        batcher.close(drain=False, timeout=5)
+    got = message_to_json(stats.message("digits"))
+    assert got["inference_stats"]["compute_infer"]["count"] == 4
+    assert got["inference_stats"]["queue"]["count"] == 4
+    assert (got["execution_count"], got["inference_count"]) == (1, 8)
+    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in got["batch_stats"]] == [(8, 1)]
+
+
 def test_errors_are_protocol_strings(client: httpclient.InferenceServerClient) -> None:
     cases = [
         (lambda: client.get_model_metadata("nope"), "unknown model 'nope'"),
