@@ -154,6 +154,14 @@ if HttpToolsProtocol is not None:
             if not self._refused:
                 super().on_body(body)
 
+        def send_400_response(self, msg: str) -> None:
+            # A malformed body (a bad chunk) ends the request from under the app, which sees only a
+            # disconnect: the gate records the status the client was sent instead of 499.
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.scope["kiln.sent_status"] = 400  # type: ignore[typeddict-unknown-key]
+            super().send_400_response(msg)
+
         def on_message_complete(self) -> None:
             self._in_head = True
             self._reported = self._pending = 0

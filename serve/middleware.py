@@ -185,7 +185,8 @@ class RequestGate:
         finally:
             if gone[0]:
                 log.debug("request %s: the client disconnected before the answer", rid)
-            code = CLIENT_CLOSED if gone[0] else status[0] or 500
+            # the protocol answered for the app (a malformed body): what the client got
+            code = scope.get("kiln.sent_status") or (CLIENT_CLOSED if gone[0] else status[0] or 500)
             route = scope.get("route")
             name = scope.get("path_params", {}).get("name", "")
             self.metrics.observe_latency(name if name in self.models else "", getattr(route, "path", "unmatched"), code,

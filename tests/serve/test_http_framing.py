@@ -147,3 +147,24 @@ def test_head_over_the_limit_on_a_v2_path_is_refused_in_the_v2_error_shape(serve
         status, _, body = read_response(sock.makefile("rb"))
     assert status == 431
     assert isinstance(json.loads(body)["error"], str)
+
+
+def test_a_malformed_chunked_body_is_recorded_with_the_status_the_client_got(serve: Callable[..., Live]) -> None:
+    live = serve()
+    head = (b"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    with socket.create_connection((live.host, live.port), timeout=30) as sock:
+        sock.sendall(head + b"4\r\n{\"im\r\n")
+        time.sleep(0.05)  # the app is reading the body when the bad chunk comes
+        sock.sendall(b"zz\r\nnot a chunk\r\n")
+        status, _, _ = read_response(sock.makefile("rb"))
+    assert status == 400
+    deadline = time.monotonic() + 10
+    while True:  # the app notices the end of its request after the client has its answer
+        metrics = exchange(live, [b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"], "one")[0][2].decode()
+        recorded = [line for line in metrics.splitlines()
+                    if line.startswith("kiln_request_duration_seconds_count") and "predict" in line]
+        if recorded or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert recorded and all('status="400"' in line for line in recorded), recorded
