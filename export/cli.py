@@ -71,6 +71,18 @@ def register(sub: Any) -> None:
     _common(p)
     p.add_argument("--precision", type=csv_of(choice("precision", PRECISIONS)), default=["fp32"],
                    help="comma-separated subset of fp32,fp16,int8")
+    n = p.add_argument_group("detectors: NMS in the graph")
+    n.add_argument("--nms", action="store_true",
+                   help="also write an end-to-end graph per precision (model.nms.onnx, ...) with NMS inside and "
+                        "EfficientNMS-style outputs num_dets, det_boxes, det_scores, det_classes")
+    n.add_argument("--nms-conf", type=non_negative_float, default=None, metavar="SCORE",
+                   help="score threshold in the graph; None: kiln.json's postprocess score_threshold")
+    n.add_argument("--nms-iou", type=non_negative_float, default=None, metavar="IOU",
+                   help="IoU threshold in the graph; None: kiln.json's postprocess iou_threshold")
+    n.add_argument("--nms-max-det", type=positive_int, default=None, metavar="K",
+                   help="detections per image K (outputs padded to K); None: kiln.json's max_detections")
+    n.add_argument("--nms-agnostic", action="store_true", default=None,
+                   help="NMS across classes; default: per class, or kiln.json's class_agnostic")
     g = p.add_argument_group("TensorRT")
     g.add_argument("--engine", action="store_true", help="also build a TensorRT engine per precision")
     g.add_argument("--workspace-gib", type=positive_float, default=4.0, help="builder workspace limit")
@@ -105,7 +117,8 @@ def register(sub: Any) -> None:
     _calibration_flags(c)
     c.set_defaults(func=run_calibrate, precision=["int8"], engine=False, workspace_gib=4.0, timing_cache=None,
                    hardware_compat=False, version_compat=False, tf32=False, triton_repo=None, triton_precision=None,
-                   triton_max_delay_us=1000)
+                   triton_max_delay_us=1000, nms=False, nms_conf=None, nms_iou=None, nms_max_det=None,
+                   nms_agnostic=None)
 
 
 def _options(args: argparse.Namespace) -> Any:
@@ -131,6 +144,11 @@ def _options(args: argparse.Namespace) -> Any:
                             max_accuracy_drop=args.max_accuracy_drop, eval_limit=args.calib_eval_images,
                             layout=args.int8_layout),
         calib_cache=args.calib_cache,
+        nms=args.nms,
+        nms_conf=args.nms_conf,
+        nms_iou=args.nms_iou,
+        nms_max_det=args.nms_max_det,
+        nms_agnostic=args.nms_agnostic,
     )
 
 
