@@ -97,6 +97,9 @@ def register(sub: Any) -> None:
     t.add_argument("--triton-repo", type=Path, default=None, metavar="DIR", help="write a Triton model repository")
     t.add_argument("--triton-precision", type=choice("precision", PRECISIONS), default=None,
                    help="precision served by Triton; None: the first of --precision")
+    t.add_argument("--triton-raw", action="store_true",
+                   help="detectors: put the raw graph (boxes, scores) in the repository; default: the end-to-end "
+                        "graph when --nms writes one")
     t.add_argument("--triton-max-delay-us", type=positive_int, default=1000,
                    help="dynamic_batching max_queue_delay_microseconds")
     _calibration_flags(p)
@@ -117,7 +120,7 @@ def register(sub: Any) -> None:
     _calibration_flags(c)
     c.set_defaults(func=run_calibrate, precision=["int8"], engine=False, workspace_gib=4.0, timing_cache=None,
                    hardware_compat=False, version_compat=False, tf32=False, triton_repo=None, triton_precision=None,
-                   triton_max_delay_us=1000, nms=False, nms_conf=None, nms_iou=None, nms_max_det=None,
+                   triton_max_delay_us=1000, triton_raw=False, nms=False, nms_conf=None, nms_iou=None, nms_max_det=None,
                    nms_agnostic=None)
 
 
@@ -140,6 +143,7 @@ def _options(args: argparse.Namespace) -> Any:
         triton_repo=args.triton_repo,
         triton_precision=args.triton_precision,
         triton_max_delay_us=args.triton_max_delay_us,
+        triton_raw=args.triton_raw,
         calib=CalibSettings(method=args.calib_method, images=args.calib_images, seed=args.calib_seed,
                             max_accuracy_drop=args.max_accuracy_drop, eval_limit=args.calib_eval_images,
                             layout=args.int8_layout),

@@ -59,6 +59,7 @@ class ExportOptions:
     triton_repo: Path | None = None
     triton_precision: str | None = None
     triton_max_delay_us: int = 1000
+    triton_raw: bool = False  # detectors: the raw graph in the Triton repository even when --nms wrote another
     calib: CalibSettings = field(default_factory=CalibSettings)
     calib_cache: Path | None = None
     verify_images: int = 64
@@ -313,7 +314,8 @@ def _export(bundle: Bundle, opts: ExportOptions) -> dict[str, Any]:
         precision = opts.triton_precision or opts.precisions[0]
         triton = str(write_triton_repo(bundle, opts.triton_repo, onnx_file=onnx_files[precision],
                                        engine_file=engines.get(precision), batch=opts.batch,
-                                       options=TritonOptions(max_queue_delay_us=opts.triton_max_delay_us)))
+                                       options=TritonOptions(max_queue_delay_us=opts.triton_max_delay_us),
+                                       end_to_end_file=None if opts.triton_raw else end_to_end_of(bundle, onnx_files[precision])))
     summary = {"bundle": str(bundle.root), "task": bundle.manifest.task, "artifacts": artifacts,
                "triton": triton, "errors": errors}
     if errors:
@@ -343,6 +345,13 @@ def drop_stale_artifacts(bundle: Bundle) -> list[str]:
         log.warning("unlisted %s: made from an earlier model.onnx; re-export them (--precision ...)", ", ".join(dropped))
         bundle.save()
     return dropped
+
+
+def end_to_end_of(bundle: Bundle, raw_file: str) -> str | None:
+    """The end-to-end graph made from ``raw_file`` as it is now (this export's or an earlier one's), or None."""
+    source = bundle.manifest.artifacts[raw_file].sha256
+    return next((name for name, art in bundle.manifest.artifacts.items()
+                 if (art.model_extra or {}).get("nms") and getattr(art, "source_sha256", None) == source), None)
 
 
 def drop_other_nms(bundle: Bundle, written: dict[str, str]) -> None:

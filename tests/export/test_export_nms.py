@@ -168,3 +168,30 @@ def test_open_artifact_runs_the_end_to_end_graph(nms_master: Path) -> None:
     with open_artifact(b, "model.nms.onnx") as backend:
         out = backend.infer({"images": x})
     assert set(out) == {"num_dets", "det_boxes", "det_scores", "det_classes"}
+
+
+def test_triton_repository_holds_the_end_to_end_graph_by_default(nms_master: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.export.triton import read_config
+
+    monkeypatch.setenv("KILN_SHAPES_COUNT", "48")
+    bundle = Path(shutil.copytree(nms_master, tmp_path / "shapes"))
+    repo = tmp_path / "models"
+    assert main(["export", str(bundle), "--precision", "fp16", "--nms", "--nms-max-det", "20", "--batch", "1:2:4",
+                 "--triton-repo", str(repo)]) == 0
+    folder = repo / "shapes"
+    assert (folder / "1" / "model.onnx").read_bytes() == (bundle / "model.fp16.nms.onnx").read_bytes()
+    cfg = read_config(folder / "config.pbtxt")  # tritonclient's ModelConfig, through text_format
+    assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 4
+    outs = {o.name: o for o in cfg.output}
+    assert list(outs) == ["num_dets", "det_boxes", "det_scores", "det_classes"]
+    assert list(outs["num_dets"].dims) == [1] and outs["num_dets"].data_type == 8  # TYPE_INT32
+    assert list(outs["det_boxes"].dims) == [20, 4] and outs["det_classes"].label_filename == "labels.txt"
+    assert (folder / "labels.txt").read_text().splitlines() == Bundle.load(bundle).manifest.classes
+    assert "NMS applied" in cfg.parameters["output.det_boxes.description"].string_value
+    assert cfg.parameters["nms.max_detections"].string_value == "20"
+    assert cfg.parameters["nms.class_agnostic"].string_value == "false"
+    # the raw graph on request
+    assert main(["export", str(bundle), "--precision", "fp16", "--batch", "1:2:4", "--triton-repo", str(repo),
+                 "--triton-raw"]) == 0
+    assert [o.name for o in read_config(folder / "config.pbtxt").output] == ["boxes", "scores"]
