@@ -195,3 +195,43 @@ def test_triton_repository_holds_the_end_to_end_graph_by_default(nms_master: Pat
     assert main(["export", str(bundle), "--precision", "fp16", "--batch", "1:2:4", "--triton-repo", str(repo),
                  "--triton-raw"]) == 0
     assert [o.name for o in read_config(folder / "config.pbtxt").output] == ["boxes", "scores"]
+
+
+def _docs_decoder() -> dict:
+    """The numpy decoding block of docs/serve.md, executed as a user would paste it."""
+    text = (Path(__file__).parents[2] / "docs" / "serve.md").read_text()
+    section = text.split("### Detectors: decoding the raw outputs", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "docs/serve.md", "exec"), namespace)
+    return namespace
+
+
+def test_docs_numpy_decoding_matches_v1_boxes_for_both_graphs(nms_master: Path) -> None:
+    import onnxruntime as ort
+
+    docs = _docs_decoder()
+    b = Bundle.load(nms_master)
+    x, letterboxes = _val(b)
+    raw = dict(zip(["boxes", "scores"], ort.InferenceSession(str(nms_master / "model.onnx")).run(
+        ["boxes", "scores"], {"images": x}), strict=True))
+    names = ["num_dets", "det_boxes", "det_scores", "det_classes"]
+    e2e = dict(zip(names, ort.InferenceSession(str(nms_master / "model.nms.onnx")).run(names, {"images": x}),
+                   strict=True))
+    # what /v1 answers: with kiln.json's settings (the end-to-end graph's), and with every survivor kept
+    # at a lower IoU, where per-class and cross-class NMS differ on this detector
+    every = detect_overrides(b.manifest.detect_post(), b.manifest.classes, iou=0.3, max_det=10_000)
+    want = predictions(b.manifest, raw, letterboxes)
+    want_every = predictions(b.manifest, raw, letterboxes, detect=every)
+    total = 0
+    for i, lb in enumerate(letterboxes):
+        place = (lb.scale_x, lb.scale_y, lb.pad_x, lb.pad_y, lb.width, lb.height)
+        raw_decoded = docs["decode_raw"](raw["boxes"][i], raw["scores"][i], *place, conf=every.score_threshold,
+                                         iou=every.iou_threshold, max_det=every.max_detections)
+        e2e_decoded = docs["decode_end_to_end"](*(e2e[n][i] for n in names), *place)
+        for (xyxy, scores, classes), p in ((raw_decoded, want_every[i]), (e2e_decoded, want[i])):
+            assert len(xyxy) == len(p["boxes"]) and list(classes) == [d["index"] for d in p["boxes"]]
+            assert np.allclose(xyxy, [d["box"] for d in p["boxes"]], atol=1e-3)
+            assert np.allclose(scores, [d["score"] for d in p["boxes"]], atol=1e-6)
+            total += len(p["boxes"])
+    assert total > 0
