@@ -235,3 +235,16 @@ def test_docs_numpy_decoding_matches_v1_boxes_for_both_graphs(nms_master: Path) 
             assert np.allclose(scores, [d["score"] for d in p["boxes"]], atol=1e-6)
             total += len(p["boxes"])
     assert total > 0
+
+
+def test_nms_on_a_classifier_is_a_one_line_error(tmp_path: Path) -> None:
+    from kiln.bundle import Architecture, InputSpec, Manifest, Preprocess, TensorSpec
+    from kiln.errors import ConfigError
+    from kiln.export.pipeline import ExportOptions, preflight
+
+    manifest = Manifest(kiln_version="test", task="classify", classes=["a", "b"],
+                        input=InputSpec(name="images", shape=[1, 28, 28]), outputs=[TensorSpec(name="logits", shape=[2])],
+                        preprocess=Preprocess(size=(28, 28), channels="L", mean=[0.5], std=[0.5]),
+                        architecture=Architecture(name="lenet5"))
+    with pytest.raises(ConfigError, match="--nms puts a detector's NMS inside its graph"):
+        preflight(Bundle(tmp_path, manifest), ExportOptions(nms=True))
