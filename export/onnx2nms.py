@@ -48,12 +48,11 @@ class NmsSettings:
     class_agnostic: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("score_threshold", "iou_threshold"):
-            value = getattr(self, name)
+        for flag, value in (("--nms-conf", self.score_threshold), ("--nms-iou", self.iou_threshold)):
             if not 0.0 <= value <= 1.0:
-                raise ExportError(f"--nms: {name} must be in [0, 1], got {value}")
+                raise ExportError(f"{flag}: must be in [0, 1], got {value}")
         if self.max_detections < 1:
-            raise ExportError(f"--nms: max_detections must be >= 1, got {self.max_detections}")
+            raise ExportError(f"--nms-max-det: must be >= 1, got {self.max_detections}")
 
     @classmethod
     def from_post(cls, post: DetectPost, **changes: Any) -> NmsSettings:

@@ -156,9 +156,7 @@ def export_int8(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str
 def export_nms(bundle: Bundle, opts: ExportOptions, precision: str, raw_file: str) -> dict[str, Any]:
     """The end-to-end graph (NMS inside) of ``raw_file``, verified against kiln's post-processing of the
     raw graph's outputs on the validation images, recorded with its NMS settings and outputs."""
-    settings = NmsSettings.from_post(bundle.manifest.detect_post(), score_threshold=opts.nms_conf,
-                                     iou_threshold=opts.nms_iou, max_detections=opts.nms_max_det,
-                                     class_agnostic=opts.nms_agnostic)
+    settings = nms_settings(bundle, opts)
     file = NMS_FILES[precision]
     boxes, scores = detection_output_names(bundle.manifest)
     x, letterboxes = verification_images(bundle, opts.verify_images)
@@ -172,6 +170,13 @@ def export_nms(bundle: Bundle, opts: ExportOptions, precision: str, raw_file: st
             verification = verify_end_to_end(bundle.manifest, raw, end_to_end, x, letterboxes, settings)
     return _record(bundle, file, "onnx", precision, verification=verification,
                    source_sha256=bundle.manifest.artifacts[raw_file].sha256, **info)
+
+
+def nms_settings(bundle: Bundle, opts: ExportOptions) -> NmsSettings:
+    """kiln.json's detection defaults with the --nms-* flags given (ExportError for a value out of range)."""
+    return NmsSettings.from_post(bundle.manifest.detect_post(), score_threshold=opts.nms_conf,
+                                 iou_threshold=opts.nms_iou, max_detections=opts.nms_max_det,
+                                 class_agnostic=opts.nms_agnostic)
 
 
 def build_engines(bundle: Bundle, opts: ExportOptions, onnx_files: dict[str, str]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -245,6 +250,8 @@ def preflight(bundle: Bundle, opts: ExportOptions) -> None:
     if opts.nms and bundle.manifest.task != "detect":
         raise ConfigError(f"--nms puts a detector's NMS inside its graph; {bundle.root} is a "
                           f"{bundle.manifest.task} model")
+    if opts.nms:
+        nms_settings(bundle, opts)
     if opts.triton_repo is not None and opts.triton_repo.exists() and not opts.triton_repo.is_dir():
         raise ExportError(f"--triton-repo {opts.triton_repo} is a file; give a folder")
 

@@ -248,3 +248,11 @@ def test_nms_on_a_classifier_is_a_one_line_error(tmp_path: Path) -> None:
                         architecture=Architecture(name="lenet5"))
     with pytest.raises(ConfigError, match="--nms puts a detector's NMS inside its graph"):
         preflight(Bundle(tmp_path, manifest), ExportOptions(nms=True))
+
+
+def test_nms_threshold_out_of_range_fails_before_any_export(det_master: Path, tmp_path: Path,  # noqa: F811
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = Path(shutil.copytree(det_master, tmp_path / "shapes"))
+    assert main(["export", str(bundle), "--nms", "--nms-iou", "1.5"]) != 0
+    assert "--nms-iou: must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert "model.onnx" not in Bundle.load(bundle).manifest.artifacts
