@@ -158,6 +158,12 @@ def test_kiln_serve_v1_answers_the_same_boxes_from_either_graph(nms_master: Path
                                                                 for i, blob in enumerate(blobs)])
             assert r.status_code == 200, r.text
             answers.append([p["boxes"] for p in r.json()["predictions"]])
+            x, _ = _val(b, 1)
+            v2 = client.post("/v2/models/shapes/infer", json={"inputs": [
+                {"name": "images", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]})
+            assert v2.status_code == 200, v2.text
+            assert [o["name"] for o in v2.json()["outputs"]] == (
+                ["num_dets", "det_boxes", "det_scores", "det_classes"] if extra else ["boxes", "scores"])
     assert sum(len(x) for x in answers[0]) > 0
     _same(answers[0], answers[1])
 
