@@ -164,6 +164,9 @@ def test_kiln_serve_v1_answers_the_same_boxes_from_either_graph(nms_master: Path
             assert v2.status_code == 200, v2.text
             assert [o["name"] for o in v2.json()["outputs"]] == (
                 ["num_dets", "det_boxes", "det_scores", "det_classes"] if extra else ["boxes", "scores"])
+            config = client.get("/v2/models/shapes/config").json()  # Triton's model configuration
+            assert [o["name"] for o in config["output"]] == [o["name"] for o in v2.json()["outputs"]]
+            assert ("nms.iou_threshold" in config["parameters"]) == bool(extra)
     assert sum(len(x) for x in answers[0]) > 0
     _same(answers[0], answers[1])
 
