@@ -136,9 +136,15 @@ def test_end_to_end_serving_needs_the_graph(det_master: Path) -> None:  # noqa: 
 
 
 def test_kiln_serve_v1_answers_the_same_boxes_from_either_graph(nms_master: Path) -> None:
+    """/v1 from the raw and the end-to-end graph; tritonclient's v2 outputs of each, decoded as docs/serve.md
+    shows, give /v1's boxes too."""
     import io
 
+    import tritonclient.http as httpclient
+
+    docs = _docs_decoder()
     b = Bundle.load(nms_master)
+    post = b.manifest.detect_post()
     val = bundle_split(b, "val")
     blobs = []
     for i in range(3):
@@ -158,7 +164,7 @@ def test_kiln_serve_v1_answers_the_same_boxes_from_either_graph(nms_master: Path
                                                                 for i, blob in enumerate(blobs)])
             assert r.status_code == 200, r.text
             answers.append([p["boxes"] for p in r.json()["predictions"]])
-            x, _ = _val(b, 1)
+            x, (lb,) = _val(b, 1)
             v2 = client.post("/v2/models/shapes/infer", json={"inputs": [
                 {"name": "images", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]})
             assert v2.status_code == 200, v2.text
@@ -167,6 +173,21 @@ def test_kiln_serve_v1_answers_the_same_boxes_from_either_graph(nms_master: Path
             config = client.get("/v2/models/shapes/config").json()  # Triton's model configuration
             assert [o["name"] for o in config["output"]] == [o["name"] for o in v2.json()["outputs"]]
             assert ("nms.iou_threshold" in config["parameters"]) == bool(extra)
+            tc = httpclient.InferenceServerClient(url.removeprefix("http://"))
+            inp = httpclient.InferInput("images", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=True)
+            res = tc.infer("shapes", [inp])
+            place = (lb.scale_x, lb.scale_y, lb.pad_x, lb.pad_y, lb.width, lb.height)
+            if extra:
+                xyxy, scores, classes = docs["decode_end_to_end"](
+                    *(res.as_numpy(n)[0] for n in ("num_dets", "det_boxes", "det_scores", "det_classes")), *place)
+            else:
+                xyxy, scores, classes = docs["decode_raw"](res.as_numpy("boxes")[0], res.as_numpy("scores")[0], *place,
+                                                           conf=post.score_threshold, iou=post.iou_threshold,
+                                                           max_det=post.max_detections)
+            tc.close()
+            _same([answers[-1][0]], [[{"box": list(bx), "label": b.manifest.classes[int(c)], "score": float(s)}
+                                      for bx, s, c in zip(xyxy, scores, classes, strict=True)]])
     assert sum(len(x) for x in answers[0]) > 0
     _same(answers[0], answers[1])
 
