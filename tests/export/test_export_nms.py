@@ -286,3 +286,12 @@ def test_nms_threshold_out_of_range_fails_before_any_export(det_master: Path, tm
     assert main(["export", str(bundle), "--nms", "--nms-iou", "1.5"]) != 0
     assert "--nms-iou: must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert "model.onnx" not in Bundle.load(bundle).manifest.artifacts
+
+
+def test_eval_table_of_a_bundle_with_end_to_end_graphs_runs_the_raw_ones(nms_master: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.compare import artifact_table
+
+    monkeypatch.setenv("KILN_SHAPES_COUNT", "48")
+    rows = artifact_table(Bundle.load(nms_master), limit=4)
+    assert [r["file"] for r in rows] == ["model.pt", "model.onnx"] and all("error" not in r for r in rows)
