@@ -59,7 +59,7 @@ class CalibrationReader(CalibrationDataReader):
         arrays = []
         for i in idx:
             try:
-                img = train.image(int(i))
+                img = train.image(int(i), spec)
             except (KilnError, OSError) as exc:
                 where = train.images[int(i)] if not isinstance(train.images, np.ndarray) else f"#{int(i)}"
                 raise ExportError(f"calibration image {where} is unreadable: {exc}") from None

@@ -33,9 +33,10 @@ def _calibration_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-seed", type=non_negative_int, default=0, help="seed for drawing calibration images")
     g.add_argument("--calib-method", type=choice("calibration method", CALIB_METHODS), default="auto",
                    help="auto measures minmax, entropy and percentile and keeps the best")
-    g.add_argument("--max-accuracy-drop", type=non_negative_float, default=1.0, metavar="POINTS",
+    g.add_argument("--max-accuracy-drop", type=non_negative_float, default=None, metavar="POINTS",
                    help="largest allowed drop of top-1 (classify) or mAP@[.5:.95] (detect) vs fp32, in points; "
-                        "layers are kept in float, most sensitive first, until it holds")
+                        "layers are kept in float, most sensitive first, until it holds (default: 1.0, or one "
+                        "validation image's worth when the split has under 100 images)")
     g.add_argument("--calib-eval-images", type=positive_int, default=None, metavar="N",
                    help="validation images per candidate during the search; None: the whole split")
     g.add_argument("--calib-cache", type=Path, default=None, metavar="DIR",
@@ -145,14 +146,16 @@ def _options(args: argparse.Namespace) -> Any:
         triton_max_delay_us=args.triton_max_delay_us,
         triton_raw=args.triton_raw,
         calib=CalibSettings(method=args.calib_method, images=args.calib_images, seed=args.calib_seed,
-                            max_accuracy_drop=args.max_accuracy_drop, eval_limit=args.calib_eval_images,
-                            layout=args.int8_layout),
+                            max_accuracy_drop=(CalibSettings.max_accuracy_drop if args.max_accuracy_drop is None
+                                               else args.max_accuracy_drop),
+                            eval_limit=args.calib_eval_images, layout=args.int8_layout),
         calib_cache=args.calib_cache,
         nms=args.nms,
         nms_conf=args.nms_conf,
         nms_iou=args.nms_iou,
         nms_max_det=args.nms_max_det,
         nms_agnostic=args.nms_agnostic,
+        budget_follows_split=args.max_accuracy_drop is None,
     )
 
 

@@ -1,6 +1,9 @@
 """Verify an exported graph against its source on real validation images.
 
-fp32 ONNX vs PyTorch: classification logits within ``CLASSIFY_ATOL``. Detection: the raw outputs
+fp32 ONNX vs PyTorch, classification: every logit within ``CLASSIFY_ATOL + CLASSIFY_RTOL`` times the
+image's largest ``|logit|`` (:class:`kiln.compare.Tolerance`, per output as Polygraphy compares, the
+relative part against the output's scale), and the same top-1 and the same top-k set on every image
+without a tie (a gap within twice the tolerance). Detection: the raw outputs
 within tolerance (boxes ``BOX_TOL_PX`` model-input pixels, scores ``SCORE_ATOL``), and the same
 detections after :func:`kiln.processing.detect_postprocess` (same classes, boxes within ``BOX_TOL_PX``
 original pixels) apart from those scoring within ``SCORE_ATOL`` of a cut, which rounding may put on
@@ -16,7 +19,15 @@ from typing import Any
 import numpy as np
 
 from kiln.bundle import Bundle
-from kiln.compare import BOX_TOL_PX, LOGIT_ATOL, SCORE_ATOL, compare, detection_output_names
+from kiln.compare import (
+    BOX_TOL_PX,
+    FP32_ATOL,
+    FP32_RTOL,
+    SCORE_ATOL,
+    Tolerance,
+    compare,
+    detection_output_names,
+)
 from kiln.errors import ExportError
 from kiln.evaluate import bundle_split
 from kiln.processing import Letterbox, preprocess
@@ -24,7 +35,8 @@ from kiln.runtime.ortfile import OrtFileBackend
 
 log = logging.getLogger(__name__)
 
-CLASSIFY_ATOL = LOGIT_ATOL
+CLASSIFY_ATOL = FP32_ATOL
+CLASSIFY_RTOL = FP32_RTOL
 DEFAULT_IMAGES = 64
 
 
@@ -89,27 +101,54 @@ def detection_problems(bundle: Bundle, report: dict[str, Any]) -> list[str]:
     return problems
 
 
-def verify_fp32(bundle: Bundle, onnx_path: Any, *, count: int = DEFAULT_IMAGES) -> dict[str, Any]:
+def classify_problems(report: dict[str, Any]) -> list[str]:
+    """What is out of tolerance in a classification :func:`~kiln.compare.compare` report made with a
+    :class:`~kiln.compare.Tolerance` (empty: it passes)."""
+    tol = report["tolerance"]
+    problems = []
+    for name, err in report["outputs"].items():
+        if not err["passed"]:
+            problems.append(f"{name}: {err['mismatches']} of {err['values']} values differ by more than "
+                            f"{tol['atol']:g} + {tol['rtol']:g} x the image's largest |{name}| (max abs difference "
+                            f"{err['max_abs_diff']:.3g}, {err['max_rel_diff']:.3g} of the scale)")
+    if report["top1_agreement"] < 100.0:
+        problems.append(f"top-1 agrees on {report['top1_agreement']:.1f}% of the images without a tie")
+    if report["topk_agreement"] < 100.0:
+        problems.append(f"top-{report['top_k']} set agrees on {report['topk_agreement']:.1f}% of the images without a tie")
+    return problems
+
+
+def verify_fp32(bundle: Bundle, onnx_path: Any, *, count: int = DEFAULT_IMAGES,
+                tolerance: Tolerance | None = None) -> dict[str, Any]:
     """Compare the fp32 ONNX at ``onnx_path`` with PyTorch; raise :class:`ExportError` with the report
-    when it differs beyond tolerance. Returns the report (recorded in kiln.json)."""
+    when it differs beyond tolerance (``tolerance``: classification, default ``CLASSIFY_ATOL`` and
+    ``CLASSIFY_RTOL``). Returns the report (recorded in kiln.json)."""
     x, boxes = verification_images(bundle, count)
     reference = torch_outputs(bundle, x)
     with OrtFileBackend(onnx_path, bundle.manifest) as backend:
         candidate = backend_outputs(backend, x)
-    report = compare(bundle.manifest, reference, candidate, boxes)
-    report["reference"] = "pytorch fp32 (cpu)"
     if bundle.manifest.task == "classify":
-        report["tolerance"] = CLASSIFY_ATOL
-        ok = report["max_abs_diff"] <= CLASSIFY_ATOL
-        why = f"max abs difference of logits {report['max_abs_diff']:.3g} > {CLASSIFY_ATOL:g}"
+        tol = tolerance or Tolerance(CLASSIFY_ATOL, CLASSIFY_RTOL)
+        report = compare(bundle.manifest, reference, candidate, boxes, tolerance=tol)
+        report["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol, "relative_to": "the image's largest |output|"}
+        why = "; ".join(classify_problems(report))
     else:
+        report = compare(bundle.manifest, reference, candidate, boxes)
         report.update(tolerance_px=BOX_TOL_PX, score_tolerance=SCORE_ATOL)
         why = "; ".join(detection_problems(bundle, report))
-        ok = not why
-    report["passed"] = bool(ok)
-    if not ok:
+    report["reference"] = "pytorch fp32 (cpu)"
+    report["passed"] = not why
+    if why:
         raise ExportError(f"verification failed for {onnx_path} on {report['images']} validation images: {why}; "
                           "previous artifacts are untouched")
-    log.info("verified fp32 ONNX against PyTorch on %d val images: max abs diff %.3g",
-             report["images"], report["max_abs_diff"])
+    log.info("verified fp32 ONNX against PyTorch on %d val images: max abs diff %.3g%s", report["images"],
+             report["max_abs_diff"], _relative(report))
     return report
+
+
+def _relative(report: dict[str, Any]) -> str:
+    if "outputs" not in report:
+        return ""
+    rel = max(e["max_rel_diff"] for e in report["outputs"].values())
+    return (f" ({rel:.2g} of the outputs' scale; top-1 agreement {report['top1_agreement']:g}%, "
+            f"top-{report['top_k']} {report['topk_agreement']:g}%)")

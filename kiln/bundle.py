@@ -75,6 +75,9 @@ class InputSpec(TensorSpec):
     batch: BatchRange = Field(default_factory=BatchRange)
 
 
+DecodeMode = Literal["full", "draft"]
+
+
 class Preprocess(_Model):
     """How an image becomes the model input (see :mod:`kiln.processing`).
 
@@ -95,6 +98,11 @@ class Preprocess(_Model):
     # as torchvision's and timm's ImageNet evaluation transforms do; the weights' recipe is kept here.
     resize_size: int | None = Field(None, ge=1)
     source: str | None = None  # where the recipe comes from, e.g. "torchvision:ResNet50_Weights.IMAGENET1K_V2"
+    # How a JPEG is decoded (kiln.processing.decode): "draft" at the smallest DCT scale that still covers
+    # the model input (libjpeg's downscaling, one resize after it), "full" at full size. Other formats are
+    # always decoded in full. A kiln.json written before this field existed was measured with full
+    # decodes and reads as "full" (Bundle.load); a new recipe takes the fast one.
+    decode: DecodeMode = "draft"
 
 
 class ClassifyPost(_Model):
@@ -187,6 +195,9 @@ class Bundle:
             data = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise BundleError(f"cannot read {manifest_path}: {exc}") from exc
+        pre = data.get("preprocess") if isinstance(data, dict) else None
+        if isinstance(pre, dict):
+            pre.setdefault("decode", "full")  # written before decode modes: its accuracy is a full decode's
         try:
             manifest = Manifest.model_validate(data)
         except ValidationError as exc:

@@ -3,6 +3,9 @@
 :func:`compare` measures candidate outputs against reference outputs: the max absolute difference per
 output, and for classification the top-1 agreement, for detection the detection-level match after
 :func:`kiln.processing.detect_postprocess` (same class, box edges within ``BOX_TOL_PX`` original pixels).
+With a :class:`Tolerance` it also judges each output as Polygraphy's simple comparator does (an
+absolute and a relative tolerance per output, element by element), the relative part measured against
+the output's scale in that image (its largest ``|reference|``), and adds the top-k agreement.
 Neither may hinge on which side of a cut a rounding falls: images whose top-2 logits are within
 ``LOGIT_ATOL`` are left out of the top-1 agreement, and detections whose score is within ``SCORE_ATOL``
 of the score threshold (or of the last score kept under the detection cap) are neither missing nor
@@ -34,15 +37,69 @@ log = logging.getLogger(__name__)
 BOX_TOL_PX = 0.5
 LOGIT_ATOL = 1e-4  # logits closer than this are a tie: either may come out on top
 SCORE_ATOL = 1e-4  # detection scores (in [0, 1]) closer than this to a cut may fall on either side
+# fp32 ONNX Runtime vs PyTorch: the rounding of a deep network grows with its activations, so a 224 px
+# ResNet's logits differ by ~2e-4 where lenet5's differ by 1e-6; an element passes within
+# FP32_ATOL + FP32_RTOL * (the image's largest |logit|). 1e-5 is Polygraphy's default rtol.
+FP32_ATOL = 1e-4
+FP32_RTOL = 1e-5
+TOP_K = 5  # the top-k agreement's k (capped below the number of classes)
 _ORDER = {"torch": 0, "onnx": 1, "tensorrt": 2}
 _PREC = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3}
 
 
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a candidate output may be from the reference, per output and element by element:
+    ``|candidate - reference| <= atol + rtol * scale``, ``scale`` being the largest ``|reference|`` of
+    that output in that image. Logits near zero accumulate the same rounding as the largest ones, so
+    the relative part follows the output's scale rather than each element's own size."""
+
+    atol: float = FP32_ATOL
+    rtol: float = FP32_RTOL
+
+    def __post_init__(self) -> None:
+        if not (self.atol >= 0 and self.rtol >= 0):
+            raise ConfigError(f"tolerance: atol and rtol >= 0 expected, got {self}")
+
+    def bound(self, reference: np.ndarray) -> np.ndarray:
+        """The allowed absolute difference per image ``[N]`` of ``reference [N, ...]``."""
+        return self.atol + self.rtol * image_scale(reference)
+
+
+def image_scale(values: np.ndarray) -> np.ndarray:
+    """The largest ``|value|`` of each image ``[N]`` in ``values [N, ...]``."""
+    flat = np.abs(values.astype(np.float64)).reshape(len(values), -1)
+    return flat.max(axis=1) if flat.shape[1] else np.zeros(len(values))
+
+
+def output_errors(reference: np.ndarray, candidate: np.ndarray, tol: Tolerance) -> dict[str, Any]:
+    """One output's differences ``[N, ...]``: the max and mean absolute difference, the max difference
+    relative to the image's scale, the values out of tolerance, and whether it ``passed``."""
+    if not reference.size:
+        return {"max_abs_diff": 0.0, "mean_abs_diff": 0.0, "max_rel_diff": 0.0, "scale": 0.0, "mismatches": 0,
+                "values": 0, "passed": True}
+    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    diff = np.abs(ref - cand).reshape(len(ref), -1)
+    scale = image_scale(ref)
+    worst = diff.max(axis=1)
+    # NaN anywhere is a mismatch: a comparison with NaN is False, so count what is not within the bound
+    mismatches = int((~(diff <= tol.bound(ref)[:, None])).sum())
+    rel = worst / np.maximum(scale, np.finfo(np.float64).tiny)
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "max_rel_diff": float(rel.max()),
+            "scale": float(scale.max()), "mismatches": mismatches, "values": int(diff.size),
+            "passed": mismatches == 0}
+
+
 def compare(manifest: Manifest, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
-            letterboxes: list[Letterbox], *, atol: float = LOGIT_ATOL, score_tol: float = SCORE_ATOL) -> dict[str, Any]:
+            letterboxes: list[Letterbox], *, atol: float = LOGIT_ATOL, score_tol: float = SCORE_ATOL,
+            tolerance: Tolerance | None = None) -> dict[str, Any]:
     """Differences of ``candidate`` from ``reference`` outputs: max abs diff per output, and for
     classification the top-1 agreement over images without a top-2 tie (within ``atol``), for
-    detection the detection-level match (see :func:`compare_detections`)."""
+    detection the detection-level match (see :func:`compare_detections`).
+
+    With ``tolerance``: ``outputs`` holds :func:`output_errors` per output, and for classification a
+    tie is a gap within twice the image's tolerance (each side may move by one) and the top-k
+    agreement (:func:`topk_agreement`) is added."""
     report: dict[str, Any] = {"images": len(letterboxes)}
     diffs = {}
     for spec in manifest.outputs:
@@ -52,27 +109,58 @@ def compare(manifest: Manifest, reference: dict[str, np.ndarray], candidate: dic
         diffs[spec.name] = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
     report["max_abs_diff"] = max(diffs.values()) if diffs else 0.0
     report["max_abs_diff_by_output"] = diffs
+    if tolerance is not None:
+        report["outputs"] = {s.name: output_errors(reference[s.name], candidate[s.name], tolerance) for s in manifest.outputs}
     if manifest.task == "classify":
-        report.update(top1_agreement(reference[manifest.outputs[0].name], candidate[manifest.outputs[0].name], atol))
+        ref, cand = reference[manifest.outputs[0].name], candidate[manifest.outputs[0].name]
+        if tolerance is None:
+            report.update(top1_agreement(ref, cand, atol))
+        else:
+            tie = 2.0 * tolerance.bound(ref)
+            report.update(top1_agreement(ref, cand, tie))
+            report.update(topk_agreement(ref, cand, topk_for(manifest), tie))
     else:
         report.update(compare_detections(manifest, reference, candidate, letterboxes, score_tol))
     return report
 
 
-def top1_agreement(reference: np.ndarray, candidate: np.ndarray, atol: float = LOGIT_ATOL) -> dict[str, Any]:
+def top1_agreement(reference: np.ndarray, candidate: np.ndarray, atol: float | np.ndarray = LOGIT_ATOL) -> dict[str, Any]:
     """Percent of images ``[N, C]`` with the same top-1, over the images where neither side has its
-    top two logits within ``atol`` (a tie decided by rounding says nothing about the export)."""
-    tie = (_top2_gap(reference) <= atol) | (_top2_gap(candidate) <= atol)
+    top two logits within ``atol`` (a number, or one per image ``[N]``): a tie decided by rounding says
+    nothing about the export."""
+    tie = (_kth_gap(reference, 1) <= atol) | (_kth_gap(candidate, 1) <= atol)
     agree = (np.argmax(reference, axis=1) == np.argmax(candidate, axis=1))[~tie]
     return {"top1_agreement": round(100.0 * float(agree.mean()), 3) if agree.size else 100.0,
             "top1_ties": int(tie.sum())}
 
 
-def _top2_gap(logits: np.ndarray) -> np.ndarray:
-    if logits.shape[1] < 2:
+def topk_for(manifest: Manifest) -> int:
+    """The k of the top-k agreement: ``TOP_K``, below the number of classes (the top-C set is every class)."""
+    return max(1, min(TOP_K, len(manifest.classes) - 1))
+
+
+def topk_agreement(reference: np.ndarray, candidate: np.ndarray, k: int,
+                   tie: float | np.ndarray = LOGIT_ATOL) -> dict[str, Any]:
+    """Percent of images ``[N, C]`` whose ``k`` highest classes are the same set on both sides, over
+    the images where neither side has its k-th and (k+1)-th logits within ``tie`` (one per image or one
+    for all): ``{"top_k": k, "topk_agreement": percent, "topk_ties": images left out}``."""
+    k = min(k, reference.shape[1]) if reference.ndim == 2 else k
+    if reference.ndim != 2 or not len(reference):
+        return {"top_k": k, "topk_agreement": 100.0, "topk_ties": 0}
+    ties = (_kth_gap(reference, k) <= tie) | (_kth_gap(candidate, k) <= tie)
+    ref_sets = np.sort(np.argsort(-reference.astype(np.float64), axis=1, kind="stable")[:, :k], axis=1)
+    cand_sets = np.sort(np.argsort(-candidate.astype(np.float64), axis=1, kind="stable")[:, :k], axis=1)
+    agree = np.all(ref_sets == cand_sets, axis=1)[~ties]
+    return {"top_k": k, "topk_agreement": round(100.0 * float(agree.mean()), 3) if agree.size else 100.0,
+            "topk_ties": int(ties.sum())}
+
+
+def _kth_gap(logits: np.ndarray, k: int) -> np.ndarray:
+    """The gap between the k-th and (k+1)-th highest logit of each image (inf when there is no (k+1)-th)."""
+    if logits.shape[1] <= k:
         return np.full(len(logits), np.inf)
-    top = np.sort(logits.astype(np.float64), axis=1)[:, -2:]
-    return top[:, 1] - top[:, 0]
+    top = np.sort(logits.astype(np.float64), axis=1)[:, ::-1]
+    return top[:, k - 1] - top[:, k]
 
 
 def detection_output_names(manifest: Manifest) -> tuple[str, str]:

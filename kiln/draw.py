@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from kiln.fsutil import atomic_path
+from kiln.processing import source_size
 
 MIN_SIDE = 256  # images are scaled up by the whole factor that brings the longer side closest to this
 # Kelly/Tableau-like colours chosen to stay apart from each other and readable under white or black text
@@ -75,11 +76,12 @@ def render(img: Image.Image, res: dict[str, Any], classes: list[str] | None = No
         if best is not None:
             _label(draw, (4, 4), f"{best['label']} {best['score']:.2f}", class_color(best["index"]), font, canvas.size)
         return canvas
+    zoom = canvas.width / source_size(img)[0]  # boxes are in the file's pixels; img may be decoded smaller
     line = max(2, min(canvas.size) // 150)
     dets = sorted(res["boxes"], key=lambda d: d["score"])  # ascending: the best box is drawn last, on top
     for d in dets:
         color = class_color(d["index"])
-        x1, y1, x2, y2 = (v * scale for v in d["box"])
+        x1, y1, x2, y2 = (v * zoom for v in d["box"])
         draw.rectangle((x1, y1, x2, y2), outline=color, width=line)
         _label(draw, (x1, y1), f"{d['label']} {d['score']:.2f}", color, font, canvas.size)
     present = sorted({d["index"] for d in dets})

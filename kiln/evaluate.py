@@ -75,7 +75,7 @@ def run_split(bundle: Bundle, backend: Backend, dataset: ImageDataset, limit: in
     chunks: dict[str, list[np.ndarray]] = {}
     boxes: list[Any] = []
     for idx in batches(n, bs):
-        x, lb = preprocess([dataset.image(i) for i in idx], bundle.manifest.preprocess)
+        x, lb = preprocess([dataset.image(i, bundle.manifest.preprocess) for i in idx], bundle.manifest.preprocess)
         real = len(x)
         feeds, _ = pad_batch({name: x}, backend.min_batch)
         out = backend.infer(feeds)

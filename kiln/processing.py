@@ -28,6 +28,12 @@ _RESAMPLE = {
 }
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# A JPEG decoded at a DCT scale keeps at least this many times the size the model input needs, so the one
+# resize after it still does most of the downscaling: measured on real photos (tests/perf/bench_decode.py),
+# decoding just to the input size changed an untrained resnet18's standardised top-1 on 7-13% of them,
+# twice the size on 2-4% (a JPEG re-save at quality 95: 1%), for a decode still about twice as fast as
+# the full one.
+DRAFT_MARGIN = 2
 
 
 class ImageDecodeError(KilnError, ValueError):
@@ -55,33 +61,104 @@ class Letterbox:
         return out
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes into an 8-bit RGB or L image, fully loaded.
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, where: str = "") -> Image.Image:
+    """Open image bytes from their header only (no pixel is decoded) and check the pixel limit.
 
-    CMYK, palette, 16-bit and alpha images are converted, not rejected. Raises
-    :class:`ImageDecodeError` for empty, non-image, truncated or too large input; the pixel limit is
-    checked from the header before any pixel is decoded (decompression bombs).
+    Raises :class:`ImageDecodeError` (its message prefixed with ``where``) for empty or non-image data
+    and for an image over ``max_pixels``, so a decompression bomb costs no decode time.
     """
     if not data:
-        raise ImageDecodeError("empty image (0 bytes)")
+        raise ImageDecodeError(f"{where}empty image (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageDecodeError("not an image: the data is not in a format PIL can read") from None
+        raise ImageDecodeError(f"{where}not an image: the data is not in a format PIL can read") from None
     except Exception as exc:  # PIL raises many types for malformed headers
-        raise ImageDecodeError(f"cannot read image header: {exc}") from None
+        raise ImageDecodeError(f"{where}cannot read image header: {exc}") from None
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageDecodeError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+        raise ImageDecodeError(f"{where}image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    return img
+
+
+def decode(img: Image.Image, spec: Preprocess | None = None, where: str = "") -> Image.Image:
+    """Decode an image opened by :func:`open_image` into 8-bit ``L`` or ``RGB`` pixels as displayed.
+
+    The one decode of kiln: serving (every protocol), ``kiln predict``, ``kiln eval``, calibration and
+    training's file datasets all call it, so accuracy is measured on what serving computes. In order:
+
+    1. a JPEG with ``spec.decode == "draft"`` is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose
+       result still covers :data:`DRAFT_MARGIN` times what the model input needs (libjpeg's DCT-domain
+       downscaling: a 1920x1080 photo for a 224 model decodes at 960x540, about twice as fast, and
+       :func:`to_unit`'s one resize does the rest); any other format, or ``spec`` None, decodes in full;
+    2. EXIF Orientation is applied (a phone photo stored sideways comes out upright); a malformed EXIF
+       block is ignored and the pixels are used as stored;
+    3. the mode becomes 8-bit (:func:`to_8bit`): alpha over black, 16-bit scaled by 255/65535.
+
+    A downscaled image records the displayed size of the file and the DCT scale in
+    ``info[SOURCE_SIZE]`` (W, H, scale), which :func:`to_unit` uses so boxes map back to the file's
+    pixels. Raises :class:`ImageDecodeError` for a
+    truncated or corrupt image.
+    """
+    displayed = displayed_size(img)
+    stored_width = img.width
+    scale = 1.0
+    if spec is not None and spec.decode == "draft" and img.format in ("JPEG", "MPO"):  # MPO: a camera JPEG
+        need = covering_size(spec, displayed)
+        want = (need[0] * DRAFT_MARGIN, need[1] * DRAFT_MARGIN)
+        if displayed != img.size:  # EXIF turns it: the DCT scale is chosen on the stored sides
+            want = (want[1], want[0])
+        drafted = img.draft(None, want)  # None: keep the colour space, only the scale changes
+        if drafted is not None:
+            scale = stored_width / drafted[1][2]  # the box is the stored size over the DCT scale
     try:
         img.load()
     except Exception as exc:
-        raise ImageDecodeError(f"cannot decode image ({img.format}): {exc}") from None
-    return to_8bit(img)
+        raise ImageDecodeError(f"{where}cannot decode image ({img.format}): {exc}") from None
+    # Before the mode conversion, which may drop the EXIF block; in place: no copy when upright.
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(img, in_place=True)
+    out = to_8bit(img)
+    if scale != 1.0:
+        out.info[SOURCE_SIZE] = (*displayed, scale)
+    return out
+
+
+def covering_size(spec: Preprocess, size: tuple[int, int]) -> tuple[int, int]:
+    """``(W, H)`` that an image of displayed ``size`` (W, H) must keep for ``spec`` to make the model
+    input from it without upsampling: the input itself (resize), the image scaled to fit (letterbox),
+    or a square of the shorter side's target (centre crop)."""
+    h, w = spec.size
+    if spec.mode == "resize":
+        return (w, h)
+    if spec.mode == "center_crop":
+        short = spec.resize_size or min(h, w)
+        return (short, short)
+    scale = min(w / size[0], h / size[1])
+    return (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: Preprocess | None = None) -> Image.Image:
+    """:func:`open_image` then :func:`decode`: bytes to 8-bit ``L``/``RGB`` pixels as displayed."""
+    return decode(open_image(data, max_pixels), spec)
+
+
+def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+               spec: Preprocess | None = None) -> Image.Image:
+    """The file at ``path`` through :func:`decode_image`: decoded for ``spec`` (a JPEG may come out
+    downscaled, see :func:`decode`), or in full when ``spec`` is None (to show or draw on)."""
+    with open(path, "rb") as fh:
+        return decode_image(fh.read(), max_pixels, spec)
 
 
 def to_8bit(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to ``L`` or ``RGB``; alpha is composited over black (what training saw)."""
+    """Convert any PIL mode to ``L`` or ``RGB``.
+
+    Alpha (RGBA, LA, P with transparency) is composited over black, everywhere: what training saw is
+    what serving computes. 16-bit (``I;16*``) is scaled by 255/65535, never clipped; 32-bit ``I`` is
+    taken as 8-bit data when it fits and as 16-bit otherwise; ``F`` is clipped to [0, 255]; CMYK,
+    YCbCr, LAB and HSV are converted to RGB.
+    """
     if img.mode in ("L", "RGB"):
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -108,29 +185,25 @@ def _composite(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba.convert("RGBA")).convert("RGB")
 
 
-def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode the file at ``path`` (see :func:`decode_image`) turned as its EXIF Orientation says it is
-    displayed, as the server does: a phone photo stored sideways (Orientation 6) comes out upright."""
-    with open(path, "rb") as fh:
-        img = decode_image(fh.read(), max_pixels)
-    # In place: no copy for the upright images that are most of them. A malformed EXIF block is
-    # ignored: the pixels are fine, used as stored.
-    with contextlib.suppress(Exception):
-        ImageOps.exif_transpose(img, in_place=True)
-    return img
-
-
 def displayed_size(img: Image.Image) -> tuple[int, int]:
     """``(W, H)`` of an opened (not necessarily decoded) image as displayed: EXIF Orientation 5-8 swap
     the sides, so labels drawn on the displayed image line up with what :func:`load_image` returns."""
     try:
         turned = img.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8)
-    except Exception:  # a malformed EXIF block is ignored by load_image too
+    except Exception:  # a malformed EXIF block is ignored by decode too
         turned = False
     return (img.height, img.width) if turned else img.size
 
 
+def source_size(img: Image.Image) -> tuple[int, int, float]:
+    """``(W, H, scale)`` of the displayed file ``img`` was decoded from and the factor it was
+    downscaled by: ``(*img.size, 1.0)`` unless :func:`decode` decoded it at a DCT scale."""
+    src = img.info.get(SOURCE_SIZE)
+    return (int(src[0]), int(src[1]), float(src[2])) if src else (img.width, img.height, 1.0)
+
+
 ORIENTATION_TAG = 0x0112
+SOURCE_SIZE = "kiln.source_size"
 
 
 def to_unit(img: Image.Image, spec: Preprocess) -> tuple[np.ndarray, Letterbox]:
@@ -151,6 +224,9 @@ def to_unit(img: Image.Image, spec: Preprocess) -> tuple[np.ndarray, Letterbox]:
         placed = Image.new(spec.channels, (w, h), fill)
         placed.paste(img.resize((nw, nh), resample), (px, py))
         box = Letterbox(nw / img.width, nh / img.height, float(px), float(py), img.width, img.height)
+    src_w, src_h, factor = source_size(img)
+    if factor != 1.0:  # decoded at 1/factor (a DCT pixel covers factor x factor file pixels): map to the file
+        box = Letterbox(box.scale_x / factor, box.scale_y / factor, box.pad_x, box.pad_y, src_w, src_h)
     arr = np.asarray(placed, dtype=np.float32) / 255.0
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr), box
@@ -217,12 +293,19 @@ __all__ = [
     "DetectPost",
     "ImageDecodeError",
     "Letterbox",
+    "DRAFT_MARGIN",
+    "SOURCE_SIZE",
     "classify_topk",
+    "covering_size",
+    "decode",
     "decode_image",
+    "displayed_size",
     "load_image",
+    "open_image",
     "normalize",
     "preprocess",
     "softmax",
+    "source_size",
     "to_8bit",
     "to_unit",
 ]

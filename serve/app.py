@@ -50,6 +50,8 @@ async def _lifespan(app: FastAPI, on_load_error: LoadErrorHook | None) -> AsyncI
                     "anyone who can reach this server")
     registry.start()
     watcher = asyncio.create_task(_watch_loads(app, on_load_error))
+    if app.state.serve_when_loaded:
+        await watcher  # uvicorn starts accepting once the lifespan has started
     grpc_server = await grpc.start(app) if app.state.settings.grpc_port is not None else None
     try:
         yield
@@ -105,6 +107,7 @@ def create_app(
     on_load_error: LoadErrorHook | None = None,
     workers: WorkerReadiness | None = None,
     freeze_gc: bool = False,
+    serve_when_loaded: bool = False,
 ) -> FastAPI:
     """Build the server for ``models`` (name, bundle path). Backends load in their worker threads when
     the app starts; ``/readyz`` turns ready once every model is loaded and warmed up.
@@ -114,7 +117,9 @@ def create_app(
     several (``kiln serve --workers N``); ``/readyz`` waits for all of them and every answer carries an
     ``X-Kiln-Worker`` header with the pid that served it. ``freeze_gc``: once every model has loaded,
     ``gc.freeze()`` the process's long-lived objects (what ``kiln serve`` does; an app embedded in
-    another program leaves its collector alone).
+    another program leaves its collector alone). ``serve_when_loaded``: the app's startup waits until every
+    model is loaded and warmed up, so the server accepts no connection before (a worker replacing one that
+    died, on a port its siblings serve: no request of theirs meets a model still loading).
     """
     settings = settings or Settings()
     registry = Registry.build(models, settings, loader)
@@ -139,6 +144,7 @@ def create_app(
     app.state.api_key = settings.api_key_value()
     app.state.workers = workers
     app.state.freeze_gc = freeze_gc
+    app.state.serve_when_loaded = serve_when_loaded
     # Bounds the requests decoding images in worker threads at once (kiln.serve.images.prepare).
     app.state.decode_slots = asyncio.Semaphore(settings.decode_threads)
     errors.install(app)

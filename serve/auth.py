@@ -3,13 +3,13 @@
 :class:`~kiln.serve.middleware.RequestGate` runs the check before any route is matched or any body byte
 is read, so a caller without the key costs the server one header lookup whatever it sends. Every path
 needs the key except the probes, the page and the OpenAPI docs (:func:`is_open`): a route added later is
-guarded unless it is named here.
+guarded unless it is named here. Per-model readiness (``/v2/models/{name}/ready``) needs the key: its
+answer would tell a stranger which model names are served; the server-wide probes name no model.
 """
 
 from __future__ import annotations
 
 import hmac
-import re
 from collections.abc import Mapping
 
 from fastapi import Depends, Request
@@ -20,15 +20,13 @@ _OPEN_PATHS = frozenset({
     "/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
     "/v2/health/live", "/v2/health/ready",
 })
-# Per-model readiness (KServe v2), with or without a version segment.
-_OPEN_PATTERN = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?/ready$")
 # Swagger UI's and ReDoc's scripts and styles, served from the package (kiln.serve.app).
 DOCS_ASSETS = "/docs-assets"
 
 
 def is_open(path: str) -> bool:
     """Whether ``path`` is served without the API key (health probes, the page, the docs and their assets)."""
-    return path in _OPEN_PATHS or _OPEN_PATTERN.match(path) is not None or path.startswith(DOCS_ASSETS + "/")
+    return path in _OPEN_PATHS or path.startswith(DOCS_ASSETS + "/")
 
 
 def check_key(authorization: bytes | None, key: bytes) -> ApiError | None:

@@ -20,6 +20,7 @@ _FLAGS = (
     "max_body_bytes", "max_image_pixels", "max_images_per_request", "max_request_pixels", "max_pixels_per_byte", "decode_threads",
     "max_header_bytes", "body_timeout_s", "keep_alive_s", "drain_s", "cors_origins", "top_k", "workers", "threads",
     "end_to_end",
+    "header_timeout_s", "max_connections",
 )
 
 
@@ -96,6 +97,14 @@ def register(sub: Any) -> None:
                    help="requests decoding images at once, off the event loop [KILN_DECODE_THREADS, default 2]")
     s.add_argument("--max-header-bytes", type=positive_int, metavar="N",
                    help="request line + headers limit, 431 above [KILN_MAX_HEADER_BYTES, default 65536]")
+    s.add_argument("--header-timeout-s", type=positive_float, metavar="S",
+                   help="a request line + headers not complete within S seconds of the connection opening (or of "
+                        "the request's first byte on a kept-alive connection) gets 408 and the connection closes; "
+                        "a connection that sends nothing is closed [KILN_HEADER_TIMEOUT_S, default 10]")
+    s.add_argument("--max-connections", type=positive_int, metavar="N",
+                   help="open HTTP connections per process; above it new requests get 503 with Connection: close "
+                        "(/healthz and /readyz still answer) [KILN_MAX_CONNECTIONS, default: the open-file limit "
+                        "(raised to its hard value at start) less 192, at most 8192]")
     s.add_argument("--body-timeout-s", type=positive_float, metavar="S",
                    help="wait this long for more of a request body, then 408 [KILN_BODY_TIMEOUT_S, default 30]")
     s.add_argument("--keep-alive-s", type=positive_int, metavar="S",
@@ -141,20 +150,27 @@ def run(args: argparse.Namespace) -> int:
     from kiln.serve.workers import run_workers, serve_socket
 
     sock = _listen(settings.host, settings.port)
-    host, port = sock.getsockname()[:2]
-    log.info("serving %s on http://%s:%d (docs at /docs)", ", ".join(n for n, _ in models), host, port)
-    # Bundle paths, not loaded bundles: each worker process loads its own.
-    by_path = [(name, str(Path(path))) for (name, _), path in zip(models, args.bundles, strict=True)]
+    grpc_hold = None
     try:
+        if settings.grpc_port is not None:
+            grpc_hold = _hold_grpc_port(settings.host, settings.grpc_port, shared=settings.workers > 1)
+            settings = settings.model_copy(update={"grpc_port": grpc_hold.getsockname()[1]})
+            if settings.workers == 1:
+                grpc_hold.close()  # the one server binds it itself, a moment later
+        host, port = sock.getsockname()[:2]
+        log.info("serving %s on http://%s:%d (docs at /docs)", ", ".join(n for n, _ in models), host, port)
+        # Bundle paths, not loaded bundles: each worker process loads its own.
+        by_path = [(name, str(Path(path))) for (name, _), path in zip(models, args.bundles, strict=True)]
         if settings.workers > 1:
             return run_workers(by_path, settings, sock, access_log=args.access_log)
         return serve_socket(by_path, settings, sock, access_log=args.access_log)
     finally:
         sock.close()
+        if grpc_hold is not None:
+            grpc_hold.close()
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """Bind here rather than in uvicorn, so a port in use is a one-line error instead of sys.exit."""
+def _bind(host: str, port: int, what: str, reuse_port: bool = False) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -162,10 +178,31 @@ def _listen(host: str, port: int) -> socket.socket:
     family, kind, proto, _, addr = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(addr)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise ConfigError(f"cannot listen{what} on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind here rather than in uvicorn, so a port in use is a one-line error instead of sys.exit."""
+    sock = _bind(host, port, "")
     sock.set_inheritable(True)
     return sock
+
+
+def _hold_grpc_port(host: str, port: int, shared: bool) -> socket.socket:
+    """A socket bound to the gRPC port (port 0: a free one), so a port in use is a one-line error before
+    anything loads. ``shared`` (``--workers N``): bound with ``SO_REUSEPORT`` and kept by the parent for
+    its lifetime, so every worker (and any replacement) can listen on it while no other program can; the
+    port is first bound without ``SO_REUSEPORT``, which fails if anyone else holds it, even sharing."""
+    probe = _bind(host, port, " for gRPC (--grpc-port)")
+    if not shared:
+        return probe
+    port = probe.getsockname()[1]
+    probe.close()
+    return _bind(host, port, " for gRPC (--grpc-port)", reuse_port=True)

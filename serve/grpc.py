@@ -2,7 +2,8 @@
 serves it, for ``kiln serve --grpc-port N``.
 
 The same registry, batchers, statistics and API key as the REST API: this module only turns protobuf
-messages into :class:`~kiln.serve.v2_tensors.InputTensor` and typed errors into status codes. The servicer
+messages into :class:`~kiln.serve.v2_tensors.InputTensor` and typed errors into status codes. Methods
+it does not implement answer UNIMPLEMENTED. The servicer
 base class and messages are tritonclient's (``tritonclient.grpc.service_pb2`` / ``service_pb2_grpc``),
 so the service is the one Triton clients are generated from. The server runs on grpcio's asyncio
 server in the app's event loop; the app lifespan starts it and stops it (finishing in-flight calls)
@@ -15,7 +16,7 @@ import asyncio
 import functools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -41,6 +42,7 @@ from kiln.serve.triton_ext import EXTENSIONS, VERSION, Stats, config_message, in
 from kiln.serve.v2_tensors import (
     InputTensor,
     check_inputs,
+    check_output_parameters,
     from_list,
     from_raw,
     model_feeds,
@@ -69,6 +71,9 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
              "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 
+# Requests of one ModelStreamInfer stream served at once; the stream reads no further until one finishes.
+STREAM_IN_FLIGHT = 64
+
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
@@ -86,15 +91,19 @@ def rpc(guarded: bool = True) -> Callable[[Handler], Handler]:
             try:
                 return await method(self, request, context)
             except KilnError as exc:
-                code = next((c for cls, c in STATUS if isinstance(exc, cls)), grpc.StatusCode.INVALID_ARGUMENT)
-                await context.abort(code, str(exc))
+                code, message = next((c for cls, c in STATUS if isinstance(exc, cls)), grpc.StatusCode.INVALID_ARGUMENT), str(exc)
             except HTTPException as exc:  # raised by code shared with the REST API (image budget)
-                await context.abort(_HTTP_STATUS.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT), str(exc.detail))
+                code, message = _HTTP_STATUS.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT), str(exc.detail)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception:
                 log.exception("gRPC %s failed", method.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
+                code, message = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log"
+            # Aborted outside the except block and without the request: the abort's traceback (and, inside
+            # the block, the error it would carry as context) would keep every frame's locals, the request and
+            # its tensors, alive in a reference cycle until a full collection, tens of MB per refused request.
+            del request
+            await context.abort(code, message)
 
         return call
 
@@ -137,7 +146,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(self, request: Any, context: Any) -> Any:
         return pb.ServerReadyResponse(ready=self.registry.not_ready_reason() is None)
 
-    @rpc(guarded=False)
+    # Which models are served is for key holders only: per-model readiness needs the key, as over REST.
+    @rpc()
     async def ModelReady(self, request: Any, context: Any) -> Any:
         return pb.ModelReadyResponse(ready=self.served(request.name, request.version).batcher.ready)
 
@@ -171,6 +181,55 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc()
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self.infer(request)
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Triton's streaming inference (tritonclient's ``start_stream`` / ``async_stream_infer``): each
+        request of the stream is served as :meth:`ModelInfer` serves it, with the same limits, up to
+        :data:`STREAM_IN_FLIGHT` at once; each answer carries its request's id (answers come in the order
+        they finish), an error as ``error_message`` while the stream goes on."""
+        denied = self.denied(context)
+        if denied is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        running: set[asyncio.Task[None]] = set()
+
+        async def serve(request: Any) -> None:
+            try:
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=await self.infer(request)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every error is this request's answer
+                answers.put_nowait(pb.ModelStreamInferResponse(
+                    error_message=_stream_error(exc),
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(serve(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(set(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def infer(self, request: Any) -> Any:
+        """One ``ModelInferRequest`` answered (typed errors raised, for the caller to answer)."""
         model = self.served(request.model_name, request.model_version)
         model.check_ready()
         timeout = self.settings.timeout_s
@@ -180,6 +239,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                              self.settings.max_images_per_request)
                 tensors = grpc_inputs(request)
                 wanted = output_names(model, [o.name for o in request.outputs] or None)
+                for o in request.outputs:
+                    check_output_parameters(o.name, o.parameters)
                 feeds = await model_feeds(model, tensors, self.settings, self.decode_slots)
                 out = model.batcher.run_inline(feeds, request.id)  # a lone request on an idle, cheap backend
                 if out is None:
@@ -196,6 +257,27 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+def _stream_error(exc: Exception) -> str:
+    if isinstance(exc, KilnError):
+        return str(exc)
+    if isinstance(exc, HTTPException):
+        return str(exc.detail)
+    log.error("gRPC ModelStreamInfer request failed", exc_info=exc)
+    return "internal error in ModelStreamInfer; see the server log"
+
+
+async def _unimplemented(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not implemented by kiln's server")
+
+
+# Every method of the service that kiln does not implement answers UNIMPLEMENTED with a status, not
+# grpcio's default (NotImplementedError, logged as an error with a traceback per call).
+for _name, _method in vars(service_pb2_grpc.GRPCInferenceServiceServicer).items():
+    if callable(_method) and not _name.startswith("_") and _name not in vars(Servicer):
+        setattr(Servicer, _name, _unimplemented)
+del _name, _method
+
+
 def grpc_inputs(request: Any) -> list[InputTensor]:
     """Each input from ``raw_input_contents`` (one entry per input, in order) or its typed contents."""
     raw = request.raw_input_contents
@@ -207,7 +289,8 @@ def grpc_inputs(request: Any) -> list[InputTensor]:
         if raw:
             data = from_raw(t.name, t.datatype, shape, raw[i])
         elif t.datatype in _CONTENTS:
-            data = from_list(t.name, t.datatype, shape, list(getattr(t.contents, _CONTENTS[t.datatype])))
+            # The repeated field, not a list of it: from_list counts its values before converting any.
+            data = from_list(t.name, t.datatype, shape, getattr(t.contents, _CONTENTS[t.datatype]))
         else:
             raise InputError(f"Input tensor: {t.name} | datatype {t.datatype} in typed contents | "
                              f"expected raw_input_contents, or one of {', '.join(_CONTENTS)}")
@@ -219,9 +302,11 @@ async def start(app: Any) -> grpc.aio.Server:
     """Listen on ``settings.grpc_port`` (0: a free port, kept in ``app.state.grpc_port``) and start serving."""
     settings: Settings = app.state.settings
     limit = settings.max_body_bytes
-    # Above the body limit a call answers RESOURCE_EXHAUSTED. Without SO_REUSEPORT a port already taken is an
-    # error at start instead of a second server sharing it silently (grpcio's default on Linux).
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
+    # Above the body limit a call answers RESOURCE_EXHAUSTED. One server: without SO_REUSEPORT a port already
+    # taken is an error at start instead of a second server sharing it silently (grpcio's default on Linux).
+    # Workers of `kiln serve --workers N` (app.state.workers) share the port the parent holds for them.
+    shared = getattr(app.state, "workers", None) is not None
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", int(shared))])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(app.state), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
@@ -236,4 +321,4 @@ async def start(app: Any) -> grpc.aio.Server:
     return server
 
 
-__all__ = ["STATUS", "Servicer", "grpc_inputs", "start"]
+__all__ = ["STATUS", "STREAM_IN_FLIGHT", "Servicer", "grpc_inputs", "start"]

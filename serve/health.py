@@ -57,13 +57,15 @@ async def healthz(request: Request) -> Health:
             summary="readiness: every model loaded and warmed up (503 otherwise)")
 async def readyz(request: Request) -> Any:
     registry: Registry = request.app.state.registry
-    reason = registry.not_ready_reason()  # "shutting down" from SIGTERM on, through the drain period
+    # An open probe: which models are served (and why one failed) is for key holders only.
+    authorized = request.scope.get("kiln.authorized", True)
+    reason = registry.not_ready_reason(names=authorized)  # "shutting down" from SIGTERM on, through the drain
     workers: WorkerReadiness | None = request.app.state.workers
     if reason is None and workers is not None:
         reason = workers.not_ready_reason()
     if reason is not None:
         return error_response(503, "not_ready", reason, request_id(request))
-    return Health(status="ok", models={m.name: "ready" for m in registry})
+    return Health(status="ok", models={m.name: "ready" for m in registry} if authorized else {})
 
 
 @router.get("/metrics", tags=["health"], summary="Prometheus metrics (needs the API key, checked by RequestGate)",

@@ -12,16 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import ctypes
 import functools
-import io
 import sys
 from collections.abc import Callable
 
 import numpy as np
 from fastapi import Request
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -91,17 +89,8 @@ def open_images(
     bomb: ImageDecodeError | None = None
     for i, blob in enumerate(blobs):
         where = f"image {i}: " if len(blobs) > 1 else ""
-        if not blob:
-            raise ImageDecodeError(f"{where}empty image (0 bytes)")
-        try:
-            img = Image.open(io.BytesIO(blob))
-        except UnidentifiedImageError:
-            raise ImageDecodeError(f"{where}not an image: the data is not in a format PIL can read") from None
-        except Exception as exc:  # PIL raises many types for malformed headers
-            raise ImageDecodeError(f"{where}cannot read image header: {exc}") from None
+        img = processing.open_image(blob, max_pixels, where)
         w, h = img.size
-        if w * h > max_pixels:
-            raise ImageDecodeError(f"{where}image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
         if bomb is None and w * h > BOMB_FLOOR_PIXELS and w * h > max_pixels_per_byte * len(blob):
             bomb = ImageDecodeError(
                 f"{where}image is {w}x{h} = {w * h} pixels from {len(blob)} bytes, over {max_pixels_per_byte:g} "
@@ -122,26 +111,15 @@ def pixels(images: list[Image.Image]) -> int:
     return sum(img.width * img.height for img in images)
 
 
-def decode(img: Image.Image, where: str = "") -> Image.Image:
-    """Decode an image opened by :func:`open_images` into ``L`` or ``RGB``, turned as EXIF says it is
-    displayed (a phone photo stored sideways with Orientation 6 comes out upright)."""
-    try:
-        img.load()
-    except Exception as exc:
-        raise ImageDecodeError(f"{where}cannot decode image ({img.format}): {exc}") from None
-    # Before the mode conversion, which may drop the EXIF block; in place to skip a copy when upright.
-    with contextlib.suppress(Exception):  # a malformed EXIF block: the pixels are fine, use them as stored
-        ImageOps.exif_transpose(img, in_place=True)
-    return processing.to_8bit(img)
-
-
 def decode_preprocess(images: list[Image.Image], spec: Preprocess) -> tuple[np.ndarray, list[Letterbox]]:
-    """``[N, C, H, W]`` float32 model input and each image's placement. One decoded image is alive at a
-    time: each is preprocessed (made model-sized) before the next is decoded."""
+    """``[N, C, H, W]`` float32 model input and each image's placement, each image decoded by
+    :func:`kiln.processing.decode` (the decode predict, eval and training use). One decoded image is
+    alive at a time: each is preprocessed (made model-sized) before the next is decoded."""
     arrays, boxes = [], []
     try:
         for i, img in enumerate(images):
-            x, box = processing.preprocess([decode(img, f"image {i}: " if len(images) > 1 else "")], spec)
+            where = f"image {i}: " if len(images) > 1 else ""
+            x, box = processing.preprocess([processing.decode(img, spec, where)], spec)
             img.close()
             arrays.append(x)
             boxes.extend(box)
@@ -211,5 +189,5 @@ def _b64(text: str, index: int) -> bytes:
         raise ApiError(400, "invalid_base64", f"images[{index}] is not valid base64") from None
 
 
-__all__ = ["INLINE_IMAGES", "INLINE_PIXELS", "TRIM_PIXELS", "decode", "decode_preprocess", "open_images",
+__all__ = ["INLINE_IMAGES", "INLINE_PIXELS", "TRIM_PIXELS", "decode_preprocess", "open_images",
            "prepare", "read_images", "release_memory"]

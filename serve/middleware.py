@@ -1,5 +1,5 @@
-"""The request gate every HTTP request passes before any route runs: a request id, the API key, the body
-size limit and read timeout, client disconnects, and the latency metric.
+"""The request gate every HTTP request passes before any route runs: a request id, the API key, exact
+paths, the body size limit and read timeout, compressed bodies, client disconnects, and the latency metric.
 
 A pure ASGI middleware rather than ``BaseHTTPMiddleware``: that one runs each request in an extra task
 and buffers through a stream, a cost every request would pay.
@@ -13,7 +13,9 @@ import logging
 import os
 import re
 import time
+import zlib
 from collections.abc import Callable, Container
+from functools import partial
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,6 +36,53 @@ CLIENT_CLOSED = 499
 # Answers sent before the body was read end the connection: otherwise the server would go on reading
 # (and discarding) whatever body the client still sends.
 _CLOSE = {"Connection": "close"}
+# A path with a control character (``%0a`` decoded) is no route's: a ``$`` in a route pattern matches
+# before a final newline, so such a path would reach the route it only resembles.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Request body encodings decoded here (tritonclient's request_compression_algorithm sends these).
+ENCODINGS = ("gzip", "deflate")
+# Decoded bytes handed to the app per receive(): a highly compressed body is inflated a piece at a time,
+# with the event loop free between pieces.
+_INFLATE_STEP = 1 << 20
+
+
+class BodyDecoder:
+    """Inflates a ``Content-Encoding: gzip`` or ``deflate`` request body a piece at a time, refusing it
+    (413) as soon as the decoded bytes pass ``limit``: a small compressed body that inflates to gigabytes
+    (a zip bomb) costs the server ``limit`` bytes of work, never more."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self.encoding = encoding
+        self.limit = limit
+        # 32 + 15: the zlib or gzip header, detected; RFC 9110's "deflate" is the zlib format.
+        self.inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)
+        self.pending = b""  # compressed bytes not inflated yet
+        self.decoded = 0
+
+    def feed(self, data: bytes) -> None:
+        self.pending = self.pending + data if self.pending else data
+
+    def step(self) -> bytes:
+        """Up to :data:`_INFLATE_STEP` decoded bytes of what was fed (``b""`` once it is all inflated)."""
+        if not self.pending:
+            return b""
+        try:
+            out = self.inflater.decompress(self.pending, _INFLATE_STEP)
+        except zlib.error as exc:
+            raise ApiError(400, "invalid_request", f"the {self.encoding} request body is corrupt: {exc}", _CLOSE) from None
+        self.pending = self.inflater.unconsumed_tail
+        if self.inflater.eof and (self.inflater.unused_data or self.pending):
+            raise ApiError(400, "invalid_request", f"data follows the end of the {self.encoding} request body", _CLOSE)
+        self.decoded += len(out)
+        if self.decoded > self.limit:
+            raise ApiError(413, "body_too_large", f"request body decoded from {self.encoding} is over the limit of "
+                           f"{self.limit} bytes", _CLOSE)
+        return out
+
+    def finish(self) -> None:
+        if not self.inflater.eof:
+            raise ApiError(400, "invalid_request", f"the {self.encoding} request body ends before its compressed data does",
+                           _CLOSE)
 
 
 class RequestGate:
@@ -83,8 +132,9 @@ class RequestGate:
             await send(message)
 
         body_done, gone, seen = [False], [False], [0]
+        decoder = self._decoder(scope, headers)
 
-        async def guarded_receive() -> Message:
+        async def network_receive() -> Message:
             if body_done[0]:  # from here on the app only polls for a disconnect, which may never come
                 message = await receive()
             else:
@@ -103,8 +153,28 @@ class RequestGate:
                 gone[0] = True
             return message
 
+        async def decoding_receive(dec: BodyDecoder) -> Message:
+            if dec.pending:  # the last network message is not all inflated yet
+                await asyncio.sleep(0)
+            else:
+                message = await network_receive()
+                if message["type"] != "http.request":
+                    return message
+                dec.feed(message.get("body", b""))
+                if not dec.pending:
+                    if not message.get("more_body", False):
+                        dec.finish()
+                    return message
+            piece = dec.step()
+            more = bool(dec.pending) or not body_done[0]
+            if not more:
+                dec.finish()
+            return {"type": "http.request", "body": piece, "more_body": more}
+
+        guarded_receive = network_receive if decoder is None else partial(decoding_receive, decoder)
+
         try:
-            rejection = self._reject(scope, headers, rid)
+            rejection = self._reject(scope, headers, rid) or self._refuse_encoding(scope, headers, rid)
             if rejection is not None:
                 await rejection(scope, receive, send_with_id)
                 return
@@ -122,9 +192,12 @@ class RequestGate:
                                          time.perf_counter() - t0)
 
     def _reject(self, scope: Scope, headers: dict[bytes, bytes], rid: str) -> ASGIApp | None:
-        """The answer for a request refused on its headers alone (no key, body too large), or None."""
+        """The answer for a request refused on its head alone (a path with a control character, no key, a
+        body too large), or None."""
         length = headers.get(b"content-length")
         has_body = (length is not None and length != b"0") or b"transfer-encoding" in headers
+        if _CONTROL.search(scope["path"]):
+            return error_response(404, "not_found", "Not Found", rid, None, scope["path"])
         if self.key is None:
             scope["kiln.authorized"] = True
         elif is_open(scope["path"]):
@@ -141,8 +214,28 @@ class RequestGate:
                                   scope["path"])
         return None
 
+    def _decoder(self, scope: Scope, headers: dict[bytes, bytes]) -> BodyDecoder | None:
+        """A decoder for a gzip/deflate body; the app then sees the decoded body, without the
+        Content-Encoding and (now wrong) Content-Length headers."""
+        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
+        if encoding not in ENCODINGS:
+            return None
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
+        return BodyDecoder(encoding, self.limit)
+
+    def _refuse_encoding(self, scope: Scope, headers: dict[bytes, bytes], rid: str) -> ASGIApp | None:
+        """415 for a request body in an encoding this server does not decode."""
+        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
+        length = headers.get(b"content-length")
+        has_body = (length is not None and length != b"0") or b"transfer-encoding" in headers
+        if encoding in ("", "identity", *ENCODINGS) or not has_body:
+            return None
+        message = (f"Content-Encoding '{encoding[:40]}' is not supported for request bodies; "
+                   f"send {', '.join(ENCODINGS)} or identity")
+        return error_response(415, "unsupported_media_type", message, rid, _CLOSE, scope["path"])
+
     def _too_large(self, size: str) -> str:
         return f"request body of {size} bytes is over the limit of {self.limit} bytes"
 
 
-__all__ = ["CLIENT_CLOSED", "RequestGate"]
+__all__ = ["CLIENT_CLOSED", "ENCODINGS", "BodyDecoder", "RequestGate"]

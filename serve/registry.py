@@ -131,17 +131,18 @@ class Registry:
             raise ModelNotFound(f"{short}; served: {', '.join(sorted(self.models))}", short)
         return m
 
-    def not_ready_reason(self) -> str | None:
-        """Why the server is not ready (shutting down, a model failed or is loading), or None when it is."""
+    def not_ready_reason(self, names: bool = True) -> str | None:
+        """Why the server is not ready (shutting down, a model failed or is loading), or None when it is.
+        ``names=False``: without the model names and load errors, for callers without the API key."""
         if self.stopping:
             return "shutting down"
         items = self.models.items()
         loading = [n for n, m in items if m.batcher.backend is None and m.batcher.load_error is None]
         failed = [f"{n} ({m.batcher.load_error})" for n, m in items if m.batcher.load_error is not None]
         if failed:
-            return "failed to load: " + "; ".join(failed)
+            return "failed to load: " + "; ".join(failed) if names else f"{len(failed)} model(s) failed to load"
         if loading:
-            return "loading: " + ", ".join(loading)
+            return "loading: " + ", ".join(loading) if names else f"{len(loading)} model(s) loading"
         return None
 
     # -- lifecycle --

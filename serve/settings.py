@@ -60,6 +60,9 @@ class Settings(BaseSettings):
         None, ge=1, description="intra-op threads per model for ONNX Runtime and PyTorch; default: the runtime's"
     )
 
+    # Request contents, checked against the model's shape before anything is materialised (v2 REST, gRPC).
+    max_json_depth: int = Field(32, ge=4, le=512, description="nesting depth of a JSON request body (400 above)")
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
@@ -95,3 +98,13 @@ class Settings(BaseSettings):
     def from_flags(cls, **flags: Any) -> Settings:
         """Settings from the environment, with every flag that was given (not ``None``) on top."""
         return cls(**{k: v for k, v in flags.items() if v is not None})
+
+    # Connection hygiene: slow request heads and the number of open connections (kiln.serve.http_server).
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request line + headers not complete this long after the connection opened (or "
+        "after the request's first byte on a kept-alive connection) gets 408 and the connection closes"
+    )
+    max_connections: int | None = Field(
+        None, ge=1, description="open HTTP connections per process; above it new requests get 503 (health probes "
+        "still answered); default: from the open-file limit, at most 8192"
+    )

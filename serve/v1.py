@@ -165,7 +165,7 @@ class FastPredict:
     registered for the OpenAPI description.
     """
 
-    PATH = re.compile(r"^/v1/models/([^/]+)/predict$")
+    PATH = re.compile(r"/v1/models/([^/]+)/predict")  # fullmatch: "$" would also match before a final newline
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -174,7 +174,7 @@ class FastPredict:
     def match(self, scope: Scope) -> ASGIApp | None:
         if scope["method"] != "POST":
             return None
-        m = self.PATH.match(scope["path"])
+        m = self.PATH.fullmatch(scope["path"])
         if m is None:
             return None
         if self._route is None:

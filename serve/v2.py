@@ -10,8 +10,11 @@ protocol's ``{"error": "<message>"}`` (:func:`kiln.serve.errors.error_response`)
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -47,6 +50,7 @@ from kiln.serve.triton_ext import (
 from kiln.serve.v2_tensors import (
     InputTensor,
     check_inputs,
+    check_output_parameters,
     from_list,
     from_raw,
     model_feeds,
@@ -117,7 +121,7 @@ async def v2_live() -> dict[str, bool]:
 
 @router.get("/v2/health/ready", tags=["health"], summary="200 when every model is ready, 400 otherwise")
 async def v2_ready(request: Request) -> Any:
-    reason = request.app.state.registry.not_ready_reason()
+    reason = request.app.state.registry.not_ready_reason(names=request.scope.get("kiln.authorized", True))
     if reason is not None:
         return error_response(400, "not_ready", reason, request_id(request), path=request.url.path)
     return {"ready": True}
@@ -129,7 +133,8 @@ async def v2_ready(request: Request) -> Any:
                  "application/json": {"schema": inline_schema(RepositoryIndexRequest)}}}})
 async def v2_repository_index(request: Request) -> Any:
     body = await request.body()
-    query = _parse(RepositoryIndexRequest, body) if body.strip() else RepositoryIndexRequest()
+    limits = JsonLimits(request.app.state.settings.max_json_depth, _JSON_SLACK)
+    query = _parse(RepositoryIndexRequest, body, limits) if body.strip() else RepositoryIndexRequest()
     return message_to_json(index_message(request.app.state.registry, bool(query.ready))).get("models", [])
 
 
@@ -189,9 +194,14 @@ async def v2_infer(name: str, request: Request) -> Response:
     model.check_ready()
     with stats.request(name):
         with model.batcher.announce() as arrival:
-            req, binary = parse_infer(await request.body(), request.headers.get("inference-header-content-length"))
-            check_inputs(model, [(t.name, t.datatype, t.shape) for t in req.inputs], settings.max_images_per_request)
-            tensors = http_inputs(req, binary)
+            body = await request.body()
+            header_length = request.headers.get("inference-header-content-length")
+            if len(body) > _INLINE_BYTES:  # parsing takes the event loop's time: do it beside it
+                async with state.decode_slots:
+                    req, tensors = await asyncio.to_thread(read_infer, model, body, header_length, settings)
+            else:
+                req, tensors = read_infer(model, body, header_length, settings)
+            del body
             wanted, as_binary = requested_outputs(model, req)
             feeds = await model_feeds(model, tensors, settings, state.decode_slots)
             rid = request_id(request) or ""
@@ -225,25 +235,79 @@ _route("/v2/models/{name}/infer", ["POST"], v2_infer, dependencies=AUTH, respons
 # ---- the inference request and response --------------------------------------------------------------
 
 
+# Bodies up to this size are parsed on the event loop (well under a millisecond); larger ones in a thread.
+_INLINE_BYTES = 64 * 1024
+# Separators a JSON request may hold beyond its tensors' values: names, shapes, parameters, outputs.
+_JSON_SLACK = 4096
+
+
+@dataclass(frozen=True)
+class JsonLimits:
+    """What a JSON body may hold, checked before it becomes Python objects: ``depth`` levels of
+    nesting, and ``items`` values (array elements and object members, counted by their separators)."""
+
+    depth: int
+    items: int
+
+
+def infer_limits(model: ServedModel, settings: Settings) -> JsonLimits:
+    """The limits of an inference request to ``model``: as many values as its largest batch of its input
+    shape holds (``max_images_per_request`` items), plus room for the request's other fields."""
+    per_item = max(math.prod(model.manifest.input.shape), 1)
+    return JsonLimits(settings.max_json_depth, settings.max_images_per_request * per_item + _JSON_SLACK)
+
+
 def _reject_constant(token: str) -> Any:
     raise ValueError(f"{token} is not valid JSON")
 
 
-def _parse(model: type[Any], text: bytes | memoryview) -> Any:
+def load_json(text: bytes, limits: JsonLimits) -> Any:
+    """``text`` parsed as JSON within ``limits``.
+
+    Before parsing, the separators are counted (a C-speed scan): a document with more of them than
+    ``limits.items`` is refused without building any of its values. After parsing, one walk checks the
+    nesting depth (the parser itself stops at the interpreter's recursion limit, answered the same way).
+    """
+    separators = text.count(b",")
+    if separators > limits.items:
+        raise ApiError(400, "invalid_request", f"the JSON request holds more than {limits.items} values, more "
+                       "than any request to this model needs (send large tensors as binary data)")
     try:
-        raw = json.loads(bytes(text), parse_constant=_reject_constant)
+        raw = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "invalid_request", f"the JSON request is nested more than {limits.depth} levels deep") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_request", f"the request is not valid JSON: {exc}") from None
+    check_depth(raw, limits.depth)
+    return raw
+
+
+def check_depth(value: Any, limit: int) -> None:
+    """Refuse a parsed JSON value nested more than ``limit`` levels deep (arrays and objects), without
+    recursion: each container is visited once, so the walk is as cheap as the document is small."""
+    stack = [(value, 1)] if isinstance(value, (list, dict)) else []
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        nested = [c for c in children if isinstance(c, (list, dict))]
+        if nested:
+            if depth >= limit:
+                raise ApiError(400, "invalid_request", f"the JSON request is nested more than {limit} levels deep")
+            stack.extend((c, depth + 1) for c in nested)
+
+
+def _parse(model: type[Any], text: bytes | memoryview, limits: JsonLimits) -> Any:
+    raw = load_json(bytes(text), limits)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
         raise ApiError(400, "invalid_request", describe_validation(exc.errors())) from None
 
 
-def parse_infer(body: bytes, header_length: str | None) -> tuple[InferenceRequest, memoryview]:
+def parse_infer(body: bytes, header_length: str | None, limits: JsonLimits) -> tuple[InferenceRequest, memoryview]:
     """The JSON request and the binary data after it (binary data extension)."""
     if header_length is None:
-        return _parse(InferenceRequest, body), memoryview(b"")
+        return _parse(InferenceRequest, body, limits), memoryview(b"")
     text = header_length.strip()
     if not (text.isascii() and text.isdigit()):
         raise InputError(f"Inference-Header-Content-Length: '{header_length[:40]}' | expected a non-negative integer")
@@ -251,7 +315,17 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[InferenceReques
     if n > len(body):
         raise InputError(f"Inference-Header-Content-Length: {n} | past the end of the {len(body)}-byte body")
     view = memoryview(body)
-    return _parse(InferenceRequest, view[:n]), view[n:]
+    return _parse(InferenceRequest, view[:n], limits), view[n:]
+
+
+def read_infer(model: ServedModel, body: bytes, header_length: str | None,
+               settings: Settings) -> tuple[InferenceRequest, list[InputTensor]]:
+    """The request and its input tensors, each limit checked before the work it bounds: the JSON's size
+    and depth before parsing, names, datatypes and shapes before any tensor data is read, and each
+    tensor's element count before its values are converted."""
+    req, binary = parse_infer(body, header_length, infer_limits(model, settings))
+    check_inputs(model, [(t.name, t.datatype, t.shape) for t in req.inputs], settings.max_images_per_request)
+    return req, http_inputs(req, binary)
 
 
 def http_inputs(req: InferenceRequest, binary: memoryview) -> list[InputTensor]:
@@ -284,8 +358,7 @@ def requested_outputs(model: ServedModel, req: InferenceRequest) -> tuple[list[s
     binary = dict.fromkeys(wanted, default)
     for o in req.outputs or []:
         params = o.parameters.model_dump(exclude_none=True) if o.parameters is not None else {}
-        if "classification" in params:
-            raise InputError(f"Output tensor: {o.name} | parameter 'classification' | not supported: ask for the tensor")
+        check_output_parameters(o.name, params)
         if "binary_data" in params:
             binary[o.name] = params["binary_data"]
     return wanted, binary
@@ -312,4 +385,5 @@ def infer_response(name: str, rid: str | None, out: dict[str, Any], as_binary: d
                     headers={"Inference-Header-Content-Length": str(len(header))})
 
 
-__all__ = ["V2_RESPONSES", "VersionNotFound", "inline_schema", "router", "served"]
+__all__ = ["V2_RESPONSES", "JsonLimits", "VersionNotFound", "check_depth", "infer_limits", "inline_schema", "load_json",
+           "read_infer", "router", "served"]

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,11 +54,7 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memory
     """A tensor from its raw bytes (binary data extension, gRPC ``raw_input_contents``), flat."""
     count = element_count(name, shape)
     if datatype == "BYTES":
-        items = deserialize_bytes(name, raw)
-        if len(items) != count:
-            raise InputError(f"Input tensor: {name} | received {len(items)} BYTES elements | "
-                             f"expected {count} for shape {list(shape)}")
-        return items
+        return deserialize_bytes(name, raw, count, shape)
     dtype = numpy_dtype(name, datatype)
     want = count * dtype.itemsize
     if len(raw) != want:
@@ -69,8 +65,10 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memory
 
 def from_list(name: str, datatype: str, shape: Sequence[int], data: Sequence[Any]) -> np.ndarray:
     """A tensor from JSON ``data`` or gRPC typed contents (flat or nested), flat, checked strictly
-    (:func:`kiln.serve.numeric.parse_tensor`)."""
+    (:func:`kiln.serve.numeric.parse_tensor`). The values are counted against ``shape`` before any of
+    them is converted (:func:`check_count`)."""
     count = element_count(name, shape)
+    check_count(name, data, shape)
     if datatype == "BYTES":
         items = [s.encode() if isinstance(s, str) else s for s in np.array(data, dtype=object).ravel().tolist()]
         if not all(isinstance(s, bytes) for s in items):
@@ -84,12 +82,47 @@ def from_list(name: str, datatype: str, shape: Sequence[int], data: Sequence[Any
     return arr
 
 
-def deserialize_bytes(name: str, raw: bytes | memoryview) -> np.ndarray:
-    """BYTES elements, each a 4-byte little-endian length and that many bytes."""
+def check_count(name: str, data: Sequence[Any], shape: Sequence[int]) -> None:
+    """Refuse ``data`` (flat, or nested as deep as ``shape``) that holds another number of values than
+    ``shape`` says, or is nested deeper, before any value is converted. Only lists are walked, and the
+    walk stops once it has seen more entries than a tensor of ``shape`` has at all its levels together,
+    so its cost is bounded by the declared shape, not by what the client sent."""
+    count, rank = math.prod(shape), max(len(shape), 1)
+    budget = count * rank  # list entries a regular nesting of this shape holds, summed over its levels
+    seen = values = 0
+    stack: list[tuple[Sequence[Any], int]] = [(data, 1)]
+    problem = ""
+    while stack:
+        node, depth = stack.pop()
+        seen += len(node)
+        if seen > budget or values + len(node) > count and not (node and isinstance(node[0], list)):
+            problem = f"received more than {count} values"
+            break
+        if node and isinstance(node[0], list):  # a ragged mix of lists and values is parse_tensor's to refuse
+            if depth >= rank:
+                problem = f"data nested deeper than the {len(shape)} dimensions of the shape"
+                break
+            stack.extend((child, depth + 1) for child in node if isinstance(child, list))
+        else:
+            values += len(node)
+    if not problem and values != count:
+        problem = f"received {values} values"
+    if problem:
+        raise InputError(f"Input tensor: {name} | {problem} | expected {count} for shape {list(shape)}")
+
+
+def deserialize_bytes(name: str, raw: bytes | memoryview, count: int | None = None,
+                      shape: Sequence[int] | None = None) -> np.ndarray:
+    """BYTES elements, each a 4-byte little-endian length and that many bytes. With ``count`` the walk
+    stops at element ``count + 1``: a body of millions of empty elements is refused after reading
+    ``count + 1`` length prefixes, not after building millions of objects."""
     view = memoryview(raw)
     items: list[bytes] = []
     pos = 0
+    want = f"expected {count} for shape {list(shape) if shape is not None else [count]}"
     while pos < len(view):
+        if count is not None and len(items) == count:
+            raise InputError(f"Input tensor: {name} | received more than {count} BYTES elements | {want}")
         if pos + 4 > len(view):
             raise InputError(f"Input tensor: {name} | BYTES element {len(items)} has a truncated length prefix "
                              f"({len(view) - pos} of 4 bytes)")
@@ -100,6 +133,8 @@ def deserialize_bytes(name: str, raw: bytes | memoryview) -> np.ndarray:
                              f"only {len(view) - pos} remain")
         items.append(bytes(view[pos : pos + size]))
         pos += size
+    if count is not None and len(items) != count:
+        raise InputError(f"Input tensor: {name} | received {len(items)} BYTES elements | {want}")
     arr = np.empty(len(items), dtype=object)
     arr[:] = items
     return arr
@@ -163,6 +198,14 @@ def output_names(model: ServedModel, wanted: Sequence[str] | None) -> list[str]:
     return list(wanted)
 
 
+def check_output_parameters(name: str, parameters: Mapping[str, Any]) -> None:
+    """Refuse output parameters this server does not implement (REST and gRPC alike): Triton's
+    ``classification`` (tritonclient's ``class_count``) would answer class labels instead of the tensor."""
+    if "classification" in parameters:
+        raise InputError(f"Output tensor: {name} | parameter 'classification' (class_count) | not supported: "
+                         "ask for the tensor, or use /v1/models/{model}/predict for labels")
+
+
 @functools.cache
 def _little(dtype: np.dtype[Any]) -> np.dtype[Any]:
     return dtype.newbyteorder("<")
@@ -174,6 +217,6 @@ def to_bytes(arr: np.ndarray) -> bytes:
 
 
 __all__ = [
-    "InputTensor", "check_inputs", "deserialize_bytes", "element_count", "from_list", "from_raw", "model_feeds", "numpy_dtype",
+    "InputTensor", "check_count", "check_inputs", "check_output_parameters", "deserialize_bytes", "element_count", "from_list", "from_raw", "model_feeds", "numpy_dtype",
     "output_names", "serialize_bytes", "to_bytes",
 ]

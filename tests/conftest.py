@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,3 +38,12 @@ def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "digits"
     train(TrainConfig(data="digits", model="lenet5", epochs=4, out=str(out)), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """Every image of tests/corpus.py (photos from 24x24 to 4000x3000, 1 KB to 15 MB, odd modes), encoded
+    once per session: ``CorpusImage`` objects, smallest first."""
+    from tests.corpus import build_corpus
+
+    return build_corpus(tmp_path_factory.getbasetemp() / "corpus")

@@ -8,9 +8,9 @@ import logging
 import os
 import re
 import shlex
-import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from kiln import runtime
@@ -106,7 +106,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
                    help="train only the new head for the first N epochs, then everything (default: 0)")
     o.add_argument("--backbone-lr-scale", type=positive_float, default=s, metavar="F",
                    help="the backbone's learning rate is F x --lr, e.g. 0.1 when fine-tuning (default: 1)")
-    o.add_argument("--batch-size", type=positive_int, default=s, help="per process (default: 64 for classification, 16 for detection)")
+    o.add_argument("--batch-size", type=positive_int, default=s, help="the global batch, split evenly over the processes (default: 64 for classification, 16 for detection)")
     o.add_argument("--lr", type=positive_float, default=s, help="peak learning rate (default: 2e-3 for adam/adamw, 0.05 for sgd/momentum, 0.01 for adagrad)")
     o.add_argument("--optimizer", type=choice("optimizer", OPTIMIZERS), default=s, help=f"{', '.join(OPTIMIZERS)} (default: {d['optimizer']})")
     o.add_argument("--schedule", type=choice("schedule", SCHEDULES), default=s, help=f"{', '.join(SCHEDULES)} (default: {d['schedule']})")
@@ -205,8 +205,9 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         result, trainer = train(resume=args.resume, overrides=given, progress=not args.no_progress)
     except TrainingInterrupted as stop:
-        print(f"interrupted: the bundle in {stop.result.run_dir} holds the best of {len(stop.result.history)} epoch(s); "
-              f"continue with: kiln train --resume {stop.result.run_dir}", file=sys.stderr)
+        if stop.main:
+            print(f"interrupted: the bundle in {stop.result.run_dir} holds the best of {len(stop.result.history)} epoch(s); "
+                  f"continue with: kiln train --resume {stop.result.run_dir}", file=sys.stderr)
         return 130
     if trainer.dist.main:
         summary = result.summary(trainer.cfg, trainer.task.name)
@@ -223,23 +224,24 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    """Run this command in ``--nproc`` processes through ``torch.distributed.run`` (what torchrun runs).
-
-    ``--standalone`` picks a free local rendezvous port, so two runs on one machine do not collide. The
-    children get the same options without ``--nproc``, so they train instead of launching again.
-    """
+    """Run this command in ``--nproc`` processes: torch.distributed.run's agent (what torchrun runs) in
+    this process, the children with the same options but ``--nproc`` (see :mod:`kiln.train.launch`)."""
     if "WORLD_SIZE" in os.environ:
         raise _usage(f"--nproc {args.nproc}: this process is already one of {os.environ['WORLD_SIZE']} started by "
                      "torchrun; drop --nproc")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-           "-m", "kiln.cli", *(["--verbose"] if args.verbose else []), "train", *_child_argv(args)]
-    log.info("starting %d training processes: %s", args.nproc, shlex.join(cmd))
-    proc = subprocess.Popen(cmd)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the children got the same Ctrl-C; let them save and exit
-        proc.wait()
-        raise
+    from kiln.train import checkpoint
+    from kiln.train.device import Dist
+    from kiln.train.launch import launch
+
+    # refused here once, not by every process
+    if args.resume:
+        checkpoint.load(Path(args.resume) / checkpoint.LAST)
+    if hasattr(args, "batch_size"):
+        Dist(world=args.nproc).split_batch(args.batch_size)
+    argv = [*(["--verbose"] if args.verbose else []), "train", *_child_argv(args)]
+    log.info("starting %d training processes: torchrun --standalone --nproc-per-node %d -m kiln.cli %s",
+             args.nproc, args.nproc, shlex.join(argv))
+    return launch(args.nproc, argv, verbose=args.verbose)
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from kiln.errors import ConfigError
 from kiln.train.config import TrainConfig
+from kiln.train.launch import die_with_parent
 
 
 @dataclass
@@ -31,8 +32,18 @@ class Dist:
     def enabled(self) -> bool:
         return self.world > 1
 
+    def split_batch(self, batch: int) -> int:
+        """This process's share of the global batch ``batch`` (``--batch-size`` is the global batch: the
+        steps per epoch, the schedule and the result do not depend on the number of processes)."""
+        if batch % self.world:
+            lower = max(self.world, batch - batch % self.world)
+            raise ConfigError(f"--batch-size {batch} does not split evenly over {self.world} processes "
+                              f"(--batch-size is the global batch): use {lower} or {lower + self.world}")
+        return batch // self.world
+
 
 def init_distributed(device_kind: str) -> Dist:
+    die_with_parent()  # a torchrun worker never outlives its agent
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()

@@ -42,7 +42,7 @@ from kiln.train.device import (
     seed_everything,
 )
 from kiln.train.interrupt import StopRequest, stop_on_sigint
-from kiln.train.optim import amp_dtype, build_optimizer, build_scheduler, replay_scheduler
+from kiln.train.optim import amp_dtype, build_optimizer, build_scheduler, resume_scheduler
 from kiln.train.resolve import (
     RESUME_OVERRIDES,
     Settings,
@@ -54,6 +54,7 @@ from kiln.train.run import (
     bundle_manifest,
     open_tensorboard,
     run_files,
+    world_sizes,
     write_bundle,
     write_config,
     write_metrics_csv,
@@ -209,9 +210,10 @@ class Trainer:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         return DataLoader(
-            self.train_ds, batch_size=self.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
+            self.train_ds, batch_size=self.dist.split_batch(self.batch_size), shuffle=self.sampler is None,
+            sampler=self.sampler,
             num_workers=self.workers, pin_memory=self.device.type == "cuda", collate_fn=self.task.collate,
-            generator=gen, drop_last=len(self.train_ds) > self.batch_size * self.dist.world,
+            generator=gen, drop_last=len(self.train_ds) > self.batch_size,
             persistent_workers=False,
         )
 
@@ -226,17 +228,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"])
-        saved_epochs = int(state["config"]["epochs"])
-        if saved_epochs == self.cfg.epochs:
-            self.scheduler.load_state_dict(state["scheduler"])
-        elif self.start_epoch < self.cfg.epochs:
-            was = self.optimizer.param_groups[0]["lr"]
-            self.scheduler = replay_scheduler(self.cfg, self.optimizer, self.steps_per_epoch,
-                                              self.start_epoch * self.steps_per_epoch)
-            log.info("--epochs %d -> %d: the %s schedule is rebuilt for %d epochs and replayed to the end of epoch %d; "
-                     "the learning rate goes from %.3g (where it stopped) to %.3g (where the longer schedule is now)",
-                     saved_epochs, self.cfg.epochs, self.cfg.schedule, self.cfg.epochs, self.start_epoch,
-                     was, self.optimizer.param_groups[0]["lr"])
+        if self.start_epoch < self.cfg.epochs:  # by progress, whatever the steps per epoch (kiln.train.optim)
+            self.scheduler = resume_scheduler(self.cfg, self.optimizer, self.steps_per_epoch, state)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.history = list(state.get("history", []))
@@ -293,10 +286,7 @@ class Trainer:
                                 writer.add_scalar(k, v, epoch + 1)
                         writer.flush()
         except KeyboardInterrupt:
-            interrupted = True
-            if main:
-                log.warning("interrupted: %d complete epoch(s) saved in %s; continue with `kiln train --resume %s`",
-                            len(self.history), self.run_dir / checkpoint.LAST, self.run_dir)
+            interrupted = True  # the command says how to continue (TrainingInterrupted), once
             if not self.history:
                 raise
         finally:
@@ -310,7 +300,7 @@ class Trainer:
         result = RunResult(self.run_dir, self.best, self.best_epoch, self.history, time.perf_counter() - t0,
                            images / train_time if train_time else 0.0, interrupted, files)
         if interrupted:
-            raise TrainingInterrupted(result)
+            raise TrainingInterrupted(result, main=main)
         return result
 
     def _up_to_date(self, t0: float) -> RunResult:
@@ -386,7 +376,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, totals: dict[str, float], seconds: float) -> dict[str, Any]:
         count = max(totals.get("count", 0.0), 1.0)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+        row: dict[str, Any] = {"epoch": epoch + 1, "world_size": self.dist.world, "lr": self.optimizer.param_groups[0]["lr"],
                                "train_loss": totals.get("loss_sum", 0.0) / count}
         if "correct" in totals:
             row["train_acc"] = 100.0 * totals["correct"] / count
@@ -425,7 +415,7 @@ class Trainer:
         """Write model.pt (best weights), kiln.json and curves.png into the run folder."""
         state = self.best_state or {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         manifest = bundle_manifest(self.settings, build_model(self.arch), {
-            "epochs": len(self.history), "best_epoch": self.best_epoch, "world_size": self.dist.world,
+            "epochs": len(self.history), "best_epoch": self.best_epoch, **world_sizes(self.history, self.dist.world),
             "device": str(self.device), "train_images": len(self.train_raw), "val_images": len(self.val_raw),
         })
         return write_bundle(self.settings, manifest, state, self.best, self.history)
@@ -434,9 +424,10 @@ class Trainer:
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C after at least one epoch: the bundle holds the best weights so far."""
 
-    def __init__(self, result: RunResult) -> None:
+    def __init__(self, result: RunResult, *, main: bool = True) -> None:
         super().__init__("interrupted")
         self.result = result
+        self.main = main  # rank 0 of a process group, or the only process: the one that reports
 
 
 def train(cfg: TrainConfig | None = None, *, resume: str | os.PathLike[str] | None = None,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
 import torch
 
 from kiln.train.config import TrainConfig
+
+log = logging.getLogger("kiln.train")
 
 
 def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
@@ -49,15 +52,41 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoc
     return sched.SequentialLR(opt, [warmup, main], milestones=[warm])
 
 
+def resume_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int,
+                     state: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
+    """The schedule of a run resumed from the checkpoint ``state``, placed by progress: where
+    ``state["epoch"]`` of ``cfg.epochs`` epochs falls, laid out over this run's ``steps_per_epoch``.
+
+    The saved step count is not reused: a run resumed with another number of processes (or a longer
+    ``--epochs``) takes another number of steps per epoch or in all, and the learning rate must still
+    follow the same curve over the run. With the same steps per epoch this replays exactly the steps
+    the uninterrupted run takes, so the rates are identical.
+    """
+    epoch, saved_epochs = int(state["epoch"]), int(state["config"]["epochs"])
+    was = opt.param_groups[0]["lr"]
+    scheduler = replay_scheduler(cfg, opt, steps_per_epoch, epoch * steps_per_epoch)
+    if saved_epochs != cfg.epochs:
+        log.info("--epochs %d -> %d: the %s schedule is rebuilt for %d epochs and replayed to the end of epoch %d; "
+                 "the learning rate goes from %.3g (where it stopped) to %.3g (where the longer schedule is now)",
+                 saved_epochs, cfg.epochs, cfg.schedule, cfg.epochs, epoch, was, opt.param_groups[0]["lr"])
+    saved_steps = int(state["scheduler"].get("last_epoch", 0)) // epoch if epoch else 0
+    if saved_steps and saved_steps != steps_per_epoch:
+        log.info("resumed with %d steps per epoch where the run took %d (another number of processes or batch "
+                 "split): the learning rate continues from epoch %d of %d of the same curve (%.3g)",
+                 steps_per_epoch, saved_steps, epoch, cfg.epochs, opt.param_groups[0]["lr"])
+    return scheduler
+
+
 def replay_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int,
                      done_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The schedule for ``cfg.epochs``, advanced by ``done_steps`` without touching the weights.
 
-    Used when ``--epochs`` changes on resume: the saved schedule has the old length, so it is rebuilt
-    from the base learning rate for the new length and the steps already taken are replayed.
+    The schedule is rebuilt from each parameter group's peak rate (one-cycle keeps it as ``max_lr``,
+    the others as ``initial_lr``) and the steps are replayed through torch's own schedulers.
     """
     for group in opt.param_groups:
-        group["lr"] = group.get("initial_lr", cfg.learning_rate)
+        group["lr"] = group.get("max_lr", group.get("initial_lr", cfg.learning_rate))
+        group.pop("initial_lr", None)
     scheduler = build_scheduler(cfg, opt, steps_per_epoch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"

@@ -89,6 +89,21 @@ def run_files(run_dir: Path) -> dict[str, str]:
             "tensorboard": str(run_dir / "tensorboard")}
 
 
+def world_sizes(history: list[dict[str, Any]], world: int) -> dict[str, Any]:
+    """How many processes trained the run, for kiln.json: ``world_size`` (this process group's, which
+    trained the last epoch) and ``world_sizes``, one entry per stretch of epochs trained with one world size
+    (a run resumed with another number of processes has several; epochs saved before world sizes were
+    recorded have ``null``)."""
+    spans: list[dict[str, Any]] = []
+    for row in history:
+        size = row.get("world_size")
+        if spans and spans[-1]["world_size"] == size:
+            spans[-1]["last_epoch"] = row["epoch"]
+        else:
+            spans.append({"first_epoch": row["epoch"], "last_epoch": row["epoch"], "world_size": size})
+    return {"world_size": world, "world_sizes": spans}
+
+
 def bundle_manifest(s: Settings, probe: nn.Module, training: dict[str, Any]) -> Manifest:
     """The manifest of the run's bundle; ``probe`` is a model of the run's architecture (for its outputs)."""
     return Manifest(

@@ -72,7 +72,7 @@ class ClassifyDataset(Dataset):
         if self.cached is not None:
             x = self.cached[i]
         else:
-            x = torch.from_numpy(to_unit(self.raw.image(i), self.pre)[0])
+            x = torch.from_numpy(to_unit(self.raw.image(i, self.pre), self.pre)[0])
         if self.augment is not None:
             x = self.augment(x)
         return (x - self.mean) / self.std, int(self.raw.target(i))

@@ -182,7 +182,8 @@ def _image_tensor(bundle: Bundle, images: str) -> np.ndarray:
         raise InputError(f"--images: {images} is neither an image file nor a folder")
     if not files:
         raise InputError(f"--images: no images ({', '.join(IMAGE_SUFFIXES)}) under {images}")
-    x, _ = preprocess([load_image(str(f)) for f in files], bundle.manifest.preprocess)
+    spec = bundle.manifest.preprocess
+    x, _ = preprocess([load_image(str(f), spec=spec) for f in files], spec)
     _IMAGE_CACHE[key] = x
     return x
 

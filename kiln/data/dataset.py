@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from kiln.bundle import Preprocess
 from kiln.errors import DatasetError
 from kiln.processing import ImageDecodeError, load_image
 
@@ -44,11 +45,12 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def image(self, i: int) -> Image.Image:
+    def image(self, i: int, spec: Preprocess | None = None) -> Image.Image:
+        """Image ``i`` as 8-bit pixels, a file decoded for ``spec`` (:func:`kiln.processing.decode`)."""
         if isinstance(self.images, np.ndarray):
             arr = self.images[i]
             return Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB")
-        return load_image(str(self.images[i])).convert(self.channels)
+        return load_image(str(self.images[i]), spec=spec).convert(self.channels)
 
     def target(self, i: int) -> Any:
         return self.targets[i]

@@ -2,8 +2,10 @@
 
     ROOT/Annotations/<id>.xml  ROOT/JPEGImages/<id>.jpg  ROOT/ImageSets/Main/{train,val,trainval}.txt
 
-``ROOT`` may also be the ``VOCdevkit`` folder holding one ``VOC20xx`` year. Classes are VOC's 20, or the
-lines of ``ROOT/classes.txt`` for a dataset in the VOC layout with classes of its own.
+``ROOT`` may also be the ``VOCdevkit`` folder holding one ``VOC20xx`` year. Classes are the lines of
+``ROOT/classes.txt`` when it exists; otherwise they are read from the annotations: VOC's 20 in their
+canonical order when every object names one of them (a model keeps VOC's class indices), else the names
+the files hold, sorted (exports of LabelImg, CVAT and other annotation tools carry their own classes).
 
 Targets are those of :mod:`kiln.data.detect` plus ``iscrowd [K]``: VOC's ``difficult`` objects are kept
 for training but marked so the COCO evaluation ignores them (neither a miss when not found nor a false
@@ -53,14 +55,37 @@ def voc_root(root: str) -> Path:
     raise DatasetError(f"voc: {path} has no Annotations folder (expected the VOCdevkit layout: Annotations/, JPEGImages/, ImageSets/Main/)")
 
 
-def voc_classes(root: Path) -> list[str]:
+def voc_classes(root: Path, annotations: list[dict[str, Any]] | None = None) -> list[str]:
+    """``ROOT/classes.txt`` (one name a line) when it exists; otherwise the class names of ``annotations``
+    (see :func:`classes_from_annotations`), or VOC's 20 when none are given."""
     custom = root / "classes.txt"
     if custom.is_file():
         names = [line.strip() for line in custom.read_text().splitlines() if line.strip()]
         if not names:
             raise DatasetError(f"voc: {custom} is empty (one class name per line)")
         return names
-    return list(VOC_CLASSES)
+    if annotations is None:
+        return list(VOC_CLASSES)
+    return classes_from_annotations(root, annotations)
+
+
+def classes_from_annotations(root: Path, annotations: list[dict[str, Any]]) -> list[str]:
+    """VOC's 20 in their canonical order when every object names one of them, else the names found, sorted."""
+    found = {name for a in annotations for name, _, _ in a["objects"]}
+    if "" in found:
+        raise DatasetError(f"voc: an object in {root / 'Annotations'} has no <name>; every object needs its class name")
+    if not found:
+        log.warning("voc: the annotations in %s hold no objects: using VOC's 20 classes (list yours in %s)",
+                    root / "Annotations", root / "classes.txt")
+        return list(VOC_CLASSES)
+    if found <= set(VOC_CLASSES):
+        log.info("voc: %d class name(s) in the annotations, all of VOC's: using VOC's 20 classes in their order",
+                 len(found))
+        return list(VOC_CLASSES)
+    names = sorted(found)
+    log.info("voc: no %s; %d class(es) read from the annotations (sorted): %s", root / "classes.txt", len(names),
+             ", ".join(names))
+    return names
 
 
 def read_annotation(path: Path) -> dict[str, Any]:
@@ -116,13 +141,20 @@ def _image_path(root: Path, image_id: str, filename: str) -> Path:
     return named or images / f"{image_id}.jpg"
 
 
-def voc_split(root: Path, ids: list[str], classes: list[str], split: Split, skip_bad_images: bool) -> ImageDataset:
-    """The images ``ids`` of ``root`` as a detection :class:`ImageDataset` (targets carry ``iscrowd``)."""
-    index = {c: i for i, c in enumerate(classes)}
+def read_annotations(root: Path, ids: list[str], split: Split) -> list[dict[str, Any]]:
+    """:func:`read_annotation` of each id; ids without an XML file are one error listing them."""
     no_xml = [str(root / "Annotations" / f"{i}.xml") for i in ids if not (root / "Annotations" / f"{i}.xml").is_file()]
     if no_xml:
         raise _offenders(f"annotation file(s) listed for {split} do not exist", no_xml, "Fix ImageSets/Main or add the XML files")
-    anns = [read_annotation(root / "Annotations" / f"{i}.xml") for i in ids]
+    return [read_annotation(root / "Annotations" / f"{i}.xml") for i in ids]
+
+
+def voc_split(root: Path, ids: list[str], classes: list[str], split: Split, skip_bad_images: bool,
+              annotations: list[dict[str, Any]] | None = None) -> ImageDataset:
+    """The images ``ids`` of ``root`` as a detection :class:`ImageDataset` (targets carry ``iscrowd``);
+    ``annotations`` are those ids' parsed XML files when already read."""
+    index = {c: i for i, c in enumerate(classes)}
+    anns = read_annotations(root, ids, split) if annotations is None else annotations
     unknown = [f"{root / 'Annotations' / f'{i}.xml'} '{name}'" for i, a in zip(ids, anns, strict=True)
                for name, _, _ in a["objects"] if name not in index]
     if unknown:
@@ -153,25 +185,31 @@ def voc_split(root: Path, ids: list[str], classes: list[str], split: Split, skip
     _log_box_fixes(f"voc {split}", clipped, dropped)
     if difficult:
         log.info("voc %s: %d difficult object(s) are trained on and ignored by the evaluation", split, difficult)
+    classes_from = "classes.txt" if (root / "classes.txt").is_file() else "annotations"
     return ImageDataset("voc", split, "detect", classes, "RGB", out_paths, targets, None,
                         {"root": str(root), "image_ids": [ids[k] for k in good], "dropped_boxes": dropped,
-                         "clipped_boxes": clipped, "difficult": difficult})
+                         "clipped_boxes": clipped, "difficult": difficult, "classes_from": classes_from})
 
 
 def open_voc(root: str, *, val_fraction: float = 0.2, seed: int = 0, skip_bad_images: bool = False,
              **_: Any) -> tuple[ImageDataset, ImageDataset]:
     """``ImageSets/Main/train.txt`` and ``val.txt`` when both exist; otherwise ``trainval.txt`` (or every
-    annotation) split by ``val_fraction`` and ``seed``."""
+    annotation) split by ``val_fraction`` and ``seed``. Without ``classes.txt`` the classes come from the
+    annotations of both splits (:func:`classes_from_annotations`)."""
     base = voc_root(root)
-    classes = voc_classes(base)
     train_ids, val_ids = _ids(base, "train"), _ids(base, "val")
     if train_ids is not None and val_ids is not None:
-        return (voc_split(base, train_ids, classes, "train", skip_bad_images),
-                voc_split(base, val_ids, classes, "val", skip_bad_images))
+        train_anns, val_anns = read_annotations(base, train_ids, "train"), read_annotations(base, val_ids, "val")
+        classes = voc_classes(base, train_anns + val_anns)
+        return (voc_split(base, train_ids, classes, "train", skip_bad_images, train_anns),
+                voc_split(base, val_ids, classes, "val", skip_bad_images, val_anns))
     every = _ids(base, "trainval") or sorted(p.stem for p in (base / "Annotations").glob("*.xml"))
     if not every:
         raise DatasetError(f"voc: {base / 'Annotations'} holds no .xml files")
-    return _split(voc_split(base, every, classes, "train", skip_bad_images), val_fraction, seed)
+    anns = read_annotations(base, every, "train")
+    classes = voc_classes(base, anns)
+    return _split(voc_split(base, every, classes, "train", skip_bad_images, anns), val_fraction, seed)
 
 
-__all__ = ["VOC_CLASSES", "open_voc", "read_annotation", "voc_classes", "voc_root", "voc_split"]
+__all__ = ["VOC_CLASSES", "classes_from_annotations", "open_voc", "read_annotation", "read_annotations", "voc_classes",
+           "voc_root", "voc_split"]

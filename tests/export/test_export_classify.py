@@ -80,8 +80,9 @@ def test_failed_verification_keeps_previous_artifacts(exported: Path, monkeypatc
     state = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
     torch.save(state, exported / "model.pt")
     before["model.pt"] = sha256_file(exported / "model.pt")
-    # ...and a tolerance nothing can meet, so verification fails.
-    monkeypatch.setattr(verify, "CLASSIFY_ATOL", -1.0)
+    # ...and an ONNX graph whose logits are all 1 off, so verification fails.
+    real = verify.backend_outputs
+    monkeypatch.setattr(verify, "backend_outputs", lambda *a, **k: {n: v + 1.0 for n, v in real(*a, **k).items()})
     with pytest.raises(ExportError, match="verification failed"):
         export_bundle(exported, ExportOptions(precisions=["fp32"]))
     after = {p.name: sha256_file(p) for p in exported.iterdir() if p.is_file()}

@@ -157,8 +157,11 @@ def test_verify_fp32_runs_both_graphs_on_the_first_images(tmp_path: Path, fakes:
     assert Backend.opened == [(onnx, bundle.manifest)]
     assert fakes.calls == [3]
     assert report["images"] == 3 and report["passed"] is True and report["max_abs_diff"] == 0.0
-    assert report["reference"] == "pytorch fp32 (cpu)" and report["tolerance"] == 1e-4
-    assert "verified fp32 ONNX against PyTorch on 3 val images: max abs diff 0" in caplog.messages
+    assert report["reference"] == "pytorch fp32 (cpu)"
+    assert report["tolerance"] == {"atol": 1e-4, "rtol": 1e-5, "relative_to": "the image's largest |output|"}
+    assert report["outputs"]["logits"]["passed"] and (report["top1_agreement"], report["topk_agreement"]) == (100, 100)
+    assert ("verified fp32 ONNX against PyTorch on 3 val images: max abs diff 0 (0 of the outputs' scale; "
+            "top-1 agreement 100%, top-5 100%)") in caplog.messages
 
 
 def test_verify_fp32_uses_64_images_by_default(tmp_path: Path, fakes: Model, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,10 +176,11 @@ def fixed(monkeypatch: pytest.MonkeyPatch, reference: dict[str, np.ndarray], can
 
 
 def test_logits_differing_by_exactly_the_tolerance_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image's largest |logit| is 1: the tolerance is 1e-4 + 1e-5 x 1."""
     ref = np.zeros((2, 10))
     ref[:, 3] = 1.0
     cand = ref.copy()
-    cand[1, 5] = 1e-4
+    cand[1, 5] = 1e-4 + 1e-5 * 1.0
     fixed(monkeypatch, {"logits": ref}, {"logits": cand})
     assert verify.verify_fp32(classify_bundle(tmp_path / "b"), tmp_path / "m.onnx")["passed"] is True
 

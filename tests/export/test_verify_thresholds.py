@@ -18,7 +18,11 @@ from kiln.errors import ExportError
 from kiln.export import pipeline, verify
 from kiln.processing import Letterbox
 
-CLASSIFY_ATOL = 1e-4  # what the export promises for fp32 ONNX vs PyTorch logits
+# What the export promises for fp32 ONNX vs PyTorch logits: within 1e-4 + 1e-5 x the image's largest |logit|.
+# A bare 1e-4 held for lenet5 (1e-6 apart) but failed every correct 224 px ResNet export (2e-4 apart on
+# logits of a few hundred), so the tolerance now has a part relative to the outputs' scale.
+CLASSIFY_ATOL = 1e-4
+CLASSIFY_RTOL = 1e-5
 BOX_TOL_PX = 0.5  # detections must agree to half a pixel in the original image
 FP16_MIN_AGREEMENT = 98.0  # percent of images whose fp16 top-1 is the fp32 top-1
 
@@ -70,26 +74,78 @@ def fake_graphs(monkeypatch: pytest.MonkeyPatch, reference: dict[str, np.ndarray
 
 
 def test_thresholds_are_the_documented_ones() -> None:
-    assert verify.CLASSIFY_ATOL == CLASSIFY_ATOL
+    assert (verify.CLASSIFY_ATOL, verify.CLASSIFY_RTOL) == (CLASSIFY_ATOL, CLASSIFY_RTOL)
     assert compare_mod.BOX_TOL_PX == BOX_TOL_PX
     assert pipeline.FP16_MIN_AGREEMENT == FP16_MIN_AGREEMENT
 
 
-@pytest.mark.parametrize(("offset", "passes"), [(0.0, True), (0.9 * CLASSIFY_ATOL, True),
-                                                (1.1 * CLASSIFY_ATOL, False), (1e-2, False)])
+@pytest.mark.parametrize("scale", [1.0, 10.0, 500.0])  # lenet5-like logits; a trained ResNet's; an untuned BN's
+@pytest.mark.parametrize(("factor", "passes"), [(0.0, True), (0.9, True), (1.1, False), (100.0, False)])
 def test_classification_logits_tolerance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         offset: float, passes: bool) -> None:
+                                         scale: float, factor: float, passes: bool) -> None:
+    """One logit moved by ``factor`` times the tolerance of its image, whose largest |logit| is ``scale``."""
     bundle = classify_bundle(tmp_path / "b")
-    ref = np.random.default_rng(0).normal(size=(8, 10))
+    ref = np.random.default_rng(0).uniform(-0.5, 0.5, size=(8, 10)) * scale
+    ref[:, 0] = scale  # the top-1 and the image's scale
+    offset = factor * (CLASSIFY_ATOL + CLASSIFY_RTOL * scale)
     cand = ref.copy()
     cand[3, 4] += offset  # one logit moved; the top-1 does not change
     fake_graphs(monkeypatch, {"logits": ref}, {"logits": cand}, 8)
     if passes:
         report = verify.verify_fp32(bundle, tmp_path / "m.onnx")
-        assert report["passed"] and report["max_abs_diff"] == pytest.approx(offset, abs=1e-12)
+        assert report["passed"] and report["max_abs_diff"] == pytest.approx(offset, rel=1e-6, abs=1e-12)
     else:
-        with pytest.raises(ExportError, match="max abs difference of logits"):
+        with pytest.raises(ExportError, match=r"logits: 1 of 80 values differ by more than 0\.0001 \+ 1e-05 x"):
             verify.verify_fp32(bundle, tmp_path / "m.onnx")
+
+
+def test_resnet_rounding_at_224_passes_and_the_figures_are_recorded(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ONNX Runtime and PyTorch give for a resnet18 at 224 trained one epoch on photos: logits of
+    200-900 that differ by up to 2.75e-4 (5.6e-7 of the scale). The absolute 1e-4 alone refused it."""
+    bundle = classify_bundle(tmp_path / "b")
+    rng = np.random.default_rng(3)
+    ref = rng.uniform(-900, 900, size=(48, 10))
+    cand = ref + rng.uniform(-2.75e-4, 2.75e-4, size=ref.shape)
+    fake_graphs(monkeypatch, {"logits": ref}, {"logits": cand}, 48)
+    report = verify.verify_fp32(bundle, tmp_path / "m.onnx")
+    errors = report["outputs"]["logits"]
+    assert report["passed"] and errors["passed"] and errors["mismatches"] == 0 and errors["values"] == 480
+    assert 1e-4 < errors["max_abs_diff"] <= 2.75e-4 and errors["max_rel_diff"] < 1e-6
+    assert errors["scale"] == pytest.approx(np.abs(ref).max())
+    assert (report["top1_agreement"], report["top_k"], report["topk_agreement"]) == (100.0, 5, 100.0)
+
+
+def test_an_image_with_small_logits_keeps_the_absolute_tolerance(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relative part follows each image's own scale: large logits elsewhere do not loosen it."""
+    bundle = classify_bundle(tmp_path / "b")
+    ref = np.zeros((2, 10))
+    ref[0, 0], ref[1, 0] = 1000.0, 0.5
+    cand = ref.copy()
+    cand[1, 3] = 2e-4  # within 1e-4 + 1e-5 x 1000 but not within 1e-4 + 1e-5 x 0.5
+    fake_graphs(monkeypatch, {"logits": ref}, {"logits": cand}, 2)
+    with pytest.raises(ExportError, match=r"1 of 20 values differ"):
+        verify.verify_fp32(bundle, tmp_path / "m.onnx")
+
+
+def test_a_nan_logit_fails_verification(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = classify_bundle(tmp_path / "b")
+    ref = np.eye(10)[:4] * 5.0
+    cand = ref.copy()
+    cand[2, 7] = np.nan
+    fake_graphs(monkeypatch, {"logits": ref}, {"logits": cand}, 4)
+    with pytest.raises(ExportError, match=r"logits: 1 of 40 values differ"):
+        verify.verify_fp32(bundle, tmp_path / "m.onnx")
+
+
+def test_classify_problems_name_top1_and_topk_disagreements() -> None:
+    report = {"tolerance": {"atol": 1e-4, "rtol": 1e-5}, "top1_agreement": 75.0, "top_k": 5, "topk_agreement": 50.0,
+              "outputs": {"logits": {"passed": True}}}
+    assert verify.classify_problems(report) == ["top-1 agrees on 75.0% of the images without a tie",
+                                                "top-5 set agrees on 50.0% of the images without a tie"]
+    report.update(top1_agreement=100.0, topk_agreement=100.0)
+    assert verify.classify_problems(report) == []
 
 
 def _detections(shift: float) -> dict[str, np.ndarray]:
@@ -229,3 +285,34 @@ def test_top1_agreement_counts_real_disagreements_beside_ties() -> None:
     cand[2, 2] = 3.0  # a real disagreement
     out = compare_mod.top1_agreement(ref, cand)
     assert out == {"top1_agreement": pytest.approx(100.0 * 2 / 3, abs=1e-3), "top1_ties": 1}
+
+
+@pytest.mark.parametrize(("val_images", "eval_limit", "follows", "budget"), [
+    (48, None, True, 2.0833),  # one image of 48: the default 1.0 would let no image change
+    (200, None, True, 1.0),  # one image is 0.5 points: the default stands
+    (200, 20, True, 5.0),  # the search measures 20 images
+    (48, None, False, 1.0),  # --max-accuracy-drop given: as asked
+])
+def test_default_int8_budget_is_at_least_one_validation_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             val_images: int, eval_limit: int | None, follows: bool,
+                                                             budget: float) -> None:
+    from kiln.calib.quantize import CalibSettings
+
+    monkeypatch.setattr(pipeline, "bundle_split", lambda _b, _s: range(val_images))
+    opts = pipeline.ExportOptions(precisions=["int8"], calib=CalibSettings(eval_limit=eval_limit),
+                                  budget_follows_split=follows)
+    assert pipeline.int8_budget(classify_bundle(tmp_path / "b"), opts).max_accuracy_drop == pytest.approx(budget)
+
+
+def test_cli_leaves_the_budget_to_the_split_only_by_default() -> None:
+    import argparse
+
+    from kiln.export import cli
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    cli.register(sub)
+    default = parser.parse_args(["export", "b"])
+    given = parser.parse_args(["export", "b", "--max-accuracy-drop", "0.5"])
+    assert cli._options(default).budget_follows_split and cli._options(default).calib.max_accuracy_drop == 1.0
+    assert not cli._options(given).budget_follows_split and cli._options(given).calib.max_accuracy_drop == 0.5

@@ -83,12 +83,13 @@ def test_is_authorized() -> None:
 
 
 def test_unknown_model_names_the_served_models_to_key_holders_only(keyed: TestClient) -> None:
-    # /v2/models/{name}/ready is open: anyone gets the 404, only a key holder learns what is served
+    # per-model readiness needs the key: without it, nothing tells a served name from an unknown one
     with_key = keyed.get("/v2/models/nope/ready", headers={"Authorization": f"Bearer {KEY}"})
     assert with_key.status_code == 404 and "digits" in with_key.json()["error"]
     for headers in ({}, {"Authorization": "Bearer wrong"}):
-        resp = keyed.get("/v2/models/nope/ready", headers=headers)
-        assert resp.status_code == 404 and "digits" not in resp.json()["error"], headers
+        for name in ("nope", "digits"):
+            resp = keyed.get(f"/v2/models/{name}/ready", headers=headers)
+            assert resp.status_code == 401 and "digits" not in resp.json()["error"], headers
 
 
 def test_unknown_model_names_the_served_models_on_an_open_server(open_server: TestClient) -> None:

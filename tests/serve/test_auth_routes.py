@@ -24,7 +24,7 @@ KEY = "s3cret-key-0123"
 # Route paths (as declared) that need no key: liveness and readiness probes, the page, the API docs.
 PUBLIC = {
     "/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
-    "/v2/health/live", "/v2/health/ready", "/v2/models/{name}/ready", "/v2/models/{name}/versions/{version}/ready",
+    "/v2/health/live", "/v2/health/ready",
 }
 
 BAD_AUTHORIZATION = {

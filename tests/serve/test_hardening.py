@@ -55,8 +55,8 @@ def files(*blobs: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
 def test_decode_budget_is_checked_from_headers(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
     client = make_client(max_request_pixels=100 * 100)
     decoded: list[int] = []
-    real = images.decode
-    monkeypatch.setattr(images, "decode", lambda img, where="": decoded.append(1) or real(img, where))
+    real = images.processing.decode
+    monkeypatch.setattr(images.processing, "decode", lambda img, spec=None, where="": decoded.append(1) or real(img, spec, where))
     resp = client.post("/v1/models/digits/predict", files=files(png(size=(80, 80)), png(size=(80, 80))))
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "too_many_pixels", resp.text
     assert "12800 pixels" in resp.json()["error"]["message"] and "10000" in resp.json()["error"]["message"]
@@ -107,7 +107,7 @@ def sideways_jpeg() -> bytes:
 
 def test_exif_orientation_is_applied() -> None:
     (img,) = images.open_images([sideways_jpeg()], 10_000, 10_000)
-    shown = np.asarray(images.decode(img))
+    shown = np.asarray(images.processing.decode(img))
     assert shown.shape == (40, 20)  # rows, columns: 20 wide, 40 high
     assert shown[:, :8].mean() < 30 and shown[:, 12:].mean() > 225
 
@@ -141,9 +141,9 @@ def test_key_is_checked_before_the_body_and_models_stay_private(make_client: Mak
     assert resp.status_code == 401 and resp.headers["connection"] == "close"
     assert client.get("/v1/models/nope").status_code == 401
     assert client.get("/no/such/route").status_code == 401
-    # an open route naming an unknown model: 404 without the served names, unless the key comes along
+    # per-model readiness would tell a stranger which names are served: it needs the key too
     stranger = client.get("/v2/models/nope/ready")
-    assert stranger.status_code == 404 and "digits" not in stranger.text
+    assert stranger.status_code == 401 and "digits" not in stranger.text
     member = client.get("/v2/models/nope/ready", headers={"Authorization": "Bearer s3cret"})
     assert member.status_code == 404 and "digits" in member.text
     assert client.get("/v1/models/nope", headers={"Authorization": "Bearer s3cret"}).status_code == 404

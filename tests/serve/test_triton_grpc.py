@@ -141,7 +141,10 @@ def test_api_key(tmp_path: Path) -> None:
     models, _, loader = _fake_models(tmp_path)
     with serve(models, Settings(grpc_port=0, api_key="s3cret"), loader) as running:
         c = grpcclient.InferenceServerClient(running.grpc)
-        assert c.is_server_live() and c.is_model_ready("digits")  # health stays open
+        assert c.is_server_live() and c.is_server_ready()  # server health stays open
+        code, text = _status(lambda: c.is_model_ready("digits"))  # per-model readiness names a model
+        assert code == "StatusCode.UNAUTHENTICATED" and "digits" not in text
+        assert c.is_model_ready("digits", headers={"authorization": "Bearer s3cret"})
         x = np.zeros((1, 1, 28, 28), np.float32)
         code, text = _status(lambda: c.infer("digits", [_input(x)]))
         assert code == "StatusCode.UNAUTHENTICATED" and "missing API key" in text

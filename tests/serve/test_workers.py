@@ -73,6 +73,19 @@ def _body() -> dict[str, list[str]]:
     return {"images": [base64.b64encode(buf.getvalue()).decode()]}
 
 
+def post_until(url: str, statuses: list[int | str], stop: threading.Event, stop_on_error: bool) -> None:
+    """Post a digit prediction on a new connection each time until ``stop``; record each status, or the
+    name of the transport error (ending there if ``stop_on_error``)."""
+    with httpx.Client(base_url=url, timeout=30, headers={"Connection": "close"}) as c:
+        while not stop.is_set():
+            try:
+                statuses.append(c.post("/v1/models/digits/predict", json=_body()).status_code)
+            except httpx.TransportError as exc:
+                statuses.append(type(exc).__name__)
+                if stop_on_error:
+                    return
+
+
 def test_two_workers_share_the_port_metrics_and_shutdown(server: tuple[subprocess.Popen[str], str, list[str]]) -> None:
     proc, url, lines = server
     end = time.monotonic() + 90  # the whole test's deadline
@@ -101,17 +114,8 @@ def test_two_workers_share_the_port_metrics_and_shutdown(server: tuple[subproces
 
     statuses: list[int | str] = []
     stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(base_url=url, timeout=30, headers={"Connection": "close"}) as c:
-            while not stop.is_set():
-                try:
-                    statuses.append(c.post("/v1/models/digits/predict", json=_body()).status_code)
-                except httpx.TransportError as exc:  # sent after the listeners closed
-                    statuses.append(type(exc).__name__)
-                    return
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
+    # A transport error ends a client: it was sent after the listeners closed.
+    threads = [threading.Thread(target=post_until, args=(url, statuses, stop, True)) for _ in range(4)]
     for t in threads:
         t.start()
     while len(statuses) < 4 and time.monotonic() < end:

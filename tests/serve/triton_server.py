@@ -1,7 +1,8 @@
 """Shared by the Triton/KServe client tests: real ONNX bundles (a lenet5 classifier and a kiln-det-s
 detector, seeded and exported, untrained: the comparison is server against onnxruntime, not accuracy)
-and an in-process ``kiln serve`` app on uvicorn, on sockets bound to port 0 before it starts (no race
-for a free port), with gRPC on the port grpcio picks."""
+and an in-process ``kiln serve`` server: the app, protocol class, connection limits and drain that
+``kiln serve`` builds (``kiln.serve.http_server.build_server``), on a socket bound to port 0 before it
+starts (no race for a free port), with gRPC on the port grpcio picks."""
 
 from __future__ import annotations
 
@@ -104,16 +105,16 @@ class Running:
 
 @contextlib.contextmanager
 def serve(models: Sequence[tuple[str, Bundle]], settings: Any, loader: Any = None) -> Iterator[Running]:
-    """``create_app`` on uvicorn in a thread, HTTP on a socket bound here and gRPC on a port grpcio
-    binds; yields once every model is ready and stops the server (lifespan shutdown) afterwards."""
-    import uvicorn
-
+    """``create_app`` served by ``build_server`` (as ``kiln serve`` runs it) in a thread, HTTP on a socket
+    bound here and gRPC on a port grpcio binds; yields once every model is ready and stops the server
+    (lifespan shutdown) afterwards."""
     from kiln.serve.app import create_app
+    from kiln.serve.http_server import build_server
 
     app = create_app(models, settings, loader=loader)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    server = build_server(app, app.state.registry, settings)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -3,6 +3,7 @@ bad-data handling as the COCO and YOLO readers."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from kiln.data import dataset_task, open_dataset
+from kiln.data.voc import VOC_CLASSES
 from kiln.errors import DatasetError
 from kiln.metrics import coco_map
 
@@ -76,6 +78,8 @@ def test_voc_without_split_files_and_custom_classes(tmp_path: Path) -> None:
 def test_voc_bad_data_is_one_line(tmp_path: Path, case: str, expected: str) -> None:
     root = make_voc(tmp_path, {"a": [_obj("unicorn" if case == "unknown" else "dog", (1, 1, 9, 9))], "b": [], "c": [], "d": []})
     base = root / "VOC2012"
+    if case == "unknown":  # a class list of one's own that the annotations do not follow
+        (base / "classes.txt").write_text("dog\n")
     if case == "missing":
         (base / "JPEGImages" / "a.jpg").unlink()
     if case == "badxml":
@@ -85,3 +89,48 @@ def test_voc_bad_data_is_one_line(tmp_path: Path, case: str, expected: str) -> N
     with pytest.raises(DatasetError, match=expected) as err:
         open_dataset(f"voc:{root}")
     assert "\n" not in str(err.value)
+
+
+def test_voc_classes_come_from_the_annotations_sorted_without_classes_txt(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A LabelImg/CVAT export: its own class names, no classes.txt; names of both splits, sorted."""
+    root = make_voc(tmp_path, {"a": [_obj("widget", (2, 2, 30, 30)), _obj("bolt", (1, 1, 9, 9))],
+                               "b": [_obj("widget", (3, 3, 20, 20))],
+                               "c": [_obj("gear", (4, 4, 40, 40))], "d": []})
+    with caplog.at_level(logging.INFO, logger="kiln.data.voc"):
+        train, val = open_dataset(f"voc:{root}")
+    assert train.classes == val.classes == ["bolt", "gear", "widget"]  # "gear" is in val only
+    assert train.info["classes_from"] == "annotations"
+    assert list(train.target(0)["labels"]) == [2, 0] and list(val.target(0)["labels"]) == [1]
+    assert any("3 class(es) read from the annotations (sorted): bolt, gear, widget" in m for m in caplog.messages)
+
+
+def test_voc_class_names_all_of_voc_keep_the_canonical_20(tmp_path: Path) -> None:
+    root = make_voc(tmp_path, {"a": [_obj("tvmonitor", (2, 2, 30, 30))], "b": [_obj("aeroplane", (1, 1, 9, 9))],
+                               "c": [_obj("dog", (4, 4, 40, 40))], "d": []})
+    train, val = open_dataset(f"voc:{root}")
+    assert train.classes == val.classes == VOC_CLASSES and len(VOC_CLASSES) == 20
+    assert list(train.target(0)["labels"]) == [19] and list(val.target(0)["labels"]) == [11]
+
+
+def test_voc_classes_txt_wins_over_the_annotations(tmp_path: Path) -> None:
+    root = make_voc(tmp_path, {"a": [_obj("widget", (2, 2, 30, 30))], "b": [], "c": [_obj("gear", (1, 1, 9, 9))],
+                               "d": []})
+    (root / "VOC2012" / "classes.txt").write_text("widget\ngear\nspare\n")
+    train, _ = open_dataset(f"voc:{root}")
+    assert train.classes == ["widget", "gear", "spare"] and train.info["classes_from"] == "classes.txt"
+
+
+def test_voc_classes_from_annotations_reach_kiln_json(tmp_path: Path) -> None:
+    """kiln train on a VOC export with its own classes: the bundle lists them in the annotations' order."""
+    import json
+
+    from kiln.train.config import TrainConfig
+    from kiln.train.loop import train
+
+    root = make_voc(tmp_path, {f"im{i}": [_obj("widget" if i % 2 else "bolt", (2, 2, 30, 30))] for i in range(4)},
+                    split={"train": ["im0", "im1"], "val": ["im2", "im3"]})
+    out = tmp_path / "run"
+    train(TrainConfig(data=f"voc:{root}", model="kiln-det-s", image_size=64, epochs=1, batch_size=2, workers=0,
+                      out=str(out)), progress=False)
+    assert json.loads((out / "kiln.json").read_text())["classes"] == ["bolt", "widget"]

@@ -56,7 +56,7 @@ class DetectDataset(Dataset):
             self.cached = [self._place(i) for i in range(len(raw))]
 
     def _place(self, i: int) -> tuple[torch.Tensor, Letterbox]:
-        unit, lb = to_unit(self.raw.image(i), self.pre)
+        unit, lb = to_unit(self.raw.image(i, self.pre), self.pre)
         return _to_uint8(unit), lb
 
     def __len__(self) -> int:
