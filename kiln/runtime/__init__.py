@@ -107,8 +107,8 @@ def load(
         own = {k: v for k, v in opts.items() if k in OPTIONS[name]}
         try:
             if end_to_end and not any(a.format == _FORMAT_OF[name] for a in b.artifacts(end_to_end=True)):
-                raise BackendUnavailable(f"the bundle has no end-to-end {_FORMAT_OF[name]} graph "
-                                         f"(kiln export {b.root} --nms)")
+                how = f"kiln export {b.root} --nms" if name == "onnxrt" else "--nms writes ONNX graphs only"
+                raise BackendUnavailable(f"the bundle has no end-to-end {_FORMAT_OF[name]} graph ({how})")
             chosen = _OPENERS[name](b, precision, dev, device, {**own, "end_to_end": end_to_end})
         except BackendUnavailable as exc:
             reason = str(exc).removeprefix(f"{name}: ")
