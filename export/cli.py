@@ -72,6 +72,18 @@ def register(sub: Any) -> None:
     _common(p)
     p.add_argument("--precision", type=csv_of(choice("precision", PRECISIONS)), default=["fp32"],
                    help="comma-separated subset of fp32,fp16,int8")
+    n = p.add_argument_group("detectors: NMS in the graph")
+    n.add_argument("--nms", action="store_true",
+                   help="also write an end-to-end graph per precision (model.nms.onnx, ...) with NMS inside and "
+                        "EfficientNMS-style outputs num_dets, det_boxes, det_scores, det_classes")
+    n.add_argument("--nms-conf", type=non_negative_float, default=None, metavar="SCORE",
+                   help="score threshold in the graph; None: kiln.json's postprocess score_threshold")
+    n.add_argument("--nms-iou", type=non_negative_float, default=None, metavar="IOU",
+                   help="IoU threshold in the graph; None: kiln.json's postprocess iou_threshold")
+    n.add_argument("--nms-max-det", type=positive_int, default=None, metavar="K",
+                   help="detections per image K (outputs padded to K); None: kiln.json's max_detections")
+    n.add_argument("--nms-agnostic", action="store_true", default=None,
+                   help="NMS across classes; default: per class, or kiln.json's class_agnostic")
     g = p.add_argument_group("TensorRT")
     g.add_argument("--engine", action="store_true", help="also build a TensorRT engine per precision")
     g.add_argument("--workspace-gib", type=positive_float, default=4.0, help="builder workspace limit")
@@ -86,6 +98,9 @@ def register(sub: Any) -> None:
     t.add_argument("--triton-repo", type=Path, default=None, metavar="DIR", help="write a Triton model repository")
     t.add_argument("--triton-precision", type=choice("precision", PRECISIONS), default=None,
                    help="precision served by Triton; None: the first of --precision")
+    t.add_argument("--triton-raw", action="store_true",
+                   help="detectors: put the raw graph (boxes, scores) in the repository; default: the end-to-end "
+                        "graph when --nms writes one")
     t.add_argument("--triton-max-delay-us", type=positive_int, default=1000,
                    help="dynamic_batching max_queue_delay_microseconds")
     _calibration_flags(p)
@@ -106,7 +121,8 @@ def register(sub: Any) -> None:
     _calibration_flags(c)
     c.set_defaults(func=run_calibrate, precision=["int8"], engine=False, workspace_gib=4.0, timing_cache=None,
                    hardware_compat=False, version_compat=False, tf32=False, triton_repo=None, triton_precision=None,
-                   triton_max_delay_us=1000)
+                   triton_max_delay_us=1000, triton_raw=False, nms=False, nms_conf=None, nms_iou=None, nms_max_det=None,
+                   nms_agnostic=None)
 
 
 def _options(args: argparse.Namespace) -> Any:
@@ -128,11 +144,17 @@ def _options(args: argparse.Namespace) -> Any:
         triton_repo=args.triton_repo,
         triton_precision=args.triton_precision,
         triton_max_delay_us=args.triton_max_delay_us,
+        triton_raw=args.triton_raw,
         calib=CalibSettings(method=args.calib_method, images=args.calib_images, seed=args.calib_seed,
                             max_accuracy_drop=(CalibSettings.max_accuracy_drop if args.max_accuracy_drop is None
                                                else args.max_accuracy_drop),
                             eval_limit=args.calib_eval_images, layout=args.int8_layout),
         calib_cache=args.calib_cache,
+        nms=args.nms,
+        nms_conf=args.nms_conf,
+        nms_iou=args.nms_iou,
+        nms_max_det=args.nms_max_det,
+        nms_agnostic=args.nms_agnostic,
         budget_follows_split=args.max_accuracy_drop is None,
     )
 

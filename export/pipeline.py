@@ -13,20 +13,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kiln.bundle import BatchRange, Bundle
+from kiln.bundle import BatchRange, Bundle, TensorSpec
 from kiln.calib.onnxfile import check_onnx_file, onnx_errors
 from kiln.calib.quantize import CalibSettings
 from kiln.calib.run import calibrate_bundle, report_paths, write_reports
-from kiln.compare import Tolerance, compare
+from kiln.compare import Tolerance, compare, detection_output_names
 from kiln.errors import BackendUnavailable, BundleError, ConfigError, ExportError, unknown_choice
 from kiln.evaluate import bundle_split, evaluate
 from kiln.export.onnx2fp16 import onnx2fp16
+from kiln.export.onnx2nms import NmsSettings, onnx2nms, verify_end_to_end
 from kiln.export.torch2onnx import torch2onnx
 from kiln.export.triton import TritonOptions, write_triton_repo
 from kiln.export.verify import backend_outputs, verification_images, verify_fp32
 from kiln.fsutil import atomic_path, remove_stale_temps, sha256_file
 from kiln.metrics import headline
 from kiln.runtime import open_artifact
+from kiln.runtime.onnxrt import OnnxRuntimeBackend
 from kiln.runtime.ortfile import OrtFileBackend
 from kiln.runtime.tensorrt import unlist_superseded_engines
 from kiln.vocab import GRAPH_PRECISIONS
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = GRAPH_PRECISIONS
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+# Detectors' end-to-end graphs (NMS inside), one per exported precision.
+NMS_FILES = {"fp32": "model.nms.onnx", "fp16": "model.fp16.nms.onnx", "int8": "model.int8.nms.onnx"}
 FP16_MIN_AGREEMENT = 98.0  # percent of verification images with the same top-1 as fp32
 TRT_INSTALL = ("pip install '.[trt]' from the kiln checkout (pip install 'kiln-vision[trt]' from a package index) "
                "on a machine with an NVIDIA GPU and driver")
@@ -55,9 +59,16 @@ class ExportOptions:
     triton_repo: Path | None = None
     triton_precision: str | None = None
     triton_max_delay_us: int = 1000
+    triton_raw: bool = False  # detectors: the raw graph in the Triton repository even when --nms wrote another
     calib: CalibSettings = field(default_factory=CalibSettings)
     calib_cache: Path | None = None
     verify_images: int = 64
+    # --nms: also write detectors' end-to-end graphs; None values take kiln.json's postprocess defaults
+    nms: bool = False
+    nms_conf: float | None = None
+    nms_iou: float | None = None
+    nms_max_det: int | None = None
+    nms_agnostic: bool | None = None
     # --max-accuracy-drop left at its default: at least one validation image's worth (see int8_budget)
     budget_follows_split: bool = False
 
@@ -168,6 +179,32 @@ def export_int8(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str
                    source_sha256=fp32_art.sha256, calibration=calibration, calibration_report=json_report.name)
 
 
+def export_nms(bundle: Bundle, opts: ExportOptions, precision: str, raw_file: str) -> dict[str, Any]:
+    """The end-to-end graph (NMS inside) of ``raw_file``, verified against kiln's post-processing of the
+    raw graph's outputs on the validation images, recorded with its NMS settings and outputs."""
+    settings = nms_settings(bundle, opts)
+    file = NMS_FILES[precision]
+    boxes, scores = detection_output_names(bundle.manifest)
+    x, letterboxes = verification_images(bundle, opts.verify_images)
+    with atomic_path(bundle.path(file)) as tmp:
+        info = onnx2nms(bundle.path(raw_file), tmp, boxes=boxes, scores=scores, settings=settings)
+        raw = OrtFileBackend(bundle.path(raw_file), bundle.manifest, precision=precision)
+        end_to_end = OnnxRuntimeBackend(tmp, inputs=[bundle.manifest.input],
+                                        outputs=[TensorSpec.model_validate(o) for o in info["outputs"]],
+                                        precision=precision, device="cpu", max_batch=len(x))
+        with raw, end_to_end:
+            verification = verify_end_to_end(bundle.manifest, raw, end_to_end, x, letterboxes, settings)
+    return _record(bundle, file, "onnx", precision, verification=verification,
+                   source_sha256=bundle.manifest.artifacts[raw_file].sha256, **info)
+
+
+def nms_settings(bundle: Bundle, opts: ExportOptions) -> NmsSettings:
+    """kiln.json's detection defaults with the --nms-* flags given (ExportError for a value out of range)."""
+    return NmsSettings.from_post(bundle.manifest.detect_post(), score_threshold=opts.nms_conf,
+                                 iou_threshold=opts.nms_iou, max_detections=opts.nms_max_det,
+                                 class_agnostic=opts.nms_agnostic)
+
+
 def build_engines(bundle: Bundle, opts: ExportOptions, onnx_files: dict[str, str]) -> tuple[list[dict[str, Any]], list[str]]:
     """Build one engine per exported precision; returns (artifacts, errors) so ONNX results stand."""
     try:  # TensorRT is an optional extra: without it the ONNX artifacts still stand
@@ -236,6 +273,11 @@ def preflight(bundle: Bundle, opts: ExportOptions) -> None:
                           "--int8-layout tensorrt (the default)")
     if opts.engine:
         engine_requirements()
+    if opts.nms and bundle.manifest.task != "detect":
+        raise ConfigError(f"--nms puts a detector's NMS inside its graph; {bundle.root} is a "
+                          f"{bundle.manifest.task} model")
+    if opts.nms:
+        nms_settings(bundle, opts)
     if opts.triton_repo is not None and opts.triton_repo.exists() and not opts.triton_repo.is_dir():
         raise ExportError(f"--triton-repo {opts.triton_repo} is a file; give a folder")
 
@@ -286,6 +328,13 @@ def _export(bundle: Bundle, opts: ExportOptions) -> dict[str, Any]:
         artifacts.append(export_int8(bundle, opts, fp32_file))
         onnx_files["int8"] = ONNX_FILES["int8"]
     onnx_files = {p: f for p, f in onnx_files.items() if p in opts.precisions}
+    nms_files: dict[str, str] = {}
+    if opts.nms:
+        for precision, raw_file in onnx_files.items():
+            log.info("writing the end-to-end %s graph (NMS inside)", precision)
+            artifacts.append(export_nms(bundle, opts, precision, raw_file))
+            nms_files[precision] = NMS_FILES[precision]
+        drop_other_nms(bundle, nms_files)
 
     errors: list[str] = []
     engines: dict[str, str] = {}
@@ -298,7 +347,8 @@ def _export(bundle: Bundle, opts: ExportOptions) -> dict[str, Any]:
         precision = opts.triton_precision or opts.precisions[0]
         triton = str(write_triton_repo(bundle, opts.triton_repo, onnx_file=onnx_files[precision],
                                        engine_file=engines.get(precision), batch=opts.batch,
-                                       options=TritonOptions(max_queue_delay_us=opts.triton_max_delay_us)))
+                                       options=TritonOptions(max_queue_delay_us=opts.triton_max_delay_us),
+                                       end_to_end_file=None if opts.triton_raw else end_to_end_of(bundle, onnx_files[precision])))
     summary = {"bundle": str(bundle.root), "task": bundle.manifest.task, "artifacts": artifacts,
                "triton": triton, "errors": errors}
     if errors:
@@ -328,6 +378,28 @@ def drop_stale_artifacts(bundle: Bundle) -> list[str]:
         log.warning("unlisted %s: made from an earlier model.onnx; re-export them (--precision ...)", ", ".join(dropped))
         bundle.save()
     return dropped
+
+
+def end_to_end_of(bundle: Bundle, raw_file: str) -> str | None:
+    """The end-to-end graph made from ``raw_file`` as it is now (this export's or an earlier one's), or None."""
+    source = bundle.manifest.artifacts[raw_file].sha256
+    return next((name for name, art in bundle.manifest.artifacts.items()
+                 if (art.model_extra or {}).get("nms") and getattr(art, "source_sha256", None) == source), None)
+
+
+def drop_other_nms(bundle: Bundle, written: dict[str, str]) -> None:
+    """Unlist end-to-end graphs this export did not rewrite when their NMS settings differ from the new
+    ones: a bundle's end-to-end graphs answer with one set of thresholds (what serving reports)."""
+    if not written:
+        return
+    current = (bundle.manifest.artifacts[next(iter(written.values()))].model_extra or {})["nms"]
+    stale = [name for name, art in bundle.manifest.artifacts.items()
+             if name not in written.values() and (art.model_extra or {}).get("nms") not in (None, current)]
+    for name in stale:
+        del bundle.manifest.artifacts[name]
+    if stale:
+        log.warning("unlisted %s: end-to-end graphs with other NMS settings; re-export them with --nms", ", ".join(stale))
+        bundle.save()
 
 
 class EngineStepFailed(ExportError):

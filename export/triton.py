@@ -39,11 +39,24 @@ def write_triton_repo(
     engine_file: str | None,
     batch: BatchRange,
     options: TritonOptions | None = None,
+    end_to_end_file: str | None = None,
 ) -> Path:
-    """Write ``repo/<model>/`` and return the model folder. Other models in ``repo`` are left alone."""
+    """Write ``repo/<model>/`` and return the model folder. Other models in ``repo`` are left alone.
+
+    ``end_to_end_file`` (a detector's graph with NMS inside, ``kiln export --nms``) is served instead of
+    ``onnx_file`` and ``engine_file``, with its own outputs and its NMS settings in the config's parameters.
+    """
     from google.protobuf import text_format
 
     options = options or TritonOptions()
+    if end_to_end_file:
+        art = bundle.manifest.artifacts[end_to_end_file]
+        extra = art.model_extra or {}
+        if engine_file:
+            log.info("Triton: serving the end-to-end graph %s with ONNX Runtime (engines are built from the raw "
+                     "graph; --triton-raw serves %s)", end_to_end_file, engine_file)
+        onnx_file, engine_file = end_to_end_file, None
+        options = dataclasses.replace(options, outputs=tuple(bundle.outputs_of(art)), nms=extra.get("nms"))
     if engine_file and batch.min > 1:
         # Triton may send any batch from 1 to max_batch_size; a plan whose profile starts higher rejects it.
         raise ExportError(f"--triton-repo with --engine needs a batch range starting at 1 (got --batch {batch}): "

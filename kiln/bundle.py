@@ -137,6 +137,12 @@ class Artifact(_Model):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
+def is_end_to_end(art: Artifact) -> bool:
+    """Whether ``art`` is a detector graph with NMS inside (``kiln export --nms``): it answers
+    ``num_dets``, ``det_boxes``, ``det_scores``, ``det_classes`` instead of raw ``boxes`` and ``scores``."""
+    return bool((art.model_extra or {}).get("nms"))
+
+
 class Manifest(BaseModel):
     """The content of ``kiln.json``. Unknown top-level keys are kept (later stages add their own)."""
 
@@ -214,12 +220,20 @@ class Bundle:
         self.manifest.artifacts[file] = art
         return art
 
-    def artifacts(self, fmt: str | None = None, precision: str | None = None) -> list[Artifact]:
+    def artifacts(self, fmt: str | None = None, precision: str | None = None, *, end_to_end: bool = False) -> list[Artifact]:
+        """Artifacts of a format and precision; detectors' end-to-end graphs (NMS inside, other outputs)
+        only with ``end_to_end``, so consumers of the raw outputs never pick one by accident."""
         return [
             a
             for a in self.manifest.artifacts.values()
             if (fmt is None or a.format == fmt) and (precision is None or a.precision == precision)
+            and is_end_to_end(a) == end_to_end
         ]
+
+    def outputs_of(self, art: Artifact) -> list[TensorSpec]:
+        """The output tensors of ``art``: its own when it records them (an end-to-end graph), else kiln.json's."""
+        own = (art.model_extra or {}).get("outputs")
+        return [TensorSpec.model_validate(o) for o in own] if own else list(self.manifest.outputs)
 
     def artifact(self, fmt: str, precision: str = "fp32") -> Artifact | None:
         found = self.artifacts(fmt, precision)

@@ -242,7 +242,7 @@ def artifact_table(bundle: Bundle | str, split: str = "val", limit: int | None =
     artifact cannot run here (an engine without TensorRT, a modified file)."""
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     ds = bundle_split(b, split)
-    arts = sorted(b.manifest.artifacts.values(), key=lambda a: (_ORDER.get(a.format, 9), _PREC.get(a.precision, 9), a.file))
+    arts = sorted(b.artifacts(), key=lambda a: (_ORDER.get(a.format, 9), _PREC.get(a.precision, 9), a.file))  # raw graphs
     reference = None
     ref_art = next((a for a in arts if a.format == "torch" and a.precision == "fp32"), None)
     rows: list[dict[str, Any]] = []

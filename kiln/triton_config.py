@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kiln.bundle import BatchRange, Bundle
+from kiln.bundle import BatchRange, Bundle, TensorSpec
 from kiln.errors import ExportError
 
 _DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
@@ -31,6 +31,9 @@ class TritonOptions:
     instances: int = 1
     model_name: str | None = None
     label_filename: str | None = None  # a classes file beside config.pbtxt (a model repository writes one)
+    # a detector's end-to-end graph (kiln export --nms): its outputs and the NMS settings inside it
+    outputs: tuple[TensorSpec, ...] | None = None
+    nms: dict[str, Any] | None = None
 
 
 def model_config(bundle: Bundle, batch: BatchRange, *, platform: str, name: str, options: TritonOptions) -> Any:
@@ -40,12 +43,14 @@ def model_config(bundle: Bundle, batch: BatchRange, *, platform: str, name: str,
     man = bundle.manifest
     cfg = pb.ModelConfig(name=name, platform=platform, max_batch_size=batch.max)
     cfg.input.append(pb.ModelInput(name=man.input.name, data_type=_dtype(pb, man.input.dtype), dims=list(man.input.shape)))
-    for out in man.outputs:
+    for out in options.outputs or man.outputs:
         output = pb.ModelOutput(name=out.name, data_type=_dtype(pb, out.dtype), dims=list(out.shape))
         if options.label_filename and out.name in _CLASS_OUTPUTS:
             output.label_filename = options.label_filename
         cfg.output.append(output)
         cfg.parameters[f"output.{out.name}.description"].string_value = describe_output(bundle, out.name)
+    for key, value in (options.nms or {}).items():  # what the end-to-end graph's NMS does, as kiln.json says
+        cfg.parameters[f"nms.{key}"].string_value = str(value).lower() if isinstance(value, bool) else str(value)
     preferred = sorted({batch.opt, batch.max})
     cfg.dynamic_batching.CopyFrom(
         pb.ModelDynamicBatching(preferred_batch_size=preferred, max_queue_delay_microseconds=options.max_queue_delay_us)
@@ -57,7 +62,8 @@ def model_config(bundle: Bundle, batch: BatchRange, *, platform: str, name: str,
 
 
 # Outputs whose last axis is the class: classification logits, per-class detection scores.
-_CLASS_OUTPUTS = frozenset({"logits", "scores"})
+# det_classes holds class indices rather than scores: the file still names them for a reader.
+_CLASS_OUTPUTS = frozenset({"logits", "scores", "det_classes"})
 
 
 def describe_output(bundle: Bundle, name: str) -> str:

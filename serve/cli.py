@@ -19,6 +19,7 @@ _FLAGS = (
     "host", "port", "grpc_port", "backend", "precision", "max_batch", "max_delay_ms", "max_queue", "timeout_s", "api_key",
     "max_body_bytes", "max_image_pixels", "max_images_per_request", "max_request_pixels", "max_pixels_per_byte", "decode_threads",
     "max_header_bytes", "body_timeout_s", "keep_alive_s", "drain_s", "cors_origins", "top_k", "workers", "threads",
+    "end_to_end",
     "header_timeout_s", "max_connections",
 )
 
@@ -62,6 +63,9 @@ def register(sub: Any) -> None:
                    help="runtime [KILN_BACKEND, default auto: TensorRT, then ONNX Runtime, then PyTorch]")
     p.add_argument("--precision", type=choice("precision", PRECISIONS),
                    help="artifact precision [KILN_PRECISION, default: the backend's choice]")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="detectors: serve the graph with NMS inside (kiln export --nms) [KILN_END_TO_END]; /v1 "
+                        "answers the same boxes")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=positive_int, metavar="N",
                    help="items per batch [KILN_MAX_BATCH, default: the backend's maximum]")
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from kiln import runtime
 
     for b in bundles:  # a backend that cannot run here fails now, in one line, not after the server started
-        runtime.preflight(b, settings.backend, settings.precision)
+        runtime.preflight(b, settings.backend, settings.precision, end_to_end=settings.end_to_end)
 
     from kiln.serve.workers import run_workers, serve_socket
 

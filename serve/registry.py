@@ -67,7 +67,7 @@ class ServedModel:
             device=b.device if b else None,
             batch=BatchInfo(min=b.min_batch if b else m.input.batch.min, max=self.batcher.max_items if b else m.input.batch.max),
             input=TensorInfo(name=m.input.name, shape=m.input.shape, dtype=m.input.dtype),
-            outputs=[TensorInfo(name=o.name, shape=o.shape, dtype=o.dtype) for o in m.outputs],
+            outputs=[TensorInfo(name=o.name, shape=o.shape, dtype=o.dtype) for o in (b.outputs if b else m.outputs)],
             preprocess=m.preprocess.model_dump(mode="json"),
             postprocess=m.postprocess,
             error=str(self.batcher.load_error) if self.batcher.load_error is not None else None,
@@ -76,7 +76,8 @@ class ServedModel:
 
 def default_loader(bundle: Bundle, settings: Settings) -> Backend:
     opts = {"threads": settings.threads} if settings.threads is not None else {}
-    return runtime.load(bundle, backend=settings.backend, precision=settings.precision, **opts)
+    return runtime.load(bundle, backend=settings.backend, precision=settings.precision, end_to_end=settings.end_to_end,
+                        **opts)
 
 
 class Registry:

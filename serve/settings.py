@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     top_k: int | None = Field(None, ge=1, description="classification: labels returned; default: kiln.json")
     warmup: bool = Field(True, description="run one batch per model before reporting ready")
     workers: int = Field(1, ge=1, description="server processes sharing the port, each with its own backends")
+    end_to_end: bool = Field(False, description="detectors: serve the graph with NMS inside (kiln export --nms)")
     threads: int | None = Field(
         None, ge=1, description="intra-op threads per model for ONNX Runtime and PyTorch; default: the runtime's"
     )

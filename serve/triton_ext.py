@@ -9,6 +9,7 @@ proto field names, every field present, 64-bit integers as numbers), so the two 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -69,6 +70,10 @@ def config_message(model: ServedModel) -> Any:
         top = model.batcher.max_items
         batch = BatchRange(min=min(batch.min, top), opt=min(batch.opt, top), max=top)
     options = TritonOptions(max_queue_delay_us=round(model.batcher.max_delay * 1e6))
+    served = model.batcher.backend
+    art = model.manifest.artifacts.get(getattr(served, "artifact", None) or "")
+    if art is not None and (nms := (art.model_extra or {}).get("nms")):  # an end-to-end detector graph
+        options = dataclasses.replace(options, outputs=tuple(model.bundle.outputs_of(art)), nms=nms)
     plat = platform(model)
     return model_config(model.bundle, batch, platform=plat if plat != "loading" else "onnxruntime_onnx",
                         name=model.name, options=options)

@@ -182,7 +182,8 @@ def model_input(tensors: Sequence[InputTensor]) -> list[bytes] | np.ndarray:
 
 def output_names(model: ServedModel, wanted: Sequence[str] | None) -> list[str]:
     """The outputs a request asked for, in its order (all of the model's when it names none)."""
-    names = [o.name for o in model.manifest.outputs]
+    served = model.batcher.backend  # an end-to-end detector graph has other outputs than kiln.json's raw ones
+    names = [o.name for o in (served.outputs if served is not None else model.manifest.outputs)]
     if not wanted:
         return names
     unknown = [n for n in wanted if n not in names]

@@ -73,6 +73,7 @@ def load(
     backend: str = "auto",
     precision: str | None = None,
     device: str | None = None,
+    end_to_end: bool = False,
     **opts: Any,
 ) -> KilnBackend:
     """Open ``bundle`` with ``backend`` (``auto``, ``tensorrt``, ``onnxrt`` or ``torch``).
@@ -84,7 +85,8 @@ def load(
     ``precision=None`` means fp32 for onnxrt and torch, and for TensorRT the first engine found in the
     order fp16, fp32, int8. A precision the bundle has no artifact for raises BackendUnavailable
     listing what it has. ``opts`` are backend options (see docs/runtime.md); in auto mode each backend
-    gets the ones it knows.
+    gets the ones it knows. ``end_to_end`` opens a detector's graph with NMS inside (``kiln export --nms``,
+    outputs ``num_dets``, ``det_boxes``, ``det_scores``, ``det_classes``) instead of the raw graph.
     """
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     if backend != "auto" and backend not in BACKENDS:
@@ -104,7 +106,10 @@ def load(
     for name in order:
         own = {k: v for k, v in opts.items() if k in OPTIONS[name]}
         try:
-            chosen = _OPENERS[name](b, precision, dev, device, own)
+            if end_to_end and not any(a.format == _FORMAT_OF[name] for a in b.artifacts(end_to_end=True)):
+                how = f"kiln export {b.root} --nms" if name == "onnxrt" else "--nms writes ONNX graphs only"
+                raise BackendUnavailable(f"the bundle has no end-to-end {_FORMAT_OF[name]} graph ({how})")
+            chosen = _OPENERS[name](b, precision, dev, device, {**own, "end_to_end": end_to_end})
         except BackendUnavailable as exc:
             reason = str(exc).removeprefix(f"{name}: ")
             skipped.append(f"{name}: {reason}")
@@ -181,7 +186,8 @@ def available_backends() -> dict[str, dict[str, Any]]:
 
 def _open_tensorrt(b: Bundle, precision: str | None, dev: Device | None, device: str | None, opts: dict[str, Any]) -> KilnBackend:
     order = [precision] if precision else list(TENSORRT_DEFAULT_ORDER)
-    engines = [a for p in order for a in b.artifacts("tensorrt", p)]
+    e2e = opts.pop("end_to_end", False)
+    engines = [a for p in order for a in b.artifacts("tensorrt", p, end_to_end=e2e)]
     if not engines:
         return _missing("tensorrt", "TensorRT engine", precision, b)
     if (why := tensorrt.unavailable_reason(dev)) is not None:
@@ -196,7 +202,7 @@ def _open_tensorrt(b: Bundle, precision: str | None, dev: Device | None, device:
 
 
 def _open_onnxrt(b: Bundle, precision: str | None, dev: Device | None, device: str | None, opts: dict[str, Any]) -> KilnBackend:
-    art = b.artifact("onnx", precision or "fp32")
+    art = next(iter(b.artifacts("onnx", precision or "fp32", end_to_end=opts.pop("end_to_end", False))), None)
     if art is None:
         return _missing("onnxrt", "ONNX model", precision or "fp32", b)
     if (why := onnxrt.unavailable_reason(dev)) is not None:
@@ -206,6 +212,7 @@ def _open_onnxrt(b: Bundle, precision: str | None, dev: Device | None, device: s
 
 def _open_torch(b: Bundle, precision: str | None, dev: Device | None, device: str | None, opts: dict[str, Any]) -> KilnBackend:
     prec = precision or "fp32"
+    opts.pop("end_to_end", None)  # load() checked that there is an end-to-end graph for torch (there never is)
     if (why := torch_backend.unavailable_reason(dev, prec)) is not None:
         raise BackendUnavailable(why)
     art = b.artifact("torch", "fp32") or next(iter(b.artifacts("torch")), None)
@@ -232,7 +239,7 @@ _OPENERS: Mapping[str, Callable[[Bundle, str | None, Device | None, str | None, 
 
 
 def preflight(bundle: Bundle | str | os.PathLike[str], backend: str = "auto", precision: str | None = None,
-              device: str | None = None) -> None:
+              device: str | None = None, end_to_end: bool = False) -> None:
     """Raise BackendUnavailable, with the command that fixes it, when ``load(bundle, backend, precision)``
     cannot succeed here: checked from kiln.json and the installed libraries, without loading anything, so
     a server refuses to start before it binds a port."""
@@ -240,6 +247,8 @@ def preflight(bundle: Bundle | str | os.PathLike[str], backend: str = "auto", pr
     if backend != "auto" and backend not in BACKENDS:
         raise unknown_choice("backend", backend, BACKEND_CHOICES, flag="--backend")
     dev = parse_device(device)
+    if end_to_end and not b.artifacts(end_to_end=True):
+        raise BackendUnavailable(f"{b.name}: the bundle has no end-to-end graph; write one: kiln export {b.root} --nms")
     reasons = []
     for name in list(BACKENDS) if backend == "auto" else [backend]:
         why = _cannot_open(b, name, precision, dev)

@@ -132,7 +132,7 @@ class OnnxRuntimeBackend(KilnBackend):
         path = bundle.verify_artifact(art)
         m = bundle.manifest
         _, top = batch_limits(m.input.batch, max_batch)
-        backend = cls(path, inputs=[m.input], outputs=m.outputs, precision=art.precision, device=device, max_batch=top, **opts)
+        backend = cls(path, inputs=[m.input], outputs=bundle.outputs_of(art), precision=art.precision, device=device, max_batch=top, **opts)
         backend.artifact = art.file
         return backend
 

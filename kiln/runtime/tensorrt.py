@@ -431,7 +431,7 @@ class TensorRTBackend(KilnBackend):
         extra = art.model_extra or {}
         m = bundle.manifest
         backend = cls(
-            path, inputs=[m.input], outputs=m.outputs, precision=art.precision, device=device,
+            path, inputs=[m.input], outputs=bundle.outputs_of(art), precision=art.precision, device=device,
             version_compat=bool(extra.get("version_compat")), **opts,
         )
         backend.artifact = art.file
