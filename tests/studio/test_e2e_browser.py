@@ -38,12 +38,15 @@ def shot(driver, name: str) -> None:  # type: ignore[no-untyped-def]
 
 def test_studio_from_a_folder_of_photos_to_a_served_model(live_studio: LiveStudio, browser: object, photo_folder: Path,
                                                           digits_bundle: Path, tmp_path: Path) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     d = browser
-    wait = WebDriverWait(d, 60)
-    long_wait = WebDriverWait(d, 900, poll_frequency=0.5)
+    # The page re-renders lists as data arrives: an element read mid-render is looked up again.
+    stale = (StaleElementReferenceException,)
+    wait = WebDriverWait(d, 60, ignored_exceptions=stale)
+    long_wait = WebDriverWait(d, 900, poll_frequency=0.5, ignored_exceptions=stale)
     copy_bundle(digits_bundle, live_studio.workspace, "digits-cli")  # a run from the command line
 
     # Datasets: a folder under the data root
