@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -28,6 +28,7 @@ from tritonclient.grpc import service_pb2_grpc
 from kiln import __version__
 from kiln.errors import ConfigError, InputError, KilnError
 from kiln.serve.errors import GRPC_FOR_HTTP, lookup
+from kiln.serve.grpc_wire import split_infer_request
 from kiln.serve.inference import Input, infer
 from kiln.serve.registry import Registry, ServedModel
 from kiln.serve.schemas import v2_datatype
@@ -60,6 +61,7 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
              "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 
+SERVICE = "inference.GRPCInferenceService"
 # Requests of one ModelStreamInfer stream served at once; the stream reads no further until one finishes.
 STREAM_IN_FLIGHT = 64
 
@@ -169,6 +171,13 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         return await self.infer(request)
 
+    @rpc()
+    async def ModelInferWire(self, request: bytes, context: Any) -> Any:
+        """:meth:`ModelInfer` from the message's bytes (how :func:`start` registers it): the tensors'
+        data is read in place, not copied (:mod:`kiln.serve.grpc_wire`)."""
+        message, raw = split_infer_request(request)
+        return await self.infer(message, raw)
+
     async def ModelStreamInfer(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Triton's streaming inference (tritonclient's ``start_stream`` / ``async_stream_infer``): each
         request of the stream is served as :meth:`ModelInfer` serves it, with the same limits, up to
@@ -214,10 +223,11 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             for task in list(running):
                 task.cancel()
 
-    async def infer(self, request: Any) -> Any:
-        """One ``ModelInferRequest`` answered (typed errors raised, for the caller to answer)."""
+    async def infer(self, request: Any, raw: Sequence[bytes | memoryview] | None = None) -> Any:
+        """One ``ModelInferRequest`` answered (typed errors raised, for the caller to answer); ``raw``:
+        its ``raw_input_contents`` when they were split off the message."""
         model = self.served(request.model_name, request.model_version)
-        out, _, wanted, _ = await infer(model, self._read(model, request), request.id, self.settings,
+        out, _, wanted, _ = await infer(model, self._read(model, request, raw), request.id, self.settings,
                                         self.decode_slots, self.stats)
         response = pb.ModelInferResponse(model_name=model.name, model_version=VERSION, id=request.id)
         for k in wanted:
@@ -228,11 +238,12 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             response.raw_output_contents.append(to_bytes(arr))
         return response
 
-    async def _read(self, model: ServedModel, request: Any) -> tuple[Input, list[str]]:
+    async def _read(self, model: ServedModel, request: Any,
+                    raw: Sequence[bytes | memoryview] | None) -> tuple[Input, list[str]]:
         """The model's input from the request's tensors, and the outputs it asks for."""
         check_inputs(model, [(t.name, t.datatype, [int(d) for d in t.shape]) for t in request.inputs],
                      self.settings.max_images_per_request)
-        tensors = grpc_inputs(request)
+        tensors = grpc_inputs(request, raw)
         wanted = output_names(model, [o.name for o in request.outputs] or None)
         for o in request.outputs:
             check_output_parameters(o.name, o.parameters)
@@ -260,9 +271,11 @@ for _name, _method in vars(service_pb2_grpc.GRPCInferenceServiceServicer).items(
 del _name, _method
 
 
-def grpc_inputs(request: Any) -> list[InputTensor]:
-    """Each input from ``raw_input_contents`` (one entry per input, in order) or its typed contents."""
-    raw = request.raw_input_contents
+def grpc_inputs(request: Any, raw: Sequence[bytes | memoryview] | None = None) -> list[InputTensor]:
+    """Each input from ``raw_input_contents`` (one entry per input, in order; ``raw`` when given) or its
+    typed contents."""
+    if raw is None:
+        raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InputError(f"raw_input_contents holds {len(raw)} tensors | expected one per input ({len(request.inputs)})")
     tensors = []
@@ -280,6 +293,31 @@ def grpc_inputs(request: Any) -> list[InputTensor]:
     return tensors
 
 
+class _Handlers:
+    """Receives the method handlers tritonclient's generated code would add to a server."""
+
+    handlers: dict[str, grpc.RpcMethodHandler]
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers = dict(handlers)
+
+
+def _add_service(servicer: Servicer, server: grpc.aio.Server) -> None:
+    """The service's handlers as the generated code makes them, except ModelInfer, which receives the
+    message's bytes (:meth:`Servicer.ModelInferWire`)."""
+    made = _Handlers()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, made)
+    handlers = made.handlers
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInferWire, request_deserializer=None,
+        response_serializer=pb.ModelInferResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 async def start(app: Any) -> grpc.aio.Server:
     """Listen on ``settings.grpc_port`` (0: a free port, kept in ``app.state.grpc_port``) and start serving."""
     settings: Settings = app.state.settings
@@ -289,7 +327,7 @@ async def start(app: Any) -> grpc.aio.Server:
     # Workers of `kiln serve --workers N` (app.state.workers) share the port the parent holds for them.
     shared = getattr(app.state, "workers", None) is not None
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", int(shared))])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(app.state), server)
+    _add_service(Servicer(app.state), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
         port = server.add_insecure_port(f"{host}:{settings.grpc_port}")

@@ -45,6 +45,7 @@ from typing import Any
 
 import uvicorn
 
+from kiln.serve.heap import return_large_buffers
 from kiln.serve.registry import Registry
 from kiln.serve.settings import Settings
 
@@ -425,7 +426,9 @@ def build_server(app: Any, registry: Registry, settings: Settings, *, access_log
     """The uvicorn server for ``app`` with every connection limit from ``settings``. Lifts the soft
     open-file limit to the hard one (:func:`raise_open_file_limit`); the connection cap defaults to a
     size derived from it. ``own_listener=False``: the listening socket is shared with other workers, so
-    the drain's end leaves refusing new connections on it to the parent."""
+    the drain's end leaves refusing new connections on it to the parent. Large request buffers are
+    returned to the system when freed (:func:`kiln.serve.heap.return_large_buffers`)."""
+    return_large_buffers()
     open_files = raise_open_file_limit()
     max_connections = settings.max_connections or default_max_connections(open_files)
     limits = ConnectionLimits(settings.header_timeout_s, max_connections, settings.keep_alive_s)
