@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiln import __version__
 from kiln.bundle import Bundle
-from kiln.serve import docs, errors, grpc, health, v1, v2
+from kiln.serve import docs, errors, grpc, health, kserve, v1, v2
 from kiln.serve.health import WorkerReadiness
 from kiln.serve.metrics import Metrics
 from kiln.serve.middleware import RequestGate
@@ -163,8 +163,9 @@ def create_app(
             expose_headers=["X-Request-ID"],
         )
     app.front = front
-    # v1 first: routing tries each route in turn and predict is the hot one (no paths overlap).
-    for router in (v1.router, health.router, v2.router):
+    # v1 first: routing tries each route in turn and predict is the hot one. KServe V1's POST
+    # /v1/models/{name}:predict is a full match where GET /v1/models/{name} is only a partial one (405).
+    for router in (v1.router, kserve.router, health.router, v2.router):
         # Not include_router: FastAPI keeps an included router as a branch that is matched again on every
         # request. Each APIRoute already carries its router's tags, dependencies and error responses, so
         # placing the routes on the app keeps routing one flat table (app.dependency_overrides skips them).

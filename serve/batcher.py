@@ -64,7 +64,9 @@ INLINE_MAX_S = 0.002
 
 
 BatchHook = Callable[[int, float], None]
-RunHook = Callable[[int, float, list[float]], None]
+# (items, backend seconds, each request's seconds in the queue, seconds to gather the inputs, seconds to
+# hand the outputs back): Triton's queue, compute_infer, compute_input and compute_output statistics
+RunHook = Callable[[int, float, list[float], float, float], None]
 
 
 class Batcher:
@@ -103,8 +105,7 @@ class Batcher:
         self.max_queue = max_queue
         self._warmup = warmup
         self.on_batch = on_batch
-        # (items, backend seconds, each request's seconds in the queue): inference statistics
-        self.on_run: RunHook | None = None
+        self.on_run: RunHook | None = None  # inference statistics (see RunHook)
         self._poll = poll
         self._clock = clock
         self._queue: WakeableQueue = WakeableQueue(maxsize=max_queue)
@@ -235,6 +236,7 @@ class Batcher:
             n = batch_size(feeds)
             if n > self.max_items:
                 return None
+            t_in = time.perf_counter()
             padded, pad = pad_batch(feeds, backend.min_batch)
             t0 = time.perf_counter()
             try:
@@ -246,14 +248,16 @@ class Batcher:
             seconds = time.perf_counter() - t0
         finally:
             self._inline_lock.release()
+        t_out = time.perf_counter()
+        out = {k: v[:n] for k, v in out.items()} if pad else out
         try:
             if self.on_batch is not None:
                 self.on_batch(n, seconds)
             if self.on_run is not None:
-                self.on_run(n, seconds, [0.0])
+                self.on_run(n, seconds, [0.0], t0 - t_in, time.perf_counter() - t_out)
         except Exception:  # a metrics hook must never fail the request
             log.exception("metrics hook failed")
-        return {k: v[:n] for k, v in out.items()} if pad else out
+        return out
 
     # -- worker --
 
@@ -320,6 +324,7 @@ class Batcher:
 
     def _run_batch(self, backend: Backend, batch: list[Pending]) -> None:
         n = sum(p.size for p in batch)
+        t_in = time.perf_counter()
         try:
             if len(batch) == 1:
                 feeds = batch[0].feeds
@@ -341,11 +346,13 @@ class Batcher:
                     InferenceFailed(f"inference failed ({type(exc).__name__}); see the server log", p.request_id)
                 )
             return
+        t_out = time.perf_counter()
         offset = 0
         for p in batch:
             p.future.set_result({k: v[offset : offset + p.size] for k, v in out.items()})
             offset += p.size
         wake_loops([p.future for p in batch])
+        output_s = time.perf_counter() - t_out
         if self.on_batch is not None:
             try:
                 self.on_batch(n, seconds)
@@ -353,7 +360,7 @@ class Batcher:
                 log.exception("on_batch hook failed")
         if self.on_run is not None:
             try:
-                self.on_run(n, seconds, [started - p.enqueued for p in batch])
+                self.on_run(n, seconds, [started - p.enqueued for p in batch], t0 - t_in, output_s)
             except Exception:
                 log.exception("on_run hook failed")
 

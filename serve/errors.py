@@ -81,16 +81,21 @@ def error_response(
     status: int, code: str, message: str, request_id: str | None, headers: Mapping[str, str] | None = None,
     path: str | None = None,
 ) -> JSONResponse:
-    """kiln's error shape; on a KServe v2 ``path`` the protocol's ``{"error": "<message>"}``, which
+    """kiln's error shape; on a KServe v2 or V1 ``path`` the protocol's ``{"error": "<message>"}``, which
     Triton and KServe clients parse."""
     body: dict[str, Any] = {"error": {"code": code, "message": message, "request_id": request_id}}
-    if path is not None and is_v2(path):
+    if path is not None and (is_v2(path) or is_kserve_v1(path)):
         body = {"error": message}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 def is_v2(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
+
+
+def is_kserve_v1(path: str) -> bool:
+    """KServe V1's ``/v1/models/{name}:predict`` (beside kiln's native ``/v1``)."""
+    return path.startswith("/v1/models/") and path.endswith(":predict")
 
 
 def request_id(request: Request) -> str | None:
@@ -161,5 +166,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-__all__ = ["ERRORS", "GRPC_FOR_HTTP", "OPENAPI_RESPONSES", "ApiError", "describe_validation", "error_response", "handle", "install", "is_v2",
+__all__ = ["ERRORS", "GRPC_FOR_HTTP", "OPENAPI_RESPONSES", "ApiError", "describe_validation", "error_response", "handle", "install", "is_kserve_v1", "is_v2",
            "lookup", "request_id"]

@@ -44,6 +44,7 @@ from kiln.serve.triton_ext import (
 )
 from kiln.serve.v2_tensors import (
     InputTensor,
+    boxes_to_original,
     check_inputs,
     check_output_parameters,
     from_list,
@@ -227,8 +228,9 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         """One ``ModelInferRequest`` answered (typed errors raised, for the caller to answer); ``raw``:
         its ``raw_input_contents`` when they were split off the message."""
         model = self.served(request.model_name, request.model_version)
-        out, _, wanted, _ = await infer(model, self._read(model, request, raw), request.id, self.settings,
-                                        self.decode_slots, self.stats)
+        out, letterboxes, wanted, _ = await infer(model, self._read(model, request, raw), request.id,
+                                                  self.settings, self.decode_slots, self.stats)
+        out = boxes_to_original(model, out, letterboxes)  # encoded images: boxes in their own pixels, as /v1
         response = pb.ModelInferResponse(model_name=model.name, model_version=VERSION, id=request.id)
         for k in wanted:
             arr = out[k]

@@ -176,6 +176,22 @@ V2Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT
 TensorName = Annotated[str, Field(min_length=1, max_length=256)]
 
 
+class V1PredictRequest(BaseModel):
+    """KServe V1 ``:predict``: one instance per image, each the model's input tensor as nested lists
+    (preprocessed) or an encoded image file as ``{"b64": "<base64>"}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[list[Any] | dict[str, Any]] = Field(
+        min_length=1, description='per image: the input tensor as nested lists, or {"b64": "<encoded image file>"}')
+
+
+class V1PredictResponse(BaseModel):
+    """KServe V1 ``:predict``'s answer: per instance what ``/v1/models/{name}/predict`` answers per image."""
+
+    predictions: list[dict[str, Any]]
+
+
 class V2Error(BaseModel):
     """Errors on the /v2 routes, as the Open Inference Protocol defines them."""
 

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.bundle import BatchRange
+from kiln.bundle import BatchRange, TensorSpec
 from kiln.serve.registry import ModelNotFound, Registry, ServedModel
 from kiln.serve.schemas import MetadataTensor, ModelMetadata, v2_datatype
-from kiln.triton_config import TritonOptions, model_config
+from kiln.triton_config import TritonOptions, describe_output, model_config
 
 VERSION = "1"  # a bundle is one model version; metadata advertises it and versioned routes accept it
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxrt": "onnxruntime_onnx", "torch": "pytorch_libtorch"}
@@ -45,21 +45,54 @@ def platform(model: ServedModel) -> str:
     return PLATFORMS.get(b.name, b.name) if b is not None else "loading"
 
 
+# Where a detector's boxes are, as this server answers them (kiln.json's description is the graph's own).
+BOX_COORDINATES = ("x1, y1, x2, y2 in the model input's (letterboxed) pixels for a tensor input; in each original "
+                   "image's pixels for encoded images (BYTES input), as /v1 answers: raw boxes unclipped (clip to "
+                   "the image after NMS), det_boxes clipped")
+
+
+def served_outputs(model: ServedModel) -> list[TensorSpec]:
+    """The outputs of the graph being served (an end-to-end detector's num_dets, det_boxes, ...), or
+    kiln.json's before it is loaded."""
+    b = model.batcher.backend
+    return list(b.outputs) if b is not None else list(model.manifest.outputs)
+
+
 def model_metadata(model: ServedModel) -> ModelMetadata:
-    """The protocol's model metadata (name, versions, platform, input and output tensors with a dynamic
-    batch axis), and kiln's parameters (task, labels, backend, precision); REST answers all of it, gRPC
-    the tensors and names (its parameters hold scalars only)."""
+    """The protocol's model metadata (name, versions, platform, input and the served graph's output tensors
+    with a dynamic batch axis), and kiln's parameters (task, labels, backend, precision, what each output
+    holds, and for a detector where its boxes are and the NMS inside an end-to-end graph); REST answers all
+    of it, gRPC the tensors and names (its metadata has no parameters: the model configuration holds the
+    same descriptions)."""
     m = model.manifest
     b = model.batcher.backend
+    outputs = served_outputs(model)
+    params: dict[str, Any] = {"task": m.task, "labels": m.classes, "backend": b.name if b else None,
+                              "precision": b.precision if b else None,
+                              "outputs": {o.name: describe_output(model.bundle, o.name) for o in outputs}}
+    if m.task == "detect":
+        params["box_coordinates"] = BOX_COORDINATES
+        nms = _served_nms(model)
+        baked = ", ".join(f"{k}={nms[k]}" for k in _NMS_KEYS if k in nms)
+        params["postprocessing"] = (f"NMS done in the graph ({baked})"
+                                    if nms else "none: threshold the scores, then per-class NMS (kiln.json postprocess)")
     return ModelMetadata(
         name=model.name,
         versions=[VERSION],
         platform=platform(model),
         inputs=[MetadataTensor(name=m.input.name, datatype=v2_datatype(m.input.dtype), shape=[-1, *m.input.shape])],
-        outputs=[MetadataTensor(name=o.name, datatype=v2_datatype(o.dtype), shape=[-1, *o.shape]) for o in m.outputs],
-        parameters={"task": m.task, "labels": m.classes, "backend": b.name if b else None,
-                    "precision": b.precision if b else None},
+        outputs=[MetadataTensor(name=o.name, datatype=v2_datatype(o.dtype), shape=[-1, *o.shape]) for o in outputs],
+        parameters=params,
     )
+
+
+_NMS_KEYS = ("score_threshold", "iou_threshold", "max_detections", "class_agnostic")
+
+
+def _served_nms(model: ServedModel) -> dict[str, Any] | None:
+    """The NMS settings inside the served graph (an end-to-end detector's artifact), or None."""
+    art = model.manifest.artifacts.get(getattr(model.batcher.backend, "artifact", None) or "")
+    return (art.model_extra or {}).get("nms") if art is not None else None
 
 
 def config_message(model: ServedModel) -> Any:
@@ -70,10 +103,8 @@ def config_message(model: ServedModel) -> Any:
         top = model.batcher.max_items
         batch = BatchRange(min=min(batch.min, top), opt=min(batch.opt, top), max=top)
     options = TritonOptions(max_queue_delay_us=round(model.batcher.max_delay * 1e6))
-    served = model.batcher.backend
-    art = model.manifest.artifacts.get(getattr(served, "artifact", None) or "")
-    if art is not None and (nms := (art.model_extra or {}).get("nms")):  # an end-to-end detector graph
-        options = dataclasses.replace(options, outputs=tuple(model.bundle.outputs_of(art)), nms=nms)
+    if nms := _served_nms(model):  # an end-to-end detector graph
+        options = dataclasses.replace(options, outputs=tuple(served_outputs(model)), nms=nms)
     plat = platform(model)
     return model_config(model.bundle, batch, platform=plat if plat != "loading" else "onnxruntime_onnx",
                         name=model.name, options=options)
@@ -151,25 +182,43 @@ class _Duration:
 
 
 @dataclass
+class _Stages:
+    """compute_input, compute_infer and compute_output of one batch size (or of every request)."""
+
+    input: _Duration = field(default_factory=_Duration)
+    infer: _Duration = field(default_factory=_Duration)
+    output: _Duration = field(default_factory=_Duration)
+
+    def add(self, input_s: float, infer_s: float, output_s: float, count: int) -> None:
+        self.input.add(input_s, count)
+        self.infer.add(infer_s, count)
+        self.output.add(output_s, count)
+
+
+@dataclass
 class ModelStats:
     """One model's counters. Requests (success, fail) are counted by the protocol handlers; queue time
-    and backend time per batch size come from the batcher's own measurements (``Batcher.on_run``)."""
+    and the three compute stages per batch size come from the batcher's own measurements
+    (``Batcher.on_run``): compute_input gathers the requests' inputs into one batch (concatenation,
+    padding), compute_infer is the backend call, compute_output hands each request its rows."""
 
     success: _Duration = field(default_factory=_Duration)
     fail: _Duration = field(default_factory=_Duration)
     queue: _Duration = field(default_factory=_Duration)
-    compute: _Duration = field(default_factory=_Duration)
-    batches: dict[int, _Duration] = field(default_factory=dict)
+    compute: _Stages = field(default_factory=_Stages)
+    batches: dict[int, _Stages] = field(default_factory=dict)
     inference_count: int = 0
     last_inference_ms: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record_run(self, items: int, seconds: float, waits: list[float]) -> None:
+    def record_run(self, items: int, seconds: float, waits: list[float], input_s: float = 0.0,
+                   output_s: float = 0.0) -> None:
         with self.lock:
-            self.compute.add(seconds, len(waits))
+            # Per request, as Triton counts them: each request of the batch spent the batch's stage times.
+            self.compute.add(input_s, seconds, output_s, len(waits))
             for w in waits:
                 self.queue.add(max(0.0, w))
-            self.batches.setdefault(items, _Duration()).add(seconds)
+            self.batches.setdefault(items, _Stages()).add(input_s, seconds, output_s, 1)
             self.inference_count += items
             self.last_inference_ms = int(time.time() * 1000)
 
@@ -184,17 +233,17 @@ class ModelStats:
             return pb.StatisticDuration(count=d.count, ns=d.ns)
 
         with self.lock:
-            # Input and output copies are part of the backend call here, so compute_infer holds all of it;
-            # the other durations are present (as Triton answers them) and zero.
-            zero = pb.StatisticDuration()
+            zero = pb.StatisticDuration()  # no response cache: present, as Triton answers them, and zero
+            c = self.compute
             stats = pb.InferStatistics(success=dur(self.success), fail=dur(self.fail), queue=dur(self.queue),
-                                       compute_input=zero, compute_infer=dur(self.compute), compute_output=zero,
-                                       cache_hit=zero, cache_miss=zero)
-            batches = [pb.InferBatchStatistics(batch_size=n, compute_input=zero, compute_infer=dur(d), compute_output=zero)
+                                       compute_input=dur(c.input), compute_infer=dur(c.infer),
+                                       compute_output=dur(c.output), cache_hit=zero, cache_miss=zero)
+            batches = [pb.InferBatchStatistics(batch_size=n, compute_input=dur(d.input), compute_infer=dur(d.infer),
+                                               compute_output=dur(d.output))
                        for n, d in sorted(self.batches.items())]
             return pb.ModelStatistics(
                 name=name, version=VERSION, last_inference=self.last_inference_ms,
-                inference_count=self.inference_count, execution_count=sum(d.count for d in self.batches.values()),
+                inference_count=self.inference_count, execution_count=sum(d.infer.count for d in self.batches.values()),
                 inference_stats=stats, batch_stats=batches,
             )
 
@@ -224,6 +273,6 @@ class Stats:
         return pb.ModelStatisticsResponse(model_stats=[self.models[n].message(n) for n in names])
 
 
-__all__ = ["EXTENSIONS", "PLATFORMS", "VERSION", "ModelStats", "Stats", "VersionNotFound", "config_message", "index_message",
-           "message_to_json", "model_metadata", "platform",
+__all__ = ["BOX_COORDINATES", "EXTENSIONS", "PLATFORMS", "VERSION", "ModelStats", "Stats", "VersionNotFound", "config_message", "index_message",
+           "message_to_json", "model_metadata", "platform", "served_outputs",
            "versioned"]

@@ -51,6 +51,7 @@ from kiln.serve.triton_ext import (
 )
 from kiln.serve.v2_tensors import (
     InputTensor,
+    boxes_to_original,
     check_inputs,
     check_output_parameters,
     from_list,
@@ -91,7 +92,7 @@ def _route(path: str, methods: list[str], endpoint: Callable[..., Any], **kw: An
     router.add_api_route(path, endpoint, methods=methods, **kw)
     head, tail = path[: path.index("{name}") + 6], path[path.index("{name}") + 6 :]
     extra = dict(kw.pop("openapi_extra", None) or {})
-    extra["parameters"] = [_VERSION_PARAM]
+    extra["parameters"] = [*extra.get("parameters", []), _VERSION_PARAM]
     router.add_api_route(f"{head}/versions/{{version}}{tail}", endpoint, methods=methods, openapi_extra=extra, **kw)
 
 
@@ -128,7 +129,7 @@ async def v2_ready(request: Request) -> Any:
 async def v2_repository_index(request: Request) -> Any:
     body = await request.body()
     limits = JsonLimits(request.app.state.settings.max_json_depth, _JSON_SLACK)
-    query = _parse(RepositoryIndexRequest, body, limits) if body.strip() else RepositoryIndexRequest()
+    query = parse_json(RepositoryIndexRequest, body, limits) if body.strip() else RepositoryIndexRequest()
     return message_to_json(index_message(request.app.state.registry, bool(query.ready))).get("models", [])
 
 
@@ -172,9 +173,10 @@ async def v2_model_stats(name: str, request: Request) -> Any:
 async def v2_infer(name: str, request: Request) -> Response:
     state = request.app.state
     model = served(request, name)
-    out, _, (req, wanted, as_binary), _ = await infer(model, _read(model, request, state), request_id(request) or "",
-                                                    state.settings, state.decode_slots, state.stats,
-                                                    request.is_disconnected)
+    out, letterboxes, (req, wanted, as_binary), _ = await infer(
+        model, _read(model, request, state), request_id(request) or "", state.settings, state.decode_slots, state.stats,
+        request.is_disconnected)
+    out = boxes_to_original(model, out, letterboxes)  # encoded images: boxes in their own pixels, as /v1
     return infer_response(name, req.id, {k: out[k] for k in wanted}, as_binary)
 
 
@@ -183,8 +185,8 @@ async def _read(model: ServedModel, request: Request,
     """The model's input from the JSON request and its binary data, and the outputs it asks for."""
     settings: Settings = state.settings
     body = await request.body()
-    header_length = request.headers.get("inference-header-content-length")
-    if len(body) > _INLINE_BYTES:  # parsing takes the event loop's time: do it beside it
+    header_length = request.headers.get(_HEADER_LENGTH)
+    if len(body) > INLINE_BYTES:  # parsing takes the event loop's time: do it beside it
         async with state.decode_slots:
             req, tensors = await asyncio.to_thread(read_infer, model, body, header_length, settings)
     else:
@@ -194,13 +196,23 @@ async def _read(model: ServedModel, request: Request,
     return model_input(tensors), (req, wanted, as_binary)
 
 
-_INFER_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": inline_schema(InferenceRequest)},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}, "description": (
-        "binary data extension: the JSON request (Inference-Header-Content-Length bytes) then each input's bytes")},
-}}}
-_BINARY_ANSWER: dict[int | str, dict[str, Any]] = {200: {"content": {"application/octet-stream": {}}, "description": (
-    "with binary outputs: the JSON response (Inference-Header-Content-Length bytes) then each output's bytes")}}
+# One body schema (the JSON request): a body offered as two media types makes client generators emit
+# modules that do not import. The binary data extension sends the same JSON, its length in the header,
+# followed by the inputs' bytes; a generated client sends plain JSON.
+_HEADER_LENGTH = "Inference-Header-Content-Length"
+_INFER_BODY: dict[str, Any] = {
+    "requestBody": {"required": True, "description": (
+        f"the JSON request; with the binary data extension, {_HEADER_LENGTH} bytes of it, then each input's "
+        "bytes (inputs with parameters.binary_data_size), sent as application/octet-stream"), "content": {
+        "application/json": {"schema": inline_schema(InferenceRequest)}}},
+    "parameters": [{"name": _HEADER_LENGTH, "in": "header", "required": False, "schema": {"type": "integer", "minimum": 0},
+                    "description": "binary data extension: the length of the JSON request at the start of the body"}],
+}
+_BINARY_ANSWER: dict[int | str, dict[str, Any]] = {200: {"description": (
+    f"the JSON response; with binary outputs, {_HEADER_LENGTH} bytes of it, then each output's bytes "
+    "(application/octet-stream)"), "headers": {_HEADER_LENGTH: {
+        "description": "with binary outputs: the length of the JSON response at the start of the body",
+        "schema": {"type": "integer"}}}}}
 
 _route("/v2/models/{name}", ["GET"], v2_model, response_model=ModelMetadata)
 _route("/v2/models/{name}/ready", ["GET"], v2_model_ready, tags=["health"],
@@ -217,7 +229,7 @@ _route("/v2/models/{name}/infer", ["POST"], v2_infer, dependencies=AUTH, respons
 
 
 # Bodies up to this size are parsed on the event loop (well under a millisecond); larger ones in a thread.
-_INLINE_BYTES = 64 * 1024
+INLINE_BYTES = 64 * 1024
 # Separators a JSON request may hold beyond its tensors' values: names, shapes, parameters, outputs.
 _JSON_SLACK = 4096
 
@@ -277,7 +289,7 @@ def check_depth(value: Any, limit: int) -> None:
             stack.extend((c, depth + 1) for c in nested)
 
 
-def _parse(model: type[Any], text: bytes | memoryview, limits: JsonLimits) -> Any:
+def parse_json(model: type[Any], text: bytes | memoryview, limits: JsonLimits) -> Any:
     raw = load_json(bytes(text), limits)
     try:
         return model.model_validate(raw)
@@ -288,7 +300,7 @@ def _parse(model: type[Any], text: bytes | memoryview, limits: JsonLimits) -> An
 def parse_infer(body: bytes, header_length: str | None, limits: JsonLimits) -> tuple[InferenceRequest, memoryview]:
     """The JSON request and the binary data after it (binary data extension)."""
     if header_length is None:
-        return _parse(InferenceRequest, body, limits), memoryview(b"")
+        return parse_json(InferenceRequest, body, limits), memoryview(b"")
     text = header_length.strip()
     if not (text.isascii() and text.isdigit()):
         raise InputError(f"Inference-Header-Content-Length: '{header_length[:40]}' | expected a non-negative integer")
@@ -296,7 +308,7 @@ def parse_infer(body: bytes, header_length: str | None, limits: JsonLimits) -> t
     if n > len(body):
         raise InputError(f"Inference-Header-Content-Length: {n} | past the end of the {len(body)}-byte body")
     view = memoryview(body)
-    return _parse(InferenceRequest, view[:n], limits), view[n:]
+    return parse_json(InferenceRequest, view[:n], limits), view[n:]
 
 
 def read_infer(model: ServedModel, body: bytes, header_length: str | None,
@@ -363,8 +375,8 @@ def infer_response(name: str, rid: str | None, out: dict[str, Any], as_binary: d
         return JSONResponse(body)
     header = json.dumps(body, separators=(",", ":")).encode()
     return Response(b"".join([header, *chunks]), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(header))})
+                    headers={_HEADER_LENGTH: str(len(header))})
 
 
-__all__ = ["V2_RESPONSES", "JsonLimits", "VersionNotFound", "check_depth", "infer_limits", "inline_schema", "load_json",
+__all__ = ["INLINE_BYTES", "V2_RESPONSES", "JsonLimits", "VersionNotFound", "check_depth", "infer_limits", "inline_schema", "load_json", "parse_json",
            "read_infer", "router", "served"]

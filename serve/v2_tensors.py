@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import InputError
+from kiln.processing import Letterbox
 from kiln.serve.numeric import parse_tensor
 from kiln.serve.registry import ServedModel
 from kiln.serve.schemas import V2_DTYPES, v2_datatype
@@ -192,6 +193,33 @@ def output_names(model: ServedModel, wanted: Sequence[str] | None) -> list[str]:
     return list(wanted)
 
 
+def boxes_to_original(model: ServedModel, out: Mapping[str, np.ndarray],
+                      letterboxes: Sequence[Letterbox] | None) -> dict[str, np.ndarray]:
+    """A detector's outputs for encoded images (``letterboxes``: one per image; None for a tensor input)
+    with its boxes in each original image's pixels, as /v1 answers them.
+
+    End-to-end graph: the first ``num_dets`` rows of ``det_boxes [N, K, 4]`` mapped and clipped to the
+    image (padding rows stay zeros). Raw graph: every candidate of ``boxes [N, A, 4]`` mapped, not clipped,
+    so that NMS over them keeps what NMS in the input's pixels keeps (IoU is unchanged by the letterbox's
+    one scale and shift); clip the kept boxes to the image as /v1 does. Other outputs pass unchanged."""
+    if letterboxes is None or model.manifest.task != "detect":
+        return dict(out)
+    mapped = dict(out)
+    if "det_boxes" in out and "num_dets" in out:
+        boxes = out["det_boxes"].copy()
+        for i, (lb, n) in enumerate(zip(letterboxes, out["num_dets"].reshape(len(letterboxes), -1)[:, 0], strict=True)):
+            boxes[i, : int(n)] = lb.to_original(boxes[i, : int(n)])
+        mapped["det_boxes"] = boxes
+        return mapped
+    name = "boxes" if "boxes" in out else model.manifest.outputs[0].name
+    boxes = out[name].astype(np.float32)  # a copy
+    for i, lb in enumerate(letterboxes):
+        boxes[i, ..., 0::2] = (boxes[i, ..., 0::2] - lb.pad_x) / lb.scale_x
+        boxes[i, ..., 1::2] = (boxes[i, ..., 1::2] - lb.pad_y) / lb.scale_y
+    mapped[name] = boxes.astype(out[name].dtype, copy=False)
+    return mapped
+
+
 def check_output_parameters(name: str, parameters: Mapping[str, Any]) -> None:
     """Refuse output parameters this server does not implement (REST and gRPC alike): Triton's
     ``classification`` (tritonclient's ``class_count``) would answer class labels instead of the tensor."""
@@ -211,6 +239,6 @@ def to_bytes(arr: np.ndarray) -> bytes:
 
 
 __all__ = [
-    "InputTensor", "check_count", "check_inputs", "check_output_parameters", "deserialize_bytes", "element_count", "from_list", "from_raw", "model_input", "numpy_dtype",
+    "InputTensor", "boxes_to_original", "check_count", "check_inputs", "check_output_parameters", "deserialize_bytes", "element_count", "from_list", "from_raw", "model_input", "numpy_dtype",
     "output_names", "serialize_bytes", "to_bytes",
 ]

@@ -197,7 +197,7 @@ def test_hooks_get_the_items_and_times_and_cannot_stop_the_worker(make, caplog) 
 
     batcher, _ = make(max_delay=0.0, on_batch=on_batch)
 
-    def on_run(n: int, seconds: float, waits: list[float]) -> None:
+    def on_run(n: int, seconds: float, waits: list[float], *_: float) -> None:
         seen.append(("run", n, 0 <= seconds < 5, len(waits), all(0 <= w < 5 for w in waits)))
         raise RuntimeError("metrics down")
 
@@ -263,7 +263,7 @@ def test_an_inline_run_reports_to_both_hooks_and_survives_their_failure(classify
 
     b, _ = inline_batcher(classify_bundle, on_batch=on_batch)
 
-    def on_run(n: int, seconds: float, waits: list[float]) -> None:
+    def on_run(n: int, seconds: float, waits: list[float], *_: float) -> None:
         seen.append(("run", n, 0 <= seconds < 5, waits))
         raise RuntimeError("metrics down")
 
