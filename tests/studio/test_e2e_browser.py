@@ -120,7 +120,7 @@ def test_studio_from_a_folder_of_photos_to_a_served_model(live_studio: LiveStudi
     d.get(live_studio.url + "/#test")  # type: ignore[attr-defined]
     wait.until(lambda x: "runs/first" in [o.text for o in x.find_elements(By.CSS_SELECTOR, "#test-run option")])
     Select(d.find_element(By.ID, "test-run")).select_by_value("runs/first")  # type: ignore[attr-defined]
-    Select(d.find_element(By.ID, "test-precision")).select_by_value("int8")  # type: ignore[attr-defined]
+    Select(d.find_element(By.ID, "test-precision")).select_by_visible_text("int8")  # type: ignore[attr-defined]
     d.find_element(By.CSS_SELECTOR, "#test-panel .kt-file").send_keys("\n".join(map(str, photos)))  # type: ignore[attr-defined]
     wait.until(lambda x: len(x.find_elements(By.CSS_SELECTOR, ".kt-card .kt-bar")) == 4)  # 2 photos x 2 classes
     assert js(d, "return document.querySelector('.kt-status').innerText").endswith("int8")
@@ -141,7 +141,7 @@ def test_studio_from_a_folder_of_photos_to_a_served_model(live_studio: LiveStudi
     d.get(live_studio.url + "/#serve")  # type: ignore[attr-defined]
     wait.until(lambda x: "runs/first" in [o.text for o in x.find_elements(By.CSS_SELECTOR, "#serve-run option")])
     Select(d.find_element(By.ID, "serve-run")).select_by_value("runs/first")  # type: ignore[attr-defined]
-    Select(d.find_element(By.ID, "serve-precision")).select_by_value("int8")  # type: ignore[attr-defined]
+    Select(d.find_element(By.ID, "serve-precision")).select_by_visible_text("int8")  # type: ignore[attr-defined]
     d.find_element(By.ID, "serve-go").click()  # type: ignore[attr-defined]
     long_wait.until(lambda x: x.find_elements(By.CSS_SELECTOR, ".server[data-ready='true']"))
     curl = d.find_element(By.CSS_SELECTOR, ".snippet-curl").text  # type: ignore[attr-defined]
