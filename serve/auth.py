@@ -18,7 +18,7 @@ from kiln.serve.errors import ApiError
 
 _OPEN_PATHS = frozenset({
     "/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
-    "/v2/health/live", "/v2/health/ready",
+    "/v2/health/live", "/v2/health/ready", "/static/testpanel.js", "/static/testpanel.css",
 })
 # Swagger UI's and ReDoc's scripts and styles, served from the package (kiln.serve.app).
 DOCS_ASSETS = "/docs-assets"

@@ -1,5 +1,6 @@
 """Probes and operations: ``/healthz`` (liveness), ``/readyz`` (readiness), ``/metrics`` (Prometheus)
-and the page at ``/`` to try an image."""
+and the page at ``/`` to try images, with its test panel (``/static/testpanel.js`` and ``.css``, the
+component ``kiln studio``'s Test page serves from here too)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from kiln.serve.registry import Registry
 from kiln.serve.schemas import Health
 
 router = APIRouter(responses=OPENAPI_RESPONSES)
+STATIC = importlib.resources.files("kiln.serve") / "static"
+# The test panel: one component (a predict(files) callback in, bars and boxes out) for this page and the studio.
+PANEL_ASSETS = {"testpanel.js": "text/javascript", "testpanel.css": "text/css"}
 
 
 class WorkerReadiness:
@@ -44,8 +48,20 @@ class WorkerReadiness:
 
 @router.get("/", include_in_schema=False)
 async def page() -> HTMLResponse:
-    html = importlib.resources.files("kiln.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    return HTMLResponse(html)
+    return HTMLResponse(STATIC.joinpath("index.html").read_text(encoding="utf-8"))
+
+
+def panel_asset(name: str) -> Response:
+    """``testpanel.js`` or ``testpanel.css`` from this package (404 for any other name)."""
+    media = PANEL_ASSETS.get(name)
+    if media is None:
+        return Response(status_code=404)
+    return Response(STATIC.joinpath(name).read_bytes(), media_type=media, headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def static(name: str) -> Response:
+    return panel_asset(name)
 
 
 @router.get("/healthz", response_model=Health, tags=["health"], summary="liveness: the process answers")
@@ -77,4 +93,4 @@ async def prometheus(request: Request) -> Response:
     return Response(metrics.render(), media_type=metrics.content_type)
 
 
-__all__ = ["router"]
+__all__ = ["PANEL_ASSETS", "panel_asset", "router"]

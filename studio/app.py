@@ -14,7 +14,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from kiln.errors import KilnError
-from kiln.studio import routes_data, routes_models, routes_runs
+from kiln.serve import health as serve_page
+from kiln.studio import routes_data, routes_models, routes_runs, routes_test
 from kiln.studio.config import StudioConfig
 from kiln.studio.security import Gate
 from kiln.studio.state import Studio
@@ -38,8 +39,10 @@ def build_app(cfg: StudioConfig, *, start_runner: bool = True) -> FastAPI:
 
     app = FastAPI(title="kiln studio", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.studio = studio
-    for module in (routes_data, routes_runs, routes_models):
+    for module in (routes_data, routes_runs, routes_models, routes_test):
         app.include_router(module.router)
+    # the test panel is kiln serve's component, served from that package: one file for both pages
+    app.add_api_route("/static/testpanel.{ext}", _test_panel, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -56,6 +59,10 @@ def build_app(cfg: StudioConfig, *, start_runner: bool = True) -> FastAPI:
     app.add_exception_handler(ModuleNotFoundError, _missing_module)  # type: ignore[arg-type]
     app.add_middleware(Gate, cfg=cfg)
     return app
+
+
+def _test_panel(ext: str) -> Response:
+    return serve_page.panel_asset(f"testpanel.{ext}")
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -164,7 +164,7 @@ def _predict(s: Studio, path: Path, precision: str | None, datas: list[bytes], n
     from kiln.outputs import predictions
     from kiln.runtime.base import pad_batch
 
-    backend, bundle = _backend(s, path, precision)
+    backend, bundle = bundle_backend(s, path, precision)
     m = bundle.manifest
     detect = None
     if m.task == "detect":
@@ -187,7 +187,7 @@ def _predict(s: Studio, path: Path, precision: str | None, datas: list[bytes], n
             "postprocess": post, "results": results}
 
 
-def _backend(s: Studio, path: Path, precision: str | None) -> Any:
+def bundle_backend(s: Studio, path: Path, precision: str | None) -> Any:
     from kiln.bundle import Bundle
     from kiln.runtime import load
 
@@ -313,4 +313,4 @@ def download_bundle(request: Request, run: str = Query(...)) -> FileResponse:
                         background=BackgroundTask(Path(tmp.name).unlink, missing_ok=True))
 
 
-__all__ = ["router", "snippets"]
+__all__ = ["bundle_backend", "router", "snippets"]

@@ -44,6 +44,37 @@ def _torchvision_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+@router.get("/train/cost")
+def train_cost(request: Request, model: str = Query(..., min_length=1, max_length=200),
+               image_size: int | None = Query(None, ge=8, le=1024), classes: int = Query(10, ge=1, le=100_000),
+               channels: int = Query(3, ge=1, le=4)) -> dict[str, Any]:
+    """Parameters and GFLOPs of ``model`` for one ``image_size`` image (default: the model's own side), with
+    ``classes`` outputs: the ``model_cost`` ``kiln train`` logs, computed once per combination."""
+    try:
+        from kiln.models import model_entry
+    except ModuleNotFoundError as exc:
+        raise HTTPException(501, f"{exc.name} is not installed: the model table needs the 'train' extra "
+                                 "(pip install 'kiln-vision[train]')") from None
+    entry = model_entry(model)  # an unknown name is a 400 naming the nearest ones
+    side = max(image_size or entry.default_size or 224, entry.min_size)
+    s = studio(request)
+    with s.cost_lock:  # one model built at a time: building the large ones takes seconds of CPU
+        try:
+            cost = _cost(model, side, classes, channels)
+        except (RuntimeError, ValueError) as exc:  # e.g. an input too small for the architecture
+            raise HTTPException(400, f"{model} at {side}x{side}: {str(exc).splitlines()[0]}") from None
+    return {"model": model, "task": entry.task, "image_size": side, "classes": classes, "channels": channels, **cost}
+
+
+@functools.lru_cache(maxsize=512)
+def _cost(model: str, side: int, classes: int, channels: int) -> dict[str, float]:
+    from kiln.bundle import Architecture
+    from kiln.models import build_model, model_cost
+
+    net = build_model(Architecture(name=model, args={"num_classes": classes, "in_channels": channels, "image_size": side}))
+    return model_cost(net, (channels, side, side))
+
+
 @router.post("/train/command")
 def train_command(request: Request, form: dict[str, Any] = Body(...)) -> dict[str, Any]:
     """The ``kiln train`` command the form stands for (run from the workspace)."""
@@ -69,7 +100,7 @@ def train_resolve(request: Request, form: dict[str, Any] = Body(...)) -> dict[st
     train_raw, _ = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images)
     st = resolve_settings(cfg.replace(out="unused"), train_raw)
     return {"model": st.cfg.model, "task": st.task.name, "batch_size": st.batch_size, "lr": st.cfg.learning_rate,
-            "warmup_epochs": st.cfg.warmup_epochs, "image_size": list(st.pre.size), "image_size_reason": st.input_size.reason,
+            "warmup_epochs": st.cfg.warmup_epochs, "image_size": list(st.pre.size), "channels": st.arch.args["in_channels"], "image_size_reason": st.input_size.reason,
             "workers": st.workers, "classes": st.classes, "train_images": len(train_raw)}
 
 

@@ -27,6 +27,10 @@ class Studio:
         self._lock = threading.Lock()
         self.backend_lock = threading.Lock()
         self.backends: dict[tuple[str, str | None, float], Any] = {}
+        # the Test page's validation passes (kiln.studio.routes_test), per bundle, precision and kiln.json stamp
+        self.val_lock = threading.Lock()
+        self.cost_lock = threading.Lock()  # the New run form's parameters/GFLOPs (kiln.studio.routes_runs)
+        self.validations: dict[tuple[str, str | None, float], Any] = {}
 
     def open(self) -> None:
         if self._start_runner:
@@ -39,6 +43,7 @@ class Studio:
         for backend, _bundle in self.backends.values():
             backend.close()
         self.backends.clear()
+        self.validations.clear()
         self.store.close()
 
     # ---- runs ------------------------------------------------------------------------------------

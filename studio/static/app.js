@@ -158,6 +158,7 @@ pages.new = async () => {
     f.elements.optimizer.value = defaults.values.optimizer; f.elements.schedule.value = defaults.values.schedule;
     f.elements.lr.placeholder = `(${defaults.default_lr[defaults.values.optimizer]} for ${defaults.values.optimizer})`;
     $("model-options").replaceChildren(...defaults.models.map((m) => el("option", { value: m })));
+    labelCosts(defaults.models);
     api("/train/models").then((m) => $("model-options").append(
       ...m.torchvision.filter((n) => !m.kiln.includes(n)).map((n) => el("option", { value: n, label: "torchvision" })),
       el("option", { value: "timm:", label: "timm:NAME (any timm model)" })));
@@ -165,6 +166,41 @@ pages.new = async () => {
   listDatasets();
   updateCommand();
 };
+// parameters and GFLOPs of the picked model (kiln's model_cost, cached by the studio), for the data's
+// classes, channels and input size once "Resolve defaults" has read them
+let resolved = null, costSeq = 0, costTimer = null;
+const costText = (c) => `${(c.parameters / 1e6).toFixed(2)}M parameters, ${(+c.gflops).toPrecision(3)} GFLOPs per ${c.image_size}x${c.image_size} image`;
+function costParams(model) {
+  const f = $("new-form");
+  const p = { model };
+  const size = f.elements.image_size.value || (resolved && resolved.model === model ? resolved.image_size[0] : "");
+  if (size) p.image_size = size;
+  if (resolved) { p.classes = resolved.classes.length; p.channels = resolved.channels; }
+  return p;
+}
+async function showCost() {
+  const model = $("new-form").elements.model.value.trim() || (resolved ? resolved.model : "");
+  const seq = ++costSeq;
+  if (!model) { $("new-cost").textContent = ""; return; }
+  $("new-cost").textContent = `${model}: counting parameters and GFLOPs...`;
+  let text;
+  try { const c = await api("/train/cost?" + q(costParams(model))); text = `${model}: ${costText(c)} (${c.classes} classes)`; }
+  catch (e) { text = `${model}: ${e.message}`; }
+  if (seq === costSeq) $("new-cost").textContent = text;
+}
+for (const name of ["model", "image_size"]) {
+  $("new-form").elements[name].addEventListener("input", () => { clearTimeout(costTimer); costTimer = setTimeout(showCost, 400); });
+}
+async function labelCosts(models) {
+  // one at a time, after the page is up: each answer is cached, the next visit is instant
+  for (const m of models) {
+    try {
+      const c = await api("/train/cost?" + q({ model: m }));
+      const opt = [...$("model-options").options].find((o) => o.value === m);
+      if (opt) opt.label = `${c.task}, ${costText(c)}`;
+    } catch (e) { /* a model this install cannot build: no label */ }
+  }
+}
 function formValues() {
   const out = {};
   for (const input of $("new-form").elements) {
@@ -193,6 +229,7 @@ $("new-resolve").addEventListener("click", async () => {
   $("new-resolved").textContent = "reading the dataset...";
   try {
     const r = await api("/train/resolve", { method: "POST", body: formValues() });
+    resolved = r; showCost();
     $("new-resolved").textContent = `kiln train would use: model ${r.model} (${r.task}), batch ${r.batch_size}, lr ${r.lr}, ` +
       `warm-up ${+r.warmup_epochs.toFixed(3)} epoch(s), input ${r.image_size.join("x")} (${r.image_size_reason}), ${r.workers} loader worker(s); ` +
       `${r.train_images} training images, ${r.classes.length} classes`;
@@ -338,16 +375,10 @@ function renderTable(table) {
 }
 
 // ---- test -----------------------------------------------------------------------------------------
-pages.test = async () => { await refreshRunSelects(); showConfusion(); };
-$("test-run").addEventListener("change", showConfusion);
-function showConfusion() {
-  // the validation confusion matrix kiln eval writes into the bundle, when the run has been evaluated
-  const r = runsCache.find((x) => x.run === $("test-run").value);
-  const img = el("img", { class: "sheet", alt: "validation confusion matrix", src: withToken("api/download?" + q({ run: r ? r.run : "", file: "confusion.png" })) });
-  img.onerror = () => $("test-confusion").replaceChildren();
-  $("test-confusion").replaceChildren(el("h3", { text: "validation confusion matrix (kiln eval)" }), img);
-}
-KilnTestPanel.mount($("test-panel"), {
+pages.test = async () => { await refreshRunSelects(); resetVal(); };
+$("test-run").addEventListener("change", resetVal);
+$("test-precision").addEventListener("change", resetVal);
+const panel = KilnTestPanel.mount($("test-panel"), {
   predict: async (files) => {
     const form = new FormData();
     for (const f of files) form.append("files", f, f.name);
@@ -355,6 +386,83 @@ KilnTestPanel.mount($("test-panel"), {
     if ($("test-precision").value) params.precision = $("test-precision").value;
     return api("/predict?" + q(params), { method: "POST", body: form });
   },
+});
+
+// the validation split through the bundle: confusion matrix, the images of each cell, images to test
+let val = null;
+const picked = new Set();
+const VAL_SHOWN = 200;
+function resetVal() {
+  val = null; picked.clear();
+  for (const id of ["val-confusion", "val-cell", "val-images", "val-status", "val-picked"]) $(id).replaceChildren();
+  $("val-test").disabled = true;
+}
+function valParams() {
+  const params = { run: $("test-run").value };
+  if ($("test-precision").value) params.precision = $("test-precision").value;
+  return params;
+}
+const valImageUrl = (i, size) => withToken("api/val/image?" + q({ ...val.params, i, ...(size ? { size } : {}) }));
+$("val-load").addEventListener("click", async () => {
+  const params = valParams();
+  if (!params.run) return;
+  resetVal();
+  $("val-status").textContent = "running the validation split...";
+  try { val = await api("/val?" + q(params)); } catch (e) { $("val-status").textContent = "✗ " + e.message; return; }
+  val.params = params;
+  $("val-status").textContent = `${val.count} of ${val.split_size} validation images through ${val.backend} ${val.precision}` +
+    (val.top1 !== undefined ? `: top-1 ${val.top1.toFixed(2)}%` : "");
+  if (val.task === "classify") {
+    renderConfusion();
+    const wrong = val.images.filter((im) => im.true !== im.pred);
+    showImages(wrong, `${wrong.length} misclassified image(s)`);
+  } else {
+    showImages(val.images, "validation images");
+  }
+});
+function renderConfusion() {
+  const c = val.classes;
+  const t = el("table", { class: "table confusion" },
+    el("tr", {}, el("th", { text: "true \u2193 / predicted \u2192" }), ...c.map((name) => el("th", { text: name }))));
+  val.confusion.forEach((row, ti) => {
+    t.append(el("tr", {}, el("th", { text: c[ti] }), ...row.map((n, pi) => {
+      const cls = n === 0 ? "zero" : ti === pi ? "hit" : "miss";
+      return el("td", { class: cls, "data-true": String(ti), "data-pred": String(pi), text: String(n), onclick: (ev) => {
+        if (!n) return;
+        for (const td of t.querySelectorAll("td.picked")) td.classList.remove("picked");
+        ev.target.classList.add("picked");
+        showImages(val.images.filter((im) => im.true === ti && im.pred === pi), `true ${c[ti]}, predicted ${c[pi]}: ${n} image(s)`);
+      } });
+    })));
+  });
+  $("val-confusion").replaceChildren(el("p", { text: "validation confusion matrix: click a cell for its images" }), t);
+}
+function showImages(images, title) {
+  const c = val.classes;
+  $("val-cell").replaceChildren(el("p", { text: title + (images.length > VAL_SHOWN ? ` (the first ${VAL_SHOWN})` : "") + "; click images to pick them" }));
+  $("val-images").replaceChildren(...images.slice(0, VAL_SHOWN).map((im) => {
+    const caption = val.task === "classify"
+      ? el("div", {}, el("div", { text: "true " + c[im.true] }),
+        el("div", { class: im.true === im.pred ? "" : "wrong", text: `pred ${c[im.pred]} ${(100 * im.score).toFixed(0)}%` }))
+      : el("div", { text: `#${im.i}: ${im.true_boxes} box(es)` });
+    const item = el("div", { class: "val-item" + (picked.has(im.i) ? " picked" : ""), "data-i": String(im.i) },
+      el("img", { loading: "lazy", alt: `validation image ${im.i}`, src: valImageUrl(im.i, 96) }), caption);
+    item.addEventListener("click", () => {
+      if (picked.has(im.i)) picked.delete(im.i); else picked.add(im.i);
+      item.classList.toggle("picked", picked.has(im.i));
+      $("val-picked").textContent = picked.size ? `${picked.size} picked` : "";
+      $("val-test").disabled = !picked.size;
+    });
+    return item;
+  }));
+}
+$("val-test").addEventListener("click", async () => {
+  const files = await Promise.all([...picked].map(async (i) => {
+    const resp = await fetch(valImageUrl(i), { headers: token() ? { "X-Kiln-Token": token() } : {} });
+    const name = resp.headers.get("X-Kiln-Name") || `val-${i}.png`;
+    return new File([await resp.blob()], name, { type: "image/png" });
+  }));
+  panel.run(files);
 });
 
 // ---- serve ----------------------------------------------------------------------------------------

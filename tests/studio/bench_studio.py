@@ -1,10 +1,16 @@
 """Studio figures for docs/BENCHMARKS.md: first page load, curve latency, and a run from the studio against
 the same `kiln train` command.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/studio/bench_studio.py --epochs 3
+    OMP_NUM_THREADS=1 .venv/bin/python tests/studio/bench_studio.py --epochs 3 --repeats 3
 
 Starts `kiln studio` on a temporary workspace, drives headless Chromium (Debian's chromium +
-chromium-driver), and prints one line per figure.
+chromium-driver), and prints one line per figure:
+1. first page load: navigation start to the runs table drawn (the API answered), browser cache cleared;
+2. a run queued from the studio against the same `kiln train` command (the command line the studio shows,
+   another --out) in a terminal, alternated --repeats times: wall time from process start to exit (the
+   job's started/ended as the studio recorded them, the subprocess's for the terminal) and training
+   images/s from metrics.csv; the ratio must stay within 10%;
+3. curve latency: a new epoch row in metrics.csv until the chart on the page has one more point.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import csv
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -58,6 +65,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--loads", type=int, default=5)
     ap.add_argument("--points", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="studio/terminal run pairs")
     args = ap.parse_args()
     ws = Path(tempfile.mkdtemp(prefix="studio-bench-"))
     proc, url = start_studio(ws)
@@ -76,25 +84,45 @@ def main() -> None:
         print(f"first page load (navigation to the runs table drawn), median of {args.loads}: "
               f"{statistics.median(loads):.0f} ms (min {min(loads):.0f}, max {max(loads):.0f})")
 
-        # 2. a run from the studio, then the same command in a terminal
+        # 2. runs from the studio and the same command in a terminal, alternated
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        r = httpx.post(url + "/api/runs", json={"epochs": args.epochs, "name": "studio"}, headers={"X-Kiln-Studio": "1"})
-        command = r.json()["command"]
-        while httpx.get(url + "/api/run", params={"run": "runs/studio"}).json()["state"] in ("queued", "running"):
-            time.sleep(0.5)
-        cli = subprocess.run([sys.executable, "-m", "kiln.cli", "train", f"--epochs={args.epochs}", "--out=runs/cli",
-                              "--no-progress"], cwd=ws, env=env, capture_output=True, text=True)
-        assert cli.returncode == 0, cli.stderr[-2000:]
-        a, b = images_per_s(ws / "runs/studio"), images_per_s(ws / "runs/cli")
-        print(f"training images/s, mean over {args.epochs} epochs: studio ({command}) {a:.0f}, "
-              f"terminal (same command, --no-progress) {b:.0f}: studio/terminal {a / b:.2f}")
+        walls: dict[str, list[float]] = {"studio": [], "terminal": []}
+        speeds: dict[str, list[float]] = {"studio": [], "terminal": []}
+        command = ""
+        for i in range(args.repeats):
+            r = httpx.post(url + "/api/runs", json={"epochs": args.epochs, "name": f"studio{i}"},
+                           headers={"X-Kiln-Studio": "1"})
+            r.raise_for_status()
+            command, job_id = r.json()["command"], r.json()["job"]["id"]
+            while True:
+                job = next(j for j in httpx.get(url + "/api/jobs").json() if j["id"] == job_id)
+                if job["state"] not in ("queued", "running"):
+                    break
+                time.sleep(0.2)
+            assert job["state"] == "done", job
+            walls["studio"].append(job["ended"] - job["started"])
+            speeds["studio"].append(images_per_s(ws / f"runs/studio{i}"))
+            argv = [a if not a.startswith("--out=") else f"--out=runs/terminal{i}" for a in shlex.split(command)[1:]]
+            t0 = time.time()
+            cli = subprocess.run([sys.executable, "-m", "kiln.cli", *argv], cwd=ws, env=env, capture_output=True,
+                                 text=True)
+            walls["terminal"].append(time.time() - t0)
+            assert cli.returncode == 0, cli.stderr[-2000:]
+            speeds["terminal"].append(images_per_s(ws / f"runs/terminal{i}"))
+        ws_, wt = statistics.median(walls["studio"]), statistics.median(walls["terminal"])
+        ss, st = statistics.median(speeds["studio"]), statistics.median(speeds["terminal"])
+        ratio = ws_ / wt
+        print(f"a run of `{command}`, median of {args.repeats} alternated: studio {ws_:.1f} s, terminal {wt:.1f} s "
+              f"(wall, process start to exit): studio/terminal {ratio:.3f} "
+              f"({'within' if abs(ratio - 1) <= 0.10 else 'OUTSIDE'} 10%); training images/s studio {ss:.0f}, "
+              f"terminal {st:.0f}")
 
         # 3. curve latency: a new epoch row in metrics.csv until the chart on the page has one more point
         from kiln.fsutil import atomic_write_text
 
-        run = ws / "runs/cli"
+        run = ws / "runs/terminal0"
         rows = (run / "metrics.csv").read_text().splitlines()
-        d.get(url + "/#runs?run=runs/cli")
+        d.get(url + "/#runs?run=runs/terminal0")
         lat = []
         for _ in range(args.points):
             atomic_write_text(run / "metrics.csv", "\n".join(rows[:2]) + "\n")

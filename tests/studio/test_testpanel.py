@@ -1,4 +1,4 @@
-"""The test panel component (studio/static/testpanel.js) in headless Chromium: detection boxes in a colour
+"""The test panel component (serve/static/testpanel.js) in headless Chromium: detection boxes in a colour
 per class, re-filtered by the score and IoU sliders without a new request; classification as bars."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from PIL import Image
 from .browser import chromium, needs_chromium
 
 pytestmark = needs_chromium
-STATIC = Path(__file__).resolve().parents[2] / "studio" / "static"
+STATIC = Path(__file__).resolve().parents[2] / "serve" / "static"
 
 # boxes before NMS, as the studio returns them: two overlapping circles, a square, a weak square
 ANSWER = {"task": "detect", "backend": "stub", "precision": "fp32", "results": [{

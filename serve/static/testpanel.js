@@ -126,7 +126,8 @@
       return { node, paint };
     }
 
-    input.addEventListener("change", () => run(input.files));
+    // emptied after each pick: the same file can be picked again, and a new pick replaces the last
+    input.addEventListener("change", () => { const files = [...input.files]; input.value = ""; run(files); });
     drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("kt-over"); });
     drop.addEventListener("dragleave", () => drop.classList.remove("kt-over"));
     drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("kt-over"); run(e.dataTransfer.files); });
