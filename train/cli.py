@@ -29,7 +29,7 @@ from kiln.cli import (
     positive_int,
 )
 from kiln.compare import Timing, artifact_table, format_speed_table, format_table
-from kiln.data import DataSpec
+from kiln.data import DataSpec, check_paths
 from kiln.data.detect import write_shapes_coco, write_shapes_yolo
 from kiln.errors import ConfigError, KilnError
 from kiln.evaluate import bundle_split, eval_post, json_safe, run_split, split_metrics
@@ -45,6 +45,7 @@ from kiln.train.config import (
     check_model_name,
     default_batch_size,
 )
+from kiln.train.early import check_pretrained_offline
 from kiln.train.reports import write_classify_reports, write_detect_reports
 from kiln.train.samples import write_samples
 from kiln.vocab import BACKEND_CHOICES
@@ -231,13 +232,12 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    _check_before_torch(args, given)
     if args.nproc > 1:
         return _launch(args)
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume and "out" in given:
         raise _usage("--resume RUN_DIR and --out cannot be combined (the run folder is RUN_DIR)")
-    if given.get("model"):
-        check_model_name(given["model"])  # a typo costs nothing: torch is not loaded yet
     # the training loop imports torch: `kiln --help` and the other commands do not need it
     from kiln.train.loop import TrainingInterrupted, train
 
@@ -269,6 +269,19 @@ def run_train(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(summary, indent=2))
     return 0
+
+
+def _check_before_torch(args: argparse.Namespace, given: dict[str, Any]) -> None:
+    """The argument mistakes that cost nothing to find: reported before torch loads (which takes seconds,
+    a minute on a busy machine). A resumed run's saved settings are checked by the run itself."""
+    if args.resume:
+        return
+    if given.get("model"):
+        check_model_name(given["model"])
+    check_paths(given.get("data") or TrainConfig.data)
+    if given.get("weights") and not Path(given["weights"]).expanduser().is_file():
+        raise _usage(f"--weights: no file {Path(given['weights']).expanduser()}")
+    check_pretrained_offline(given.get("model"), given.get("pretrained"))
 
 
 def _launch(args: argparse.Namespace) -> int:

@@ -96,7 +96,7 @@ class ClassifyTask:
     def preprocess_spec(self, cfg: TrainConfig, train: ImageDataset, size: int) -> Preprocess:
         base = Preprocess(mode="resize", size=(size, size), channels=train.channels, mean=[0.0], std=[1.0])
         idx = sample_indices(len(train), 2000, cfg.seed)
-        mean, std = channel_stats([to_unit(train.image(i), base)[0] for i in idx])
+        mean, std = channel_stats([to_unit(train.image(i, base), base)[0] for i in idx])  # decoded as training decodes
         return base.model_copy(update={"mean": mean, "std": std})
 
     def torch_datasets(self, cfg: TrainConfig, train: ImageDataset, val: ImageDataset, pre: Preprocess) -> tuple[Dataset, Dataset]:

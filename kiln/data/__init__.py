@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from kiln.data import classify, detect, voc
@@ -23,6 +24,7 @@ __all__ = [
     "Opener",
     "Split",
     "check_images",
+    "check_paths",
     "dataset_task",
     "open_dataset",
     "split_indices",
@@ -73,6 +75,21 @@ def open_dataset(
     return opener.fn(*spec.args, val_fraction=val_fraction, seed=seed, skip_bad_images=skip_bad_images)
 
 
+def check_paths(data: str | DataSpec) -> None:
+    """Raise the one-line :class:`DatasetError` for a ``--data`` whose folder or file does not exist,
+    before anything heavy is imported or read (the readers check the contents)."""
+    spec = data if isinstance(data, DataSpec) else DataSpec.parse(data)
+    kinds = PATH_KINDS.get(spec.name, ())
+    for kind, text in zip(kinds, spec.args, strict=False):
+        path = Path(text).expanduser()
+        if kind == "dir" and not path.is_dir():
+            what = "is a file, not a folder" if path.is_file() else "does not exist"
+            raise DatasetError(f"--data {spec}: folder {path} {what}; use {OPENERS[spec.name].usage}")
+        if kind == "file" and not path.is_file():
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise DatasetError(f"--data {spec}: file {path} {what}; use {OPENERS[spec.name].usage}")
+
+
 def dataset_task(data: str) -> Literal["classify", "detect"]:
     return OPENERS[DataSpec.parse(data).name].task
 
@@ -86,4 +103,10 @@ OPENERS: dict[str, Opener] = {
     "coco": Opener(detect.open_coco, 2, "coco:ANNOTATIONS.json:IMAGES_DIR", "detect"),
     "yolo": Opener(detect.open_yolo, 1, "yolo:DATA.yaml", "detect"),
     "voc": Opener(voc.open_voc, 1, "voc:ROOT (VOCdevkit layout: Annotations/, JPEGImages/, ImageSets/Main/)", "detect"),
+}
+
+# What each argument of a dataset spec names on disk (checked by check_paths).
+PATH_KINDS: dict[str, tuple[str, ...]] = {
+    "mnist": ("dir",), "cifar10": ("dir",), "folder": ("dir",), "voc": ("dir",),
+    "coco": ("file", "dir"), "yolo": ("file",),
 }

@@ -15,7 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from kiln.data.dataset import IMG_EXTENSIONS, ImageDataset, Split, decode_images, split_indices
+from kiln.bundle import Preprocess
+from kiln.data.dataset import (
+    IMG_EXTENSIONS,
+    ImageDataset,
+    Split,
+    decode_images,
+    split_indices,
+    training_decode,
+)
 from kiln.errors import DatasetError
 
 
@@ -129,18 +137,23 @@ def open_folder(root: str, *, val_fraction: float, seed: int, skip_bad_images: b
     if not base.is_dir():
         raise DatasetError(f"folder: {base} does not exist")
 
-    def make(split: Split, paths: list[Path], labels: list[int], classes: list[str], own_val: bool) -> ImageDataset:
-        seen = decode_images(paths, skip_bad_images)  # the one decoding pass; small sets keep the pixels
+    def make(split: Split, paths: list[Path], labels: list[int], classes: list[str], own_val: bool,
+             spec: Preprocess | None) -> ImageDataset:
+        # the one decoding pass, as training decodes (small sets keep these pixels: nothing decodes them again)
+        seen = decode_images(paths, skip_bad_images, spec=spec)
         ok = seen.good
         return ImageDataset("folder", split, "classify", classes, "L" if seen.gray else "RGB", [paths[i] for i in ok],
-                            [labels[i] for i in ok], None, {"root": str(base), "own_val": own_val}, seen.sizes, seen.pixels)
+                            [labels[i] for i in ok], None, {"root": str(base), "own_val": own_val}, seen.sizes,
+                            seen.pixels, seen.scales)
 
     if (base / "train").is_dir() and (base / "val").is_dir():
         names, tp, tl = _scan_folder(base / "train")
         vp, vl = _scan_folder(base / "val", names)[1:]
-        return make("train", tp, tl, names, True), make("val", vp, vl, names, True)
+        spec = training_decode(tp)
+        return make("train", tp, tl, names, True, spec), make("val", vp, vl, names, True, spec)
     classes, paths, labels = _scan_folder(base)
     tr, va = split_indices(len(paths), val_fraction, seed, labels)
-    return (make("train", [paths[i] for i in tr], [labels[i] for i in tr], classes, False),
-            make("val", [paths[i] for i in va], [labels[i] for i in va], classes, False))
+    spec = training_decode([paths[i] for i in tr])
+    return (make("train", [paths[i] for i in tr], [labels[i] for i in tr], classes, False, spec),
+            make("val", [paths[i] for i in va], [labels[i] for i in va], classes, False, spec))
 

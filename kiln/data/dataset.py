@@ -21,9 +21,23 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from kiln import processing
 from kiln.bundle import Preprocess
 from kiln.errors import DatasetError
-from kiln.processing import DRAFT_MARGIN, ImageDecodeError, covering_size, load_image, to_8bit
+from kiln.processing import (
+    DRAFT_MARGIN,
+    SOURCE_SIZE,
+    ImageDecodeError,
+    covering_size,
+    displayed_size,
+    load_image,
+)
+
+# The input side chosen from a folder set's images is bounded: below 32 px convolutional models run out
+# of pixels; above 224 px (the usual ImageNet side) a step costs more without helping small sets.
+AUTO_SIZE_MIN = 32
+AUTO_SIZE_MAX = 224
+AUTO_SIZE_STEP = 16
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +46,11 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 GRAY_MODES = ("L", "1", "I;16", "I;16B", "I;16L", "I", "LA", "F")
 
 # Decoded 8-bit pixels of a folder split are kept when they fit this many MiB (KILN_DECODE_CACHE_MB):
-# small sets are then decoded once, by the pass that checks them, instead of once per epoch.
+# small sets are then decoded once, by the pass that checks them, instead of once per epoch. The pass
+# decodes each file as training will (a large JPEG at the DCT scale the input size takes, see
+# kiln.processing.decode), so the cache holds those pixels and nothing decodes the file again.
 DECODE_CACHE_MB = 512
+HEADER_SAMPLE = 2000  # headers read to choose the decode of a large folder set
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,7 @@ class ImageDataset:
     info: dict[str, Any] = field(default_factory=dict)
     sizes: list[tuple[int, int]] | None = None  # (H, W) of each image as decoded, when a pass has seen them
     decoded: list[np.ndarray] | None = None  # 8-bit pixels of each file, when they fit the decode cache
+    scales: list[float | None] | None = None  # the DCT scale each cached JPEG was decoded at (None: not a JPEG)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -82,9 +100,25 @@ class ImageDataset:
         if isinstance(self.images, np.ndarray):
             arr = self.images[i]
             return Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB")
-        if self.decoded is not None and not _draft_scales(spec, self.images[i], self.decoded[i]):
-            return Image.fromarray(self.decoded[i]).convert(self.channels)
+        if self.decoded is not None and self.cache_fits(i, spec):
+            img = Image.fromarray(self.decoded[i]).convert(self.channels)
+            scale = self.scales[i] if self.scales is not None else None
+            if scale is not None and scale != 1.0 and self.sizes is not None:
+                img.info[SOURCE_SIZE] = (self.sizes[i][1], self.sizes[i][0], scale)  # as decode() records it
+            return img
         return load_image(str(self.images[i]), spec=spec).convert(self.channels)
+
+    def cache_fits(self, i: int, spec: Preprocess | None) -> bool:
+        """Whether the cached pixels of file ``i`` are what :func:`kiln.processing.decode` computes for
+        ``spec``: always for formats decoded in full, and for a JPEG when ``spec`` takes the DCT scale
+        the cache was decoded at (else the file is decoded again, so training sees what serving sees)."""
+        scale = None if self.scales is None else self.scales[i]
+        if scale is None:
+            return True
+        if self.sizes is None:
+            return False
+        h, w = self.sizes[i]
+        return dct_scale(spec, (w, h)) == scale
 
     def target(self, i: int) -> Any:
         return self.targets[i]
@@ -101,6 +135,7 @@ class ImageDataset:
             [self.targets[i] for i in idx], self.native_size, dict(self.info),
             None if self.sizes is None else [self.sizes[i] for i in idx],
             None if self.decoded is None else [self.decoded[i] for i in idx],
+            None if self.scales is None else [self.scales[i] for i in idx],
         )
 
 
@@ -142,17 +177,45 @@ class Decoded:
     sizes: list[tuple[int, int]]  # (H, W) of each readable file, as displayed (EXIF-turned)
     gray: bool  # every readable file is single-channel
     pixels: list[np.ndarray] | None  # 8-bit L or RGB pixels of each readable file; None past the budget
+    scales: list[float | None]  # the DCT scale of each readable JPEG's decode; None for other formats
 
 
-def _draft_scales(spec: Preprocess | None, path: Any, pixels: np.ndarray) -> bool:
-    """Whether :func:`kiln.processing.decode` would decode this file at a smaller DCT scale for ``spec``
-    than the full decode the cache holds (a JPEG at least twice what the input needs on both sides): then
-    the file is decoded again, so training sees the pixels serving computes."""
-    if spec is None or spec.decode != "draft" or Path(str(path)).suffix.lower() not in (".jpg", ".jpeg"):
-        return False
-    h, w = pixels.shape[:2]
-    need_w, need_h = covering_size(spec, (w, h))
-    return w >= 2 * need_w * DRAFT_MARGIN and h >= 2 * need_h * DRAFT_MARGIN
+def dct_scale(spec: Preprocess | None, size: tuple[int, int]) -> float:
+    """The DCT scale (1, 2, 4 or 8) :func:`kiln.processing.decode` decodes a JPEG of displayed ``size``
+    (W, H) at for ``spec``: libjpeg's draft picks the largest scale whose result still covers the request
+    (Pillow's ``JpegImageFile.draft``), the request being :data:`DRAFT_MARGIN` times what the input needs."""
+    if spec is None or spec.decode != "draft":
+        return 1.0
+    need_w, need_h = covering_size(spec, size)
+    fits = min(size[0] // (need_w * DRAFT_MARGIN), size[1] // (need_h * DRAFT_MARGIN))
+    return float(next(s for s in (8, 4, 2, 1) if fits >= s or s == 1))
+
+
+def auto_side(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """``(median shorter side, input side)`` of images of ``sizes`` (H, W): the side rounded to a multiple of
+    :data:`AUTO_SIZE_STEP` and bounded to :data:`AUTO_SIZE_MIN`..:data:`AUTO_SIZE_MAX`."""
+    short = int(np.median([min(h, w) for h, w in sizes]))
+    return short, int(min(AUTO_SIZE_MAX, max(AUTO_SIZE_MIN, round(short / AUTO_SIZE_STEP) * AUTO_SIZE_STEP)))
+
+
+def training_decode(paths: Sequence[Path]) -> Preprocess | None:
+    """The decode a run on these image files takes by default: a resize to :func:`auto_side` of their
+    sizes, read from the headers only (no pixel decoded; of a seeded sample of :data:`HEADER_SAMPLE` on
+    large sets, whose pixels do not fit the cache anyway); None when no header can be read."""
+    sample = paths if len(paths) <= HEADER_SAMPLE else [
+        paths[int(i)] for i in np.random.default_rng(0).choice(len(paths), HEADER_SAMPLE, replace=False)]
+    sizes = []
+    for p in sample:
+        try:
+            with Image.open(p) as im:
+                w, h = displayed_size(im)
+        except Exception:  # noqa: S112 - an unreadable file is reported by the decoding pass
+            continue
+        sizes.append((h, w))
+    if not sizes:
+        return None
+    side = auto_side(sizes)[1]
+    return Preprocess(mode="resize", size=(side, side), channels="RGB", mean=[0.0] * 3, std=[1.0] * 3)
 
 
 def decode_cache_bytes() -> int:
@@ -165,8 +228,10 @@ def decode_cache_bytes() -> int:
     return max(0, int(mib * 2**20))
 
 
-def decode_images(paths: Sequence[Path], skip_bad: bool, *, cache_bytes: int | None = None) -> Decoded:
-    """Decode every file once: check it, note its size and keep its 8-bit pixels while they fit
+def decode_images(paths: Sequence[Path], skip_bad: bool, *, cache_bytes: int | None = None,
+                  spec: Preprocess | None = None) -> Decoded:
+    """Decode every file once, for ``spec`` (:func:`kiln.processing.decode`: a large JPEG at a DCT scale;
+    None: in full): check it, note its displayed size and keep its 8-bit pixels while they fit
     ``cache_bytes`` (default :func:`decode_cache_bytes`); past the budget every pixel is dropped and
     training decodes from the files. Unreadable files stop everything with their paths unless
     ``skip_bad``; then they are logged and reported to :func:`collect_skipped`."""
@@ -174,21 +239,27 @@ def decode_images(paths: Sequence[Path], skip_bad: bool, *, cache_bytes: int | N
     good: list[int] = []
     sizes: list[tuple[int, int]] = []
     pixels: list[np.ndarray] | None = [] if budget > 0 else None
+    scales: list[float | None] = []
     held = 0
     gray = True
     bad: list[tuple[Path, Exception]] = []
     for i, p in enumerate(paths):
         try:
-            img = load_image(str(p))
+            with open(p, "rb") as fh:
+                opened = processing.open_image(fh.read())
+            draftable = opened.format in ("JPEG", "MPO")  # what decode() may take at a DCT scale
+            img = processing.decode(opened, spec)
         except (ImageDecodeError, OSError) as exc:
             bad.append((p, exc))
             continue
         good.append(i)
-        sizes.append((img.height, img.width))
-        is_gray = img.mode in GRAY_MODES
+        w, h, scale = processing.source_size(img)
+        sizes.append((h, w))
+        scales.append(scale if draftable else None)
+        is_gray = img.mode == "L"  # decode() gives 8-bit L for every single-channel mode
         gray = gray and is_gray
         if pixels is not None:
-            arr = np.asarray(to_8bit(img).convert("L" if is_gray else "RGB"))
+            arr = np.asarray(img)
             held += arr.nbytes
             if held > budget:
                 log.info("%d decoded images exceed the decode cache (%d MiB, KILN_DECODE_CACHE_MB): images are "
@@ -197,7 +268,7 @@ def decode_images(paths: Sequence[Path], skip_bad: bool, *, cache_bytes: int | N
             else:
                 pixels.append(arr)
     _report_bad(bad, skip_bad)
-    return Decoded(good, sizes, gray and bool(good), pixels)
+    return Decoded(good, sizes, gray and bool(good), pixels, scales)
 
 
 def _report_bad(bad: list[tuple[Path, Exception]], skip_bad: bool) -> None:

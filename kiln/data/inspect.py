@@ -24,16 +24,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from kiln.data import DataSpec, ImageDataset, open_dataset
-from kiln.data.dataset import SkippedImage, collect_skipped
+from kiln.data.dataset import AUTO_SIZE_MAX, AUTO_SIZE_MIN, SkippedImage, auto_side, collect_skipped
 from kiln.draw import class_color
 from kiln.fsutil import atomic_path, atomic_write_json
 from kiln.processing import displayed_size
 
-# The input side chosen from a folder set's images is bounded: below 32 px convolutional models run out
-# of pixels; above 224 px (the usual ImageNet side) a step costs more without helping small sets.
-AUTO_SIZE_MIN = 32
-AUTO_SIZE_MAX = 224
-AUTO_SIZE_STEP = 16
 # Headers read for the size figures of sets whose readers did not decode every image (COCO, YOLO, VOC).
 SIZE_SAMPLE = 2000
 IMBALANCE_RATIO = 3.0  # the largest class over the smallest that earns a warning
@@ -166,8 +161,7 @@ def data_image_size(train: ImageDataset) -> InputSize | None:
     sizes = _sizes(train)
     if not sizes:
         return None
-    short = int(np.median([min(h, w) for h, w in sizes]))
-    size = int(min(AUTO_SIZE_MAX, max(AUTO_SIZE_MIN, round(short / AUTO_SIZE_STEP) * AUTO_SIZE_STEP)))
+    short, size = auto_side(sizes)
     return InputSize(size, "data", f"median shorter side of the training images is {short} px, "
                                    f"rounded and bounded to {AUTO_SIZE_MIN}..{AUTO_SIZE_MAX}")
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,55 @@ def test_yolo_data_yaml_names_its_own_folder_from_any_directory(tmp_path: Path, 
     monkeypatch.chdir(elsewhere)
     train, val = open_dataset(f"yolo:{tmp_path / 'y' / 'data.yaml'}")
     assert len(train) + len(val) == 10 and train.classes == list(cfg["names"].values())
+
+
+def _ultralytics(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter with Ultralytics offline (no download, no pip), its settings in ``cwd``."""
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "False", "YOLO_CONFIG_DIR": str(cwd / "cfg"),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+CHECK = """
+import json, sys
+from ultralytics.data.utils import check_det_dataset
+data = check_det_dataset(sys.argv[1])
+print(json.dumps({"names": data["names"], "nc": data["nc"], "train": str(data["train"]), "val": str(data["val"])}))
+"""
+
+
+def test_yolo_data_yaml_passes_ultralytics_dataset_check_from_another_directory(tmp_path: Path) -> None:
+    pytest.importorskip("ultralytics")
+    assert main(["data", "shapes", "--format", "yolo", "--out", str(tmp_path / "y"), "--count", "10"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for given in (str(tmp_path / "y" / "data.yaml"), "../y/data.yaml"):  # absolute, and relative to the cwd
+        proc = _ultralytics(CHECK, given, cwd=elsewhere)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        data = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert data["nc"] == 3 and list(data["names"].values()) == open_dataset(f"yolo:{tmp_path / 'y' / 'data.yaml'}")[0].classes
+        assert Path(data["train"]) == (tmp_path / "y" / "images" / "train").resolve()
+        assert Path(data["val"]) == (tmp_path / "y" / "images" / "val").resolve()
+
+
+TRAIN = """
+import sys
+from ultralytics import YOLO
+YOLO("yolov8n.yaml").train(data=sys.argv[1], epochs=1, imgsz=64, batch=8, device="cpu", workers=0,
+                           project=sys.argv[2], name="run", plots=False, verbose=False)
+"""
+
+
+@pytest.mark.slow
+def test_yolo_data_yaml_trains_in_ultralytics_offline(tmp_path: Path) -> None:
+    pytest.importorskip("ultralytics")
+    assert main(["data", "shapes", "--format", "yolo", "--out", str(tmp_path / "y"), "--count", "24"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = _ultralytics(TRAIN, str(tmp_path / "y" / "data.yaml"), str(tmp_path / "runs"), cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "run" / "weights" / "last.pt").is_file()
 
 
 def test_shapes_format_coco_is_the_default(tmp_path: Path) -> None:
