@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from .browser import chromium, needs_chromium
+from tests.browser import chromium, needs_chromium
+
 from .conftest import LiveStudio, copy_bundle
 from .test_models_api import digit_png
 
