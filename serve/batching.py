@@ -1,6 +1,6 @@
 """The pure core of dynamic batching: the request record, the queue and :func:`collect`, which forms
 one batch. No threads are started here and time comes from an injectable clock, so every timer edge is
-tested with a fake clock (tests/serve/test_batcher.py); :mod:`kiln.serve.batcher` runs it in a worker.
+tested with a fake clock (tests/serve/test_batch_collect.py); :mod:`kiln.serve.batcher` runs it in a worker.
 
 The policy never costs throughput: a batch takes what is already queued (requests that arrived while
 the backend was busy with the previous batch) and waits for more only while requests are known to be

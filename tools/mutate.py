@@ -78,6 +78,13 @@ def stage(name: str, spec: dict, pyproject: dict, text: str, layout: dict[str, s
     return where, target
 
 
+def missing_tests(modules: dict[str, dict]) -> list[str]:
+    """The ``tests`` entries of ``[tool.kiln.mutate]`` that name no file in the checkout (a renamed or
+    merged test file): mutmut would run a module against fewer tests, or none, without saying so."""
+    return [f"{name}: {test}" for name, spec in modules.items() for test in spec["tests"]
+            if not (ROOT / test.split("::")[0]).is_file()]
+
+
 def equivalents() -> dict[str, str]:
     found = re.findall(r"^- `(kiln\.[^`]+__mutmut_\d+)`: (.+)$", DOCS.read_text(), flags=re.M)
     return dict(found)
@@ -127,6 +134,8 @@ def main() -> None:
     unknown = sorted(set(args.modules) - set(modules))
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(modules)}")
+    if missing := missing_tests({m: modules[m] for m in args.modules or modules}):
+        parser.error("[tool.kiln.mutate] names test files that do not exist: " + "; ".join(missing))
     rows = []
     for name in args.modules or list(modules):
         row = run_module(name, modules[name], pyproject, text, args.jobs)

@@ -303,13 +303,13 @@ def test_prepare_engines_skips_an_int8_graph_in_the_cpu_layout(tmp_path: Path) -
 # ---- prepare_engines in this process, on the TensorRT / CUDA fakes of tests/runtime/fakes ------------
 
 
-def _load_by_path(name: str, path: Path, package: bool = False) -> object:
+def _load_by_path(name: str, path: Path) -> object:
+    """docker/prepare_engines.py, a script outside the package, as a module."""
     import importlib.util
 
     if (done := sys.modules.get(name)) is not None:
         return done
-    spec = importlib.util.spec_from_file_location(name, path / "__init__.py" if package else path,
-                                                  submodule_search_locations=[str(path)] if package else None)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -328,7 +328,7 @@ def _fake_bundle(root: Path, fakes: object) -> Path:
 @pytest.fixture
 def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> object:
     """``fake_gpu(name, capability)`` installs fakes of TensorRT 10 and cuda-python for that GPU."""
-    fakes = _load_by_path("kiln_test_fakes", ROOT / "tests" / "runtime" / "fakes", package=True)
+    from tests.runtime import fakes
 
     def install(name: str = "NVIDIA L4", capability: tuple[int, int] = (8, 9)) -> object:
         env = fakes.install(monkeypatch)  # type: ignore[attr-defined]

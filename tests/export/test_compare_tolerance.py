@@ -10,7 +10,7 @@ import pytest
 from kiln.compare import Tolerance, compare, output_errors, topk_agreement, topk_for
 from kiln.errors import ConfigError
 
-from .test_compare_mutants import IDENTITY, classify_manifest
+from .test_compare_outputs import IDENTITY, classify_manifest
 
 
 def test_the_bound_grows_with_each_image_scale() -> None:

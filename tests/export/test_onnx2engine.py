@@ -5,10 +5,7 @@ Runtime on the same graph, provenance in kiln.json, load() choosing the engine, 
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from kiln.export import onnx2engine as onnx2engine_module
 from kiln.export.onnx2engine import build_flags, onnx2engine
 from kiln.runtime import cuda, load
 from kiln.runtime.tensorrt import TensorRTBackend, check_provenance, engine_compatible, unavailable_reason
+from tests.runtime import fakes
 
 BATCH = BatchRange(min=1, opt=2, max=4)
 
@@ -49,26 +47,13 @@ def test_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
 # ---- on fakes of TensorRT 10 / 11 and cuda-python ---------------------------------------------
 
 
-def _fakes() -> types.ModuleType:
-    """tests/runtime/fakes, loaded by path (tests are not a package; the runtime conftest loads the same)."""
-    if (done := sys.modules.get("kiln_test_fakes")) is not None:
-        return done
-    root = Path(__file__).parents[1] / "runtime" / "fakes"
-    spec = importlib.util.spec_from_file_location("kiln_test_fakes", root / "__init__.py", submodule_search_locations=[str(root)])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 GRAPH_LAYERS = {"fp32": [("CONVOLUTION", "FLOAT")], "fp16": [("CONVOLUTION", "HALF")],
                 "int8": [("QUANTIZE", "INT8"), ("DEQUANTIZE", "FLOAT"), ("CONVOLUTION", "FLOAT")]}
 
 
 def _build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, major: int, precision: str, **kw: Any) -> tuple[Any, dict[str, Any]]:
-    env = _fakes().install(monkeypatch, major=major)
-    graph = _fakes().make_graph(tmp_path / f"m.{precision}.onnx", layers=GRAPH_LAYERS[precision], plugins=kw.pop("plugins", False))
+    env = fakes.install(monkeypatch, major=major)
+    graph = fakes.make_graph(tmp_path / f"m.{precision}.onnx", layers=GRAPH_LAYERS[precision], plugins=kw.pop("plugins", False))
     prov = onnx2engine(graph, tmp_path / f"m.{precision}.engine", precision=precision, batch=BATCH, input_name="images", **kw)
     return env, prov
 
@@ -113,23 +98,23 @@ def test_build_flags_table() -> None:
 
 
 def test_older_tensorrt_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    env = _fakes().install(monkeypatch, major=8)
-    graph = _fakes().make_graph(tmp_path / "m.onnx")
+    env = fakes.install(monkeypatch, major=8)
+    graph = fakes.make_graph(tmp_path / "m.onnx")
     with pytest.raises(BackendUnavailable, match=r"^TensorRT 8.6.1.6 is not supported: kiln runs TensorRT 10 and 11$"):
         onnx2engine(graph, tmp_path / "m.engine", precision="fp32", batch=BATCH, input_name="images")
     assert env.trt.calls == [] and not (tmp_path / "m.engine").exists()
 
 
 def test_parser_errors_name_the_node(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    _fakes().install(monkeypatch)
-    graph = _fakes().make_graph(tmp_path / "m.onnx", errors=[{"node": 3, "name": "conv1", "op": "Conv", "desc": "bad pads"}])
+    fakes.install(monkeypatch)
+    graph = fakes.make_graph(tmp_path / "m.onnx", errors=[{"node": 3, "name": "conv1", "op": "Conv", "desc": "bad pads"}])
     with pytest.raises(ExportError, match=r"TensorRT cannot parse .*m.onnx: node 3 'conv1' \(op Conv\): bad pads"):
         onnx2engine(graph, tmp_path / "m.engine", precision="fp32", batch=BATCH, input_name="images")
 
 
 def test_wrong_graph_for_the_precision(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    _fakes().install(monkeypatch)
-    graph = _fakes().make_graph(tmp_path / "m.onnx", layers=GRAPH_LAYERS["fp32"])
+    fakes.install(monkeypatch)
+    graph = fakes.make_graph(tmp_path / "m.onnx", layers=GRAPH_LAYERS["fp32"])
     with pytest.raises(ExportError, match="no Quantize/DequantizeLinear nodes"):
         onnx2engine(graph, tmp_path / "m.engine", precision="int8", batch=BATCH, input_name="images")
 
@@ -137,7 +122,7 @@ def test_wrong_graph_for_the_precision(monkeypatch: pytest.MonkeyPatch, tmp_path
 def test_plugin_layers_parse_and_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     env, prov = _build(monkeypatch, tmp_path, 10, "fp32", plugins=True)
     assert env.trt.calls[0] == ("init_libnvinfer_plugins", "")
-    env = _fakes().install(monkeypatch)  # a fresh process: the backend must register them itself
+    env = fakes.install(monkeypatch)  # a fresh process: the backend must register them itself
     specs = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])], "outputs": [TensorSpec(name="logits", shape=[10])]}
     with TensorRTBackend(tmp_path / "m.fp32.engine", **specs) as b:
         assert b.max_batch == 4
@@ -157,7 +142,7 @@ def test_timing_cache_is_reused_and_replaced_when_stale(monkeypatch: pytest.Monk
 
 def test_version_compatible_engine_from_10_runs_on_11(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _, prov = _build(monkeypatch, tmp_path, 10, "fp16", version_compat=True)
-    env = _fakes().install(monkeypatch, major=11)
+    env = fakes.install(monkeypatch, major=11)
     gpu = cuda.device_info(0)
     assert check_provenance(prov, env.trt.__version__, gpu)[0]
     specs = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])], "outputs": [TensorSpec(name="logits", shape=[10])]}
@@ -333,9 +318,9 @@ def test_a_timing_cache_folder_keeps_one_cache_per_gpu_model(monkeypatch: pytest
     env, _ = _build(monkeypatch, tmp_path, 10, "fp32", timing_cache=caches)
     first = caches / timing_cache_name(env.gpu.name, env.trt.__version__)
     assert first.read_bytes().startswith(b"fake-cache:10.13.0.35 from before")  # the older cache was read
-    env = _fakes().install(monkeypatch)
+    env = fakes.install(monkeypatch)
     env.gpu.name, env.gpu.capability = "NVIDIA A10G", (8, 6)
-    graph = _fakes().make_graph(tmp_path / "m.onnx")
+    graph = fakes.make_graph(tmp_path / "m.onnx")
     onnx2engine(graph, tmp_path / "a10g.engine", precision="fp32", batch=BATCH, input_name="images", timing_cache=caches)
     second = caches / timing_cache_name("NVIDIA A10G", env.trt.__version__)
     assert first.is_file() and second.is_file() and first != second
@@ -346,7 +331,7 @@ def test_export_names_engines_per_gpu_and_replaces_only_this_gpus_older_entry(mo
                                                                               tmp_path: Path) -> None:
     from kiln.export import pipeline
 
-    env = _fakes().install(monkeypatch)
+    env = fakes.install(monkeypatch)
     root = tmp_path / "b"
     root.mkdir()
     manifest = Manifest(kiln_version="test", task="classify", classes=[str(i) for i in range(10)],
@@ -355,10 +340,10 @@ def test_export_names_engines_per_gpu_and_replaces_only_this_gpus_older_entry(mo
                         preprocess=Preprocess(size=(28, 28), channels="L", mean=[0.5], std=[0.5]),
                         architecture=Architecture(name="lenet5"))
     bundle = Bundle(root, manifest)
-    _fakes().make_graph(root / "model.onnx")
+    fakes.make_graph(root / "model.onnx")
     bundle.add_artifact("model.onnx", "onnx", "fp32")
     for legacy, gpu in (("model.fp32.engine", env.gpu.name), ("model.fp32.t4.engine", "Tesla T4")):
-        (root / legacy).write_bytes(_fakes().make_plan(env.trt.__version__))
+        (root / legacy).write_bytes(fakes.make_plan(env.trt.__version__))
         bundle.add_artifact(legacy, "tensorrt", "fp32", tensorrt_version=env.trt.__version__, gpu_name=gpu,
                             compute_capability="8.9")
     bundle.save()
@@ -376,9 +361,9 @@ def test_export_names_engines_per_gpu_and_replaces_only_this_gpus_older_entry(mo
 @pytest.mark.parametrize(("capability", "builds"), [((8, 0), True), ((7, 5), False)])
 def test_hardware_compatible_build_from_compute_capability_8_0(capability: tuple[int, int], builds: bool,
                                                                monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    env = _fakes().install(monkeypatch)
+    env = fakes.install(monkeypatch)
     env.gpu.name, env.gpu.capability = "NVIDIA A100", capability
-    graph = _fakes().make_graph(tmp_path / "m.onnx")
+    graph = fakes.make_graph(tmp_path / "m.onnx")
     build = lambda: onnx2engine(graph, tmp_path / "m.engine", precision="fp32", batch=BATCH,  # noqa: E731
                                 input_name="images", hardware_compat=True)
     if not builds:

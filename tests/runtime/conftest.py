@@ -7,9 +7,7 @@ train stage; tests copy it before changing anything.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 import types
 import warnings
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 
 from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
+from tests.runtime import fakes as fake_modules
 
 NUM_CLASSES = 10
 
@@ -114,20 +113,7 @@ def images() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
 
 
-def load_fakes() -> types.ModuleType:
-    """The TensorRT / cuda-python / pycuda fakes in tests/runtime/fakes (tests are not a package here)."""
-    if (done := sys.modules.get("kiln_test_fakes")) is not None:
-        return done
-    root = Path(__file__).parent / "fakes"
-    spec = importlib.util.spec_from_file_location("kiln_test_fakes", root / "__init__.py", submodule_search_locations=[str(root)])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def fakes() -> types.ModuleType:
     """tests/runtime/fakes: ``fakes.install(monkeypatch, major=10|11, binding="cuda-python"|"pycuda")``."""
-    return load_fakes()
+    return fake_modules

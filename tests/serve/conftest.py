@@ -8,7 +8,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from PIL import Image
 
 from kiln.bundle import Architecture, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
 from kiln.runtime.base import BaseBackend
+from kiln.serve.batcher import Batcher
 
 DIGITS = [str(i) for i in range(10)]
 
@@ -115,6 +116,24 @@ def classify_bundle(tmp_path: Path) -> Bundle:
 @pytest.fixture
 def detect_bundle(tmp_path: Path) -> Bundle:
     return make_bundle(tmp_path / "shapes", task="detect")
+
+
+@pytest.fixture
+def start_batcher(classify_bundle: Bundle) -> Iterator[Callable[..., tuple[Batcher, FakeBackend]]]:
+    """``start_batcher(backend_max=None, **batcher_settings)``: a started "digits" batcher over one
+    ``FakeBackend`` (its ``max_batch`` is ``backend_max``), ready; closed without draining afterwards."""
+    batchers: list[Batcher] = []
+
+    def start(backend_max: int | None = None, **kw: Any) -> tuple[Batcher, FakeBackend]:
+        backend = FakeBackend(classify_bundle, max_batch=backend_max)
+        b = Batcher(lambda: backend, name="digits", **kw).start()
+        assert b.wait_ready(5)
+        batchers.append(b)
+        return b, backend
+
+    yield start
+    for b in batchers:
+        b.close(drain=False, timeout=5)
 
 
 @contextlib.contextmanager

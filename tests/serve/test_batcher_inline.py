@@ -3,14 +3,20 @@ worker and back); anything else goes through the queue as before."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
 import pytest
 
 from kiln.bundle import Bundle
-from kiln.serve.batcher import Batcher, InferenceFailed
+from kiln.serve.batcher import (
+    Batcher,
+    InferenceFailed,
+)
+from tests.polling import eventually
 
+from .batching_helpers import feeds
 from .conftest import FakeBackend
 
 
@@ -116,3 +122,72 @@ def test_not_inline_while_other_requests_are_on_their_way(classify_bundle: Bundl
             assert b.run_inline(_image(0.5)) is not None
     finally:
         b.close()
+
+
+def inline_batcher(bundle, **kw: object) -> tuple[Batcher, FakeBackend]:  # type: ignore[no-untyped-def]
+    backend = FakeBackend(bundle)
+    backend.thread_safe = True  # type: ignore[attr-defined]
+    b = Batcher(lambda: backend, name="m", max_batch=8, **kw).start()  # type: ignore[arg-type]
+    assert b.wait_ready(10)
+    backend.calls.clear()
+    return b, backend
+
+
+def test_an_inline_run_reports_to_both_hooks_and_survives_their_failure(classify_bundle, caplog) -> None:  # type: ignore[no-untyped-def]
+    seen: list[tuple] = []
+
+    def on_batch(n: int, seconds: float) -> None:
+        seen.append(("batch", n, 0 <= seconds < 5))
+
+    b, _ = inline_batcher(classify_bundle, on_batch=on_batch)
+
+    def on_run(n: int, seconds: float, waits: list[float], *_: float) -> None:
+        seen.append(("run", n, 0 <= seconds < 5, waits))
+        raise RuntimeError("metrics down")
+
+    b.on_run = on_run
+    try:
+        with caplog.at_level(logging.ERROR, logger="kiln.serve.batcher"):
+            out = b.run_inline(feeds(3))
+        assert out is not None and out["logits"].shape == (3, 10)
+        assert seen == [("batch", 3, True), ("run", 3, True, [0.0])]
+        assert "metrics hook failed" in caplog.messages
+    finally:
+        b.close(timeout=5)
+
+
+def test_a_request_of_exactly_max_batch_runs_inline(classify_bundle) -> None:  # type: ignore[no-untyped-def]
+    b, backend = inline_batcher(classify_bundle)
+    try:
+        assert b.run_inline(feeds(8)) is not None and [n for n, _ in backend.calls] == [8]
+    finally:
+        b.close(timeout=5)
+
+
+def test_not_inline_while_busy_or_after_close(classify_bundle) -> None:  # type: ignore[no-untyped-def]
+    b, backend = inline_batcher(classify_bundle)
+    try:
+        backend.gate = threading.Event()
+        busy = b.submit(feeds(1))
+        assert eventually(lambda: bool(backend.calls))
+        queued = b.submit(feeds(1))
+        assert b.run_inline(feeds(1)) is None
+        backend.gate.set()
+        assert busy.result(5) and queued.result(5)
+    finally:
+        b.close(timeout=5)
+    assert b.run_inline(feeds(1)) is None
+
+
+def test_an_inline_failure_is_logged_with_its_traceback(classify_bundle, caplog) -> None:  # type: ignore[no-untyped-def]
+    b, backend = inline_batcher(classify_bundle)
+    backend.fail_next = True
+    try:
+        with caplog.at_level(logging.ERROR, logger="kiln.serve.batcher"), pytest.raises(InferenceFailed) as info:
+            b.run_inline(feeds(2))
+        assert str(info.value) == "inference failed (RuntimeError); see the server log"
+        assert info.value.request_id == ""
+        record = next(r for r in caplog.records if r.getMessage() == "model 'm': inference failed for 2 items")
+        assert record.exc_info is not None
+    finally:
+        b.close(timeout=5)

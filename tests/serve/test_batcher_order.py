@@ -1,11 +1,9 @@
 """The batcher's worker with distinct images: split requests come back in order, a refused split
-request leaves nothing queued, small batches are padded up to the engine's minimum batch, and the
-server's ``max_delay_ms`` reaches the batcher in seconds."""
+request leaves nothing queued, and small batches are padded up to the engine's minimum batch."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,10 +11,13 @@ import numpy as np
 import pytest
 
 from kiln.bundle import Bundle
-from kiln.serve.batcher import Batcher, QueueFull
-from kiln.serve.registry import Registry
-from kiln.serve.settings import Settings
+from kiln.serve.batcher import (
+    Batcher,
+    QueueFull,
+)
+from tests.polling import eventually
 
+from .batching_helpers import feeds, occupy
 from .conftest import FakeBackend, make_bundle
 
 
@@ -42,14 +43,6 @@ def distinct(n: int, start: float = 1.0) -> dict[str, np.ndarray]:
     """``n`` images, image ``i`` filled with ``start + i`` (no two alike, none zero)."""
     values = start + np.arange(n, dtype=np.float32)
     return {"images": np.broadcast_to(values[:, None, None, None], (n, 1, 28, 28)).copy()}
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.002)
 
 
 @pytest.fixture
@@ -86,7 +79,7 @@ def test_batched_requests_each_get_their_own_rows(echo) -> None:  # type: ignore
     batcher, backend = echo(max_batch=16, max_delay=0.0)
     backend.gate = threading.Event()
     busy = batcher.submit(distinct(1, start=-1.0))
-    _wait_for(lambda: bool(backend.batches))
+    assert eventually(lambda: bool(backend.batches))
     futs = [batcher.submit(distinct(n, start=100.0 * (i + 1))) for i, n in enumerate((2, 1, 3))]
     backend.gate.set()
     busy.result(10)
@@ -98,7 +91,7 @@ def test_queue_full_cancels_the_parts_of_a_split_request_already_queued(echo) ->
     batcher, backend = echo(max_batch=1, max_delay=0.0, max_queue=3, backend_max=1)
     backend.gate = threading.Event()
     busy = batcher.submit(distinct(1, start=-1.0))
-    _wait_for(lambda: bool(backend.batches))
+    assert eventually(lambda: bool(backend.batches))
     fits = batcher.submit(distinct(2, start=10.0))  # two parts: the queue holds 2 of 3
     with pytest.raises(QueueFull):
         batcher.submit(distinct(2, start=50.0))  # its first part fits, its second does not
@@ -121,19 +114,10 @@ def test_small_batch_is_zero_padded_to_the_engine_minimum(echo) -> None:  # type
     assert sent[0, 0, 0, 0] == 7.0 and not sent[1:].any()  # the padding is zeros
 
 
-def test_max_delay_ms_reaches_the_batcher_in_seconds(tmp_path: Path) -> None:
-    bundle = make_bundle(tmp_path / "digits")
-    registry = Registry.build([("digits", bundle)], Settings(max_delay_ms=40, warmup=False),
-                              loader=lambda b, _s: FakeBackend(b))
-    batcher = registry.get("digits").batcher
-    assert batcher.max_delay == pytest.approx(0.040)
-    registry.start()
-    try:
-        assert batcher.wait_ready(10)
-        # A request announced as on its way keeps the batch open for max_delay: 40 ms, not 40 s.
-        with batcher.announce():
-            fut = batcher.submit(distinct(1))
-            out = fut.result(10)
-        assert out["logits"].shape == (1, 10)
-    finally:
-        batcher.close(drain=False, timeout=5)
+def test_a_request_that_did_not_fit_opens_the_next_batch(start_batcher) -> None:  # type: ignore[no-untyped-def]
+    batcher, backend = start_batcher(max_batch=4, max_delay=0.0)
+    busy = occupy(batcher, backend)
+    a, b = batcher.submit(feeds(3)), batcher.submit(feeds(3))
+    backend.gate.set()
+    assert busy.result(5) and a.result(5)["logits"].shape == (3, 10) and b.result(5)["logits"].shape == (3, 10)
+    assert [n for n, _ in backend.calls] == [1, 3, 3]

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import httpx
 from PIL import Image
 
+from tests.polling import eventually
+
 from .conftest import png
 from .live_server import Live, raw_request, serve_fixture, status_of  # noqa: F401 (a fixture)
 
@@ -119,12 +121,17 @@ def test_clients_hanging_up_mid_upload_are_499_without_tracebacks(serve: Callabl
             s.close()
         total += len(socks)
     assert total == 1000
-    time.sleep(0.5)
-    metrics = httpx.get(live.url + "/metrics", timeout=10).text
+
+    def gone() -> float:  # the requests recorded as abandoned by their client (499)
+        nonlocal metrics
+        metrics = httpx.get(live.url + "/metrics", timeout=10).text
+        return sum(float(v) for v in re.findall(r'^kiln_request_duration_seconds_count\{.*status="499"\} (\S+)',
+                                                metrics, re.M))
+
+    metrics = ""
+    assert eventually(lambda: gone() >= 900, timeout=30, interval=0.1), metrics
     # route labels hold braces ("/v1/models/{name}/predict"): match within the line, not up to a brace
     assert not re.search(r'^kiln_request_duration_seconds_count\{.*status="5\d\d"', metrics, re.M), metrics
-    gone = sum(float(v) for v in re.findall(r'^kiln_request_duration_seconds_count\{.*status="499"\} (\S+)', metrics, re.M))
-    assert gone >= 900, gone
     assert not [line for line in live.lines if line.startswith("ERROR") or "Traceback" in line], live.log()[-3000:]
     assert httpx.post(live.url + "/v1/models/digits/predict", files={"file": ("a.png", png(), "image/png")}).status_code == 200
 
@@ -165,8 +172,8 @@ def test_readyz_is_503_while_draining_after_sigterm(serve: Callable[..., Live]) 
         assert client.get("/readyz").status_code == 200
         t0 = time.monotonic()
         live.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        seen = []
+        assert eventually(lambda: client.get("/readyz").status_code == 503, timeout=30, interval=0.05)
+        seen = [503]
         while time.monotonic() - t0 < 2.0:
             resp = client.get("/readyz")
             seen.append(resp.status_code)

@@ -23,6 +23,8 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.polling import eventually
+
 from .live_server import Live, serve_fixture  # noqa: F401 (a fixture)
 
 grpc = pytest.importorskip("grpc")
@@ -70,7 +72,8 @@ def watched(live: Live, peak_limit: int = PEAK_GROWTH_LIMIT) -> Iterator[Probe]:
     try:
         yield probe
     finally:
-        time.sleep(0.05)  # one more probe after the answer
+        probed = len(probe.latencies)
+        assert eventually(lambda: len(probe.latencies) > probed, timeout=30)  # one more probe after the answer
         probe.stop.set()
         thread.join(30)
     growth = live.status("VmHWM") - peak

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from kiln.serve.registry import Registry
 from kiln.serve.settings import Settings
+from tests.polling import eventually
 
 from .conftest import FakeBackend, make_bundle
 from .live_server import Live, raw_request, serve_fixture, status_of  # noqa: F401 (a fixture)
@@ -160,8 +160,13 @@ def test_metrics_record_the_gate_refusals_as_sent(serve: Callable[..., Live]) ->
     assert httpx.post(f"{live.url}/v2/models/digits/infer", content=b"x" * 2000, headers=auth).status_code == 413
     assert httpx.post(f"{live.url}/v2/models/digits/infer", content=b"x", headers={**auth, "Content-Encoding": "br"}
                       ).status_code == 415
-    time.sleep(0.05)
-    metrics = httpx.get(f"{live.url}/metrics", headers=auth).text
-    counts = {line.split("status=")[1].split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
-              if line.startswith("kiln_request_duration_seconds_count") and "readyz" not in line and "metrics" not in line}
-    assert counts == {"401": 1.0, "413": 1.0, "415": 1.0}, metrics
+    metrics = ""
+
+    def counts() -> dict[str, float]:  # recorded once each answer is sent: polled, not waited for
+        nonlocal metrics
+        metrics = httpx.get(f"{live.url}/metrics", headers=auth).text
+        return {line.split("status=")[1].split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("kiln_request_duration_seconds_count") and "readyz" not in line
+                and "metrics" not in line}
+
+    assert eventually(lambda: counts() == {"401": 1.0, "413": 1.0, "415": 1.0}, timeout=30, interval=0.05), metrics

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from kiln.bundle import Architecture, BatchRange, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
+from tests.polling import eventually
 
 from .conftest import kiln_serve, wait_ready
 
@@ -121,9 +122,8 @@ def test_two_workers_share_the_port_metrics_and_shutdown(server: tuple[subproces
     while len(statuses) < 4 and time.monotonic() < end:
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
     with httpx.Client(base_url=url, timeout=30) as client:  # draining: still serving, not ready
-        assert client.get("/readyz").status_code == 503
+        assert eventually(lambda: client.get("/readyz").status_code == 503, timeout=30, interval=0.05)
     assert proc.wait(60) == 0, "".join(lines)
     stop.set()
     for t in threads:

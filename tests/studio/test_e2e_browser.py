@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from .browser import chromium, needs_chromium
+from tests.browser import chromium, needs_chromium
+
 from .conftest import LiveStudio, copy_bundle
 
 pytestmark = needs_chromium

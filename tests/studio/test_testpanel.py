@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from .browser import chromium, needs_chromium
+from tests.browser import chromium, needs_chromium
 
 pytestmark = needs_chromium
 STATIC = Path(__file__).resolve().parents[2] / "serve" / "static"

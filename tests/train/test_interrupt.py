@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +26,8 @@ def default_sigint() -> Iterator[None]:
 
 
 def _sigint() -> None:
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.05)  # the handler runs on the main thread at its next bytecode
+    # raise_signal runs the Python-level handler before it returns (it checks pending signals itself)
+    signal.raise_signal(signal.SIGINT)
 
 
 def test_first_ctrl_c_sets_the_request_second_raises_and_the_handler_is_restored() -> None:

@@ -4,9 +4,15 @@ read back as given."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+from kiln.serve.registry import Registry
 from kiln.serve.settings import Settings
+
+from .conftest import FakeBackend, make_bundle
 
 
 def test_a_flag_given_overrides_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,3 +37,21 @@ def test_api_key_value_is_the_key_given_or_none(monkeypatch: pytest.MonkeyPatch)
     assert Settings(api_key="s3cret").api_key_value() == "s3cret"
     assert Settings().api_key_value() is None
     assert Settings(api_key="  ").api_key_value() is None
+
+
+def test_max_delay_ms_reaches_the_batcher_in_seconds(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "digits")
+    registry = Registry.build([("digits", bundle)], Settings(max_delay_ms=40, warmup=False),
+                              loader=lambda b, _s: FakeBackend(b))
+    batcher = registry.get("digits").batcher
+    assert batcher.max_delay == pytest.approx(0.040)
+    registry.start()
+    try:
+        assert batcher.wait_ready(10)
+        # A request announced as on its way keeps the batch open for max_delay: 40 ms, not 40 s.
+        with batcher.announce():
+            fut = batcher.submit({"images": np.ones((1, 1, 28, 28), np.float32)})
+            out = fut.result(10)
+        assert out["logits"].shape == (1, 10)
+    finally:
+        batcher.close(drain=False, timeout=5)

@@ -137,3 +137,24 @@ def test_verify_artifact_refuses_a_modified_file(tmp_path: Path) -> None:
     (tmp_path / "b" / "model.onnx").write_bytes(b"changed")
     with pytest.raises(BundleError, match=r"model\.onnx does not match its sha256 in kiln\.json"):
         b.verify_artifact(b.artifact("onnx"))
+
+
+def test_batch_range_parse_and_order():
+    assert str(BatchRange.parse("1:8:32")) == "1:8:32"
+    assert BatchRange.parse("4") == BatchRange(min=4, opt=4, max=4)
+    for bad in ("8:4:32", "1:64:32", "0:1:2", "a:b:c", "1:2"):
+        with pytest.raises(ValueError):
+            BatchRange.parse(bad)
+
+
+def test_load_errors(tmp_path: Path):
+    with pytest.raises(BundleError, match="not found"):
+        Bundle.load(tmp_path / "nope")
+    with pytest.raises(BundleError, match="kiln.json is missing"):
+        Bundle.load(tmp_path)
+    (tmp_path / "kiln.json").write_text("{not json")
+    with pytest.raises(BundleError, match="cannot read"):
+        Bundle.load(tmp_path)
+    (tmp_path / "kiln.json").write_text(json.dumps({"task": "segment"}))
+    with pytest.raises(BundleError, match="invalid"):
+        Bundle.load(tmp_path)
