@@ -33,6 +33,7 @@ from kiln import __version__
 from kiln.bundle import Bundle
 from kiln.serve import docs, errors, grpc, health, kserve, v1, v2
 from kiln.serve.health import WorkerReadiness
+from kiln.serve.images import DecodePool
 from kiln.serve.metrics import Metrics
 from kiln.serve.middleware import RequestGate
 from kiln.serve.registry import Loader, LoadErrorHook, Registry
@@ -63,6 +64,7 @@ async def _lifespan(app: FastAPI, on_load_error: LoadErrorHook | None) -> AsyncI
             app.state.workers.unmark()
         # Uvicorn has finished in-flight requests by now; drain whatever is still queued.
         await registry.close(app.state.settings.timeout_s)
+        app.state.decode_slots.close()
 
 
 async def _watch_loads(app: FastAPI, on_load_error: LoadErrorHook | None) -> None:
@@ -145,8 +147,8 @@ def create_app(
     app.state.workers = workers
     app.state.freeze_gc = freeze_gc
     app.state.serve_when_loaded = serve_when_loaded
-    # Bounds the requests decoding images in worker threads at once (kiln.serve.images.prepare).
-    app.state.decode_slots = asyncio.Semaphore(settings.decode_threads)
+    # The decode threads and their bounded, first-come-first-served wait (kiln.serve.images.prepare).
+    app.state.decode_slots = DecodePool(settings.decode_threads, settings.max_decode_queue)
     errors.install(app)
     docs.install(app)
     # The gate sits inside CORS: its 401 and 413 answers carry the CORS headers a browser needs to read

@@ -18,6 +18,7 @@ log = logging.getLogger("kiln.serve")
 _FLAGS = (
     "host", "port", "grpc_port", "backend", "precision", "max_batch", "max_delay_ms", "max_queue", "timeout_s", "api_key",
     "max_body_bytes", "max_image_pixels", "max_images_per_request", "max_request_pixels", "max_pixels_per_byte", "decode_threads",
+    "max_decode_queue",
     "max_header_bytes", "body_timeout_s", "keep_alive_s", "drain_s", "cors_origins", "top_k", "workers", "threads",
     "end_to_end",
     "header_timeout_s", "max_connections",
@@ -95,6 +96,9 @@ def register(sub: Any) -> None:
                         "of its file is refused from its header; 400 [KILN_MAX_PIXELS_PER_BYTE, default 256]")
     s.add_argument("--decode-threads", type=positive_int, metavar="N",
                    help="requests decoding images at once, off the event loop [KILN_DECODE_THREADS, default 2]")
+    s.add_argument("--max-decode-queue", type=positive_int, metavar="N",
+                   help="requests waiting for a decode thread (first come, first served) before 503 + Retry-After "
+                        "[KILN_MAX_DECODE_QUEUE, default 64]")
     s.add_argument("--max-header-bytes", type=positive_int, metavar="N",
                    help="request line + headers limit, 431 above [KILN_MAX_HEADER_BYTES, default 65536]")
     s.add_argument("--header-timeout-s", type=positive_float, metavar="S",

@@ -29,6 +29,7 @@ from kiln import __version__
 from kiln.errors import ConfigError, InputError, KilnError
 from kiln.serve.errors import GRPC_FOR_HTTP, lookup
 from kiln.serve.grpc_wire import split_infer_request
+from kiln.serve.images import DecodePool
 from kiln.serve.inference import Input, infer
 from kiln.serve.registry import Registry, ServedModel
 from kiln.serve.schemas import v2_datatype
@@ -111,7 +112,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.settings: Settings = state.settings
         self.stats: Stats = state.stats
         self.api_key: str | None = state.api_key
-        self.decode_slots: asyncio.Semaphore = state.decode_slots
+        self.decode_slots: DecodePool = state.decode_slots
 
     def denied(self, context: grpc.aio.ServicerContext) -> str | None:
         """Why the call's ``authorization: Bearer <key>`` metadata is refused, or None when it is fine."""

@@ -12,23 +12,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
+import contextlib
 import ctypes
 import functools
 import sys
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import Request
 from PIL import Image
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from kiln import processing
 from kiln.bundle import Preprocess
 from kiln.processing import ImageDecodeError, Letterbox
+from kiln.serve.batching import QueueFull
 from kiln.serve.errors import ApiError, describe_validation
 from kiln.serve.schemas import PredictRequest
+
+T = TypeVar("T")
 
 # A request of at most this many images and pixels (in all) is decoded on the event loop: a thread hop
 # costs more than decoding it. Anything larger goes to a worker thread, so the loop keeps serving probes
@@ -129,19 +135,118 @@ def decode_preprocess(images: list[Image.Image], spec: Preprocess) -> tuple[np.n
     return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), boxes
 
 
+class DecodePool:
+    """The server's decode threads: ``threads`` of them, and at most ``max_waiting`` requests waiting for
+    one, served first come, first served.
+
+    A request takes a slot (:meth:`acquire`, or ``async with pool``) and gives it back when its work is
+    done; :meth:`run` does both around a call on one of the pool's own threads, so decoding never
+    competes with other thread-pool work and never holds more threads than ``threads``. A freed slot is
+    handed to the longest-waiting request directly (no newcomer overtakes it), so a request's decode
+    starts in arrival order. When ``max_waiting`` requests already wait, :meth:`acquire` raises
+    :class:`~kiln.serve.batching.QueueFull` at once (503 with Retry-After): under overload a client is
+    told to come back instead of waiting behind an unbounded backlog.
+
+    Bound to the event loop that first waits on it, like :class:`asyncio.Semaphore`.
+    """
+
+    def __init__(self, threads: int, max_waiting: int) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        self.threads = threads
+        self.max_waiting = max_waiting
+        self._free = threads
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot now."""
+        return sum(not w.done() for w in self._waiters)
+
+    @property
+    def busy(self) -> int:
+        """Slots held now."""
+        return self.threads - self._free
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting behind every request that came earlier; raises :class:`QueueFull` when
+        ``max_waiting`` requests already wait."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        if self.waiting >= self.max_waiting:
+            raise QueueFull(f"{self.waiting} requests are waiting to decode images ({self.threads} decode threads, "
+                            f"max_decode_queue {self.max_waiting}); retry later")
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # the slot was handed over as the wait was cancelled
+                self.release()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back: to the longest-waiting request, else to the pool. On the pool's event loop."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+    async def __aenter__(self) -> DecodePool:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on one of the pool's threads once a slot is free. The slot is held until ``fn``
+        returns, even when the awaiting request is cancelled while it runs, so the threads are never
+        oversubscribed."""
+        await self.acquire()
+        loop = asyncio.get_running_loop()
+        try:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="kiln-decode")
+            job = self._executor.submit(fn, *args)
+        except BaseException:
+            self.release()
+            raise
+
+        def done(_: Future[T]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(self.release)
+
+        job.add_done_callback(done)
+        return await asyncio.wrap_future(job)
+
+    def close(self) -> None:
+        """Stop the threads once their current work is done; work not started is dropped."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 async def prepare(
-    blobs: list[bytes], spec: Preprocess, max_pixels: int, max_request_pixels: int, slots: asyncio.Semaphore,
+    blobs: list[bytes], spec: Preprocess, max_pixels: int, max_request_pixels: int, pool: DecodePool,
     max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE,
 ) -> tuple[np.ndarray, list[Letterbox]]:
     """Check the budget, then decode and preprocess ``blobs``: on the event loop when the request is
-    small, else in a worker thread once one of the ``slots`` is free (so decoding never takes more than a
-    few cores from the event loop and the batchers)."""
+    small, else on one of the ``pool``'s decode threads, in arrival order (so decoding never takes more
+    than ``pool.threads`` cores from the event loop and the batchers, and a full backlog answers 503)."""
     images = open_images(blobs, max_pixels, max_request_pixels, max_pixels_per_byte)
     total = pixels(images)
     if len(images) <= INLINE_IMAGES and total <= INLINE_PIXELS:
         return decode_preprocess(images, spec)
-    async with slots:
-        return await run_in_threadpool(_decode_preprocess_and_release, images, spec, total)
+    return await pool.run(_decode_preprocess_and_release, images, spec, total)
 
 
 def _decode_preprocess_and_release(
@@ -189,5 +294,5 @@ def _b64(text: str, index: int) -> bytes:
         raise ApiError(400, "invalid_base64", f"images[{index}] is not valid base64") from None
 
 
-__all__ = ["INLINE_IMAGES", "INLINE_PIXELS", "TRIM_PIXELS", "decode_preprocess", "open_images",
+__all__ = ["DecodePool", "INLINE_IMAGES", "INLINE_PIXELS", "TRIM_PIXELS", "decode_preprocess", "open_images",
            "prepare", "read_images", "release_memory"]

@@ -15,7 +15,6 @@ request's deadline.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -25,7 +24,7 @@ import numpy as np
 from kiln.processing import Letterbox
 from kiln.runtime.base import Backend
 from kiln.serve.batcher import wait_result
-from kiln.serve.images import prepare
+from kiln.serve.images import DecodePool, prepare
 from kiln.serve.registry import ServedModel
 from kiln.serve.settings import Settings
 from kiln.serve.triton_ext import Stats
@@ -45,7 +44,7 @@ async def infer(
     read: Coroutine[Any, Any, tuple[Input, T]],
     request_id: str,
     settings: Settings,
-    slots: asyncio.Semaphore,
+    slots: DecodePool,
     stats: Stats | None = None,
     disconnected: Callable[[], Awaitable[bool]] | None = None,
 ) -> tuple[Outputs, list[Letterbox] | None, T, Backend]:

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
         256.0, gt=0, description="decompression-bomb guard: decoded pixels per byte of an image over 4 Mpx (400 above)"
     )
     decode_threads: int = Field(2, ge=1, description="requests decoding images at once, off the event loop")
+    max_decode_queue: int = Field(
+        64, ge=1, description="requests waiting for a decode thread, served in arrival order, before 503 + Retry-After"
+    )
     max_header_bytes: int = Field(64 * 1024, ge=1024, description="request line + headers limit (431 above)")
     body_timeout_s: float = Field(30.0, gt=0, description="wait for the next piece of a request body before 408")
     keep_alive_s: int = Field(5, ge=1, description="close an idle keep-alive connection after this many seconds")

@@ -17,6 +17,19 @@ classifier's answers. Not collected by pytest.
    standardised per class over the set so its answer follows the image; the report prints how many
    distinct classes it answered, so an agreement that a constant answer would give is visible.
 
+3. with ``--trained BUNDLE`` (repeatable; a classifier or a detector that ``kiln train`` wrote), the same
+   decode on a trained model: the first ``--limit`` images of the bundle's validation split, each scaled
+   up to camera size (``--width`` px wide, bicubic, sensor-like grain, JPEG quality 90), run through the
+   bundle with ``decode="full"`` and ``decode="draft"``: top-1 agreement between the two and each one's
+   top-1 (classifier; target >= 99.5% agreement), or each one's mAP with the boxes scaled with the image
+   (detector; target: within 0.5 point). For example::
+
+       .venv/bin/kiln train --data folder:/tmp/crops --model resnet18 --image-size 64 --epochs 8 --out /tmp/photo-cls
+       .venv/bin/kiln train --data shapes --epochs 5 --out /tmp/shapes-det
+       .venv/bin/python tests/perf/bench_decode.py --trained /tmp/photo-cls --trained /tmp/shapes-det --skip-untrained
+
+   (``/tmp/crops`` from ``tests/train/photos.py``'s ``write_photo_crops``).
+
 Print ``uptime``'s load average beside the figures: on a shared machine timings move with it.
 """
 
@@ -32,6 +45,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -39,7 +53,7 @@ from PIL import Image, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from kiln import processing  # noqa: E402
-from kiln.bundle import Preprocess  # noqa: E402
+from kiln.bundle import Bundle, Preprocess  # noqa: E402
 from tests.corpus import photo, photos  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -215,18 +229,95 @@ def agreement(variants: int) -> dict[str, object]:
     return out
 
 
+def camera_jpeg(img: Image.Image, width: int, seed: int = 0, quality: int = 90) -> tuple[bytes, float]:
+    """``img`` scaled up to ``width`` px wide (bicubic) with sensor-like grain, as a JPEG, and the factor."""
+    factor = width / img.width
+    big = img.convert("RGB").resize((width, max(1, round(img.height * factor))), Image.Resampling.BICUBIC)
+    arr = np.asarray(big, dtype=np.float32) + np.random.default_rng(seed).normal(0, 2.0, (big.height, big.width, 3))
+    return jpeg(Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert(img.mode), quality), factor
+
+
+class CameraSplit:
+    """A bundle's validation images as camera-size JPEGs, decoded with one decode mode whatever the spec
+    says; detection boxes scaled with the image. Quacks like ``kiln.data.ImageDataset`` for
+    ``kiln.evaluate.run_split`` and ``split_metrics``."""
+
+    def __init__(self, dataset: Any, limit: int, width: int) -> None:
+        self.files: list[bytes] = []
+        self.targets: list[Any] = []
+        for i in range(min(limit, len(dataset))):
+            data, factor = camera_jpeg(dataset.image(i), width, seed=i)
+            self.files.append(data)
+            target = dataset.target(i)
+            if isinstance(target, dict):
+                target = {**target, "boxes": np.asarray(target["boxes"], dtype=np.float32) * factor}
+            self.targets.append(target)
+        self.mode = "full"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def image(self, i: int, spec: Preprocess | None = None) -> Image.Image:
+        assert spec is not None
+        return processing.decode_image(self.files[i], spec=spec.model_copy(update={"decode": self.mode}))
+
+    def target(self, i: int) -> Any:
+        return self.targets[i]
+
+
+def trained_agreement(path: Path, limit: int, width: int) -> dict[str, object]:
+    """Full against draft decode of camera-size versions of a trained bundle's validation images."""
+    from kiln import runtime
+    from kiln.evaluate import bundle_split, run_split, split_metrics
+
+    bundle = Bundle.load(path)
+    split = CameraSplit(bundle_split(bundle, "val"), limit, width)
+    backend = runtime.load(bundle, backend="onnxrt" if bundle.artifact("onnx") else "torch")
+    out: dict[str, object] = {"bundle": str(path), "task": bundle.manifest.task, "images": len(split),
+                              "width": width, "backend": backend.name, "input": list(bundle.manifest.input.shape)}
+    results = {}
+    try:
+        for mode in ("full", "draft"):
+            split.mode = mode
+            res = run_split(bundle, backend, split)  # type: ignore[arg-type]
+            results[mode] = res
+            metrics = split_metrics(bundle, res, split)  # type: ignore[arg-type]
+            key = "top1" if bundle.manifest.task == "classify" else "map"
+            out[f"{key}_{mode}"] = round(float(metrics[key]) * (1 if key == "top1" else 100), 2)
+    finally:
+        backend.close()
+    if bundle.manifest.task == "classify":
+        name = bundle.manifest.outputs[0].name
+        same = results["full"].outputs[name].argmax(1) == results["draft"].outputs[name].argmax(1)
+        out["top1_agreement"] = round(float(same.mean()), 4)
+        out["target"] = "top1_agreement >= 0.995"
+    else:
+        out["map_points_draft_minus_full"] = round(float(out["map_draft"]) - float(out["map_full"]), 2)  # type: ignore[arg-type]
+        out["target"] = "|map_points_draft_minus_full| <= 0.5"
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--variants", type=int, default=12, help="random crops per photo for the agreement check")
+    parser.add_argument("--trained", type=Path, action="append", default=[],
+                        help="a trained bundle: full vs draft decode of its validation images at camera size")
+    parser.add_argument("--limit", type=int, default=400, help="validation images per --trained bundle")
+    parser.add_argument("--width", type=int, default=1920, help="camera width the validation images are scaled to")
+    parser.add_argument("--skip-untrained", action="store_true", help="only the --trained checks")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     report: dict[str, object] = {
         "load_average": os.getloadavg(), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "pillow": Image.__version__, "decode_1920x1080_to_224": timings(args.repeat),
-        "agreement_full_vs_draft": agreement(args.variants),
+        "pillow": Image.__version__,
     }
+    if not args.skip_untrained:
+        report["decode_1920x1080_to_224"] = timings(args.repeat)
+        report["agreement_full_vs_draft"] = agreement(args.variants)
+    if args.trained:
+        report["trained_full_vs_draft"] = [trained_agreement(p, args.limit, args.width) for p in args.trained]
     report["load_average_after"] = os.getloadavg()
     print(json.dumps(report, indent=2))
     if args.json:

@@ -142,13 +142,13 @@ def test_large_image_decoded_off_loop(client: TestClient, monkeypatch: pytest.Mo
     import kiln.serve.images as images_module
 
     offloaded: list[str] = []
-    real = images_module.run_in_threadpool
+    real = images_module.DecodePool.run
 
-    async def spy(fn: Callable[..., Any], *args: Any) -> Any:
+    async def spy(pool: Any, fn: Callable[..., Any], *args: Any) -> Any:
         offloaded.append(fn.__name__)
-        return await real(fn, *args)
+        return await real(pool, fn, *args)
 
-    monkeypatch.setattr(images_module, "run_in_threadpool", spy)
+    monkeypatch.setattr(images_module.DecodePool, "run", spy)
     client.post("/v1/models/digits/predict", files={"file": ("small.png", png(), "image/png")})
     assert offloaded == []
     big = encode(Image.new("L", (1200, 900), 255))

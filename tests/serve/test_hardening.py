@@ -72,13 +72,13 @@ def test_decode_budget_is_checked_from_headers(make_client: MakeClient, monkeypa
 def test_many_small_images_are_decoded_off_the_loop(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
     client = make_client()
     offloaded: list[int] = []
-    real = images.run_in_threadpool
+    real = images.DecodePool.run
 
-    async def spy(fn: Callable[..., Any], *args: Any) -> Any:
+    async def spy(pool: Any, fn: Callable[..., Any], *args: Any) -> Any:
         offloaded.append(len(args[0]))
-        return await real(fn, *args)
+        return await real(pool, fn, *args)
 
-    monkeypatch.setattr(images, "run_in_threadpool", spy)
+    monkeypatch.setattr(images.DecodePool, "run", spy)
     assert client.post("/v1/models/digits/predict", files=files(*[png()] * images.INLINE_IMAGES)).status_code == 200
     assert offloaded == []
     resp = client.post("/v1/models/digits/predict", files=files(*[png(value=0)] * 64))
