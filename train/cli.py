@@ -13,10 +13,8 @@ import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln import runtime
-from kiln.bundle import Bundle
 from kiln.cli import (
     HelpFormatter,
     batch_range,
@@ -28,12 +26,8 @@ from kiln.cli import (
     positive_float,
     positive_int,
 )
-from kiln.compare import Timing, artifact_table, format_speed_table, format_table
 from kiln.data import DataSpec, check_paths
-from kiln.data.detect import write_shapes_coco, write_shapes_yolo
 from kiln.errors import ConfigError, KilnError
-from kiln.evaluate import bundle_split, eval_post, json_safe, run_split, split_metrics
-from kiln.fsutil import remove_stale_temps
 from kiln.train.config import (
     AMP_MODES,
     DEVICES,
@@ -46,9 +40,13 @@ from kiln.train.config import (
     default_batch_size,
 )
 from kiln.train.early import check_pretrained_offline
-from kiln.train.reports import write_classify_reports, write_detect_reports
-from kiln.train.samples import write_samples
 from kiln.vocab import BACKEND_CHOICES
+
+if TYPE_CHECKING:
+    from kiln.bundle import Bundle
+
+# Only what the parser needs is imported above: `kiln train` reports argument mistakes before the runtime,
+# evaluation and report modules (and torch) load; each command imports what it runs.
 
 log = logging.getLogger("kiln.train")
 
@@ -353,6 +351,12 @@ def _usage(msg: str) -> Exception:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from kiln import runtime
+    from kiln.bundle import Bundle
+    from kiln.evaluate import bundle_split, eval_post, json_safe, run_split, split_metrics
+    from kiln.fsutil import remove_stale_temps
+    from kiln.train.reports import write_classify_reports, write_detect_reports
+
     bundle = Bundle.load(args.bundle)
     remove_stale_temps(bundle.root)  # what an interrupted eval or export left behind
     m = bundle.manifest
@@ -406,6 +410,8 @@ def _print_per_class(task: str, classes: list[str], metrics: dict[str, Any]) -> 
 
 def _artifact_tables(bundle: Bundle, args: argparse.Namespace) -> list[dict[str, Any]] | None:
     """The comparison table over exported artifacts and, with --bench, the accuracy/speed table."""
+    from kiln.compare import Timing, artifact_table, format_speed_table, format_table
+
     m = bundle.manifest
     exported = any(a.format != "torch" for a in m.artifacts.values())
     if args.no_table and not args.bench or not (exported or args.bench):
@@ -430,6 +436,9 @@ def _slug(data: str, limit: int | None, controls: dict[str, Any] | None = None) 
 
 
 def run_data(args: argparse.Namespace) -> int:
+    from kiln.data.detect import write_shapes_coco, write_shapes_yolo
+    from kiln.train.samples import write_samples
+
     if args.name == "inspect":
         return _run_inspect(args)
     if args.out is None:

@@ -131,3 +131,20 @@ def test_weights_url_read_from_source_is_torchvisions(arch: str, which: str) -> 
 def test_unknown_weights_name_is_left_to_the_full_check() -> None:
     assert early.weights_url("resnet18", "IMAGENET1K_V9") is None
     assert early.weights_url("no_such_arch", "DEFAULT") is None
+
+
+def test_each_command_is_registered_by_the_stage_the_cli_imports_for_it() -> None:
+    import argparse
+    import importlib
+
+    from kiln import cli
+
+    registered: dict[str, str] = {}
+    for module in cli.STAGES:
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        importlib.import_module(module).register(sub)
+        registered.update(dict.fromkeys(sub.choices, module))
+    assert registered == cli.COMMANDS
+    args = cli.build_parser(["-v", "data", "shapes", "--out", "x"]).parse_args(["-v", "data", "shapes", "--out", "x"])
+    assert args.command == "data" and args.out == "x"
