@@ -72,8 +72,8 @@ def config_message(model: ServedModel) -> Any:
     options = TritonOptions(max_queue_delay_us=round(model.batcher.max_delay * 1e6))
     served = model.batcher.backend
     art = model.manifest.artifacts.get(getattr(served, "artifact", None) or "")
-    if art is not None and (nms := (art.model_extra or {}).get("nms")):  # an end-to-end detector graph
-        options = dataclasses.replace(options, outputs=tuple(model.bundle.outputs_of(art)), nms=nms)
+    if art is not None and art.nms is not None:  # an end-to-end detector graph
+        options = dataclasses.replace(options, outputs=tuple(model.bundle.outputs_of(art)), nms=art.nms.model_dump())
     plat = platform(model)
     return model_config(model.bundle, batch, platform=plat if plat != "loading" else "onnxruntime_onnx",
                         name=model.name, options=options)
