@@ -91,7 +91,9 @@ def open_bundle(path: str | os.PathLike[str]) -> Bundle:
 def _record(bundle: Bundle, file: str, fmt: str, precision: str, **extra: Any) -> dict[str, Any]:
     art = bundle.add_artifact(file, fmt, precision, **extra)
     bundle.save()
-    return {"path": str(bundle.path(file)), **art.model_dump(mode="json")}
+    record = art.model_dump(mode="json")
+    engine = record.pop("engine", {})  # the summary keeps an engine's provenance flat, as onnx2engine returns it
+    return {"path": str(bundle.path(file)), **record, **engine}
 
 
 def _evaluate_file(bundle: Bundle, path: Path, precision: str) -> dict[str, float]:

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from kiln.bundle import Artifact, Bundle, EngineProvenance
+from kiln.bundle import ENGINE_KEYS, Artifact, Bundle, EngineProvenance
 from kiln.runtime import cuda
 
 PROVENANCE_KEYS = ("tensorrt_version", "gpu_name", "compute_capability")
@@ -41,7 +41,9 @@ def check_provenance(provenance: EngineProvenance | Mapping[str, Any] | None, ve
     TensorRT 10 plan also on TensorRT 11. It runs only on GPUs of its compute capability, unless built
     hardware-compatible (AMPERE_PLUS: compute capability 8.0 or newer).
     """
-    prov = provenance if isinstance(provenance, EngineProvenance) else EngineProvenance.model_validate(provenance or {})
+    if not isinstance(provenance, EngineProvenance):  # a mapping may hold more (onnx2engine's precision)
+        provenance = EngineProvenance.model_validate({k: v for k, v in (provenance or {}).items() if k in ENGINE_KEYS})
+    prov = provenance
     missing = [k for k in PROVENANCE_KEYS if not getattr(prov, k)]
     if missing:
         return False, f"engine has no build provenance in kiln.json (missing {', '.join(missing)}); rebuild it"
