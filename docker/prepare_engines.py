@@ -41,7 +41,7 @@ def _compatible_engine(bundle: Bundle, precision: str) -> str | None:
     from kiln.runtime import engine_compatible
 
     for art in bundle.artifacts("tensorrt", precision):
-        ok, why = engine_compatible(art.model_extra or {})
+        ok, why = engine_compatible(art.engine)
         if not ok:
             log.info("%s: engine %s cannot run here: %s", bundle.name, art.file, why)
         elif not bundle.path(art.file).is_file():
@@ -103,7 +103,7 @@ def _prepare(path: Path, precisions: list[str], work: Path, require: bool) -> Pa
         if onnx is None:
             log.info("%s: no %s ONNX artifact, no %s engine", bundle.name, precision, precision)
             continue
-        if ((onnx.model_extra or {}).get("calibration") or {}).get("layout") == "cpu":
+        if onnx.calibration is not None and onnx.calibration.layout == "cpu":
             why = (f"{onnx.file} is the int8 layout for ONNX Runtime on a CPU (--int8-layout cpu); TensorRT "
                    "builds from `kiln export --precision int8` with the default --int8-layout tensorrt")
             if require:

@@ -111,25 +111,10 @@ def onnx2engine(
     operator) or built. The plan and the timing cache are written atomically: a failed build leaves
     earlier files as they were.
     """
-    if precision not in PRECISIONS:
-        raise unknown_choice("precision", precision, PRECISIONS, flag="onnx2engine", ordered=True)
-    if workspace_gib <= 0:
-        raise ConfigError(f"onnx2engine: workspace must be > 0 GiB, got {workspace_gib}")
-    major = import_tensorrt()
-    network_flags, builder_flags = build_flags(major, precision, strongly_typed)
-    if (why := cuda.no_gpu_reason()) is not None:
-        raise BackendUnavailable(f"building a TensorRT engine needs an NVIDIA GPU and driver: {why}")
+    network_flags, builder_flags, gpu = _preflight(onnx_path, precision, workspace_gib, strongly_typed, hardware_compat)
     import tensorrt as trt
 
     src = Path(onnx_path)
-    if not src.is_file():
-        raise ExportError(f"onnx2engine: {src} does not exist")
-    gpu = cuda.device_info(0)
-    if hardware_compat and parse_capability(gpu.compute_capability) < (8, 0):
-        raise ExportError(
-            f"hardware-compatible engines (AMPERE_PLUS) need compute capability >= 8.0; {gpu.name} has {gpu.compute_capability}"
-        )
-
     # Process-wide: it registered the plugin library (the ONNX parser maps some operators onto it).
     logger = trt_logger()
     mark = logger.error_count
@@ -171,9 +156,32 @@ def onnx2engine(
     }
 
 
+def _preflight(onnx_path: str | os.PathLike[str], precision: str, workspace_gib: float, strongly_typed: bool,
+               hardware_compat: bool) -> tuple[list[str], list[str], cuda.DeviceInfo]:
+    """Check what a build needs before anything is built, cheapest first: the options, TensorRT, a GPU,
+    the graph file, the GPU's compute capability. Returns the network and builder flags and GPU 0."""
+    if precision not in PRECISIONS:
+        raise unknown_choice("precision", precision, PRECISIONS, flag="onnx2engine", ordered=True)
+    if workspace_gib <= 0:
+        raise ConfigError(f"onnx2engine: workspace must be > 0 GiB, got {workspace_gib}")
+    major = import_tensorrt()
+    network_flags, builder_flags = build_flags(major, precision, strongly_typed)
+    if (why := cuda.no_gpu_reason()) is not None:
+        raise BackendUnavailable(f"building a TensorRT engine needs an NVIDIA GPU and driver: {why}")
+    src = Path(onnx_path)
+    if not src.is_file():
+        raise ExportError(f"onnx2engine: {src} does not exist")
+    gpu = cuda.device_info(0)
+    if hardware_compat and parse_capability(gpu.compute_capability) < (8, 0):
+        raise ExportError(
+            f"hardware-compatible engines (AMPERE_PLUS) need compute capability >= 8.0; {gpu.name} has {gpu.compute_capability}"
+        )
+    return network_flags, builder_flags, gpu
+
+
 def engine_file_here(precision: str) -> str:
     """The bundle file name for a ``precision`` engine built here (GPU 0 and the installed TensorRT):
-    ``model.fp16.nvidia-l4.trt-10.13.0.35.engine`` (:func:`kiln.runtime.tensorrt.engine_file_name`)."""
+    ``model.fp16.nvidia-l4.trt-10.13.0.35.engine`` (:func:`kiln.runtime.engines.engine_file_name`)."""
     import_tensorrt()
     import tensorrt as trt
 

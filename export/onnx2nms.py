@@ -92,6 +92,40 @@ def onnx2nms(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, boxes:
     from onnx import TensorProto, compose, helper
 
     raw = onnx.load(os.fspath(src))
+    opset, anchors, num_classes = _detector_shape(raw, boxes, scores)
+    pre = min(PRE_NMS_TOP_K, anchors)  # candidates per image before NMS, as kiln's post-processing keeps
+    k = settings.max_detections
+    nodes = _candidate_nodes(boxes, scores, settings, pre, num_classes) + _selection_nodes(k, min(k, pre))
+    graph = helper.make_graph(
+        nodes, "kiln_nms",
+        [helper.make_tensor_value_info(boxes, TensorProto.FLOAT, ["N", anchors, 4]),
+         helper.make_tensor_value_info(scores, TensorProto.FLOAT, ["N", anchors, num_classes])],
+        [helper.make_tensor_value_info("num_dets", TensorProto.INT32, ["N", 1]),
+         helper.make_tensor_value_info("det_boxes", TensorProto.FLOAT, ["N", k, 4]),
+         helper.make_tensor_value_info("det_scores", TensorProto.FLOAT, ["N", k]),
+         helper.make_tensor_value_info("det_classes", TensorProto.INT32, ["N", k])],
+    )
+    post = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=raw.ir_version)
+    # The raw graph's own outputs become internal; the batch axis keeps the raw graph's name for it.
+    merged = compose.merge_models(raw, post, io_map=[(boxes, boxes), (scores, scores)],
+                                  outputs=list(OUTPUTS), producer_name=raw.producer_name,
+                                  producer_version=raw.producer_version)
+    batch_dim = raw.graph.input[0].type.tensor_type.shape.dim[0]
+    for out in merged.graph.output:
+        out.type.tensor_type.shape.dim[0].CopyFrom(batch_dim)
+    onnx.helper.set_model_props(merged, {**{p.key: p.value for p in raw.metadata_props}, **settings.metadata()})
+    try:
+        onnx.checker.check_model(merged, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"--nms: the NMS graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(merged, os.fspath(dst))
+    return {"nms": settings.record(), "outputs": output_specs(k), "opset": opset, "anchors": anchors}
+
+
+def _detector_shape(raw: Any, boxes: str, scores: str) -> tuple[int, int, int]:
+    """``(opset, anchors A, classes C)`` of a raw detector graph answering ``boxes [N, A, 4]`` and
+    ``scores [N, A, C]``; ExportError for any other graph or an opset below :data:`MIN_OPSET`."""
     opset = next((o.version for o in raw.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         raise ExportError(f"--nms: the graph's opset is {opset}; the NMS graph needs opset >= {MIN_OPSET} "
@@ -104,19 +138,25 @@ def onnx2nms(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, boxes:
     if len(b_shape) != 3 or b_shape[2] != 4 or len(s_shape) != 3 or None in s_shape[1:] or b_shape[1] != s_shape[1]:
         raise ExportError(f"--nms: expected {boxes} [N, A, 4] and {scores} [N, A, C] with fixed A and C, "
                           f"got {b_shape} and {s_shape}")
-    anchors, num_classes = int(s_shape[1] or 0), int(s_shape[2] or 0)
-    pre = min(PRE_NMS_TOP_K, anchors)  # candidates per image before NMS, as kiln's post-processing keeps
-    k = settings.max_detections
-    kept = min(k, pre)  # an image cannot have more detections than candidates; padded to k below
+    return opset, int(s_shape[1] or 0), int(s_shape[2] or 0)
 
-    def const(name: str, value: Any, dtype: Any) -> Any:
-        return helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
 
-    n = helper.make_node
+def _const(name: str, value: Any, dtype: Any) -> Any:
+    import onnx
+
+    return onnx.helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
+
+
+def _candidate_nodes(boxes: str, scores: str, settings: NmsSettings, pre: int, num_classes: int) -> list[Any]:
+    """Each anchor's best class and score, the best ``pre`` anchors as candidates (``nms/cand_boxes``,
+    ``nms/cand_score``, ``nms/cand_cls``), and the scores NMS suppresses by (``nms/nms_scores``)."""
+    from onnx import helper
+
+    const, n = _const, helper.make_node
     nodes = [
         const("nms/axis2", [2], np.int64), const("nms/axis1", [1], np.int64),
-        const("nms/pre", [pre], np.int64), const("nms/kept", [kept], np.int64),
-        const("nms/max_per_class", [k], np.int64),
+        const("nms/pre", [pre], np.int64),
+        const("nms/max_per_class", [settings.max_detections], np.int64),
         const("nms/iou", [settings.iou_threshold], np.float32),
         const("nms/score_thr", [settings.score_threshold], np.float32),
         const("nms/minus_one", -1.0, np.float32), const("nms/zero_f", 0.0, np.float32),
@@ -150,6 +190,16 @@ def onnx2nms(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, boxes:
             n("Unsqueeze", ["nms/cand_score", "nms/axis1"], ["nms/cand_score3"]),
             n("Mul", ["nms/onehot", "nms/cand_score3"], ["nms/nms_scores"]),
         ]
+    return nodes
+
+
+def _selection_nodes(k: int, kept: int) -> list[Any]:
+    """NMS over the candidates, then the best ``kept`` per image as ``num_dets``, ``det_boxes``,
+    ``det_scores``, ``det_classes``, zero-padded to ``k`` rows when fewer candidates than ``k`` exist."""
+    from onnx import TensorProto, helper
+
+    const, n = _const, helper.make_node
+    nodes = [const("nms/kept", [kept], np.int64)]
     nodes += [
         n("NonMaxSuppression", ["nms/cand_boxes", "nms/nms_scores", "nms/max_per_class", "nms/iou", "nms/score_thr"],
           ["nms/selected"], center_point_box=0),  # [S, 3]: batch, class, candidate
@@ -184,31 +234,7 @@ def onnx2nms(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, boxes:
             nodes += [const(f"nms/pads_{out}", pads, np.int64), n("Pad", [names[out], f"nms/pads_{out}"], [out])]
     else:
         nodes += [n("Identity", [names[out]], [out]) for out in names]
-    graph = helper.make_graph(
-        nodes, "kiln_nms",
-        [helper.make_tensor_value_info(boxes, TensorProto.FLOAT, ["N", anchors, 4]),
-         helper.make_tensor_value_info(scores, TensorProto.FLOAT, ["N", anchors, num_classes])],
-        [helper.make_tensor_value_info("num_dets", TensorProto.INT32, ["N", 1]),
-         helper.make_tensor_value_info("det_boxes", TensorProto.FLOAT, ["N", k, 4]),
-         helper.make_tensor_value_info("det_scores", TensorProto.FLOAT, ["N", k]),
-         helper.make_tensor_value_info("det_classes", TensorProto.INT32, ["N", k])],
-    )
-    post = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=raw.ir_version)
-    # The raw graph's own outputs become internal; the batch axis keeps the raw graph's name for it.
-    merged = compose.merge_models(raw, post, io_map=[(boxes, boxes), (scores, scores)],
-                                  outputs=list(OUTPUTS), producer_name=raw.producer_name,
-                                  producer_version=raw.producer_version)
-    batch_dim = raw.graph.input[0].type.tensor_type.shape.dim[0]
-    for out in merged.graph.output:
-        out.type.tensor_type.shape.dim[0].CopyFrom(batch_dim)
-    onnx.helper.set_model_props(merged, {**{p.key: p.value for p in raw.metadata_props}, **settings.metadata()})
-    try:
-        onnx.checker.check_model(merged, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"--nms: the NMS graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(merged, os.fspath(dst))
-    return {"nms": settings.record(), "outputs": output_specs(k), "opset": opset, "anchors": anchors}
+    return nodes
 
 
 

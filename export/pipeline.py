@@ -91,7 +91,9 @@ def open_bundle(path: str | os.PathLike[str]) -> Bundle:
 def _record(bundle: Bundle, file: str, fmt: str, precision: str, **extra: Any) -> dict[str, Any]:
     art = bundle.add_artifact(file, fmt, precision, **extra)
     bundle.save()
-    return {"path": str(bundle.path(file)), **art.model_dump(mode="json")}
+    record = art.model_dump(mode="json")
+    engine = record.pop("engine", {})  # the summary keeps an engine's provenance flat, as onnx2engine returns it
+    return {"path": str(bundle.path(file)), **record, **engine}
 
 
 def _evaluate_file(bundle: Bundle, path: Path, precision: str) -> dict[str, float]:
@@ -302,11 +304,11 @@ def _fp32_is_fresh(bundle: Bundle, opts: ExportOptions) -> bool:
     fp32_file = ONNX_FILES["fp32"]
     existing = bundle.manifest.artifacts.get(fp32_file)
     return (existing is not None and bundle.path(fp32_file).is_file()
-            and getattr(existing, "source_sha256", None) == sha256_file(bundle.path("model.pt"))
+            and existing.source_sha256 == sha256_file(bundle.path("model.pt"))
             and sha256_file(bundle.path(fp32_file)) == existing.sha256
             # a different --opset or simplification asked for means a different graph
-            and (opts.opset is None or (existing.model_extra or {}).get("opset") == opts.opset)
-            and not ((existing.model_extra or {}).get("simplified") and not opts.simplify))
+            and (opts.opset is None or existing.opset == opts.opset)
+            and not (existing.simplified and not opts.simplify))
 
 
 def _export(bundle: Bundle, opts: ExportOptions) -> dict[str, Any]:
@@ -369,7 +371,7 @@ def drop_stale_artifacts(bundle: Bundle) -> list[str]:
         changed = False
         current = {a.sha256 for a in bundle.manifest.artifacts.values()}
         for name, art in list(bundle.manifest.artifacts.items()):
-            source = getattr(art, "source_sha256", None)
+            source = art.source_sha256
             if art.format != "torch" and source is not None and source not in current:
                 del bundle.manifest.artifacts[name]
                 dropped.append(name)
@@ -384,7 +386,7 @@ def end_to_end_of(bundle: Bundle, raw_file: str) -> str | None:
     """The end-to-end graph made from ``raw_file`` as it is now (this export's or an earlier one's), or None."""
     source = bundle.manifest.artifacts[raw_file].sha256
     return next((name for name, art in bundle.manifest.artifacts.items()
-                 if (art.model_extra or {}).get("nms") and getattr(art, "source_sha256", None) == source), None)
+                 if art.nms is not None and art.source_sha256 == source), None)
 
 
 def drop_other_nms(bundle: Bundle, written: dict[str, str]) -> None:
@@ -392,9 +394,9 @@ def drop_other_nms(bundle: Bundle, written: dict[str, str]) -> None:
     ones: a bundle's end-to-end graphs answer with one set of thresholds (what serving reports)."""
     if not written:
         return
-    current = (bundle.manifest.artifacts[next(iter(written.values()))].model_extra or {})["nms"]
+    current = bundle.manifest.artifacts[next(iter(written.values()))].nms
     stale = [name for name, art in bundle.manifest.artifacts.items()
-             if name not in written.values() and (art.model_extra or {}).get("nms") not in (None, current)]
+             if name not in written.values() and art.nms not in (None, current)]
     for name in stale:
         del bundle.manifest.artifacts[name]
     if stale:

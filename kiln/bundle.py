@@ -8,20 +8,30 @@ and measured accuracy) are recorded here. ``model.pt`` holds only a state dict.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from kiln.errors import BundleError
 from kiln.fsutil import atomic_write_json, sha256_file
 from kiln.vocab import Task
 
+log = logging.getLogger("kiln.bundle")
+
 MANIFEST = "kiln.json"
-SCHEMA_VERSION = 1
-
-
+# 2: closed records (extra keys refused), engine provenance under an artifact's ``engine``; see migrate()
+SCHEMA_VERSION = 2
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -125,28 +135,136 @@ class Architecture(_Model):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
-class Artifact(_Model):
-    """One file of the bundle: a PyTorch state dict, an ONNX graph or a TensorRT plan."""
+class EngineProvenance(_Model):
+    """How and where a TensorRT plan was built: what decides whether it runs on a machine
+    (:func:`kiln.runtime.engines.check_provenance`). Fields are optional so that an engine recorded without
+    them still loads; the runtime then refuses it with the missing names."""
 
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    tensorrt_version: str | None = None
+    gpu_name: str | None = None
+    compute_capability: str | None = None
+    profile: BatchRange | None = None  # the optimization profile's min/opt/max batch
+    build_seconds: float | None = None
+    hardware_compat: bool = False  # AMPERE_PLUS: runs on any GPU of compute capability 8.0 or newer
+    version_compat: bool = False  # runs on later TensorRT releases of its major version
+    strongly_typed: bool | None = None
+    tf32: bool | None = None
+
+
+ENGINE_KEYS = frozenset(EngineProvenance.model_fields)
+
+
+class NmsRecord(_Model):
+    """The NMS inside a detector's end-to-end graph (``kiln export --nms``), baked in at export."""
+
+    score_threshold: float
+    iou_threshold: float
+    max_detections: int
+    class_agnostic: bool = False
+    pre_nms_top_k: int | None = None
+    multi_label: bool = False
+    box_format: str = "xyxy"
+    coordinates: str = "letterboxed input pixels"
+
+
+class CalibrationRecord(_Model):
+    """How an INT8 graph was calibrated (the full report is the file ``calibration_report`` names)."""
+
+    method: str | None = None
+    layout: str | None = None  # "tensorrt" (Q/DQ TensorRT builds from) or "cpu" (for ONNX Runtime on a CPU)
+    images: int | None = None
+    excluded_layers: list[str] = Field(default_factory=list)
+    fp32: Any = None
+    int8: Any = None
+    drop: float | None = None
+    latency_ms_ort_cpu: Any = None
+
+
+class Artifact(_Model):
+    """One file of the bundle: a PyTorch state dict, an ONNX graph or a TensorRT plan, with where it
+    comes from. Fields that do not apply to a format are None and are not written to kiln.json."""
 
     file: str
     format: Literal["torch", "onnx", "tensorrt"]
     precision: str = "fp32"
     sha256: str
     metrics: dict[str, Any] = Field(default_factory=dict)
+    source_sha256: str | None = None  # the sha256 of the artifact it was made from
+    verification: dict[str, Any] | None = None  # its outputs compared with its source's on validation images
+    # ONNX graphs
+    opset: int | None = None
+    simplified: bool | None = None
+    exporter: str | None = None
+    converter: str | None = None
+    keep_io_types: bool | None = None
+    batch: BatchRange | None = None
+    calibration: CalibrationRecord | None = None
+    calibration_report: str | None = None
+    nms: NmsRecord | None = None  # set on a detector's end-to-end graph only
+    outputs: list[TensorSpec] | None = None  # its own outputs when they differ from kiln.json's
+    anchors: int | None = None
+    # TensorRT plans
+    engine: EngineProvenance | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+def nest_engine(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with engine provenance given flat (``tensorrt_version=...``, as schema 1 wrote it and as
+    :func:`kiln.export.onnx2engine.onnx2engine` returns it) moved under ``engine``."""
+    engine = {k: v for k, v in record.items() if k in ENGINE_KEYS}
+    if not engine:
+        return record
+    out = {k: v for k, v in record.items() if k not in ENGINE_KEYS}
+    out["engine"] = {**engine, **(out.get("engine") or {})}
+    return out
+
+
+def artifact_record(record: dict[str, Any]) -> dict[str, Any]:
+    """An artifact of kiln.json schema 1 (flat, open) as schema 2 has it: its engine provenance under
+    ``engine``; what schema 2 does not know (and nothing reads) is left out with a log line."""
+    out = nest_engine(record)
+    unknown = sorted(set(out) - set(Artifact.model_fields))
+    for key in unknown:
+        log.info("kiln.json: %s: dropping %r (not part of schema %d)", record.get("file"), key, SCHEMA_VERSION)
+        out.pop(key)
+    return out
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """kiln.json as an older schema wrote it, brought to :data:`SCHEMA_VERSION`.
+
+    Schema 1 (artifacts and the top level open to any key, engine provenance flat in the artifact)
+    becomes schema 2 (closed records, provenance in typed fields). Raises ValueError for a newer schema.
+    """
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ValueError(f"schema_version {version} is newer than this kiln reads ({SCHEMA_VERSION}); upgrade kiln")
+    if version == SCHEMA_VERSION:
+        return data
+    data = dict(data, schema_version=SCHEMA_VERSION)
+    arts = data.get("artifacts")
+    if isinstance(arts, dict):
+        data["artifacts"] = {k: artifact_record(v) if isinstance(v, dict) else v for k, v in arts.items()}
+    for key in sorted(set(data) - set(Manifest.model_fields)):
+        log.info("kiln.json: dropping top-level %r (not part of schema %d)", key, SCHEMA_VERSION)
+        data.pop(key)
+    pre = data.get("preprocess")
+    if isinstance(pre, dict):
+        pre.setdefault("decode", "full")  # written before decode modes: its accuracy is a full decode's
+    return data
 
 
 def is_end_to_end(art: Artifact) -> bool:
     """Whether ``art`` is a detector graph with NMS inside (``kiln export --nms``): it answers
     ``num_dets``, ``det_boxes``, ``det_scores``, ``det_classes`` instead of raw ``boxes`` and ``scores``."""
-    return bool((art.model_extra or {}).get("nms"))
+    return art.nms is not None
 
 
-class Manifest(BaseModel):
-    """The content of ``kiln.json``. Unknown top-level keys are kept (later stages add their own)."""
-
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+class Manifest(_Model):
+    """The content of ``kiln.json`` (schema :data:`SCHEMA_VERSION`; :func:`migrate` reads older ones)."""
 
     schema_version: int = SCHEMA_VERSION
     kiln_version: str
@@ -195,15 +313,16 @@ class Bundle:
             data = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise BundleError(f"cannot read {manifest_path}: {exc}") from exc
-        pre = data.get("preprocess") if isinstance(data, dict) else None
-        if isinstance(pre, dict):
-            pre.setdefault("decode", "full")  # written before decode modes: its accuracy is a full decode's
+        if not isinstance(data, dict):
+            raise BundleError(f"invalid {manifest_path}: expected a JSON object")
         try:
-            manifest = Manifest.model_validate(data)
+            manifest = Manifest.model_validate(migrate(data))
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"])
             raise BundleError(f"invalid {manifest_path}: {loc}: {first['msg']}") from exc
+        except ValueError as exc:  # a schema newer than this kiln
+            raise BundleError(f"invalid {manifest_path}: {exc}") from exc
         return cls(root, manifest)
 
     def save(self) -> Path:
@@ -213,10 +332,11 @@ class Bundle:
         return self.root / file
 
     def add_artifact(self, file: str, fmt: str, precision: str = "fp32", **extra: Any) -> Artifact:
-        """Record ``file`` (already written inside the bundle) with its sha256."""
-        art = Artifact.model_validate(
+        """Record ``file`` (already written inside the bundle) with its sha256 and the :class:`Artifact`
+        fields in ``extra``; engine provenance may be given flat (:func:`nest_engine`)."""
+        art = Artifact.model_validate(nest_engine(
             {"file": file, "format": fmt, "precision": precision, "sha256": sha256_file(self.root / file), **extra}
-        )
+        ))
         self.manifest.artifacts[file] = art
         return art
 
@@ -232,8 +352,7 @@ class Bundle:
 
     def outputs_of(self, art: Artifact) -> list[TensorSpec]:
         """The output tensors of ``art``: its own when it records them (an end-to-end graph), else kiln.json's."""
-        own = (art.model_extra or {}).get("outputs")
-        return [TensorSpec.model_validate(o) for o in own] if own else list(self.manifest.outputs)
+        return list(art.outputs) if art.outputs else list(self.manifest.outputs)
 
     def artifact(self, fmt: str, precision: str = "fp32") -> Artifact | None:
         found = self.artifacts(fmt, precision)

@@ -93,9 +93,9 @@ def end_to_end_detections(
 def baked_nms(manifest: Manifest) -> DetectPost | None:
     """The NMS settings inside the bundle's end-to-end graphs (kiln.json ``artifacts.*.nms``), or None."""
     for art in manifest.artifacts.values():
-        if nms := (art.model_extra or {}).get("nms"):
-            return DetectPost(score_threshold=nms["score_threshold"], iou_threshold=nms["iou_threshold"],
-                              max_detections=nms["max_detections"], class_agnostic=nms["class_agnostic"])
+        if nms := art.nms:
+            return DetectPost(score_threshold=nms.score_threshold, iou_threshold=nms.iou_threshold,
+                              max_detections=nms.max_detections, class_agnostic=nms.class_agnostic)
     return None
 
 

@@ -67,6 +67,19 @@ def register(sub: Any) -> None:
     p.add_argument("--end-to-end", action="store_true",
                    help="detectors: serve the graph with NMS inside (kiln export --nms) [KILN_END_TO_END]; /v1 "
                         "answers the same boxes")
+    _add_batching(p)
+    _add_limits(p)
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="intra-op threads per model for ONNX Runtime / PyTorch [KILN_THREADS, default: one per "
+                        "physical core]; with --workers N on a CPU, about cores / N")
+    p.add_argument("--workers", type=positive_int, metavar="N",
+                   help="server processes sharing the port, each with its own batchers and backends "
+                        "[KILN_WORKERS, default 1; on a CPU see docs/serve.md; one per GPU]")
+    p.add_argument("--access-log", action="store_true", default=False, help="log every request (uvicorn access log)")
+    p.set_defaults(func=run)
+
+
+def _add_batching(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=positive_int, metavar="N",
                    help="items per batch [KILN_MAX_BATCH, default: the backend's maximum]")
@@ -78,6 +91,9 @@ def register(sub: Any) -> None:
                    help="per-request deadline before answering 504 [KILN_TIMEOUT_S, default 30]")
     g.add_argument("--top-k", type=positive_int, metavar="K",
                    help="classification labels per image [KILN_TOP_K, default: kiln.json]")
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("limits and security")
     s.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' except on health endpoints [KILN_API_KEY; "
@@ -118,14 +134,6 @@ def register(sub: Any) -> None:
                         "listener [KILN_DRAIN_S, default 5; 0: close at once]")
     s.add_argument("--cors-origins", type=csv_of(str), metavar="URL,...",
                    help="allowed CORS origins [KILN_CORS_ORIGINS, default none: CORS off]")
-    p.add_argument("--threads", type=positive_int, metavar="N",
-                   help="intra-op threads per model for ONNX Runtime / PyTorch [KILN_THREADS, default: one per "
-                        "physical core]; with --workers N on a CPU, about cores / N")
-    p.add_argument("--workers", type=positive_int, metavar="N",
-                   help="server processes sharing the port, each with its own batchers and backends "
-                        "[KILN_WORKERS, default 1; on a CPU see docs/serve.md; one per GPU]")
-    p.add_argument("--access-log", action="store_true", default=False, help="log every request (uvicorn access log)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -73,7 +73,7 @@ def model_metadata(model: ServedModel) -> ModelMetadata:
     if m.task == "detect":
         params["box_coordinates"] = BOX_COORDINATES
         nms = _served_nms(model)
-        baked = ", ".join(f"{k}={nms[k]}" for k in _NMS_KEYS if k in nms)
+        baked = ", ".join(f"{k}={nms[k]}" for k in _NMS_KEYS if k in nms) if nms else ""
         params["postprocessing"] = (f"NMS done in the graph ({baked})"
                                     if nms else "none: threshold the scores, then per-class NMS (kiln.json postprocess)")
     return ModelMetadata(
@@ -92,7 +92,7 @@ _NMS_KEYS = ("score_threshold", "iou_threshold", "max_detections", "class_agnost
 def _served_nms(model: ServedModel) -> dict[str, Any] | None:
     """The NMS settings inside the served graph (an end-to-end detector's artifact), or None."""
     art = model.manifest.artifacts.get(getattr(model.batcher.backend, "artifact", None) or "")
-    return (art.model_extra or {}).get("nms") if art is not None else None
+    return art.nms.model_dump() if art is not None and art.nms is not None else None
 
 
 def config_message(model: ServedModel) -> Any:

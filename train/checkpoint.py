@@ -15,7 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.optim import Optimizer
 
+from kiln import __version__
 from kiln.errors import CheckpointError
 from kiln.fsutil import atomic_path
 
@@ -50,6 +53,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(model: nn.Module, optimizer: Optimizer, scheduler: Any, scaler: torch.amp.GradScaler, *,
+                   epoch: int, record: dict[str, Any], config: dict[str, Any],
+                   preprocess: dict[str, Any]) -> dict[str, Any]:
+    """What last.pt holds after ``epoch`` epochs: weights, optimizer, schedule, loss scaler, the RNGs, the
+    run's ``record`` (history, best metrics, best epoch), its config and preprocessing."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "epoch": epoch,
+        **record,
+        "rng": rng_state(),
+        "config": config,
+        "preprocess": preprocess,
+        "kiln_version": __version__,
+    }
+
+
+def restore_training(state: dict[str, Any], model: nn.Module, optimizer: Optimizer,
+                     scaler: torch.amp.GradScaler) -> None:
+    """Load a :func:`training_state` into the run's parts and set the RNGs as they were."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
 
 
 def save(path: Path, obj: dict[str, Any]) -> None:

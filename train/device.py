@@ -41,6 +41,20 @@ class Dist:
                               f"(--batch-size is the global batch): use {lower} or {lower + self.world}")
         return batch // self.world
 
+    def sum_over_ranks(self, totals: dict[str, float], device: torch.device) -> dict[str, float]:
+        """``totals`` summed over every process of the group (the same keys on every rank)."""
+        if not self.enabled:
+            return totals
+        keys = sorted(totals)
+        t = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return dict(zip(keys, t.tolist(), strict=True))
+
+    def barrier(self) -> None:
+        """Wait for every process of the group (rank 0 writes the bundle while the others wait)."""
+        if self.enabled:
+            dist.barrier()
+
 
 def init_distributed(device_kind: str) -> Dist:
     die_with_parent()  # a torchrun worker never outlives its agent

@@ -1,9 +1,11 @@
 """Fine-tuning from pretrained weights: the weights' preprocessing, loading them, learning-rate groups
 and freezing the backbone for the first epochs.
 
-The training loop calls four functions and knows nothing else about fine-tuning:
-:func:`fit_preprocess` (before the architecture is fixed), :func:`init_pretrained` (after the model is
-built), :func:`param_groups` (for the optimizer) and :func:`set_epoch` (at the start of every epoch).
+A run calls six functions and knows nothing else about fine-tuning: :func:`check_pretrained` (before
+the dataset is read, :class:`kiln.train.loop.Trainer`), :func:`fit_preprocess` (before the architecture
+is fixed, :func:`kiln.train.resolve.resolve_settings`), :func:`init_pretrained` and :func:`fresh_head`
+(after the model is built, :func:`kiln.train.build.run_model`), :func:`param_groups` (for the optimizer)
+and :func:`set_epoch` (at the start of every epoch, ``Trainer._train_one_epoch``).
 
 "Backbone" is everything but the head: for a kiln-det detector its ``backbone`` module (the FPN and
 the detection head are new), for a classifier every parameter outside its last classification layer.

@@ -1,12 +1,15 @@
 """The training loop: one code path for CPU, one GPU and ``torchrun`` (DDP) on many GPUs or nodes.
 
+It reads top to bottom: :func:`train` builds a :class:`Trainer` and calls :meth:`Trainer.fit`, which
+runs :meth:`~Trainer._train_one_epoch`, then :meth:`~Trainer._end_epoch` (which calls
+:meth:`~Trainer._evaluate`, keeps the best weights and checkpoints) for every epoch left, then writes the
+bundle. Everything else is beside it, not in it: resolving the settings in :mod:`kiln.train.resolve`,
+building the model and loaders in :mod:`kiln.train.build`, checkpoints in :mod:`kiln.train.checkpoint`,
+what is logged in :mod:`kiln.train.progress`, run-folder outputs in :mod:`kiln.train.run`, process
+groups and devices in :mod:`kiln.train.device`, the optimizer and schedule in :mod:`kiln.train.optim`.
+
 Determinism: every epoch reseeds the global RNGs and the DataLoader generator from ``(seed, epoch)``,
 so a run resumed from last.pt replays the interrupted epoch exactly as an uninterrupted run would.
-
-A :class:`Trainer` is built in two steps: :func:`~kiln.train.resolve.resolve_settings` fills in every
-default from the config and the dataset, then :meth:`Trainer._build` makes the model, data loaders,
-optimizer and schedule. Run-folder outputs live in :mod:`kiln.train.run`, the optimizer and schedule in
-:mod:`kiln.train.optim`, process groups and devices in :mod:`kiln.train.device`.
 """
 
 from __future__ import annotations
@@ -15,26 +18,21 @@ import copy
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
-from kiln import __version__
-from kiln.bundle import Architecture, BatchRange, Preprocess
+from kiln.bundle import Preprocess
 from kiln.data import open_dataset
 from kiln.data.dataset import collect_skipped
 from kiln.data.inspect import summarize
 from kiln.errors import ConfigError, KilnError
-from kiln.models import build_model, load_weights, model_cost, read_state_dict
-from kiln.train import checkpoint, finetune
+from kiln.models import build_model, read_state_dict
+from kiln.train import build, checkpoint, finetune
 from kiln.train.config import TrainConfig
 from kiln.train.device import (
     Dist,
@@ -46,9 +44,9 @@ from kiln.train.device import (
 )
 from kiln.train.interrupt import StopRequest, stop_on_sigint
 from kiln.train.optim import amp_dtype, build_optimizer, build_scheduler, resume_scheduler
+from kiln.train.progress import eta, log_epoch, log_plan, progress_bar, show_running, write_scalars
 from kiln.train.resolve import (
     RESUME_OVERRIDES,
-    Settings,
     check_resume_overrides,
     resolve_settings,
     resumed_config,
@@ -63,13 +61,23 @@ from kiln.train.run import (
     write_config,
     write_metrics_csv,
 )
-from kiln.train.stats import chance_warning, sample_indices
-from kiln.train.tasks import Task
+from kiln.train.stats import chance_warning
 from kiln.train.throttle import throttle_warning
 
 log = logging.getLogger("kiln.train")
 
 __all__ = ["RESUME_OVERRIDES", "Dist", "RunResult", "Trainer", "TrainingInterrupted", "train"]
+
+
+def train(cfg: TrainConfig | None = None, *, resume: str | os.PathLike[str] | None = None,
+          overrides: dict[str, Any] | None = None, progress: bool = True) -> tuple[RunResult, Trainer]:
+    """Train a run from ``cfg`` (or ``TrainConfig(**overrides)``), or continue the run in ``resume``.
+
+    Returns the result and the trainer (for its resolved config and task).
+    """
+    with dist_cleanup():
+        trainer = Trainer(cfg, resume=Path(resume) if resume else None, overrides=overrides, progress=progress)
+        return trainer.fit(), trainer
 
 
 @dataclass
@@ -104,8 +112,17 @@ class RunResult:
         }
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C after at least one epoch: the bundle holds the best weights so far."""
+
+    def __init__(self, result: RunResult, *, main: bool = True) -> None:
+        super().__init__("interrupted")
+        self.result = result
+        self.main = main  # rank 0 of a process group, or the only process: the one that reports
+
+
 class Trainer:
-    """Builds everything a run needs from a :class:`TrainConfig` and runs it. See :func:`train`."""
+    """One run: everything it needs, built from a :class:`TrainConfig`, and :meth:`fit`. See :func:`train`."""
 
     def __init__(self, cfg: TrainConfig | None = None, *, resume: Path | None = None,
                  overrides: dict[str, Any] | None = None, progress: bool = True) -> None:
@@ -129,16 +146,34 @@ class Trainer:
         with collect_skipped() as skipped:
             self.train_raw, self.val_raw = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                                         skip_bad_images=cfg.skip_bad_images)
-        self.settings: Settings = resolve_settings(cfg, self.train_raw, preprocess=saved_pre)
+
+        # The resolved settings: every default filled in from the config, the model and the data.
+        s = self.settings = resolve_settings(cfg, self.train_raw, preprocess=saved_pre)
+        self.cfg, self.task, self.pre, self.run_dir = s.cfg, s.task, s.pre, s.run_dir
+        self.batch_size, self.workers = s.batch_size, s.workers
         if resume is None and (self.run_dir / checkpoint.LAST).exists():
-            raise ConfigError(f"--out {self.run_dir} already holds a run; resume it with --resume {self.run_dir} or pick another --out")
-        self.data_summary = summarize(self.cfg.data, self.train_raw, self.val_raw, self.settings.input_size,
+            raise ConfigError(f"--out {self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
+                              "or pick another --out")
+        self.data_summary = summarize(self.cfg.data, self.train_raw, self.val_raw, s.input_size,
                                       self.batch_size, skipped)  # a global batch: steps as with one process
         if self.dist.main:
-            self._log_plan()
-        self._build()
+            log_plan(self.data_summary, s)
+
+        # What trains: the model, its data, the optimizer and schedule, the network forward runs through.
+        self.model, self.cost = build.run_model(s, self.device, resumed=resume is not None, main=self.dist.main)
+        self.train_ds, self.val_ds = self.task.torch_datasets(self.cfg, self.train_raw, self.val_raw, self.pre)
+        self.train_loader, self.sampler, self.train_gen = build.train_loader(s, self.train_ds, self.dist, self.device)
+        self.val_loader = build.val_loader(s, self.val_ds, self.device)
+        self.bn_batches = build.bn_loader(s, self.model, self.train_raw)
+        self.steps_per_epoch = len(self.train_loader)
+        self.optimizer = build_optimizer(self.cfg, finetune.param_groups(self.model, self.cfg, self.cfg.learning_rate))
+        self.scheduler = build_scheduler(self.cfg, self.optimizer, self.steps_per_epoch)
+        self.amp = amp_dtype(self.cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.net = build.network(self.model, s, self.dist, self.device)
+
+        # The run's record: what every epoch measured, and the best epoch so far.
         self.history: list[dict[str, Any]] = []
-        self._stop = StopRequest()  # replaced by fit() while it trains
         self.best: dict[str, float] = {}
         self.best_epoch = 0
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -146,159 +181,15 @@ class Trainer:
         self.throttle_warned = False
         self.chance_warned = False
         self.warnings: list[str] = list(self.data_summary.warnings)
+        self._stop = StopRequest()  # replaced by fit() while it trains
         if self.resume_state is not None:
             self._restore(self.resume_state)
-
-    # The resolved settings, under the names the loop and its callers use.
-
-    @property
-    def cfg(self) -> TrainConfig:
-        return self.settings.cfg
-
-    @property
-    def task(self) -> Task:
-        return self.settings.task
-
-    @property
-    def pre(self) -> Preprocess:
-        return self.settings.pre
-
-    @property
-    def arch(self) -> Architecture:
-        return self.settings.arch
-
-    @property
-    def classes(self) -> list[str]:
-        return self.settings.classes
-
-    @property
-    def batch_range(self) -> BatchRange:
-        return self.settings.batch_range
-
-    @property
-    def batch_size(self) -> int:
-        return self.settings.batch_size
-
-    @property
-    def workers(self) -> int:
-        return self.settings.workers
-
-    @property
-    def run_dir(self) -> Path:
-        return self.settings.run_dir
-
-    def _build(self) -> None:
-        """The model (DDP-wrapped and compiled as asked), datasets, sampler, optimizer and schedule."""
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and on resume
-        self.model = build_model(self.arch)
-        if self.resume_state is None:  # a resumed run restores its own weights
-            finetune.init_pretrained(self.model, self.arch, cfg)
-        if cfg.weights:
-            fresh = finetune.fresh_head(self.model, cfg, list(self.classes))
-            skipped = load_weights(self.model, read_state_dict(cfg.weights), replace_head=True, ignore=fresh) + list(fresh)
-            if skipped:
-                log.info("--weights %s: re-initialised %d tensor(s) whose shape differs (new head): %s",
-                         cfg.weights, len(skipped), ", ".join(skipped[:4]))
-        self.cost = model_cost(self.model, (self.arch.args["in_channels"], *self.pre.size))
-        if self.dist.main:
-            log.info("%s: %.2fM parameters, %.3g GFLOPs per %dx%d image", cfg.model, self.cost["parameters"] / 1e6,
-                     self.cost["gflops"], *self.pre.size)
-        self.model.to(self.device)
-        if cfg.channels_last and self.device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
-        self.train_ds, self.val_ds = self.task.torch_datasets(cfg, self.train_raw, self.val_raw, self.pre)
-        self.sampler: DistributedSampler[Any] | None = (
-            DistributedSampler(self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=cfg.seed)
-            if self.dist.enabled else None)
-        self.train_gen = torch.Generator()
-        self.train_loader = DataLoader(
-            self.train_ds, batch_size=self.dist.split_batch(self.batch_size), shuffle=self.sampler is None,
-            sampler=self.sampler, num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            collate_fn=self.task.collate, generator=self.train_gen, drop_last=len(self.train_ds) > self.batch_size,
-            persistent_workers=self.workers > 0)
-        self.val_batches = DataLoader(self.val_ds, batch_size=max(64, self.batch_size), shuffle=False,
-                                      num_workers=self.workers, collate_fn=self.task.collate,
-                                      pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
-        self.bn_batches = self._bn_loader()
-        self.steps_per_epoch = len(self.train_loader)
-        self.optimizer = build_optimizer(cfg, finetune.param_groups(self.model, cfg, cfg.learning_rate))
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
-        self.amp = amp_dtype(cfg, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        self.net: nn.Module = self.model
-        if self.dist.enabled:
-            self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.compile:
-            self.net = torch.compile(self.net)  # type: ignore[assignment]
-
-    # ---- data ------------------------------------------------------------------------------------
-
-    def _loader(self, epoch: int) -> DataLoader:
-        """The training loader, its shuffle seeded from ``(seed, epoch)``. Its workers persist across epochs;
-        with ``--workers 0`` (the default for images held in memory) augmentation is seeded per epoch too,
-        so a resumed run replays an epoch exactly."""
-        self.train_gen.manual_seed(self.cfg.seed * 100_003 + epoch)
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
-        return self.train_loader
-
-    def val_loader(self) -> DataLoader:
-        return self.val_batches
-
-    def _bn_loader(self) -> DataLoader | None:
-        """Training images without augmentation for precise-BN (:meth:`_precise_bn`), or None when the
-        model has no BatchNorm statistics to re-estimate or precise-BN is off."""
-        if not self.cfg.precise_bn or not any(
-                isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in self.model.modules()):
-            return None
-        # A fixed sample in a shuffled order: folder sets list their images class by class, and a batch of
-        # one class has a far smaller variance than the data (its statistics would be wrong).
-        idx = sample_indices(len(self.train_raw), self.cfg.precise_bn_images, self.cfg.seed)
-        plain = self.train_raw.subset(np.random.default_rng(self.cfg.seed).permutation(idx).tolist())
-        ds = self.task.torch_datasets(self.cfg, plain, plain, self.pre)[1]  # the val-side dataset: no augmentation
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=0, collate_fn=self.task.collate,
-                          drop_last=len(ds) > self.batch_size)
-
-    # ---- state -----------------------------------------------------------------------------------
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.start_epoch = int(state["epoch"])
-        if self.start_epoch < self.cfg.epochs:  # by progress, whatever the steps per epoch (kiln.train.optim)
-            self.scheduler = resume_scheduler(self.cfg, self.optimizer, self.steps_per_epoch, state)
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.history = list(state.get("history", []))
-        self.best = dict(state.get("best", {}))
-        self.best_epoch = int(state.get("best_epoch", 0))
-        best_path = self.run_dir / checkpoint.BEST
-        if best_path.is_file():
-            self.best_state = read_state_dict(best_path)
-        checkpoint.set_rng_state(state["rng"])
-        log.info("resumed %s at epoch %d/%d", self.run_dir, self.start_epoch, self.cfg.epochs)
-
-    def _checkpoint(self, epoch: int) -> None:
-        checkpoint.save(self.run_dir / checkpoint.LAST, {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "epoch": epoch,
-            "history": self.history,
-            "best": self.best,
-            "best_epoch": self.best_epoch,
-            "rng": checkpoint.rng_state(),
-            "config": self.cfg.to_dict(),
-            "preprocess": self.pre.model_dump(mode="json"),
-            "kiln_version": __version__,
-        })
 
     # ---- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> RunResult:
+        """Train every epoch left, then write the bundle (rank 0). Ctrl-C after an epoch raises
+        :class:`TrainingInterrupted` with the bundle of the best epoch so far written."""
         t0 = self.fit_started = time.perf_counter()
         if self.start_epoch >= self.cfg.epochs:
             return self._up_to_date(t0)
@@ -313,17 +204,11 @@ class Trainer:
             with stop_on_sigint() as self._stop:
                 for epoch in range(self.start_epoch, self.cfg.epochs):
                     self._stop.check()
-                    seed_everything(self.cfg.seed * 1_000_003 + epoch)
-                    finetune.set_epoch(self.model, self.cfg, epoch)
-                    stats, seconds = self._train_epoch(epoch)
-                    images += int(stats["count"])
+                    totals, seconds = self._train_one_epoch(epoch)
+                    images += int(totals["count"])
                     train_time += seconds
-                    row = self._end_epoch(epoch, stats, seconds)
-                    if main and writer is not None:
-                        for k, v in row.items():
-                            if k != "epoch" and isinstance(v, int | float):
-                                writer.add_scalar(k, v, epoch + 1)
-                        writer.flush()
+                    row = self._end_epoch(epoch, totals, seconds)
+                    write_scalars(writer, row)
         except KeyboardInterrupt:
             interrupted = True  # the command says how to continue (TrainingInterrupted), once
             if not self.history:
@@ -331,62 +216,23 @@ class Trainer:
         finally:
             if writer is not None:
                 writer.close()
-        files: dict[str, str] = {}
-        if main and self.history:
-            files = self.write_bundle()
-        if self.dist.enabled:
-            dist.barrier()
+        files = self.write_bundle() if main and self.history else {}
+        self.dist.barrier()
         result = RunResult(self.run_dir, self.best, self.best_epoch, self.history, time.perf_counter() - t0,
                            images / train_time if train_time else 0.0, interrupted, files, self.warnings)
         if interrupted:
             raise TrainingInterrupted(result, main=main)
         return result
 
-    def _log_plan(self) -> None:
-        """The dataset summary and the choices made from it, before anything is built."""
-        for line in self.data_summary.format():
-            if line.startswith("  input size") and self.settings.input_size.source != "option":
-                line += "; --image-size changes it"
-            if not line.startswith("  warning:"):
-                log.info("%s", line)
-        for warning in self.data_summary.warnings:
-            log.warning("%s", warning)
-        cfg = self.cfg
-        log.info("  %d epochs, warm-up %.2g epoch(s) (--warmup-epochs), precise-BN %s", cfg.epochs, cfg.warmup_epochs,
-                 "on (for models with BatchNorm)" if cfg.precise_bn else "off")
-
-    def _up_to_date(self, t0: float) -> RunResult:
-        """A resumed run with no epoch left: its folder already is the result, so nothing is rewritten
-        (model.pt would get a new hash, and kiln.json would lose the exported artifacts it lists)."""
-        if self.dist.main and not self._bundle_complete():
-            log.info("%s: all %d epochs are in %s but the bundle is incomplete; writing it",
-                     self.run_dir, self.start_epoch, checkpoint.LAST)
-            files = self.write_bundle()
-        else:
-            files = run_files(self.run_dir)
-            if self.dist.main:
-                log.info("%s already holds %d trained epoch(s) (--epochs %d): nothing to train, nothing on disk changed; "
-                         "pass a larger --epochs to train further", self.run_dir, self.start_epoch, self.cfg.epochs)
-        if self.dist.enabled:
-            dist.barrier()
-        rate = self.history[-1].get("images_per_s", 0.0) if self.history else 0.0
-        return RunResult(self.run_dir, self.best, self.best_epoch, self.history, time.perf_counter() - t0,
-                         float(rate), files=files, up_to_date=True)
-
-    def _bundle_complete(self) -> bool:
-        """Whether model.pt and kiln.json were written after the last epoch (a kill can fall between)."""
-        try:
-            manifest = json.loads((self.run_dir / "kiln.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return (self.run_dir / "model.pt").is_file() and manifest.get("training", {}).get("epochs") == len(self.history)
-
-    def _train_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
+    def _train_one_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
+        """One pass over the training data; returns the summed step statistics of every rank (``count``,
+        ``loss_sum``, ``correct``...) and this rank's seconds."""
+        seed_everything(self.cfg.seed * 1_000_003 + epoch)
+        finetune.set_epoch(self.model, self.cfg, epoch)
         self.net.train()
-        loader = self._loader(epoch)
         totals: dict[str, float] = {}
         start = time.perf_counter()
-        bar = self._bar(loader, epoch)
+        bar = progress_bar(self._seeded_loader(epoch), epoch, self.cfg.epochs, shown=self.progress and self.dist.main)
         for batch in bar:
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 loss, stats = self.task.step(self.net, batch, self.device)
@@ -403,58 +249,48 @@ class Trainer:
             self._stop.check()  # Ctrl-C: stop here, between batches (kiln.train.interrupt)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
-            if hasattr(bar, "set_postfix") and totals.get("count"):
-                elapsed = time.perf_counter() - start
-                post = {"loss": f"{totals.get('loss_sum', 0) / totals['count']:.4f}"}
-                if "correct" in totals:
-                    post["acc"] = f"{100 * totals['correct'] / totals['count']:.1f}%"
-                post["img/s"] = f"{totals['count'] * self.dist.world / max(elapsed, 1e-9):.0f}"
-                bar.set_postfix(post, refresh=False)
+            show_running(bar, totals, start, self.dist.world)
         seconds = time.perf_counter() - start
-        if self.dist.enabled:
-            keys = sorted(totals)
-            t = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.device)
-            dist.all_reduce(t)
-            totals = dict(zip(keys, t.tolist(), strict=True))
-        return totals, seconds
+        return self.dist.sum_over_ranks(totals, self.device), seconds
 
-    def _bar(self, loader: DataLoader, epoch: int) -> Any:
-        if not (self.progress and self.dist.main):
-            return loader
-        from tqdm import tqdm
-
-        return tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", file=sys.stderr, leave=False,
-                    dynamic_ncols=True, mininterval=0.5)
+    def _evaluate(self) -> dict[str, float]:
+        """The validation metrics of the current weights (rank 0), after precise-BN."""
+        self._precise_bn()
+        return self.task.evaluate(self.model, self.val_loader, self.device)
 
     def _end_epoch(self, epoch: int, totals: dict[str, float], seconds: float) -> dict[str, Any]:
+        """The epoch's row of metrics.csv; on rank 0, also validate, keep the best weights, checkpoint,
+        write the metrics and curves, and log the epoch."""
         count = max(totals.get("count", 0.0), 1.0)
-        row: dict[str, Any] = {"epoch": epoch + 1, "world_size": self.dist.world, "lr": self.optimizer.param_groups[0]["lr"],
-                               "train_loss": totals.get("loss_sum", 0.0) / count}
+        row: dict[str, Any] = {"epoch": epoch + 1, "world_size": self.dist.world,
+                               "lr": self.optimizer.param_groups[0]["lr"], "train_loss": totals.get("loss_sum", 0.0) / count}
         if "correct" in totals:
             row["train_acc"] = 100.0 * totals["correct"] / count
         if self.dist.main:
-            self._precise_bn()
-            val = self.task.evaluate(self.model, self.val_loader(), self.device)
-            row.update({f"val_{k}": v for k, v in val.items()})
+            row.update({f"val_{k}": v for k, v in self._evaluate().items()})
         row["images_per_s"] = count / max(seconds, 1e-9)
         row["epoch_s"] = seconds
         self.history.append(row)
         if self.dist.main:
-            primary = row[f"val_{self.task.primary}"]
-            improved = not self.best or primary > self.best[self.task.primary]
-            if improved:
-                self.best = {k.removeprefix("val_"): v for k, v in row.items() if k.startswith("val_")}
-                self.best_epoch = epoch + 1
-                self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-                checkpoint.save(self.run_dir / checkpoint.BEST, copy.copy(self.best_state))
-            self._checkpoint(epoch + 1)
+            improved = self._keep_if_best(row)
+            self._save_checkpoint(epoch + 1)
             write_metrics_csv(self.history, self.run_dir / "metrics.csv")
             plot_curves(self.history, self.run_dir / "curves.png", self.task.primary)  # to watch while it trains
-            msg = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-            log.info("%s%s%s", msg, "  *best*" if improved else "", self._eta(epoch))
+            log_epoch(row, improved=improved, eta=eta(epoch, self.cfg.epochs, self.start_epoch, self.fit_started))
             self._warn_if_throttled()
             self._warn_if_at_chance(final=epoch + 1 == self.cfg.epochs)
         return row
+
+    # ---- the steps' parts ------------------------------------------------------------------------
+
+    def _seeded_loader(self, epoch: int) -> Any:
+        """The training loader, its shuffle seeded from ``(seed, epoch)``. With ``--workers 0`` (the default
+        for images held in memory) augmentation is seeded per epoch too, so a resumed run replays an epoch
+        exactly."""
+        self.train_gen.manual_seed(self.cfg.seed * 100_003 + epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        return self.train_loader
 
     def _precise_bn(self) -> None:
         """Re-estimate BatchNorm statistics on training images before validation (precise-BN).
@@ -468,6 +304,36 @@ class Trainer:
             return
         torch.optim.swa_utils.update_bn(self.bn_batches, self.model, self.device)
 
+    def _keep_if_best(self, row: dict[str, Any]) -> bool:
+        """Keep the weights of an epoch that improves the task's primary metric (in memory and best.pt)."""
+        primary = self.task.primary
+        if self.best and not row[f"val_{primary}"] > self.best[primary]:
+            return False
+        self.best = {k.removeprefix("val_"): v for k, v in row.items() if k.startswith("val_")}
+        self.best_epoch = int(row["epoch"])
+        self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        checkpoint.save(self.run_dir / checkpoint.BEST, copy.copy(self.best_state))
+        return True
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        record = {"history": self.history, "best": self.best, "best_epoch": self.best_epoch}
+        checkpoint.save(self.run_dir / checkpoint.LAST, checkpoint.training_state(
+            self.model, self.optimizer, self.scheduler, self.scaler, epoch=epoch, record=record,
+            config=self.cfg.to_dict(), preprocess=self.pre.model_dump(mode="json")))
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        checkpoint.restore_training(state, self.model, self.optimizer, self.scaler)
+        self.start_epoch = int(state["epoch"])
+        if self.start_epoch < self.cfg.epochs:  # by progress, whatever the steps per epoch (kiln.train.optim)
+            self.scheduler = resume_scheduler(self.cfg, self.optimizer, self.steps_per_epoch, state)
+        self.history = list(state.get("history", []))
+        self.best = dict(state.get("best", {}))
+        self.best_epoch = int(state.get("best_epoch", 0))
+        best_path = self.run_dir / checkpoint.BEST
+        if best_path.is_file():
+            self.best_state = read_state_dict(best_path)
+        log.info("resumed %s at epoch %d/%d", self.run_dir, self.start_epoch, self.cfg.epochs)
+
     def _warn_if_at_chance(self, final: bool) -> None:
         if self.chance_warned or self.task.name != "classify":
             return
@@ -477,15 +343,6 @@ class Trainer:
             self.chance_warned = True
             self.warnings.append(warning)
             log.warning("%s", warning)
-
-    def _eta(self, epoch: int) -> str:
-        """The whole run's time left, from the epochs (with validation) done in this process so far."""
-        left = self.cfg.epochs - epoch - 1
-        done = epoch + 1 - self.start_epoch
-        if left <= 0 or done <= 0:
-            return ""
-        per_epoch = (time.perf_counter() - self.fit_started) / done
-        return f"  eta {_duration(per_epoch * left)}"
 
     def _warn_if_throttled(self) -> None:
         if self.throttle_warned:
@@ -500,34 +357,35 @@ class Trainer:
     def write_bundle(self) -> dict[str, str]:
         """Write model.pt (best weights), kiln.json and curves.png into the run folder."""
         state = self.best_state or {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        manifest = bundle_manifest(self.settings, build_model(self.arch), {
+        manifest = bundle_manifest(self.settings, build_model(self.settings.arch), {
             "epochs": len(self.history), "best_epoch": self.best_epoch, **world_sizes(self.history, self.dist.world),
             **self.cost,
             "device": str(self.device), "train_images": len(self.train_raw), "val_images": len(self.val_raw),
         })
         return write_bundle(self.settings, manifest, state, self.best, self.history)
 
+    def _up_to_date(self, t0: float) -> RunResult:
+        """A resumed run with no epoch left: its folder already is the result, so nothing is rewritten
+        (model.pt would get a new hash, and kiln.json would lose the exported artifacts it lists)."""
+        if self.dist.main and not self._bundle_complete():
+            log.info("%s: all %d epochs are in %s but the bundle is incomplete; writing it",
+                     self.run_dir, self.start_epoch, checkpoint.LAST)
+            files = self.write_bundle()
+        else:
+            files = run_files(self.run_dir)
+            if self.dist.main:
+                log.info("%s already holds %d trained epoch(s) (--epochs %d): nothing to train, nothing on disk "
+                         "changed; pass a larger --epochs to train further", self.run_dir, self.start_epoch,
+                         self.cfg.epochs)
+        self.dist.barrier()
+        rate = self.history[-1].get("images_per_s", 0.0) if self.history else 0.0
+        return RunResult(self.run_dir, self.best, self.best_epoch, self.history, time.perf_counter() - t0,
+                         float(rate), files=files, up_to_date=True)
 
-def _duration(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C after at least one epoch: the bundle holds the best weights so far."""
-
-    def __init__(self, result: RunResult, *, main: bool = True) -> None:
-        super().__init__("interrupted")
-        self.result = result
-        self.main = main  # rank 0 of a process group, or the only process: the one that reports
-
-
-def train(cfg: TrainConfig | None = None, *, resume: str | os.PathLike[str] | None = None,
-          overrides: dict[str, Any] | None = None, progress: bool = True) -> tuple[RunResult, Trainer]:
-    """Train a run from ``cfg`` (or ``TrainConfig(**overrides)``), or continue the run in ``resume``.
-
-    Returns the result and the trainer (for its resolved config and task).
-    """
-    with dist_cleanup():
-        trainer = Trainer(cfg, resume=Path(resume) if resume else None, overrides=overrides, progress=progress)
-        return trainer.fit(), trainer
+    def _bundle_complete(self) -> bool:
+        """Whether model.pt and kiln.json were written after the last epoch (a kill can fall between)."""
+        try:
+            manifest = json.loads((self.run_dir / "kiln.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return (self.run_dir / "model.pt").is_file() and manifest.get("training", {}).get("epochs") == len(self.history)

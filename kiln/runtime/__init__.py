@@ -148,7 +148,7 @@ def open_artifact(
         art = artifact
     cls = FORMAT_BACKEND[art.format]
     if art.format == "tensorrt":
-        ok, why = engine_compatible(art.model_extra or {}, _index(parse_device(device)))
+        ok, why = engine_compatible(art.engine, _index(parse_device(device)))
         if not ok:
             raise BackendUnavailable(f"tensorrt: cannot run {art.file}: {why}")
     return cls.from_artifact(b, art, device=device, **opts)
@@ -194,7 +194,7 @@ def _open_tensorrt(b: Bundle, precision: str | None, dev: Device | None, device:
         raise BackendUnavailable(why)
     reasons = []
     for art in engines:
-        ok, why = engine_compatible(art.model_extra or {}, _index(dev))
+        ok, why = engine_compatible(art.engine, _index(dev))
         if ok:
             return TensorRTBackend.from_artifact(b, art, device=device, **opts)
         reasons.append(f"{art.file}: {why}")
@@ -270,7 +270,7 @@ def _cannot_open(b: Bundle, name: str, precision: str | None, dev: Device | None
         # server binds its port, not when the model loads.
         reasons = []
         for art in (a for p in order for a in b.artifacts("tensorrt", p)):
-            ok, why = engine_compatible(art.model_extra or {}, _index(dev))
+            ok, why = engine_compatible(art.engine, _index(dev))
             if ok:
                 return None
             reasons.append(f"{art.file}: {why}")

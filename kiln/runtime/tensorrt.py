@@ -27,7 +27,6 @@ import collections
 import logging
 import math
 import os
-import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,10 +34,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kiln.bundle import Artifact, Bundle, TensorSpec
+from kiln.bundle import Artifact, Bundle, EngineProvenance, TensorSpec
 from kiln.errors import BackendUnavailable, BundleError, ConfigError, InputError, KilnError, install_hint
 from kiln.runtime import cuda
 from kiln.runtime._common import Device, KilnBackend, parse_device, spec_names
+from kiln.runtime.engines import (  # re-exported: the engine naming and provenance check are offered here too
+    check_provenance as check_provenance,
+)
+from kiln.runtime.engines import engine_file_name as engine_file_name
+from kiln.runtime.engines import parse_capability as parse_capability
+from kiln.runtime.engines import timing_cache_name as timing_cache_name
+from kiln.runtime.engines import unlist_superseded_engines as unlist_superseded_engines
+from kiln.runtime.engines import version_tuple
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -47,7 +54,6 @@ log = logging.getLogger("kiln.runtime")
 trt_log = logging.getLogger("kiln.tensorrt")
 OPTIONS = frozenset({"max_batch"})
 INSTALL_HINT = f"{install_hint('trt')} on a machine with an NVIDIA GPU and driver"
-PROVENANCE_KEYS = ("tensorrt_version", "gpu_name", "compute_capability")
 SUPPORTED_MAJORS = (10, 11)
 
 
@@ -163,92 +169,8 @@ def dims_tuple(dims: trt.Dims | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(dims[i]) for i in range(len(dims)))
 
 
-def version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in str(text).split(".") if p.isdigit())
-
-
-def parse_capability(text: str) -> tuple[int, int]:
-    """``"8.9"`` -> ``(8, 9)``."""
-    major, _, minor = str(text).partition(".")
-    return int(major), int(minor or 0)
-
-
-def _version_compatible_runs(built: tuple[int, ...], here: tuple[int, ...]) -> bool:
-    # A version-compatible plan runs on the same or a newer release of its major version, and
-    # TensorRT 11 runtimes run version-compatible TensorRT 10 plans (11.x support matrix).
-    if here < built:
-        return False
-    return built[:1] == here[:1] or (built[:1], here[:1]) == ((10,), (11,))
-
-
-def check_provenance(provenance: Mapping[str, Any], version: str, gpu: cuda.DeviceInfo) -> tuple[bool, str]:
-    """Whether an engine built as ``provenance`` says can run on TensorRT ``version`` and ``gpu``.
-
-    A plan runs only on the TensorRT version that built it, unless built version-compatible
-    (``version_compat`` in kiln.json): then on the same or a newer release of its major version, and a
-    TensorRT 10 plan also on TensorRT 11. It runs only on GPUs of its compute capability, unless built
-    hardware-compatible (AMPERE_PLUS: compute capability 8.0 or newer).
-    """
-    missing = [k for k in PROVENANCE_KEYS if not provenance.get(k)]
-    if missing:
-        return False, f"engine has no build provenance in kiln.json (missing {', '.join(missing)}); rebuild it"
-    built_v, here_v = str(provenance["tensorrt_version"]), version
-    if provenance.get("version_compat"):
-        if not _version_compatible_runs(version_tuple(built_v), version_tuple(here_v)):
-            return False, f"version-compatible engine built with TensorRT {built_v} cannot run on TensorRT {here_v}"
-    elif version_tuple(built_v) != version_tuple(here_v):  # major.minor.patch.build: a plan names all four
-        return False, f"engine built with TensorRT {built_v}, this is TensorRT {here_v} (rebuild it here)"
-    built_cc, here_cc = parse_capability(provenance["compute_capability"]), parse_capability(gpu.compute_capability)
-    built_gpu = provenance["gpu_name"]
-    if provenance.get("hardware_compat"):
-        if here_cc < (8, 0):
-            return False, f"hardware-compatible engine needs compute capability >= 8.0, {gpu.name} has {gpu.compute_capability}"
-        return True, f"hardware-compatible engine built on {built_gpu} runs on {gpu.name}"
-    if built_cc != here_cc:
-        return False, (
-            f"engine built for {built_gpu} (compute capability {provenance['compute_capability']}), "
-            f"this GPU is {gpu.name} ({gpu.compute_capability})"
-        )
-    if built_gpu != gpu.name:
-        return True, f"engine built on {built_gpu}, running on {gpu.name} (same compute capability)"
-    return True, f"engine built here ({gpu.name}, TensorRT {built_v})"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.") or "unknown"
-
-
-def engine_file_name(precision: str, gpu_name: str, trt_version: str) -> str:
-    """The engine file for ``precision`` built on ``gpu_name`` with TensorRT ``trt_version``.
-
-    ``model.fp16.nvidia-l4.trt-10.13.0.35.engine``: a plan runs only on the GPU model and TensorRT that
-    built it, so engines from several GPU types or TensorRT versions can sit side by side in one bundle
-    (replicas sharing a volume) without overwriting each other. kiln.json lists each with its provenance;
-    engines listed under the older name ``model.<precision>.engine`` are still read.
-    """
-    return f"model.{precision}.{_slug(gpu_name)}.trt-{_slug(trt_version)}.engine"
-
-
-def timing_cache_name(gpu_name: str, trt_version: str) -> str:
-    """A timing cache file name keyed like :func:`engine_file_name` (a cache is per GPU model and TensorRT)."""
-    return f"timing.{_slug(gpu_name)}.trt-{_slug(trt_version)}.cache"
-
-
-def unlist_superseded_engines(bundle: Bundle, file: str) -> list[str]:
-    """Unlist the engines that ``file`` replaces: same precision, GPU model and TensorRT version (an engine
-    kiln.json lists under an older name, such as ``model.fp16.engine``). Returns their names; the
-    caller saves the bundle. Engines for other GPUs or TensorRT versions stay listed."""
-    new = bundle.manifest.artifacts[file]
-    key = ((new.model_extra or {}).get("gpu_name"), (new.model_extra or {}).get("tensorrt_version"))
-    gone = [name for name, art in bundle.manifest.artifacts.items()
-            if name != file and art.format == "tensorrt" and art.precision == new.precision
-            and ((art.model_extra or {}).get("gpu_name"), (art.model_extra or {}).get("tensorrt_version")) == key]
-    for name in gone:
-        del bundle.manifest.artifacts[name]
-    return gone
-
-
-def engine_compatible(provenance: Mapping[str, Any], device_index: int = 0) -> tuple[bool, str]:
+def engine_compatible(provenance: EngineProvenance | Mapping[str, Any] | None,
+                      device_index: int = 0) -> tuple[bool, str]:
     """``(ok, reason)``: can this machine run an engine whose kiln.json provenance is ``provenance``?"""
     if (why := unavailable_reason()) is not None:
         return False, why
@@ -428,11 +350,10 @@ class TensorRTBackend(KilnBackend):
         cls, bundle: Bundle, art: Artifact, *, device: str | None = None, **opts: Any
     ) -> TensorRTBackend:
         path = bundle.verify_artifact(art)
-        extra = art.model_extra or {}
         m = bundle.manifest
         backend = cls(
             path, inputs=[m.input], outputs=bundle.outputs_of(art), precision=art.precision, device=device,
-            version_compat=bool(extra.get("version_compat")), **opts,
+            version_compat=bool(art.engine and art.engine.version_compat), **opts,
         )
         backend.artifact = art.file
         return backend

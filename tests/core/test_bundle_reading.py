@@ -43,7 +43,7 @@ def with_files(root: Path) -> Bundle:
     b.add_artifact("model.pt", "torch")
     b.add_artifact("model.onnx", "onnx")
     b.add_artifact("model.fp16.onnx", "onnx", "fp16")
-    b.add_artifact("model.int8.onnx", "onnx", "int8", calibration="entropy")
+    b.add_artifact("model.int8.onnx", "onnx", "int8", calibration={"method": "entropy"})
     return b
 
 
@@ -112,7 +112,7 @@ def test_added_artifact_records_precision_sha_and_extras(tmp_path: Path) -> None
     b.save()
     arts = Bundle.load(tmp_path / "b").manifest.artifacts
     assert arts["model.pt"].precision == "fp32" and arts["model.fp16.onnx"].precision == "fp16"
-    assert arts["model.int8.onnx"].model_dump()["calibration"] == "entropy"
+    assert arts["model.int8.onnx"].model_dump()["calibration"]["method"] == "entropy"
     assert arts["model.onnx"].sha256 == sha256_file(tmp_path / "b" / "model.onnx")
     assert b.path("model.onnx") == tmp_path / "b" / "model.onnx"
 

@@ -11,7 +11,7 @@ from kiln.compare import artifact_table, format_table
 def test_table_covers_every_artifact(exported: Path) -> None:
     b = Bundle.load(exported)
     (exported / "model.fp32.engine").write_bytes(b"not an engine")
-    b.add_artifact("model.fp32.engine", "tensorrt", "fp32", tensorrt_version="10.0.0", gpu="none",
+    b.add_artifact("model.fp32.engine", "tensorrt", "fp32", tensorrt_version="10.0.0", gpu_name="none",
                    compute_capability="0.0")
     b.save()
     rows = {r["file"]: r for r in artifact_table(exported, limit=64)}

@@ -37,7 +37,7 @@ def test_fp32_export_is_verified_single_file_with_dynamic_batch(exported: Path) 
     bundle = Bundle.load(exported)
     art = bundle.manifest.artifacts["model.onnx"]
     assert art.format == "onnx" and art.precision == "fp32"
-    extra = art.model_extra or {}
+    extra = art.model_dump()
     assert extra["verification"]["passed"] is True
     assert extra["verification"]["max_abs_diff"] <= 1e-4
     assert extra["verification"]["images"] > 0
@@ -63,7 +63,7 @@ def test_fp16_variant_keeps_fp32_io_and_records_accuracy(exported: Path) -> None
     assert art.precision == "fp16"
     fp32 = bundle.manifest.artifacts["model.onnx"].metrics["top1"]
     assert abs(art.metrics["top1"] - fp32) <= 1.0
-    assert (art.model_extra or {})["verification"]["top1_agreement"] >= 98.0
+    assert art.model_dump()["verification"]["top1_agreement"] >= 98.0
     model = onnx.load(str(exported / "model.fp16.onnx"))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT

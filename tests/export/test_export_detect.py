@@ -49,7 +49,7 @@ def det_bundle(det_master: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_detector_fp32_export_gives_the_same_detections(det_bundle: Path) -> None:
     assert main(["export", str(det_bundle), "--precision", "fp32", "--batch", "1:2:4", "--no-simplify"]) == 0
     fp32 = Bundle.load(det_bundle).manifest.artifacts["model.onnx"]
-    v = (fp32.model_extra or {})["verification"]
+    v = fp32.model_dump()["verification"]
     assert v["passed"] and v["detections"] > 0 and v["missing"] == 0 and v["extra"] == 0
     assert v["max_box_diff_px"] <= 0.5
     assert "map" in fp32.metrics and "map50" in fp32.metrics
@@ -61,7 +61,7 @@ def test_detector_int8_records_map(det_bundle: Path) -> None:
                  "--calib-method", "minmax", "--max-accuracy-drop", "5", "--batch", "1:2:4"]) == 0
     b = Bundle.load(det_bundle)
     int8 = b.manifest.artifacts["model.int8.onnx"]
-    extra = int8.model_extra or {}
+    extra = int8.model_dump()
     assert "map" in int8.metrics and extra["calibration"]["images"] == 16
     v = extra["verification"]
     assert v["detections"] > 0 and v["max_accuracy_drop"] == 5

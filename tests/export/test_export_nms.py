@@ -59,7 +59,7 @@ def test_nms_export_records_settings_outputs_and_verification(nms_master: Path) 
 
     b = Bundle.load(nms_master)
     art = b.manifest.artifacts["model.nms.onnx"]
-    extra = art.model_extra or {}
+    extra = art.model_dump()
     post = b.manifest.detect_post()
     assert extra["nms"]["score_threshold"] == post.score_threshold and extra["nms"]["max_detections"] == 100
     assert extra["nms"]["class_agnostic"] is False
