@@ -361,6 +361,8 @@ class Trainer:
             "epochs": len(self.history), "best_epoch": self.best_epoch, **world_sizes(self.history, self.dist.world),
             **self.cost,
             "device": str(self.device), "train_images": len(self.train_raw), "val_images": len(self.val_raw),
+            # where a dataset's class list came from, when its reader says (VOC: classes.txt or annotations)
+            **({"classes_from": self.train_raw.info["classes_from"]} if "classes_from" in self.train_raw.info else {}),
         })
         return write_bundle(self.settings, manifest, state, self.best, self.history)
 

@@ -133,4 +133,6 @@ def test_voc_classes_from_annotations_reach_kiln_json(tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(TrainConfig(data=f"voc:{root}", model="kiln-det-s", image_size=64, epochs=1, batch_size=2, workers=0,
                       out=str(out)), progress=False)
-    assert json.loads((out / "kiln.json").read_text())["classes"] == ["bolt", "widget"]
+    manifest = json.loads((out / "kiln.json").read_text())
+    assert manifest["classes"] == ["bolt", "widget"]
+    assert manifest["training"]["classes_from"] == "annotations"
