@@ -8,7 +8,7 @@ import base64
 import importlib
 import io
 import json
-import shutil
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -45,10 +45,9 @@ def generated(server: Running, tmp_path_factory: pytest.TempPathFactory) -> Iter
     out = root / "client"
     cmd = [sys.executable, "-m", "openapi_python_client", "generate", "--path", str(spec), "--output-path", str(out),
            "--meta", "none"]
-    if shutil.which("ruff") is None:  # the generator formats its output with ruff, from PATH
-        cmd.insert(0, "env")
-        cmd.insert(1, f"PATH={Path(sys.executable).parent}:/usr/bin:/bin")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # The generator formats what it writes with ruff, found on PATH: this environment's.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Warning" not in done.stdout + done.stderr, done.stdout + done.stderr  # no operation was skipped
     sys.path.insert(0, str(root))
