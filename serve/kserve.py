@@ -32,7 +32,7 @@ from kiln.serve.registry import ServedModel
 from kiln.serve.schemas import V1PredictRequest, V1PredictResponse, V2Error, v2_datatype
 from kiln.serve.settings import Settings
 from kiln.serve.v1 import json_response
-from kiln.serve.v2 import INLINE_BYTES, infer_limits, inline_schema, parse_json
+from kiln.serve.v2 import INLINE_BYTES, JsonLimits, infer_limits, inline_schema, parse_json
 from kiln.serve.v2_tensors import from_list
 
 router = APIRouter(tags=["kserve-v1"], responses={"default": {"model": V2Error, "description": 'error: {"error": "<message>"}'}})
@@ -65,13 +65,16 @@ async def _read(model: ServedModel, request: Request, settings: Settings) -> tup
     """The instances as encoded images or as the input tensor, and each tensor instance's width and height."""
     body = await request.body()
     limits = infer_limits(model, settings)
-    if len(body) > INLINE_BYTES:  # parsing takes the event loop's time: do it beside it
+    if len(body) > INLINE_BYTES:  # parsing and converting take the event loop's time: do it beside it
         async with request.app.state.decode_slots:
-            req = await asyncio.to_thread(parse_json, V1PredictRequest, body, limits)
-    else:
-        req = parse_json(V1PredictRequest, body, limits)
-    del body
-    return instances_input(model, req.instances, settings.max_images_per_request)
+            return await asyncio.to_thread(read_instances, model, body, limits, settings.max_images_per_request)
+    return read_instances(model, body, limits, settings.max_images_per_request)
+
+
+def read_instances(model: ServedModel, body: bytes, limits: JsonLimits,
+                   max_items: int) -> tuple[Input, list[tuple[int, int]]]:
+    """The JSON body parsed within ``limits`` and its instances read (:func:`instances_input`)."""
+    return instances_input(model, parse_json(V1PredictRequest, body, limits).instances, max_items)
 
 
 def instances_input(model: ServedModel, instances: list[Any], max_items: int) -> tuple[Input, list[tuple[int, int]]]:
@@ -114,4 +117,4 @@ def _b64(model: ServedModel, item: dict[str, Any], index: int) -> bytes:
         raise InputError(f"instances[{index}].b64 is not valid base64") from None
 
 
-__all__ = ["PATH", "instances_input", "router"]
+__all__ = ["PATH", "instances_input", "read_instances", "router"]
