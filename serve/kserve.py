@@ -19,7 +19,6 @@ import base64
 import binascii
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
@@ -30,10 +29,11 @@ from kiln.processing import Letterbox
 from kiln.serve.errors import request_id
 from kiln.serve.inference import Input, infer
 from kiln.serve.registry import ServedModel
-from kiln.serve.schemas import V1PredictRequest, V1PredictResponse, V2Error
+from kiln.serve.schemas import V1PredictRequest, V1PredictResponse, V2Error, v2_datatype
 from kiln.serve.settings import Settings
 from kiln.serve.v1 import json_response
-from kiln.serve.v2 import INLINE_BYTES, infer_limits, inline_schema, parse_json
+from kiln.serve.v2 import INLINE_BYTES, JsonLimits, infer_limits, inline_schema, parse_json
+from kiln.serve.v2_tensors import from_list
 
 router = APIRouter(tags=["kserve-v1"], responses={"default": {"model": V2Error, "description": 'error: {"error": "<message>"}'}})
 
@@ -65,13 +65,16 @@ async def _read(model: ServedModel, request: Request, settings: Settings) -> tup
     """The instances as encoded images or as the input tensor, and each tensor instance's width and height."""
     body = await request.body()
     limits = infer_limits(model, settings)
-    if len(body) > INLINE_BYTES:  # parsing takes the event loop's time: do it beside it
+    if len(body) > INLINE_BYTES:  # parsing and converting take the event loop's time: do it beside it
         async with request.app.state.decode_slots:
-            req = await asyncio.to_thread(parse_json, V1PredictRequest, body, limits)
-    else:
-        req = parse_json(V1PredictRequest, body, limits)
-    del body
-    return instances_input(model, req.instances, settings.max_images_per_request)
+            return await asyncio.to_thread(read_instances, model, body, limits, settings.max_images_per_request)
+    return read_instances(model, body, limits, settings.max_images_per_request)
+
+
+def read_instances(model: ServedModel, body: bytes, limits: JsonLimits,
+                   max_items: int) -> tuple[Input, list[tuple[int, int]]]:
+    """The JSON body parsed within ``limits`` and its instances read (:func:`instances_input`)."""
+    return instances_input(model, parse_json(V1PredictRequest, body, limits).instances, max_items)
 
 
 def instances_input(model: ServedModel, instances: list[Any], max_items: int) -> tuple[Input, list[tuple[int, int]]]:
@@ -85,16 +88,17 @@ def instances_input(model: ServedModel, instances: list[Any], max_items: int) ->
     if images:
         return images, []
     spec = model.manifest.input
-    try:
-        x = np.asarray(instances, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise InputError(f"instances: not a list of numeric tensors of shape {spec.shape} (ragged, or values that "
-                         "are not numbers) | expected nested lists or {\"b64\": \"<encoded image>\"}") from None
-    if list(x.shape[1:]) != list(spec.shape):
-        raise InputError(f"instances: received shape {list(x.shape[1:])} per instance | expected {spec.shape} "
-                         f"(the input '{spec.name}', preprocessed), or {{\"b64\": \"<encoded image>\"}}")
-    if not np.isfinite(x).all():
-        raise InputError("instances: a value is NaN or infinite | expected finite numbers")
+    dims: list[int] = []
+    node: Any = instances  # the nesting along the first element of each level: its shape, if regular
+    while isinstance(node, list):
+        dims.append(len(node))
+        node = node[0] if node else None
+    if dims[1:] != list(spec.shape):
+        raise InputError(f"instances: received shape {dims[1:]} per instance | expected {spec.shape} (the input "
+                         f"'{spec.name}', preprocessed), or {{\"b64\": \"<encoded image>\"}}")
+    # Values checked as strictly as v2's JSON tensors (no null, NaN, booleans or strings; no ragged nesting).
+    shape = [len(instances), *spec.shape]
+    x = from_list(spec.name, v2_datatype(spec.dtype), shape, instances).reshape(shape)
     w, h = (spec.shape[-1], spec.shape[-2]) if spec.layout == "NCHW" else (spec.shape[-2], spec.shape[-3])
     return x, [(w, h)] * len(x)
 
@@ -113,4 +117,4 @@ def _b64(model: ServedModel, item: dict[str, Any], index: int) -> bytes:
         raise InputError(f"instances[{index}].b64 is not valid base64") from None
 
 
-__all__ = ["PATH", "instances_input", "router"]
+__all__ = ["PATH", "instances_input", "read_instances", "router"]

@@ -118,6 +118,8 @@ def test_kserve_client_digits_b64_matches_preprocessed_tensor(server: Running, o
 
 @pytest.mark.parametrize(("body", "message"), [
     ({"instances": [[[0.0] * 28] * 27]}, "expected [1, 28, 28]"),
+    ({"instances": [[[[0.0] * 27 + [None]] * 28]]}, "received null at index 27"),
+    ({"instances": [[[[0.0] * 28] * 27 + [[0.0] * 27]]]}, "received 783 values"),
     ({"instances": [{"b64": "not base64!"}]}, "not valid base64"),
     ({"instances": [{"b64": base64.b64encode(b"no image").decode()}]}, "image"),
     ({"instances": [{"url": "http://x"}]}, '"b64"'),
