@@ -35,18 +35,17 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import importlib.util
 import io
 import json
 import os
 import shutil
-import statistics
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_serve_wrk import _free_port, environment, wrk  # noqa: E402
+from bench_decode import median_ms  # noqa: E402
+from bench_serve_wrk import Proc, _free_port, environment, wrk  # noqa: E402
 
 from kiln import processing  # noqa: E402
 from kiln.bundle import Bundle  # noqa: E402
@@ -97,7 +97,7 @@ APPS = textwrap.dedent('''
             return {"predictions": [{"label": M.classes[i], "score": float(logits[i])}]}
         names = [o.name for o in M.outputs]
         got = dict(zip(names, out))
-        dets = processing.detect_postprocess(got["boxes"], got["scores"], boxes, M.postprocess, M.classes)
+        dets = processing.detect_postprocess(got["boxes"], got["scores"], boxes, M.detect_post(), M.classes)
         return {"predictions": [{"detections": dets[0]}]}
 
 
@@ -144,7 +144,8 @@ APPS = textwrap.dedent('''
                 return answer(*output)
 
         if __name__ == "__main__":
-            server = ls.LitServer(PhotoAPI(), accelerator="cpu", devices=1, workers_per_device=1, timeout=60)
+            server = ls.LitServer(PhotoAPI(), accelerator="cpu", devices=1, workers_per_device=1, timeout=60,
+                                  healthcheck_path="/readyz")
             server.run(host="127.0.0.1", port=int(os.environ["PHOTO_PORT"]), generate_client_file=False,
                        log_level="warning")
 ''')
@@ -235,17 +236,6 @@ def build_bundles(work: Path) -> dict[str, Path]:
 # ---- the machine's limit ----------------------------------------------------------------------------
 
 
-def _median_ms(fn: Callable[[], object], repeat: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
-
-
 def machine_limit(bundle: Path, artifact: str, photos: list[bytes], cores: int) -> dict[str, float]:
     """Single-thread decode + preprocess (kiln's DCT-scaled decode and the full one) of the workload's
     photos and single-thread batch-1 inference; ``cores`` / (draft decode + inference) is the limit."""
@@ -262,13 +252,13 @@ def machine_limit(bundle: Path, artifact: str, photos: list[bytes], cores: int) 
             return processing.preprocess([processing.decode_image(photos[i[0]], spec=s)], s)
         return run
 
-    draft_ms = _median_ms(dec(spec.model_copy(update={"decode": "draft"})), 3 * len(photos))
-    full_ms = _median_ms(dec(full), 3 * len(photos))
+    draft_ms = median_ms(dec(spec.model_copy(update={"decode": "draft"})), 3 * len(photos))
+    full_ms = median_ms(dec(full), 3 * len(photos))
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
     sess = ort.InferenceSession(str(Bundle.load(bundle).path(artifact)), so, providers=["CPUExecutionProvider"])
     x = np.zeros((1, *m.input.shape), dtype=np.float32)
-    infer_ms = _median_ms(lambda: sess.run(None, {m.input.name: x}), 30)
+    infer_ms = median_ms(lambda: sess.run(None, {m.input.name: x}), 30)
     return {"draft_decode_ms": draft_ms, "full_decode_ms": full_ms, "infer_ms": infer_ms, "cores": cores,
             "limit_rps": cores * 1000.0 / (draft_ms + infer_ms)}
 
@@ -276,34 +266,21 @@ def machine_limit(bundle: Path, artifact: str, photos: list[bytes], cores: int) 
 # ---- servers --------------------------------------------------------------------------------------
 
 
-class Server:
-    def __init__(self, name: str, cmd: list[str], port: int, health: str, env: dict[str, str]) -> None:
-        self.name, self.port, self.cmd = name, port, cmd
-        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the server)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                     start_new_session=True)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"{name} exited: {self.log.read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{health}", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"{name} did not become ready")
+class Server(Proc):
+    """A server process (bench_serve_wrk.Proc: started, ready on /readyz) whose child processes (LitServe's
+    workers) are stopped with it."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict[str, str]) -> None:
+        self.cmd = cmd
+        super().__init__(name, cmd, port, env)
 
     def stop(self) -> None:
-        import signal
-
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # LitServe runs its workers in child processes
-            self.proc.wait(60)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            self.proc.kill()
+        kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        pids = [int(p) for p in kids.read_text().split()] if kids.exists() else []
+        super().stop()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def start(name: str, bundle: Path, artifact: str, precision: str, threads: int, decode_threads: int,
@@ -315,13 +292,13 @@ def start(name: str, bundle: Path, artifact: str, precision: str, threads: int, 
         cmd = [sys.executable, "-m", "kiln.cli", "serve", str(bundle), "--name", "m", "--port", str(port),
                "--backend", "onnxrt", "--precision", precision, "--threads", str(threads),
                "--decode-threads", str(decode_threads)]
-        return Server(name, cmd, port, "/readyz", env), "/v1/models/m/predict"
+        return Server(name, cmd, port, env), "/v1/models/m/predict"
     if name == "bare":
         cmd = [sys.executable, "-m", "uvicorn", "photo_apps:app", "--port", str(port), "--no-access-log",
                "--log-level", "warning", "--app-dir", str(apps)]
-        return Server(name, cmd, port, "/readyz", {**env, "PHOTO_APP": "bare"}), "/predict"
+        return Server(name, cmd, port, {**env, "PHOTO_APP": "bare"}), "/predict"
     cmd = [sys.executable, str(apps / "photo_apps.py")]
-    return Server(name, cmd, port, "/health", {**env, "PHOTO_APP": "litserve"}), "/predict"
+    return Server(name, cmd, port, {**env, "PHOTO_APP": "litserve"}), "/predict"
 
 
 def lua_script(folder: Path, photos: list[bytes]) -> Path:
