@@ -104,20 +104,23 @@ APPS = textwrap.dedent('''
     if os.environ["PHOTO_APP"] == "bare":
         S = session()
 
+        async def lifespan(receive, send):
+            while (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+
+        async def read_body(receive):
+            parts, more = [], True
+            while more:
+                msg = await receive()
+                parts.append(msg.get("body", b""))
+                more = msg.get("more_body", False)
+            return b"".join(parts)
+
         async def app(scope, receive, send):
             if scope["type"] == "lifespan":
-                while True:
-                    msg = await receive()
-                    if msg["type"] == "lifespan.startup":
-                        await send({"type": "lifespan.startup.complete"})
-                    else:
-                        await send({"type": "lifespan.shutdown.complete"}); return
-            body = b""
-            while True:
-                msg = await receive()
-                body += msg.get("body", b"")
-                if not msg.get("more_body"):
-                    break
+                return await lifespan(receive, send)
+            body = await read_body(receive)
             if scope["path"] == "/readyz":
                 out = b"{}"
             else:
