@@ -127,4 +127,5 @@ def test_test_page_draws_detections_and_its_sliders_refilter_them_without_a_requ
     calls = d.execute_script(  # type: ignore[attr-defined]
         "return performance.getEntriesByType('resource').filter(e => e.name.includes('/api/predict')).length")
     assert calls == 1  # every slider move above re-filtered in the page
+    slide("kt-score", 0.25)
     d.save_screenshot(str(Path(__file__).resolve().parents[2] / "docs" / "studio" / "test-detect.png"))  # type: ignore[attr-defined]
