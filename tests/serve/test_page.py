@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 import time
@@ -15,16 +14,11 @@ import pytest
 from kiln.bundle import Bundle
 from kiln.serve.app import create_app
 from kiln.serve.settings import Settings
+from tests.studio.browser import chromium, needs_chromium
 
 from .conftest import FakeBackend, png
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
-)
-webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+pytestmark = needs_chromium
 
 
 @pytest.fixture
@@ -57,19 +51,7 @@ def live_url(classify_bundle: Bundle, detect_bundle: Bundle) -> Iterator[str]:
 
 @pytest.fixture
 def browser() -> Iterator[object]:
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", "--window-size=1100,900"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    yield from chromium()  # the studio's tests drive the same headless Chromium
 
 
 def _js(driver: object, script: str) -> object:

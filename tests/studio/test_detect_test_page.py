@@ -67,9 +67,13 @@ def test_predict_gives_a_detectors_boxes_before_nms(client: TestClient, workspac
     boxes = res["boxes"]
     assert boxes and min(b["score"] for b in boxes) >= TEST_CONF
     assert (res["width"], res["height"]) == _image_size(scene)
-    # no NMS yet: some same-class boxes overlap more than the bundle's NMS IoU would let through
+    # no NMS yet: NMS at the bundle's IoU (greedy, per class, as the page runs it) removes many boxes
     iou = body["postprocess"]["iou_threshold"]
-    assert any(a["index"] == b["index"] and _iou(a["box"], b["box"]) > iou for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    kept: list[dict] = []  # type: ignore[type-arg]
+    for b in sorted(boxes, key=lambda b: -b["score"]):
+        if not any(k["index"] == b["index"] and _iou(k["box"], b["box"]) > iou for k in kept):
+            kept.append(b)
+    assert len(kept) < 0.7 * len(boxes), (len(kept), len(boxes))
 
 
 def _image_size(path: Path) -> tuple[int, int]:
