@@ -169,7 +169,7 @@ pages.new = async () => {
 // parameters and GFLOPs of the picked model (kiln's model_cost, cached by the studio), for the data's
 // classes, channels and input size once "Resolve defaults" has read them
 let resolved = null, costSeq = 0, costTimer = null;
-const costText = (c) => `${(c.parameters / 1e6).toFixed(2)}M parameters, ${(+c.gflops).toPrecision(3)} GFLOPs per ${c.image_size}x${c.image_size} image`;
+const costText = (c) => `${(c.parameters / 1e6).toFixed(2)}M parameters, ${+(+c.gflops).toPrecision(3)} GFLOPs per ${c.image_size}x${c.image_size} image`;
 function costParams(model) {
   const f = $("new-form");
   const p = { model };
@@ -184,7 +184,7 @@ async function showCost() {
   if (!model) { $("new-cost").textContent = ""; return; }
   $("new-cost").textContent = `${model}: counting parameters and GFLOPs...`;
   let text;
-  try { const c = await api("/train/cost?" + q(costParams(model))); text = `${model}: ${costText(c)} (${c.classes} classes)`; }
+  try { const c = await api("/train/cost?" + q(costParams(model))); text = `${model}: ${costText(c)}, ${c.classes} classes` + (resolved ? "" : " (until Resolve reads the data's)"); }
   catch (e) { text = `${model}: ${e.message}`; }
   if (seq === costSeq) $("new-cost").textContent = text;
 }

@@ -55,6 +55,14 @@ def browser():  # type: ignore[no-untyped-def]
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 
 
+def until(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError(f"not reached within {timeout} s")
+        time.sleep(0.01)
+
+
 def images_per_s(run: Path) -> float:
     with open(run / "metrics.csv") as f:
         return statistics.mean(float(r["images_per_s"]) for r in csv.DictReader(f))
@@ -67,6 +75,8 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="studio/terminal run pairs")
     args = ap.parse_args()
+    if args.epochs < 2:
+        ap.error("--epochs: at least 2 (the curve latency replays the second epoch's row of metrics.csv)")
     ws = Path(tempfile.mkdtemp(prefix="studio-bench-"))
     proc, url = start_studio(ws)
     d = browser()
@@ -126,12 +136,10 @@ def main() -> None:
         lat = []
         for _ in range(args.points):
             atomic_write_text(run / "metrics.csv", "\n".join(rows[:2]) + "\n")
-            while d.execute_script("return document.getElementById('chart-loss').dataset.points") != "2":
-                time.sleep(0.01)
+            until(lambda: d.execute_script("return document.getElementById('chart-loss').dataset.points") == "2")
             atomic_write_text(run / "metrics.csv", "\n".join(rows[:3]) + "\n")
             t0 = time.perf_counter()
-            while d.execute_script("return document.getElementById('chart-loss').dataset.points") != "4":
-                time.sleep(0.01)
+            until(lambda: d.execute_script("return document.getElementById('chart-loss').dataset.points") == "4")
             lat.append((time.perf_counter() - t0) * 1000)
         print(f"metrics.csv row written -> point drawn, median of {args.points}: {statistics.median(lat):.0f} ms "
               f"(max {max(lat):.0f})")

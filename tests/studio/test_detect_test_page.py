@@ -1,4 +1,5 @@
-"""The Test page with a real trained detector (kiln-det-s, one epoch on shapes at 96 px): /api/predict gives
+"""The Test page with a real trained detector (kiln-det-s, 6 epochs on 96 shapes images at 96 px, about
+20 s of training): /api/predict gives
 every box over the page's lowest score before NMS, the page draws them in a colour per class, and its score
 and IoU sliders re-filter them without a new request."""
 
@@ -10,10 +11,27 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.export.test_export_detect import det_master  # noqa: F401  (the trained detector fixture)
-
-from .browser import chromium, needs_chromium
+from tests.browser import chromium, needs_chromium
 from .conftest import WRITE, LiveStudio, copy_bundle
+
+SHAPES_COUNT = "96"
+
+
+@pytest.fixture(scope="module")
+def det_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """kiln-det-s with a little skill: boxes of more than one class over the page's lowest score."""
+    import torch
+
+    from kiln.train.config import TrainConfig
+    from kiln.train.loop import train
+
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KILN_SHAPES_COUNT", SHAPES_COUNT)
+        out = tmp_path_factory.mktemp("det") / "shapes"
+        train(TrainConfig(data="shapes", model="kiln-det-s", epochs=6, batch_size=16, image_size=96, out=str(out)),
+              progress=False)
+    yield out
 
 
 @pytest.fixture
@@ -21,7 +39,7 @@ def scene(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A validation image of the shapes set the detector was trained on."""
     from kiln.data import open_dataset
 
-    monkeypatch.setenv("KILN_SHAPES_COUNT", "48")
+    monkeypatch.setenv("KILN_SHAPES_COUNT", SHAPES_COUNT)
     _, val = open_dataset("shapes", val_fraction=0.2, seed=0)
     path = tmp_path / "scene.png"
     val.image(0).save(path)
@@ -35,7 +53,7 @@ def _iou(a: list[float], b: list[float]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def test_predict_gives_a_detectors_boxes_before_nms(client: TestClient, workspace: Path, det_master: Path,  # noqa: F811
+def test_predict_gives_a_detectors_boxes_before_nms(client: TestClient, workspace: Path, det_master: Path,
                                                     scene: Path) -> None:
     from kiln.studio.routes_models import TEST_CONF
 
@@ -49,9 +67,13 @@ def test_predict_gives_a_detectors_boxes_before_nms(client: TestClient, workspac
     boxes = res["boxes"]
     assert boxes and min(b["score"] for b in boxes) >= TEST_CONF
     assert (res["width"], res["height"]) == _image_size(scene)
-    # no NMS yet: some same-class boxes overlap more than the bundle's NMS IoU would let through
+    # no NMS yet: NMS at the bundle's IoU (greedy, per class, as the page runs it) removes many boxes
     iou = body["postprocess"]["iou_threshold"]
-    assert any(a["index"] == b["index"] and _iou(a["box"], b["box"]) > iou for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    kept: list[dict] = []  # type: ignore[type-arg]
+    for b in sorted(boxes, key=lambda b: -b["score"]):
+        if not any(k["index"] == b["index"] and _iou(k["box"], b["box"]) > iou for k in kept):
+            kept.append(b)
+    assert len(kept) < 0.7 * len(boxes), (len(kept), len(boxes))
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -68,7 +90,7 @@ def browser() -> Iterator[object]:
 
 @needs_chromium
 def test_test_page_draws_detections_and_its_sliders_refilter_them_without_a_request(
-        live_studio: LiveStudio, browser: object, det_master: Path, scene: Path) -> None:  # noqa: F811
+        live_studio: LiveStudio, browser: object, det_master: Path, scene: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -105,8 +127,9 @@ def test_test_page_draws_detections_and_its_sliders_refilter_them_without_a_requ
         "return [...seen]")
     drawn = {"230,25,75", "60,180,75", "0,130,200"} & set(painted)  # the first three class colours
     labels = {b.split()[0] for b in every}
-    assert len(drawn) == len(labels)  # a colour per class found in the boxes
+    assert len(labels) >= 2 and len(drawn) == len(labels)  # a colour per class found in the boxes
     calls = d.execute_script(  # type: ignore[attr-defined]
         "return performance.getEntriesByType('resource').filter(e => e.name.includes('/api/predict')).length")
     assert calls == 1  # every slider move above re-filtered in the page
+    slide("kt-score", 0.25)
     d.save_screenshot(str(Path(__file__).resolve().parents[2] / "docs" / "studio" / "test-detect.png"))  # type: ignore[attr-defined]
