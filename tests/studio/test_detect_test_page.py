@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.browser import chromium, needs_chromium
+
 from .conftest import WRITE, LiveStudio, copy_bundle
 
 SHAPES_COUNT = "96"
