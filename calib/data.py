@@ -30,7 +30,8 @@ class CalibrationReader(CalibrationDataReader):
     rewinds, so the same object can calibrate several methods. ``iter(reader)`` is an independent pass.
     """
 
-    def __init__(self, input_name: str, images: np.ndarray, batch_size: int = 16, info: dict[str, Any] | None = None) -> None:
+    def __init__(self, input_name: str, images: np.ndarray, batch_size: int = 16,
+                 info: dict[str, Any] | None = None) -> None:
         if images.ndim != 4 or len(images) == 0:
             raise ExportError(f"calibration needs at least one image; got an array of shape {images.shape}")
         if images.dtype != np.float32:
@@ -43,14 +44,16 @@ class CalibrationReader(CalibrationDataReader):
         self.batches_served = 0  # lets tests prove a cache hit did not calibrate
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, count: int = 512, seed: int = 0, batch_size: int = 16) -> CalibrationReader:
+    def from_bundle(cls, bundle: Bundle, count: int = 512, seed: int = 0,
+                    batch_size: int = 16) -> CalibrationReader:
         """``count`` train-split images drawn with ``seed``; unreadable images are an error, not skipped."""
         if count < 1:
             raise ExportError(f"--calib-images must be >= 1, got {count}")
         train = bundle_split(bundle, "train")
         n = len(train)
         if n == 0:
-            raise ExportError(f"calibration: the train split of {bundle.manifest.training.get('data')} has no images")
+            raise ExportError(
+                f"calibration: the train split of {bundle.manifest.training.get('data')} has no images")
         if count > n:
             log.warning("calibration: %d images asked, the train split has %d; using all of them", count, n)
         rng = np.random.default_rng(seed)
@@ -66,7 +69,8 @@ class CalibrationReader(CalibrationDataReader):
             x, _ = preprocess([img], spec)
             arrays.append(x)
         images = np.concatenate(arrays)
-        info = {"split": "train", "count": len(images), "seed": seed, "data": str(bundle.manifest.training.get("data"))}
+        info = {"split": "train", "count": len(images), "seed": seed,
+                "data": str(bundle.manifest.training.get("data"))}
         return cls(bundle.manifest.input.name, images, batch_size, info)
 
     def __len__(self) -> int:

@@ -46,10 +46,10 @@ log = logging.getLogger(__name__)
 METHODS = ("minmax", "entropy", "percentile")
 LAYOUTS = ("tensorrt", "cpu")
 FORMATS = {
-    "tensorrt": "QDQ on Conv/Gemm/MatMul inputs, symmetric int8 activations and weights, per-channel weights, "
-                "float bias and outputs",
-    "cpu": "QDQ on the inputs and outputs of every quantizable op, uint8 activations, symmetric int8 per-channel "
-           "weights, int32 bias",
+    "tensorrt": "QDQ on Conv/Gemm/MatMul inputs, symmetric int8 activations and weights, per-channel "
+                "weights, float bias and outputs",
+    "cpu": "QDQ on the inputs and outputs of every quantizable op, uint8 activations, symmetric int8 "
+           "per-channel weights, int32 bias",
 }
 # Layers the sensitivity search may keep in float: the ones with weights, where int8 pays off.
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -114,7 +114,8 @@ class SearchResult:
         return round(self.baseline - self.metric, 4)
 
 
-def search(methods: Sequence[str], layers: Sequence[str], measure: Measure, baseline: float, budget: float) -> SearchResult:
+def search(methods: Sequence[str], layers: Sequence[str], measure: Measure, baseline: float,
+           budget: float) -> SearchResult:
     """Pick the calibration method and the layers to keep in float.
 
     ``layers`` are the candidates in graph order (ties in sensitivity go to the earlier layer).
@@ -244,7 +245,8 @@ class CalibCache:
     weights, other images, another seed or count, or other settings give a new folder.
     """
 
-    def __init__(self, root: str | os.PathLike[str], model_sha256: str, data_sha256: str, settings: CalibSettings) -> None:
+    def __init__(self, root: str | os.PathLike[str], model_sha256: str, data_sha256: str,
+                 settings: CalibSettings) -> None:
         import onnxruntime
 
         payload = {
@@ -263,7 +265,8 @@ class CalibCache:
         self.trials: dict[str, float] = {}
         if self._trials_file.is_file():
             try:
-                self.trials = {k: float(v) for k, v in json.loads(self._trials_file.read_text())["trials"].items()}
+                self.trials = {
+                    k: float(v) for k, v in json.loads(self._trials_file.read_text())["trials"].items()}
             except (OSError, ValueError, KeyError, TypeError):
                 log.warning("ignoring unreadable calibration cache %s", self._trials_file)
         self.hits = 0

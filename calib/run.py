@@ -65,8 +65,8 @@ def calibrate_bundle(
         txt_path = write_reports(report, final, failed=True)
         raise ExportError(
             f"int8: cannot meet --max-accuracy-drop {settings.max_accuracy_drop}: the best int8 model "
-            f"({report['method']}, {len(report['excluded_layers'])} of {report['weighted_layers']} layers in float) "
-            f"has {metric_name} {report['int8']:.2f} vs fp32 {report['fp32']:.2f}; see {txt_path}. "
+            f"({report['method']}, {len(report['excluded_layers'])} of {report['weighted_layers']} layers in "
+            f"float) has {metric_name} {report['int8']:.2f} vs fp32 {report['fp32']:.2f}; see {txt_path}. "
             f"{final.name} was not written"
         )
     if write_report:
@@ -88,7 +88,8 @@ def report_paths(out: Path, *, failed: bool = False) -> tuple[Path, Path]:
     return out.with_name(f"{stem}.json"), out.with_name(f"{stem}.txt")
 
 
-def measure_latency(bundle: Bundle, fp32: Path, int8: Path, reader: CalibrationReader) -> dict[str, dict[str, float]]:
+def measure_latency(bundle: Bundle, fp32: Path, int8: Path,
+                    reader: CalibrationReader) -> dict[str, dict[str, float]]:
     """Median ONNX Runtime CPU latency (ms) of both graphs at batch 1 and 8, on calibration images."""
     out: dict[str, dict[str, float]] = {}
     example = reader.images[:8]
@@ -105,10 +106,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"INT8 calibration report ({r.get('format', '')})",
         f"  method            {r['method']}  (tried: "
         + ", ".join(f"{k} {v:.2f}" for k, v in r["methods_tried"].items()) + ")",
-        f"  calibration data  {r['images']} images from the {r['calibration_data'].get('split', 'train')} split of "
-        f"{r['calibration_data'].get('data', '?')}, seed {r['calibration_data'].get('seed', '?')}",
+        f"  calibration data  {r['images']} images from the {r['calibration_data'].get('split', 'train')} "
+        f"split of {r['calibration_data'].get('data', '?')}, seed {r['calibration_data'].get('seed', '?')}",
         f"  {m:<17} fp32 {r['fp32']:.2f}  int8 {r['int8']:.2f}  drop {r['drop']:.2f} "
-        f"(budget {r['max_accuracy_drop']:.2f}) -> {'within budget' if r['within_budget'] else 'OVER BUDGET'}",
+        f"(budget {r['max_accuracy_drop']:.2f}) -> "
+        f"{'within budget' if r['within_budget'] else 'OVER BUDGET'}",
         f"  float layers      {len(r['excluded_layers'])} of {r['weighted_layers']}"
         + (": " + ", ".join(r["excluded_layers"]) if r["excluded_layers"] else ""),
     ]
@@ -121,6 +123,7 @@ def format_report(r: dict[str, Any]) -> str:
             f, i = lat["fp32"][b], lat["int8"][b]
             lines.append(f"  ORT CPU batch {b[1:]:<3} fp32 {f:.3f} ms  int8 {i:.3f} ms  ({f / i:.2f}x)")
     c = r.get("cache", {})
-    lines.append(f"  cache             {c.get('dir')} (calibrated now: {', '.join(c.get('calibrated_now') or []) or 'none'}; "
-                 f"trials reused {c.get('trial_hits', 0)}, measured {c.get('trial_misses', 0)})")
+    lines.append(f"  cache             {c.get('dir')} (calibrated now: "
+                 f"{', '.join(c.get('calibrated_now') or []) or 'none'}; trials reused "
+                 f"{c.get('trial_hits', 0)}, measured {c.get('trial_misses', 0)})")
     return "\n".join(lines) + "\n"

@@ -125,12 +125,13 @@ def _prepare(path: Path, precisions: list[str], work: Path, require: bool) -> Pa
             with atomic_path(bundle.path(file)) as tmp:
                 # A folder: one timing cache per GPU model and TensorRT version.
                 provenance = onnx2engine(bundle.path(onnx.file), tmp, precision=precision,
-                                         batch=bundle.manifest.input.batch, input_name=bundle.manifest.input.name,
-                                         timing_cache=work)
+                                         batch=bundle.manifest.input.batch,
+                                         input_name=bundle.manifest.input.name, timing_cache=work)
         except KilnError as exc:  # BackendUnavailable (no GPU / TensorRT) or ExportError
             if require:
                 raise
-            log.warning("%s: no %s engine (%s); serving with the next backend instead", bundle.name, precision, exc)
+            log.warning("%s: no %s engine (%s); serving with the next backend instead", bundle.name,
+                        precision, exc)
             continue
         extra = {k: v for k, v in provenance.items() if k not in ("file", "format", "precision", "sha256")}
         bundle.add_artifact(file, "tensorrt", precision, source_sha256=onnx.sha256, **extra)

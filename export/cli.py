@@ -30,13 +30,14 @@ def _calibration_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("int8 calibration")
     g.add_argument("--calib-images", type=positive_int, default=512, metavar="N",
                    help="train-split images used to calibrate (drawn with --calib-seed)")
-    g.add_argument("--calib-seed", type=non_negative_int, default=0, help="seed for drawing calibration images")
+    g.add_argument("--calib-seed", type=non_negative_int, default=0,
+                   help="seed for drawing calibration images")
     g.add_argument("--calib-method", type=choice("calibration method", CALIB_METHODS), default="auto",
                    help="auto measures minmax, entropy and percentile and keeps the best")
     g.add_argument("--max-accuracy-drop", type=non_negative_float, default=None, metavar="POINTS",
-                   help="largest allowed drop of top-1 (classify) or mAP@[.5:.95] (detect) vs fp32, in points; "
-                        "layers are kept in float, most sensitive first, until it holds (default: 1.0, or one "
-                        "validation image's worth when the split has under 100 images)")
+                   help="largest allowed drop of top-1 (classify) or mAP@[.5:.95] (detect) vs fp32, in "
+                        "points; layers are kept in float, most sensitive first, until it holds (default: "
+                        "1.0, or one validation image's worth when the split has under 100 images)")
     g.add_argument("--calib-eval-images", type=positive_int, default=None, metavar="N",
                    help="validation images per candidate during the search; None: the whole split")
     g.add_argument("--calib-cache", type=Path, default=None, metavar="DIR",
@@ -48,9 +49,10 @@ def _calibration_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", metavar="RUN_OR_BUNDLE", help="bundle folder written by kiln train (has kiln.json)")
-    p.add_argument("--batch", type=batch_range, default=BatchRange(min=1, opt=8, max=32), metavar="MIN:OPT:MAX",
-                   help="dynamic batch range (engine profile, Triton max_batch_size)")
+    p.add_argument("bundle", metavar="RUN_OR_BUNDLE",
+                   help="bundle folder written by kiln train (has kiln.json)")
+    p.add_argument("--batch", type=batch_range, default=BatchRange(min=1, opt=8, max=32),
+                   metavar="MIN:OPT:MAX", help="dynamic batch range (engine profile, Triton max_batch_size)")
     p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset; None: the exporter's own")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout (logs stay on stderr)")
@@ -74,8 +76,8 @@ def register(sub: Any) -> None:
                    help="comma-separated subset of fp32,fp16,int8")
     n = p.add_argument_group("detectors: NMS in the graph")
     n.add_argument("--nms", action="store_true",
-                   help="also write an end-to-end graph per precision (model.nms.onnx, ...) with NMS inside and "
-                        "EfficientNMS-style outputs num_dets, det_boxes, det_scores, det_classes")
+                   help="also write an end-to-end graph per precision (model.nms.onnx, ...) with NMS inside "
+                        "and EfficientNMS-style outputs num_dets, det_boxes, det_scores, det_classes")
     n.add_argument("--nms-conf", type=non_negative_float, default=None, metavar="SCORE",
                    help="score threshold in the graph; None: kiln.json's postprocess score_threshold")
     n.add_argument("--nms-iou", type=non_negative_float, default=None, metavar="IOU",
@@ -88,19 +90,21 @@ def register(sub: Any) -> None:
     g.add_argument("--engine", action="store_true", help="also build a TensorRT engine per precision")
     g.add_argument("--workspace-gib", type=positive_float, default=4.0, help="builder workspace limit")
     g.add_argument("--timing-cache", type=Path, default=None, metavar="FILE_OR_DIR",
-                   help="timing cache reused across builds (a folder keeps one per GPU model and TensorRT version)")
+                   help="timing cache reused across builds (a folder keeps one per "
+                        "GPU model and TensorRT version)")
     g.add_argument("--hardware-compat", action="store_true", help="engine runs on Ampere and newer GPUs")
     g.add_argument("--version-compat", action="store_true", help="engine runs on later TensorRT versions")
     g.add_argument("--tf32", action="store_true",
                    help="let float32 layers compute in TF32 (faster on Ampere and newer, 10-bit mantissas); "
                         "default: float32 layers compute in fp32")
     t = p.add_argument_group("Triton")
-    t.add_argument("--triton-repo", type=Path, default=None, metavar="DIR", help="write a Triton model repository")
+    t.add_argument("--triton-repo", type=Path, default=None, metavar="DIR",
+                   help="write a Triton model repository")
     t.add_argument("--triton-precision", type=choice("precision", PRECISIONS), default=None,
                    help="precision served by Triton; None: the first of --precision")
     t.add_argument("--triton-raw", action="store_true",
-                   help="detectors: put the raw graph (boxes, scores) in the repository; default: the end-to-end "
-                        "graph when --nms writes one")
+                   help="detectors: put the raw graph (boxes, scores) in the repository; default: the "
+                        "end-to-end graph when --nms writes one")
     t.add_argument("--triton-max-delay-us", type=positive_int, default=1000,
                    help="dynamic_batching max_queue_delay_microseconds")
     _calibration_flags(p)
@@ -120,9 +124,9 @@ def register(sub: Any) -> None:
     _common(c)
     _calibration_flags(c)
     c.set_defaults(func=run_calibrate, precision=["int8"], engine=False, workspace_gib=4.0, timing_cache=None,
-                   hardware_compat=False, version_compat=False, tf32=False, triton_repo=None, triton_precision=None,
-                   triton_max_delay_us=1000, triton_raw=False, nms=False, nms_conf=None, nms_iou=None, nms_max_det=None,
-                   nms_agnostic=None)
+                   hardware_compat=False, version_compat=False, tf32=False, triton_repo=None,
+                   triton_precision=None, triton_max_delay_us=1000, triton_raw=False, nms=False,
+                   nms_conf=None, nms_iou=None, nms_max_det=None, nms_agnostic=None)
 
 
 def _options(args: argparse.Namespace) -> Any:
@@ -146,7 +150,8 @@ def _options(args: argparse.Namespace) -> Any:
         triton_max_delay_us=args.triton_max_delay_us,
         triton_raw=args.triton_raw,
         calib=CalibSettings(method=args.calib_method, images=args.calib_images, seed=args.calib_seed,
-                            max_accuracy_drop=(CalibSettings.max_accuracy_drop if args.max_accuracy_drop is None
+                            max_accuracy_drop=(
+                                CalibSettings.max_accuracy_drop if args.max_accuracy_drop is None
                                                else args.max_accuracy_drop),
                             eval_limit=args.calib_eval_images, layout=args.int8_layout),
         calib_cache=args.calib_cache,
@@ -198,7 +203,8 @@ def _print(summary: dict[str, Any], as_json: bool) -> None:
     points = POINTS_PER_UNIT.get(summary.get("task", ""), 1.0)  # mAP in points: 76.48, not 0.76
     for a in summary["artifacts"]:
         m = a.get("metrics") or {}
-        acc = ", ".join(f"{k} {v * points:.2f}" for k, v in m.items() if k in ("top1", "top5", "map", "map50"))
+        acc = ", ".join(
+            f"{k} {v * points:.2f}" for k, v in m.items() if k in ("top1", "top5", "map", "map50"))
         v = a.get("verification") or {}
         check = "verified" if v.get("passed") else ("not verified" if v else "")
         diff = f", max diff {v['max_abs_diff']:.2g}" if "max_abs_diff" in v else ""

@@ -39,10 +39,13 @@ def onnx2fp16(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str
     try:
         onnx.checker.check_model(half)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"onnx2fp16: the float16 graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise ExportError(
+            f"onnx2fp16: the float16 graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
     onnx.save(half, str(out_path))
     try:  # type errors the checker misses surface when ONNX Runtime loads the graph
         ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ExportError(f"onnx2fp16: ONNX Runtime rejects the float16 graph: {str(exc).splitlines()[0]}") from None
-    return {"converter": f"onnxruntime.transformers.float16 (onnxruntime {ort.__version__})", "keep_io_types": True}
+        raise ExportError(
+            f"onnx2fp16: ONNX Runtime rejects the float16 graph: {str(exc).splitlines()[0]}") from None
+    return {"converter": f"onnxruntime.transformers.float16 (onnxruntime {ort.__version__})",
+            "keep_io_types": True}

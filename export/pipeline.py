@@ -40,8 +40,8 @@ ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.in
 # Detectors' end-to-end graphs (NMS inside), one per exported precision.
 NMS_FILES = {"fp32": "model.nms.onnx", "fp16": "model.fp16.nms.onnx", "int8": "model.int8.nms.onnx"}
 FP16_MIN_AGREEMENT = 98.0  # percent of verification images with the same top-1 as fp32
-TRT_INSTALL = ("pip install '.[trt]' from the kiln checkout (pip install 'kiln-vision[trt]' from a package index) "
-               "on a machine with an NVIDIA GPU and driver")
+TRT_INSTALL = ("pip install '.[trt]' from the kiln checkout (pip install 'kiln-vision[trt]' from a package "
+               "index) on a machine with an NVIDIA GPU and driver")
 
 
 @dataclass
@@ -59,7 +59,8 @@ class ExportOptions:
     triton_repo: Path | None = None
     triton_precision: str | None = None
     triton_max_delay_us: int = 1000
-    triton_raw: bool = False  # detectors: the raw graph in the Triton repository even when --nms wrote another
+    # detectors: the raw graph in the Triton repository even when --nms wrote another
+    triton_raw: bool = False
     calib: CalibSettings = field(default_factory=CalibSettings)
     calib_cache: Path | None = None
     verify_images: int = 64
@@ -77,14 +78,17 @@ class ExportOptions:
             if p not in PRECISIONS:
                 raise unknown_choice("precision", p, PRECISIONS, flag="--precision")
         if self.triton_precision and self.triton_precision not in self.precisions:
-            raise ExportError(f"--triton-precision {self.triton_precision} is not among --precision {','.join(self.precisions)}")
+            raise ExportError(
+                f"--triton-precision {self.triton_precision} is not among --precision "
+                f"{','.join(self.precisions)}")
 
 
 def open_bundle(path: str | os.PathLike[str]) -> Bundle:
     """A bundle with PyTorch weights to export; a folder without them is a one-line error."""
     bundle = Bundle.load(path)
     if not bundle.path("model.pt").is_file():
-        raise BundleError(f"{bundle.root} has no model.pt to export (train first: kiln train --out {bundle.root})")
+        raise BundleError(
+            f"{bundle.root} has no model.pt to export (train first: kiln train --out {bundle.root})")
     return bundle
 
 
@@ -108,8 +112,8 @@ def export_fp32(bundle: Bundle, opts: ExportOptions) -> dict[str, Any]:
         info = torch2onnx(bundle, tmp, batch=opts.batch, opset=opts.opset, simplify=opts.simplify)
         verification = verify_fp32(bundle, tmp, count=opts.verify_images)
         metrics = _evaluate_file(bundle, tmp, "fp32")
-    return _record(bundle, file, "onnx", "fp32", metrics=metrics, verification=verification, source_sha256=source,
-                   batch=opts.batch.model_dump(), **info)
+    return _record(bundle, file, "onnx", "fp32", metrics=metrics, verification=verification,
+                   source_sha256=source, batch=opts.batch.model_dump(), **info)
 
 
 def export_fp16(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str, Any]:
@@ -119,18 +123,21 @@ def export_fp16(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str
         verification = compare_with_fp32(bundle, bundle.path(fp32_file), tmp, "fp16", opts.verify_images)
         if bundle.manifest.task == "classify" and verification["top1_agreement"] < FP16_MIN_AGREEMENT:
             verification["passed"] = False
-            raise ExportError(f"fp16 verification failed: top-1 agrees with fp32 on {verification['top1_agreement']:.1f}% "
-                              f"of {verification['images']} images (< {FP16_MIN_AGREEMENT}%); {file} was not written")
+            raise ExportError("fp16 verification failed: top-1 agrees with fp32 on "
+                              f"{verification['top1_agreement']:.1f}% of {verification['images']} images (< "
+                              f"{FP16_MIN_AGREEMENT}%); {file} was not written")
         verification["passed"] = True
         metrics = _evaluate_file(bundle, tmp, "fp16")
     return _record(bundle, file, "onnx", "fp16", metrics=metrics, verification=verification,
                    source_sha256=bundle.manifest.artifacts[fp32_file].sha256, **info)
 
 
-def compare_with_fp32(bundle: Bundle, fp32: Path, candidate: Path, precision: str, count: int) -> dict[str, Any]:
+def compare_with_fp32(bundle: Bundle, fp32: Path, candidate: Path, precision: str,
+                      count: int) -> dict[str, Any]:
     """Outputs of a reduced-precision graph against the fp32 graph on the verification images."""
     x, boxes = verification_images(bundle, count)
-    with OrtFileBackend(fp32, bundle.manifest) as ref, OrtFileBackend(candidate, bundle.manifest, precision=precision) as cand:
+    with (OrtFileBackend(fp32, bundle.manifest) as ref,
+          OrtFileBackend(candidate, bundle.manifest, precision=precision) as cand):
         # the fp32 tolerance's figures (per output, top-k) are recorded; what fails a reduced precision is
         # its top-1 agreement and accuracy, not rounding that fp32 would not have
         report = compare(bundle.manifest, backend_outputs(ref, x), backend_outputs(cand, x), boxes,
@@ -154,8 +161,9 @@ def int8_budget(bundle: Bundle, opts: ExportOptions) -> CalibSettings:
     one_image = 100.0 / max(n, 1)
     if one_image <= calib.max_accuracy_drop:
         return calib
-    log.info("int8: accuracy budget %.2f points, one of the %d validation images (--max-accuracy-drop %g would "
-             "let no image change); give --max-accuracy-drop to choose", one_image, n, calib.max_accuracy_drop)
+    log.info("int8: accuracy budget %.2f points, one of the %d validation images (--max-accuracy-drop %g "
+             "would let no image change); give --max-accuracy-drop to choose", one_image, n,
+             calib.max_accuracy_drop)
     return replace(calib, max_accuracy_drop=round(one_image, 4))
 
 
@@ -163,7 +171,8 @@ def export_int8(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str
     file = ONNX_FILES["int8"]
     calib = int8_budget(bundle, opts)
     fp32_art = bundle.manifest.artifacts[fp32_file]
-    baseline = headline(bundle, fp32_art.metrics)[1] if fp32_art.metrics and calib.eval_limit is None else None
+    baseline = (headline(bundle, fp32_art.metrics)[1]
+                if fp32_art.metrics and calib.eval_limit is None else None)
     out = bundle.path(file)
     # Quantize, compare and measure a temporary file; the old int8 model, its report and its kiln.json
     # entry stay as they were until the new one is complete.
@@ -173,12 +182,14 @@ def export_int8(bundle: Bundle, opts: ExportOptions, fp32_file: str) -> dict[str
         verification = compare_with_fp32(bundle, bundle.path(fp32_file), tmp, "int8", opts.verify_images)
         metrics = _evaluate_file(bundle, tmp, "int8")
     write_reports(report, out)
-    verification.update({"passed": True, "accuracy_drop": report["drop"], "max_accuracy_drop": report["max_accuracy_drop"]})
+    verification.update(
+        {"passed": True, "accuracy_drop": report["drop"], "max_accuracy_drop": report["max_accuracy_drop"]})
     json_report, _ = report_paths(out)
-    calibration = {k: report[k] for k in ("method", "layout", "images", "excluded_layers", "fp32", "int8", "drop",
-                                          "latency_ms_ort_cpu") if k in report}
+    calibration = {k: report[k] for k in ("method", "layout", "images", "excluded_layers", "fp32", "int8",
+                                          "drop", "latency_ms_ort_cpu") if k in report}
     return _record(bundle, file, "onnx", "int8", metrics=metrics, verification=verification,
-                   source_sha256=fp32_art.sha256, calibration=calibration, calibration_report=json_report.name)
+                   source_sha256=fp32_art.sha256, calibration=calibration,
+                   calibration_report=json_report.name)
 
 
 def export_nms(bundle: Bundle, opts: ExportOptions, precision: str, raw_file: str) -> dict[str, Any]:
@@ -207,7 +218,8 @@ def nms_settings(bundle: Bundle, opts: ExportOptions) -> NmsSettings:
                                  class_agnostic=opts.nms_agnostic)
 
 
-def build_engines(bundle: Bundle, opts: ExportOptions, onnx_files: dict[str, str]) -> tuple[list[dict[str, Any]], list[str]]:
+def build_engines(bundle: Bundle, opts: ExportOptions,
+                  onnx_files: dict[str, str]) -> tuple[list[dict[str, Any]], list[str]]:
     """Build one engine per exported precision; returns (artifacts, errors) so ONNX results stand."""
     try:  # TensorRT is an optional extra: without it the ONNX artifacts still stand
         from kiln.export.onnx2engine import engine_file_here, onnx2engine
@@ -232,9 +244,10 @@ def build_engines(bundle: Bundle, opts: ExportOptions, onnx_files: dict[str, str
         except ExportError as exc:
             errors.append(f"--engine {precision}: {exc}")
             continue
-        provenance = {k: v for k, v in dict(provenance).items() if k not in ("file", "format", "precision", "sha256")}
-        entry = _record(bundle, file, "tensorrt", precision, source_sha256=bundle.manifest.artifacts[onnx_file].sha256,
-                        **provenance)
+        provenance = {
+            k: v for k, v in dict(provenance).items() if k not in ("file", "format", "precision", "sha256")}
+        entry = _record(bundle, file, "tensorrt", precision,
+                        source_sha256=bundle.manifest.artifacts[onnx_file].sha256, **provenance)
         if replaced := unlist_superseded_engines(bundle, file):
             log.info("%s replaces %s (same GPU model and TensorRT)", file, ", ".join(replaced))
             bundle.save()
@@ -295,8 +308,8 @@ def engine_requirements() -> None:
         why = str(exc).removesuffix(INSTALL_HINT).rstrip(": ")
         raise BackendUnavailable(f"--engine: {why}: {TRT_INSTALL}; or leave out --engine") from None
     if (no_gpu := cuda.no_gpu_reason()) is not None:
-        raise BackendUnavailable(f"--engine: building a TensorRT engine needs an NVIDIA GPU and driver ({no_gpu}); "
-                                 "run the export on a GPU machine, or leave out --engine")
+        raise BackendUnavailable("--engine: building a TensorRT engine needs an NVIDIA GPU and driver "
+                                 f"({no_gpu}); run the export on a GPU machine, or leave out --engine")
 
 
 def _fp32_is_fresh(bundle: Bundle, opts: ExportOptions) -> bool:
@@ -319,7 +332,8 @@ def _export(bundle: Bundle, opts: ExportOptions) -> dict[str, Any]:
         artifacts.append(export_fp32(bundle, opts))
         drop_stale_artifacts(bundle)
     else:  # reused as the source of fp16/int8: a damaged file stops here, before minutes of calibration
-        check_onnx_file(bundle.path(fp32_file), hint=f"re-export it: kiln export {bundle.root} --precision fp32")
+        check_onnx_file(bundle.path(fp32_file),
+                        hint=f"re-export it: kiln export {bundle.root} --precision fp32")
     onnx_files = {"fp32": fp32_file}
     if "fp16" in opts.precisions:
         log.info("converting to fp16")
@@ -350,7 +364,8 @@ def _export(bundle: Bundle, opts: ExportOptions) -> dict[str, Any]:
         triton = str(write_triton_repo(bundle, opts.triton_repo, onnx_file=onnx_files[precision],
                                        engine_file=engines.get(precision), batch=opts.batch,
                                        options=TritonOptions(max_queue_delay_us=opts.triton_max_delay_us),
-                                       end_to_end_file=None if opts.triton_raw else end_to_end_of(bundle, onnx_files[precision])))
+                                       end_to_end_file=None if opts.triton_raw
+                                       else end_to_end_of(bundle, onnx_files[precision])))
     summary = {"bundle": str(bundle.root), "task": bundle.manifest.task, "artifacts": artifacts,
                "triton": triton, "errors": errors}
     if errors:
@@ -377,13 +392,15 @@ def drop_stale_artifacts(bundle: Bundle) -> list[str]:
                 dropped.append(name)
                 changed = True
     if dropped:
-        log.warning("unlisted %s: made from an earlier model.onnx; re-export them (--precision ...)", ", ".join(dropped))
+        log.warning("unlisted %s: made from an earlier model.onnx; re-export them (--precision ...)",
+                    ", ".join(dropped))
         bundle.save()
     return dropped
 
 
 def end_to_end_of(bundle: Bundle, raw_file: str) -> str | None:
-    """The end-to-end graph made from ``raw_file`` as it is now (this export's or an earlier one's), or None."""
+    """The end-to-end graph made from ``raw_file`` as it is now (this export's or an earlier one's),
+    or None."""
     source = bundle.manifest.artifacts[raw_file].sha256
     return next((name for name, art in bundle.manifest.artifacts.items()
                  if art.nms is not None and art.source_sha256 == source), None)
@@ -400,7 +417,8 @@ def drop_other_nms(bundle: Bundle, written: dict[str, str]) -> None:
     for name in stale:
         del bundle.manifest.artifacts[name]
     if stale:
-        log.warning("unlisted %s: end-to-end graphs with other NMS settings; re-export them with --nms", ", ".join(stale))
+        log.warning("unlisted %s: end-to-end graphs with other NMS settings; re-export them with --nms",
+                    ", ".join(stale))
         bundle.save()
 
 

@@ -74,9 +74,11 @@ def torch2onnx(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"torch2onnx: the exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise ExportError(
+            f"torch2onnx: the exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
     used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
-    return {"opset": used_opset, "simplified": simplified, "exporter": f"torch.onnx dynamo (torch {torch.__version__})"}
+    return {"opset": used_opset, "simplified": simplified,
+            "exporter": f"torch.onnx dynamo (torch {torch.__version__})"}
 
 
 def _simplify(path: Path) -> bool:

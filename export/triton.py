@@ -52,14 +52,14 @@ def write_triton_repo(
     if end_to_end_file:
         art = bundle.manifest.artifacts[end_to_end_file]
         if engine_file:
-            log.info("Triton: serving the end-to-end graph %s with ONNX Runtime (engines are built from the raw "
-                     "graph; --triton-raw serves %s)", end_to_end_file, engine_file)
+            log.info("Triton: serving the end-to-end graph %s with ONNX Runtime (engines are built from the "
+                     "raw graph; --triton-raw serves %s)", end_to_end_file, engine_file)
         onnx_file, engine_file = end_to_end_file, None
         options = dataclasses.replace(options, outputs=tuple(bundle.outputs_of(art)), nms=art.nms.model_dump() if art.nms else None)
     if engine_file and batch.min > 1:
         # Triton may send any batch from 1 to max_batch_size; a plan whose profile starts higher rejects it.
-        raise ExportError(f"--triton-repo with --engine needs a batch range starting at 1 (got --batch {batch}): "
-                          "Triton's dynamic batcher sends batches from 1 up to max_batch_size")
+        raise ExportError("--triton-repo with --engine needs a batch range starting at 1 (got --batch "
+                          f"{batch}): Triton's dynamic batcher sends batches from 1 up to max_batch_size")
     if bad := [c for c in bundle.manifest.classes if "\n" in c or "\r" in c]:
         raise ExportError(f"--triton-repo: class names with a line break cannot go in {LABELS_FILE}: {bad}")
     name = options.model_name or triton_name(bundle)

@@ -72,7 +72,8 @@ def _as_list(out: Any, names: list[str]) -> list[Any]:
         return [out[n] for n in names]
     if isinstance(out, list | tuple):
         if len(out) != len(names):
-            raise ExportError(f"the model returns {len(out)} outputs but kiln.json names {len(names)}: {names}")
+            raise ExportError(
+                f"the model returns {len(out)} outputs but kiln.json names {len(names)}: {names}")
         return list(out)
     return [out]
 
@@ -96,8 +97,8 @@ def detection_problems(bundle: Bundle, report: dict[str, Any]) -> list[str]:
     if diffs[scores] > SCORE_ATOL:
         problems.append(f"raw {scores} differ by up to {diffs[scores]:.3g} > {SCORE_ATOL:g}")
     if report["missing"] or report["extra"]:
-        problems.append(f"{report['missing']} detection(s) missing or moved > {BOX_TOL_PX} px, {report['extra']} "
-                        f"extra (of {report['detections']})")
+        problems.append(f"{report['missing']} detection(s) missing or moved > {BOX_TOL_PX} px, "
+                        f"{report['extra']} extra (of {report['detections']})")
     return problems
 
 
@@ -109,12 +110,14 @@ def classify_problems(report: dict[str, Any]) -> list[str]:
     for name, err in report["outputs"].items():
         if not err["passed"]:
             problems.append(f"{name}: {err['mismatches']} of {err['values']} values differ by more than "
-                            f"{tol['atol']:g} + {tol['rtol']:g} x the image's largest |{name}| (max abs difference "
-                            f"{err['max_abs_diff']:.3g}, {err['max_rel_diff']:.3g} of the scale)")
+                            f"{tol['atol']:g} + {tol['rtol']:g} x the image's largest |{name}| (max abs "
+                            f"difference {err['max_abs_diff']:.3g}, {err['max_rel_diff']:.3g} of the scale)")
     if report["top1_agreement"] < 100.0:
         problems.append(f"top-1 agrees on {report['top1_agreement']:.1f}% of the images without a tie")
     if report["topk_agreement"] < 100.0:
-        problems.append(f"top-{report['top_k']} set agrees on {report['topk_agreement']:.1f}% of the images without a tie")
+        problems.append(
+            f"top-{report['top_k']} set agrees on {report['topk_agreement']:.1f}% of the images "
+            "without a tie")
     return problems
 
 
@@ -130,7 +133,8 @@ def verify_fp32(bundle: Bundle, onnx_path: Any, *, count: int = DEFAULT_IMAGES,
     if bundle.manifest.task == "classify":
         tol = tolerance or Tolerance(CLASSIFY_ATOL, CLASSIFY_RTOL)
         report = compare(bundle.manifest, reference, candidate, boxes, tolerance=tol)
-        report["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol, "relative_to": "the image's largest |output|"}
+        report["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol,
+                               "relative_to": "the image's largest |output|"}
         why = "; ".join(classify_problems(report))
     else:
         report = compare(bundle.manifest, reference, candidate, boxes)
@@ -139,8 +143,8 @@ def verify_fp32(bundle: Bundle, onnx_path: Any, *, count: int = DEFAULT_IMAGES,
     report["reference"] = "pytorch fp32 (cpu)"
     report["passed"] = not why
     if why:
-        raise ExportError(f"verification failed for {onnx_path} on {report['images']} validation images: {why}; "
-                          "previous artifacts are untouched")
+        raise ExportError(f"verification failed for {onnx_path} on {report['images']} validation images: "
+                          f"{why}; previous artifacts are untouched")
     log.info("verified fp32 ONNX against PyTorch on %d val images: max abs diff %.3g%s", report["images"],
              report["max_abs_diff"], _relative(report))
     return report

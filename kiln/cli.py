@@ -19,7 +19,8 @@ from kiln.bundle import BatchRange
 from kiln.errors import KilnError, install_hint, unknown_choice
 
 # Sub-command modules, imported to build the parser; each defines register(subparsers).
-STAGES = ("kiln.train.cli", "kiln.export.cli", "kiln.serve.cli", "kiln.predict", "kiln.bench.cli", "kiln.studio.cli")
+STAGES = ("kiln.train.cli", "kiln.export.cli", "kiln.serve.cli", "kiln.predict", "kiln.bench.cli",
+          "kiln.studio.cli")
 # The module that registers each command: running one imports that stage only (every stage's imports
 # cost seconds on a busy machine before a one-line argument error could be printed). A test keeps it
 # equal to what the modules register.

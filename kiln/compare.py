@@ -85,7 +85,8 @@ def output_errors(reference: np.ndarray, candidate: np.ndarray, tol: Tolerance) 
     # NaN anywhere is a mismatch: a comparison with NaN is False, so count what is not within the bound
     mismatches = int((~(diff <= tol.bound(ref)[:, None])).sum())
     rel = worst / np.maximum(scale, np.finfo(np.float64).tiny)
-    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "max_rel_diff": float(rel.max()),
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "max_rel_diff": float(rel.max()),
             "scale": float(scale.max()), "mismatches": mismatches, "values": int(diff.size),
             "passed": mismatches == 0}
 
@@ -106,11 +107,13 @@ def compare(manifest: Manifest, reference: dict[str, np.ndarray], candidate: dic
         a, b = reference[spec.name], candidate[spec.name]
         if a.shape != b.shape:
             raise ExportError(f"output {spec.name}: shape {b.shape} differs from the reference {a.shape}")
-        diffs[spec.name] = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+        diffs[spec.name] = (float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+                            if a.size else 0.0)
     report["max_abs_diff"] = max(diffs.values()) if diffs else 0.0
     report["max_abs_diff_by_output"] = diffs
     if tolerance is not None:
-        report["outputs"] = {s.name: output_errors(reference[s.name], candidate[s.name], tolerance) for s in manifest.outputs}
+        report["outputs"] = {
+            s.name: output_errors(reference[s.name], candidate[s.name], tolerance) for s in manifest.outputs}
     if manifest.task == "classify":
         ref, cand = reference[manifest.outputs[0].name], candidate[manifest.outputs[0].name]
         if tolerance is None:
@@ -124,7 +127,8 @@ def compare(manifest: Manifest, reference: dict[str, np.ndarray], candidate: dic
     return report
 
 
-def top1_agreement(reference: np.ndarray, candidate: np.ndarray, atol: float | np.ndarray = LOGIT_ATOL) -> dict[str, Any]:
+def top1_agreement(reference: np.ndarray, candidate: np.ndarray,
+                   atol: float | np.ndarray = LOGIT_ATOL) -> dict[str, Any]:
     """Percent of images ``[N, C]`` with the same top-1, over the images where neither side has its
     top two logits within ``atol`` (a number, or one per image ``[N]``): a tie decided by rounding says
     nothing about the export."""
@@ -200,7 +204,8 @@ def compare_detections(manifest: Manifest, reference: dict[str, np.ndarray], can
             for i, other in enumerate(free):
                 if other["index"] != det["index"]:
                     continue
-                err = float(np.max(np.abs(np.asarray(other["box"], np.float64) - np.asarray(det["box"], np.float64))))
+                err = float(
+                    np.max(np.abs(np.asarray(other["box"], np.float64) - np.asarray(det["box"], np.float64))))
                 if err < best_err:
                     best, best_err = i, err
             if best is None or best_err > BOX_TOL_PX:
@@ -242,7 +247,8 @@ def artifact_table(bundle: Bundle | str, split: str = "val", limit: int | None =
     artifact cannot run here (an engine without TensorRT, a modified file)."""
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     ds = bundle_split(b, split)
-    arts = sorted(b.artifacts(), key=lambda a: (_ORDER.get(a.format, 9), _PREC.get(a.precision, 9), a.file))  # raw graphs
+    arts = sorted(b.artifacts(),
+                  key=lambda a: (_ORDER.get(a.format, 9), _PREC.get(a.precision, 9), a.file))  # raw graphs
     reference = None
     ref_art = next((a for a in arts if a.format == "torch" and a.precision == "fp32"), None)
     rows: list[dict[str, Any]] = []
@@ -261,7 +267,8 @@ def artifact_table(bundle: Bundle | str, split: str = "val", limit: int | None =
             with open_artifact(b, art, device=device) as backend:
                 row.update(backend=backend.name, device=backend.device)
                 # one pass over the split per artifact serves both its metrics and the comparison
-                out = reference if art is ref_art and reference is not None else run_split(b, backend, ds, limit)
+                out = (reference if art is ref_art and reference is not None
+                       else run_split(b, backend, ds, limit))
                 row["metrics"] = numeric(split_metrics(b, out, ds))
                 if reference is not None:
                     cmp = compare(b.manifest, reference.outputs, out.outputs, reference.letterboxes)
@@ -288,7 +295,8 @@ def time_artifact(bundle: Bundle, backend: Any, timing: Timing) -> dict[str, Any
     for batch in sorted(set(timing.batches)):
         if not backend.min_batch <= batch <= backend.max_batch:
             continue
-        feeds = {spec.name: rng.standard_normal((batch, *spec.shape), dtype=np.float32).astype(np.dtype(spec.dtype))}
+        feeds = {spec.name: rng.standard_normal((batch, *spec.shape), dtype=np.float32)
+                 .astype(np.dtype(spec.dtype))}
         samples, _, _, _ = time_backend(backend, feeds, timing.warmup, timing.iters, None)
         if batch == 1:
             out["p50_ms_b1"] = float(np.median(samples))
@@ -311,12 +319,14 @@ def format_table(rows: list[dict[str, Any]], task: str = "classify") -> str:
     """A fixed-width text table of :func:`artifact_table` rows."""
     keys = ("top1", "top5") if task == "classify" else ("map", "map50")
     agree = "top1 agree %" if task == "classify" else "dets agree %"
-    header = ["file", "format", "precision", "backend", *(_METRIC_HEADERS[k] for k in keys), agree, "max |diff|"]
+    header = ["file", "format", "precision", "backend", *(_METRIC_HEADERS[k] for k in keys), agree,
+              "max |diff|"]
     lines = []
     for r in rows:
         m = r.get("metrics") or {}
         if "error" in r:
-            cells = [r["file"], r["format"], r["precision"], "-", "-", "-", "-", f"not runnable: {r['error']}"]
+            cells = [r["file"], r["format"], r["precision"], "-", "-", "-", "-",
+                     f"not runnable: {r['error']}"]
         else:
             cells = [
                 r["file"], r["format"], r["precision"], f"{r.get('backend', '-')}/{r.get('device', '-')}",
@@ -332,16 +342,20 @@ def format_speed_table(rows: list[dict[str, Any]], task: str = "classify") -> st
     """Accuracy and speed per artifact (rows of :func:`artifact_table` with ``timing``): format,
     precision, size on disk, top-1 or mAP, p50 latency at batch 1 and items/s at the best batch."""
     key = HEADLINE[task]
-    header = ["file", "format", "precision", "size MB", _METRIC_HEADERS[key], "p50 ms (b1)", "items/s (batch)"]
+    header = ["file", "format", "precision", "size MB", _METRIC_HEADERS[key], "p50 ms (b1)",
+              "items/s (batch)"]
     lines = []
     for r in rows:
         size = f"{r['size_mb']:.2f}" if "size_mb" in r else "-"
         if "error" in r:
-            lines.append([r["file"], r["format"], r["precision"], size, "-", "-", f"not runnable: {r['error']}"])
+            lines.append(
+                [r["file"], r["format"], r["precision"], size, "-", "-", f"not runnable: {r['error']}"])
             continue
         rate = f"{r['items_per_s']:.0f} ({r['best_batch']})" if "items_per_s" in r else "-"
         p50 = f"{r['p50_ms_b1']:.3f}" if "p50_ms_b1" in r else "-"
-        lines.append([r["file"], r["format"], r["precision"], size, metric_cell(task, key, r.get("metrics") or {}), p50, rate])
+        lines.append(
+            [r["file"], r["format"], r["precision"], size, metric_cell(task, key, r.get("metrics") or {}),
+             p50, rate])
     return _render(header, lines, [("error" in r) for r in rows])
 
 

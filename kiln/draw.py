@@ -52,7 +52,8 @@ def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, color:
     draw.text((x + 2 - left, y + 2 - top), text, fill=_text_color(color), font=font)
 
 
-def _legend(draw: ImageDraw.ImageDraw, entries: list[tuple[str, tuple[int, int, int]]], font: Any, width: int) -> None:
+def _legend(draw: ImageDraw.ImageDraw, entries: list[tuple[str, tuple[int, int, int]]], font: Any,
+            width: int) -> None:
     y = 4.0
     for name, color in entries:
         left, top, right, bottom = draw.textbbox((0, 0), name, font=font)
@@ -74,7 +75,8 @@ def render(img: Image.Image, res: dict[str, Any], classes: list[str] | None = No
     if "top_k" in res:
         best = res["top_k"][0] if res["top_k"] else None
         if best is not None:
-            _label(draw, (4, 4), f"{best['label']} {best['score']:.2f}", class_color(best["index"]), font, canvas.size)
+            _label(draw, (4, 4), f"{best['label']} {best['score']:.2f}", class_color(best["index"]), font,
+                   canvas.size)
         return canvas
     zoom = canvas.width / source_size(img)[0]  # boxes are in the file's pixels; img may be decoded smaller
     line = max(2, min(canvas.size) // 150)
@@ -86,7 +88,8 @@ def render(img: Image.Image, res: dict[str, Any], classes: list[str] | None = No
         _label(draw, (x1, y1), f"{d['label']} {d['score']:.2f}", color, font, canvas.size)
     present = sorted({d["index"] for d in dets})
     names = classes or []
-    _legend(draw, [(names[i] if i < len(names) else str(i), class_color(i)) for i in present], font, canvas.width)
+    _legend(draw, [(names[i] if i < len(names) else str(i), class_color(i)) for i in present], font,
+            canvas.width)
     return canvas
 
 

@@ -30,7 +30,8 @@ SPLITS = ("train", "val")
 
 
 def bundle_split(bundle: Bundle, split: str = "val", data: str | None = None) -> ImageDataset:
-    """The bundle's own train/val split (as recorded at training time), or ``data``'s with the same classes."""
+    """The bundle's own train/val split (as recorded at training time), or ``data``'s with the same
+    classes."""
     if split not in SPLITS:
         raise DatasetError(f"unknown split '{split}' (use train or val)")
     training = bundle.manifest.training
@@ -38,12 +39,13 @@ def bundle_split(bundle: Bundle, split: str = "val", data: str | None = None) ->
     if not spec:
         raise DatasetError(f"{bundle.root}/kiln.json does not record its dataset; pass --data")
     skip_bad = bool(training.get("config", {}).get("skip_bad_images", False))
-    train, val = open_dataset(spec, val_fraction=float(training.get("val_fraction", 0.2)), seed=int(training.get("seed", 0)),
-                              skip_bad_images=skip_bad)
+    train, val = open_dataset(spec, val_fraction=float(training.get("val_fraction", 0.2)),
+                              seed=int(training.get("seed", 0)), skip_bad_images=skip_bad)
     ds = val if split == "val" else train
     if ds.classes != bundle.manifest.classes:
         raise DatasetError(
-            f"--data {spec} has classes {ds.classes[:6]}... but the model was trained on {bundle.manifest.classes[:6]}..."
+            f"--data {spec} has classes {ds.classes[:6]}... but the model was trained on "
+            f"{bundle.manifest.classes[:6]}..."
         )
     return ds
 
@@ -75,7 +77,8 @@ def run_split(bundle: Bundle, backend: Backend, dataset: ImageDataset, limit: in
     chunks: dict[str, list[np.ndarray]] = {}
     boxes: list[Any] = []
     for idx in batches(n, bs):
-        x, lb = preprocess([dataset.image(i, bundle.manifest.preprocess) for i in idx], bundle.manifest.preprocess)
+        x, lb = preprocess([dataset.image(i, bundle.manifest.preprocess) for i in idx],
+                           bundle.manifest.preprocess)
         real = len(x)
         feeds, _ = pad_batch({name: x}, backend.min_batch)
         out = backend.infer(feeds)
@@ -94,7 +97,8 @@ def evaluate_backend(bundle: Bundle | str, backend: Backend, split: str = "val",
     return split_metrics(b, run_split(b, backend, ds, limit), ds)
 
 
-def evaluate(bundle: Bundle, backend: Backend, split: str = "val", limit: int | None = None) -> dict[str, float]:
+def evaluate(bundle: Bundle, backend: Backend, split: str = "val",
+             limit: int | None = None) -> dict[str, float]:
     """The scalar metrics of :func:`evaluate_backend`: ``{"top1", "top5"}`` (percent) for classification,
     ``{"map", "map50", ...}`` (fractions, pycocotools) for detection."""
     return numeric(evaluate_backend(bundle, backend, split=split, limit=limit))
@@ -124,7 +128,9 @@ def detections(bundle: Bundle, res: SplitOutputs, post: DetectPost) -> list[list
     """Per image, the detections serving would return from ``res`` under ``post``."""
     names = [o.name for o in bundle.manifest.outputs]
     if len(names) != 2 or any(n not in res.outputs for n in names):
-        raise ValueError(f"a detector has outputs [boxes, scores]; kiln.json lists {names}, the backend gave {sorted(res.outputs)}")
+        raise ValueError(
+            f"a detector has outputs [boxes, scores]; kiln.json lists {names}, the backend gave "
+            f"{sorted(res.outputs)}")
     return detect_postprocess(res.outputs[names[0]], res.outputs[names[1]], list(res.letterboxes), post,
                               bundle.manifest.classes)
 

@@ -26,13 +26,15 @@ EVAL_MAX_DETECTIONS = 100  # COCO's maxDets for mAP
 def map_post(post: DetectPost) -> DetectPost:
     """``post`` (its NMS IoU) as mAP is scored, in training and in ``kiln eval`` alike: COCO's low score
     threshold and detection cap, every class over the threshold per box, no class filter."""
-    return post.model_copy(update={"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS,
+    return post.model_copy(update={"score_threshold": EVAL_SCORE_THRESHOLD,
+                                   "max_detections": EVAL_MAX_DETECTIONS,
                                    "multi_label": True, "class_agnostic": False, "classes": None})
 
 
 def coco_ground_truth(targets: Sequence[dict[str, np.ndarray]], classes: Sequence[str],
                       sizes: Sequence[tuple[int, int]] | None = None, image_ids: Sequence[int] | None = None,
-                      category_ids: Sequence[int] | None = None, file_names: Sequence[str] | None = None) -> dict[str, Any]:
+                      category_ids: Sequence[int] | None = None,
+                      file_names: Sequence[str] | None = None) -> dict[str, Any]:
     """A COCO instances dict for ``targets`` (boxes in original pixels); ``sizes`` are ``(W, H)``;
     ``file_names`` (each image's ``file_name``) let other tools match their predictions to the images.
 
@@ -53,7 +55,8 @@ def coco_ground_truth(targets: Sequence[dict[str, np.ndarray]], classes: Sequenc
             x1, y1, x2, y2 = (float(v) for v in box)
             cat = int(category_ids[int(label)]) if category_ids is not None else int(label) + 1
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat,
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": int(ignored)})
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                         "iscrowd": int(ignored)})
     cats = [{"id": int(category_ids[i]) if category_ids is not None else i + 1, "name": str(n)}
             for i, n in enumerate(classes)]
     return {"images": images, "annotations": anns, "categories": cats}

@@ -15,8 +15,8 @@ from kiln.processing import Letterbox
 
 
 def predictions(
-    manifest: Manifest, outputs: dict[str, np.ndarray], letterboxes: list[Letterbox], top_k: int | None = None,
-    detect: DetectPost | None = None,
+    manifest: Manifest, outputs: dict[str, np.ndarray], letterboxes: list[Letterbox],
+    top_k: int | None = None, detect: DetectPost | None = None,
 ) -> list[dict[str, Any]]:
     """Per image ``{"width", "height", "top_k": [...]}`` (classify) or ``{..., "boxes": [...]}`` (detect).
 
@@ -27,16 +27,20 @@ def predictions(
     if manifest.task == "classify":
         post = ClassifyPost(top_k=top_k) if top_k else manifest.classify_post()
         ranked = processing.classify_topk(outputs[manifest.outputs[0].name], manifest.classes, post)
-        return [{"width": b.width, "height": b.height, "top_k": r} for r, b in zip(ranked, letterboxes, strict=True)]
+        return [{"width": b.width, "height": b.height, "top_k": r}
+                for r, b in zip(ranked, letterboxes, strict=True)]
     if outputs.keys() >= END_TO_END_OUTPUTS:
         found = end_to_end_detections(outputs, letterboxes, manifest.classes, detect, baked_nms(manifest),
                                       manifest.detect_post())
-        return [{"width": b.width, "height": b.height, "boxes": d} for d, b in zip(found, letterboxes, strict=True)]
+        return [{"width": b.width, "height": b.height, "boxes": d}
+                for d, b in zip(found, letterboxes, strict=True)]
     names = [o.name for o in manifest.outputs]
     boxes = outputs["boxes" if "boxes" in outputs else names[0]]
     scores = outputs["scores" if "scores" in outputs else names[1]]
-    found = processing.detect_postprocess(boxes, scores, letterboxes, detect or manifest.detect_post(), manifest.classes)
-    return [{"width": b.width, "height": b.height, "boxes": d} for d, b in zip(found, letterboxes, strict=True)]
+    found = processing.detect_postprocess(boxes, scores, letterboxes, detect or manifest.detect_post(),
+                                          manifest.classes)
+    return [
+        {"width": b.width, "height": b.height, "boxes": d} for d, b in zip(found, letterboxes, strict=True)]
 
 
 # What a detector graph with NMS inside answers (``kiln export --nms``, EfficientNMS's names).
@@ -76,7 +80,8 @@ def end_to_end_detections(
     out: list[list[dict[str, Any]]] = []
     for i in range(len(num)):
         n = int(num[i].reshape(-1)[0])
-        b, s, c = boxes[i, :n].astype(np.float32), scores[i, :n].astype(np.float32), labels[i, :n].astype(np.int64)
+        b, s, c = (boxes[i, :n].astype(np.float32), scores[i, :n].astype(np.float32),
+                   labels[i, :n].astype(np.int64))
         if detect is not None:
             keep = s > detect.score_threshold
             if keep_classes is not None:
@@ -85,7 +90,8 @@ def end_to_end_detections(
             b, s, c = b[idx], s[idx], c[idx]
         if letterboxes is not None:
             b = letterboxes[i].to_original(b)
-        out.append([{"box": [float(v) for v in box], "label": classes[int(k)], "index": int(k), "score": float(sc)}
+        out.append([{"box": [float(v) for v in box], "label": classes[int(k)], "index": int(k),
+                     "score": float(sc)}
                     for box, k, sc in zip(b, c, s, strict=True)])
     return out
 

@@ -55,19 +55,21 @@ def register(sub: Any) -> None:
             "example:\n"
             "  kiln predict runs/digits digit.png other.png --top-k 3\n"
             "  kiln predict runs/shapes street.jpg --save out/ --json\n"
-            "  kiln predict runs/shapes photos/ 'more/*.jpg' --conf 0.4 --iou 0.5 --classes circle,square --save out/\n"
-            "  kiln predict runs/digits big_folder/ --out preds.jsonl --batch 32 --threads 2\n"
+            "  kiln predict runs/shapes photos/ 'more/*.jpg' --conf 0.4 --iou 0.5 --classes circle,square "
+            "--save out/\n  kiln predict runs/digits big_folder/ --out preds.jsonl --batch 32 --threads 2\n"
             "  kiln predict runs/digits big_folder/ --out preds.csv --resume   # continue an interrupted run"
         ),
     )
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder (with kiln.json)")
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files (PNG, JPEG, ...), folders (their images, sorted) or glob patterns ('data/*.jpg', 'data/**/*.png')")
+                   help="image files (PNG, JPEG, ...), folders (their images, sorted) or glob patterns "
+                        "('data/*.jpg', 'data/**/*.png')")
     p.add_argument("--backend", type=choice("backend", BACKEND_CHOICES), default="auto",
                    help="runtime: auto tries TensorRT, then ONNX Runtime, then PyTorch")
     p.add_argument("--precision", type=choice("precision", PRECISIONS), default=None,
                    help="artifact precision (default: the backend's choice)")
-    p.add_argument("--top-k", type=positive_int, default=None, help="classification: labels per image (default: kiln.json)")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="classification: labels per image (default: kiln.json)")
     p.add_argument("--save", type=Path, default=None, metavar="OUT_DIR",
                    help="write each image with its boxes (or top label) drawn to OUT_DIR/NAME.png")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
@@ -87,7 +89,8 @@ def register(sub: Any) -> None:
     d.add_argument("--conf", type=unit_float, default=None, help="score threshold in [0, 1]")
     d.add_argument("--iou", type=unit_float, default=None, help="NMS IoU threshold in [0, 1]")
     d.add_argument("--max-det", type=positive_int, default=None, help="detections kept per image")
-    d.add_argument("--agnostic", action="store_true", default=None, help="NMS across classes (one box per object)")
+    d.add_argument("--agnostic", action="store_true", default=None,
+                   help="NMS across classes (one box per object)")
     d.add_argument("--multi-label", action="store_true", default=None,
                    help="a box once per class over the threshold (default: its best class only)")
     d.add_argument("--classes", type=_names, default=None, metavar="A,B",
@@ -132,7 +135,8 @@ def expand_inputs(items: list[str]) -> list[str]:
         else:
             raise KilnError(f"cannot read {item}: no such file, folder or matching pattern")
         if not found:
-            what = "matches no files" if kind == "pattern" else f"holds no images ({', '.join(IMG_EXTENSIONS)})"
+            what = ("matches no files" if kind == "pattern"
+                    else f"holds no images ({', '.join(IMG_EXTENSIONS)})")
             raise KilnError(f"{kind} {item} {what}")
         out.extend(found)
     return out
@@ -294,7 +298,8 @@ def done_images(path: Path, fmt: str) -> set[str]:
     if fmt == "csv":
         rows = list(csv.reader(io.StringIO(text)))
         if rows and rows[0][:1] != ["image"]:
-            raise KilnError(f"--resume: {path} is not a kiln predict CSV (its first line is not a header with 'image')")
+            raise KilnError(
+                f"--resume: {path} is not a kiln predict CSV (its first line is not a header with 'image')")
         return {row[0] for row in rows[1:] if row}
     done = set()
     for n, line in enumerate(text.splitlines(), 1):
@@ -334,8 +339,8 @@ def run(args: argparse.Namespace) -> int:
     with load(bundle, backend=args.backend, precision=args.precision) as backend:
         batch = args.batch or backend.max_batch
         if batch > backend.max_batch:
-            raise KilnError(f"--batch {batch} is over the largest batch {backend.max_batch} this backend takes "
-                            f"(kiln.json batch range); use --batch {backend.max_batch} or less")
+            raise KilnError(f"--batch {batch} is over the largest batch {backend.max_batch} this backend "
+                            f"takes (kiln.json batch range); use --batch {backend.max_batch} or less")
         threads = args.threads or min(4, os.cpu_count() or 1)
         info = {"backend": backend.name, "precision": backend.precision, "device": backend.device}
         top_k = args.top_k or (m.classify_post().top_k if m.task == "classify" else 1)
@@ -357,14 +362,15 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             if args.out is None:
                 raise
-            print(f"kiln predict: interrupted after {count} image(s), written to {args.out}; run the same command "
-                  "with --resume to go on", file=sys.stderr)
+            print(f"kiln predict: interrupted after {count} image(s), written to {args.out}; run the same "
+                  "command with --resume to go on", file=sys.stderr)
             return 130
         finally:
             sink.close()
     elapsed = time.perf_counter() - start
     if args.save is not None:
-        print(f"saved {count} image(s) with their {'boxes' if m.task == 'detect' else 'labels'} to {args.save}",
+        print(f"saved {count} image(s) with their "
+              f"{'boxes' if m.task == 'detect' else 'labels'} to {args.save}",
               file=sys.stderr)
     if args.out is not None:
         print(f"predicted {count} image(s) in {elapsed:.1f} s ({count / max(elapsed, 1e-9):.1f} images/s) -> "
@@ -395,7 +401,8 @@ class _Sink:
     """Where results go: a ResultWriter over --out (appended on resume), stdout text, or one streamed
     JSON document on stdout (--json)."""
 
-    def __init__(self, writer: ResultWriter | None, fh: IO[str] | None, task: str, json_doc: str | None) -> None:
+    def __init__(self, writer: ResultWriter | None, fh: IO[str] | None, task: str,
+                 json_doc: str | None) -> None:
         self.writer, self.fh, self.task, self.json_doc = writer, fh, task, json_doc
         self.first = True
 
@@ -448,10 +455,13 @@ def _detect_controls(args: argparse.Namespace, m: Any) -> Any:
     """kiln.json's detection controls with the flags given; detection flags on a classifier are an error."""
     from kiln.processing import detect_overrides
 
-    given = [f for f in ("conf", "iou", "max_det", "agnostic", "multi_label", "classes") if getattr(args, f, None) is not None]
+    given = [f for f in ("conf", "iou", "max_det", "agnostic", "multi_label", "classes")
+             if getattr(args, f, None) is not None]
     if m.task != "detect":
         if given:
-            raise KilnError(f"--{given[0].replace('_', '-')} applies to detection bundles; this one classifies (use --top-k)")
+            raise KilnError(
+                f"--{given[0].replace('_', '-')} applies to detection bundles; this "
+                "one classifies (use --top-k)")
         return None
     if args.top_k is not None:
         raise KilnError("--top-k applies to classification; use --max-det to limit the boxes per image")

@@ -36,13 +36,15 @@ class TritonOptions:
     nms: dict[str, Any] | None = None
 
 
-def model_config(bundle: Bundle, batch: BatchRange, *, platform: str, name: str, options: TritonOptions) -> Any:
+def model_config(bundle: Bundle, batch: BatchRange, *, platform: str, name: str,
+                 options: TritonOptions) -> Any:
     """Triton's ``ModelConfig`` for the bundle (dims exclude the batch axis: ``max_batch_size`` > 0)."""
     from tritonclient.grpc import model_config_pb2 as pb
 
     man = bundle.manifest
     cfg = pb.ModelConfig(name=name, platform=platform, max_batch_size=batch.max)
-    cfg.input.append(pb.ModelInput(name=man.input.name, data_type=_dtype(pb, man.input.dtype), dims=list(man.input.shape)))
+    cfg.input.append(
+        pb.ModelInput(name=man.input.name, data_type=_dtype(pb, man.input.dtype), dims=list(man.input.shape)))
     for out in options.outputs or man.outputs:
         output = pb.ModelOutput(name=out.name, data_type=_dtype(pb, out.dtype), dims=list(out.shape))
         if options.label_filename and out.name in _CLASS_OUTPUTS:
@@ -50,10 +52,12 @@ def model_config(bundle: Bundle, batch: BatchRange, *, platform: str, name: str,
         cfg.output.append(output)
         cfg.parameters[f"output.{out.name}.description"].string_value = describe_output(bundle, out.name)
     for key, value in (options.nms or {}).items():  # what the end-to-end graph's NMS does, as kiln.json says
-        cfg.parameters[f"nms.{key}"].string_value = str(value).lower() if isinstance(value, bool) else str(value)
+        cfg.parameters[f"nms.{key}"].string_value = (str(value).lower() if isinstance(value, bool)
+                                                     else str(value))
     preferred = sorted({batch.opt, batch.max})
     cfg.dynamic_batching.CopyFrom(
-        pb.ModelDynamicBatching(preferred_batch_size=preferred, max_queue_delay_microseconds=options.max_queue_delay_us)
+        pb.ModelDynamicBatching(preferred_batch_size=preferred,
+                                max_queue_delay_microseconds=options.max_queue_delay_us)
     )
     kind = pb.ModelInstanceGroup.KIND_GPU if platform == "tensorrt_plan" else pb.ModelInstanceGroup.KIND_AUTO
     cfg.instance_group.append(pb.ModelInstanceGroup(count=options.instances, kind=kind))
@@ -77,17 +81,19 @@ def describe_output(bundle: Bundle, name: str) -> str:
     if man.task == "detect":
         w, h = man.preprocess.size
         post = man.detect_post()
-        raw = (f"before NMS: keep scores >= {post.score_threshold}, then per-class NMS at IoU {post.iou_threshold}, "
-               f"at most {post.max_detections} per image (kiln.json postprocess)")
-        space = (f"in the letterboxed {w}x{h} input's pixels (undo the letterbox: subtract the padding, divide by "
-                 "the scale, for original-image coordinates)")
+        raw = (f"before NMS: keep scores >= {post.score_threshold}, then per-class NMS at IoU "
+               f"{post.iou_threshold}, at most {post.max_detections} per image (kiln.json postprocess)")
+        space = (f"in the letterboxed {w}x{h} input's pixels (undo the letterbox: subtract the padding, "
+                 "divide by the scale, for original-image coordinates)")
         known = {
             "boxes": f"[anchors, 4] candidate boxes x1, y1, x2, y2 {space}, one per anchor, {raw}",
             "scores": f"[anchors, {n}] per-class sigmoid scores of each candidate box; {labels}; {raw}",
             "num_dets": "[1] int32 number of valid detections per image (NMS applied in the graph)",
-            "det_boxes": f"[K, 4] detected boxes x1, y1, x2, y2 {space}, NMS applied; rows past num_dets are padding",
+            "det_boxes": f"[K, 4] detected boxes x1, y1, x2, y2 {space}, NMS applied; "
+                         "rows past num_dets are padding",
             "det_scores": "[K] detection scores, NMS applied; rows past num_dets are padding",
-            "det_classes": f"[K] int32 class index of each detection; {labels}; rows past num_dets are padding",
+            "det_classes": f"[K] int32 class index of each detection; {labels}; "
+                           "rows past num_dets are padding",
         }
         if name in known:
             return known[name]

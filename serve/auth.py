@@ -40,7 +40,8 @@ def check_key(authorization: bytes | None, key: bytes) -> ApiError | None:
         return ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
                         {"WWW-Authenticate": "Bearer"})
     if not hmac.compare_digest(token, key):
-        return ApiError(401, "unauthorized", "wrong API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return ApiError(401, "unauthorized", "wrong API key",
+                        {"WWW-Authenticate": 'Bearer error="invalid_token"'})
     return None
 
 

@@ -66,7 +66,8 @@ STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: 
 
 
 # The error shape in the OpenAPI description of every route.
-OPENAPI_RESPONSES: dict[int | str, dict[str, Any]] = {"default": {"model": ErrorResponse, "description": "error"}}
+OPENAPI_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "default": {"model": ErrorResponse, "description": "error"}}
 
 
 class ApiError(StarletteHTTPException):
@@ -116,7 +117,8 @@ def describe_validation(errors: Sequence[Any]) -> str:
 async def _http_error(request: Request, exc: Exception) -> Response:
     exc = cast(StarletteHTTPException, exc)  # registered for this class only
     code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), request_id(request), exc.headers, request.url.path)
+    return error_response(exc.status_code, code, str(exc.detail), request_id(request), exc.headers,
+                          request.url.path)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -142,8 +144,8 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
         raise exc
     rid = request_id(request)
     log.error("request %s failed", rid, exc_info=exc)
-    return error_response(500, "internal_error", f"internal error (request id {rid}); see the server log", rid,
-                          path=request.url.path)
+    return error_response(500, "internal_error", f"internal error (request id {rid}); see the server log",
+                          rid, path=request.url.path)
 
 
 async def handle(request: Request, exc: Exception) -> Response:
@@ -166,5 +168,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-__all__ = ["ERRORS", "GRPC_FOR_HTTP", "OPENAPI_RESPONSES", "ApiError", "describe_validation", "error_response", "handle", "install", "is_kserve_v1", "is_v2",
-           "lookup", "request_id"]
+__all__ = ["ERRORS", "GRPC_FOR_HTTP", "OPENAPI_RESPONSES", "ApiError", "describe_validation",
+           "error_response", "handle", "install", "is_kserve_v1", "is_v2", "lookup", "request_id"]

@@ -67,7 +67,8 @@ def split_infer_request(data: bytes) -> tuple[Any, list[memoryview]]:
                 continue
             pos += size
         else:
-            raise InputError(f"malformed ModelInferRequest: wire type {wire} of field {field} is not used by it")
+            raise InputError(
+                f"malformed ModelInferRequest: wire type {wire} of field {field} is not used by it")
         if pos > end:
             raise InputError(_PAST_END)
         rest += view[start:pos]

@@ -20,7 +20,8 @@ from kiln.serve.schemas import Health
 
 router = APIRouter(responses=OPENAPI_RESPONSES)
 STATIC = importlib.resources.files("kiln.serve") / "static"
-# The test panel: one component (a predict(files) callback in, bars and boxes out) for this page and the studio.
+# The test panel: one component (a predict(files) callback in, bars and boxes out) for this page and
+# the studio.
 PANEL_ASSETS = {"testpanel.js": "text/javascript", "testpanel.css": "text/css"}
 
 
@@ -56,7 +57,8 @@ def panel_asset(name: str) -> Response:
     media = PANEL_ASSETS.get(name)
     if media is None:
         return Response(status_code=404)
-    return Response(STATIC.joinpath(name).read_bytes(), media_type=media, headers={"Cache-Control": "no-cache"})
+    return Response(STATIC.joinpath(name).read_bytes(), media_type=media,
+                    headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/static/{name}", include_in_schema=False)
@@ -84,8 +86,8 @@ async def readyz(request: Request) -> Any:
     return Health(status="ok", models={m.name: "ready" for m in registry} if authorized else {})
 
 
-@router.get("/metrics", tags=["health"], summary="Prometheus metrics (needs the API key, checked by RequestGate)",
-            response_class=Response,
+@router.get("/metrics", tags=["health"],
+            summary="Prometheus metrics (needs the API key, checked by RequestGate)", response_class=Response,
             responses={200: {"description": "Prometheus text exposition format",
                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def prometheus(request: Request) -> Response:

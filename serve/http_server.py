@@ -62,7 +62,8 @@ def _error(status: bytes, code: str, message: str, url: bytes, extra: bytes = b"
     """A whole ``Connection: close`` error response written by the protocol itself (the app never saw the
     request), in each protocol's own error shape: KServe v2 clients (tritonclient) read
     ``{"error": "<string>"}``."""
-    error: object = message if url.startswith(b"/v2") else {"code": code, "request_id": None, "message": message}
+    error: object = message if url.startswith(b"/v2") else {"code": code, "request_id": None,
+                                                            "message": message}
     body = json.dumps({"error": error}).encode()
     return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\n" + extra
             + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -403,7 +404,8 @@ class DrainingServer(uvicorn.Server):
         if self.drain_until is not None and not self.should_exit:
             if not self.drain_announced:
                 self.drain_announced = True
-                log.info("SIGTERM: not ready; still serving for %g s before closing the listener", self.drain_s)
+                log.info("SIGTERM: not ready; still serving for %g s before closing the listener",
+                         self.drain_s)
                 if self.limits is not None:
                     self.limits.draining = True
                 for connection in list(self.server_state.connections):

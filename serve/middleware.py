@@ -69,20 +69,23 @@ class BodyDecoder:
         try:
             out = self.inflater.decompress(self.pending, _INFLATE_STEP)
         except zlib.error as exc:
-            raise ApiError(400, "invalid_request", f"the {self.encoding} request body is corrupt: {exc}", _CLOSE) from None
+            raise ApiError(400, "invalid_request", f"the {self.encoding} request body is corrupt: {exc}",
+                           _CLOSE) from None
         self.pending = self.inflater.unconsumed_tail
         if self.inflater.eof and (self.inflater.unused_data or self.pending):
-            raise ApiError(400, "invalid_request", f"data follows the end of the {self.encoding} request body", _CLOSE)
+            raise ApiError(400, "invalid_request",
+                           f"data follows the end of the {self.encoding} request body", _CLOSE)
         self.decoded += len(out)
         if self.decoded > self.limit:
-            raise ApiError(413, "body_too_large", f"request body decoded from {self.encoding} is over the limit of "
+            raise ApiError(413, "body_too_large",
+                           f"request body decoded from {self.encoding} is over the limit of "
                            f"{self.limit} bytes", _CLOSE)
         return out
 
     def finish(self) -> None:
         if not self.inflater.eof:
-            raise ApiError(400, "invalid_request", f"the {self.encoding} request body ends before its compressed data does",
-                           _CLOSE)
+            raise ApiError(400, "invalid_request",
+                           f"the {self.encoding} request body ends before its compressed data does", _CLOSE)
 
 
 class RequestGate:
@@ -189,8 +192,8 @@ class RequestGate:
             code = scope.get("kiln.sent_status") or (CLIENT_CLOSED if gone[0] else status[0] or 500)
             route = scope.get("route")
             name = scope.get("path_params", {}).get("name", "")
-            self.metrics.observe_latency(name if name in self.models else "", getattr(route, "path", "unmatched"), code,
-                                         time.perf_counter() - t0)
+            self.metrics.observe_latency(name if name in self.models else "",
+                                         getattr(route, "path", "unmatched"), code, time.perf_counter() - t0)
 
     def _reject(self, scope: Scope, headers: dict[bytes, bytes], rid: str) -> ASGIApp | None:
         """The answer for a request refused on its head alone (a path with a control character, no key, a
@@ -207,12 +210,12 @@ class RequestGate:
             denied = check_key(headers.get(b"authorization"), self.key)
             if denied is not None:
                 extra = _CLOSE if has_body else {}
-                return error_response(401, denied.code, str(denied.detail), rid, {**(denied.headers or {}), **extra},
-                                      scope["path"])
+                return error_response(401, denied.code, str(denied.detail), rid,
+                                      {**(denied.headers or {}), **extra}, scope["path"])
             scope["kiln.authorized"] = True
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return error_response(413, "body_too_large", self._too_large(length.decode("latin-1")), rid, _CLOSE,
-                                  scope["path"])
+            return error_response(413, "body_too_large", self._too_large(length.decode("latin-1")), rid,
+                                  _CLOSE, scope["path"])
         return None
 
     def _decoder(self, scope: Scope, headers: dict[bytes, bytes]) -> BodyDecoder | None:
@@ -221,7 +224,8 @@ class RequestGate:
         encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
         if encoding not in ENCODINGS:
             return None
-        scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
+        scope["headers"] = [
+            (k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
         return BodyDecoder(encoding, self.limit)
 
     def _refuse_encoding(self, scope: Scope, headers: dict[bytes, bytes], rid: str) -> ASGIApp | None:

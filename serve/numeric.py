@@ -74,7 +74,8 @@ def _flatten(name: str, data: list[Any], datatype: str) -> list[Any]:
 
 def _bad_value(name: str, flat: list[Any], datatype: str, bad: Any, expected: str) -> InputError:
     index = next(i for i, v in enumerate(flat) if bad(v))
-    return InputError(f"Input tensor: {name} | received {_json(flat[index])} at index {index} | {expected} for {datatype}")
+    return InputError(
+        f"Input tensor: {name} | received {_json(flat[index])} at index {index} | {expected} for {datatype}")
 
 
 def _json(value: Any) -> str:

@@ -65,9 +65,11 @@ class ServedModel:
             backend=b.name if b else None,
             precision=b.precision if b else None,
             device=b.device if b else None,
-            batch=BatchInfo(min=b.min_batch if b else m.input.batch.min, max=self.batcher.max_items if b else m.input.batch.max),
+            batch=BatchInfo(min=b.min_batch if b else m.input.batch.min,
+                            max=self.batcher.max_items if b else m.input.batch.max),
             input=TensorInfo(name=m.input.name, shape=m.input.shape, dtype=m.input.dtype),
-            outputs=[TensorInfo(name=o.name, shape=o.shape, dtype=o.dtype) for o in (b.outputs if b else m.outputs)],
+            outputs=[TensorInfo(name=o.name, shape=o.shape, dtype=o.dtype)
+                     for o in (b.outputs if b else m.outputs)],
             preprocess=m.preprocess.model_dump(mode="json"),
             postprocess=m.postprocess,
             error=str(self.batcher.load_error) if self.batcher.load_error is not None else None,
@@ -76,8 +78,8 @@ class ServedModel:
 
 def default_loader(bundle: Bundle, settings: Settings) -> Backend:
     opts = {"threads": settings.threads} if settings.threads is not None else {}
-    return runtime.load(bundle, backend=settings.backend, precision=settings.precision, end_to_end=settings.end_to_end,
-                        **opts)
+    return runtime.load(bundle, backend=settings.backend, precision=settings.precision,
+                        end_to_end=settings.end_to_end, **opts)
 
 
 class Registry:
@@ -140,7 +142,8 @@ class Registry:
         loading = [n for n, m in items if m.batcher.backend is None and m.batcher.load_error is None]
         failed = [f"{n} ({m.batcher.load_error})" for n, m in items if m.batcher.load_error is not None]
         if failed:
-            return "failed to load: " + "; ".join(failed) if names else f"{len(failed)} model(s) failed to load"
+            return ("failed to load: " + "; ".join(failed) if names
+                    else f"{len(failed)} model(s) failed to load")
         if loading:
             return "loading: " + ", ".join(loading) if names else f"{len(loading)} model(s) loading"
         return None
@@ -155,7 +158,8 @@ class Registry:
     async def watch_loads(
         self, on_loaded: Callable[[ServedModel], None], on_error: LoadErrorHook | None = None
     ) -> None:
-        """Wait for each model in turn; call ``on_loaded(model)`` or ``on_error(name, exc)`` on the event loop."""
+        """Wait for each model in turn; call ``on_loaded(model)`` or ``on_error(name, exc)`` on the event
+        loop."""
         for m in self:
             await asyncio.to_thread(m.batcher.wait_ready)
             if m.batcher.load_error is not None:

@@ -71,7 +71,8 @@ def serve_socket(models: Models, settings: Settings, sock: socket.socket, *, acc
     workers = WorkerReadiness(ready_dir, settings.workers) if ready_dir is not None else None
     app = create_app(list(models), settings, on_load_error=on_load_error, workers=workers, freeze_gc=True,
                      serve_when_loaded=serve_when_loaded)
-    server = build_server(app, app.state.registry, settings, access_log=access_log, own_listener=ready_dir is None)
+    server = build_server(app, app.state.registry, settings, access_log=access_log,
+                          own_listener=ready_dir is None)
     # Uvicorn re-raises the signal it shut down on; a Python handler turns SIGTERM into a clean exit 0.
     previous = signal.signal(signal.SIGTERM, lambda sig, _frame: None)
     try:
@@ -90,7 +91,8 @@ def _worker(models: Models, settings: Settings, sock: socket.socket, access_log:
     """A worker process: its own process group, so a terminal's Ctrl-C reaches the parent alone and
     each worker gets one signal, the one the parent passes on."""
     os.setpgid(0, 0)
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [worker {os.getpid()}] %(message)s")
+    logging.basicConfig(level=log_level,
+                        format=f"%(asctime)s %(levelname)s [worker {os.getpid()}] %(message)s")
     _exit_with_parent()
     try:
         code = serve_socket(models, settings, sock, access_log=access_log, ready_dir=ready_dir,
@@ -192,7 +194,8 @@ def run_workers(models: Models, settings: Settings, sock: socket.socket, *, acce
         for slot in slots:
             start(slot)
         log.info("started %d workers: pids %s", len(slots), ", ".join(str(s.pid) for s in slots))
-        failed = _supervise(slots, stopping, metrics_dir, ready_dir, start, lambda: forward(signal.SIGTERM, None))
+        failed = _supervise(slots, stopping, metrics_dir, ready_dir, start,
+                            lambda: forward(signal.SIGTERM, None))
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -212,7 +215,8 @@ def run_workers(models: Models, settings: Settings, sock: socket.socket, *, acce
 
 
 def _supervise(slots: Sequence[_Slot], stopping: list[int], metrics_dir: str, ready_dir: str,
-               start: Callable[[_Slot, bool], None], stop_all: Callable[[], None]) -> tuple[int, int | None] | None:
+               start: Callable[[_Slot, bool], None],
+               stop_all: Callable[[], None]) -> tuple[int, int | None] | None:
     """Replace workers that exit until a signal (``stopping``) is passed on, then wait for every worker
     to exit. Returns (pid, exit code) of a worker that failed the start or exited non-zero while
     stopping, else ``None``."""
@@ -253,7 +257,8 @@ def _supervise(slots: Sequence[_Slot], stopping: list[int], metrics_dir: str, re
                     continue
                 if not up:
                     failed = (slot.pid, p.exitcode)
-                    log.error("worker %d %s while starting; stopping the others", slot.pid, _reason(p.exitcode))
+                    log.error("worker %d %s while starting; stopping the others", slot.pid,
+                              _reason(p.exitcode))
                     stop_all()
                     continue
                 ran = now - slot.started

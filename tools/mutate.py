@@ -128,7 +128,8 @@ def main() -> None:
     pyproject = tomllib.loads(text)
     modules = pyproject["tool"]["kiln"]["mutate"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"some of: {', '.join(modules)} (default: all)")
+    parser.add_argument("modules", nargs="*", metavar="MODULE",
+                        help=f"some of: {', '.join(modules)} (default: all)")
     parser.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("MUTATE_JOBS", "2")))
     args = parser.parse_args()
     unknown = sorted(set(args.modules) - set(modules))
@@ -140,9 +141,10 @@ def main() -> None:
     for name in args.modules or list(modules):
         row = run_module(name, modules[name], pyproject, text, args.jobs)
         rows.append(row)
-        print(f"{row['file']}: {row['mutants']} mutants, {row['killed']} killed ({row['timeouts']} by timeout), "
-              f"{row['equivalent']} equivalent, {len(row['open'])} survived ({row['no_tests']} with no tests), "
-              f"score {row['score']:.1%}, {row['seconds']:.0f} s with {row['jobs']} worker(s)", flush=True)
+        print(f"{row['file']}: {row['mutants']} mutants, {row['killed']} killed "
+              f"({row['timeouts']} by timeout), {row['equivalent']} equivalent, {len(row['open'])} survived "
+              f"({row['no_tests']} with no tests), score {row['score']:.1%}, {row['seconds']:.0f} s with "
+              f"{row['jobs']} worker(s)", flush=True)
         for key in row["open"]:
             print(f"    survived: {key}")
         for key in row["stale_equivalents"]:

@@ -55,7 +55,8 @@ class Endpoint:
         return f"{host}:{self.port}"
 
 
-def encode_request(method: str, path: str, endpoint: Endpoint, headers: Mapping[str, str], body: bytes) -> bytes:
+def encode_request(method: str, path: str, endpoint: Endpoint, headers: Mapping[str, str],
+                   body: bytes) -> bytes:
     """The bytes of one HTTP/1.1 request, keep-alive (the default of HTTP/1.1)."""
     lines = [f"{method} {path} HTTP/1.1", f"Host: {endpoint.authority}"]
     lines += [f"{k}: {v}" for k, v in headers.items()]

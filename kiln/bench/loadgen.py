@@ -84,7 +84,8 @@ class LoadConfig:
         if self.encoding not in ENCODINGS:
             raise unknown_choice("encoding", self.encoding, ENCODINGS, flag="--encoding")
         if self.protocol == "v2" and self.image is not None:
-            raise ConfigError("--image is for the native protocol; v2 sends a random tensor of the model's input shape")
+            raise ConfigError(
+                "--image is for the native protocol; v2 sends a random tensor of the model's input shape")
         for name in ("duration", "timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
@@ -186,7 +187,8 @@ def _run_level(cfg: LoadConfig, mode: str, value: float, endpoint: Endpoint, pay
     before: dict[str, Any] = {}
 
     def scrape_before() -> None:
-        before["hist"], before["note"] = scrape_batches(cfg.url, cfg.model, cfg.batch_metric, cfg.headers, cfg.timeout)
+        before["hist"], before["note"] = scrape_batches(cfg.url, cfg.model, cfg.batch_metric, cfg.headers,
+                                                        cfg.timeout)
 
     def scrape_then_start() -> float:
         scrape_before()
@@ -208,10 +210,13 @@ def _warnings(cfg: LoadConfig, rows: list[dict[str, Any]]) -> list[str]:
         what = f"{row['mode']} {row[row['mode']]:g}"
         if row["client_cpu_max_fraction"] > HIGH_CPU_FRACTION:
             out.append(
-                f"{what}: a load generator process used {row['client_cpu_max_fraction']:.0%} of a core; it may be "
-                "the bottleneck (add --client-procs, run it on another machine, or send fewer images per request)")
+                f"{what}: a load generator process used {row['client_cpu_max_fraction']:.0%} of a core; it "
+                "may be the bottleneck (add --client-procs, run it on another machine, "
+                "or send fewer images per request)")
         if row["mode"] == "rate" and row.get("dropped"):
-            out.append(f"rate {row['rate']:g}: {row['dropped']} arrivals dropped at --max-inflight {cfg.max_inflight}")
+            out.append(
+                f"rate {row['rate']:g}: {row['dropped']} arrivals "
+                f"dropped at --max-inflight {cfg.max_inflight}")
     return out
 
 
@@ -228,7 +233,8 @@ def run_load(cfg: LoadConfig) -> dict[str, Any]:
     try:
         for mode, value in cfg.levels():
             levels.append(_run_level(cfg, mode, value, endpoint, payload, procs))
-            log.info("bench: %s %g: %d requests", mode, value, sum(sum(r.statuses.values()) for r in levels[-1].results))
+            log.info("bench: %s %g: %d requests", mode, value,
+                     sum(sum(r.statuses.values()) for r in levels[-1].results))
     finally:
         if procs is not None:
             procs.close()  # joined first, so RUSAGE_CHILDREN below includes them
@@ -241,7 +247,8 @@ def run_load(cfg: LoadConfig) -> dict[str, Any]:
         "server": server_info,
         "environment": environment(),
         "config": cfg.to_json(),
-        "client": {"procs": cfg.client_procs, "event_loop": client_loop_name(), "request_bytes": len(payload)},
+        "client": {"procs": cfg.client_procs, "event_loop": client_loop_name(),
+                   "request_bytes": len(payload)},
         "client_rusage": {
             "user_s": sum(b.ru_utime - a.ru_utime for a, b in zip(usage0, usage1, strict=True)),
             "system_s": sum(b.ru_stime - a.ru_stime for a, b in zip(usage0, usage1, strict=True)),

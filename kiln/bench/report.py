@@ -31,7 +31,8 @@ def _ms(stats: dict[str, float] | None, key: str) -> str:
 
 def engine_table(report: dict[str, Any]) -> Table:
     """(header, rows, notes) of an engine report; notes list the skipped combinations once each."""
-    header = ["backend", "precision", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s", "speedup"]
+    header = ["backend", "precision", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s",
+              "speedup"]
     rows: list[list[str]] = []
     notes: list[str] = []
     for r in report["results"]:
@@ -59,12 +60,14 @@ def engine_title(report: dict[str, Any]) -> str:
     where = env.get("gpu") or env.get("cpu")
     cfg = report["config"]
     timed = f"{cfg['iters']} iters" if cfg.get("iters") else f"{cfg['duration_s']} s"
-    return f"kiln bench {report['bundle']} on {where} ({timed} after {cfg['warmup']} warm-up, {cfg['inputs']})"
+    return (f"kiln bench {report['bundle']} on {where} "
+            f"({timed} after {cfg['warmup']} warm-up, {cfg['inputs']})")
 
 
 def load_table(report: dict[str, Any]) -> Table:
     """(header, rows, notes) of a server report: one row per level, batch sizes and warnings as notes."""
-    header = ["level", "requests", "req/s", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "errors", "batch mean", "client cpu"]
+    header = ["level", "requests", "req/s", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "errors", "batch mean",
+              "client cpu"]
     rows: list[list[str]] = []
     notes: list[str] = []
     for lv in report["levels"]:
@@ -77,7 +80,8 @@ def load_table(report: dict[str, Any]) -> Table:
         rows.append([label, str(lv["requests"]), f"{lv['ok_per_s']:.1f}", _ms(lat, "p50"), _ms(lat, "p90"),
                      _ms(lat, "p95"), _ms(lat, "p99"), errors, mean, f"{lv['client_cpu_fraction']:.0%}"])
         if sb and sb["distribution"]:
-            notes.append(f"{label} server batch sizes: " + ", ".join(f"{d['range']}: {d['batches']}" for d in sb["distribution"]))
+            notes.append(f"{label} server batch sizes: "
+                         + ", ".join(f"{d['range']}: {d['batches']}" for d in sb["distribution"]))
         elif lv.get("metrics_note"):
             notes.append(f"{label}: {lv['metrics_note']}")
     notes.extend(f"warning: {w}" for w in report["warnings"])
@@ -89,8 +93,8 @@ def load_title(report: dict[str, Any]) -> str:
     server = report["server"].get("parameters") or {}
     where = f"{server.get('backend', '?')} {server.get('precision', '')}".strip()
     procs = cfg["client_procs"]
-    return (f"kiln bench {cfg['url']} model {cfg['model']} ({cfg['protocol']}, {where}; {cfg['duration']:g} s per "
-            f"level; {procs} client process{'es' if procs > 1 else ''}; client cpu in % of one core; "
+    return (f"kiln bench {cfg['url']} model {cfg['model']} ({cfg['protocol']}, {where}; {cfg['duration']:g} "
+            f"s per level; {procs} client process{'es' if procs > 1 else ''}; client cpu in % of one core; "
             f"client and server share {os.cpu_count()} cores if on one machine)")
 
 
@@ -110,9 +114,11 @@ def _plain_table(title: str, header: list[str], rows: list[list[str]], left: int
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
-    return "\n".join([title, line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]) + "\n"
+    return "\n".join(
+        [title, line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]) + "\n"
 
 
 def _rich_table(title: str, header: list[str], rows: list[list[str]], left: int) -> str:

@@ -37,7 +37,8 @@ class Request:
 
     def payload(self, endpoint: Endpoint, headers: Mapping[str, str]) -> bytes:
         """The whole request on the wire (line, headers, body)."""
-        return encode_request("POST", self.path, endpoint, {"Content-Type": self.content_type, **headers}, self.content)
+        return encode_request("POST", self.path, endpoint, {"Content-Type": self.content_type, **headers},
+                              self.content)
 
 
 # ---- request bodies ------------------------------------------------------------------------------
@@ -89,7 +90,8 @@ def v2_request(model: str, metadata: dict[str, Any], n: int = 1, seed: int = 0) 
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise ServerError(f"v2 metadata of model '{model}' has no usable input: {exc}") from None
     if any(d < 1 for d in shape):
-        raise ServerError(f"v2 metadata of model '{model}' has a dynamic non-batch dimension: {spec['shape']}")
+        raise ServerError(
+            f"v2 metadata of model '{model}' has a dynamic non-batch dimension: {spec['shape']}")
     rng = np.random.default_rng(seed)
     data = rng.standard_normal(int(np.prod(shape)), dtype=np.float32)
     values = data.round(4).tolist() if datatype.startswith("FP") else (data * 100).astype(int).tolist()
@@ -121,11 +123,13 @@ def prepare_request(url: str, model: str, headers: Mapping[str, str], timeout: f
     try:
         metadata = json.loads(body) if status == 200 else {}
     except ValueError:
-        raise ServerError(f"{url} is not a kiln/KServe v2 server: GET /v2/models/{model} is not JSON") from None
+        raise ServerError(
+            f"{url} is not a kiln/KServe v2 server: GET /v2/models/{model} is not JSON") from None
     info = {k: metadata.get(k) for k in ("name", "platform", "parameters") if k in metadata}
     if protocol == "v2":
         if status != 200:
-            raise ServerError(f"GET /v2/models/{model} answered {status}: {body[:200].decode(errors='replace')}")
+            raise ServerError(
+                f"GET /v2/models/{model} answered {status}: {body[:200].decode(errors='replace')}")
         return v2_request(model, metadata, images_per_request, seed), info
     if image is not None:
         data, name = read_image(image), os.path.basename(image)
@@ -144,7 +148,8 @@ def prepare_request(url: str, model: str, headers: Mapping[str, str], timeout: f
 
 
 def batch_histogram(text: str, model: str | None = None, metric: str | None = None) -> dict[str, Any] | None:
-    """The batch size histogram in a Prometheus exposition: ``{"name", "buckets": {le: cumulative}, "count", "sum"}``.
+    """The batch size histogram in a Prometheus exposition: ``{"name", "buckets": {le: cumulative}, "count",
+    "sum"}``.
 
     ``metric`` names the family; by default the first histogram whose name contains ``batch_size``.
     With several label sets (models), only samples whose ``model`` label equals ``model`` are summed.
@@ -194,7 +199,8 @@ def histogram_diff(before: dict[str, Any] | None, after: dict[str, Any]) -> dict
         upper = _le_key(le)
         if n > 0:
             lo = math.floor(lower) + 1
-            label = f">{lower:g}" if math.isinf(upper) else (f"{upper:g}" if lo >= upper else f"{lo}-{upper:g}")
+            label = f">{lower:g}" if math.isinf(upper) else (
+                f"{upper:g}" if lo >= upper else f"{lo}-{upper:g}")
             dist.append({"le": le, "range": label, "batches": int(round(n))})
         lower = upper
     return {

@@ -295,7 +295,8 @@ def run_bench(bundle_path: str | os.PathLike[str], cfg: BenchConfig,
     }
 
 
-def unmet_requests(cfg: BenchConfig, loaded: list[_Loaded], produced: list[list[Result]]) -> list[dict[str, str]]:
+def unmet_requests(cfg: BenchConfig, loaded: list[_Loaded],
+                   produced: list[list[Result]]) -> list[dict[str, str]]:
     """Each requested (backend, precision) that produced no timed row, with the reasons.
 
     A backend named in ``--backend`` (or ``auto``) must run; ``all`` means whichever can run here, so

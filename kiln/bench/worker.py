@@ -83,7 +83,8 @@ class _ShareRunner:
         return conn
 
     async def request(self, conn: Connection | None) -> tuple[str, Connection | None]:
-        """One request on ``conn`` (opened first when missing or closed): (status or error name, conn to reuse)."""
+        """One request on ``conn`` (opened first when missing or closed): (status or error name,
+        conn to reuse)."""
         try:
             async with asyncio.timeout(self.share.timeout):
                 return await self._exchange(conn)

@@ -98,11 +98,13 @@ OPENERS: dict[str, Opener] = {
     "digits": Opener(classify.open_digits, 0, "digits", "classify"),
     "mnist": Opener(classify.open_mnist, 1, "mnist:DIR (the IDX files as distributed)", "classify"),
     "cifar10": Opener(classify.open_cifar10, 1, "cifar10:DIR (the python pickle batches)", "classify"),
-    "folder": Opener(classify.open_folder, 1, "folder:DIR (DIR/<class>/*.png, or DIR/train and DIR/val)", "classify"),
+    "folder": Opener(classify.open_folder, 1, "folder:DIR (DIR/<class>/*.png, or DIR/train and DIR/val)",
+                     "classify"),
     "shapes": Opener(detect.open_shapes, 0, "shapes", "detect"),
     "coco": Opener(detect.open_coco, 2, "coco:ANNOTATIONS.json:IMAGES_DIR", "detect"),
     "yolo": Opener(detect.open_yolo, 1, "yolo:DATA.yaml", "detect"),
-    "voc": Opener(voc.open_voc, 1, "voc:ROOT (VOCdevkit layout: Annotations/, JPEGImages/, ImageSets/Main/)", "detect"),
+    "voc": Opener(voc.open_voc, 1, "voc:ROOT (VOCdevkit layout: Annotations/, JPEGImages/, ImageSets/Main/)",
+                  "detect"),
 }
 
 # What each argument of a dataset spec names on disk (checked by check_paths).

@@ -34,7 +34,8 @@ def open_digits(*, val_fraction: float, seed: int, **_: Any) -> tuple[ImageDatas
     bunch = load_digits()
     images = np.clip(bunch.images * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)  # [1797, 8, 8], 0..16
     labels = [int(t) for t in bunch.target]
-    full = ImageDataset("digits", "train", "classify", [str(i) for i in range(10)], "L", images, labels, (8, 8))
+    full = ImageDataset("digits", "train", "classify", [str(i) for i in range(10)], "L", images, labels,
+                        (8, 8))
     tr, va = split_indices(len(labels), val_fraction, seed, labels)
     train, val = full.subset(tr), full.subset(va)
     val.split = "val"
@@ -45,7 +46,8 @@ def _find(root: Path, names: Sequence[str], what: str) -> Path:
     for n in names:
         if (root / n).is_file():
             return root / n
-    raise DatasetError(f"{what}: expected {' or '.join(str(root / n) for n in names)} (no download is attempted)")
+    raise DatasetError(
+        f"{what}: expected {' or '.join(str(root / n) for n in names)} (no download is attempted)")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -75,12 +77,19 @@ def open_mnist(root: str, **_: Any) -> tuple[ImageDataset, ImageDataset]:
         base = base / "raw"  # torchvision's MNIST/raw layout
     splits = []
     for split, prefix in (("train", "train"), ("val", "t10k")):
-        img = read_idx(_find(base, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-images.idx3-ubyte"], "mnist"))
-        lab = read_idx(_find(base, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels-idx1-ubyte.gz", f"{prefix}-labels.idx1-ubyte"], "mnist"))
+        img = read_idx(
+            _find(base,
+                  [f"{prefix}-images-idx3-ubyte", f"{prefix}-images-idx3-ubyte.gz",
+                   f"{prefix}-images.idx3-ubyte"], "mnist"))
+        lab = read_idx(
+            _find(base,
+                  [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels-idx1-ubyte.gz",
+                   f"{prefix}-labels.idx1-ubyte"], "mnist"))
         if img.ndim != 3 or lab.ndim != 1 or len(img) != len(lab):
             raise DatasetError(f"mnist {split}: {len(img)} images but {len(lab)} labels in {base}")
         splits.append(
-            ImageDataset("mnist", split, "classify", [str(i) for i in range(10)], "L", np.ascontiguousarray(img),  # type: ignore[arg-type]
+            ImageDataset("mnist", split, "classify",  # type: ignore[arg-type]
+                         [str(i) for i in range(10)], "L", np.ascontiguousarray(img),
                          [int(x) for x in lab], (img.shape[1], img.shape[2]))
         )
     return splits[0], splits[1]
@@ -108,7 +117,9 @@ def open_cifar10(root: str, **_: Any) -> tuple[ImageDataset, ImageDataset]:
         batches = [load(n) for n in names]
         data = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         labels = [int(x) for b in batches for x in b[b"labels"]]
-        out.append(ImageDataset("cifar10", split, "classify", classes, "RGB", np.ascontiguousarray(data), labels, (32, 32)))  # type: ignore[arg-type]
+        out.append(
+            ImageDataset("cifar10", split, "classify", classes,  # type: ignore[arg-type]
+                         "RGB", np.ascontiguousarray(data), labels, (32, 32)))
     return out[0], out[1]
 
 
@@ -132,19 +143,21 @@ def _scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str
     return classes, paths, labels
 
 
-def open_folder(root: str, *, val_fraction: float, seed: int, skip_bad_images: bool, **_: Any) -> tuple[ImageDataset, ImageDataset]:
+def open_folder(root: str, *, val_fraction: float, seed: int, skip_bad_images: bool,
+                **_: Any) -> tuple[ImageDataset, ImageDataset]:
     base = Path(root).expanduser()
     if not base.is_dir():
         raise DatasetError(f"folder: {base} does not exist")
 
     def make(split: Split, paths: list[Path], labels: list[int], classes: list[str], own_val: bool,
              spec: Preprocess | None) -> ImageDataset:
-        # the one decoding pass, as training decodes (small sets keep these pixels: nothing decodes them again)
+        # the one decoding pass, as training decodes (small sets keep these pixels: nothing decodes
+        # them again)
         seen = decode_images(paths, skip_bad_images, spec=spec)
         ok = seen.good
-        return ImageDataset("folder", split, "classify", classes, "L" if seen.gray else "RGB", [paths[i] for i in ok],
-                            [labels[i] for i in ok], None, {"root": str(base), "own_val": own_val}, seen.sizes,
-                            seen.pixels, seen.scales)
+        return ImageDataset("folder", split, "classify", classes, "L" if seen.gray else "RGB",
+                            [paths[i] for i in ok], [labels[i] for i in ok], None,
+                            {"root": str(base), "own_val": own_val}, seen.sizes, seen.pixels, seen.scales)
 
     if (base / "train").is_dir() and (base / "val").is_dir():
         names, tp, tl = _scan_folder(base / "train")

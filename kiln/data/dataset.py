@@ -77,7 +77,8 @@ def collect_skipped() -> Iterator[list[SkippedImage]]:
 
 @dataclass
 class ImageDataset:
-    """One split of a dataset. ``images`` is a uint8 array ``[N, H, W]`` / ``[N, H, W, 3]`` or a list of paths."""
+    """One split of a dataset. ``images`` is a uint8 array ``[N, H, W]`` / ``[N, H, W, 3]`` or a list
+    of paths."""
 
     name: str
     split: Split
@@ -90,7 +91,8 @@ class ImageDataset:
     info: dict[str, Any] = field(default_factory=dict)
     sizes: list[tuple[int, int]] | None = None  # (H, W) of each image as decoded, when a pass has seen them
     decoded: list[np.ndarray] | None = None  # 8-bit pixels of each file, when they fit the decode cache
-    scales: list[float | None] | None = None  # the DCT scale each cached JPEG was decoded at (None: not a JPEG)
+    # the DCT scale each cached JPEG was decoded at (None: not a JPEG)
+    scales: list[float | None] | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -139,7 +141,8 @@ class ImageDataset:
         )
 
 
-def split_indices(n: int, val_fraction: float, seed: int, labels: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+def split_indices(n: int, val_fraction: float, seed: int,
+                  labels: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
     """A fixed, seeded split; stratified by label when labels are given."""
     if not 0 < val_fraction < 1:
         raise DatasetError(f"--val-fraction must be in (0, 1), got {val_fraction}")
@@ -262,8 +265,8 @@ def decode_images(paths: Sequence[Path], skip_bad: bool, *, cache_bytes: int | N
             arr = np.asarray(img)
             held += arr.nbytes
             if held > budget:
-                log.info("%d decoded images exceed the decode cache (%d MiB, KILN_DECODE_CACHE_MB): images are "
-                         "decoded from their files in every epoch", len(paths), budget // 2**20)
+                log.info("%d decoded images exceed the decode cache (%d MiB, KILN_DECODE_CACHE_MB): images "
+                         "are decoded from their files in every epoch", len(paths), budget // 2**20)
                 pixels = None
             else:
                 pixels.append(arr)
@@ -275,7 +278,8 @@ def _report_bad(bad: list[tuple[Path, Exception]], skip_bad: bool) -> None:
     if bad and not skip_bad:
         first = "; ".join(f"{p}: {e}" for p, e in bad[:3])
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise DatasetError(f"{len(bad)} unreadable image(s): {first}{more}. Fix them or pass --skip-bad-images")
+        raise DatasetError(
+            f"{len(bad)} unreadable image(s): {first}{more}. Fix them or pass --skip-bad-images")
     if bad:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), bad[0][0])
         found = _skipped.get()

@@ -40,7 +40,8 @@ SHOW = 5  # offenders named in an error
 # ---- shared checks ---------------------------------------------------------------------------------
 
 
-def sanitize_boxes(boxes: np.ndarray, labels: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+def sanitize_boxes(boxes: np.ndarray, labels: np.ndarray, width: int,
+                   height: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Clip ``boxes [K, 4]`` (xyxy pixels) to the image and drop degenerate ones.
 
     Returns ``(boxes, labels, clipped, dropped)``: how many kept boxes were changed by clipping and how
@@ -51,7 +52,8 @@ def sanitize_boxes(boxes: np.ndarray, labels: np.ndarray, width: int, height: in
     clipped_boxes = boxes.copy()
     clipped_boxes[:, [0, 2]] = clipped_boxes[:, [0, 2]].clip(0, width)
     clipped_boxes[:, [1, 3]] = clipped_boxes[:, [1, 3]].clip(0, height)
-    keep = ((clipped_boxes[:, 2] - clipped_boxes[:, 0]) >= MIN_BOX_SIDE) & ((clipped_boxes[:, 3] - clipped_boxes[:, 1]) >= MIN_BOX_SIDE)
+    keep = ((clipped_boxes[:, 2] - clipped_boxes[:, 0]) >= MIN_BOX_SIDE) & (
+        (clipped_boxes[:, 3] - clipped_boxes[:, 1]) >= MIN_BOX_SIDE)
     clipped = int(((np.abs(clipped_boxes - boxes) > 1e-6).any(1) & keep).sum())
     return clipped_boxes[keep], labels[keep], clipped, int((~keep).sum())
 
@@ -65,11 +67,13 @@ def _log_box_fixes(name: str, clipped: int, dropped: int) -> None:
     if clipped:
         log.info("%s: clipped %d box(es) that reached outside their image", name, clipped)
     if dropped:
-        log.warning("%s: dropped %d degenerate box(es) (under %.0f px wide or high after clipping)", name, dropped, MIN_BOX_SIDE)
+        log.warning("%s: dropped %d degenerate box(es) (under %.0f px wide or high after clipping)", name,
+                    dropped, MIN_BOX_SIDE)
 
 
 def _target(boxes: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    return {"boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4), "labels": np.asarray(labels, dtype=np.int64).reshape(-1)}
+    return {"boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            "labels": np.asarray(labels, dtype=np.int64).reshape(-1)}
 
 
 # ---- shapes --------------------------------------------------------------------------------------
@@ -79,7 +83,8 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Textured noise: a random low-frequency colour field plus fine grain, uint8 ``[H, W, 3]``."""
     cells = int(rng.integers(3, 9))
     coarse = rng.uniform(40, 215, size=(cells, cells, 3)).astype(np.uint8)
-    field = np.asarray(Image.fromarray(coarse, "RGB").resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    field = np.asarray(Image.fromarray(coarse, "RGB").resize((w, h), Image.Resampling.BICUBIC),
+                       dtype=np.float32)
     grain = rng.normal(0, rng.uniform(4, 20), size=(h, w, 1)).astype(np.float32)
     return np.clip(field + grain, 0, 255).astype(np.uint8)
 
@@ -95,7 +100,8 @@ def _iou_any(box: np.ndarray, others: list[np.ndarray], limit: float) -> bool:
     return False
 
 
-def shapes_image(rng: np.random.Generator, size: tuple[int, int] = SHAPES_SIZE) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def shapes_image(rng: np.random.Generator,
+                 size: tuple[int, int] = SHAPES_SIZE) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One synthetic image (uint8 ``[H, W, 3]``) with 1-6 shapes and their exact boxes."""
     h, w = size
     img = Image.fromarray(_background(rng, h, w), "RGB")
@@ -130,7 +136,8 @@ def shapes_image(rng: np.random.Generator, size: tuple[int, int] = SHAPES_SIZE) 
     return np.asarray(img), _target(np.stack(boxes) if boxes else np.zeros((0, 4)), np.asarray(labels))
 
 
-def make_shapes(count: int = SHAPES_COUNT, seed: int = SHAPES_DATA_SEED) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+def make_shapes(count: int = SHAPES_COUNT,
+                seed: int = SHAPES_DATA_SEED) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
     """``count`` images ``[N, H, W, 3]`` and targets; the same ``(count, seed)`` gives identical data."""
     if count < 2:
         raise DatasetError(f"shapes: need at least 2 images, got {count}")
@@ -157,12 +164,13 @@ def shapes_count() -> int:
     return n
 
 
-def open_shapes(*, val_fraction: float = 0.2, seed: int = 0, skip_bad_images: bool = False, **_: Any) -> tuple[ImageDataset, ImageDataset]:
+def open_shapes(*, val_fraction: float = 0.2, seed: int = 0, skip_bad_images: bool = False,
+                **_: Any) -> tuple[ImageDataset, ImageDataset]:
     """The synthetic shapes set, in memory; ``seed`` picks the train/val split, not the content."""
     count = shapes_count()
     images, targets = make_shapes(count)
-    full = ImageDataset("shapes", "train", "detect", list(SHAPES_CLASSES), "RGB", images, targets, SHAPES_SIZE,
-                        {"count": count, "data_seed": SHAPES_DATA_SEED})
+    full = ImageDataset("shapes", "train", "detect", list(SHAPES_CLASSES), "RGB", images, targets,
+                        SHAPES_SIZE, {"count": count, "data_seed": SHAPES_DATA_SEED})
     tr, va = split_indices(count, val_fraction, seed)
     train, val = full.subset(tr), full.subset(va)
     val.split = "val"
@@ -189,7 +197,8 @@ def write_shapes_coco(out: str | os.PathLike[str], count: int | None = None, see
     root = Path(out)
     n = count or shapes_count()
     images, targets = make_shapes(n, seed)
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES_CLASSES)]
+    categories = [
+        {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES_CLASSES)]
     for split, idx in _split_of(n, seed).items():
         img_dir = root / "images" / split
         img_dir.mkdir(parents=True, exist_ok=True)
@@ -224,13 +233,15 @@ def write_shapes_yolo(out: str | os.PathLike[str], count: int | None = None, see
             h, w = images[i].shape[:2]
             lines = []
             for (x1, y1, x2, y2), label in zip(targets[i]["boxes"], targets[i]["labels"], strict=True):
-                lines.append(f"{int(label)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
+                lines.append(f"{int(label)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
+                             f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
             atomic_write_text(root / "labels" / split / f"{i:06d}.txt", "".join(f"{ln}\n" for ln in lines))
     names = "".join(f"  {i}: {name}\n" for i, name in enumerate(SHAPES_CLASSES))
     path = root / "data.yaml"
     # An absolute path: Ultralytics resolves a relative one against its own datasets folder (or the current
     # directory), not against this file, so `path: .` loads only when run from this folder.
-    atomic_write_text(path, f"path: {json.dumps(str(root.resolve()))}\ntrain: images/train\nval: images/val\nnames:\n{names}")
+    atomic_write_text(path, f"path: {json.dumps(str(root.resolve()))}\n"
+                      f"train: images/train\nval: images/val\nnames:\n{names}")
     return path
 
 
@@ -249,8 +260,10 @@ def _read_json(path: Path) -> Any:
 def _coco_split(ann_path: Path, images_dir: Path, split: Split, skip_bad_images: bool,
                 classes: list[str] | None = None) -> ImageDataset:
     data = _read_json(ann_path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("categories"), list):
-        raise DatasetError(f"coco: {ann_path} is not a COCO instances file (needs 'images' and 'categories' lists)")
+    if (not isinstance(data, dict) or not isinstance(data.get("images"), list)
+            or not isinstance(data.get("categories"), list)):
+        raise DatasetError(
+            f"coco: {ann_path} is not a COCO instances file (needs 'images' and 'categories' lists)")
     try:
         cats = sorted(data["categories"], key=lambda c: int(c["id"]))
         cat_ids = [int(c["id"]) for c in cats]
@@ -259,7 +272,8 @@ def _coco_split(ann_path: Path, images_dir: Path, split: Split, skip_bad_images:
     except (KeyError, TypeError, ValueError) as exc:
         raise DatasetError(f"coco: {ann_path}: malformed category or image entry ({exc!r})") from None
     if classes is not None and names != classes:
-        raise DatasetError(f"coco: {ann_path} has categories {names[:6]} but the train split has {classes[:6]}")
+        raise DatasetError(
+            f"coco: {ann_path} has categories {names[:6]} but the train split has {classes[:6]}")
     index_of = {cid: i for i, cid in enumerate(cat_ids)}
 
     missing_files = [str(images_dir / str(im.get("file_name"))) for im in entries.values()
@@ -284,7 +298,8 @@ def _coco_split(ann_path: Path, images_dir: Path, split: Split, skip_bad_images:
             crowd += 1  # crowd regions are not objects to detect
             continue
         if len(bbox) != 4:
-            raise DatasetError(f"coco: {ann_path}: annotation {a.get('id')} has bbox {bbox}, expected [x, y, w, h]")
+            raise DatasetError(
+                f"coco: {ann_path}: annotation {a.get('id')} has bbox {bbox}, expected [x, y, w, h]")
         x, y, w, h = bbox
         per_image[image_id][0].append([x, y, x + w, y + h])
         per_image[image_id][1].append(index_of[cat])
@@ -328,8 +343,8 @@ def _sibling(path: Path, old: str, new: str) -> Path | None:
     return path.with_name(name[:at] + new + name[at + len(old):])
 
 
-def open_coco(ann: str, images_dir: str, *, val_fraction: float = 0.2, seed: int = 0, skip_bad_images: bool = False,
-              **_: Any) -> tuple[ImageDataset, ImageDataset]:
+def open_coco(ann: str, images_dir: str, *, val_fraction: float = 0.2, seed: int = 0,
+              skip_bad_images: bool = False, **_: Any) -> tuple[ImageDataset, ImageDataset]:
     """A COCO instances file and its image folder.
 
     When the file's name contains ``train`` and a file with ``val`` in its place sits beside it, that is
@@ -378,7 +393,8 @@ def _yolo_images(entry: Any, base: Path) -> list[Path]:
                     q = Path(line.strip())
                     out.append(q if q.is_absolute() else base / q)
         else:
-            raise DatasetError(f"yolo: {p} (from the data file) is neither an image folder nor a .txt list of images")
+            raise DatasetError(
+                f"yolo: {p} (from the data file) is neither an image folder nor a .txt list of images")
     return out
 
 
@@ -392,15 +408,18 @@ def _label_path(image: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
-def _yolo_split(paths: list[Path], names: list[str], split: Split, skip_bad_images: bool, where: str) -> ImageDataset:
+def _yolo_split(paths: list[Path], names: list[str], split: Split, skip_bad_images: bool,
+                where: str) -> ImageDataset:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise _offenders(f"image(s) listed for {split} in {where} do not exist", missing, "Fix the list or the paths")
+        raise _offenders(f"image(s) listed for {split} in {where} do not exist", missing,
+                         "Fix the list or the paths")
     good = check_images(paths, skip_bad_images)
     # label files without an image: annotations that name images which do not exist
     label_dirs = {_label_path(p).parent for p in paths}
     known = {_label_path(p) for p in paths}
-    orphans = sorted(str(q) for d in label_dirs if d.is_dir() for q in d.glob("*.txt") if q not in known and q.name != "classes.txt")
+    orphans = sorted(str(q) for d in label_dirs if d.is_dir()
+                     for q in d.glob("*.txt") if q not in known and q.name != "classes.txt")
     if orphans:
         raise _offenders(f"label file(s) for {split} have no image", orphans,
                          "Each labels/X.txt needs images/X.<ext> (remove the label or add the image)")
@@ -420,10 +439,11 @@ def _yolo_split(paths: list[Path], names: list[str], split: Split, skip_bad_imag
                     cls = int(float(fields[0]))
                     cx, cy, bw, bh = (float(v) for v in fields[1:5])
                 except ValueError:
-                    raise DatasetError(f"yolo: {lp}:{n}: expected 'class cx cy w h' (normalized), got '{line.strip()}'") from None
+                    raise DatasetError(f"yolo: {lp}:{n}: expected 'class cx cy w h' (normalized), "
+                                       f"got '{line.strip()}'") from None
                 if len(fields) != 5:
-                    raise DatasetError(f"yolo: {lp}:{n}: expected 5 values 'class cx cy w h', got {len(fields)} "
-                                       "(segmentation labels are not supported)")
+                    raise DatasetError(f"yolo: {lp}:{n}: expected 5 values 'class cx cy w h', got "
+                                       f"{len(fields)} (segmentation labels are not supported)")
                 if not 0 <= cls < len(names):
                     bad_class.append(f"{lp}:{n} class {cls}")
                     continue
@@ -448,7 +468,8 @@ def _yolo_names(raw: Any, where: str) -> list[str]:
         except ValueError:
             raise DatasetError(f"yolo: {where}: 'names' keys must be class ids 0..N-1") from None
         if ids != list(range(len(ids))):
-            raise DatasetError(f"yolo: {where}: 'names' ids must be 0..{len(ids) - 1} without gaps, got {ids[:10]}")
+            raise DatasetError(
+                f"yolo: {where}: 'names' ids must be 0..{len(ids) - 1} without gaps, got {ids[:10]}")
         return [str(raw[k] if k in raw else raw[str(k)]) for k in ids]
     if isinstance(raw, list) and raw:
         return [str(n) for n in raw]

@@ -136,9 +136,11 @@ class DatasetSummary:
             lines.append(f"  {len(self.skipped)} unreadable file(s) skipped, e.g. {self.skipped[0].path}: "
                          f"{self.skipped[0].reason}")
         size = self.input_size
-        lines.append(f"  input size: {size.size}x{size.size} ({size.reason})" if size.size else f"  input size: {size.reason}")
+        lines.append(f"  input size: {size.size}x{size.size} ({size.reason})" if size.size
+                     else f"  input size: {size.reason}")
         if self.batch_size and self.steps_per_epoch is not None:
-            lines.append(f"  batch size {self.batch_size}: {self.steps_per_epoch} optimizer step(s) per epoch")
+            lines.append(
+                f"  batch size {self.batch_size}: {self.steps_per_epoch} optimizer step(s) per epoch")
         lines += [f"  warning: {w}" for w in self.warnings]
         return lines
 
@@ -194,19 +196,21 @@ def inspect_dataset(data: str | DataSpec, *, batch_size: int | None = None, imag
     if image_size is not None:
         size = InputSize(image_size, "option", "--image-size")
     else:
-        size = data_image_size(train) or InputSize(None, "model", "set by the model (letterbox at its default side; "
-                                                                   "--image-size changes it)")
+        size = data_image_size(train) or InputSize(
+            None, "model", "set by the model (letterbox at its default side; --image-size changes it)")
     return summarize(str(data), train, val, size, batch_size, skipped)
 
 
-def summarize(data: str, train: ImageDataset, val: ImageDataset, input_size: InputSize, batch_size: int | None,
-              skipped: Sequence[SkippedImage] = (), world: int = 1) -> DatasetSummary:
+def summarize(data: str, train: ImageDataset, val: ImageDataset, input_size: InputSize,
+              batch_size: int | None, skipped: Sequence[SkippedImage] = (), world: int = 1) -> DatasetSummary:
     """The summary of splits already opened (what ``kiln train`` logs before its first epoch)."""
     t, v = _split_summary(train), _split_summary(val)
     steps = steps_per_epoch(len(train), batch_size, world) if batch_size else None
-    source = "the dataset's own val split" if _has_own_val(train, val) else "val held out from the training images"
+    source = ("the dataset's own val split" if _has_own_val(train, val)
+              else "val held out from the training images")
     return DatasetSummary(data, train.task, list(train.classes), train.channels, source, t, v, input_size,
-                          batch_size, steps, list(skipped), _warnings(t, v, train.classes, steps, batch_size, len(skipped)))
+                          batch_size, steps, list(skipped),
+                          _warnings(t, v, train.classes, steps, batch_size, len(skipped)))
 
 
 def _has_own_val(train: ImageDataset, val: ImageDataset) -> bool:
@@ -267,7 +271,9 @@ def _warnings(t: SplitSummary, v: SplitSummary, classes: list[str], steps: int |
         out.append(f"no training images for class(es) {', '.join(empty[:8])}")
     missing_val = [c for c in classes if v.per_class.get(c, 0) == 0 and counts[c] > 0]
     if missing_val:
-        out.append(f"no validation images for class(es) {', '.join(missing_val[:8])}: their accuracy is not measured")
+        out.append(
+            f"no validation images for class(es) {', '.join(missing_val[:8])}: "
+            "their accuracy is not measured")
     present = [n for n in counts.values() if n > 0]
     if len(present) > 1 and max(present) >= IMBALANCE_RATIO * min(present):
         big = max(counts, key=lambda c: counts[c])
@@ -288,7 +294,8 @@ def _warnings(t: SplitSummary, v: SplitSummary, classes: list[str], steps: int |
 # ---- contact sheet --------------------------------------------------------------------------------
 
 
-def write_contact_sheet(data: str | DataSpec | tuple[ImageDataset, ImageDataset], path: str | os.PathLike[str], *,
+def write_contact_sheet(data: str | DataSpec | tuple[ImageDataset, ImageDataset],
+                        path: str | os.PathLike[str], *,
                         per_class: int = 8, thumb: int = 96, split: str = "train", seed: int = 0,
                         val_fraction: float = 0.2) -> Path:
     """Write a PNG with one row per class: the class name and ``per_class`` sample images of it.
@@ -311,7 +318,8 @@ def write_contact_sheet(data: str | DataSpec | tuple[ImageDataset, ImageDataset]
     texts = [f"{name} ({_count(ds, ds.classes.index(name))})" for name, _ in rows]
     label_w = min(260, 16 + max((int(probe.textlength(t, font=font)) for t in texts), default=40))
     pad = 4
-    sheet = Image.new("RGB", (label_w + per_class * (thumb + pad) + pad, max(1, len(rows)) * (thumb + pad) + pad),
+    sheet = Image.new("RGB",
+                      (label_w + per_class * (thumb + pad) + pad, max(1, len(rows)) * (thumb + pad) + pad),
                       (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for r, (name, idx) in enumerate(rows):
@@ -330,8 +338,8 @@ def write_contact_sheet(data: str | DataSpec | tuple[ImageDataset, ImageDataset]
     return target
 
 
-def save_inspection(summary: DatasetSummary, train: ImageDataset, val: ImageDataset, folder: str | os.PathLike[str],
-                    *, per_class: int = 8) -> dict[str, Path]:
+def save_inspection(summary: DatasetSummary, train: ImageDataset, val: ImageDataset,
+                    folder: str | os.PathLike[str], *, per_class: int = 8) -> dict[str, Path]:
     """Write ``summary.json`` (the summary's counts) and ``contact_sheet.png`` into ``folder``."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)

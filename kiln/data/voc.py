@@ -51,8 +51,12 @@ def voc_root(root: str) -> Path:
     if len(years) == 1:
         return years[0]
     if years:
-        raise DatasetError(f"voc: {path} holds several datasets ({', '.join(p.name for p in years)}); name one, e.g. voc:{years[-1]}")
-    raise DatasetError(f"voc: {path} has no Annotations folder (expected the VOCdevkit layout: Annotations/, JPEGImages/, ImageSets/Main/)")
+        raise DatasetError(
+            f"voc: {path} holds several datasets "
+            f"({', '.join(p.name for p in years)}); name one, e.g. voc:{years[-1]}")
+    raise DatasetError(
+        f"voc: {path} has no Annotations folder (expected the VOCdevkit layout: "
+        "Annotations/, JPEGImages/, ImageSets/Main/)")
 
 
 def voc_classes(root: Path, annotations: list[dict[str, Any]] | None = None) -> list[str]:
@@ -73,23 +77,25 @@ def classes_from_annotations(root: Path, annotations: list[dict[str, Any]]) -> l
     """VOC's 20 in their canonical order when every object names one of them, else the names found, sorted."""
     found = {name for a in annotations for name, _, _ in a["objects"]}
     if "" in found:
-        raise DatasetError(f"voc: an object in {root / 'Annotations'} has no <name>; every object needs its class name")
+        raise DatasetError(
+            f"voc: an object in {root / 'Annotations'} has no <name>; every object needs its class name")
     if not found:
         log.warning("voc: the annotations in %s hold no objects: using VOC's 20 classes (list yours in %s)",
                     root / "Annotations", root / "classes.txt")
         return list(VOC_CLASSES)
     if found <= set(VOC_CLASSES):
-        log.info("voc: %d class name(s) in the annotations, all of VOC's: using VOC's 20 classes in their order",
-                 len(found))
+        log.info("voc: %d class name(s) in the annotations, all of VOC's: using VOC's 20 classes in "
+                 "their order", len(found))
         return list(VOC_CLASSES)
     names = sorted(found)
-    log.info("voc: no %s; %d class(es) read from the annotations (sorted): %s", root / "classes.txt", len(names),
-             ", ".join(names))
+    log.info("voc: no %s; %d class(es) read from the annotations (sorted): %s", root / "classes.txt",
+             len(names), ", ".join(names))
     return names
 
 
 def read_annotation(path: Path) -> dict[str, Any]:
-    """One VOC XML: ``{"filename", "size": (W, H) or None, "objects": [(name, [x1, y1, x2, y2], difficult)]}``.
+    """One VOC XML: ``{"filename", "size": (W, H) or None, "objects": [(name, [x1, y1, x2, y2],
+    difficult)]}``.
 
     VOC pixel coordinates are 1-based and inclusive; boxes come back 0-based (``xmin - 1``, ``ymin - 1``)
     as continuous pixel edges.
@@ -117,7 +123,8 @@ def read_annotation(path: Path) -> dict[str, Any]:
                 raise ValueError("no bndbox")
             x1, y1, x2, y2 = (float(box.findtext(k) or "") for k in ("xmin", "ymin", "xmax", "ymax"))
         except ValueError as exc:
-            raise DatasetError(f"voc: {path}: object {n} ({name or 'unnamed'}) has no valid bndbox ({exc})") from None
+            raise DatasetError(
+                f"voc: {path}: object {n} ({name or 'unnamed'}) has no valid bndbox ({exc})") from None
         difficult = (obj.findtext("difficult") or "0").strip() in ("1", "true")
         objects.append((name, [x1 - 1, y1 - 1, x2, y2], difficult))
     return {"filename": (ann.findtext("filename") or "").strip(), "size": size, "objects": objects}
@@ -143,9 +150,11 @@ def _image_path(root: Path, image_id: str, filename: str) -> Path:
 
 def read_annotations(root: Path, ids: list[str], split: Split) -> list[dict[str, Any]]:
     """:func:`read_annotation` of each id; ids without an XML file are one error listing them."""
-    no_xml = [str(root / "Annotations" / f"{i}.xml") for i in ids if not (root / "Annotations" / f"{i}.xml").is_file()]
+    no_xml = [str(root / "Annotations" / f"{i}.xml") for i in ids
+              if not (root / "Annotations" / f"{i}.xml").is_file()]
     if no_xml:
-        raise _offenders(f"annotation file(s) listed for {split} do not exist", no_xml, "Fix ImageSets/Main or add the XML files")
+        raise _offenders(f"annotation file(s) listed for {split} do not exist", no_xml,
+                         "Fix ImageSets/Main or add the XML files")
     return [read_annotation(root / "Annotations" / f"{i}.xml") for i in ids]
 
 
@@ -159,11 +168,13 @@ def voc_split(root: Path, ids: list[str], classes: list[str], split: Split, skip
                for name, _, _ in a["objects"] if name not in index]
     if unknown:
         raise _offenders(f"object(s) for {split} have an unknown class name", unknown,
-                         f"Known: {', '.join(classes)}; list your classes in {root / 'classes.txt'} (one per line)")
+                         f"Known: {', '.join(classes)}; list your classes in "
+                         f"{root / 'classes.txt'} (one per line)")
     paths = [_image_path(root, i, a["filename"]) for i, a in zip(ids, anns, strict=True)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise _offenders(f"image(s) named by the {split} annotations do not exist", missing, f"Check {root / 'JPEGImages'}")
+        raise _offenders(f"image(s) named by the {split} annotations do not exist", missing,
+                         f"Check {root / 'JPEGImages'}")
     good = check_images(paths, skip_bad_images)
     targets, out_paths, clipped, dropped, difficult = [], [], 0, 0, 0
     for k in good:
@@ -184,7 +195,8 @@ def voc_split(root: Path, ids: list[str], classes: list[str], split: Split, skip
         out_paths.append(paths[k])
     _log_box_fixes(f"voc {split}", clipped, dropped)
     if difficult:
-        log.info("voc %s: %d difficult object(s) are trained on and ignored by the evaluation", split, difficult)
+        log.info("voc %s: %d difficult object(s) are trained on and ignored by the evaluation", split,
+                 difficult)
     classes_from = "classes.txt" if (root / "classes.txt").is_file() else "annotations"
     return ImageDataset("voc", split, "detect", classes, "RGB", out_paths, targets, None,
                         {"root": str(root), "image_ids": [ids[k] for k in good], "dropped_boxes": dropped,
@@ -199,7 +211,8 @@ def open_voc(root: str, *, val_fraction: float = 0.2, seed: int = 0, skip_bad_im
     base = voc_root(root)
     train_ids, val_ids = _ids(base, "train"), _ids(base, "val")
     if train_ids is not None and val_ids is not None:
-        train_anns, val_anns = read_annotations(base, train_ids, "train"), read_annotations(base, val_ids, "val")
+        train_anns = read_annotations(base, train_ids, "train")
+        val_anns = read_annotations(base, val_ids, "val")
         classes = voc_classes(base, train_anns + val_anns)
         return (voc_split(base, train_ids, classes, "train", skip_bad_images, train_anns),
                 voc_split(base, val_ids, classes, "val", skip_bad_images, val_anns))
@@ -211,5 +224,5 @@ def open_voc(root: str, *, val_fraction: float = 0.2, seed: int = 0, skip_bad_im
     return _split(voc_split(base, every, classes, "train", skip_bad_images, anns), val_fraction, seed)
 
 
-__all__ = ["VOC_CLASSES", "classes_from_annotations", "open_voc", "read_annotation", "read_annotations", "voc_classes",
-           "voc_root", "voc_split"]
+__all__ = ["VOC_CLASSES", "classes_from_annotations", "open_voc", "read_annotation", "read_annotations",
+           "voc_classes", "voc_root", "voc_split"]

@@ -80,13 +80,15 @@ def _lenet5(num_classes: int, in_channels: int, **_: Any) -> nn.Module:
 
 def _detector(size: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, in_channels: int, image_size: int, **kw: Any) -> nn.Module:
-        return build_detector(size, num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kw)
+        return build_detector(size, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                              **kw)
 
     return build
 
 
 # Auxiliary classifiers only train-time losses use; kiln trains one head, so they are left out.
-_NO_AUX = {"inception_v3": {"aux_logits": False, "init_weights": True}, "googlenet": {"aux_logits": False, "init_weights": True}}
+_NO_AUX = {"inception_v3": {"aux_logits": False, "init_weights": True},
+           "googlenet": {"aux_logits": False, "init_weights": True}}
 
 
 def _torchvision(name: str) -> Callable[..., nn.Module]:
@@ -106,7 +108,8 @@ def _timm(arch: str) -> Callable[..., nn.Module]:
         name = timm_name(arch)
         kw: dict[str, Any] = {}
         cfg = timm.models.get_pretrained_cfg(name)
-        if (cfg is not None and getattr(cfg, "fixed_input_size", False)) or name.startswith(("vit_", "deit", "eva")):
+        if ((cfg is not None and getattr(cfg, "fixed_input_size", False))
+                or name.startswith(("vit_", "deit", "eva"))):
             kw["img_size"] = image_size  # position embeddings are sized for the input
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
 
@@ -208,7 +211,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         except FileNotFoundError:
             raise CheckpointError(f"weights file not found: {path}") from None
         except Exception as exc:
-            raise CheckpointError(f"cannot read weights {path}: not a valid PyTorch file ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"cannot read weights {path}: not a valid PyTorch file "
+                f"({type(exc).__name__}: {exc})") from None
     for key in ("model", "state_dict"):  # kiln checkpoints; timm training checkpoints
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -224,7 +229,8 @@ def _read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
+        raise CheckpointError(
+            f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:
@@ -253,16 +259,19 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, replace_he
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
             if not (replace_head and _is_head_change(own[k].shape, v.shape)):
-                raise CheckpointError(f"weights do not fit the model: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-                                      + ("" if replace_head else " (a different class count? fine-tune with --weights in kiln train)"))
+                raise CheckpointError(f"weights do not fit the model: {k} has shape {tuple(v.shape)}, "
+                                      f"expected {tuple(own[k].shape)}"
+                                      + ("" if replace_head else " (a different class count? fine-tune with "
+                                                                 "--weights in kiln train)"))
             skipped.append(k)
     filtered = {k: v for k, v in state.items() if k not in skipped}
     missing, unexpected = model.load_state_dict(filtered, strict=False)
     missing = [m for m in missing if m not in skipped and not m.endswith("num_batches_tracked")
                and not (ignore and m.startswith(ignore))]
     if unexpected:
-        raise CheckpointError(f"weights do not fit the model: the file has {unexpected[0]}, which the model does not "
-                              f"(and {len(unexpected) - 1} more); a checkpoint of another architecture?")
+        raise CheckpointError(f"weights do not fit the model: the file has {unexpected[0]}, which the model "
+                              f"does not (and {len(unexpected) - 1} more); a "
+                              "checkpoint of another architecture?")
     if missing:
         raise CheckpointError(f"weights do not fit the model: {missing[0]} is missing from the file "
                               f"(and {len(missing) - 1} more); a checkpoint of another architecture?")

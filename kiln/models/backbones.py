@@ -22,12 +22,16 @@ def adapt_in_channels(model: nn.Module, in_channels: int) -> nn.Module:
     ``in_channels``: grayscale datasets then train without converting every image to RGB."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
-            conv = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride,  # type: ignore[arg-type]
-                             module.padding, module.dilation, module.groups, module.bias is not None)  # type: ignore[arg-type]
+            conv = nn.Conv2d(in_channels, module.out_channels,
+                             module.kernel_size, module.stride,  # type: ignore[arg-type]
+                             module.padding, module.dilation, module.groups,  # type: ignore[arg-type]
+                             module.bias is not None)
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, conv)
             return model
-    raise ConfigError(f"cannot adapt {type(model).__name__} to {in_channels} input channel(s): no 3-channel convolution found")
+    raise ConfigError(
+        f"cannot adapt {type(model).__name__} to {in_channels} input channel(s): no "
+        "3-channel convolution found")
 
 
 class TorchvisionBackbone(nn.Module):
@@ -46,11 +50,13 @@ class TorchvisionBackbone(nn.Module):
         elif hasattr(net, "features"):
             net.classifier = nn.Identity()
         else:
-            raise ConfigError(f"{arch} cannot serve as a detector backbone (neither a resnet nor a features network)")
+            raise ConfigError(
+                f"{arch} cannot serve as a detector backbone (neither a resnet nor a features network)")
         self.net = net
         self.taps = self._find_taps(in_channels)
         with torch.no_grad():
-            self.out_channels = [int(f.shape[1]) for f in self.forward(torch.zeros(1, in_channels, 64, 64)).values()]
+            self.out_channels = [
+                int(f.shape[1]) for f in self.forward(torch.zeros(1, in_channels, 64, 64)).values()]
 
     def _find_taps(self, in_channels: int) -> list[int]:
         if self.is_resnet:
@@ -83,9 +89,11 @@ class TorchvisionBackbone(nn.Module):
 
 
 def load_classifier_weights(backbone: TorchvisionBackbone, state: dict[str, torch.Tensor]) -> None:
-    """Load an ImageNet classifier's state dict into ``backbone.net`` (its classification layers are left out)."""
+    """Load an ImageNet classifier's state dict into ``backbone.net`` (its classification layers are
+    left out)."""
     head = ("fc.",) if backbone.is_resnet else ("classifier.",)
-    missing, unexpected = backbone.net.load_state_dict({k: v for k, v in state.items() if not k.startswith(head)}, strict=False)
+    missing, unexpected = backbone.net.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith(head)}, strict=False)
     missing = [m for m in missing if not m.endswith("num_batches_tracked")]
     if missing or unexpected:
         first = (missing or unexpected)[0]

@@ -42,7 +42,8 @@ class DetectorConfig:
     blocks: tuple[int, int, int, int]
     fpn: int  # FPN and head channels
     tower: int  # conv layers in each head tower
-    stem_maxpool: bool  # resnet-style 7x7 stem + max-pool (m) or a cheap 3x3 stride-2 conv + stride-2 stage (s)
+    # resnet-style 7x7 stem + max-pool (m) or a cheap 3x3 stride-2 conv + stride-2 stage (s)
+    stem_maxpool: bool
 
 
 CONFIGS = {
@@ -100,8 +101,8 @@ class Scale(nn.Module):
 def _tower(channels: int, depth: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(depth):
-        layers += [nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.GroupNorm(min(16, channels // 4), channels),
-                   nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+                   nn.GroupNorm(min(16, channels // 4), channels), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -125,7 +126,8 @@ class Head(nn.Module):
             nn.init.constant_(bias, -math.log((1 - prior) / prior))
 
     def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-level head outputs flattened to ``cls [N, A, C]``, ``ltrb [N, A, 4]`` (pixels), ``ctr [N, A]``."""
+        """Per-level head outputs flattened to ``cls [N, A, C]``, ``ltrb [N, A, 4]`` (pixels),
+        ``ctr [N, A]``."""
         cls_out, reg_out, ctr_out = [], [], []
         for feat, stride, scale in zip(feats, STRIDES, self.scales, strict=True):
             c = self.cls_tower(feat)
@@ -164,7 +166,9 @@ class Detector(nn.Module):
         if num_classes < 1:
             raise ConfigError(f"a detector needs at least one class, got {num_classes}")
         if image_size < 32 or image_size % 32:
-            raise ConfigError(f"--image-size {image_size}: a detector's input side must be a multiple of 32 (e.g. 128, 160, 256)")
+            raise ConfigError(
+                f"--image-size {image_size}: a detector's input side must be a "
+                "multiple of 32 (e.g. 128, 160, 256)")
         self.num_classes, self.image_size = num_classes, image_size
         self.backbone = backbone if backbone is not None else Backbone(cfg, in_channels)
         self.fpn = FeaturePyramidNetwork(self.backbone.out_channels, cfg.fpn)
@@ -198,8 +202,10 @@ class Detector(nn.Module):
         """``boxes [N, A, 4]`` xyxy input pixels and ``scores [N, A, C]`` from :meth:`raw`'s outputs."""
         ltrb = raw["ltrb"].float()
         p = self.points
-        boxes = torch.cat([p - ltrb[..., :2], p + ltrb[..., 2:]], -1).clamp_min(0.0).clamp_max(float(self.image_size))
-        scores = torch.sqrt(torch.sigmoid(raw["cls_logits"].float()) * torch.sigmoid(raw["centerness"].float()).unsqueeze(-1))
+        boxes = (torch.cat([p - ltrb[..., :2], p + ltrb[..., 2:]], -1)
+                 .clamp_min(0.0).clamp_max(float(self.image_size)))
+        scores = torch.sqrt(
+            torch.sigmoid(raw["cls_logits"].float()) * torch.sigmoid(raw["centerness"].float()).unsqueeze(-1))
         return boxes, scores
 
     def forward(self, x: torch.Tensor) -> Any:
@@ -209,11 +215,13 @@ class Detector(nn.Module):
         return self.decode(raw)
 
 
-def build_detector(size: str, *, num_classes: int, in_channels: int = 3, image_size: int = 128, **_: Any) -> Detector:
+def build_detector(size: str, *, num_classes: int, in_channels: int = 3, image_size: int = 128,
+                   **_: Any) -> Detector:
     """``s`` / ``m``: kiln's own trunks; a name in :data:`TV_BACKBONES`: that torchvision ImageNet
     classifier as the backbone (its weights load with ``--pretrained``), with ``m``'s FPN and head."""
     if size in TV_BACKBONES:
-        return Detector(CONFIGS["m"], num_classes, in_channels, image_size, TorchvisionBackbone(size, in_channels))
+        return Detector(CONFIGS["m"], num_classes, in_channels, image_size,
+                        TorchvisionBackbone(size, in_channels))
     if size not in CONFIGS:
         raise ConfigError(f"unknown detector size '{size}' (known: {', '.join([*CONFIGS, *TV_BACKBONES])})")
     return Detector(CONFIGS[size], num_classes, in_channels, image_size)

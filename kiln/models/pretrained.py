@@ -25,7 +25,8 @@ from kiln.errors import CheckpointError, ConfigError, install_hint, unknown_choi
 
 TIMM_PREFIX = "timm:"
 # The architectures a kiln-det backbone or classifier may take weights from, for the error that lists them.
-WEIGHTS_HINT = "any torchvision classifier (torchvision.models.list_models()), timm:NAME, or a kiln-det-<backbone> detector"
+WEIGHTS_HINT = ("any torchvision classifier (torchvision.models.list_models()), timm:NAME, "
+                "or a kiln-det-<backbone> detector")
 
 
 def torchvision_weights(arch: str, which: str | bool = True) -> Any:
@@ -34,7 +35,8 @@ def torchvision_weights(arch: str, which: str | bool = True) -> Any:
     try:
         enum = torchvision.models.get_model_weights(arch)
     except (ValueError, KeyError):
-        raise ConfigError(f"--pretrained: {arch} has no pretrained weights; they exist for {WEIGHTS_HINT}") from None
+        raise ConfigError(
+            f"--pretrained: {arch} has no pretrained weights; they exist for {WEIGHTS_HINT}") from None
     names = list(enum.__members__)
     key = "DEFAULT" if which is True else str(which)
     if "." in key:  # "ResNet50_Weights.IMAGENET1K_V2" as torchvision.models.get_weight spells it
@@ -60,13 +62,14 @@ def fetch_torchvision(weights: Any) -> dict[str, torch.Tensor]:
 
 
 def torchvision_preprocess(weights: Any) -> Preprocess:
-    """``weights.transforms()`` (resize the shorter side, centre crop, mean/std, interpolation) as kiln.json records it."""
+    """``weights.transforms()`` (resize the shorter side, centre crop, mean/std, interpolation) as
+    kiln.json records it."""
     t = weights.transforms()
     crop = int(t.crop_size[0])
     resize = int(t.resize_size[0]) if getattr(t, "resize_size", None) else crop
     return Preprocess(mode="center_crop", size=(crop, crop), channels="RGB", mean=[float(v) for v in t.mean],
-                      std=[float(v) for v in t.std], interpolation=str(t.interpolation.value), resize_size=resize,
-                      source=f"torchvision:{weights}")
+                      std=[float(v) for v in t.std], interpolation=str(t.interpolation.value),
+                      resize_size=resize, source=f"torchvision:{weights}")
 
 
 def timm_module() -> Any:
@@ -88,12 +91,14 @@ def timm_name(arch: str) -> str:
 
         near = difflib.get_close_matches(base, known, n=5, cutoff=0.6)
         hint = f" Nearest: {', '.join(TIMM_PREFIX + n for n in near)}." if near else ""
-        raise ConfigError(f"--model: unknown timm model '{base}'.{hint} (timm.list_models() lists {len(known)})")
+        raise ConfigError(
+            f"--model: unknown timm model '{base}'.{hint} (timm.list_models() lists {len(known)})")
     return name
 
 
 def fetch_timm(arch: str) -> dict[str, torch.Tensor]:
-    """The pretrained state dict of timm model ``arch`` (``timm:NAME[.TAG]``) through the Hugging Face cache."""
+    """The pretrained state dict of timm model ``arch`` (``timm:NAME[.TAG]``) through the Hugging Face
+    cache."""
     timm = timm_module()
     name = timm_name(arch)
     try:
@@ -103,8 +108,8 @@ def fetch_timm(arch: str) -> dict[str, torch.Tensor]:
         source = getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or name
         raise CheckpointError(
             f"cannot fetch timm weights for {name} ({type(exc).__name__}); without network, download "
-            f"model.safetensors of https://huggingface.co/{source} into the Hugging Face cache ({hf_cache()}) "
-            f"or pass the file with --weights"
+            f"model.safetensors of https://huggingface.co/{source} into the Hugging Face cache "
+            f"({hf_cache()}) or pass the file with --weights"
         ) from None
     return dict(model.state_dict())
 
@@ -127,10 +132,13 @@ def timm_preprocess(arch: str, model: Any | None = None) -> Preprocess:
     cfg = timm.data.resolve_data_config({}, model=model)
     _, h, w = cfg["input_size"]
     crop_pct = float(cfg.get("crop_pct") or 1.0)
-    resize = math.floor(min(h, w) / crop_pct)  # timm's transforms_factory: scale_size = floor(size / crop_pct)
+    # timm's transforms_factory: scale_size = floor(size / crop_pct)
+    resize = math.floor(min(h, w) / crop_pct)
     interp = cfg.get("interpolation", "bicubic")
-    return Preprocess(mode="center_crop", size=(int(h), int(w)), channels="RGB", mean=[float(v) for v in cfg["mean"]],
-                      std=[float(v) for v in cfg["std"]], interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bicubic",
+    return Preprocess(mode="center_crop", size=(int(h), int(w)), channels="RGB",
+                      mean=[float(v) for v in cfg["mean"]],
+                      std=[float(v) for v in cfg["std"]],
+                      interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bicubic",
                       resize_size=resize, source=f"timm:{name}")
 
 
@@ -138,7 +146,9 @@ def pretrained_state(arch: str, which: str | bool) -> tuple[dict[str, torch.Tens
     """The pretrained weights of classifier ``arch`` and their preprocessing."""
     if arch.startswith(TIMM_PREFIX):
         if which is not True:
-            raise ConfigError(f"--pretrained {which}: timm picks weights by tag in the name, e.g. --model {arch}.<tag> --pretrained")
+            raise ConfigError(
+                f"--pretrained {which}: timm picks weights by tag in the name, e.g. "
+                f"--model {arch}.<tag> --pretrained")
         return fetch_timm(arch), timm_preprocess(arch)
     weights = torchvision_weights(arch, which)
     return fetch_torchvision(weights), torchvision_preprocess(weights)

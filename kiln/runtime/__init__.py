@@ -184,7 +184,8 @@ def available_backends() -> dict[str, dict[str, Any]]:
     }
 
 
-def _open_tensorrt(b: Bundle, precision: str | None, dev: Device | None, device: str | None, opts: dict[str, Any]) -> KilnBackend:
+def _open_tensorrt(b: Bundle, precision: str | None, dev: Device | None, device: str | None,
+                   opts: dict[str, Any]) -> KilnBackend:
     order = [precision] if precision else list(TENSORRT_DEFAULT_ORDER)
     e2e = opts.pop("end_to_end", False)
     engines = [a for p in order for a in b.artifacts("tensorrt", p, end_to_end=e2e)]
@@ -201,7 +202,8 @@ def _open_tensorrt(b: Bundle, precision: str | None, dev: Device | None, device:
     raise BackendUnavailable("no engine fits this machine (" + "; ".join(reasons) + ")")
 
 
-def _open_onnxrt(b: Bundle, precision: str | None, dev: Device | None, device: str | None, opts: dict[str, Any]) -> KilnBackend:
+def _open_onnxrt(b: Bundle, precision: str | None, dev: Device | None, device: str | None,
+                 opts: dict[str, Any]) -> KilnBackend:
     art = next(iter(b.artifacts("onnx", precision or "fp32", end_to_end=opts.pop("end_to_end", False))), None)
     if art is None:
         return _missing("onnxrt", "ONNX model", precision or "fp32", b)
@@ -210,9 +212,11 @@ def _open_onnxrt(b: Bundle, precision: str | None, dev: Device | None, device: s
     return OnnxRuntimeBackend.from_artifact(b, art, device=device, **opts)
 
 
-def _open_torch(b: Bundle, precision: str | None, dev: Device | None, device: str | None, opts: dict[str, Any]) -> KilnBackend:
+def _open_torch(b: Bundle, precision: str | None, dev: Device | None, device: str | None,
+                opts: dict[str, Any]) -> KilnBackend:
     prec = precision or "fp32"
-    opts.pop("end_to_end", None)  # load() checked that there is an end-to-end graph for torch (there never is)
+    # load() checked that there is an end-to-end graph for torch (there never is)
+    opts.pop("end_to_end", None)
     if (why := torch_backend.unavailable_reason(dev, prec)) is not None:
         raise BackendUnavailable(why)
     art = b.artifact("torch", "fp32") or next(iter(b.artifacts("torch")), None)
@@ -231,7 +235,8 @@ def _missing(name: str, what: str, precision: str | None, b: Bundle) -> KilnBack
     raise BackendUnavailable(f"the bundle has no {prec}{what} (it has: {', '.join(have) or 'nothing'})")
 
 
-_OPENERS: Mapping[str, Callable[[Bundle, str | None, Device | None, str | None, dict[str, Any]], KilnBackend]] = {
+_OPENERS: Mapping[str, Callable[[Bundle, str | None, Device | None, str | None, dict[str, Any]],
+                                KilnBackend]] = {
     "tensorrt": _open_tensorrt,
     "onnxrt": _open_onnxrt,
     "torch": _open_torch,
@@ -248,7 +253,8 @@ def preflight(bundle: Bundle | str | os.PathLike[str], backend: str = "auto", pr
         raise unknown_choice("backend", backend, BACKEND_CHOICES, flag="--backend")
     dev = parse_device(device)
     if end_to_end and not b.artifacts(end_to_end=True):
-        raise BackendUnavailable(f"{b.name}: the bundle has no end-to-end graph; write one: kiln export {b.root} --nms")
+        raise BackendUnavailable(
+            f"{b.name}: the bundle has no end-to-end graph; write one: kiln export {b.root} --nms")
     reasons = []
     for name in list(BACKENDS) if backend == "auto" else [backend]:
         why = _cannot_open(b, name, precision, dev)
@@ -262,8 +268,9 @@ def _cannot_open(b: Bundle, name: str, precision: str | None, dev: Device | None
     if name == "tensorrt":
         order = [precision] if precision else list(TENSORRT_DEFAULT_ORDER)
         if not any(b.artifacts("tensorrt", p) for p in order):
-            return (f"the bundle has no {precision + ' ' if precision else ''}TensorRT engine; build one on the GPU "
-                    f"machine: kiln export {b.root} --engine" + (f" --precision {precision}" if precision else ""))
+            return (f"the bundle has no {precision + ' ' if precision else ''}TensorRT engine; build one on "
+                    f"the GPU machine: kiln export {b.root} --engine"
+                    + (f" --precision {precision}" if precision else ""))
         if (why := tensorrt.unavailable_reason(dev)) is not None:
             return why
         # The same rule load() applies: an engine from another GPU or TensorRT must fail here, before a
@@ -274,7 +281,8 @@ def _cannot_open(b: Bundle, name: str, precision: str | None, dev: Device | None
             if ok:
                 return None
             reasons.append(f"{art.file}: {why}")
-        return ("no engine fits this machine (" + "; ".join(reasons) + f"); rebuild on this GPU: kiln export {b.root} "
+        return ("no engine fits this machine (" + "; ".join(reasons)
+                + f"); rebuild on this GPU: kiln export {b.root} "
                 "--engine" + (f" --precision {precision}" if precision else ""))
     if name == "onnxrt":
         prec = precision or "fp32"

@@ -93,7 +93,8 @@ class BaseBackend:
         for name, spec in expected.items():
             arr = feeds[name]
             if not isinstance(arr, np.ndarray):
-                raise InputError(f"Input tensor: {name} | received {type(arr).__name__} | expected numpy.ndarray")
+                raise InputError(
+                    f"Input tensor: {name} | received {type(arr).__name__} | expected numpy.ndarray")
             if arr.dtype != np.dtype(spec.dtype):
                 raise InputError(f"Input tensor: {name} | received dtype {arr.dtype} | expected {spec.dtype}")
             want = (-1, *spec.shape)
@@ -104,7 +105,8 @@ class BaseBackend:
                 )
             if tuple(arr.shape[1:]) != tuple(spec.shape):
                 raise InputError(
-                    f"Input tensor: {name} | received shape {tuple(arr.shape)} | expected a shape compatible with {want}"
+                    f"Input tensor: {name} | received shape {tuple(arr.shape)} | "
+                    f"expected a shape compatible with {want}"
                 )
             n = arr.shape[0]
             if not self.min_batch <= n <= self.max_batch:

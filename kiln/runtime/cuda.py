@@ -316,12 +316,12 @@ class _CudaPython(_Api):
         major = f"{int(runtime) // 1000}.x" if int(err) == ok else "x"
         err, driver = self.rt.cudaDriverGetVersion()
         if int(err) != ok or not driver:
-            return (f"no NVIDIA driver is loaded (cudaErrorInsufficientDriver): the cuda-python bindings need a "
-                    f"driver for {bindings} or newer: {INSTALL_HINT}")
+            return ("no NVIDIA driver is loaded (cudaErrorInsufficientDriver): the cuda-python bindings "
+                    f"need a driver for {bindings} or newer: {INSTALL_HINT}")
         return (
-            f"CUDA driver/bindings mismatch (cudaErrorInsufficientDriver): cuda-python {major} uses {bindings}, the "
-            f"driver supports CUDA {_cuda_version(int(driver))}; install the cuda-python whose major version matches "
-            "the driver and TensorRT (see docs/runtime.md), or update the driver"
+            f"CUDA driver/bindings mismatch (cudaErrorInsufficientDriver): cuda-python {major} uses "
+            f"{bindings}, the driver supports CUDA {_cuda_version(int(driver))}; install the cuda-python "
+            "whose major version matches the driver and TensorRT (see docs/runtime.md), or update the driver"
         )
 
     def device_info(self, index: int) -> DeviceInfo:
@@ -346,7 +346,8 @@ class _CudaPython(_Api):
         return array, lambda: self.check(self.rt.cudaFreeHost(ptr), "cudaFreeHost")
 
     def stream_create(self) -> tuple[Any, int]:
-        stream = self.check(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreate")
+        stream = self.check(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking),
+                            "cudaStreamCreate")
         return stream, int(self._native_handle(stream))
 
     def stream_sync(self, stream: Any) -> None:
@@ -369,11 +370,13 @@ class _CudaPython(_Api):
 
     def htod_async(self, dst: int, src: PinnedBuffer, nbytes: int, stream: Any) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self.check(self.rt.cudaMemcpyAsync(dst, src.ptr, nbytes, kind, stream), "cudaMemcpyAsync(host->device)")
+        self.check(self.rt.cudaMemcpyAsync(dst, src.ptr, nbytes, kind, stream),
+                   "cudaMemcpyAsync(host->device)")
 
     def dtoh_async(self, dst: PinnedBuffer, src: int, nbytes: int, stream: Any) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self.check(self.rt.cudaMemcpyAsync(dst.ptr, src, nbytes, kind, stream), "cudaMemcpyAsync(device->host)")
+        self.check(self.rt.cudaMemcpyAsync(dst.ptr, src, nbytes, kind, stream),
+                   "cudaMemcpyAsync(device->host)")
 
 
 class _PyCuda(_Api):

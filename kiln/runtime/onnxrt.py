@@ -35,7 +35,8 @@ def unavailable_reason(device: Device | None = None) -> str | None:
         import onnxruntime as ort
 
         if CUDA_EP not in ort.get_available_providers():
-            return "device cuda requested but this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)"
+            return ("device cuda requested but this onnxruntime has no CUDA provider "
+                    "(pip install onnxruntime-gpu)")
         if (why := cuda.no_gpu_reason()) is not None:
             return f"device cuda requested but {why}"
     return None
@@ -70,7 +71,8 @@ class OnnxRuntimeBackend(KilnBackend):
         import onnxruntime as ort
 
         if optimization not in OPTIMIZATION_LEVELS:
-            raise unknown_choice("level", optimization, OPTIMIZATION_LEVELS, flag="onnxrt optimization", ordered=True)
+            raise unknown_choice("level", optimization, OPTIMIZATION_LEVELS, flag="onnxrt optimization",
+                                 ordered=True)
         for opt, value in (("threads", threads), ("inter_op_threads", inter_op_threads)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"onnxrt {opt} must be a positive integer, got {value!r}")
@@ -89,7 +91,8 @@ class OnnxRuntimeBackend(KilnBackend):
         options.log_severity_level = 3  # errors only: ORT's warnings about fallbacks are logged by kiln
 
         want = parse_device(device)
-        use_cuda = (want is None and CUDA_EP in ort.get_available_providers() and cuda.device_count() > 0) or (
+        use_cuda = (want is None and CUDA_EP in ort.get_available_providers()
+                    and cuda.device_count() > 0) or (
             want is not None and want.kind == "cuda"
         )
         index = want.index if want is not None else 0
@@ -101,7 +104,8 @@ class OnnxRuntimeBackend(KilnBackend):
         active = self._session.get_providers()
         if use_cuda and CUDA_EP not in active:
             if want is not None:
-                raise BackendUnavailable(f"onnxrt: the CUDA provider could not start on cuda:{index} (active: {active})")
+                raise BackendUnavailable(
+                    f"onnxrt: the CUDA provider could not start on cuda:{index} (active: {active})")
             use_cuda = False
         self.device = f"cuda:{index}" if use_cuda else "cpu"
         self.thread_safe = not use_cuda
@@ -110,10 +114,11 @@ class OnnxRuntimeBackend(KilnBackend):
 
         graph_inputs = {i.name: i for i in self._session.get_inputs()}
         graph_outputs = [o.name for o in self._session.get_outputs()]
-        if sorted(graph_inputs) != sorted(spec_names(inputs)) or not set(spec_names(outputs)) <= set(graph_outputs):
+        if (sorted(graph_inputs) != sorted(spec_names(inputs))
+                or not set(spec_names(outputs)) <= set(graph_outputs)):
             raise BundleError(
-                f"{path}: graph inputs {sorted(graph_inputs)} / outputs {graph_outputs} do not match kiln.json "
-                f"inputs {spec_names(inputs)} / outputs {spec_names(outputs)}"
+                f"{path}: graph inputs {sorted(graph_inputs)} / outputs {graph_outputs} do not match "
+                f"kiln.json inputs {spec_names(inputs)} / outputs {spec_names(outputs)}"
             )
         self.inputs = list(inputs)
         self.outputs = list(outputs)
@@ -127,12 +132,14 @@ class OnnxRuntimeBackend(KilnBackend):
 
     @classmethod
     def from_artifact(
-        cls, bundle: Bundle, art: Artifact, *, device: str | None = None, max_batch: int | None = None, **opts: Any
+        cls, bundle: Bundle, art: Artifact, *, device: str | None = None, max_batch: int | None = None,
+        **opts: Any
     ) -> OnnxRuntimeBackend:
         path = bundle.verify_artifact(art)
         m = bundle.manifest
         _, top = batch_limits(m.input.batch, max_batch)
-        backend = cls(path, inputs=[m.input], outputs=bundle.outputs_of(art), precision=art.precision, device=device, max_batch=top, **opts)
+        backend = cls(path, inputs=[m.input], outputs=bundle.outputs_of(art), precision=art.precision,
+                      device=device, max_batch=top, **opts)
         backend.artifact = art.file
         return backend
 

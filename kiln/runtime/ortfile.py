@@ -24,12 +24,13 @@ _ANY_BATCH = 1 << 16
 def OrtFileBackend(path: str | os.PathLike[str], manifest: Manifest, *, precision: str = "fp32",  # noqa: N802
                    threads: int | None = None) -> OnnxRuntimeBackend:
     """A :class:`kiln.runtime.OnnxRuntimeBackend` on the CPU for ``path`` with the manifest's tensors."""
-    return OnnxRuntimeBackend(path, inputs=[manifest.input], outputs=list(manifest.outputs), precision=precision,
-                              device="cpu", max_batch=_ANY_BATCH, threads=threads)
+    return OnnxRuntimeBackend(path, inputs=[manifest.input], outputs=list(manifest.outputs),
+                              precision=precision, device="cpu", max_batch=_ANY_BATCH, threads=threads)
 
 
 def latency_ms(backend: Any, example: np.ndarray, batch: int, *, warmup: int = 5, runs: int = 30) -> float:
-    """Median wall time (ms) of one ``infer`` at ``batch``; ``example`` ``[N, C, H, W]`` is tiled as needed."""
+    """Median wall time (ms) of one ``infer`` at ``batch``; ``example`` ``[N, C, H, W]`` is tiled as
+    needed."""
     reps = -(-batch // len(example))
     x = np.ascontiguousarray(np.concatenate([example] * reps)[:batch])
     samples, _, _, _ = time_backend(backend, {backend.inputs[0].name: x}, warmup, runs, None)

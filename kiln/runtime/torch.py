@@ -106,7 +106,8 @@ class TorchBackend(KilnBackend):
 
     @classmethod
     def from_artifact(
-        cls, bundle: Bundle, art: Artifact, *, device: str | None = None, precision: str | None = None, **opts: Any
+        cls, bundle: Bundle, art: Artifact, *, device: str | None = None, precision: str | None = None,
+        **opts: Any
     ) -> TorchBackend:
         bundle.verify_artifact(art)
         return cls(bundle, file=art.file, precision=precision or art.precision, device=device, **opts)
@@ -114,7 +115,8 @@ class TorchBackend(KilnBackend):
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(feeds[self.inputs[0].name])).to(self._device, non_blocking=True)
+        x = torch.from_numpy(np.ascontiguousarray(feeds[self.inputs[0].name])).to(
+            self._device, non_blocking=True)
         autocast = (
             torch.autocast(self._device.type, dtype=self._autocast_dtype)
             if self._autocast_dtype is not None
@@ -135,7 +137,9 @@ class TorchBackend(KilnBackend):
         if isinstance(result, Mapping):
             missing = [n for n in self._output_names if n not in result]
             if missing:
-                raise KilnError(f"torch model returned keys {sorted(result)}, kiln.json expects outputs {self._output_names}")
+                raise KilnError(
+                    f"torch model returned keys {sorted(result)}, kiln.json expects outputs "
+                    f"{self._output_names}")
             return [result[n] for n in self._output_names]
         tensors = list(result) if isinstance(result, tuple | list) else [result]
         if len(tensors) != len(self._output_names):
