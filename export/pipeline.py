@@ -96,7 +96,8 @@ def _record(bundle: Bundle, file: str, fmt: str, precision: str, **extra: Any) -
     art = bundle.add_artifact(file, fmt, precision, **extra)
     bundle.save()
     record = art.model_dump(mode="json")
-    engine = record.pop("engine", {})  # the summary keeps an engine's provenance flat, as onnx2engine returns it
+    # the summary keeps an engine's provenance flat, as onnx2engine returns it
+    engine = record.pop("engine", {})
     return {"path": str(bundle.path(file)), **record, **engine}
 
 
