@@ -19,14 +19,13 @@ from kiln.evaluate import bundle_split
 from kiln.outputs import predictions
 from kiln.processing import DetectControlError, detect_overrides, detect_postprocess, preprocess
 from kiln.runtime import load, open_artifact
-from tests.export.test_export_detect import det_master  # noqa: F401  (the trained detector fixture)
 from tests.serve.conftest import kiln_serve, wait_ready
 
 BOX_TOL_PX = 1e-3  # the end-to-end graph gathers the raw graph's own numbers: equal to float rounding
 
 
 @pytest.fixture(scope="module")
-def nms_master(det_master: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def nms_master(det_master: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The detector exported once with `--nms` (fp32 raw + end-to-end graph); copy before writing."""
     root = Path(shutil.copytree(det_master, tmp_path_factory.mktemp("nms") / "shapes"))
     old = os.environ.get("KILN_SHAPES_COUNT")
@@ -124,7 +123,7 @@ def test_runtime_answers_the_same_boxes_from_either_graph(nms_master: Path) -> N
             predictions(b.manifest, out, letterboxes, detect=other_iou)
 
 
-def test_end_to_end_serving_needs_the_graph(det_master: Path) -> None:  # noqa: F811
+def test_end_to_end_serving_needs_the_graph(det_master: Path) -> None:
     from kiln import runtime
     from kiln.errors import BackendUnavailable
 
@@ -280,7 +279,7 @@ def test_nms_on_a_classifier_is_a_one_line_error(tmp_path: Path) -> None:
         preflight(Bundle(tmp_path, manifest), ExportOptions(nms=True))
 
 
-def test_nms_threshold_out_of_range_fails_before_any_export(det_master: Path, tmp_path: Path,  # noqa: F811
+def test_nms_threshold_out_of_range_fails_before_any_export(det_master: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     bundle = Path(shutil.copytree(det_master, tmp_path / "shapes"))
     assert main(["export", str(bundle), "--nms", "--nms-iou", "1.5"]) != 0

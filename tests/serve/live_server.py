@@ -37,28 +37,26 @@ class Live:
         return "".join(self.lines)
 
 
-@pytest.fixture(name="serve")
-def serve_fixture(tmp_path: Path) -> Iterator[Callable[..., Live]]:
-    started: list[Live] = []
+def start_live(root: Path, **env: str) -> Live:
+    """Start tests/serve/fake_serve.py (the real serving stack over a fake backend) writing under ``root``,
+    with ``env`` added to the environment; returns once /readyz answers 200. Stop it with ``stop_live``."""
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "KILN_MAX_DELAY_MS": "1", **env}
+    proc = subprocess.Popen([sys.executable, str(HERE / "fake_serve.py"), str(root)],
+                            stderr=subprocess.PIPE, text=True, env=full, cwd=HERE)
+    live = Live(proc, "", "", 0)
+    found = threading.Event()
 
-    def start(**env: str) -> Live:
-        full = {**os.environ, "OMP_NUM_THREADS": "1", "KILN_MAX_DELAY_MS": "1", **env}
-        proc = subprocess.Popen([sys.executable, str(HERE / "fake_serve.py"), str(tmp_path / f"s{len(started)}")],
-                                stderr=subprocess.PIPE, text=True, env=full, cwd=HERE)
-        live = Live(proc, "", "", 0)
-        started.append(live)
-        found = threading.Event()
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            live.lines.append(line)
+            m = re.search(r"serving on (http://([\d.]+):(\d+))", line)
+            if m:
+                live.url, live.host, live.port = m.group(1), m.group(2), int(m.group(3))
+                found.set()
 
-        def pump() -> None:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                live.lines.append(line)
-                m = re.search(r"serving on (http://([\d.]+):(\d+))", line)
-                if m:
-                    live.url, live.host, live.port = m.group(1), m.group(2), int(m.group(3))
-                    found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
+    threading.Thread(target=pump, daemon=True).start()
+    try:
         assert found.wait(60), live.log()
         end = time.monotonic() + 60
         while True:  # the socket is bound before uvicorn listens on it
@@ -69,12 +67,29 @@ def serve_fixture(tmp_path: Path) -> Iterator[Callable[..., Live]]:
                 pass
             assert proc.poll() is None and time.monotonic() < end, live.log()
             time.sleep(0.05)
+    except BaseException:
+        stop_live(live)
+        raise
+
+
+def stop_live(live: Live) -> None:
+    if live.proc.poll() is None:
+        live.proc.kill()
+        live.proc.wait()
+
+
+@pytest.fixture(name="serve")
+def serve_fixture(tmp_path: Path) -> Iterator[Callable[..., Live]]:
+    """``serve(**env)``: a started server (``start_live``), stopped after the test."""
+    started: list[Live] = []
+
+    def start(**env: str) -> Live:
+        started.append(start_live(tmp_path / f"s{len(started)}", **env))
+        return started[-1]
 
     yield start
     for live in started:
-        if live.proc.poll() is None:
-            live.proc.kill()
-            live.proc.wait()
+        stop_live(live)
 
 
 def raw_request(live: Live, head: bytes, body: bytes = b"", timeout: float = 10) -> tuple[bytes, float]:

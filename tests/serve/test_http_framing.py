@@ -11,13 +11,13 @@ import io
 import json
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from .live_server import Live, serve_fixture  # noqa: F401 (a fixture)
+from .live_server import Live, serve_fixture, start_live, stop_live  # noqa: F401 (a fixture)
 
 KB = 1024
 
@@ -90,13 +90,20 @@ SIZES = {"1KB": 32, "120KB": 350, "1MB": 1024, "15MB": 3900}
 PATTERNS = ["one", "1B", "1KiB", "split-body"]
 
 
+@pytest.fixture(scope="module")
+def uploads_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """One server for the upload matrix (each case is a fresh connection; the server keeps no state)."""
+    live = start_live(tmp_path_factory.mktemp("uploads"), KILN_MAX_BODY_BYTES=str(20 * 1024 * KB))
+    yield live
+    stop_live(live)
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("size", list(SIZES))
-def test_uploads_of_every_size_and_write_pattern_are_answered(
-        serve: Callable[..., Live], size: str, pattern: str) -> None:
+def test_uploads_of_every_size_and_write_pattern_are_answered(uploads_server: Live, size: str, pattern: str) -> None:
     if pattern == "1B" and SIZES[size] > 400:
         pytest.skip("1-byte writes of megabytes take minutes; 120 KB already spans many TCP reads")
-    live = serve(KILN_MAX_BODY_BYTES=str(20 * 1024 * KB))
+    live = uploads_server
     blob = noise_png(SIZES[size], 120, seed=len(size))
     # keep-alive: the same connection carries a second upload after the first answer
     answers = exchange(live, [multipart_request(blob), multipart_request(blob)], pattern)

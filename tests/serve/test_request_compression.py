@@ -9,14 +9,14 @@ import gzip
 import io
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from .live_server import Live, serve_fixture  # noqa: F401 (a fixture)
+from .live_server import Live, start_live, stop_live
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -24,9 +24,12 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 MB = 1 << 20
 
 
-@pytest.fixture
-def live(serve: Callable[..., Live]) -> Live:
-    return serve(KILN_MAX_BODY_BYTES=str(2 * MB))
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """One server for the module: every test here sends requests it answers without keeping state."""
+    running = start_live(tmp_path_factory.mktemp("compression"), KILN_MAX_BODY_BYTES=str(2 * MB))
+    yield running
+    stop_live(running)
 
 
 @pytest.fixture
