@@ -276,10 +276,8 @@ def verify_end_to_end(manifest: Manifest, raw: Backend, end_to_end: Backend, x: 
                            float(np.abs(np.subtract(np.asarray(a["box"]), np.asarray(b["box"]))).max()))
             score_diff = max(score_diff, float(np.abs(np.asarray(a["score"]) - np.asarray(b["score"]))))
     report = {"reference": "kiln post-processing of the raw graph's outputs (onnxruntime cpu)",
-              "images": len(x),
-              "detections": sum(len(r) for r in ref), "max_box_diff_px": box_diff,
-              "max_score_diff": score_diff,
-              "box_tol_px": BOX_TOL_PX, "score_tol": SCORE_TOL}
+              "images": len(x), "detections": sum(len(r) for r in ref), "max_box_diff_px": box_diff,
+              "max_score_diff": score_diff, "box_tol_px": BOX_TOL_PX, "score_tol": SCORE_TOL}
     if box_diff > BOX_TOL_PX or score_diff > SCORE_TOL:
         raise ExportError(f"--nms verification failed: boxes differ by up to {box_diff:.3g} px (tolerance "
                           f"{BOX_TOL_PX}), scores by {score_diff:.3g} (tolerance {SCORE_TOL})")

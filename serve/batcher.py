@@ -496,5 +496,4 @@ async def wait_result(
 
 
 __all__ = ["Arrival", "Batcher", "BatcherClosed", "ClientDisconnected", "InferenceFailed", "ModelNotReady",
-           "Pending",
-           "QueueFull", "RequestTimeout", "collect", "split_feeds", "wait_result", "wake_loops"]
+           "Pending", "QueueFull", "RequestTimeout", "collect", "split_feeds", "wait_result", "wake_loops"]

@@ -254,7 +254,5 @@ def join(parts: list[Future[Feeds]], parent: Future[Feeds]) -> None:
 
 
 __all__ = ["BatchFuture", "BatcherClosed", "ClientDisconnected", "Clock", "Feeds", "InferenceFailed",
-           "ModelNotReady",
-           "Pending", "QueueFull", "RequestTimeout", "WakeableQueue", "batch_size", "claim", "collect",
-           "join", "take",
-           "split_feeds"]
+           "ModelNotReady", "Pending", "QueueFull", "RequestTimeout", "WakeableQueue", "batch_size", "claim",
+           "collect", "join", "take", "split_feeds"]

@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: Any) -> Any:
-        # KILN_API_KEY= (as docker/compose.yaml passes through when unset) means "no key", not "the empty
-        # key".
+        # KILN_API_KEY= (as docker/compose.yaml passes through when unset) means "no key",
+        # not "the empty key".
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
         if isinstance(text, str) and not text.strip():
             return None

@@ -74,10 +74,9 @@ def model_metadata(model: ServedModel) -> ModelMetadata:
         params["box_coordinates"] = BOX_COORDINATES
         nms = _served_nms(model)
         baked = ", ".join(f"{k}={nms[k]}" for k in _NMS_KEYS if k in nms) if nms else ""
-        params["postprocessing"] = (f"NMS done in the graph ({baked})"
-                                    if nms
-                                    else "none: threshold the scores, then per-class NMS (kiln.json "
-                                         "postprocess)")
+        params["postprocessing"] = (
+            f"NMS done in the graph ({baked})"
+            if nms else "none: threshold the scores, then per-class NMS (kiln.json postprocess)")
     return ModelMetadata(
         name=model.name,
         versions=[VERSION],

@@ -216,9 +216,8 @@ def boxes_to_original(model: ServedModel, out: Mapping[str, np.ndarray],
     mapped = dict(out)
     if "det_boxes" in out and "num_dets" in out:
         boxes = out["det_boxes"].copy()
-        for i, (lb,
-                n) in enumerate(
-                    zip(letterboxes, out["num_dets"].reshape(len(letterboxes), -1)[:, 0], strict=True)):
+        for i, (lb, n) in enumerate(
+                zip(letterboxes, out["num_dets"].reshape(len(letterboxes), -1)[:, 0], strict=True)):
             boxes[i, : int(n)] = lb.to_original(boxes[i, : int(n)])
         mapped["det_boxes"] = boxes
         return mapped

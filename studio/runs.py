@@ -14,8 +14,8 @@ from kiln.studio.config import STATE_DIR
 
 MAX_DEPTH = 3
 LOG_TAIL_BYTES = 64 * 1024
-# one tqdm update of the training loop's bar: "epoch 2/5:  40%|####   | 8/20 [00:01<00:02, 7.9it/s, loss=0.53,
-# ...]"
+# one tqdm update of the training loop's bar:
+# "epoch 2/5:  40%|####   | 8/20 [00:01<00:02, 7.9it/s, loss=0.53, ...]"
 _BAR = re.compile(
     r"epoch (\d+)/(\d+):\s+(\d+)%\|[^|]*\|\s*(\d+)/(\d+) "
     r"\[([\d:]+)<([\d:?]+)(?:[^\]]*?loss=([-+\d.eE]+))?[^\]]*\]")

@@ -95,9 +95,8 @@ def network(model: nn.Module, s: Settings, d: Dist, device: torch.device) -> nn.
     ``--compile``. Weights, checkpoints and evaluation use ``model`` itself."""
     net: nn.Module = model
     if d.enabled:
-        net = nn.parallel.DistributedDataParallel(model,
-                                                  device_ids=[device.index] if device.type == "cuda"
-                                                  else None)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if s.cfg.compile:
         net = torch.compile(net)  # type: ignore[assignment]
     return net

@@ -405,8 +405,8 @@ def run_eval(args: argparse.Namespace) -> int:
         headline = f"mAP@[.5:.95] {100 * metrics['map']:.2f}  mAP@.5 {100 * metrics['map50']:.2f}"
     else:
         files = write_classify_reports(bundle, metrics, out_dir)
-        headline = f"top-1 {metrics['top1']:.2f}%" + (f"  top-5 {metrics['top5']:.2f}%" if len(m.classes) > 5
-                                                      else "")
+        headline = f"top-1 {metrics['top1']:.2f}%" + (
+            f"  top-5 {metrics['top5']:.2f}%" if len(m.classes) > 5 else "")
     record = {**json_safe(metrics), **info, "split": "val", "data": args.data or m.training.get("data"),
               "images": len(res.targets)}
     record.pop("confusion", None)
