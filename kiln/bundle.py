@@ -312,8 +312,8 @@ class Bundle:
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
             raise BundleError(
-                f"{root} is not a kiln bundle: {MANIFEST} is missing (train one with `kiln train --out "
-                f"{root}`)"
+                f"{root} is not a kiln bundle: {MANIFEST} is missing "
+                f"(train one with `kiln train --out {root}`)"
             )
         try:
             data = json.loads(manifest_path.read_text())

@@ -89,8 +89,8 @@ def _add_batching(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=positive_int, metavar="N",
                    help="items per batch [KILN_MAX_BATCH, default: the backend's maximum]")
     g.add_argument("--max-delay-ms", type=non_negative_float, metavar="MS",
-                   help="how long a batch waits for more requests after its first [KILN_MAX_DELAY_MS, "
-                        "default 2]")
+                   help="how long a batch waits for more requests after its first "
+                        "[KILN_MAX_DELAY_MS, default 2]")
     g.add_argument("--max-queue", type=positive_int, metavar="N",
                    help="queued requests per model before answering 503 [KILN_MAX_QUEUE, default 256]")
     g.add_argument("--timeout-s", type=positive_float, metavar="S",
@@ -115,11 +115,11 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
                         "headers before decoding; 413 above [KILN_MAX_REQUEST_PIXELS, default 40000000]")
     s.add_argument("--max-pixels-per-byte", type=positive_float, metavar="R",
                    help="decompression-bomb guard: an image over 4 Mpx that decodes to more than R pixels "
-                        "per byte of its file is refused from its header; 400 [KILN_MAX_PIXELS_PER_BYTE, "
-                        "default 256]")
+                        "per byte of its file is refused from its header; 400 "
+                        "[KILN_MAX_PIXELS_PER_BYTE, default 256]")
     s.add_argument("--decode-threads", type=positive_int, metavar="N",
-                   help="requests decoding images at once, off the event loop [KILN_DECODE_THREADS, default "
-                        "2]")
+                   help="requests decoding images at once, off the event loop "
+                        "[KILN_DECODE_THREADS, default 2]")
     s.add_argument("--max-decode-queue", type=positive_int, metavar="N",
                    help="requests waiting for a decode thread (first come, first served) before 503 + "
                         "Retry-After [KILN_MAX_DECODE_QUEUE, default 64]")
@@ -135,8 +135,8 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
                         "close (/healthz and /readyz still answer) [KILN_MAX_CONNECTIONS, default: the "
                         "open-file limit (raised to its hard value at start) less 192, at most 8192]")
     s.add_argument("--body-timeout-s", type=positive_float, metavar="S",
-                   help="wait this long for more of a request body, then 408 [KILN_BODY_TIMEOUT_S, default "
-                        "30]")
+                   help="wait this long for more of a request body, then 408 "
+                        "[KILN_BODY_TIMEOUT_S, default 30]")
     s.add_argument("--keep-alive-s", type=positive_int, metavar="S",
                    help="close idle keep-alive connections after S seconds [KILN_KEEP_ALIVE_S, default 5]")
     s.add_argument("--drain-s", type=non_negative_float, metavar="S",

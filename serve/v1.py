@@ -203,8 +203,8 @@ def _detect_controls(body: PredictRequest | None, manifest: Any, query: DetectCo
     if manifest.task != "detect":
         if given:
             raise ApiError(400, "invalid_request",
-                           f"{next(iter(given))} applies to detection models; this one classifies (use "
-                           "top_k)")
+                           f"{next(iter(given))} applies to detection models; this one classifies "
+                           "(use top_k)")
         return None
     if top_k is not None:
         raise ApiError(400, "invalid_request",

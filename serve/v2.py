@@ -226,8 +226,8 @@ _route("/v2/models/{name}/ready", ["GET"], v2_model_ready, tags=["health"],
 _route("/v2/models/{name}/config", ["GET"], v2_model_config, dependencies=AUTH, response_model=dict[str, Any],
        summary="Triton's model configuration extension (ModelConfig as JSON)")
 _route("/v2/models/{name}/stats", ["GET"], v2_model_stats, dependencies=AUTH, response_model=dict[str, Any],
-       summary="Triton's statistics extension: requests, queue and compute time (ns), executions per batch "
-               "size")
+       summary="Triton's statistics extension: requests, queue and compute time "
+               "(ns), executions per batch size")
 _route("/v2/models/{name}/infer", ["POST"], v2_infer, dependencies=AUTH, response_model=InferenceResponse,
        response_model_exclude_none=True, openapi_extra=_INFER_BODY, responses=_BINARY_ANSWER)
 

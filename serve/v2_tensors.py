@@ -168,8 +168,8 @@ def check_inputs(model: ServedModel, inputs: Sequence[tuple[str, str, Sequence[i
     if datatype == "BYTES":
         if len(shape) not in (1, 2) or batch < 1 or shape[1:] not in ([], [1]):
             raise InputError(
-                f"Input tensor: {name} | received BYTES shape {shape} | expected [N] or [N, 1] encoded "
-                "images")
+                f"Input tensor: {name} | received BYTES shape {shape} | expected [N] or "
+                "[N, 1] encoded images")
         return
     want_type = v2_datatype(spec.dtype)
     if datatype != want_type:

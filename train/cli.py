@@ -95,8 +95,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data", type=_data_spec, default=s, help=f"dataset spec (default: {d['data']})")
     g.add_argument("--model", default=s,
                    help="architecture (default: lenet5 for classification, kiln-det-s for detection): "
-                        + ", ".join(MODEL_NAMES) + ", any torchvision classifier (e.g. convnext_tiny) or "
-                                                   "timm:NAME")
+                        + ", ".join(MODEL_NAMES) + ", any torchvision classifier "
+                                                   "(e.g. convnext_tiny) or timm:NAME")
     g.add_argument("--task", type=choice("task", TASKS), default=s,
                    help="classify | detect (default: from --model or --data)")
     g.add_argument("--image-size", type=positive_int, default=s,
@@ -115,8 +115,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
                         "IMAGENET1K_V2; kiln-det-<backbone>: the backbone's); fetched through TORCH_HOME / "
                         "the Hugging Face cache")
     g.add_argument("--workers", type=non_negative_int, default=s,
-                   help="DataLoader worker processes (default: 0 for in-memory datasets, up to 4 for image "
-                        "files)")
+                   help="DataLoader worker processes "
+                        "(default: 0 for in-memory datasets, up to 4 for image files)")
     _add_train_options(p, d, s)
     p.set_defaults(func=run_train, train_parser=p)
 
@@ -133,8 +133,8 @@ def _add_train_options(p: argparse.ArgumentParser, d: dict[str, Any], s: str) ->
                    help="the global batch, split evenly over the processes (default: 64 for classification, "
                         "16 for detection, halved down to 8 until an epoch has 10 steps)")
     o.add_argument("--lr", type=positive_float, default=s,
-                   help="peak learning rate (default: 2e-3 for adam/adamw, 0.05 for sgd/momentum, 0.01 for "
-                        "adagrad)")
+                   help="peak learning rate "
+                        "(default: 2e-3 for adam/adamw, 0.05 for sgd/momentum, 0.01 for adagrad)")
     o.add_argument("--optimizer", type=choice("optimizer", OPTIMIZERS), default=s,
                    help=f"{', '.join(OPTIMIZERS)} (default: {d['optimizer']})")
     o.add_argument("--schedule", type=choice("schedule", SCHEDULES), default=s,
@@ -153,8 +153,8 @@ def _add_train_options(p: argparse.ArgumentParser, d: dict[str, Any], s: str) ->
     r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     r.add_argument("--nproc", type=positive_int, default=1, metavar="N",
                    help="start N training processes on this machine (DDP: one per GPU, or CPU processes with "
-                        "gloo) through torch.distributed.run, as torchrun --nproc-per-node N would (default: "
-                        "1)")
+                        "gloo) through torch.distributed.run, as torchrun --nproc-per-node N would "
+                        "(default: 1)")
     r.add_argument("--seed", type=int, default=s, help=f"(default: {d['seed']})")
     r.add_argument("--deterministic", action="store_true", default=s, help="use deterministic kernels only")
     r.add_argument("--device", type=choice("device", DEVICES), default=s,
@@ -201,8 +201,8 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--bench-batch", type=csv_of(positive_int), default=[1, 8, 32], metavar="B,B,...",
                    help="batch sizes timed by --bench (default: 1,8,32)")
     e.add_argument("--bench-iters", type=positive_int, default=50, metavar="N",
-                   help="timed calls per artifact and batch for --bench, after N/10 warm-up calls (default: "
-                        "50)")
+                   help="timed calls per artifact and batch for --bench, after N/10 warm-up calls "
+                        "(default: 50)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
     d = e.add_argument_group(
         "detection",
@@ -248,16 +248,16 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
     dp.add_argument("--seed", type=int, default=0,
                     help="random seed of the generated images and of the val split")
     dp.add_argument("--format", type=choice("format", ("coco", "yolo")), default="coco",
-                    help="shapes: coco (annotations/instances_{train,val}.json) or yolo (labels/ and "
-                         "data.yaml)")
+                    help="shapes: coco (annotations/instances_{train,val}.json) or yolo "
+                         "(labels/ and data.yaml)")
     i = dp.add_argument_group("inspect")
     i.add_argument("--batch-size", type=positive_int, metavar="B",
-                   help="steps per epoch at this batch size (default: the batch size kiln train would "
-                        "choose)")
+                   help="steps per epoch at this batch size "
+                        "(default: the batch size kiln train would choose)")
     i.add_argument("--image-size", type=positive_int, metavar="S", help="the --image-size a run would get")
     i.add_argument("--model", metavar="NAME",
-                   help="the --model a run would use, for the input size it takes (default: the task's "
-                        "default model)")
+                   help="the --model a run would use, for the input size it takes "
+                        "(default: the task's default model)")
     i.add_argument("--val-fraction", type=open_fraction, default=0.2,
                    help="share held out when DATA has no val split")
     i.add_argument("--save", metavar="DIR",
