@@ -70,7 +70,8 @@ def build_flags(major: int, precision: str, strongly_typed: bool = True) -> tupl
 
 
 def _builder_config(
-    builder: Any, profile: Any, workspace_gib: float, builder_flags: list[str], hardware_compat: bool, version_compat: bool,
+    builder: Any, profile: Any, workspace_gib: float, builder_flags: list[str], hardware_compat: bool,
+    version_compat: bool,
     tf32: bool,
 ) -> Any:
     import tensorrt as trt
@@ -111,7 +112,8 @@ def onnx2engine(
     operator) or built. The plan and the timing cache are written atomically: a failed build leaves
     earlier files as they were.
     """
-    network_flags, builder_flags, gpu = _preflight(onnx_path, precision, workspace_gib, strongly_typed, hardware_compat)
+    network_flags, builder_flags, gpu = _preflight(onnx_path, precision, workspace_gib, strongly_typed,
+                                                   hardware_compat)
     import tensorrt as trt
 
     src = Path(onnx_path)
@@ -127,7 +129,8 @@ def onnx2engine(
     _check_precision(network, precision, src)
     profile = _profile(builder, network, src, input_name, batch)
 
-    config = _builder_config(builder, profile, workspace_gib, builder_flags, hardware_compat, version_compat, tf32)
+    config = _builder_config(builder, profile, workspace_gib, builder_flags, hardware_compat, version_compat,
+                             tf32)
     cache_path, seed = timing_cache_file(timing_cache, gpu.name, str(trt.__version__))
     _load_timing_cache(config, seed)
 
@@ -174,7 +177,8 @@ def _preflight(onnx_path: str | os.PathLike[str], precision: str, workspace_gib:
     gpu = cuda.device_info(0)
     if hardware_compat and parse_capability(gpu.compute_capability) < (8, 0):
         raise ExportError(
-            f"hardware-compatible engines (AMPERE_PLUS) need compute capability >= 8.0; {gpu.name} has {gpu.compute_capability}"
+            f"hardware-compatible engines (AMPERE_PLUS) need compute capability >= 8.0; {gpu.name} has "
+            f"{gpu.compute_capability}"
         )
     return network_flags, builder_flags, gpu
 
@@ -207,10 +211,12 @@ def _profile(
     if any(d < 0 for d in shape[1:]):
         raise ExportError(f"{src}: input {input_name} has shape {shape}; only the batch axis may be dynamic")
     if shape[0] >= 0 and not batch.min == batch.max == shape[0]:
-        raise ExportError(f"{src}: input {input_name} has a fixed batch {shape[0]}, cannot build batch range {batch}")
+        raise ExportError(
+            f"{src}: input {input_name} has a fixed batch {shape[0]}, cannot build batch range {batch}")
     rest = shape[1:]
     profile = builder.create_optimization_profile()
-    profile.set_shape(input_name, trt.Dims([batch.min, *rest]), trt.Dims([batch.opt, *rest]), trt.Dims([batch.max, *rest]))
+    profile.set_shape(input_name, trt.Dims([batch.min, *rest]), trt.Dims([batch.opt, *rest]),
+                      trt.Dims([batch.max, *rest]))
     return profile
 
 
@@ -238,7 +244,8 @@ def _parser_errors(parser: trt.OnnxParser) -> list[str]:
     for i in range(parser.num_errors):
         err = parser.get_error(i)
         node, name, op = err.node(), err.node_name(), err.node_operator()
-        where = f"node {node}" + (f" '{name}'" if name else "") + (f" (op {op})" if op else "") if node >= 0 else "graph"
+        where = f"node {node}" + (f" '{name}'" if name else "") + (f" (op {op})" if op
+                                                                   else "") if node >= 0 else "graph"
         out.append(f"{where}: {err.desc()}")
     return out or ["unknown parser error"]
 
@@ -256,7 +263,8 @@ def _check_precision(network: trt.INetworkDefinition, precision: str, src: Path)
             if layer.get_output(j).dtype == trt.DataType.HALF:
                 half = True
     if precision == "int8" and not quantized:
-        raise ExportError(f"{src} has no Quantize/DequantizeLinear nodes: pass the int8 Q/DQ graph for an int8 engine")
+        raise ExportError(
+            f"{src} has no Quantize/DequantizeLinear nodes: pass the int8 Q/DQ graph for an int8 engine")
     if precision == "fp16" and not half:
         raise ExportError(f"{src} has no float16 tensors: pass the fp16 graph (onnx2fp16) for an fp16 engine")
     if precision == "fp32" and (quantized or half):

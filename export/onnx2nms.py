@@ -63,7 +63,9 @@ class NmsSettings:
 
     def metadata(self) -> dict[str, str]:
         """The graph's ``metadata_props`` (strings, as ONNX stores them)."""
-        return {"kiln.nms." + k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()}
+        return {
+            "kiln.nms." + k: str(v).lower() if isinstance(v,
+                                                          bool) else str(v) for k, v in asdict(self).items()}
 
     def record(self) -> dict[str, Any]:
         """What kiln.json records under the artifact's ``nms``."""
@@ -113,7 +115,8 @@ def onnx2nms(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, boxes:
     batch_dim = raw.graph.input[0].type.tensor_type.shape.dim[0]
     for out in merged.graph.output:
         out.type.tensor_type.shape.dim[0].CopyFrom(batch_dim)
-    onnx.helper.set_model_props(merged, {**{p.key: p.value for p in raw.metadata_props}, **settings.metadata()})
+    onnx.helper.set_model_props(merged,
+                                {**{p.key: p.value for p in raw.metadata_props}, **settings.metadata()})
     try:
         onnx.checker.check_model(merged, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -133,9 +136,11 @@ def _detector_shape(raw: Any, boxes: str, scores: str) -> tuple[int, int, int]:
     shapes = {o.name: [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
               for o in raw.graph.output}
     if boxes not in shapes or scores not in shapes:
-        raise ExportError(f"--nms: the graph has outputs {sorted(shapes)}, not the detector's {boxes!r} and {scores!r}")
+        raise ExportError(
+            f"--nms: the graph has outputs {sorted(shapes)}, not the detector's {boxes!r} and {scores!r}")
     b_shape, s_shape = shapes[boxes], shapes[scores]
-    if len(b_shape) != 3 or b_shape[2] != 4 or len(s_shape) != 3 or None in s_shape[1:] or b_shape[1] != s_shape[1]:
+    if (len(b_shape) != 3 or b_shape[2] != 4 or len(s_shape) != 3 or None in s_shape[1:]
+            or b_shape[1] != s_shape[1]):
         raise ExportError(f"--nms: expected {boxes} [N, A, 4] and {scores} [N, A, C] with fixed A and C, "
                           f"got {b_shape} and {s_shape}")
     return opset, int(s_shape[1] or 0), int(s_shape[2] or 0)
@@ -144,7 +149,8 @@ def _detector_shape(raw: Any, boxes: str, scores: str) -> tuple[int, int, int]:
 def _const(name: str, value: Any, dtype: Any) -> Any:
     import onnx
 
-    return onnx.helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
+    return onnx.helper.make_node("Constant", [], [name],
+                                 value=onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
 
 
 def _candidate_nodes(boxes: str, scores: str, settings: NmsSettings, pre: int, num_classes: int) -> list[Any]:
@@ -201,13 +207,15 @@ def _selection_nodes(k: int, kept: int) -> list[Any]:
     const, n = _const, helper.make_node
     nodes = [const("nms/kept", [kept], np.int64)]
     nodes += [
-        n("NonMaxSuppression", ["nms/cand_boxes", "nms/nms_scores", "nms/max_per_class", "nms/iou", "nms/score_thr"],
+        n("NonMaxSuppression",
+          ["nms/cand_boxes", "nms/nms_scores", "nms/max_per_class", "nms/iou", "nms/score_thr"],
           ["nms/selected"], center_point_box=0),  # [S, 3]: batch, class, candidate
         # a dense [N, P] score of the kept candidates, -1 elsewhere, to take the best K per image
         n("Gather", ["nms/selected", "nms/col_batch_box"], ["nms/sel_bp"], axis=1),  # [S, 2]
         n("GatherND", ["nms/cand_score", "nms/sel_bp"], ["nms/sel_score"]),  # [S]
         n("Shape", ["nms/cand_score"], ["nms/n_p_shape"]),
-        n("ConstantOfShape", ["nms/n_p_shape"], ["nms/dense0"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [-1.0])),
+        n("ConstantOfShape", ["nms/n_p_shape"], ["nms/dense0"],
+          value=helper.make_tensor("v", TensorProto.FLOAT, [1], [-1.0])),
         n("ScatterND", ["nms/dense0", "nms/sel_bp", "nms/sel_score"], ["nms/dense"]),
         n("TopK", ["nms/dense", "nms/kept"], ["nms/top_score", "nms/top_idx"], axis=1, largest=1, sorted=1),
         n("Greater", ["nms/top_score", "nms/minus_one"], ["nms/valid"]),  # [N, k]
@@ -227,11 +235,13 @@ def _selection_nodes(k: int, kept: int) -> list[Any]:
         n("Where", ["nms/valid3", "nms/top_boxes", "nms/zero_f"], ["nms/det_boxes_k"]),
     ]
     pad = k - kept
-    names = {"det_boxes": "nms/det_boxes_k", "det_scores": "nms/det_scores_k", "det_classes": "nms/det_classes_k"}
+    names = {"det_boxes": "nms/det_boxes_k", "det_scores": "nms/det_scores_k",
+             "det_classes": "nms/det_classes_k"}
     if pad:  # fewer candidates than K: zero rows up to K, so every batch answers [N, K, ...]
         for out, rank in (("det_boxes", 3), ("det_scores", 2), ("det_classes", 2)):
             pads = [0, 0, 0][:rank] + [0, pad, 0][:rank]
-            nodes += [const(f"nms/pads_{out}", pads, np.int64), n("Pad", [names[out], f"nms/pads_{out}"], [out])]
+            nodes += [const(f"nms/pads_{out}", pads, np.int64),
+                      n("Pad", [names[out], f"nms/pads_{out}"], [out])]
     else:
         nodes += [n("Identity", [names[out]], [out]) for out in names]
     return nodes
@@ -259,14 +269,15 @@ def verify_end_to_end(manifest: Manifest, raw: Backend, end_to_end: Backend, x: 
     for i, (r, g) in enumerate(zip(ref, got, strict=True)):
         if len(r) != len(g) or [d["index"] for d in r] != [d["index"] for d in g]:
             raise ExportError(f"--nms verification failed on validation image {i}: {len(g)} detections "
-                              f"(classes {[d['index'] for d in g]}) where kiln's post-processing gives {len(r)} "
-                              f"({[d['index'] for d in r]})")
+                              f"(classes {[d['index'] for d in g]}) where kiln's post-processing gives "
+                              f"{len(r)} ({[d['index'] for d in r]})")
         for a, b in zip(r, g, strict=True):
-            box_diff = max(box_diff, float(np.abs(np.subtract(np.asarray(a["box"]), np.asarray(b["box"]))).max()))
+            box_diff = max(box_diff,
+                           float(np.abs(np.subtract(np.asarray(a["box"]), np.asarray(b["box"]))).max()))
             score_diff = max(score_diff, float(np.abs(np.asarray(a["score"]) - np.asarray(b["score"]))))
-    report = {"reference": "kiln post-processing of the raw graph's outputs (onnxruntime cpu)", "images": len(x),
-              "detections": sum(len(r) for r in ref), "max_box_diff_px": box_diff, "max_score_diff": score_diff,
-              "box_tol_px": BOX_TOL_PX, "score_tol": SCORE_TOL}
+    report = {"reference": "kiln post-processing of the raw graph's outputs (onnxruntime cpu)",
+              "images": len(x), "detections": sum(len(r) for r in ref), "max_box_diff_px": box_diff,
+              "max_score_diff": score_diff, "box_tol_px": BOX_TOL_PX, "score_tol": SCORE_TOL}
     if box_diff > BOX_TOL_PX or score_diff > SCORE_TOL:
         raise ExportError(f"--nms verification failed: boxes differ by up to {box_diff:.3g} px (tolerance "
                           f"{BOX_TOL_PX}), scores by {score_diff:.3g} (tolerance {SCORE_TOL})")

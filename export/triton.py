@@ -55,7 +55,8 @@ def write_triton_repo(
             log.info("Triton: serving the end-to-end graph %s with ONNX Runtime (engines are built from the "
                      "raw graph; --triton-raw serves %s)", end_to_end_file, engine_file)
         onnx_file, engine_file = end_to_end_file, None
-        options = dataclasses.replace(options, outputs=tuple(bundle.outputs_of(art)), nms=art.nms.model_dump() if art.nms else None)
+        options = dataclasses.replace(options, outputs=tuple(bundle.outputs_of(art)),
+                                      nms=art.nms.model_dump() if art.nms else None)
     if engine_file and batch.min > 1:
         # Triton may send any batch from 1 to max_batch_size; a plan whose profile starts higher rejects it.
         raise ExportError("--triton-repo with --engine needs a batch range starting at 1 (got --batch "

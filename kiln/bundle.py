@@ -47,7 +47,8 @@ class BatchRange(_Model):
     @model_validator(mode="after")
     def _ordered(self) -> BatchRange:
         if not self.min <= self.opt <= self.max:
-            raise ValueError(f"batch range must satisfy MIN <= OPT <= MAX, got {self.min}:{self.opt}:{self.max}")
+            raise ValueError(
+                f"batch range must satisfy MIN <= OPT <= MAX, got {self.min}:{self.opt}:{self.max}")
         return self
 
     @classmethod
@@ -107,7 +108,8 @@ class Preprocess(_Model):
     # center_crop: the shorter side is resized to resize_size, then the centre size (H, W) is cut out,
     # as torchvision's and timm's ImageNet evaluation transforms do; the weights' recipe is kept here.
     resize_size: int | None = Field(None, ge=1)
-    source: str | None = None  # where the recipe comes from, e.g. "torchvision:ResNet50_Weights.IMAGENET1K_V2"
+    # where the recipe comes from, e.g. "torchvision:ResNet50_Weights.IMAGENET1K_V2"
+    source: str | None = None
     # How a JPEG is decoded (kiln.processing.decode): "draft" at the smallest DCT scale that still covers
     # the model input (libjpeg's downscaling, one resize after it), "full" at full size. Other formats are
     # always decoded in full. A kiln.json written before this field existed was measured with full
@@ -126,7 +128,8 @@ class DetectPost(_Model):
     iou_threshold: float = Field(0.5, ge=0.0, le=1.0)
     max_detections: int = Field(100, ge=1)
     class_agnostic: bool = False  # NMS across classes: one box per object whatever its label
-    multi_label: bool = False  # a box once per class over the threshold (mAP protocols), not its best class only
+    # a box once per class over the threshold (mAP protocols), not its best class only
+    multi_label: bool = False
     classes: list[int] | None = None  # keep only these class indices; None keeps every class
 
 
@@ -228,7 +231,8 @@ def artifact_record(record: dict[str, Any]) -> dict[str, Any]:
     out = nest_engine(record)
     unknown = sorted(set(out) - set(Artifact.model_fields))
     for key in unknown:
-        log.info("kiln.json: %s: dropping %r (not part of schema %d)", record.get("file"), key, SCHEMA_VERSION)
+        log.info("kiln.json: %s: dropping %r (not part of schema %d)", record.get("file"), key,
+                 SCHEMA_VERSION)
         out.pop(key)
     return out
 
@@ -241,7 +245,8 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     """
     version = data.get("schema_version", 1)
     if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise ValueError(f"schema_version {version} is newer than this kiln reads ({SCHEMA_VERSION}); upgrade kiln")
+        raise ValueError(
+            f"schema_version {version} is newer than this kiln reads ({SCHEMA_VERSION}); upgrade kiln")
     if version == SCHEMA_VERSION:
         return data
     data = dict(data, schema_version=SCHEMA_VERSION)
@@ -307,7 +312,8 @@ class Bundle:
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
             raise BundleError(
-                f"{root} is not a kiln bundle: {MANIFEST} is missing (train one with `kiln train --out {root}`)"
+                f"{root} is not a kiln bundle: {MANIFEST} is missing "
+                f"(train one with `kiln train --out {root}`)"
             )
         try:
             data = json.loads(manifest_path.read_text())
@@ -335,12 +341,14 @@ class Bundle:
         """Record ``file`` (already written inside the bundle) with its sha256 and the :class:`Artifact`
         fields in ``extra``; engine provenance may be given flat (:func:`nest_engine`)."""
         art = Artifact.model_validate(nest_engine(
-            {"file": file, "format": fmt, "precision": precision, "sha256": sha256_file(self.root / file), **extra}
+            {"file": file, "format": fmt, "precision": precision, "sha256": sha256_file(self.root / file),
+             **extra}
         ))
         self.manifest.artifacts[file] = art
         return art
 
-    def artifacts(self, fmt: str | None = None, precision: str | None = None, *, end_to_end: bool = False) -> list[Artifact]:
+    def artifacts(self, fmt: str | None = None, precision: str | None = None, *,
+                  end_to_end: bool = False) -> list[Artifact]:
         """Artifacts of a format and precision; detectors' end-to-end graphs (NMS inside, other outputs)
         only with ``end_to_end``, so consumers of the raw outputs never pick one by accident."""
         return [
@@ -351,7 +359,8 @@ class Bundle:
         ]
 
     def outputs_of(self, art: Artifact) -> list[TensorSpec]:
-        """The output tensors of ``art``: its own when it records them (an end-to-end graph), else kiln.json's."""
+        """The output tensors of ``art``: its own when it records them (an end-to-end graph), else
+        kiln.json's."""
         return list(art.outputs) if art.outputs else list(self.manifest.outputs)
 
     def artifact(self, fmt: str, precision: str = "fp32") -> Artifact | None:
@@ -365,5 +374,6 @@ class Bundle:
             raise BundleError(f"artifact {art.file} listed in {MANIFEST} is missing from {self.root}")
         digest = sha256_file(p)
         if digest != art.sha256:
-            raise BundleError(f"artifact {p} does not match its sha256 in {MANIFEST} (modified after export?)")
+            raise BundleError(
+                f"artifact {p} does not match its sha256 in {MANIFEST} (modified after export?)")
         return p

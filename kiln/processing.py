@@ -138,7 +138,8 @@ def covering_size(spec: Preprocess, size: tuple[int, int]) -> tuple[int, int]:
     return (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: Preprocess | None = None) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 spec: Preprocess | None = None) -> Image.Image:
     """:func:`open_image` then :func:`decode`: bytes to 8-bit ``L``/``RGB`` pixels as displayed."""
     return decode(open_image(data, max_pixels), spec)
 
@@ -245,7 +246,8 @@ def _resize_center_crop(img: Image.Image, short: int, size: tuple[int, int],
     resized = img.resize((nw, nh), resample) if img.size != (nw, nh) else img
     left, top = int(round((nw - w) / 2.0)), int(round((nh - h) / 2.0))
     placed = resized.crop((left, top, left + w, top + h))  # PIL fills outside the image with 0
-    return placed, Letterbox(nw / img.width, nh / img.height, float(-left), float(-top), img.width, img.height)
+    return placed, Letterbox(nw / img.width, nh / img.height, float(-left), float(-top), img.width,
+                             img.height)
 
 
 def normalize(x: np.ndarray, spec: Preprocess) -> np.ndarray:
@@ -276,7 +278,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def classify_topk(logits: np.ndarray, classes: list[str], post: ClassifyPost) -> list[list[dict[str, object]]]:
+def classify_topk(logits: np.ndarray, classes: list[str],
+                  post: ClassifyPost) -> list[list[dict[str, object]]]:
     """Top-k labels and probabilities for each row of ``[N, K]`` logits."""
     probs = softmax(logits)
     k = min(post.top_k, probs.shape[1])
@@ -365,7 +368,8 @@ def _candidates(scores: np.ndarray, post: DetectPost) -> tuple[np.ndarray, np.nd
     return anchor, cls, s
 
 
-def nms_keep(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float, agnostic: bool) -> np.ndarray:
+def nms_keep(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float,
+             agnostic: bool) -> np.ndarray:
     """Indices kept by NMS over ``boxes [K, 4]``: per class (``classes [K]``) or across classes
     (``agnostic``: overlapping boxes of different classes suppress each other), best score first."""
     if agnostic:
@@ -394,7 +398,8 @@ def detect_postprocess(
     (left in input pixels when ``letterboxes`` is None).
     """
     if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
-        raise ValueError(f"expected boxes [N, A, 4] and scores [N, A, C], got {boxes.shape} and {scores.shape}")
+        raise ValueError(
+            f"expected boxes [N, A, 4] and scores [N, A, C], got {boxes.shape} and {scores.shape}")
     if letterboxes is not None and len(letterboxes) != len(boxes):
         raise ValueError(f"{len(letterboxes)} letterboxes for {len(boxes)} images")
     out: list[list[dict[str, object]]] = []
@@ -412,8 +417,10 @@ def detect_postprocess(
     return out
 
 
-def detect_overrides(post: DetectPost, classes: list[str], *, conf: float | None = None, iou: float | None = None,
-                     max_det: int | None = None, agnostic: bool | None = None, multi_label: bool | None = None,
+def detect_overrides(post: DetectPost, classes: list[str], *, conf: float | None = None,
+                     iou: float | None = None,
+                     max_det: int | None = None, agnostic: bool | None = None,
+                     multi_label: bool | None = None,
                      only: list[str] | None = None) -> DetectPost:
     """``post`` (kiln.json's defaults) with the controls a caller gave; ``None`` keeps the default.
 
@@ -451,4 +458,5 @@ class DetectControlError(KilnError, ValueError):
     """A detection control (threshold, class filter, ...) has an invalid value."""
 
 
-__all__ += ["PRE_NMS_TOP_K", "DetectControlError", "class_index", "detect_overrides", "detect_postprocess", "nms", "nms_keep"]
+__all__ += ["PRE_NMS_TOP_K", "DetectControlError", "class_index", "detect_overrides", "detect_postprocess",
+            "nms", "nms_keep"]

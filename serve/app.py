@@ -153,9 +153,11 @@ def create_app(
     docs.install(app)
     # The gate sits inside CORS: its 401 and 413 answers carry the CORS headers a browser needs to read
     # them, and a CORS preflight (which carries no API key) never reaches it.
-    front: ASGIApp = RequestGate(app.framework, limit=settings.max_body_bytes, metrics=metrics, models=registry.models,
+    front: ASGIApp = RequestGate(app.framework, limit=settings.max_body_bytes, metrics=metrics,
+                                 models=registry.models,
                                  api_key=app.state.api_key, body_timeout=settings.body_timeout_s,
-                                 worker=str(os.getpid()) if workers is not None else None, fast=v1.FastPredict(app).match)
+                                 worker=str(os.getpid()) if workers is not None else None,
+                                 fast=v1.FastPredict(app).match)
     if settings.cors_origins:
         front = CORSMiddleware(
             front,

@@ -200,8 +200,9 @@ class Batcher:
         parts = split_feeds(feeds, self.max_items)
         if len(parts) > self.max_queue:  # could never fit, so "retry later" would be a lie
             raise InputError(
-                f"request of {batch_size(feeds)} items needs {len(parts)} batches of {self.max_items}, more than "
-                f"the queue holds ({self.max_queue}); send at most {self.max_queue * self.max_items} items per request"
+                f"request of {batch_size(feeds)} items needs {len(parts)} batches of {self.max_items}, more "
+                f"than the queue holds ({self.max_queue}); send at most {self.max_queue * self.max_items} "
+                "items per request"
             )
         pendings = [
             Pending(f, batch_size(f), request_id=request_id, enqueued=now, deadline=deadline) for f in parts
@@ -230,7 +231,8 @@ class Batcher:
         on the worker thread as usual, which also lets inference overlap the event loop's work."""
         backend = self.backend
         if (not self._inline or backend is None or self._busy or self._incoming > 1 or self._closed
-                or self._stopping.is_set() or self._queue.qsize() or not self._inline_lock.acquire(blocking=False)):
+                or self._stopping.is_set() or self._queue.qsize()
+                or not self._inline_lock.acquire(blocking=False)):
             return None
         try:
             n = batch_size(feeds)
@@ -340,10 +342,12 @@ class Batcher:
                     raise RuntimeError(f"output {k} has batch {v.shape[0]}, expected {n + pad}")
         except Exception as exc:
             ids = ", ".join(p.request_id for p in batch)
-            log.error("model '%s': inference failed for %d items (requests %s)", self.name, n, ids, exc_info=True)
+            log.error("model '%s': inference failed for %d items (requests %s)", self.name, n, ids,
+                      exc_info=True)
             for p in batch:
                 p.future.set_exception(
-                    InferenceFailed(f"inference failed ({type(exc).__name__}); see the server log", p.request_id)
+                    InferenceFailed(f"inference failed ({type(exc).__name__}); see the server log",
+                                    p.request_id)
                 )
             return
         t_out = time.perf_counter()
@@ -370,7 +374,8 @@ class Batcher:
             if item is None:
                 return
             if item.future.set_running_or_notify_cancel():
-                item.future.set_exception(BatcherClosed(f"model '{self.name}' stopped before the request ran"))
+                item.future.set_exception(
+                    BatcherClosed(f"model '{self.name}' stopped before the request ran"))
 
 
 def _describe(backend: Backend) -> str:
@@ -490,5 +495,5 @@ async def wait_result(
     return fut.result()
 
 
-__all__ = ["Arrival", "Batcher", "BatcherClosed", "ClientDisconnected", "InferenceFailed", "ModelNotReady", "Pending",
-           "QueueFull", "RequestTimeout", "collect", "split_feeds", "wait_result", "wake_loops"]
+__all__ = ["Arrival", "Batcher", "BatcherClosed", "ClientDisconnected", "InferenceFailed", "ModelNotReady",
+           "Pending", "QueueFull", "RequestTimeout", "collect", "split_feeds", "wait_result", "wake_loops"]

@@ -253,6 +253,6 @@ def join(parts: list[Future[Feeds]], parent: Future[Feeds]) -> None:
         p.add_done_callback(done)
 
 
-__all__ = ["BatchFuture", "BatcherClosed", "ClientDisconnected", "Clock", "Feeds", "InferenceFailed", "ModelNotReady",
-           "Pending", "QueueFull", "RequestTimeout", "WakeableQueue", "batch_size", "claim", "collect", "join", "take",
-           "split_feeds"]
+__all__ = ["BatchFuture", "BatcherClosed", "ClientDisconnected", "Clock", "Feeds", "InferenceFailed",
+           "ModelNotReady", "Pending", "QueueFull", "RequestTimeout", "WakeableQueue", "batch_size", "claim",
+           "collect", "join", "take", "split_feeds"]

@@ -16,10 +16,13 @@ log = logging.getLogger("kiln.serve")
 
 # Flag name -> Settings field; flags default to "not given" so KILN_* variables apply underneath.
 _FLAGS = (
-    "host", "port", "grpc_port", "backend", "precision", "max_batch", "max_delay_ms", "max_queue", "timeout_s", "api_key",
-    "max_body_bytes", "max_image_pixels", "max_images_per_request", "max_request_pixels", "max_pixels_per_byte", "decode_threads",
+    "host", "port", "grpc_port", "backend", "precision", "max_batch", "max_delay_ms", "max_queue",
+    "timeout_s", "api_key",
+    "max_body_bytes", "max_image_pixels", "max_images_per_request", "max_request_pixels",
+    "max_pixels_per_byte", "decode_threads",
     "max_decode_queue",
-    "max_header_bytes", "body_timeout_s", "keep_alive_s", "drain_s", "cors_origins", "top_k", "workers", "threads",
+    "max_header_bytes", "body_timeout_s", "keep_alive_s", "drain_s", "cors_origins", "top_k", "workers",
+    "threads",
     "end_to_end",
     "header_timeout_s", "max_connections",
 )
@@ -42,11 +45,11 @@ def register(sub: Any) -> None:
         formatter_class=HelpFormatter,
         argument_default=argparse.SUPPRESS,
         description=(
-            "Serve one or more bundles: POST /v1/models/NAME/predict (multipart `file` fields or JSON base64),\n"
-            "KServe v2 /v2/models/NAME/infer, /healthz, /readyz, /metrics, /docs and a try-it page at /.\n"
-            "Every flag can also be set with a KILN_* environment variable (KILN_MAX_BATCH=16, KILN_API_KEY=...);\n"
-            "a flag wins over the variable. SIGTERM turns /readyz to 503, keeps serving for --drain-s seconds,\n"
-            "then stops accepting, finishes in-flight requests and exits 0.\n\n"
+            "Serve one or more bundles: POST /v1/models/NAME/predict (multipart `file` fields or JSON "
+            "base64),\nKServe v2 /v2/models/NAME/infer, /healthz, /readyz, /metrics, /docs and a try-it page "
+            "at /.\nEvery flag can also be set with a KILN_* environment variable (KILN_MAX_BATCH=16, "
+            "KILN_API_KEY=...);\na flag wins over the variable. SIGTERM turns /readyz to 503, keeps serving "
+            "for --drain-s seconds,\nthen stops accepting, finishes in-flight requests and exits 0.\n\n"
             "example:\n"
             "  kiln serve runs/digits --port 8000 --max-batch 32 --max-delay-ms 2\n"
             "  curl -F file=@digit.png http://127.0.0.1:8000/v1/models/digits/predict"
@@ -59,23 +62,25 @@ def register(sub: Any) -> None:
     p.add_argument("--host", help="interface to listen on [KILN_HOST, default 127.0.0.1; 0.0.0.0 for all]")
     p.add_argument("--port", type=_port, help="TCP port [KILN_PORT, default 8000; 0 picks a free one]")
     p.add_argument("--grpc-port", type=_port,
-                   help="also serve the KServe v2 gRPC protocol on this port [KILN_GRPC_PORT, default off; 0 picks a free one]")
+                   help="also serve the KServe v2 gRPC protocol on this port [KILN_GRPC_PORT, default off; 0 "
+                        "picks a free one]")
     p.add_argument("--backend", type=choice("backend", BACKEND_CHOICES),
                    help="runtime [KILN_BACKEND, default auto: TensorRT, then ONNX Runtime, then PyTorch]")
     p.add_argument("--precision", type=choice("precision", PRECISIONS),
                    help="artifact precision [KILN_PRECISION, default: the backend's choice]")
     p.add_argument("--end-to-end", action="store_true",
-                   help="detectors: serve the graph with NMS inside (kiln export --nms) [KILN_END_TO_END]; /v1 "
-                        "answers the same boxes")
+                   help="detectors: serve the graph with NMS inside (kiln export --nms) [KILN_END_TO_END]; "
+                        "/v1 answers the same boxes")
     _add_batching(p)
     _add_limits(p)
     p.add_argument("--threads", type=positive_int, metavar="N",
-                   help="intra-op threads per model for ONNX Runtime / PyTorch [KILN_THREADS, default: one per "
-                        "physical core]; with --workers N on a CPU, about cores / N")
+                   help="intra-op threads per model for ONNX Runtime / PyTorch [KILN_THREADS, default: one "
+                        "per physical core]; with --workers N on a CPU, about cores / N")
     p.add_argument("--workers", type=positive_int, metavar="N",
                    help="server processes sharing the port, each with its own batchers and backends "
                         "[KILN_WORKERS, default 1; on a CPU see docs/serve.md; one per GPU]")
-    p.add_argument("--access-log", action="store_true", default=False, help="log every request (uvicorn access log)")
+    p.add_argument("--access-log", action="store_true", default=False,
+                   help="log every request (uvicorn access log)")
     p.set_defaults(func=run)
 
 
@@ -84,7 +89,8 @@ def _add_batching(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=positive_int, metavar="N",
                    help="items per batch [KILN_MAX_BATCH, default: the backend's maximum]")
     g.add_argument("--max-delay-ms", type=non_negative_float, metavar="MS",
-                   help="how long a batch waits for more requests after its first [KILN_MAX_DELAY_MS, default 2]")
+                   help="how long a batch waits for more requests after its first "
+                        "[KILN_MAX_DELAY_MS, default 2]")
     g.add_argument("--max-queue", type=positive_int, metavar="N",
                    help="queued requests per model before answering 503 [KILN_MAX_QUEUE, default 256]")
     g.add_argument("--timeout-s", type=positive_float, metavar="S",
@@ -105,28 +111,32 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-images-per-request", type=positive_int, metavar="N",
                    help="images in one request [KILN_MAX_IMAGES_PER_REQUEST, default 64]")
     s.add_argument("--max-request-pixels", type=positive_int, metavar="N",
-                   help="decode budget: width x height summed over a request's images, checked from the headers "
-                        "before decoding; 413 above [KILN_MAX_REQUEST_PIXELS, default 40000000]")
+                   help="decode budget: width x height summed over a request's images, checked from the "
+                        "headers before decoding; 413 above [KILN_MAX_REQUEST_PIXELS, default 40000000]")
     s.add_argument("--max-pixels-per-byte", type=positive_float, metavar="R",
-                   help="decompression-bomb guard: an image over 4 Mpx that decodes to more than R pixels per byte "
-                        "of its file is refused from its header; 400 [KILN_MAX_PIXELS_PER_BYTE, default 256]")
+                   help="decompression-bomb guard: an image over 4 Mpx that decodes to more than R pixels "
+                        "per byte of its file is refused from its header; 400 "
+                        "[KILN_MAX_PIXELS_PER_BYTE, default 256]")
     s.add_argument("--decode-threads", type=positive_int, metavar="N",
-                   help="requests decoding images at once, off the event loop [KILN_DECODE_THREADS, default 2]")
+                   help="requests decoding images at once, off the event loop "
+                        "[KILN_DECODE_THREADS, default 2]")
     s.add_argument("--max-decode-queue", type=positive_int, metavar="N",
-                   help="requests waiting for a decode thread (first come, first served) before 503 + Retry-After "
-                        "[KILN_MAX_DECODE_QUEUE, default 64]")
+                   help="requests waiting for a decode thread (first come, first served) before 503 + "
+                        "Retry-After [KILN_MAX_DECODE_QUEUE, default 64]")
     s.add_argument("--max-header-bytes", type=positive_int, metavar="N",
                    help="request line + headers limit, 431 above [KILN_MAX_HEADER_BYTES, default 65536]")
     s.add_argument("--header-timeout-s", type=positive_float, metavar="S",
-                   help="a request line + headers not complete within S seconds of the connection opening (or of "
-                        "the request's first byte on a kept-alive connection) gets 408 and the connection closes; "
-                        "a connection that sends nothing is closed [KILN_HEADER_TIMEOUT_S, default 10]")
+                   help="a request line + headers not complete within S seconds of the connection opening "
+                        "(or of the request's first byte on a kept-alive connection) gets 408 and the "
+                        "connection closes; a connection that sends nothing is closed "
+                        "[KILN_HEADER_TIMEOUT_S, default 10]")
     s.add_argument("--max-connections", type=positive_int, metavar="N",
-                   help="open HTTP connections per process; above it new requests get 503 with Connection: close "
-                        "(/healthz and /readyz still answer) [KILN_MAX_CONNECTIONS, default: the open-file limit "
-                        "(raised to its hard value at start) less 192, at most 8192]")
+                   help="open HTTP connections per process; above it new requests get 503 with Connection: "
+                        "close (/healthz and /readyz still answer) [KILN_MAX_CONNECTIONS, default: the "
+                        "open-file limit (raised to its hard value at start) less 192, at most 8192]")
     s.add_argument("--body-timeout-s", type=positive_float, metavar="S",
-                   help="wait this long for more of a request body, then 408 [KILN_BODY_TIMEOUT_S, default 30]")
+                   help="wait this long for more of a request body, then 408 "
+                        "[KILN_BODY_TIMEOUT_S, default 30]")
     s.add_argument("--keep-alive-s", type=positive_int, metavar="S",
                    help="close idle keep-alive connections after S seconds [KILN_KEEP_ALIVE_S, default 5]")
     s.add_argument("--drain-s", type=non_negative_float, metavar="S",
@@ -147,11 +157,12 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"invalid setting {where} (flag --{where.replace('_', '-')} or KILN_{where.upper()}): "
-                          f"{first['msg']}") from None
+        raise ConfigError(f"invalid setting {where} (flag --{where.replace('_', '-')} or "
+                          f"KILN_{where.upper()}): {first['msg']}") from None
     names = getattr(args, "names", None)
     if names is not None and len(names) != len(args.bundles):
-        raise ConfigError(f"--name was given {len(names)} time(s) for {len(args.bundles)} bundle(s): give one per bundle")
+        raise ConfigError(
+            f"--name was given {len(names)} time(s) for {len(args.bundles)} bundle(s): give one per bundle")
     bundles = [Bundle.load(path) for path in args.bundles]
     models = [(names[i] if names else b.name, b) for i, b in enumerate(bundles)]
     from kiln import runtime

@@ -58,7 +58,8 @@ from kiln.serve.v2_tensors import (
 log = logging.getLogger("kiln.serve.grpc")
 
 # The typed-contents field that carries each datatype when raw_input_contents is not used (FP16 has none).
-_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+             "INT32": "int_contents",
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
              "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
              "FP64": "fp64_contents", "BYTES": "bytes_contents"}
@@ -92,7 +93,8 @@ def rpc(guarded: bool = True) -> Callable[[Handler], Handler]:
                 raise
             except Exception:
                 log.exception("gRPC %s failed", method.__name__)
-                code, message = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log"
+                code = grpc.StatusCode.INTERNAL
+                message = f"internal error in {method.__name__}; see the server log"
             # Aborted outside the except block and without the request: the abort's traceback (and, inside
             # the block, the error it would carry as context) would keep every frame's locals, the request and
             # its tensors, alive in a reference cycle until a full collection, tens of MB per refused request.
@@ -162,7 +164,9 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc()
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        names = [self.served(request.name, request.version).name] if request.name else [m.name for m in self.registry]
+        names = [
+            self.served(request.name,
+                        request.version).name] if request.name else [m.name for m in self.registry]
         return self.stats.message(names)
 
     @rpc()
@@ -180,7 +184,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         message, raw = split_infer_request(request)
         return await self.infer(message, raw)
 
-    async def ModelStreamInfer(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def ModelStreamInfer(self, request_iterator: Any,
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Triton's streaming inference (tritonclient's ``start_stream`` / ``async_stream_infer``): each
         request of the stream is served as :meth:`ModelInfer` serves it, with the same limits, up to
         :data:`STREAM_IN_FLIGHT` at once; each answer carries its request's id (answers come in the order
@@ -236,7 +241,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         for k in wanted:
             arr = out[k]
             response.outputs.append(
-                pb.ModelInferResponse.InferOutputTensor(name=k, datatype=v2_datatype(arr.dtype), shape=list(arr.shape))
+                pb.ModelInferResponse.InferOutputTensor(name=k, datatype=v2_datatype(arr.dtype),
+                                                        shape=list(arr.shape))
             )
             response.raw_output_contents.append(to_bytes(arr))
         return response
@@ -280,7 +286,8 @@ def grpc_inputs(request: Any, raw: Sequence[bytes | memoryview] | None = None) -
     if raw is None:
         raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
-        raise InputError(f"raw_input_contents holds {len(raw)} tensors | expected one per input ({len(request.inputs)})")
+        raise InputError(
+            f"raw_input_contents holds {len(raw)} tensors | expected one per input ({len(request.inputs)})")
     tensors = []
     for i, t in enumerate(request.inputs):
         shape = [int(d) for d in t.shape]
@@ -304,7 +311,8 @@ class _Handlers:
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         pass
 
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         self.handlers = dict(handlers)
 
 
@@ -322,14 +330,16 @@ def _add_service(servicer: Servicer, server: grpc.aio.Server) -> None:
 
 
 async def start(app: Any) -> grpc.aio.Server:
-    """Listen on ``settings.grpc_port`` (0: a free port, kept in ``app.state.grpc_port``) and start serving."""
+    """Listen on ``settings.grpc_port`` (0: a free port, kept in ``app.state.grpc_port``) and start
+    serving."""
     settings: Settings = app.state.settings
     limit = settings.max_body_bytes
     # Above the body limit a call answers RESOURCE_EXHAUSTED. One server: without SO_REUSEPORT a port already
     # taken is an error at start instead of a second server sharing it silently (grpcio's default on Linux).
     # Workers of `kiln serve --workers N` (app.state.workers) share the port the parent holds for them.
     shared = getattr(app.state, "workers", None) is not None
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", int(shared))])
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", int(shared))])
     _add_service(Servicer(app.state), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:

@@ -85,7 +85,8 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], P
 
 
 def open_images(
-    blobs: list[bytes], max_pixels: int, max_request_pixels: int, max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE
+    blobs: list[bytes], max_pixels: int, max_request_pixels: int,
+    max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE
 ) -> list[Image.Image]:
     """Each blob opened from its header only; raises before any pixel is decoded when an image is over
     ``max_pixels`` or decodes to more than ``max_pixels_per_byte`` of its size (400), or all of them
@@ -99,7 +100,8 @@ def open_images(
         w, h = img.size
         if bomb is None and w * h > BOMB_FLOOR_PIXELS and w * h > max_pixels_per_byte * len(blob):
             bomb = ImageDecodeError(
-                f"{where}image is {w}x{h} = {w * h} pixels from {len(blob)} bytes, over {max_pixels_per_byte:g} "
+                f"{where}image is {w}x{h} = {w * h} pixels from {len(blob)} bytes, over "
+                f"{max_pixels_per_byte:g} "
                 "pixels per byte: refused as a decompression bomb (max_pixels_per_byte)"
             )
         total += w * h
@@ -178,8 +180,8 @@ class DecodePool:
             self._free -= 1
             return
         if self.waiting >= self.max_waiting:
-            raise QueueFull(f"{self.waiting} requests are waiting to decode images ({self.threads} decode threads, "
-                            f"max_decode_queue {self.max_waiting}); retry later")
+            raise QueueFull(f"{self.waiting} requests are waiting to decode images ({self.threads} decode "
+                            f"threads, max_decode_queue {self.max_waiting}); retry later")
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -280,7 +282,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 def _check_count(n: int, limit: int) -> None:
     if n == 0:
-        raise ApiError(400, "no_images", 'no images: send one or more multipart `file` fields or JSON {"images": [...]}')
+        raise ApiError(400, "no_images",
+                       'no images: send one or more multipart `file` fields or JSON {"images": [...]}')
     if n > limit:
         raise ApiError(400, "too_many_images", f"{n} images in one request, over the limit of {limit}")
 

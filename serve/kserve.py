@@ -9,7 +9,8 @@ input name in place of ``image_bytes``, TF Serving's named-input form). One requ
 Each prediction is what ``/v1/models/{name}/predict`` answers per image (:func:`kiln.outputs.predictions`):
 top-k labels, or boxes in the original image's pixels (in the input tensor's pixels for tensor
 instances). The request runs through :func:`kiln.serve.inference.infer` with the same limits, API key and
-metrics as every route; errors are KServe's ``{"error": "<message>"}`` (:func:`kiln.serve.errors.error_response`).
+metrics as every route; errors are KServe's ``{"error": "<message>"}``
+(:func:`kiln.serve.errors.error_response`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from kiln.serve.v1 import json_response
 from kiln.serve.v2 import INLINE_BYTES, JsonLimits, infer_limits, inline_schema, parse_json
 from kiln.serve.v2_tensors import from_list
 
-router = APIRouter(tags=["kserve-v1"], responses={"default": {"model": V2Error, "description": 'error: {"error": "<message>"}'}})
+router = APIRouter(tags=["kserve-v1"],
+                   responses={"default": {"model": V2Error, "description": 'error: {"error": "<message>"}'}})
 
 PATH = "/v1/models/{name}:predict"
 # The key of TF Serving's named-input form for an encoded image, beside the model's own input name.
@@ -50,8 +52,10 @@ async def kserve_predict(name: str, request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
     model = state.registry.get(name)
-    out, letterboxes, shapes, _ = await infer(model, _read(model, request, settings), request_id(request) or "",
-                                              settings, state.decode_slots, disconnected=request.is_disconnected)
+    out, letterboxes, shapes, _ = await infer(model, _read(model, request, settings),
+                                              request_id(request) or "",
+                                              settings, state.decode_slots,
+                                              disconnected=request.is_disconnected)
     if letterboxes is None:  # tensors: boxes stay in the input tensor's pixels
         letterboxes = [Letterbox(1.0, 1.0, 0.0, 0.0, w, h) for w, h in shapes]
     if model.manifest.task == "classify":
@@ -61,13 +65,15 @@ async def kserve_predict(name: str, request: Request) -> Response:
     return json_response({"predictions": results})
 
 
-async def _read(model: ServedModel, request: Request, settings: Settings) -> tuple[Input, list[tuple[int, int]]]:
+async def _read(model: ServedModel, request: Request,
+                settings: Settings) -> tuple[Input, list[tuple[int, int]]]:
     """The instances as encoded images or as the input tensor, and each tensor instance's width and height."""
     body = await request.body()
     limits = infer_limits(model, settings)
     if len(body) > INLINE_BYTES:  # parsing and converting take the event loop's time: do it beside it
         async with request.app.state.decode_slots:
-            return await asyncio.to_thread(read_instances, model, body, limits, settings.max_images_per_request)
+            return await asyncio.to_thread(read_instances, model, body, limits,
+                                           settings.max_images_per_request)
     return read_instances(model, body, limits, settings.max_images_per_request)
 
 
@@ -77,7 +83,8 @@ def read_instances(model: ServedModel, body: bytes, limits: JsonLimits,
     return instances_input(model, parse_json(V1PredictRequest, body, limits).instances, max_items)
 
 
-def instances_input(model: ServedModel, instances: list[Any], max_items: int) -> tuple[Input, list[tuple[int, int]]]:
+def instances_input(model: ServedModel, instances: list[Any],
+                    max_items: int) -> tuple[Input, list[tuple[int, int]]]:
     """``instances`` as the model's input: encoded images (all ``{"b64": ...}``) or a float32 tensor
     ``[N, *input shape]`` (all nested lists). Raises :class:`~kiln.errors.InputError` naming the instance."""
     if len(instances) > max_items:
@@ -94,8 +101,8 @@ def instances_input(model: ServedModel, instances: list[Any], max_items: int) ->
         dims.append(len(node))
         node = node[0] if node else None
     if dims[1:] != list(spec.shape):
-        raise InputError(f"instances: received shape {dims[1:]} per instance | expected {spec.shape} (the input "
-                         f"'{spec.name}', preprocessed), or {{\"b64\": \"<encoded image>\"}}")
+        raise InputError(f"instances: received shape {dims[1:]} per instance | expected {spec.shape} (the "
+                         f"input '{spec.name}', preprocessed), or {{\"b64\": \"<encoded image>\"}}")
     # Values checked as strictly as v2's JSON tensors (no null, NaN, booleans or strings; no ragged nesting).
     shape = [len(instances), *spec.shape]
     x = from_list(spec.name, v2_datatype(spec.dtype), shape, instances).reshape(shape)
@@ -109,8 +116,8 @@ def _b64(model: ServedModel, item: dict[str, Any], index: int) -> bytes:
     if len(item) == 1 and next(iter(item)) in keys and isinstance(inner := next(iter(item.values())), dict):
         item = inner
     if set(item) != {"b64"} or not isinstance(item["b64"], str):
-        raise InputError(f'instances[{index}]: an object with keys {sorted(item)} | expected {{"b64": "<encoded image>"}}'
-                         f' (or {{"{IMAGE_KEY}": {{"b64": ...}}}})')
+        raise InputError(f'instances[{index}]: an object with keys {sorted(item)} | expected {{"b64": '
+                         f'"<encoded image>"}} (or {{"{IMAGE_KEY}": {{"b64": ...}}}})')
     try:
         return base64.b64decode(item["b64"], validate=True)
     except (binascii.Error, ValueError):

@@ -37,12 +37,14 @@ class PredictRequest(BaseModel):
 
     images: list[str] = Field(min_length=1, description="base64-encoded image files")
     top_k: int | None = Field(None, ge=1, description="classification: how many labels to return")
-    conf: float | None = Field(None, ge=0, le=1, description="detection: score threshold (default: kiln.json)")
+    conf: float | None = Field(None, ge=0, le=1,
+                               description="detection: score threshold (default: kiln.json)")
     iou: float | None = Field(None, ge=0, le=1, description="detection: NMS IoU threshold")
     max_det: int | None = Field(None, ge=1, description="detection: boxes kept per image")
     agnostic: bool | None = Field(None, description="detection: NMS across classes")
     multi_label: bool | None = Field(None, description="detection: a box once per class over the threshold")
-    classes: list[str] | None = Field(None, description="detection: keep only these classes (labels or indices)")
+    classes: list[str] | None = Field(None,
+                                      description="detection: keep only these classes (labels or indices)")
 
 
 class DetectControls(BaseModel):
@@ -65,7 +67,8 @@ class LabelScore(BaseModel):
 
 
 class Detection(LabelScore):
-    box: list[float] = Field(description="x1, y1, x2, y2 in original-image pixels", min_length=4, max_length=4)
+    box: list[float] = Field(description="x1, y1, x2, y2 in original-image pixels", min_length=4,
+                             max_length=4)
 
 
 class ImagePrediction(BaseModel):
@@ -142,7 +145,8 @@ NUMPY_TO_V2 = {np.dtype(v).name: k for k, v in V2_DTYPES.items()}
 
 @functools.cache
 def v2_datatype(dtype: str | np.dtype[Any]) -> str:
-    """The protocol's datatype name of a numpy dtype (cached: it is asked for every output of every request)."""
+    """The protocol's datatype name of a numpy dtype (cached: it is asked for every output of every
+    request)."""
     name = np.dtype(dtype).name
     if name not in NUMPY_TO_V2:
         raise ValueError(f"dtype {name} has no Open Inference Protocol datatype")
@@ -183,7 +187,8 @@ class V1PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     instances: list[list[Any] | dict[str, Any]] = Field(
-        min_length=1, description='per image: the input tensor as nested lists, or {"b64": "<encoded image file>"}')
+        min_length=1,
+        description='per image: the input tensor as nested lists, or {"b64": "<encoded image file>"}')
 
 
 class V1PredictResponse(BaseModel):
@@ -202,7 +207,8 @@ class InputParameters(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
     binary_data_size: int | None = Field(
-        None, ge=0, description="binary data extension: this tensor's bytes follow the JSON header, in input order"
+        None, ge=0,
+        description="binary data extension: this tensor's bytes follow the JSON header, in input order"
     )
 
 
@@ -211,15 +217,18 @@ class RequestInput(BaseModel):
 
     name: TensorName
     shape: list[Annotated[int, Field(ge=0)]] = Field(description="with the batch axis first")
-    datatype: V2Datatype = Field(description="BYTES: encoded image files (PNG, JPEG, ...), shape [N] or [N, 1]")
+    datatype: V2Datatype = Field(
+        description="BYTES: encoded image files (PNG, JPEG, ...), shape [N] or [N, 1]")
     parameters: InputParameters | None = None
-    data: list[Any] | None = Field(None, description="flat (row-major) or nested; absent with binary_data_size")
+    data: list[Any] | None = Field(None,
+                                   description="flat (row-major) or nested; absent with binary_data_size")
 
 
 class OutputParameters(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
-    binary_data: bool | None = Field(None, description="binary data extension: answer this output as raw bytes")
+    binary_data: bool | None = Field(None,
+                                     description="binary data extension: answer this output as raw bytes")
 
 
 class RequestOutput(BaseModel):

@@ -32,25 +32,32 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
     max_queue: int = Field(256, ge=1, description="queued requests per model before 503")
     timeout_s: float = Field(30.0, gt=0, description="per-request deadline before 504")
-    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' (health stays open)")
+    api_key: SecretStr | None = Field(None,
+                                      description="require 'Authorization: Bearer KEY' (health stays open)")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit (413 above)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height limit per image")
     max_images_per_request: int = Field(64, ge=1, description="images in one predict request")
     max_request_pixels: int = Field(
-        40_000_000, ge=1, description="decode budget: width x height summed over a request's images (413 above)"
+        40_000_000, ge=1,
+        description="decode budget: width x height summed over a request's images (413 above)"
     )
     max_pixels_per_byte: float = Field(
-        256.0, gt=0, description="decompression-bomb guard: decoded pixels per byte of an image over 4 Mpx (400 above)"
+        256.0, gt=0,
+        description="decompression-bomb guard: decoded pixels per byte of an image over 4 Mpx (400 above)"
     )
     decode_threads: int = Field(2, ge=1, description="requests decoding images at once, off the event loop")
     max_decode_queue: int = Field(
-        64, ge=1, description="requests waiting for a decode thread, served in arrival order, before 503 + Retry-After"
+        64, ge=1,
+        description="requests waiting for a decode thread, served in arrival order, before 503 + Retry-After"
     )
     max_header_bytes: int = Field(64 * 1024, ge=1024, description="request line + headers limit (431 above)")
-    body_timeout_s: float = Field(30.0, gt=0, description="wait for the next piece of a request body before 408")
-    keep_alive_s: int = Field(5, ge=1, description="close an idle keep-alive connection after this many seconds")
+    body_timeout_s: float = Field(30.0, gt=0,
+                                  description="wait for the next piece of a request body before 408")
+    keep_alive_s: int = Field(5, ge=1,
+                              description="close an idle keep-alive connection after this many seconds")
     drain_s: float = Field(
-        5.0, ge=0, description="after SIGTERM: keep serving, /readyz answering 503, before the listener closes"
+        5.0, ge=0,
+        description="after SIGTERM: keep serving, /readyz answering 503, before the listener closes"
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed CORS origins; none by default (CORS off)"
@@ -58,13 +65,16 @@ class Settings(BaseSettings):
     top_k: int | None = Field(None, ge=1, description="classification: labels returned; default: kiln.json")
     warmup: bool = Field(True, description="run one batch per model before reporting ready")
     workers: int = Field(1, ge=1, description="server processes sharing the port, each with its own backends")
-    end_to_end: bool = Field(False, description="detectors: serve the graph with NMS inside (kiln export --nms)")
+    end_to_end: bool = Field(False,
+                             description="detectors: serve the graph with NMS inside (kiln export --nms)")
     threads: int | None = Field(
-        None, ge=1, description="intra-op threads per model for ONNX Runtime and PyTorch; default: the runtime's"
+        None, ge=1,
+        description="intra-op threads per model for ONNX Runtime and PyTorch; default: the runtime's"
     )
 
     # Request contents, checked against the model's shape before anything is materialised (v2 REST, gRPC).
-    max_json_depth: int = Field(32, ge=4, le=512, description="nesting depth of a JSON request body (400 above)")
+    max_json_depth: int = Field(32, ge=4, le=512,
+                                description="nesting depth of a JSON request body (400 above)")
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -79,7 +89,8 @@ class Settings(BaseSettings):
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: Any) -> Any:
-        # KILN_API_KEY= (as docker/compose.yaml passes through when unset) means "no key", not "the empty key".
+        # KILN_API_KEY= (as docker/compose.yaml passes through when unset) means "no key",
+        # not "the empty key".
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
         if isinstance(text, str) and not text.strip():
             return None
@@ -104,10 +115,12 @@ class Settings(BaseSettings):
 
     # Connection hygiene: slow request heads and the number of open connections (kiln.serve.http_server).
     header_timeout_s: float = Field(
-        10.0, gt=0, description="a request line + headers not complete this long after the connection opened (or "
+        10.0, gt=0,
+        description="a request line + headers not complete this long after the connection opened (or "
         "after the request's first byte on a kept-alive connection) gets 408 and the connection closes"
     )
     max_connections: int | None = Field(
-        None, ge=1, description="open HTTP connections per process; above it new requests get 503 (health probes "
+        None, ge=1,
+        description="open HTTP connections per process; above it new requests get 503 (health probes "
         "still answered); default: from the open-file limit, at most 8192"
     )

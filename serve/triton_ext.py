@@ -46,9 +46,9 @@ def platform(model: ServedModel) -> str:
 
 
 # Where a detector's boxes are, as this server answers them (kiln.json's description is the graph's own).
-BOX_COORDINATES = ("x1, y1, x2, y2 in the model input's (letterboxed) pixels for a tensor input; in each original "
-                   "image's pixels for encoded images (BYTES input), as /v1 answers: raw boxes unclipped (clip to "
-                   "the image after NMS), det_boxes clipped")
+BOX_COORDINATES = ("x1, y1, x2, y2 in the model input's (letterboxed) pixels for a tensor input; in each "
+                   "original image's pixels for encoded images (BYTES input), as /v1 answers: raw boxes "
+                   "unclipped (clip to the image after NMS), det_boxes clipped")
 
 
 def served_outputs(model: ServedModel) -> list[TensorSpec]:
@@ -74,14 +74,19 @@ def model_metadata(model: ServedModel) -> ModelMetadata:
         params["box_coordinates"] = BOX_COORDINATES
         nms = _served_nms(model)
         baked = ", ".join(f"{k}={nms[k]}" for k in _NMS_KEYS if k in nms) if nms else ""
-        params["postprocessing"] = (f"NMS done in the graph ({baked})"
-                                    if nms else "none: threshold the scores, then per-class NMS (kiln.json postprocess)")
+        params["postprocessing"] = (
+            f"NMS done in the graph ({baked})"
+            if nms else "none: threshold the scores, then per-class NMS (kiln.json postprocess)")
     return ModelMetadata(
         name=model.name,
         versions=[VERSION],
         platform=platform(model),
-        inputs=[MetadataTensor(name=m.input.name, datatype=v2_datatype(m.input.dtype), shape=[-1, *m.input.shape])],
-        outputs=[MetadataTensor(name=o.name, datatype=v2_datatype(o.dtype), shape=[-1, *o.shape]) for o in outputs],
+        inputs=[
+            MetadataTensor(name=m.input.name, datatype=v2_datatype(m.input.dtype),
+                           shape=[-1, *m.input.shape])],
+        outputs=[
+            MetadataTensor(name=o.name, datatype=v2_datatype(o.dtype),
+                           shape=[-1, *o.shape]) for o in outputs],
         parameters=params,
     )
 
@@ -123,7 +128,8 @@ def index_message(registry: Registry, ready_only: bool = False) -> Any:
             state, reason = "LOADING" if m.batcher.backend is None else "UNAVAILABLE", ""
         if ready_only and state != "READY":
             continue
-        out.models.append(pb.RepositoryIndexResponse.ModelIndex(name=m.name, version=VERSION, state=state, reason=reason))
+        out.models.append(
+            pb.RepositoryIndexResponse.ModelIndex(name=m.name, version=VERSION, state=state, reason=reason))
     return out
 
 
@@ -238,12 +244,14 @@ class ModelStats:
             stats = pb.InferStatistics(success=dur(self.success), fail=dur(self.fail), queue=dur(self.queue),
                                        compute_input=dur(c.input), compute_infer=dur(c.infer),
                                        compute_output=dur(c.output), cache_hit=zero, cache_miss=zero)
-            batches = [pb.InferBatchStatistics(batch_size=n, compute_input=dur(d.input), compute_infer=dur(d.infer),
+            batches = [pb.InferBatchStatistics(batch_size=n, compute_input=dur(d.input),
+                                               compute_infer=dur(d.infer),
                                                compute_output=dur(d.output))
                        for n, d in sorted(self.batches.items())]
             return pb.ModelStatistics(
                 name=name, version=VERSION, last_inference=self.last_inference_ms,
-                inference_count=self.inference_count, execution_count=sum(d.infer.count for d in self.batches.values()),
+                inference_count=self.inference_count,
+                execution_count=sum(d.infer.count for d in self.batches.values()),
                 inference_stats=stats, batch_stats=batches,
             )
 
@@ -273,6 +281,7 @@ class Stats:
         return pb.ModelStatisticsResponse(model_stats=[self.models[n].message(n) for n in names])
 
 
-__all__ = ["BOX_COORDINATES", "EXTENSIONS", "PLATFORMS", "VERSION", "ModelStats", "Stats", "VersionNotFound", "config_message", "index_message",
+__all__ = ["BOX_COORDINATES", "EXTENSIONS", "PLATFORMS", "VERSION", "ModelStats", "Stats", "VersionNotFound",
+           "config_message", "index_message",
            "message_to_json", "model_metadata", "platform", "served_outputs",
            "versioned"]

@@ -39,7 +39,8 @@ _PREDICT_BODY: dict[str, Any] = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
                     "required": ["file"],
                 }
             },
@@ -62,7 +63,8 @@ class PredictQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     top_k: int | None = Field(None, ge=1, description="classification: labels per image")
-    conf: float | None = Field(None, ge=0, le=1, description="detection: score threshold (default: kiln.json)")
+    conf: float | None = Field(None, ge=0, le=1,
+                               description="detection: score threshold (default: kiln.json)")
     iou: float | None = Field(None, ge=0, le=1, description="detection: NMS IoU threshold")
     max_det: int | None = Field(None, ge=1, description="detection: boxes kept per image")
     agnostic: bool | None = Field(None, description="detection: NMS across classes")
@@ -93,13 +95,15 @@ def _query_parameters() -> list[dict[str, Any]]:
 _PREDICT_BODY["parameters"] = _query_parameters()
 
 
-@router.get("/v1/models", response_model=None, responses={200: {"model": ModelList, "description": "served models"}})
+@router.get("/v1/models", response_model=None,
+            responses={200: {"model": ModelList, "description": "served models"}})
 async def list_models(request: Request) -> Response:
     registry: Registry = request.app.state.registry
     return json_response(ModelList(models=[m.info() for m in registry]).model_dump(mode="json"))
 
 
-@router.get("/v1/models/{name}", response_model=None, responses={200: {"model": ModelInfo, "description": "one model"}})
+@router.get("/v1/models/{name}", response_model=None,
+            responses={200: {"model": ModelInfo, "description": "one model"}})
 async def model_info(name: str, request: Request) -> Response:
     registry: Registry = request.app.state.registry
     return json_response(registry.get(name).info().model_dump(mode="json"))
@@ -173,7 +177,8 @@ class FastPredict:
         if m is None:
             return None
         if self._route is None:
-            self._route = next(r for r in self.app.router.routes if getattr(r, "path", "") == "/v1/models/{name}/predict")
+            self._route = next(r for r in self.app.router.routes
+                               if getattr(r, "path", "") == "/v1/models/{name}/predict")
         scope["app"] = self.app
         scope["route"] = self._route
         scope["path_params"] = {"name": m.group(1)}
@@ -197,12 +202,16 @@ def _detect_controls(body: PredictRequest | None, manifest: Any, query: DetectCo
     given = {**controls, **query.model_dump(exclude_none=True)}
     if manifest.task != "detect":
         if given:
-            raise ApiError(400, "invalid_request", f"{next(iter(given))} applies to detection models; this one classifies (use top_k)")
+            raise ApiError(400, "invalid_request",
+                           f"{next(iter(given))} applies to detection models; this one classifies "
+                           "(use top_k)")
         return None
     if top_k is not None:
-        raise ApiError(400, "invalid_request", "top_k applies to classification; use max_det to limit the boxes per image")
+        raise ApiError(400, "invalid_request",
+                       "top_k applies to classification; use max_det to limit the boxes per image")
     try:
-        return detect_overrides(manifest.detect_post(), manifest.classes, conf=given.get("conf"), iou=given.get("iou"),
+        return detect_overrides(manifest.detect_post(), manifest.classes, conf=given.get("conf"),
+                                iou=given.get("iou"),
                                 max_det=given.get("max_det"), agnostic=given.get("agnostic"),
                                 multi_label=given.get("multi_label"), only=given.get("classes"))
     except DetectControlError as exc:

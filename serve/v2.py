@@ -61,7 +61,9 @@ from kiln.serve.v2_tensors import (
     to_bytes,
 )
 
-V2_RESPONSES: dict[int | str, dict[str, Any]] = {"default": {"model": V2Error, "description": 'error: {"error": "<message>"}'}}
+V2_RESPONSES: dict[int | str,
+                   dict[str, Any]] = {
+                       "default": {"model": V2Error, "description": 'error: {"error": "<message>"}'}}
 router = APIRouter(tags=["v2"], responses=V2_RESPONSES)
 
 
@@ -93,7 +95,8 @@ def _route(path: str, methods: list[str], endpoint: Callable[..., Any], **kw: An
     head, tail = path[: path.index("{name}") + 6], path[path.index("{name}") + 6 :]
     extra = dict(kw.pop("openapi_extra", None) or {})
     extra["parameters"] = [*extra.get("parameters", []), _VERSION_PARAM]
-    router.add_api_route(f"{head}/versions/{{version}}{tail}", endpoint, methods=methods, openapi_extra=extra, **kw)
+    router.add_api_route(f"{head}/versions/{{version}}{tail}", endpoint, methods=methods, openapi_extra=extra,
+                         **kw)
 
 
 def served(request: Request, name: str) -> ServedModel:
@@ -174,7 +177,8 @@ async def v2_infer(name: str, request: Request) -> Response:
     state = request.app.state
     model = served(request, name)
     out, letterboxes, (req, wanted, as_binary), _ = await infer(
-        model, _read(model, request, state), request_id(request) or "", state.settings, state.decode_slots, state.stats,
+        model, _read(model, request, state), request_id(request) or "", state.settings, state.decode_slots,
+        state.stats,
         request.is_disconnected)
     out = boxes_to_original(model, out, letterboxes)  # encoded images: boxes in their own pixels, as /v1
     return infer_response(name, req.id, {k: out[k] for k in wanted}, as_binary)
@@ -205,8 +209,10 @@ _INFER_BODY: dict[str, Any] = {
         f"the JSON request; with the binary data extension, {_HEADER_LENGTH} bytes of it, then each input's "
         "bytes (inputs with parameters.binary_data_size), sent as application/octet-stream"), "content": {
         "application/json": {"schema": inline_schema(InferenceRequest)}}},
-    "parameters": [{"name": _HEADER_LENGTH, "in": "header", "required": False, "schema": {"type": "integer", "minimum": 0},
-                    "description": "binary data extension: the length of the JSON request at the start of the body"}],
+    "parameters": [{"name": _HEADER_LENGTH, "in": "header", "required": False,
+                    "schema": {"type": "integer", "minimum": 0},
+                    "description": "binary data extension: the length of the JSON request at the start of "
+                                   "the body"}],
 }
 _BINARY_ANSWER: dict[int | str, dict[str, Any]] = {200: {"description": (
     f"the JSON response; with binary outputs, {_HEADER_LENGTH} bytes of it, then each output's bytes "
@@ -220,7 +226,8 @@ _route("/v2/models/{name}/ready", ["GET"], v2_model_ready, tags=["health"],
 _route("/v2/models/{name}/config", ["GET"], v2_model_config, dependencies=AUTH, response_model=dict[str, Any],
        summary="Triton's model configuration extension (ModelConfig as JSON)")
 _route("/v2/models/{name}/stats", ["GET"], v2_model_stats, dependencies=AUTH, response_model=dict[str, Any],
-       summary="Triton's statistics extension: requests, queue and compute time (ns), executions per batch size")
+       summary="Triton's statistics extension: requests, queue and compute time "
+               "(ns), executions per batch size")
 _route("/v2/models/{name}/infer", ["POST"], v2_infer, dependencies=AUTH, response_model=InferenceResponse,
        response_model_exclude_none=True, openapi_extra=_INFER_BODY, responses=_BINARY_ANSWER)
 
@@ -263,12 +270,14 @@ def load_json(text: bytes, limits: JsonLimits) -> Any:
     """
     separators = text.count(b",")
     if separators > limits.items:
-        raise ApiError(400, "invalid_request", f"the JSON request holds more than {limits.items} values, more "
+        raise ApiError(400, "invalid_request",
+                       f"the JSON request holds more than {limits.items} values, more "
                        "than any request to this model needs (send large tensors as binary data)")
     try:
         raw = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        raise ApiError(400, "invalid_request", f"the JSON request is nested more than {limits.depth} levels deep") from None
+        raise ApiError(400, "invalid_request",
+                       f"the JSON request is nested more than {limits.depth} levels deep") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_request", f"the request is not valid JSON: {exc}") from None
     check_depth(raw, limits.depth)
@@ -285,7 +294,8 @@ def check_depth(value: Any, limit: int) -> None:
         nested = [c for c in children if isinstance(c, (list, dict))]
         if nested:
             if depth >= limit:
-                raise ApiError(400, "invalid_request", f"the JSON request is nested more than {limit} levels deep")
+                raise ApiError(400, "invalid_request",
+                               f"the JSON request is nested more than {limit} levels deep")
             stack.extend((c, depth + 1) for c in nested)
 
 
@@ -297,13 +307,15 @@ def parse_json(model: type[Any], text: bytes | memoryview, limits: JsonLimits) -
         raise ApiError(400, "invalid_request", describe_validation(exc.errors())) from None
 
 
-def parse_infer(body: bytes, header_length: str | None, limits: JsonLimits) -> tuple[InferenceRequest, memoryview]:
+def parse_infer(body: bytes, header_length: str | None,
+                limits: JsonLimits) -> tuple[InferenceRequest, memoryview]:
     """The JSON request and the binary data after it (binary data extension)."""
     if header_length is None:
         return parse_json(InferenceRequest, body, limits), memoryview(b"")
     text = header_length.strip()
     if not (text.isascii() and text.isdigit()):
-        raise InputError(f"Inference-Header-Content-Length: '{header_length[:40]}' | expected a non-negative integer")
+        raise InputError(
+            f"Inference-Header-Content-Length: '{header_length[:40]}' | expected a non-negative integer")
     n = int(text)
     if n > len(body):
         raise InputError(f"Inference-Header-Content-Length: {n} | past the end of the {len(body)}-byte body")
@@ -328,19 +340,24 @@ def http_inputs(req: InferenceRequest, binary: memoryview) -> list[InputTensor]:
         size = t.parameters.binary_data_size if t.parameters is not None else None
         if size is not None:
             if t.data is not None:
-                raise InputError(f"Input tensor: {t.name} | has both data and binary_data_size | expected one")
+                raise InputError(
+                    f"Input tensor: {t.name} | has both data and binary_data_size | expected one")
             if pos + size > len(binary):
-                raise InputError(f"Input tensor: {t.name} | binary_data_size {size} | only {len(binary) - pos} bytes "
+                raise InputError(f"Input tensor: {t.name} | binary_data_size {size} | only "
+                                 f"{len(binary) - pos} bytes "
                                  "of binary data follow (is Inference-Header-Content-Length set?)")
             data = from_raw(t.name, t.datatype, t.shape, binary[pos : pos + size])
             pos += size
         elif t.data is None:
-            raise InputError(f"Input tensor: {t.name} | no data | expected data or a binary_data_size parameter")
+            raise InputError(
+                f"Input tensor: {t.name} | no data | expected data or a binary_data_size parameter")
         else:
             data = from_list(t.name, t.datatype, t.shape, t.data)
         tensors.append(InputTensor(t.name, t.datatype, list(t.shape), data))
     if pos != len(binary):
-        raise InputError(f"{len(binary) - pos} bytes of binary data follow the JSON that no input's binary_data_size claims")
+        raise InputError(
+            f"{len(binary) - pos} bytes of binary data follow the JSON that no input's binary_data_size "
+            "claims")
     return tensors
 
 
@@ -378,5 +395,6 @@ def infer_response(name: str, rid: str | None, out: dict[str, Any], as_binary: d
                     headers={_HEADER_LENGTH: str(len(header))})
 
 
-__all__ = ["INLINE_BYTES", "V2_RESPONSES", "JsonLimits", "VersionNotFound", "check_depth", "infer_limits", "inline_schema", "load_json", "parse_json",
+__all__ = ["INLINE_BYTES", "V2_RESPONSES", "JsonLimits", "VersionNotFound", "check_depth", "infer_limits",
+           "inline_schema", "load_json", "parse_json",
            "read_infer", "router", "served"]

@@ -37,7 +37,8 @@ class InputTensor:
 
 def element_count(name: str, shape: Sequence[int]) -> int:
     if any(d < 0 for d in shape):
-        raise InputError(f"Input tensor: {name} | received shape {list(shape)} | expected non-negative dimensions")
+        raise InputError(
+            f"Input tensor: {name} | received shape {list(shape)} | expected non-negative dimensions")
     return math.prod(shape)
 
 
@@ -68,15 +69,18 @@ def from_list(name: str, datatype: str, shape: Sequence[int], data: Sequence[Any
     count = element_count(name, shape)
     check_count(name, data, shape)
     if datatype == "BYTES":
-        items = [s.encode() if isinstance(s, str) else s for s in np.array(data, dtype=object).ravel().tolist()]
+        items = [s.encode() if isinstance(s, str) else s
+                 for s in np.array(data, dtype=object).ravel().tolist()]
         if not all(isinstance(s, bytes) for s in items):
-            raise InputError(f"Input tensor: {name} | BYTES data holds non-string elements | expected strings")
+            raise InputError(
+                f"Input tensor: {name} | BYTES data holds non-string elements | expected strings")
         arr = np.empty(len(items), dtype=object)
         arr[:] = items
     else:
         arr = parse_tensor(name, list(data), datatype, numpy_dtype(name, datatype))
     if arr.size != count:
-        raise InputError(f"Input tensor: {name} | received {arr.size} values | expected {count} for shape {list(shape)}")
+        raise InputError(
+            f"Input tensor: {name} | received {arr.size} values | expected {count} for shape {list(shape)}")
     return arr
 
 
@@ -122,8 +126,8 @@ def deserialize_bytes(name: str, raw: bytes | memoryview, count: int | None = No
         if count is not None and len(items) == count:
             raise InputError(f"Input tensor: {name} | received more than {count} BYTES elements | {want}")
         if pos + 4 > len(view):
-            raise InputError(f"Input tensor: {name} | BYTES element {len(items)} has a truncated length prefix "
-                             f"({len(view) - pos} of 4 bytes)")
+            raise InputError(f"Input tensor: {name} | BYTES element {len(items)} has a truncated length "
+                             f"prefix ({len(view) - pos} of 4 bytes)")
         (size,) = struct.unpack_from("<I", view, pos)
         pos += 4
         if pos + size > len(view):
@@ -142,7 +146,8 @@ def serialize_bytes(items: Sequence[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
-def check_inputs(model: ServedModel, inputs: Sequence[tuple[str, str, Sequence[int]]], max_items: int) -> None:
+def check_inputs(model: ServedModel, inputs: Sequence[tuple[str, str, Sequence[int]]],
+                 max_items: int) -> None:
     """Check the request's (name, datatype, shape) against the model input, before any data is read.
 
     The model takes one tensor, ``[N, *input shape]`` of its datatype, or ``[N]`` / ``[N, 1]`` BYTES of
@@ -158,17 +163,21 @@ def check_inputs(model: ServedModel, inputs: Sequence[tuple[str, str, Sequence[i
     name, datatype, shape = inputs[0][0], inputs[0][1], list(inputs[0][2])
     batch = shape[0] if shape else 0
     if batch > max_items:
-        raise InputError(f"Input tensor: {name} | received batch {batch} | expected at most {max_items} items")
+        raise InputError(
+            f"Input tensor: {name} | received batch {batch} | expected at most {max_items} items")
     if datatype == "BYTES":
         if len(shape) not in (1, 2) or batch < 1 or shape[1:] not in ([], [1]):
-            raise InputError(f"Input tensor: {name} | received BYTES shape {shape} | expected [N] or [N, 1] encoded images")
+            raise InputError(
+                f"Input tensor: {name} | received BYTES shape {shape} | expected [N] or "
+                "[N, 1] encoded images")
         return
     want_type = v2_datatype(spec.dtype)
     if datatype != want_type:
         raise InputError(f"Input tensor: {name} | received datatype {datatype} | expected {want_type} "
                          "(or BYTES of encoded images)")
     if len(shape) != len(expected) or shape[1:] != list(spec.shape) or batch < 1:
-        raise InputError(f"Input tensor: {name} | received shape {shape} | expected a shape compatible with {expected}")
+        raise InputError(
+            f"Input tensor: {name} | received shape {shape} | expected a shape compatible with {expected}")
 
 
 def model_input(tensors: Sequence[InputTensor]) -> list[bytes] | np.ndarray:
@@ -207,7 +216,8 @@ def boxes_to_original(model: ServedModel, out: Mapping[str, np.ndarray],
     mapped = dict(out)
     if "det_boxes" in out and "num_dets" in out:
         boxes = out["det_boxes"].copy()
-        for i, (lb, n) in enumerate(zip(letterboxes, out["num_dets"].reshape(len(letterboxes), -1)[:, 0], strict=True)):
+        for i, (lb, n) in enumerate(
+                zip(letterboxes, out["num_dets"].reshape(len(letterboxes), -1)[:, 0], strict=True)):
             boxes[i, : int(n)] = lb.to_original(boxes[i, : int(n)])
         mapped["det_boxes"] = boxes
         return mapped
@@ -239,6 +249,7 @@ def to_bytes(arr: np.ndarray) -> bytes:
 
 
 __all__ = [
-    "InputTensor", "boxes_to_original", "check_count", "check_inputs", "check_output_parameters", "deserialize_bytes", "element_count", "from_list", "from_raw", "model_input", "numpy_dtype",
+    "InputTensor", "boxes_to_original", "check_count", "check_inputs", "check_output_parameters",
+    "deserialize_bytes", "element_count", "from_list", "from_raw", "model_input", "numpy_dtype",
     "output_names", "serialize_bytes", "to_bytes",
 ]

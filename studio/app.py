@@ -81,5 +81,6 @@ async def _kiln_error(request: Request, exc: KilnError) -> JSONResponse:
 
 
 async def _missing_module(request: Request, exc: ModuleNotFoundError) -> JSONResponse:
-    return JSONResponse({"error": f"{exc.name} is not installed (pip install 'kiln-vision[train,export,serve]')"},
+    return JSONResponse({
+        "error": f"{exc.name} is not installed (pip install 'kiln-vision[train,export,serve]')"},
                         status_code=501)

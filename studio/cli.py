@@ -15,15 +15,17 @@ log = logging.getLogger("kiln.studio")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "studio", help="the browser application: datasets, runs with live curves, compare, export, test, serve",
+        "studio",
+        help="the browser application: datasets, runs with live curves, compare, export, test, serve",
         formatter_class=HelpFormatter,
         description=(
-            "A local web application over the workspace: add datasets, start and watch training runs, compare\n"
-            "them, export, test images and start servers, through the same kiln commands.\n\n"
+            "A local web application over the workspace: add datasets, start and watch training runs, "
+            "compare\nthem, export, test images and start servers, through the same kiln commands.\n\n"
             "Examples:\n"
-            "  kiln studio                                   # workspace: this folder, http://127.0.0.1:8080\n"
-            "  kiln studio --workspace ~/kiln --data-root ~/photos\n"
-            "  KILN_STUDIO_TOKEN=... kiln studio --host 0.0.0.0   # other machines: every API call needs the token"
+            "  kiln studio                                   # workspace: this folder, "
+            "http://127.0.0.1:8080\n  kiln studio --workspace ~/kiln --data-root ~/photos\n"
+            "  KILN_STUDIO_TOKEN=... kiln studio --host 0.0.0.0   # other machines: every API call needs the "
+            "token"
         ),
     )
     p.add_argument("--workspace", default=".", metavar="DIR",
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.token:
         url += f"#token={cfg.token}"
     print(f"kiln studio: {url}  (workspace {cfg.workspace})", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=2))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=2))
     server.run(sockets=[sock])
     return 0

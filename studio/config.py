@@ -44,8 +44,8 @@ class StudioConfig:
 
     def __post_init__(self) -> None:
         if not is_loopback(self.host) and not self.token:
-            raise ConfigError(f"--host {self.host} is reachable from other machines: give a token with --token "
-                              f"or {TOKEN_ENV} (every API call must then carry it)")
+            raise ConfigError(f"--host {self.host} is reachable from other machines: give a token with "
+                              f"--token or {TOKEN_ENV} (every API call must then carry it)")
         if self.token is not None and len(self.token) < 8:
             raise ConfigError("--token: use at least 8 characters")
         for root in (self.workspace, *self.data_roots):
@@ -62,7 +62,8 @@ class StudioConfig:
         return (self.workspace, *self.data_roots)
 
     @classmethod
-    def build(cls, workspace: str | os.PathLike[str], data_roots: list[str] | None = None, host: str = "127.0.0.1",
+    def build(cls, workspace: str | os.PathLike[str], data_roots: list[str] | None = None,
+              host: str = "127.0.0.1",
               port: int = 8080, token: str | bool | None = None, **kw: object) -> StudioConfig:
         """Resolved folders (created if missing: the workspace; required to exist: data roots); ``token``
         True makes a random one, None reads KILN_STUDIO_TOKEN."""

@@ -15,7 +15,8 @@ from kiln.studio.paths import confine
 from kiln.train.config import DEFAULT_LR, MODEL_NAMES, OPTIMIZERS, SCHEDULES, TASKS, TrainConfig
 
 INTS = ("epochs", "batch_size", "image_size", "workers", "seed", "freeze_backbone")
-FLOATS = ("lr", "warmup_epochs", "weight_decay", "label_smoothing", "val_fraction", "backbone_lr_scale", "grad_clip")
+FLOATS = ("lr", "warmup_epochs", "weight_decay", "label_smoothing", "val_fraction", "backbone_lr_scale",
+          "grad_clip")
 STRINGS = ("data", "model", "task", "optimizer", "schedule", "device", "pretrained")
 BOOLS = ("skip_bad_images",)
 FORM_FIELDS = (*STRINGS, *INTS, *FLOATS, *BOOLS)
@@ -27,7 +28,8 @@ __all__ = ["MODEL_NAMES", "command_line", "form_defaults", "parse_form", "run_na
 def form_defaults() -> dict[str, Any]:
     """The defaults ``kiln train`` uses before it sees the data (TrainConfig's), and the choices."""
     d = {f.name: f.default for f in fields(TrainConfig) if f.name in FORM_FIELDS}
-    return {"values": d, "default_lr": DEFAULT_LR, "models": list(MODEL_NAMES), "optimizers": list(OPTIMIZERS),
+    return {"values": d, "default_lr": DEFAULT_LR, "models": list(MODEL_NAMES),
+            "optimizers": list(OPTIMIZERS),
             "schedules": list(SCHEDULES), "tasks": list(TASKS)}
 
 

@@ -70,7 +70,8 @@ class JobRunner:
                 continue
             if not self._alive(job):
                 self.store.update(job.id, state="interrupted", ended=time.time())
-                log.info("job %d (%s %s) was interrupted while the studio was away", job.id, job.kind, job.run)
+                log.info("job %d (%s %s) was interrupted while the studio was away", job.id, job.kind,
+                         job.run)
 
     # ---- one round -------------------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ def confine(text: str | Path, roots: tuple[Path, ...], *, base: Path | None = No
     for root in roots:
         if path == root or path.is_relative_to(root):
             return path
-    raise PathRefused(f"{text}: outside the folders this studio may read ({', '.join(str(r) for r in roots)})")
+    raise PathRefused(
+        f"{text}: outside the folders this studio may read ({', '.join(str(r) for r in roots)})")
 
 
 def relative_to_any(path: Path, roots: tuple[Path, ...]) -> str:

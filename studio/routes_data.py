@@ -49,7 +49,8 @@ def browse(request: Request, path: str = Query("")) -> dict[str, Any]:
             continue
         if p.is_dir() or p.suffix.lower() in (*IMG_EXTENSIONS, ".json", ".yaml", ".yml"):
             entries.append({"name": p.name, "path": str(p), "dir": p.is_dir()})
-    return {"path": str(folder), "parent": str(folder.parent) if folder not in s.cfg.roots else "", "entries": entries}
+    return {"path": str(folder), "parent": str(folder.parent) if folder not in s.cfg.roots else "",
+            "entries": entries}
 
 
 @router.get("/datasets")
@@ -98,7 +99,8 @@ def inspect_dataset(request: Request, spec: str = Query(...)) -> dict[str, Any]:
 
 
 @router.get("/datasets/sheet")
-def contact_sheet(request: Request, spec: str = Query(...), split: str = Query("train", pattern="^(train|val)$"),
+def contact_sheet(request: Request, spec: str = Query(...),
+                  split: str = Query("train", pattern="^(train|val)$"),
                   per_class: int = Query(8, ge=1, le=32)) -> FileResponse:
     """The contact sheet ``kiln data inspect`` writes: one row of thumbnails per class (boxes drawn for
     detection), made once per dataset and split and kept in the studio's state folder."""
@@ -121,7 +123,8 @@ def _known(s: Any, spec: str) -> None:
 
 
 @router.get("/thumb")
-def thumbnail(request: Request, path: str = Query(...), size: int = Query(THUMB_PX, ge=16, le=512)) -> Response:
+def thumbnail(request: Request, path: str = Query(...),
+              size: int = Query(THUMB_PX, ge=16, le=512)) -> Response:
     """A JPEG thumbnail of an image file under the allowed roots."""
     s = studio(request)
     file = _confined(path, s.cfg.roots)
@@ -136,7 +139,8 @@ def thumbnail(request: Request, path: str = Query(...), size: int = Query(THUMB_
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=85)
-    return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+    return Response(buf.getvalue(), media_type="image/jpeg",
+                    headers={"Cache-Control": "private, max-age=300"})
 
 
 def _confined(path: str, roots: tuple[Path, ...]) -> Path:

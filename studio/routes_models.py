@@ -74,7 +74,8 @@ def export(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]
     if s.active_job(run) is not None:
         raise HTTPException(409, f"{run} is already queued or running")
     precisions = body.get("precisions") or ["fp32"]
-    if not isinstance(precisions, list) or not precisions or any(p not in GRAPH_PRECISIONS for p in precisions):
+    if not isinstance(precisions,
+                      list) or not precisions or any(p not in GRAPH_PRECISIONS for p in precisions):
         raise HTTPException(400, f"precisions: a list of {', '.join(GRAPH_PRECISIONS)}")
     argv = ["export", f"--precision={','.join(precisions)}"]
     if "int8" in precisions:
@@ -97,7 +98,8 @@ def export(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]
     argv.append(run)
     iters = int(body.get("bench_iters") or 20)
     table = ["eval", run, "--bench", "--json", f"--bench-iters={max(1, min(iters, 1000))}"]
-    job = s.store.add("export", run, [argv, table], {"command": f"{command_line(argv)} && {command_line(table)}"})
+    job = s.store.add("export", run, [argv, table],
+                      {"command": f"{command_line(argv)} && {command_line(table)}"})
     return {"job": job.public(), "command": job.info["command"]}
 
 
@@ -128,7 +130,8 @@ def _bench_table(s: Studio, run: str) -> dict[str, Any] | None:
             data = json.loads(s.runner.out_path(job, 1).read_text())
         except (OSError, ValueError):
             continue
-        return {"task": _task(s, run), "metrics": data.get("metrics"), "artifacts": data.get("artifacts") or []}
+        return {"task": _task(s, run), "metrics": data.get("metrics"),
+                "artifacts": data.get("artifacts") or []}
     return None
 
 
@@ -159,7 +162,8 @@ async def predict(request: Request, run: str = Query(...), precision: str | None
     return await asyncio.to_thread(_predict, s, path, precision, datas, [f.filename or "" for f in files])
 
 
-def _predict(s: Studio, path: Path, precision: str | None, datas: list[bytes], names: list[str]) -> dict[str, Any]:
+def _predict(s: Studio, path: Path, precision: str | None, datas: list[bytes],
+             names: list[str]) -> dict[str, Any]:
     from kiln import processing
     from kiln.outputs import predictions
     from kiln.runtime.base import pad_batch
@@ -307,7 +311,8 @@ def download_bundle(request: Request, run: str = Query(...)) -> FileResponse:
     with tempfile.NamedTemporaryFile(suffix=".zip", dir=s.cfg.state_dir, delete=False) as tmp, \
             zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
         for p in sorted(path.rglob("*")):
-            if p.is_file() and not p.is_symlink() and p.name not in BUNDLE_SKIP and "tensorboard" not in p.parts:
+            if (p.is_file() and not p.is_symlink() and p.name not in BUNDLE_SKIP
+                    and "tensorboard" not in p.parts):
                 z.write(p, Path(path.name) / p.relative_to(path))
     return FileResponse(tmp.name, filename=f"{path.name}.zip", media_type="application/zip",
                         background=BackgroundTask(Path(tmp.name).unlink, missing_ok=True))

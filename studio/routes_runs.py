@@ -46,7 +46,8 @@ def _torchvision_models() -> list[str]:
 
 @router.get("/train/cost")
 def train_cost(request: Request, model: str = Query(..., min_length=1, max_length=200),
-               image_size: int | None = Query(None, ge=8, le=1024), classes: int = Query(10, ge=1, le=100_000),
+               image_size: int | None = Query(None, ge=8, le=1024),
+               classes: int = Query(10, ge=1, le=100_000),
                channels: int = Query(3, ge=1, le=4)) -> dict[str, Any]:
     """Parameters and GFLOPs of ``model`` for one ``image_size`` image (default: the model's own side), with
     ``classes`` outputs: the ``model_cost`` ``kiln train`` logs, computed once per combination."""
@@ -63,7 +64,8 @@ def train_cost(request: Request, model: str = Query(..., min_length=1, max_lengt
             cost = _cost(model, side, classes, channels)
         except (RuntimeError, ValueError) as exc:  # e.g. an input too small for the architecture
             raise HTTPException(400, f"{model} at {side}x{side}: {str(exc).splitlines()[0]}") from None
-    return {"model": model, "task": entry.task, "image_size": side, "classes": classes, "channels": channels, **cost}
+    return {"model": model, "task": entry.task, "image_size": side, "classes": classes, "channels": channels,
+            **cost}
 
 
 @functools.lru_cache(maxsize=512)
@@ -71,7 +73,8 @@ def _cost(model: str, side: int, classes: int, channels: int) -> dict[str, float
     from kiln.bundle import Architecture
     from kiln.models import build_model, model_cost
 
-    net = build_model(Architecture(name=model, args={"num_classes": classes, "in_channels": channels, "image_size": side}))
+    net = build_model(
+        Architecture(name=model, args={"num_classes": classes, "in_channels": channels, "image_size": side}))
     return model_cost(net, (channels, side, side))
 
 
@@ -97,10 +100,13 @@ def train_resolve(request: Request, form: dict[str, Any] = Body(...)) -> dict[st
         raise HTTPException(501, f"{exc.name} is not installed: training needs the 'train' extra "
                                  "(pip install 'kiln-vision[train]')") from None
     cfg = TrainConfig(**given)
-    train_raw, _ = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images)
+    train_raw, _ = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                skip_bad_images=cfg.skip_bad_images)
     st = resolve_settings(cfg.replace(out="unused"), train_raw)
-    return {"model": st.cfg.model, "task": st.task.name, "batch_size": st.batch_size, "lr": st.cfg.learning_rate,
-            "warmup_epochs": st.cfg.warmup_epochs, "image_size": list(st.pre.size), "channels": st.arch.args["in_channels"], "image_size_reason": st.input_size.reason,
+    return {"model": st.cfg.model, "task": st.task.name, "batch_size": st.batch_size,
+            "lr": st.cfg.learning_rate,
+            "warmup_epochs": st.cfg.warmup_epochs, "image_size": list(st.pre.size),
+            "channels": st.arch.args["in_channels"], "image_size_reason": st.input_size.reason,
             "workers": st.workers, "classes": st.classes, "train_images": len(train_raw)}
 
 
@@ -117,7 +123,8 @@ def start_run(request: Request, form: dict[str, Any] = Body(...)) -> dict[str, A
     if not queue and s.store.list(states=("queued", "running"), kind="train"):
         raise HTTPException(409, "a run is already training (one run at a time); queue this one instead")
     argv = forms.train_argv(given, rel)
-    job = s.store.add("train", rel, [argv], {"command": forms.command_line(argv), "epochs": given.get("epochs")})
+    job = s.store.add("train", rel, [argv],
+                      {"command": forms.command_line(argv), "epochs": given.get("epochs")})
     return {"run": rel, "job": job.public(), "command": forms.command_line(argv)}
 
 
@@ -133,7 +140,8 @@ def list_runs(request: Request) -> list[dict[str, Any]]:
     for job in s.store.list(kind="train", states=("queued", "running")):
         if job.run not in seen:  # queued, or started but not yet written its config.json
             seen.add(job.run)
-            out.append({"run": job.run, "state": job.state, "epochs": job.info.get("epochs"), "epochs_done": 0,
+            out.append({"run": job.run, "state": job.state, "epochs": job.info.get("epochs"),
+                        "epochs_done": 0,
                         "best": {}, "artifacts": [], "bundle": False})
     return out
 
@@ -247,7 +255,8 @@ def _snapshot(s: Studio, run: str) -> dict[str, Any]:
     raw = raw_tail(s.runner.log_path(job)) if job else ""
     log = tail(Path(), data=raw)
     prog = progress(raw) if job and job.state == "running" else None
-    info = summary(path, run) if path.is_dir() else {"run": run, "epochs": job.info.get("epochs") if job else 0}
+    info = summary(path, run) if path.is_dir() else {"run": run,
+                                                     "epochs": job.info.get("epochs") if job else 0}
     epochs = int(info.get("epochs") or 0)
     state = _state(s, run, path) if path.is_dir() else (job.state if job else "missing")
     return {**info, "state": state, "metrics": rows, "progress": prog, "steps": step_points(raw),

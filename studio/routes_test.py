@@ -26,7 +26,8 @@ IMAGE_MAX_PX = 1024  # the side of an image the page fetches (its thumbnails ask
 
 @dataclass
 class Validation:
-    """One pass of a bundle over its validation split: the dataset (for the images) and what the page shows."""
+    """One pass of a bundle over its validation split: the dataset (for the images) and what the page
+    shows."""
 
     dataset: Any
     answer: dict[str, Any]
@@ -50,7 +51,8 @@ def _validation(s: Studio, run: str, precision: str | None) -> Validation:
         n = min(len(ds), MAX_VAL_IMAGES)
         res = run_split(bundle, backend, ds, limit=n)
         m = bundle.manifest
-        answer: dict[str, Any] = {"run": run, "task": m.task, "classes": m.classes, "count": n, "split_size": len(ds),
+        answer: dict[str, Any] = {"run": run, "task": m.task, "classes": m.classes, "count": n,
+                                  "split_size": len(ds),
                                   "backend": backend.name, "precision": backend.precision}
         if m.task == "classify":
             metrics = split_metrics(bundle, res, ds.subset(range(n)))
@@ -59,10 +61,12 @@ def _validation(s: Studio, run: str, precision: str | None) -> Validation:
             top = softmax(logits).max(1)  # as /api/predict scores its top-k
             answer["top1"] = metrics["top1"]
             answer["confusion"] = metrics["confusion"].tolist()
-            answer["images"] = [{"i": i, "true": int(res.targets[i]), "pred": int(pred[i]), "score": float(top[i])}
+            answer["images"] = [{"i": i, "true": int(res.targets[i]), "pred": int(pred[i]),
+                                 "score": float(top[i])}
                                 for i in range(n)]
         else:
-            answer["images"] = [{"i": i, "true_boxes": len(res.targets[i].get("labels", []))} for i in range(n)]
+            answer["images"] = [
+                {"i": i, "true_boxes": len(res.targets[i].get("labels", []))} for i in range(n)]
         for old in [k for k in cache if k[0] == key[0]]:
             cache.pop(old)
         cache[key] = Validation(ds, answer)
@@ -70,7 +74,8 @@ def _validation(s: Studio, run: str, precision: str | None) -> Validation:
 
 
 @router.get("/val")
-def validation(request: Request, run: str = Query(...), precision: str | None = Query(None)) -> dict[str, Any]:
+def validation(request: Request, run: str = Query(...),
+               precision: str | None = Query(None)) -> dict[str, Any]:
     """The run's validation split through its bundle: per image its true and predicted class and the
     predicted class's probability, and the confusion matrix ``[true][pred]`` (classification); per
     image its number of ground-truth boxes (detection)."""
@@ -93,7 +98,8 @@ def validation_image(request: Request, run: str = Query(...), i: int = Query(...
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    name = Path(str(val.dataset.images[i])).name if not isinstance(val.dataset.images, np.ndarray) else f"val-{i}.png"
+    name = Path(str(val.dataset.images[i])).name if not isinstance(val.dataset.images,
+                                                                   np.ndarray) else f"val-{i}.png"
     return Response(buf.getvalue(), media_type="image/png",
                     headers={"Cache-Control": "private, max-age=3600",
                              "X-Kiln-Name": name.encode("ascii", "replace").decode()})

@@ -14,8 +14,11 @@ from kiln.studio.config import STATE_DIR
 
 MAX_DEPTH = 3
 LOG_TAIL_BYTES = 64 * 1024
-# one tqdm update of the training loop's bar: "epoch 2/5:  40%|####   | 8/20 [00:01<00:02, 7.9it/s, loss=0.53, ...]"
-_BAR = re.compile(r"epoch (\d+)/(\d+):\s+(\d+)%\|[^|]*\|\s*(\d+)/(\d+) \[([\d:]+)<([\d:?]+)(?:[^\]]*?loss=([-+\d.eE]+))?[^\]]*\]")
+# one tqdm update of the training loop's bar:
+# "epoch 2/5:  40%|####   | 8/20 [00:01<00:02, 7.9it/s, loss=0.53, ...]"
+_BAR = re.compile(
+    r"epoch (\d+)/(\d+):\s+(\d+)%\|[^|]*\|\s*(\d+)/(\d+) "
+    r"\[([\d:]+)<([\d:?]+)(?:[^\]]*?loss=([-+\d.eE]+))?[^\]]*\]")
 
 
 def find_runs(workspace: Path) -> list[Path]:
@@ -94,7 +97,8 @@ def summary(run_dir: Path, rel: str) -> dict[str, Any]:
         "bundle": bool(manifest) and (run_dir / "model.pt").is_file(),
         "resumable": (run_dir / "last.pt").is_file(),
         "artifacts": [{"file": name, "format": a.get("format"), "precision": a.get("precision"),
-                       "size": _size(run_dir / name), "metrics": a.get("metrics") or {}} for name, a in arts.items()],
+                       "size": _size(run_dir / name),
+                       "metrics": a.get("metrics") or {}} for name, a in arts.items()],
         "params": training.get("parameters"),  # written by the training loop (model_cost)
         "gflops": training.get("gflops"),
         "classes": manifest.get("classes", []),
@@ -137,7 +141,8 @@ def progress(log_text: str) -> dict[str, Any] | None:
         return None
     epoch, epochs, _pct, n, total, elapsed, remaining, loss = last.groups()
     return {"epoch": int(epoch), "epochs": int(epochs), "batch": int(n), "batches": int(total),
-            "elapsed_s": _clock(elapsed), "remaining_s": _clock(remaining), "loss": float(loss) if loss else None}
+            "elapsed_s": _clock(elapsed), "remaining_s": _clock(remaining),
+            "loss": float(loss) if loss else None}
 
 
 def step_points(log_text: str) -> list[list[float]]:

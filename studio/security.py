@@ -82,7 +82,8 @@ class Gate:
         host = headers.get("host", "")
         hostname = urlsplit(f"//{host}").hostname or ""
         if is_loopback(self.cfg.host) and not is_loopback(hostname):
-            return 403, f"this studio listens on {self.cfg.host}; requests must name a loopback host, not {host!r}"
+            return 403, (f"this studio listens on {self.cfg.host}; requests must name a loopback host, "
+                         f"not {host!r}")
         path: str = scope["path"]
         method: str = scope["method"]
         if self.cfg.token and path.startswith("/api"):
@@ -93,7 +94,8 @@ class Gate:
                 return 401, "this studio needs its token (X-Kiln-Token header)"
         if method not in SAFE_METHODS:
             if CSRF_HEADER not in headers:
-                return 403, f"state-changing requests need the {CSRF_HEADER} header (cross-site requests are refused)"
+                return 403, (f"state-changing requests need the {CSRF_HEADER} header "
+                             "(cross-site requests are refused)")
             origin = headers.get("origin")
             if origin is not None and urlsplit(origin).netloc != host:
                 return 403, f"cross-site request from {origin} refused"
@@ -107,6 +109,7 @@ def _bearer(value: str) -> str:
 
 async def _error(send: Send, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
-    headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers: list[Any] = [(b"content-type", b"application/json"),
+                          (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -27,7 +27,8 @@ class Studio:
         self._lock = threading.Lock()
         self.backend_lock = threading.Lock()
         self.backends: dict[tuple[str, str | None, float], Any] = {}
-        # the Test page's validation passes (kiln.studio.routes_test), per bundle, precision and kiln.json stamp
+        # the Test page's validation passes (kiln.studio.routes_test), per bundle, precision and
+        # kiln.json stamp
         self.val_lock = threading.Lock()
         self.cost_lock = threading.Lock()  # the New run form's parameters/GFLOPs (kiln.studio.routes_runs)
         self.validations: dict[tuple[str, str | None, float], Any] = {}

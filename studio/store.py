@@ -91,7 +91,8 @@ class JobStore:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def list(self, *, run: str | None = None, kind: str | None = None, states: tuple[str, ...] | None = None) -> list[Job]:
+    def list(self, *, run: str | None = None, kind: str | None = None,
+             states: tuple[str, ...] | None = None) -> list[Job]:
         sql, args = "SELECT * FROM jobs WHERE 1=1", []
         if run is not None:
             sql += " AND run = ?"
@@ -122,6 +123,8 @@ class JobStore:
 
 def _job(row: sqlite3.Row) -> Job:
     d = dict(row)
-    return Job(id=d["id"], kind=d["kind"], run=d["run"], argv=json.loads(d["argv"]), state=d["state"], pid=d["pid"],
-               pid_start=d["pid_start"], rc=d["rc"], stop_requested=bool(d["stop_requested"]), created=d["created"],
+    return Job(id=d["id"], kind=d["kind"], run=d["run"], argv=json.loads(d["argv"]), state=d["state"],
+               pid=d["pid"],
+               pid_start=d["pid_start"], rc=d["rc"], stop_requested=bool(d["stop_requested"]),
+               created=d["created"],
                started=d["started"], ended=d["ended"], log=d["log"], info=json.loads(d["info"]))

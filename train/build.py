@@ -23,7 +23,8 @@ from kiln.train.stats import sample_indices
 log = logging.getLogger("kiln.train")
 
 
-def run_model(s: Settings, device: torch.device, *, resumed: bool, main: bool) -> tuple[nn.Module, dict[str, Any]]:
+def run_model(s: Settings, device: torch.device, *, resumed: bool,
+              main: bool) -> tuple[nn.Module, dict[str, Any]]:
     """The run's model on ``device`` and its cost (parameters, GFLOPs per image).
 
     Initial weights are identical on every rank and on resume (seeded from the config); a new run loads
@@ -36,7 +37,8 @@ def run_model(s: Settings, device: torch.device, *, resumed: bool, main: bool) -
         finetune.init_pretrained(model, s.arch, cfg)
     if cfg.weights:
         fresh = finetune.fresh_head(model, cfg, list(s.classes))
-        skipped = load_weights(model, read_state_dict(cfg.weights), replace_head=True, ignore=fresh) + list(fresh)
+        skipped = load_weights(model, read_state_dict(cfg.weights), replace_head=True,
+                               ignore=fresh) + list(fresh)
         if skipped:
             log.info("--weights %s: re-initialised %d tensor(s) whose shape differs (new head): %s",
                      cfg.weights, len(skipped), ", ".join(skipped[:4]))
@@ -67,7 +69,8 @@ def train_loader(s: Settings, ds: Dataset, d: Dist,
 
 def val_loader(s: Settings, ds: Dataset, device: torch.device) -> DataLoader:
     return DataLoader(ds, batch_size=max(64, s.batch_size), shuffle=False, num_workers=s.workers,
-                      collate_fn=s.task.collate, pin_memory=device.type == "cuda", persistent_workers=s.workers > 0)
+                      collate_fn=s.task.collate, pin_memory=device.type == "cuda",
+                      persistent_workers=s.workers > 0)
 
 
 def bn_loader(s: Settings, model: nn.Module, train_raw: ImageDataset) -> DataLoader | None:
@@ -75,7 +78,8 @@ def bn_loader(s: Settings, model: nn.Module, train_raw: ImageDataset) -> DataLoa
     or None when the model has no BatchNorm statistics to re-estimate or precise-BN is off."""
     cfg = s.cfg
     if not cfg.precise_bn or not any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for m in model.modules()):
         return None
     # A fixed sample in a shuffled order: folder sets list their images class by class, and a batch of
     # one class has a far smaller variance than the data (its statistics would be wrong).
@@ -91,7 +95,8 @@ def network(model: nn.Module, s: Settings, d: Dist, device: torch.device) -> nn.
     ``--compile``. Weights, checkpoints and evaluation use ``model`` itself."""
     net: nn.Module = model
     if d.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if s.cfg.compile:
         net = torch.compile(net)  # type: ignore[assignment]
     return net

@@ -37,7 +37,8 @@ def rng_state() -> dict[str, Any]:
     name, key, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "numpy": (name, torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(gauss)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -102,7 +103,8 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({_first_line(exc)})") from None
     if not isinstance(obj, dict) or not set(REQUIRED) <= obj.keys():
         missing = [k for k in REQUIRED if k not in obj] if isinstance(obj, dict) else list(REQUIRED)
-        raise CheckpointError(f"checkpoint {path} is not a kiln training checkpoint (missing {', '.join(missing)})")
+        raise CheckpointError(
+            f"checkpoint {path} is not a kiln training checkpoint (missing {', '.join(missing)})")
     return obj
 
 

@@ -43,11 +43,13 @@ TASKS = ("auto", *vocab.TASKS)
 
 # Learning rates that work out of the box for each optimizer (used when --lr is not given).
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adagrad": 0.01, "adam": 2e-3, "adamw": 2e-3}
-# The batch size of each task when the training set gives enough steps per epoch at it (see default_batch_size).
+# The batch size of each task when the training set gives enough steps per epoch at it (see
+# default_batch_size).
 DEFAULT_BATCH = {"classify": 64, "detect": 16}
 MIN_STEPS_PER_EPOCH = MIN_STEPS  # the same bar as the steps-per-epoch warning of kiln data inspect
 MIN_AUTO_BATCH = 8
-WARMUP_SHARE = 0.05  # default warm-up: this share of the run's steps (at least MIN_WARMUP_STEPS), at most one epoch
+# default warm-up: this share of the run's steps (at least MIN_WARMUP_STEPS), at most one epoch
+WARMUP_SHARE = 0.05
 MIN_WARMUP_STEPS = 20
 PRECISE_BN_IMAGES = 512
 
@@ -59,8 +61,8 @@ def check_model_name(name: str) -> None:
     known = list(dict.fromkeys([*MODEL_NAMES, *TORCHVISION_CLASSIFIERS]))
     near = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
     hint = f" Did you mean '{near[0]}'? Nearest: {', '.join(near)}." if near else ""
-    raise ConfigError(f"--model: unknown model '{name}'.{hint} Known: {', '.join(MODEL_NAMES)}, any torchvision "
-                      "classifier (torchvision.models.list_models()) or timm:NAME")
+    raise ConfigError(f"--model: unknown model '{name}'.{hint} Known: {', '.join(MODEL_NAMES)}, any "
+                      "torchvision classifier (torchvision.models.list_models()) or timm:NAME")
 
 
 def default_batch_size(task: str, train_images: int, world: int = 1) -> int:
@@ -116,7 +118,8 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to --lr
     batch_range: str = "1:8:32"
     precise_bn: bool = True  # re-estimate BatchNorm statistics before each validation (and so in the bundle)
-    precise_bn_images: int = PRECISE_BN_IMAGES  # training images (no augmentation) the statistics are taken over
+    # training images (no augmentation) the statistics are taken over
+    precise_bn_images: int = PRECISE_BN_IMAGES
     out: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # task-specific (e.g. detection loss weights)
 

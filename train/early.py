@@ -54,9 +54,10 @@ def check_pretrained_offline(model: str | None, pretrained: str | None) -> None:
     if problem is None:
         return
     raise CheckpointError(
-        f"--pretrained: {name} is not in torch.hub's cache ({folder}) and {host} cannot be reached ({problem}); "
-        f"on a machine with network run: curl -L --create-dirs -o {folder / name} {url} (then copy it here), "
-        f"or set TORCH_HOME to a folder holding hub/checkpoints/{name}, or pass the file with --weights")
+        f"--pretrained: {name} is not in torch.hub's cache ({folder}) and {host} cannot be reached "
+        f"({problem}); on a machine with network run: curl -L --create-dirs -o {folder / name} {url} (then "
+        f"copy it here), or set TORCH_HOME to a folder holding hub/checkpoints/{name}, or pass the file with "
+        "--weights")
 
 
 def unreachable(host: str, port: int = 443) -> str | None:
@@ -80,7 +81,8 @@ def unreachable(host: str, port: int = 443) -> str | None:
 
 
 def weights_url(arch: str, pretrained: str) -> str | None:
-    """The URL of torchvision weights ``pretrained`` (DEFAULT, IMAGENET1K_V2 or ResNet50_Weights.IMAGENET1K_V2)
+    """The URL of torchvision weights ``pretrained`` (DEFAULT, IMAGENET1K_V2 or
+    ResNet50_Weights.IMAGENET1K_V2)
     of builder ``arch``, read from torchvision's source; None when the source does not say it plainly."""
     members = _weights_members(arch)
     key = pretrained.rsplit(".", 1)[-1]
@@ -127,13 +129,15 @@ def _enum_members(tree: ast.Module, enum_name: str) -> dict[str, str]:
         if not (isinstance(node, ast.ClassDef) and node.name == enum_name):
             continue
         for stmt in node.body:
-            if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+            if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
+                    and isinstance(stmt.targets[0], ast.Name)):
                 continue
             name, value = stmt.targets[0].id, stmt.value
             if isinstance(value, ast.Name):
                 members[name] = value.id
             elif isinstance(value, ast.Call):
                 for kw in value.keywords:
-                    if kw.arg == "url" and isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str):
+                    if kw.arg == "url" and isinstance(kw.value,
+                                                      ast.Constant) and isinstance(kw.value.value, str):
                         members[name] = kw.value.value
     return members

@@ -56,8 +56,10 @@ def weights_preprocess(cfg: TrainConfig) -> Preprocess | None:
     arch = _backbone_arch(cfg.model) or cfg.model
     own_trunk = model_entry(cfg.model).task == "detect" and _backbone_arch(cfg.model) is None
     if own_trunk or cfg.model == "lenet5":
-        raise ConfigError(f"--pretrained: {cfg.model} has no pretrained weights; they exist for {WEIGHTS_HINT}")
-    return torchvision_preprocess(torchvision_weights(arch, True if cfg.pretrained == "DEFAULT" else cfg.pretrained))
+        raise ConfigError(
+            f"--pretrained: {cfg.model} has no pretrained weights; they exist for {WEIGHTS_HINT}")
+    return torchvision_preprocess(
+        torchvision_weights(arch, True if cfg.pretrained == "DEFAULT" else cfg.pretrained))
 
 
 def check_pretrained(cfg: TrainConfig) -> None:
@@ -69,7 +71,8 @@ def check_pretrained(cfg: TrainConfig) -> None:
     weights_preprocess(cfg)
     if cfg.model.startswith(TIMM_PREFIX):
         return
-    weights = torchvision_weights(_backbone_arch(cfg.model) or cfg.model, True if cfg.pretrained == "DEFAULT" else cfg.pretrained)
+    weights = torchvision_weights(_backbone_arch(cfg.model) or cfg.model,
+                                  True if cfg.pretrained == "DEFAULT" else cfg.pretrained)
     if not (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)).is_file():
         fetch_torchvision(weights)
 
@@ -87,10 +90,12 @@ def fit_preprocess(cfg: TrainConfig, task_pre: Preprocess) -> Preprocess:
             return task_pre.model_copy(update={"mean": source.preprocess.mean, "std": source.preprocess.std})
         return task_pre
     if task_pre.mode == "letterbox":
-        return task_pre.model_copy(update={"channels": "RGB", "mean": pre.mean, "std": pre.std, "source": pre.source})
+        return task_pre.model_copy(
+            update={"channels": "RGB", "mean": pre.mean, "std": pre.std, "source": pre.source})
     if cfg.image_size:
         ratio = (pre.resize_size or pre.size[0]) / pre.size[0]
-        pre = pre.model_copy(update={"size": (cfg.image_size, cfg.image_size), "resize_size": round(cfg.image_size * ratio)})
+        pre = pre.model_copy(
+            update={"size": (cfg.image_size, cfg.image_size), "resize_size": round(cfg.image_size * ratio)})
     return pre
 
 
@@ -131,7 +136,8 @@ def head_parameters(model: nn.Module) -> set[str]:
     """Names of the head's parameters (see the module docstring)."""
     names = [n for n, _ in model.named_parameters()]
     backbone = getattr(model, "backbone", None)
-    if isinstance(backbone, nn.Module) and (isinstance(backbone, TorchvisionBackbone) or hasattr(model, "fpn")):
+    if isinstance(backbone,
+                  nn.Module) and (isinstance(backbone, TorchvisionBackbone) or hasattr(model, "fpn")):
         return {n for n in names if not n.startswith("backbone.")}
     get_classifier = getattr(model, "get_classifier", None)  # timm models name their head
     if callable(get_classifier):
@@ -150,7 +156,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig, lr: float) -> list[dict[str
         return [{"params": [p for _, p in params], "lr": lr}]
     head = head_parameters(model)
     return [
-        {"params": [p for n, p in params if n not in head], "lr": lr * cfg.backbone_lr_scale, "name": "backbone"},
+        {"params": [p for n, p in params if n not in head], "lr": lr * cfg.backbone_lr_scale,
+         "name": "backbone"},
         {"params": [p for n, p in params if n in head], "lr": lr, "name": "head"},
     ]
 
@@ -168,7 +175,9 @@ def set_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
     for name, p in model.named_parameters():
         p.requires_grad_(name in head or not frozen)
     if epoch in (0, cfg.freeze_backbone):
-        log.info("epoch %d: backbone %s", epoch + 1, "frozen (training the head only)" if frozen else "unfrozen")
+        log.info("epoch %d: backbone %s", epoch + 1,
+                 "frozen (training the head only)" if frozen else "unfrozen")
 
 
-__all__ = ["check_pretrained", "fit_preprocess", "fresh_head", "head_parameters", "weights_bundle", "init_pretrained", "param_groups", "set_epoch", "weights_preprocess"]
+__all__ = ["check_pretrained", "fit_preprocess", "fresh_head", "head_parameters", "weights_bundle",
+           "init_pretrained", "param_groups", "set_epoch", "weights_preprocess"]

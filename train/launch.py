@@ -44,7 +44,8 @@ def launch(nproc: int, argv: list[str], *, verbose: bool = False) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        # the cause: not a worker the agent stopped (SIGTERM) because another had failed; the earliest, lowest rank
+        # the cause: not a worker the agent stopped (SIGTERM) because another had failed; the earliest, lowest
+        # rank
         rank, failure = min(exc.failures.items(), key=lambda item: (
             item[1].exitcode == -signal.SIGTERM, item[1].timestamp, item[0]))
         code = failure.exitcode

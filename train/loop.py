@@ -76,7 +76,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | os.PathLike[str] | No
     Returns the result and the trainer (for its resolved config and task).
     """
     with dist_cleanup():
-        trainer = Trainer(cfg, resume=Path(resume) if resume else None, overrides=overrides, progress=progress)
+        trainer = Trainer(cfg, resume=Path(resume) if resume else None, overrides=overrides,
+                          progress=progress)
         return trainer.fit(), trainer
 
 
@@ -144,7 +145,8 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.dist)
         configure_kernels(cfg, self.device)
         with collect_skipped() as skipped:
-            self.train_raw, self.val_raw = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed,
+            self.train_raw, self.val_raw = open_dataset(cfg.data, val_fraction=cfg.val_fraction,
+                                                        seed=cfg.seed,
                                                         skip_bad_images=cfg.skip_bad_images)
 
         # The resolved settings: every default filled in from the config, the model and the data.
@@ -152,7 +154,8 @@ class Trainer:
         self.cfg, self.task, self.pre, self.run_dir = s.cfg, s.task, s.pre, s.run_dir
         self.batch_size, self.workers = s.batch_size, s.workers
         if resume is None and (self.run_dir / checkpoint.LAST).exists():
-            raise ConfigError(f"--out {self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
+            raise ConfigError(f"--out {self.run_dir} already holds a run; resume it with --resume "
+                              f"{self.run_dir} "
                               "or pick another --out")
         self.data_summary = summarize(self.cfg.data, self.train_raw, self.val_raw, s.input_size,
                                       self.batch_size, skipped)  # a global batch: steps as with one process
@@ -160,13 +163,17 @@ class Trainer:
             log_plan(self.data_summary, s)
 
         # What trains: the model, its data, the optimizer and schedule, the network forward runs through.
-        self.model, self.cost = build.run_model(s, self.device, resumed=resume is not None, main=self.dist.main)
-        self.train_ds, self.val_ds = self.task.torch_datasets(self.cfg, self.train_raw, self.val_raw, self.pre)
-        self.train_loader, self.sampler, self.train_gen = build.train_loader(s, self.train_ds, self.dist, self.device)
+        self.model, self.cost = build.run_model(s, self.device, resumed=resume is not None,
+                                                main=self.dist.main)
+        self.train_ds, self.val_ds = self.task.torch_datasets(self.cfg, self.train_raw, self.val_raw,
+                                                              self.pre)
+        self.train_loader, self.sampler, self.train_gen = build.train_loader(s, self.train_ds, self.dist,
+                                                                             self.device)
         self.val_loader = build.val_loader(s, self.val_ds, self.device)
         self.bn_batches = build.bn_loader(s, self.model, self.train_raw)
         self.steps_per_epoch = len(self.train_loader)
-        self.optimizer = build_optimizer(self.cfg, finetune.param_groups(self.model, self.cfg, self.cfg.learning_rate))
+        self.optimizer = build_optimizer(self.cfg,
+                                         finetune.param_groups(self.model, self.cfg, self.cfg.learning_rate))
         self.scheduler = build_scheduler(self.cfg, self.optimizer, self.steps_per_epoch)
         self.amp = amp_dtype(self.cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
@@ -232,9 +239,11 @@ class Trainer:
         self.net.train()
         totals: dict[str, float] = {}
         start = time.perf_counter()
-        bar = progress_bar(self._seeded_loader(epoch), epoch, self.cfg.epochs, shown=self.progress and self.dist.main)
+        bar = progress_bar(self._seeded_loader(epoch), epoch, self.cfg.epochs,
+                           shown=self.progress and self.dist.main)
         for batch in bar:
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                                enabled=self.amp is not None):
                 loss, stats = self.task.step(self.net, batch, self.device)
             if not torch.isfinite(loss):
                 raise KilnError(f"training diverged at epoch {epoch + 1} (loss is {loss.item()}); lower --lr")
@@ -263,7 +272,8 @@ class Trainer:
         write the metrics and curves, and log the epoch."""
         count = max(totals.get("count", 0.0), 1.0)
         row: dict[str, Any] = {"epoch": epoch + 1, "world_size": self.dist.world,
-                               "lr": self.optimizer.param_groups[0]["lr"], "train_loss": totals.get("loss_sum", 0.0) / count}
+                               "lr": self.optimizer.param_groups[0]["lr"],
+                               "train_loss": totals.get("loss_sum", 0.0) / count}
         if "correct" in totals:
             row["train_acc"] = 100.0 * totals["correct"] / count
         if self.dist.main:
@@ -275,8 +285,10 @@ class Trainer:
             improved = self._keep_if_best(row)
             self._save_checkpoint(epoch + 1)
             write_metrics_csv(self.history, self.run_dir / "metrics.csv")
-            plot_curves(self.history, self.run_dir / "curves.png", self.task.primary)  # to watch while it trains
-            log_epoch(row, improved=improved, eta=eta(epoch, self.cfg.epochs, self.start_epoch, self.fit_started))
+            # to watch while it trains
+            plot_curves(self.history, self.run_dir / "curves.png", self.task.primary)
+            log_epoch(row, improved=improved,
+                      eta=eta(epoch, self.cfg.epochs, self.start_epoch, self.fit_started))
             self._warn_if_throttled()
             self._warn_if_at_chance(final=epoch + 1 == self.cfg.epochs)
         return row
@@ -338,7 +350,8 @@ class Trainer:
         if self.chance_warned or self.task.name != "classify":
             return
         counts = list(self.data_summary.val.per_class.values())
-        warning = chance_warning(self.history, counts, final=final, precise_bn=self.cfg.precise_bn, data=self.cfg.data)
+        warning = chance_warning(self.history, counts, final=final, precise_bn=self.cfg.precise_bn,
+                                 data=self.cfg.data)
         if warning:
             self.chance_warned = True
             self.warnings.append(warning)
@@ -358,11 +371,13 @@ class Trainer:
         """Write model.pt (best weights), kiln.json and curves.png into the run folder."""
         state = self.best_state or {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         manifest = bundle_manifest(self.settings, build_model(self.settings.arch), {
-            "epochs": len(self.history), "best_epoch": self.best_epoch, **world_sizes(self.history, self.dist.world),
+            "epochs": len(self.history), "best_epoch": self.best_epoch,
+            **world_sizes(self.history, self.dist.world),
             **self.cost,
             "device": str(self.device), "train_images": len(self.train_raw), "val_images": len(self.val_raw),
             # where a dataset's class list came from, when its reader says (VOC: classes.txt or annotations)
-            **({"classes_from": self.train_raw.info["classes_from"]} if "classes_from" in self.train_raw.info else {}),
+            **({"classes_from": self.train_raw.info["classes_from"]} if "classes_from" in self.train_raw.info
+               else {}),
         })
         return write_bundle(self.settings, manifest, state, self.best, self.history)
 
@@ -376,8 +391,9 @@ class Trainer:
         else:
             files = run_files(self.run_dir)
             if self.dist.main:
-                log.info("%s already holds %d trained epoch(s) (--epochs %d): nothing to train, nothing on disk "
-                         "changed; pass a larger --epochs to train further", self.run_dir, self.start_epoch,
+                log.info("%s already holds %d trained epoch(s) (--epochs %d): nothing to train, nothing on "
+                         "disk changed; pass a larger --epochs to train further", self.run_dir,
+                         self.start_epoch,
                          self.cfg.epochs)
         self.dist.barrier()
         rate = self.history[-1].get("images_per_s", 0.0) if self.history else 0.0
@@ -390,4 +406,5 @@ class Trainer:
             manifest = json.loads((self.run_dir / "kiln.json").read_text())
         except (OSError, ValueError):
             return False
-        return (self.run_dir / "model.pt").is_file() and manifest.get("training", {}).get("epochs") == len(self.history)
+        return (self.run_dir / "model.pt").is_file() and manifest.get("training",
+                                                                      {}).get("epochs") == len(self.history)

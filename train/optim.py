@@ -26,7 +26,8 @@ def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
 
-def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-step schedule; ``warmup_epochs`` of linear warm-up precede it (onecycle has its own)."""
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler
@@ -66,13 +67,14 @@ def resume_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epo
     was = opt.param_groups[0]["lr"]
     scheduler = replay_scheduler(cfg, opt, steps_per_epoch, epoch * steps_per_epoch)
     if saved_epochs != cfg.epochs:
-        log.info("--epochs %d -> %d: the %s schedule is rebuilt for %d epochs and replayed to the end of epoch %d; "
-                 "the learning rate goes from %.3g (where it stopped) to %.3g (where the longer schedule is now)",
+        log.info("--epochs %d -> %d: the %s schedule is rebuilt for %d epochs and replayed to the end of "
+                 "epoch %d; the learning rate goes from %.3g (where it stopped) to %.3g (where the longer "
+                 "schedule is now)",
                  saved_epochs, cfg.epochs, cfg.schedule, cfg.epochs, epoch, was, opt.param_groups[0]["lr"])
     saved_steps = int(state["scheduler"].get("last_epoch", 0)) // epoch if epoch else 0
     if saved_steps and saved_steps != steps_per_epoch:
-        log.info("resumed with %d steps per epoch where the run took %d (another number of processes or batch "
-                 "split): the learning rate continues from epoch %d of %d of the same curve (%.3g)",
+        log.info("resumed with %d steps per epoch where the run took %d (another number of processes or "
+                 "batch split): the learning rate continues from epoch %d of %d of the same curve (%.3g)",
                  steps_per_epoch, saved_steps, epoch, cfg.epochs, opt.param_groups[0]["lr"])
     return scheduler
 

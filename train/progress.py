@@ -27,7 +27,8 @@ def log_plan(summary: DatasetSummary, s: Settings) -> None:
     for warning in summary.warnings:
         log.warning("%s", warning)
     cfg = s.cfg
-    log.info("  %d epochs, warm-up %.2g epoch(s) (--warmup-epochs), precise-BN %s", cfg.epochs, cfg.warmup_epochs,
+    log.info("  %d epochs, warm-up %.2g epoch(s) (--warmup-epochs), precise-BN %s", cfg.epochs,
+             cfg.warmup_epochs,
              "on (for models with BatchNorm)" if cfg.precise_bn else "off")
 
 
@@ -70,7 +71,9 @@ def eta(epoch: int, epochs: int, start_epoch: int, started: float) -> str:
 
 def duration(seconds: float) -> str:
     s = round(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def write_scalars(writer: Any, row: dict[str, Any]) -> None:

@@ -82,7 +82,8 @@ def _file_names(ds: ImageDataset, n: int) -> list[str] | None:
     return out
 
 
-def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, metrics: dict[str, Any], out_dir: Path,
+def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, metrics: dict[str, Any],
+                         out_dir: Path,
                          post: DetectPost | None = None) -> dict[str, str]:
     """predictions.json (COCO results), ground_truth.json (the COCO ground truth they were scored
     against, with the same image and category ids), per_class_ap.csv and predictions.png (a grid of val
@@ -100,7 +101,8 @@ def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, me
     atomic_write_json(out_dir / "predictions.json", preds)
     sizes = [(lb.width, lb.height) for lb in res.letterboxes]
     atomic_write_json(out_dir / "ground_truth.json",
-                      coco_ground_truth(res.targets, bundle.manifest.classes, sizes, image_ids, cats, _file_names(ds, n)))
+                      coco_ground_truth(res.targets, bundle.manifest.classes, sizes, image_ids, cats,
+                                        _file_names(ds, n)))
 
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -117,14 +119,18 @@ def write_detect_reports(bundle: Bundle, res: SplitOutputs, ds: ImageDataset, me
     shown = min(GRID_IMAGES, n)
     serving = detections(bundle, res.first(shown), bundle.manifest.detect_post())
     grid = draw_grid([ds.image(i) for i in range(shown)], [res.targets[i] for i in range(shown)], serving,
-                     bundle.manifest.classes, title=f"mAP@[.5:.95] {metrics.get('map', 0):.3f}  mAP@.5 {metrics.get('map50', 0):.3f}")
+                     bundle.manifest.classes,
+                     title=f"mAP@[.5:.95] {metrics.get('map', 0):.3f}  mAP@.5 {metrics.get('map50', 0):.3f}")
     with atomic_path(out_dir / "predictions.png") as tmp:
         grid.save(tmp, format="PNG")
-    return {"predictions_json": str(out_dir / "predictions.json"), "ground_truth_json": str(out_dir / "ground_truth.json"),
-            "per_class_ap_csv": str(out_dir / "per_class_ap.csv"), "predictions_png": str(out_dir / "predictions.png")}
+    return {"predictions_json": str(out_dir / "predictions.json"),
+            "ground_truth_json": str(out_dir / "ground_truth.json"),
+            "per_class_ap_csv": str(out_dir / "per_class_ap.csv"),
+            "predictions_png": str(out_dir / "predictions.png")}
 
 
-def draw_grid(images: list[Image.Image], targets: list[dict[str, np.ndarray]], detections: list[list[dict[str, Any]]],
+def draw_grid(images: list[Image.Image], targets: list[dict[str, np.ndarray]],
+              detections: list[list[dict[str, Any]]],
               classes: list[str], title: str = "", cell: int = 256) -> Image.Image:
     """A square-ish grid of ``images`` with ground truth (white, thin) and detections (class colour)."""
     cols = max(1, int(np.ceil(np.sqrt(len(images)))))
@@ -136,15 +142,19 @@ def draw_grid(images: list[Image.Image], targets: list[dict[str, np.ndarray]], d
         draw.text((4, 3), title, fill=(255, 255, 255))
     for i, (img, tgt, dets) in enumerate(zip(images, targets, detections, strict=True)):
         scale = min(cell / img.width, cell / img.height)
-        tile = img.convert("RGB").resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+        tile = img.convert("RGB").resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))))
         ox, oy = (i % cols) * cell, (i // cols) * cell + top
         sheet.paste(tile, (ox, oy))
         for box in np.asarray(tgt["boxes"]).reshape(-1, 4):
-            draw.rectangle([ox + box[0] * scale, oy + box[1] * scale, ox + box[2] * scale, oy + box[3] * scale],
+            draw.rectangle([ox + box[0] * scale, oy + box[1] * scale, ox + box[2] * scale,
+                            oy + box[3] * scale],
                            outline=(255, 255, 255), width=1)
         for d in dets:
             x1, y1, x2, y2 = d["box"]
             colour = COLOURS[d["index"] % len(COLOURS)]
-            draw.rectangle([ox + x1 * scale, oy + y1 * scale, ox + x2 * scale, oy + y2 * scale], outline=colour, width=2)
-            draw.text((ox + x1 * scale + 2, oy + y1 * scale + 1), f"{classes[d['index']]} {d['score']:.2f}", fill=colour)
+            draw.rectangle([ox + x1 * scale, oy + y1 * scale, ox + x2 * scale, oy + y2 * scale],
+                           outline=colour, width=2)
+            draw.text((ox + x1 * scale + 2, oy + y1 * scale + 1), f"{classes[d['index']]} {d['score']:.2f}",
+                      fill=colour)
     return sheet

@@ -62,15 +62,16 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{DataSpec.parse(cfg.data).name}-{cfg.model}-{stamp}"
 
 
-def resolve_settings(cfg: TrainConfig, train_raw: ImageDataset, *, preprocess: Preprocess | None = None) -> Settings:
+def resolve_settings(cfg: TrainConfig, train_raw: ImageDataset, *,
+                     preprocess: Preprocess | None = None) -> Settings:
     """Check that ``cfg`` fits the dataset and fill in what it leaves open.
 
     ``preprocess`` is the resumed run's saved preprocessing; a new run derives it from the training data.
     """
     data_task = train_raw.task
     if cfg.model and model_entry(cfg.model).task != data_task:
-        raise ConfigError(f"--model {cfg.model} is a {model_entry(cfg.model).task} model but --data {cfg.data} "
-                          f"is a {data_task} dataset")
+        raise ConfigError(f"--model {cfg.model} is a {model_entry(cfg.model).task} model but --data "
+                          f"{cfg.data} is a {data_task} dataset")
     task_name = data_task if cfg.task == "auto" else cfg.task
     if task_name != data_task:
         raise ConfigError(f"--task {task_name} does not fit --data {cfg.data}, a {data_task} dataset")
@@ -88,7 +89,8 @@ def resolve_settings(cfg: TrainConfig, train_raw: ImageDataset, *, preprocess: P
         task_pre = task.preprocess_spec(cfg, train_raw, chosen.size or 224)
         preprocess = fit_preprocess(cfg, task_pre)  # pretrained weights' recipe
         if preprocess.size != task_pre.size:
-            chosen = InputSize(preprocess.size[0], "model", f"the preprocessing of --pretrained {cfg.pretrained} weights")
+            chosen = InputSize(preprocess.size[0], "model",
+                               f"the preprocessing of --pretrained {cfg.pretrained} weights")
     else:
         chosen = InputSize(preprocess.size[0], "resume", "the resumed run's")
     arch = Architecture(name=cfg.model or "", args={
@@ -96,7 +98,8 @@ def resolve_settings(cfg: TrainConfig, train_raw: ImageDataset, *, preprocess: P
         "image_size": preprocess.size[0], **task.model_args(cfg),
     })
     workers = cfg.workers if cfg.workers is not None else default_workers(train_raw)
-    return Settings(cfg, task, list(train_raw.classes), preprocess, arch, BatchRange.parse(cfg.batch_range), workers,
+    return Settings(cfg, task, list(train_raw.classes), preprocess, arch, BatchRange.parse(cfg.batch_range),
+                    workers,
                     chosen)
 
 
@@ -110,7 +113,8 @@ def input_size(cfg: TrainConfig, train_raw: ImageDataset) -> InputSize:
     data = data_image_size(train_raw)
     if data is not None and data.size and not train_raw.native_size:
         if data.size < entry.min_size:
-            return InputSize(entry.min_size, "model", f"{data.reason}; raised to {entry.min_size}, the smallest "
+            return InputSize(entry.min_size, "model",
+                             f"{data.reason}; raised to {entry.min_size}, the smallest "
                                                       f"input {cfg.model} takes")
         return data
     if entry.default_size:

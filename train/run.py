@@ -34,7 +34,8 @@ def git_sha() -> str | None:
 
 def write_config(s: Settings, world: int) -> None:
     s.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(s.run_dir / "config.json", {**s.cfg.to_dict(), "preprocess": s.pre.model_dump(mode="json"),
+    atomic_write_json(s.run_dir / "config.json",
+                      {**s.cfg.to_dict(), "preprocess": s.pre.model_dump(mode="json"),
                                                   "architecture": s.arch.model_dump(), "world_size": world})
 
 

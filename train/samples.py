@@ -71,7 +71,8 @@ def _detect_samples(ds: ImageDataset, out: Path, prefix: str, count: int) -> lis
         img.save(plain)
         target = ds.target(i)
         # ground truth drawn the way `kiln predict --save` draws predictions (score 1), so they compare
-        truth = {"boxes": [{"index": int(c), "label": ds.classes[int(c)], "score": 1.0, "box": [float(v) for v in box]}
+        truth = {"boxes": [{"index": int(c), "label": ds.classes[int(c)], "score": 1.0,
+                            "box": [float(v) for v in box]}
                            for box, c in zip(target["boxes"], target["labels"], strict=True)]}
         boxed = out / f"{prefix}-{i}-boxes.png"
         render(img, truth, ds.classes).save(boxed)

@@ -1,4 +1,5 @@
-"""Statistics of a run: input mean/std from a sample of training images, and the validation-at-chance check."""
+"""Statistics of a run: input mean/std from a sample of training images, and the validation-at-chance
+check."""
 
 from __future__ import annotations
 
@@ -47,16 +48,18 @@ def chance_warning(history: Sequence[dict[str, Any]], val_counts: Sequence[int],
     if not (climbed or final):
         return None
     shown = ", ".join(f"{v:.1f}" for v in recent)
-    head = (f"validation top-1 sits at chance ({chance:.1f}% for {len(val_counts)} classes; last epochs {shown}%)")
+    head = (
+        f"validation top-1 sits at chance ({chance:.1f}% for {len(val_counts)} classes; last epochs "
+        f"{shown}%)")
     fixes = ("--pretrained (start from ImageNet features), --image-size near the images' own size, a smaller "
              "--batch-size, more --epochs")
     if not precise_bn:
         fixes = "drop --no-precise-bn (BatchNorm statistics re-estimated before validation), " + fixes
     if climbed:
-        return (f"{head} while training accuracy climbed to {train_acc:.1f}%: what the model learns does not carry "
-                f"over to the validation images. Check that the labels match the images and that train and val "
-                f"come from the same source (kiln data inspect {data} --save DIR shows a contact sheet per class); "
-                f"then try {fixes}")
-    return (f"{head} and training accuracy is {train_acc:.1f}%: nothing was learned. Check that the labels match "
-            f"the images (kiln data inspect {data} --save DIR shows a contact sheet per class); then try --lr "
-            f"(lower when the loss jumps, higher when it stays flat), {fixes}")
+        return (f"{head} while training accuracy climbed to {train_acc:.1f}%: what the model learns does not "
+                "carry over to the validation images. Check that the labels match the images and that train "
+                f"and val come from the same source (kiln data inspect {data} --save DIR shows a contact "
+                f"sheet per class); then try {fixes}")
+    return (f"{head} and training accuracy is {train_acc:.1f}%: nothing was learned. Check that the labels "
+            f"match the images (kiln data inspect {data} --save DIR shows a contact sheet per class); then "
+            f"try --lr (lower when the loss jumps, higher when it stays flat), {fixes}")

@@ -32,7 +32,8 @@ class Task(Protocol):
 
     def preprocess_spec(self, cfg: TrainConfig, train: ImageDataset, size: int) -> Preprocess: ...
 
-    def torch_datasets(self, cfg: TrainConfig, train: ImageDataset, val: ImageDataset, pre: Preprocess) -> tuple[Dataset, Dataset]: ...
+    def torch_datasets(self, cfg: TrainConfig, train: ImageDataset, val: ImageDataset,
+                       pre: Preprocess) -> tuple[Dataset, Dataset]: ...
 
     def collate(self, items: list[Any]) -> Any: ...
 
@@ -42,7 +43,8 @@ class Task(Protocol):
 
     def model_args(self, cfg: TrainConfig) -> dict[str, Any]: ...
 
-    def step(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(self, model: nn.Module, batch: Any,
+             device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one training batch and counters summed over the batch (``count`` = images)."""
         ...
 
@@ -60,9 +62,11 @@ class ClassifyDataset(Dataset):
 
     def __init__(self, raw: ImageDataset, pre: Preprocess, augment: nn.Module | None) -> None:
         self.raw, self.pre, self.augment = raw, pre, augment
-        self.cached: torch.Tensor | None = None  # uint8 [N, C, H, W] at the input size: exact, 4x smaller than float
+        # uint8 [N, C, H, W] at the input size: exact, 4x smaller than float
+        self.cached: torch.Tensor | None = None
         if (isinstance(raw.images, np.ndarray) or raw.decoded is not None) and len(raw):
-            self.cached = torch.from_numpy(np.stack([_to_uint8(to_unit(raw.image(i, pre), pre)[0]) for i in range(len(raw))]))
+            self.cached = torch.from_numpy(
+                np.stack([_to_uint8(to_unit(raw.image(i, pre), pre)[0]) for i in range(len(raw))]))
         self.mean = torch.tensor(pre.mean).view(-1, 1, 1)
         self.std = torch.tensor(pre.std).view(-1, 1, 1)
 
@@ -96,10 +100,12 @@ class ClassifyTask:
     def preprocess_spec(self, cfg: TrainConfig, train: ImageDataset, size: int) -> Preprocess:
         base = Preprocess(mode="resize", size=(size, size), channels=train.channels, mean=[0.0], std=[1.0])
         idx = sample_indices(len(train), 2000, cfg.seed)
-        mean, std = channel_stats([to_unit(train.image(i, base), base)[0] for i in idx])  # decoded as training decodes
+        # decoded as training decodes
+        mean, std = channel_stats([to_unit(train.image(i, base), base)[0] for i in idx])
         return base.model_copy(update={"mean": mean, "std": std})
 
-    def torch_datasets(self, cfg: TrainConfig, train: ImageDataset, val: ImageDataset, pre: Preprocess) -> tuple[Dataset, Dataset]:
+    def torch_datasets(self, cfg: TrainConfig, train: ImageDataset, val: ImageDataset,
+                       pre: Preprocess) -> tuple[Dataset, Dataset]:
         self.label_smoothing = cfg.label_smoothing
         return ClassifyDataset(train, pre, self._augmentation(pre)), ClassifyDataset(val, pre, None)
 
@@ -129,7 +135,8 @@ class ClassifyTask:
     def model_args(self, cfg: TrainConfig) -> dict[str, Any]:
         return {}
 
-    def step(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(self, model: nn.Module, batch: Any,
+             device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         x, y = (t.to(device, non_blocking=True) for t in batch)
         logits = model(x)
         loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)

@@ -21,7 +21,7 @@ def throttle_warning(rates: Sequence[float], *, slowdown: float = SLOWDOWN) -> s
     best, last = max(rates[:-1]), rates[-1]
     if not (best > 0 and last < best / slowdown):
         return None
-    return (f"epoch {len(rates)} ran at {last:.0f} images/s, {best / max(last, 1e-9):.1f}x slower than the best "
-            f"epoch so far ({best:.0f} images/s): other processes are probably using these CPU cores. "
+    return (f"epoch {len(rates)} ran at {last:.0f} images/s, {best / max(last, 1e-9):.1f}x slower than the "
+            f"best epoch so far ({best:.0f} images/s): other processes are probably using these CPU cores. "
             "Start kiln with OMP_NUM_THREADS=<free cores> (and OMP_WAIT_POLICY=PASSIVE, kiln's default) "
             "so PyTorch's threads stop spin-waiting for busy cores")

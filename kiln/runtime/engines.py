@@ -42,22 +42,27 @@ def check_provenance(provenance: EngineProvenance | Mapping[str, Any] | None, ve
     hardware-compatible (AMPERE_PLUS: compute capability 8.0 or newer).
     """
     if not isinstance(provenance, EngineProvenance):  # a mapping may hold more (onnx2engine's precision)
-        provenance = EngineProvenance.model_validate({k: v for k, v in (provenance or {}).items() if k in ENGINE_KEYS})
+        provenance = EngineProvenance.model_validate(
+            {k: v for k, v in (provenance or {}).items() if k in ENGINE_KEYS})
     prov = provenance
     missing = [k for k in PROVENANCE_KEYS if not getattr(prov, k)]
     if missing:
-        return False, f"engine has no build provenance in kiln.json (missing {', '.join(missing)}); rebuild it"
+        return False, (f"engine has no build provenance in kiln.json (missing {', '.join(missing)}); "
+                       "rebuild it")
     built_v, here_v = str(prov.tensorrt_version), version
     if prov.version_compat:
         if not _version_compatible_runs(version_tuple(built_v), version_tuple(here_v)):
-            return False, f"version-compatible engine built with TensorRT {built_v} cannot run on TensorRT {here_v}"
+            return False, (f"version-compatible engine built with TensorRT {built_v} cannot run on "
+                           f"TensorRT {here_v}")
     elif version_tuple(built_v) != version_tuple(here_v):  # major.minor.patch.build: a plan names all four
         return False, f"engine built with TensorRT {built_v}, this is TensorRT {here_v} (rebuild it here)"
-    built_cc, here_cc = parse_capability(str(prov.compute_capability)), parse_capability(gpu.compute_capability)
+    built_cc = parse_capability(str(prov.compute_capability))
+    here_cc = parse_capability(gpu.compute_capability)
     built_gpu = prov.gpu_name
     if prov.hardware_compat:
         if here_cc < (8, 0):
-            return False, f"hardware-compatible engine needs compute capability >= 8.0, {gpu.name} has {gpu.compute_capability}"
+            return False, (f"hardware-compatible engine needs compute capability >= 8.0, {gpu.name} has "
+                           f"{gpu.compute_capability}")
         return True, f"hardware-compatible engine built on {built_gpu} runs on {gpu.name}"
     if built_cc != here_cc:
         return False, (
@@ -85,7 +90,8 @@ def engine_file_name(precision: str, gpu_name: str, trt_version: str) -> str:
 
 
 def timing_cache_name(gpu_name: str, trt_version: str) -> str:
-    """A timing cache file name keyed like :func:`engine_file_name` (a cache is per GPU model and TensorRT)."""
+    """A timing cache file name keyed like :func:`engine_file_name` (a cache is per GPU model and
+    TensorRT)."""
     return f"timing.{_slug(gpu_name)}.trt-{_slug(trt_version)}.cache"
 
 

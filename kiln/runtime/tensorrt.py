@@ -78,7 +78,8 @@ def import_tensorrt() -> int:
     major = version_tuple(version)[:1]
     if not major or major[0] not in SUPPORTED_MAJORS:
         raise BackendUnavailable(
-            f"TensorRT {version} is not supported: kiln runs TensorRT {' and '.join(map(str, SUPPORTED_MAJORS))}"
+            f"TensorRT {version} is not supported: kiln runs TensorRT "
+            f"{' and '.join(map(str, SUPPORTED_MAJORS))}"
         )
     return major[0]
 
@@ -129,7 +130,8 @@ def trt_logger() -> Any:
             # A plan or an ONNX graph may hold layers from TensorRT's plugin library; their creators must
             # be registered before parsing or deserializing (as trtexec and Polygraphy do).
             if not trt.init_libnvinfer_plugins(logger, ""):
-                trt_log.warning("TensorRT: init_libnvinfer_plugins failed; plans with plugin layers will not load")
+                trt_log.warning(
+                    "TensorRT: init_libnvinfer_plugins failed; plans with plugin layers will not load")
             _LoggerState.module, _LoggerState.logger = trt, logger
         return _LoggerState.logger
 
@@ -269,13 +271,16 @@ class TensorRTBackend(KilnBackend):
         mark = logger.error_count
         engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if engine is None:
-            why = "; ".join(logger.errors_since(mark)[-2:]) or "built by another TensorRT version or for another GPU?"
-            raise BackendUnavailable(f"tensorrt: cannot deserialize {path} with TensorRT {trt.__version__}: {why}")
+            why = ("; ".join(logger.errors_since(mark)[-2:])
+                   or "built by another TensorRT version or for another GPU?")
+            raise BackendUnavailable(
+                f"tensorrt: cannot deserialize {path} with TensorRT {trt.__version__}: {why}")
         self._engine = engine
         return engine
 
     def _check_tensors(self, path: str, engine: trt.ICudaEngine) -> list[str]:
-        """All I/O tensor names; checks them against kiln.json and records numpy types of those kiln reads or writes."""
+        """All I/O tensor names; checks them against kiln.json and records numpy types of those kiln reads or
+        writes."""
         import tensorrt as trt
 
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -293,8 +298,8 @@ class TensorRTBackend(KilnBackend):
             if np_dtype is None:
                 # Not a broken bundle: another backend can run the ONNX graph.
                 raise BackendUnavailable(
-                    f"tensorrt: {path}: tensor {name} is {getattr(dtype, 'name', dtype)}, which numpy cannot hold; "
-                    "build the engine with float32/float16/int inputs and outputs"
+                    f"tensorrt: {path}: tensor {name} is {getattr(dtype, 'name', dtype)}, which numpy cannot "
+                    "hold; build the engine with float32/float16/int inputs and outputs"
                 )
             self._dtypes[name] = np_dtype
         return names
@@ -304,18 +309,20 @@ class TensorRTBackend(KilnBackend):
         for spec in self.inputs:
             shape = dims_tuple(engine.get_tensor_shape(spec.name))
             if list(shape[1:]) != list(spec.shape):
-                raise BundleError(f"{path}: engine input {spec.name} has shape {shape}, kiln.json says (N, {spec.shape})")
+                raise BundleError(
+                    f"{path}: engine input {spec.name} has shape {shape}, kiln.json says (N, {spec.shape})")
             pmin, _, pmax = engine.get_tensor_profile_shape(spec.name, 0)
             lo = max(lo, int(pmin[0]))
             hi = min(hi, int(pmax[0]))
         if max_batch is not None:
             if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < lo:
-                raise ConfigError(f"tensorrt max_batch must be an integer >= the profile's min {lo}, got {max_batch!r}")
+                raise ConfigError(
+                    f"tensorrt max_batch must be an integer >= the profile's min {lo}, got {max_batch!r}")
             if max_batch > hi:
                 # Not a user error in auto mode: this engine cannot serve that batch, another backend can.
                 raise BackendUnavailable(
-                    f"tensorrt: engine profile allows batches {lo}..{hi}, max_batch {max_batch} was asked for "
-                    "(rebuild the engine with a larger --batch MAX)"
+                    f"tensorrt: engine profile allows batches {lo}..{hi}, max_batch {max_batch} was asked "
+                    "for (rebuild the engine with a larger --batch MAX)"
                 )
             hi = max_batch
         return lo, hi
@@ -323,7 +330,8 @@ class TensorRTBackend(KilnBackend):
     def _allocate(self, path: str, engine: trt.ICudaEngine, names: list[str]) -> None:
         context = engine.create_execution_context()
         if context is None:
-            raise cuda.CudaError(f"tensorrt: cannot create an execution context for {path} (out of GPU memory?)")
+            raise cuda.CudaError(
+                f"tensorrt: cannot create an execution context for {path} (out of GPU memory?)")
         self._context = context
         self._stream = cuda.Stream()
         self._events = [cuda.Event() for _ in range(4)]
@@ -334,7 +342,8 @@ class TensorRTBackend(KilnBackend):
         for n in names:
             shape = dims_tuple(context.get_tensor_shape(n))
             if any(d < 0 for d in shape):
-                raise BundleError(f"{path}: output {n} has a data-dependent shape {shape}; kiln needs fixed-size outputs")
+                raise BundleError(
+                    f"{path}: output {n} has a data-dependent shape {shape}; kiln needs fixed-size outputs")
             nbytes = _nbytes(shape, engine.get_tensor_dtype(n))
             self._device[n] = cuda.DeviceBuffer(nbytes)
             self._buffers.append(self._device[n])
@@ -360,7 +369,8 @@ class TensorRTBackend(KilnBackend):
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self._busy.acquire(blocking=False):
-            raise KilnError("tensorrt backend called from two threads at once; give each worker its own backend")
+            raise KilnError(
+                "tensorrt backend called from two threads at once; give each worker its own backend")
         try:
             with cuda.activate(self._device_index):
                 return self._run(feeds)
@@ -385,7 +395,8 @@ class TensorRTBackend(KilnBackend):
         for name in self._inputs:
             array = feeds[name]
             if not context.set_input_shape(name, array.shape):
-                raise InputError(f"Input tensor: {name} | received shape {array.shape} | rejected by the engine profile")
+                raise InputError(
+                    f"Input tensor: {name} | received shape {array.shape} | rejected by the engine profile")
             np.copyto(self._host[name].view(self._dtypes[name], array.shape), array, casting="unsafe")
         start.record(stream)
         for name in self._inputs:
@@ -409,7 +420,8 @@ class TensorRTBackend(KilnBackend):
         }
         # astype copies: the pinned buffers are reused by the next call.
         return {
-            spec.name: self._host[spec.name].view(self._dtypes[spec.name], shapes[spec.name]).astype(spec.dtype)
+            spec.name: self._host[spec.name].view(self._dtypes[spec.name],
+                                                  shapes[spec.name]).astype(spec.dtype)
             for spec in self.outputs
         }
 

@@ -31,7 +31,8 @@ class Assignment:
     positive: torch.Tensor  # [N, A] bool
 
 
-def pad_targets(targets: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_targets(targets: list[dict[str, torch.Tensor]],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack per-image boxes ``[K_i, 4]``/labels into ``[N, K, 4]``, ``[N, K]`` and a validity mask."""
     k = max([len(t["labels"]) for t in targets] + [1])
     n = len(targets)
@@ -48,7 +49,8 @@ def pad_targets(targets: list[dict[str, torch.Tensor]], device: torch.device) ->
 
 
 @torch.no_grad()
-def assign(grid: Grid, targets: list[dict[str, torch.Tensor]], num_classes: int, radius: float = 1.5) -> Assignment:
+def assign(grid: Grid, targets: list[dict[str, torch.Tensor]], num_classes: int,
+           radius: float = 1.5) -> Assignment:
     device = grid.points.device
     boxes, labels, valid = pad_targets(targets, device)  # [N, K, 4], [N, K], [N, K]
     px = grid.points[None, :, None, 0]  # [1, A, 1]
@@ -98,8 +100,10 @@ def fcos_loss(raw: dict[str, torch.Tensor], grid: Grid, targets: list[dict[str, 
         pred = torch.cat([pts - d[:, :2], pts + d[:, 2:]], -1)
         gt = a.box_target[pos]
         ctr_t = centerness_target(pts, gt)
-        loss_box = (generalized_box_iou_loss(pred, gt, reduction="none") * ctr_t).sum() / ctr_t.sum().clamp(min=1e-6)
-        loss_ctr = nn.functional.binary_cross_entropy_with_logits(ctr_logits[pos], ctr_t, reduction="sum") / num_pos
+        loss_box = (
+            generalized_box_iou_loss(pred, gt, reduction="none") * ctr_t).sum() / ctr_t.sum().clamp(min=1e-6)
+        loss_ctr = nn.functional.binary_cross_entropy_with_logits(ctr_logits[pos], ctr_t,
+                                                                  reduction="sum") / num_pos
     else:  # only negative images in the batch: keep the graph connected for DDP
         loss_box = ltrb.sum() * 0.0
         loss_ctr = ctr_logits.sum() * 0.0

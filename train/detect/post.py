@@ -13,7 +13,8 @@ from kiln.bundle import DetectPost
 from kiln.processing import PRE_NMS_TOP_K, Letterbox
 
 
-def detect_postprocess_torch(boxes: torch.Tensor, scores: torch.Tensor, letterboxes: Sequence[Letterbox] | None,
+def detect_postprocess_torch(boxes: torch.Tensor, scores: torch.Tensor,
+                             letterboxes: Sequence[Letterbox] | None,
                              post: DetectPost, classes: Sequence[str]) -> list[list[dict[str, object]]]:
     """``boxes [N, A, 4]`` xyxy input pixels and ``scores [N, A, C]`` -> per image a list of
     ``{"box", "label", "index", "score"}`` with the box in original pixels (input pixels when
@@ -45,6 +46,8 @@ def detect_postprocess_torch(boxes: torch.Tensor, scores: torch.Tensor, letterbo
             kept = letterboxes[i].to_original(kept)
         dets = []
         for box, score, c in zip(kept, s[keep].tolist(), cls[keep].tolist(), strict=True):
-            dets.append({"box": [float(v) for v in np.asarray(box)], "label": classes[c], "index": int(c), "score": float(score)})
+            dets.append(
+                {"box": [float(v) for v in np.asarray(box)], "label": classes[c], "index": int(c),
+                 "score": float(score)})
         out.append(dets)
     return out

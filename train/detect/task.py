@@ -76,7 +76,8 @@ class DetectDataset(Dataset):
                 "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(img.shape[-2:])),
                 "labels": labels,
             })
-            img, boxes, labels = sample["image"].as_subclass(torch.Tensor), sample["boxes"].as_subclass(torch.Tensor), sample["labels"]
+            img, boxes = sample["image"].as_subclass(torch.Tensor), sample["boxes"].as_subclass(torch.Tensor)
+            labels = sample["labels"]
         else:
             target.update(letterbox=lb, orig=orig)
         target.update(boxes=boxes.float().reshape(-1, 4), labels=labels)
@@ -92,7 +93,8 @@ def augmentation(pre: Preprocess) -> nn.Module:
     fill = {tv_tensors.Image: pre.pad_value, "others": 0}
     return v2.Compose([
         v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.RandomAffine(degrees=0.0, translate=(0.1, 0.1), scale=(0.8, 1.2), fill=fill)], p=0.5),
+        v2.RandomApply([v2.RandomAffine(degrees=0.0, translate=(0.1, 0.1), scale=(0.8, 1.2), fill=fill)],
+                       p=0.5),
         v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),  # no hue: 4x the cost on CPU
         v2.SanitizeBoundingBoxes(min_size=1.0),  # boxes pushed out of the frame by the affine
     ])
@@ -110,7 +112,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def detector(model: nn.Module) -> Detector:
     m = unwrap(model)
     if not isinstance(m, Detector):
-        raise ConfigError(f"the detect task needs a kiln detector (kiln-det-s, kiln-det-m), got {type(m).__name__}")
+        raise ConfigError(
+            f"the detect task needs a kiln detector (kiln-det-s, kiln-det-m), got {type(m).__name__}")
     return m
 
 
@@ -133,12 +136,14 @@ class DetectTask:
         self.classes: list[str] = [str(i) for i in range(num_classes)]
 
     def preprocess_spec(self, cfg: TrainConfig, train: ImageDataset, size: int) -> Preprocess:
-        base = Preprocess(mode="letterbox", size=(size, size), channels=train.channels, mean=[0.0], std=[1.0], pad_value=114)
+        base = Preprocess(mode="letterbox", size=(size, size), channels=train.channels, mean=[0.0], std=[1.0],
+                          pad_value=114)
         idx = sample_indices(len(train), 500, cfg.seed)
         mean, std = channel_stats([to_unit(train.image(i), base)[0] for i in idx])
         return base.model_copy(update={"mean": mean, "std": std})
 
-    def torch_datasets(self, cfg: TrainConfig, train: ImageDataset, val: ImageDataset, pre: Preprocess) -> tuple[Dataset, Dataset]:
+    def torch_datasets(self, cfg: TrainConfig, train: ImageDataset, val: ImageDataset,
+                       pre: Preprocess) -> tuple[Dataset, Dataset]:
         self.classes = list(train.classes)
         return DetectDataset(train, pre, augmentation(pre)), DetectDataset(val, pre, None)
 
@@ -157,7 +162,8 @@ class DetectTask:
     def model_args(self, cfg: TrainConfig) -> dict[str, Any]:
         return {}
 
-    def step(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(self, model: nn.Module, batch: Any,
+             device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         x, targets = batch
         raw = model(x.to(device, non_blocking=True))
         loss, parts = fcos_loss(raw, grid_of(model), targets, self.num_classes)
@@ -180,7 +186,8 @@ class DetectTask:
             loss_sum += loss.item() * len(targets)
             count += len(targets)
             boxes, scores = det.decode(raw)
-            detections += detect_postprocess_torch(boxes, scores, [t["letterbox"] for t in targets], post, self.classes)
+            detections += detect_postprocess_torch(boxes, scores, [t["letterbox"] for t in targets], post,
+                                                   self.classes)
             originals += [t["orig"] for t in targets]
         m = coco_map(detections, originals, self.classes)
         return {"loss": loss_sum / max(count, 1), "map": m["map"], "map50": m["map50"], "map75": m["map75"]}
