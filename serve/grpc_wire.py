@@ -44,7 +44,7 @@ def _varint(data: memoryview, pos: int) -> tuple[int, int]:
 def split_infer_request(data: bytes) -> tuple[Any, list[memoryview]]:
     """The request without its ``raw_input_contents``, and those contents as views of ``data``."""
     view = memoryview(data)
-    rest = bytearray()
+    kept: list[list[int]] = []  # [start, end) of the other fields, contiguous ones merged
     raw: list[memoryview] = []
     pos, end = 0, len(view)
     while pos < end:
@@ -71,9 +71,15 @@ def split_infer_request(data: bytes) -> tuple[Any, list[memoryview]]:
                 f"malformed ModelInferRequest: wire type {wire} of field {field} is not used by it")
         if pos > end:
             raise InputError(_PAST_END)
-        rest += view[start:pos]
+        if kept and kept[-1][1] == start:
+            kept[-1][1] = pos
+        else:
+            kept.append([start, pos])
+    # Clients write the fields in number order, the data last: the rest is then one slice, parsed without a
+    # copy (typed contents, field 5, can be as large as raw data). Otherwise its pieces are joined.
+    rest = view[kept[0][0]:kept[0][1]] if len(kept) == 1 else b"".join(view[a:b] for a, b in kept)
     try:
-        request = pb.ModelInferRequest.FromString(bytes(rest))
+        request = pb.ModelInferRequest.FromString(rest)
     except Exception as exc:  # protobuf's DecodeError
         raise InputError(f"malformed ModelInferRequest: {exc}") from None
     return request, raw

@@ -175,6 +175,7 @@ def test_bundle_without_a_decode_mode_reads_as_full_decode(tmp_path: Path) -> No
     raw = json.loads((bundle.root / "kiln.json").read_text())
     assert raw["preprocess"]["decode"] == "draft"
     del raw["preprocess"]["decode"]
+    raw["schema_version"] = 1  # as kiln.json was written before decode modes existed
     (bundle.root / "kiln.json").write_text(json.dumps(raw))
     assert Bundle.load(bundle.root).manifest.preprocess.decode == "full"  # what its accuracy was measured on
 

@@ -68,6 +68,20 @@ def test_inputs_read_from_the_views_equal_those_read_from_the_parsed_message() -
         assert np.array_equal(a.data, b.data)
 
 
+def test_a_message_of_data_alone_or_nothing_at_all_is_read() -> None:
+    assert split_infer_request(b"") == (pb.ModelInferRequest(), [])
+    message, raw = split_infer_request(pb.ModelInferRequest(raw_input_contents=[b"ab", b""]).SerializeToString())
+    assert message == pb.ModelInferRequest() and [bytes(r) for r in raw] == [b"ab", b""]
+
+
+def test_typed_contents_before_the_data_are_parsed_from_the_received_bytes() -> None:
+    tensor = Tensor(name="images", datatype="FP32", shape=[3])
+    tensor.contents.fp32_contents.extend([1.0, 2.0, 3.0])
+    sent = pb.ModelInferRequest(model_name="digits", inputs=[tensor])
+    message, raw = split_infer_request(sent.SerializeToString())
+    assert message == sent and raw == []
+
+
 @pytest.mark.parametrize("data, what", [
     (b"\x3a\xff\xff\xff\xff\x0f", "past the end"),           # field 7, length 4 GB, no bytes
     (b"\x0a\x05dig", "past the end"),                        # field 1 (model_name) cut short
