@@ -70,7 +70,8 @@ def test_inputs_read_from_the_views_equal_those_read_from_the_parsed_message() -
 
 def test_a_message_of_data_alone_or_nothing_at_all_is_read() -> None:
     assert split_infer_request(b"") == (pb.ModelInferRequest(), [])
-    message, raw = split_infer_request(pb.ModelInferRequest(raw_input_contents=[b"ab", b""]).SerializeToString())
+    data = pb.ModelInferRequest(raw_input_contents=[b"ab", b""]).SerializeToString()
+    message, raw = split_infer_request(data)
     assert message == pb.ModelInferRequest() and [bytes(r) for r in raw] == [b"ab", b""]
 
 
