@@ -68,8 +68,7 @@ def _code_lines(text: str) -> list[tuple[int, str]]:
             continue
         if in_fence:
             code = raw
-        elif raw.startswith("    ") and (in_indented
-                                         or prev_blank) and not stripped.startswith(("- ", "* ", "|")):
+        elif raw.startswith("    ") and (in_indented or prev_blank) and not stripped.startswith(("- ", "* ", "|")):
             in_indented = True
             code = raw[4:]
         else:

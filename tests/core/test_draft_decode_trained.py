@@ -19,15 +19,13 @@ WIDTH = 1024
 def test_draft_decode_keeps_a_trained_classifiers_top1_on_camera_size_jpegs(digits_bundle: Path) -> None:
     spec = Bundle.load(digits_bundle).manifest.preprocess
     assert spec.decode == "draft"
-    sample, _ = camera_jpeg(Image.fromarray(np.tile(np.arange(28, dtype=np.uint8) * 9, (28, 1)), mode="L"),
-                            WIDTH)
+    sample, _ = camera_jpeg(Image.fromarray(np.tile(np.arange(28, dtype=np.uint8) * 9, (28, 1)), mode="L"), WIDTH)
     src_w, _, scale = processing.source_size(processing.decode_image(sample, spec=spec))
     assert (src_w, scale) == (WIDTH, 8.0)  # the draft path really decodes at 1/8 here
 
     report = trained_agreement(digits_bundle, limit=200, width=WIDTH)
     assert report["images"] == 200
     assert report["top1_agreement"] >= 0.995, report
-    # type: ignore[arg-type]
-    assert abs(float(report["top1_draft"]) - float(report["top1_full"])) <= 0.5, report
+    assert abs(float(report["top1_draft"]) - float(report["top1_full"])) <= 0.5, report  # type: ignore[arg-type]
     assert float(report["top1_full"]) > 80, report  # type: ignore[arg-type]  # a trained model, not chance
 

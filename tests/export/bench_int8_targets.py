@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CLASSES = ("hstripes", "vstripes", "dstripes", "checker", "disc", "square", "ring", "cross", "triangle",
-           "dots")
+CLASSES = ("hstripes", "vstripes", "dstripes", "checker", "disc", "square", "ring", "cross", "triangle", "dots")
 
 
 def _pattern(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:

@@ -88,8 +88,7 @@ def simplejpeg_input(data: bytes, spec: Preprocess) -> np.ndarray:
 
     exif = Image.open(io.BytesIO(data))  # header only: EXIF orientation
     turned = processing.displayed_size(exif) != exif.size
-    w, h = (v * processing.DRAFT_MARGIN for v in processing.covering_size(spec,
-                                                                          processing.displayed_size(exif)))
+    w, h = (v * processing.DRAFT_MARGIN for v in processing.covering_size(spec, processing.displayed_size(exif)))
     arr = simplejpeg.decode_jpeg(data, min_width=h if turned else w, min_height=w if turned else h)
     img = Image.fromarray(arr)
     img.info["exif"] = exif.info.get("exif", b"")
@@ -111,8 +110,7 @@ def turbojpeg_decoder() -> Callable[[bytes, Preprocess], np.ndarray] | str:
     def decode(data: bytes, spec: Preprocess) -> np.ndarray:
         w0, h0, _, _ = tj.decode_header(data)
         w, h = (v * processing.DRAFT_MARGIN for v in processing.covering_size(spec, (w0, h0)))
-        factor = next(f for f in ((1, 8), (1, 4), (1, 2), (1, 1)) if w0 * f[0] / f[1] >= w
-                      and h0 * f[0] / f[1] >= h)
+        factor = next(f for f in ((1, 8), (1, 4), (1, 2), (1, 1)) if w0 * f[0] / f[1] >= w and h0 * f[0] / f[1] >= h)
         arr = tj.decode(data, pixel_format=0, scaling_factor=factor)  # TJPF_RGB
         x, _ = processing.preprocess([Image.fromarray(arr)], spec)
         return x
@@ -131,8 +129,7 @@ def timings(repeat: int) -> dict[str, object]:
         import simplejpeg  # noqa: F401
 
         out["simplejpeg_ms"] = median_ms(lambda: simplejpeg_input(data, RESIZE), repeat)
-        out["simplejpeg_vs_draft_mean_abs"] = float(np.abs(simplejpeg_input(data, RESIZE) - kiln_input(data,
-                                                                                                       RESIZE)).mean())
+        out["simplejpeg_vs_draft_mean_abs"] = float(np.abs(simplejpeg_input(data, RESIZE) - kiln_input(data, RESIZE)).mean())
     except ImportError:
         out["simplejpeg_ms"] = "not installed"
     tj = turbojpeg_decoder()
@@ -149,8 +146,7 @@ def real_photos() -> list[tuple[str, np.ndarray]]:
         import skimage.data as data
     except ImportError:
         return found
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-                 "retina",
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
                  "camera", "coins"):
         try:
             arr = getattr(data, name)()
@@ -210,12 +206,8 @@ def agreement(variants: int) -> dict[str, object]:
         full = spec.model_copy(update={"decode": "full"})
         decoders: dict[str, Callable[[bytes], np.ndarray]] = {
             "draft (kiln)": lambda d, spec=spec: kiln_input(d, spec),  # type: ignore[misc]
-            "draft at the input size (no margin)": lambda d, spec=spec: draft_with_margin(d, spec,
-                                                                                          # type: ignore[misc]
-                                                                                          1),
-            "full decode of a q95 re-save (noise floor)": lambda d, full=full: kiln_input(resaved(d),
-                                                                                          # type: ignore[misc]
-                                                                                          full),
+            "draft at the input size (no margin)": lambda d, spec=spec: draft_with_margin(d, spec, 1),  # type: ignore[misc]
+            "full decode of a q95 re-save (noise floor)": lambda d, full=full: kiln_input(resaved(d), full),  # type: ignore[misc]
         }
         with torch.inference_mode():
             a = model(torch.from_numpy(np.concatenate([kiln_input(d, full) for _, d in files]))).numpy()
@@ -241,8 +233,7 @@ def camera_jpeg(img: Image.Image, width: int, seed: int = 0, quality: int = 90) 
     """``img`` scaled up to ``width`` px wide (bicubic) with sensor-like grain, as a JPEG, and the factor."""
     factor = width / img.width
     big = img.convert("RGB").resize((width, max(1, round(img.height * factor))), Image.Resampling.BICUBIC)
-    arr = np.asarray(big, dtype=np.float32) + np.random.default_rng(seed).normal(0, 2.0,
-                                                                                 (big.height, big.width, 3))
+    arr = np.asarray(big, dtype=np.float32) + np.random.default_rng(seed).normal(0, 2.0, (big.height, big.width, 3))
     return jpeg(Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert(img.mode), quality), factor
 
 
@@ -283,8 +274,7 @@ def trained_agreement(path: Path, limit: int, width: int) -> dict[str, object]:
     split = CameraSplit(bundle_split(bundle, "val"), limit, width)
     backend = runtime.load(bundle, backend="onnxrt" if bundle.artifact("onnx") else "torch")
     out: dict[str, object] = {"bundle": str(path), "task": bundle.manifest.task, "images": len(split),
-                              "width": width, "backend": backend.name,
-                              "input": list(bundle.manifest.input.shape)}
+                              "width": width, "backend": backend.name, "input": list(bundle.manifest.input.shape)}
     results = {}
     try:
         for mode in ("full", "draft"):
@@ -302,8 +292,7 @@ def trained_agreement(path: Path, limit: int, width: int) -> dict[str, object]:
         out["top1_agreement"] = round(float(same.mean()), 4)
         out["target"] = "top1_agreement >= 0.995"
     else:
-        out["map_points_draft_minus_full"] = round(float(out["map_draft"]) - float(out["map_full"]),
-                                                   2)  # type: ignore[arg-type]
+        out["map_points_draft_minus_full"] = round(float(out["map_draft"]) - float(out["map_full"]), 2)  # type: ignore[arg-type]
         out["target"] = "|map_points_draft_minus_full| <= 0.5"
     return out
 
@@ -311,13 +300,11 @@ def trained_agreement(path: Path, limit: int, width: int) -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=50)
-    parser.add_argument("--variants", type=int, default=12,
-                        help="random crops per photo for the agreement check")
+    parser.add_argument("--variants", type=int, default=12, help="random crops per photo for the agreement check")
     parser.add_argument("--trained", type=Path, action="append", default=[],
                         help="a trained bundle: full vs draft decode of its validation images at camera size")
     parser.add_argument("--limit", type=int, default=400, help="validation images per --trained bundle")
-    parser.add_argument("--width", type=int, default=1920,
-                        help="camera width the validation images are scaled to")
+    parser.add_argument("--width", type=int, default=1920, help="camera width the validation images are scaled to")
     parser.add_argument("--skip-untrained", action="store_true", help="only the --trained checks")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

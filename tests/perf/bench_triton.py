@@ -102,8 +102,7 @@ def floors(x: np.ndarray, iters: int) -> dict[str, Any]:
     try:
         for _ in range(100):
             try:
-                with socket.create_connection(("127.0.0.1", port),
-                                              0.2), socket.create_connection(("127.0.0.1", gport), 0.2):
+                with socket.create_connection(("127.0.0.1", port), 0.2), socket.create_connection(("127.0.0.1", gport), 0.2):
                     break
             except OSError:
                 time.sleep(0.1)
@@ -113,8 +112,7 @@ def floors(x: np.ndarray, iters: int) -> dict[str, Any]:
         proc.wait(30)
 
 
-def client_p50(http_port: int, grpc_port: int, x: np.ndarray, iters: int,
-               model_check: bool = True) -> dict[str, Any]:
+def client_p50(http_port: int, grpc_port: int, x: np.ndarray, iters: int, model_check: bool = True) -> dict[str, Any]:
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 

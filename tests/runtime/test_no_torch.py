@@ -70,6 +70,5 @@ def test_runtime_and_serve_import_without_torch(lenet_master: Path) -> None:
 
 
 def test_blocker_really_blocks_torch() -> None:
-    proc = subprocess.run([sys.executable, "-c", BLOCKER + "import torch"], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([sys.executable, "-c", BLOCKER + "import torch"], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "blocked by the test" in proc.stderr

@@ -133,9 +133,7 @@ def inline_batcher(bundle, **kw: object) -> tuple[Batcher, FakeBackend]:  # type
     return b, backend
 
 
-def test_an_inline_run_reports_to_both_hooks_and_survives_their_failure(classify_bundle,
-                                                                        # type: ignore[no-untyped-def]
-                                                                        caplog) -> None:
+def test_an_inline_run_reports_to_both_hooks_and_survives_their_failure(classify_bundle, caplog) -> None:  # type: ignore[no-untyped-def]
     seen: list[tuple] = []
 
     def on_batch(n: int, seconds: float) -> None:
@@ -181,18 +179,15 @@ def test_not_inline_while_busy_or_after_close(classify_bundle) -> None:  # type:
     assert b.run_inline(feeds(1)) is None
 
 
-def test_an_inline_failure_is_logged_with_its_traceback(classify_bundle,
-                                                        caplog) -> None:  # type: ignore[no-untyped-def]
+def test_an_inline_failure_is_logged_with_its_traceback(classify_bundle, caplog) -> None:  # type: ignore[no-untyped-def]
     b, backend = inline_batcher(classify_bundle)
     backend.fail_next = True
     try:
-        with caplog.at_level(logging.ERROR,
-                             logger="kiln.serve.batcher"), pytest.raises(InferenceFailed) as info:
+        with caplog.at_level(logging.ERROR, logger="kiln.serve.batcher"), pytest.raises(InferenceFailed) as info:
             b.run_inline(feeds(2))
         assert str(info.value) == "inference failed (RuntimeError); see the server log"
         assert info.value.request_id == ""
-        record = next(r for r in caplog.records
-                      if r.getMessage() == "model 'm': inference failed for 2 items")
+        record = next(r for r in caplog.records if r.getMessage() == "model 'm': inference failed for 2 items")
         assert record.exc_info is not None
     finally:
         b.close(timeout=5)

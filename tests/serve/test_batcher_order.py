@@ -49,8 +49,7 @@ def distinct(n: int, start: float = 1.0) -> dict[str, np.ndarray]:
 def echo(tmp_path: Path) -> Iterator[Callable[..., tuple[Batcher, EchoBackend]]]:
     batchers: list[Batcher] = []
 
-    def start(batch_min: int = 1, backend_max: int | None = None, **kw: object) -> tuple[Batcher,
-                                                                                         EchoBackend]:
+    def start(batch_min: int = 1, backend_max: int | None = None, **kw: object) -> tuple[Batcher, EchoBackend]:
         bundle = make_bundle(tmp_path / f"b{len(batchers)}")
         bundle.manifest.input.batch.min = batch_min
         made: list[EchoBackend] = []
@@ -88,8 +87,7 @@ def test_batched_requests_each_get_their_own_rows(echo) -> None:  # type: ignore
         np.testing.assert_array_equal(f.result(10)["logits"][:, 0], 100.0 * (i + 1) + np.arange(n))
 
 
-# type: ignore[no-untyped-def]
-def test_queue_full_cancels_the_parts_of_a_split_request_already_queued(echo) -> None:
+def test_queue_full_cancels_the_parts_of_a_split_request_already_queued(echo) -> None:  # type: ignore[no-untyped-def]
     batcher, backend = echo(max_batch=1, max_delay=0.0, max_queue=3, backend_max=1)
     backend.gate = threading.Event()
     busy = batcher.submit(distinct(1, start=-1.0))
@@ -116,12 +114,10 @@ def test_small_batch_is_zero_padded_to_the_engine_minimum(echo) -> None:  # type
     assert sent[0, 0, 0, 0] == 7.0 and not sent[1:].any()  # the padding is zeros
 
 
-# type: ignore[no-untyped-def]
-def test_a_request_that_did_not_fit_opens_the_next_batch(start_batcher) -> None:
+def test_a_request_that_did_not_fit_opens_the_next_batch(start_batcher) -> None:  # type: ignore[no-untyped-def]
     batcher, backend = start_batcher(max_batch=4, max_delay=0.0)
     busy = occupy(batcher, backend)
     a, b = batcher.submit(feeds(3)), batcher.submit(feeds(3))
     backend.gate.set()
-    assert busy.result(5) and a.result(5)["logits"].shape == (3, 10) and b.result(5)["logits"].shape == (3,
-                                                                                                         10)
+    assert busy.result(5) and a.result(5)["logits"].shape == (3, 10) and b.result(5)["logits"].shape == (3, 10)
     assert [n for n, _ in backend.calls] == [1, 3, 3]

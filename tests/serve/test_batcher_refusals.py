@@ -122,8 +122,7 @@ def test_refusals_name_the_model(start_batcher, classify_bundle) -> None:  # typ
     b.close(timeout=5)
 
 
-# type: ignore[no-untyped-def]
-def test_a_request_the_queue_could_never_hold_is_an_input_error(start_batcher) -> None:
+def test_a_request_the_queue_could_never_hold_is_an_input_error(start_batcher) -> None:  # type: ignore[no-untyped-def]
     batcher, backend = start_batcher(max_batch=4, max_queue=2)
     with pytest.raises(InputError) as info:
         batcher.submit(feeds(9))
@@ -136,15 +135,13 @@ def test_queue_full_names_the_model_and_the_queue_size(start_batcher) -> None:  
     batcher, backend = start_batcher(max_batch=1, max_delay=0.0, max_queue=1)
     busy = occupy(batcher, backend)
     queued = batcher.submit(feeds(1))
-    with pytest.raises(QueueFull,
-                       match=r"^model 'digits' queue is full \(1 requests waiting\); retry later$"):
+    with pytest.raises(QueueFull, match=r"^model 'digits' queue is full \(1 requests waiting\); retry later$"):
         batcher.submit(feeds(1))
     backend.gate.set()
     assert busy.result(5) and queued.result(5)
 
 
-# type: ignore[no-untyped-def]
-def test_a_request_without_an_id_is_named_after_the_model(start_batcher) -> None:
+def test_a_request_without_an_id_is_named_after_the_model(start_batcher) -> None:  # type: ignore[no-untyped-def]
     batcher, backend = start_batcher(max_delay=0.0)
     backend.fail_next = True
     with pytest.raises(InferenceFailed) as info:
@@ -153,8 +150,7 @@ def test_a_request_without_an_id_is_named_after_the_model(start_batcher) -> None
     assert str(info.value) == "inference failed (RuntimeError); see the server log"
 
 
-# type: ignore[no-untyped-def]
-def test_close_without_drain_fails_what_is_queued_naming_the_model(start_batcher) -> None:
+def test_close_without_drain_fails_what_is_queued_naming_the_model(start_batcher) -> None:  # type: ignore[no-untyped-def]
     batcher, backend = start_batcher(max_batch=1, max_delay=0.0)
     busy = occupy(batcher, backend)
     waiting = batcher.submit(feeds(1))

@@ -19,8 +19,7 @@ from .batching_helpers import feeds
 from .conftest import FakeBackend
 
 
-# type: ignore[no-untyped-def]
-def test_worker_owns_backend_and_batches_concurrent_requests(start_batcher) -> None:
+def test_worker_owns_backend_and_batches_concurrent_requests(start_batcher) -> None:  # type: ignore[no-untyped-def]
     batcher, backend = start_batcher(max_batch=8, max_delay=60.0)
     backend.calls.clear()
     # Announced as on their way, the requests keep the batch open whatever the machine's load; it closes
@@ -36,8 +35,7 @@ def test_worker_owns_backend_and_batches_concurrent_requests(start_batcher) -> N
     assert backend.closed_on == "kiln-batcher-digits"
 
 
-# type: ignore[no-untyped-def]
-def test_request_larger_than_max_batch_is_split_and_rejoined(start_batcher) -> None:
+def test_request_larger_than_max_batch_is_split_and_rejoined(start_batcher) -> None:  # type: ignore[no-untyped-def]
     batcher, backend = start_batcher(max_batch=4, max_delay=0.0, backend_max=4)
     backend.calls.clear()
     out = batcher.submit(feeds(10)).result(5)
@@ -51,8 +49,7 @@ def test_backend_max_batch_caps_configured_max(start_batcher) -> None:  # type: 
     assert batcher.max_items == 16
 
 
-def test_backend_exception_fails_only_that_batch(start_batcher,
-                                                 caplog) -> None:  # type: ignore[no-untyped-def]
+def test_backend_exception_fails_only_that_batch(start_batcher, caplog) -> None:  # type: ignore[no-untyped-def]
     batcher, backend = start_batcher(max_batch=8, max_delay=0.0)
     backend.fail_next = True
     with pytest.raises(InferenceFailed) as info:
@@ -74,8 +71,7 @@ def test_dynamic_batching_amortizes_a_per_call_cost(classify_bundle) -> None:  #
             made.append(b)
             return b
 
-        batcher = Batcher(factory, name="amortize", max_batch=max_batch, max_delay=0.005,
-                          warmup=False).start()
+        batcher = Batcher(factory, name="amortize", max_batch=max_batch, max_delay=0.005, warmup=False).start()
         assert batcher.wait_ready(5)
         done = threading.Barrier(33)
 
@@ -96,15 +92,13 @@ def test_dynamic_batching_amortizes_a_per_call_cost(classify_bundle) -> None:  #
     assert run(32) * 3 <= 128
 
 
-# type: ignore[no-untyped-def]
-def test_the_backend_cap_applies_without_a_configured_max(start_batcher) -> None:
+def test_the_backend_cap_applies_without_a_configured_max(start_batcher) -> None:  # type: ignore[no-untyped-def]
     batcher, _ = start_batcher(backend_max=16)
     assert batcher.max_items == 16
     assert start_batcher(max_batch=4, backend_max=16)[0].max_items == 4
 
 
-def test_an_output_of_the_wrong_batch_size_fails_the_batch(start_batcher,
-                                                           caplog) -> None:  # type: ignore[no-untyped-def]
+def test_an_output_of_the_wrong_batch_size_fails_the_batch(start_batcher, caplog) -> None:  # type: ignore[no-untyped-def]
     batcher, backend = start_batcher(max_delay=0.0)
     real = backend._infer
     backend._infer = lambda f: {k: v[:-1] for k, v in real(f).items()}  # type: ignore[method-assign]
@@ -114,9 +108,7 @@ def test_an_output_of_the_wrong_batch_size_fails_the_batch(start_batcher,
     assert "output logits has batch 1, expected 2" in caplog.text
 
 
-def test_hooks_get_the_items_and_times_and_cannot_stop_the_worker(start_batcher,
-                                                                  # type: ignore[no-untyped-def]
-                                                                  caplog) -> None:
+def test_hooks_get_the_items_and_times_and_cannot_stop_the_worker(start_batcher, caplog) -> None:  # type: ignore[no-untyped-def]
     seen: list[tuple] = []
 
     def on_batch(n: int, seconds: float) -> None:

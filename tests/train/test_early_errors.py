@@ -146,6 +146,5 @@ def test_each_command_is_registered_by_the_stage_the_cli_imports_for_it() -> Non
         importlib.import_module(module).register(sub)
         registered.update(dict.fromkeys(sub.choices, module))
     assert registered == cli.COMMANDS
-    args = cli.build_parser(["-v", "data", "shapes", "--out", "x"]).parse_args(["-v", "data", "shapes",
-                                                                                "--out", "x"])
+    args = cli.build_parser(["-v", "data", "shapes", "--out", "x"]).parse_args(["-v", "data", "shapes", "--out", "x"])
     assert args.command == "data" and args.out == "x"

@@ -60,8 +60,7 @@ class FakeDevice:
         for handle, ops in self.streams.items():
             for op in ops:
                 if ptr in op.uses:
-                    self.violations.append(f"{what} of {ptr:#x} while {op.what} is queued on stream "
-                                           f"{handle:#x}")
+                    self.violations.append(f"{what} of {ptr:#x} while {op.what} is queued on stream {handle:#x}")
 
     # streams
     def stream_create(self) -> int:

@@ -174,14 +174,12 @@ def _copies(st: _Driver, host_allocation: type[_HostAllocation]) -> dict[str, An
     def memcpy_htod_async(dst: int, src: np.ndarray, stream: _Stream) -> None:
         st.need_context("cuMemcpyHtoDAsync")
         host = int(src.ctypes.data)
-        gpu.enqueue(stream.handle, "copy host->device", lambda: gpu.copy(int(dst), host, src.nbytes),
-                    uses=(int(dst), host))
+        gpu.enqueue(stream.handle, "copy host->device", lambda: gpu.copy(int(dst), host, src.nbytes), uses=(int(dst), host))
 
     def memcpy_dtoh_async(dst: np.ndarray, src: int, stream: _Stream) -> None:
         st.need_context("cuMemcpyDtoHAsync")
         host = int(dst.ctypes.data)
-        gpu.enqueue(stream.handle, "copy device->host", lambda: gpu.copy(host, int(src), dst.nbytes),
-                    uses=(host, int(src)))
+        gpu.enqueue(stream.handle, "copy device->host", lambda: gpu.copy(host, int(src), dst.nbytes), uses=(host, int(src)))
 
     return {"pagelocked_empty": pagelocked_empty, "memcpy_htod_async": memcpy_htod_async,
             "memcpy_dtoh_async": memcpy_dtoh_async}
@@ -196,15 +194,12 @@ def make_pycuda(gpu: FakeDevice, *, devices: int = 1) -> types.ModuleType:
 
     context = bind(_Context)
     host_allocation = bind(_HostAllocation)
-    drv.Error, drv.Context, drv.Device = st.Error, context, bind(_Device,
-                                                                 # type: ignore[attr-defined]
-                                                                 context=context)
+    drv.Error, drv.Context, drv.Device = st.Error, context, bind(_Device, context=context)  # type: ignore[attr-defined]
     drv.Stream, drv.Event = bind(_Stream), bind(_Event)  # type: ignore[attr-defined]
     drv.init = lambda: None  # type: ignore[attr-defined]
     drv.mem_alloc = bind(_DeviceAllocation)  # type: ignore[attr-defined]
     for name, fn in _copies(st, host_allocation).items():
         setattr(drv, name, fn)
     drv.has_context = lambda: bool(st.stack())  # type: ignore[attr-defined]
-    drv.leftover_contexts = lambda: {t: len(s) for t, s in st.stacks.items()
-                                     if s}  # type: ignore[attr-defined]
+    drv.leftover_contexts = lambda: {t: len(s) for t, s in st.stacks.items() if s}  # type: ignore[attr-defined]
     return drv

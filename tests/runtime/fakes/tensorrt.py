@@ -43,8 +43,7 @@ from .trt_types import PRECISION_FLAGS, VERSIONS, DataType, Dims, make_graph, ma
 __all__ = ["DataType", "Dims", "make_graph", "make_plan", "make_tensorrt", "nptype"]
 
 
-def make_tensorrt(major: int, gpu: FakeDevice, *,
-                  has_context: Callable[[], bool] = lambda: True) -> types.ModuleType:
+def make_tensorrt(major: int, gpu: FakeDevice, *, has_context: Callable[[], bool] = lambda: True) -> types.ModuleType:
     """The module; ``trt.calls`` records builder/config/runtime calls, ``trt.deprecations`` deprecated uses."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = VERSIONS[major]  # type: ignore[attr-defined]
@@ -53,23 +52,18 @@ def make_tensorrt(major: int, gpu: FakeDevice, *,
     trt.violations = []  # type: ignore[attr-defined]
     plugin_logger: list[weakref.ref[Any]] = []
     trt.DataType, trt.nptype, trt.Dims = DataType, nptype, Dims  # type: ignore[attr-defined]
-    for alias, member in {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int8": "INT8",
-                          "int32": "INT32",
+    for alias, member in {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int8": "INT8", "int32": "INT32",
                           "int64": "INT64", "bool": "BOOL", "uint8": "UINT8", "fp8": "FP8", "int4": "INT4",
                           "fp4": "FP4", "e8m0": "E8M0"}.items():
         setattr(trt, alias, DataType[member])
     trt.TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")  # type: ignore[attr-defined]
-    trt.LayerType = enum.Enum("LayerType",
-                              # type: ignore[attr-defined]
-                              "CONVOLUTION ACTIVATION QUANTIZE DEQUANTIZE MATRIX_MULTIPLY CAST")
+    trt.LayerType = enum.Enum("LayerType", "CONVOLUTION ACTIVATION QUANTIZE DEQUANTIZE MATRIX_MULTIPLY CAST")  # type: ignore[attr-defined]
     trt.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")  # type: ignore[attr-defined]
-    trt.HardwareCompatibilityLevel = enum.Enum("HardwareCompatibilityLevel",
-                                               "NONE AMPERE_PLUS")  # type: ignore[attr-defined]
+    trt.HardwareCompatibilityLevel = enum.Enum("HardwareCompatibilityLevel", "NONE AMPERE_PLUS")  # type: ignore[attr-defined]
     net_flags = {"STRONGLY_TYPED": 1, "PREFER_AOT_PYTHON_PLUGINS": 2, "PREFER_JIT_PYTHON_PLUGINS": 3}
     if major < 11:
         net_flags["EXPLICIT_BATCH"] = 0
-    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag",
-                                                     net_flags)  # type: ignore[attr-defined]
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", net_flags)  # type: ignore[attr-defined]
     builder_flags = ["DEBUG", "GPU_FALLBACK", "REFIT", "DISABLE_TIMING_CACHE", "TF32", "SPARSE_WEIGHTS",
                      "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME", "STRIP_PLAN"]
     if major < 11:
@@ -99,8 +93,7 @@ def make_tensorrt(major: int, gpu: FakeDevice, *,
     def init_libnvinfer_plugins(logger: ILogger, namespace: str) -> bool:
         calls.append(("init_libnvinfer_plugins", namespace))
         if plugin_logger:
-            trt.violations.append("init_libnvinfer_plugins called again: the plugin library keeps the first "
-                                  "logger")
+            trt.violations.append("init_libnvinfer_plugins called again: the plugin library keeps the first logger")
         plugin_logger[:] = [weakref.ref(logger)]
         logger.log(ILogger.Severity.VERBOSE, "Registered plugin creator - ::EfficientNMS_TRT version 1")
         trt.plugins_registered = True  # type: ignore[attr-defined]
@@ -116,8 +109,7 @@ def make_tensorrt(major: int, gpu: FakeDevice, *,
 
     trt.plugin_used = plugin_used  # type: ignore[attr-defined]
 
-    # type: ignore[attr-defined]
-    trt.ILogger, trt.Logger, trt.init_libnvinfer_plugins = ILogger, Logger, init_libnvinfer_plugins
+    trt.ILogger, trt.Logger, trt.init_libnvinfer_plugins = ILogger, Logger, init_libnvinfer_plugins  # type: ignore[attr-defined]
     install_builder(trt, major, gpu)
     install_runtime(trt, gpu, has_context)
     return trt
