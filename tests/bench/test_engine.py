@@ -92,8 +92,11 @@ def test_config_errors() -> None:
         BenchConfig(iters=None, duration=None)
     with pytest.raises(ConfigError, match="unknown backend"):
         BenchConfig(backends=["tflite"])
-    assert BenchConfig(backends=["all", "torch"]).combos() == [("tensorrt", "fp32"), ("onnxrt", "fp32"),
-                                                               ("torch", "fp32")]
+    assert BenchConfig(backends=["all", "torch"]).combos() == [
+        ("tensorrt", "fp32"),
+        ("onnxrt", "fp32"),
+        ("torch", "fp32"),
+    ]
 
 
 def test_short_reason() -> None:
