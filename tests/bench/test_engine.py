@@ -24,7 +24,8 @@ def report(tiny_bundle: Path) -> dict[str, Any]:
 
 
 def _row(report: dict[str, Any], backend: str, precision: str, batch: int) -> dict[str, Any]:
-    return next(r for r in report["results"] if (r["backend"], r["precision"], r["batch"]) == (backend, precision, batch))
+    return next(r for r in report["results"]
+                if (r["backend"], r["precision"], r["batch"]) == (backend, precision, batch))
 
 
 def test_every_combination_is_measured_or_skipped_with_a_reason(report: dict[str, Any]) -> None:
@@ -91,7 +92,11 @@ def test_config_errors() -> None:
         BenchConfig(iters=None, duration=None)
     with pytest.raises(ConfigError, match="unknown backend"):
         BenchConfig(backends=["tflite"])
-    assert BenchConfig(backends=["all", "torch"]).combos() == [("tensorrt", "fp32"), ("onnxrt", "fp32"), ("torch", "fp32")]
+    assert BenchConfig(backends=["all", "torch"]).combos() == [
+        ("tensorrt", "fp32"),
+        ("onnxrt", "fp32"),
+        ("torch", "fp32"),
+    ]
 
 
 def test_short_reason() -> None:
@@ -153,7 +158,8 @@ def test_phase_timings_are_collected_per_call() -> None:
     assert backend.calls == 6 and len(samples) == 4 and timer == "perf_counter" and wall > 0
     assert phases["h2d"] == pytest.approx([0.3, 0.4, 0.5, 0.6])  # warm-up calls are not recorded
     assert phases["compute"] == [1.0] * 4 and phases["d2h"] == [0.05] * 4
-    report = {"results": [{"backend": "tensorrt", "precision": "fp16", "batch": 1, "status": "ok", "device": "cuda:0",
+    report = {"results": [{"backend": "tensorrt", "precision": "fp16", "batch": 1, "status": "ok",
+                           "device": "cuda:0",
                            "latency_ms": summarize(samples), "throughput": 1.0, "speedup": 2.0,
                            "phases_ms": {k: summarize(v) for k, v in phases.items()}}]}
     _, rows, notes = engine_table(report)

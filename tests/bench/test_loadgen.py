@@ -66,7 +66,8 @@ def test_open_loop_poisson_and_multipart() -> None:
 def test_v2_protocol_sends_a_tensor_of_the_metadata_shape() -> None:
     state = FakeState()
     with fake_server(state) as url:
-        report = run_load(LoadConfig(url=url, model=MODEL, protocol="v2", concurrency=[2], duration=0.3, warmup=0))
+        report = run_load(LoadConfig(url=url, model=MODEL, protocol="v2", concurrency=[2], duration=0.3,
+                                     warmup=0))
     (lv,) = report["levels"]
     assert lv["ok"] > 0 and lv["errors"] == {} and state.bad_bodies == 0
     assert report["server"]["parameters"]["backend"] == "fake"
@@ -82,10 +83,12 @@ def test_client_errors_are_counted_not_raised() -> None:
     assert lv["server_batch_size"]["batches"] == 0
 
 
-def test_api_key_is_sent_to_every_route(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_api_key_is_sent_to_every_route(monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
     state = FakeState(api_key="s3cret")
     with fake_server(state) as url:
-        good = run_load(LoadConfig(url=url, model=MODEL, concurrency=[1], duration=0.2, warmup=0, api_key="s3cret"))
+        good = run_load(LoadConfig(url=url, model=MODEL, concurrency=[1], duration=0.2, warmup=0,
+                                   api_key="s3cret"))
         monkeypatch.setenv("KILN_API_KEY", "s3cret")
         assert main(["bench", "--url", url, "--model", MODEL, "--concurrency", "1", "--duration", "0.1",
                      "--warmup", "0"]) == 0

@@ -102,7 +102,12 @@ def test_open_loop_over_two_processes() -> None:
 def test_parse_head() -> None:
     assert parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n") == (200, 12, False, True)
     assert parse_head(b"HTTP/1.1 503 Busy\r\nconnection: Close\r\n\r\n") == (503, None, False, False)
-    assert parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n") == (200, None, True, True)
+    assert parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n") == (
+        200,
+        None,
+        True,
+        True,
+    )
     assert parse_head(b"HTTP/1.0 200 OK\r\n\r\n")[3] is False
     assert parse_head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n")[3] is True
     with pytest.raises(ProtocolError):

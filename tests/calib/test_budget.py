@@ -24,7 +24,8 @@ def make_measure(base_drop: dict[str, float], gains: dict[str, float], baseline:
 
 
 def test_best_method_within_budget_needs_no_sensitivity_search() -> None:
-    measure, calls = make_measure({"minmax": 2.0, "entropy": 0.4, "percentile": 0.8}, dict.fromkeys(LAYERS, 0.1))
+    measure, calls = make_measure({"minmax": 2.0, "entropy": 0.4, "percentile": 0.8},
+                                  dict.fromkeys(LAYERS, 0.1))
     r = search(("minmax", "entropy", "percentile"), LAYERS, measure, 95.0, 1.0)
     assert r.within_budget and r.method == "entropy" and r.excluded == ()
     assert r.sensitivity == [] and len(calls) == 3
@@ -63,7 +64,8 @@ def additive(base: dict[str, float], gains: dict[str, float], baseline: float = 
 
 
 def test_result_within_budget_carries_the_budget_and_every_trial() -> None:
-    r = search(("minmax", "entropy"), ["conv1"], additive({"minmax": 2.0, "entropy": 0.5}, {"conv1": 0.0}), 95.0, 1.0)
+    r = search(("minmax", "entropy"), ["conv1"], additive({"minmax": 2.0, "entropy": 0.5}, {"conv1": 0.0}),
+               95.0, 1.0)
     assert r == SearchResult("entropy", (), 94.5, 95.0, 1.0, True,
                              [Trial("minmax", (), 93.0), Trial("entropy", (), 94.5)], [])
 

@@ -27,7 +27,8 @@ def quantized_layers(path: Path) -> set[str]:
     """Weighted nodes whose weight comes through a DequantizeLinear (i.e. run in int8)."""
     model = onnx.load(str(path))
     dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    return {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in dq_out}
+    return {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+            and n.input[1] in dq_out}
 
 
 def test_int8_is_symmetric_per_channel_qdq(fp32_bundle: Path) -> None:
@@ -49,7 +50,8 @@ def test_int8_is_symmetric_per_channel_qdq(fp32_bundle: Path) -> None:
     text = (fp32_bundle / "model.int8.calib.txt").read_text()
     assert "minmax" in text and "32 images" in text
     saved = json.loads((fp32_bundle / "model.int8.calib.json").read_text())
-    assert saved["within_budget"] is True and saved["drop"] <= 2.0  # lenet5 on digits loses well under 2 points
+    # lenet5 on digits loses well under 2 points
+    assert saved["within_budget"] is True and saved["drop"] <= 2.0
 
 
 def test_fake_evaluator_forces_sensitivity_search(fp32_bundle: Path, tmp_path: Path) -> None:
@@ -71,11 +73,13 @@ def test_fake_evaluator_forces_sensitivity_search(fp32_bundle: Path, tmp_path: P
     assert first not in quantized_layers(out) and quantized_layers(out)
 
 
-def test_budget_that_cannot_be_met_writes_report_not_model(fp32_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_budget_that_cannot_be_met_writes_report_not_model(fp32_bundle: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = Bundle.load(fp32_bundle)
     import kiln.calib.run as run
 
-    monkeypatch.setattr(run, "evaluate", lambda b, backend, split="val", limit=None: {"top1": 50.0, "top5": 60.0})
+    monkeypatch.setattr(run, "evaluate",
+                        lambda b, backend, split="val", limit=None: {"top1": 50.0, "top5": 60.0})
     good_report = fp32_bundle / "model.int8.calib.json"  # the report of an int8 model exported earlier
     good_report.write_text('{"within_budget": true}')
     with pytest.raises(ExportError, match="cannot meet --max-accuracy-drop"):
@@ -93,7 +97,8 @@ def test_cache_hit_and_miss(fp32_bundle: Path, tmp_path: Path) -> None:
     bundle = Bundle.load(fp32_bundle)
     fp32 = fp32_bundle / "model.onnx"
     cache = tmp_path / "cache"
-    settings = CalibSettings(method="minmax", images=32, max_accuracy_drop=0.0)  # the fake evaluator loses nothing
+    # the fake evaluator loses nothing
+    settings = CalibSettings(method="minmax", images=32, max_accuracy_drop=0.0)
     evaluations: list[Path] = []
 
     def evaluate(path: Path) -> float:
@@ -172,7 +177,8 @@ def test_cpu_layout_is_integer_kernels_for_onnxruntime(fp32_bundle: Path) -> Non
     assert report["layout"] == "cpu" and "uint8 activations" in report["format"]
     model = onnx.load(str(out))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    act_zps = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[2] in inits]
+    act_zps = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"
+               and n.input[2] in inits]
     assert act_zps and all(z.dtype == np.uint8 for z in act_zps)
     q_inputs = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
@@ -198,7 +204,8 @@ def test_cpu_layout_has_its_own_cache_and_is_recorded(fp32_bundle: Path) -> None
         CalibSettings(layout="gpu")
 
 
-def test_cpu_layout_refused_with_an_engine_before_any_work(fp32_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cpu_layout_refused_with_an_engine_before_any_work(fp32_bundle: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     before = sorted(p.name for p in fp32_bundle.iterdir())
     code = main(["export", str(fp32_bundle), "--precision", "int8", "--int8-layout", "cpu", "--engine"])
     assert code == 2

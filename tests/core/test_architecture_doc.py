@@ -35,7 +35,9 @@ def paths_named(text: str) -> list[str]:
     for token in backticked(text):
         if " " in token or "<" in token or "=" in token or "/" not in token:
             continue
-        if token.split("/")[0] in (*PACKAGES, "tests", "docs", "docker") or token.endswith((".py", ".md", ".toml")):
+        if token.split("/")[0] in (*PACKAGES, "tests", "docs", "docker") or token.endswith(
+            (".py", ".md", ".toml")
+        ):
             found.extend(_expand(token))
     return found
 
@@ -141,7 +143,8 @@ def test_the_backend_recipe_names_every_backend_table() -> None:
                 assert isinstance(target, ast.Name)
                 tables.append(target.id)
     recipe = DOC_TEXT[DOC_TEXT.index("**A backend.**"):DOC_TEXT.index("**A model family.**")]
-    assert len(tables) >= 5 and all(f"`{t}`" in recipe for t in tables), (tables, "missing from the backend recipe")
+    assert len(tables) >= 5 and all(f"`{t}`" in recipe for t in tables), (tables, "missing from the backend "
+                                                                                  "recipe")
     assert "`_cannot_open`" in recipe and "`KilnBackend`" in recipe
 
 

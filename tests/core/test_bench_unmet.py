@@ -42,7 +42,8 @@ def test_requests_that_ran_exit_0(bundle: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_report_lists_unmet_requests(bundle: Path) -> None:
-    cfg = BenchConfig(backends=["all"], precisions=["fp32", "int8"], batches=[1], warmup=0, iters=1, threads=1)
+    cfg = BenchConfig(backends=["all"], precisions=["fp32", "int8"], batches=[1], warmup=0, iters=1,
+                      threads=1)
     (unmet,) = run_bench(bundle, cfg)["unmet"]
     assert unmet["backend"] == "all" and unmet["precision"] == "int8"
     assert "torch:" in unmet["reason"] and "onnxrt:" in unmet["reason"]

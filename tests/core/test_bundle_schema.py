@@ -1,4 +1,5 @@
-"""kiln.json's schema: closed, typed records, and bundles written by an older schema read through a migration."""
+"""kiln.json's schema: closed, typed records, and bundles written by an older schema read through a
+migration."""
 
 import json
 from pathlib import Path
@@ -28,12 +29,14 @@ def _schema1() -> dict[str, Any]:
             "model.onnx": {"file": "model.onnx", "format": "onnx", "precision": "fp32", "sha256": "a" * 64,
                            "opset": 20, "simplified": True, "source_sha256": "p" * 64,
                            "verification": {"passed": True}},
-            "model.nms.onnx": {"file": "model.nms.onnx", "format": "onnx", "precision": "fp32", "sha256": "n" * 64,
+            "model.nms.onnx": {"file": "model.nms.onnx", "format": "onnx", "precision": "fp32",
+                               "sha256": "n" * 64,
                                "nms": {"score_threshold": 0.3, "iou_threshold": 0.5, "max_detections": 10,
                                        "class_agnostic": True, "pre_nms_top_k": 1000},
                                "outputs": [{"name": "num_dets", "shape": [1], "dtype": "int32"}]},
             "model.fp16.engine": {"file": "model.fp16.engine", "format": "tensorrt", "precision": "fp16",
-                                  "sha256": "e" * 64, "source_sha256": "a" * 64, "tensorrt_version": "10.13.0.35",
+                                  "sha256": "e" * 64, "source_sha256": "a" * 64,
+                                  "tensorrt_version": "10.13.0.35",
                                   "gpu_name": "NVIDIA L4", "compute_capability": "8.9",
                                   "profile": {"min": 1, "opt": 2, "max": 4}, "version_compat": True,
                                   "built_by": "an older kiln"},
@@ -53,7 +56,11 @@ def test_a_schema_1_bundle_loads_with_its_provenance_typed(tmp_path: Path) -> No
     assert m.schema_version == SCHEMA_VERSION == 2
     engine = m.artifacts["model.fp16.engine"].engine
     assert isinstance(engine, EngineProvenance)
-    assert (engine.tensorrt_version, engine.gpu_name, engine.compute_capability) == ("10.13.0.35", "NVIDIA L4", "8.9")
+    assert (engine.tensorrt_version, engine.gpu_name, engine.compute_capability) == (
+        "10.13.0.35",
+        "NVIDIA L4",
+        "8.9",
+    )
     assert engine.version_compat is True and engine.hardware_compat is False and engine.profile is not None
     assert engine.profile.max == 4
     raw = m.artifacts["model.onnx"]
@@ -102,4 +109,6 @@ def test_engine_provenance_given_flat_is_recorded_under_engine(tmp_path: Path) -
     (tmp_path / "b" / "model.fp32.engine").write_bytes(b"plan")
     art = b.add_artifact("model.fp32.engine", "tensorrt", "fp32", tensorrt_version="10.13.0.35",
                          gpu_name="NVIDIA L4", compute_capability="8.9", hardware_compat=True)
-    assert art.engine is not None and art.engine.hardware_compat is True and art.engine.gpu_name == "NVIDIA L4"
+    assert (
+        art.engine is not None and art.engine.hardware_compat is True and art.engine.gpu_name == "NVIDIA L4"
+    )

@@ -117,7 +117,8 @@ def test_one_file_gives_identical_tensors_on_every_path(tmp_path: Path, corpus: 
     for ds, seen, where in ((val, rec.seen, "eval"),
                             (train, [train_set[i][0].numpy() for i in range(len(train))], "training")):
         for path, x in zip(ds.images, seen, strict=True):
-            np.testing.assert_allclose(x, want[Path(path).name], rtol=0, atol=1e-6, err_msg=f"{where}: {path}")
+            np.testing.assert_allclose(x, want[Path(path).name], rtol=0, atol=1e-6,
+                                       err_msg=f"{where}: {path}")
 
     # calibration draws from the train split through the same decode
     calib = CalibrationReader.from_bundle(bundle, count=len(train))
@@ -149,7 +150,9 @@ def test_jpeg_is_decoded_at_a_dct_scale_that_covers_the_input(corpus: list[Corpu
     assert np.abs(xf - xs).mean() < 3 / 255  # the same picture
     # the placement maps to the file's pixels, so boxes and sizes answer in the file's coordinates
     assert (bf.width, bf.height) == (bs.width, bs.height) == hd.size
-    assert bf.scale_x == pytest.approx(bs.scale_x, rel=0.01) and bf.scale_y == pytest.approx(bs.scale_y, rel=0.01)
+    assert bf.scale_x == pytest.approx(bs.scale_x, rel=0.01) and bf.scale_y == pytest.approx(
+        bs.scale_y, rel=0.01
+    )
     assert (bf.pad_x, bf.pad_y) == pytest.approx((bs.pad_x, bs.pad_y), abs=1)
 
 
@@ -188,7 +191,9 @@ def test_drawn_boxes_land_on_the_file_pixels_of_a_downscaled_decode() -> None:
     spec = Preprocess(mode="letterbox", size=(64, 64), mean=[0, 0, 0], std=[1, 1, 1])
     small = processing.decode_image(buf.getvalue(), spec=spec)
     assert small.width < 1920
-    res: dict[str, Any] = {"boxes": [{"box": [960.0, 540.0, 1800.0, 1000.0], "label": "x", "index": 0, "score": 0.9}]}
+    res: dict[str,
+              Any] = {"boxes": [{"box": [960.0, 540.0, 1800.0, 1000.0], "label": "x", "index": 0,
+                                 "score": 0.9}]}
     canvas = np.asarray(render(small, res))
     ys, xs = np.nonzero((canvas == np.asarray(class_color(0), np.uint8)).all(axis=2))
     zoom = canvas.shape[1] / 1920

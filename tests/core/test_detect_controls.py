@@ -34,7 +34,8 @@ def _raw(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 POSTS = [DetectPost(class_agnostic=True), DetectPost(multi_label=True, score_threshold=0.3),
-         DetectPost(classes=[0, 2], iou_threshold=0.3), DetectPost(multi_label=True, class_agnostic=True, classes=[1])]
+         DetectPost(classes=[0, 2], iou_threshold=0.3),
+         DetectPost(multi_label=True, class_agnostic=True, classes=[1])]
 
 
 @pytest.mark.parametrize("post", POSTS)
@@ -42,7 +43,8 @@ def test_numpy_and_torch_agree_on_every_control(post: DetectPost) -> None:
     boxes, scores = _raw(1)
     lbs = [Letterbox(1.0, 1.0, 0.0, 0.0, 128, 128)] * 3
     a = cast(list[list[dict[str, Any]]], detect_postprocess(boxes, scores, lbs, post, CLASSES))
-    b = cast(list[list[dict[str, Any]]], detect_postprocess_torch(torch.from_numpy(boxes), torch.from_numpy(scores), lbs, post, CLASSES))
+    b = cast(list[list[dict[str, Any]]],
+             detect_postprocess_torch(torch.from_numpy(boxes), torch.from_numpy(scores), lbs, post, CLASSES))
     assert sum(len(x) for x in a) > 3
     for da, db in zip(a, b, strict=True):
         assert [d["index"] for d in da] == [d["index"] for d in db]
@@ -55,10 +57,14 @@ def test_one_label_per_box_by_default() -> None:
     boxes = np.array([[[10, 10, 50, 50], [70, 70, 90, 90]]], dtype=np.float32)
     scores = np.array([[[0.9, 0.8, 0.7], [0.1, 0.6, 0.0]]], dtype=np.float32)
     [single] = detect_postprocess(boxes, scores, None, DetectPost(), CLASSES)
-    assert [(d["label"], d["score"]) for d in single] == [("a", pytest.approx(0.9)), ("b", pytest.approx(0.6))]
+    assert [(d["label"], d["score"]) for d in single] == [
+        ("a", pytest.approx(0.9)),
+        ("b", pytest.approx(0.6)),
+    ]
     [multi] = detect_postprocess(boxes, scores, None, DetectPost(multi_label=True), CLASSES)
     assert [d["label"] for d in multi] == ["a", "b", "c", "b"]
-    [agnostic] = detect_postprocess(boxes, scores, None, DetectPost(multi_label=True, class_agnostic=True), CLASSES)
+    [agnostic] = detect_postprocess(boxes, scores, None, DetectPost(multi_label=True, class_agnostic=True),
+                                    CLASSES)
     assert [d["label"] for d in agnostic] == ["a", "b"]
     # the filter drops a box whose best class is not wanted; it does not relabel it as a weaker class
     [only_b] = detect_postprocess(boxes, scores, None, DetectPost(classes=[1]), CLASSES)
@@ -68,7 +74,13 @@ def test_one_label_per_box_by_default() -> None:
 def test_overrides_validate() -> None:
     base = DetectPost()
     post = detect_overrides(base, CLASSES, conf=0.5, iou=0.3, max_det=7, agnostic=True, only=["c", "0"])
-    assert (post.score_threshold, post.iou_threshold, post.max_detections, post.class_agnostic, post.classes) == (0.5, 0.3, 7, True, [2, 0])
+    assert (
+        post.score_threshold,
+        post.iou_threshold,
+        post.max_detections,
+        post.class_agnostic,
+        post.classes,
+    ) == (0.5, 0.3, 7, True, [2, 0])
     assert detect_overrides(base, CLASSES) == base
     with pytest.raises(DetectControlError, match="conf"):
         detect_overrides(base, CLASSES, conf=1.5)
@@ -115,7 +127,8 @@ def det_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Bundle:
     bundle.root.mkdir()
     bundle.save()
     monkeypatch.setattr(kiln.runtime, "load",
-                        lambda b, backend="auto", precision=None: _Fake(b if isinstance(b, Bundle) else Bundle.load(b)))
+                        lambda b, backend="auto", precision=None:
+                            _Fake(b if isinstance(b, Bundle) else Bundle.load(b)))
     return bundle
 
 
@@ -132,7 +145,8 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
     return json.loads(capsys.readouterr().out)
 
 
-def test_predict_controls_files_folders_globs(det_bundle: Bundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_controls_files_folders_globs(det_bundle: Bundle, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("x/1.png", "x/2.png", "y/deep/3.png"):
         _png(tmp_path / name)
     (tmp_path / "x" / "notes.txt").write_text("not an image")
@@ -140,7 +154,8 @@ def test_predict_controls_files_folders_globs(det_bundle: Bundle, tmp_path: Path
     doc = _run(capsys, root, str(tmp_path / "x"), str(tmp_path / "y" / "**" / "*.png"))
     assert [Path(p["image"]).name for p in doc["predictions"]] == ["1.png", "2.png", "3.png"]
     assert [d["label"] for d in doc["predictions"][0]["boxes"]] == ["circle", "square"]  # best class per box
-    doc = _run(capsys, root, str(tmp_path / "x" / "1.png"), "--conf", "0.55", "--multi-label", "--iou", "0.99")
+    doc = _run(capsys, root, str(tmp_path / "x" / "1.png"), "--conf", "0.55", "--multi-label", "--iou",
+               "0.99")
     assert [d["label"] for d in doc["predictions"][0]["boxes"]] == ["circle", "circle", "square", "square"]
     doc = _run(capsys, root, str(tmp_path / "x" / "1.png"), "--multi-label", "--agnostic", "--max-det", "1")
     assert [d["label"] for d in doc["predictions"][0]["boxes"]] == ["circle"]
@@ -154,9 +169,13 @@ def test_predict_controls_files_folders_globs(det_bundle: Bundle, tmp_path: Path
     assert "matches no files" in capsys.readouterr().err
 
 
-def test_predict_save_draws_best_on_top_with_legend(det_bundle: Bundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_save_draws_best_on_top_with_legend(det_bundle: Bundle, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     img = _png(tmp_path / "small.png", (32, 32))  # letterboxed 2x into 64x64: boxes halve in original pixels
-    assert main(["predict", str(det_bundle.root), str(img), "--save", str(tmp_path / "out"), "--iou", "0.99"]) == 0
+    assert (
+        main(["predict", str(det_bundle.root), str(img), "--save", str(tmp_path / "out"), "--iou", "0.99"])
+        == 0
+    )
     assert f"saved 1 image(s) with their boxes to {tmp_path / 'out'}" in capsys.readouterr().err
     drawn = Image.open(tmp_path / "out" / "small.png").convert("RGB")
     assert drawn.size == (256, 256)  # 32 px scaled up 8x for legibility

@@ -68,7 +68,11 @@ def _code_lines(text: str) -> list[tuple[int, str]]:
             continue
         if in_fence:
             code = raw
-        elif raw.startswith("    ") and (in_indented or prev_blank) and not stripped.startswith(("- ", "* ", "|")):
+        elif (
+            raw.startswith("    ")
+            and (in_indented or prev_blank)
+            and not stripped.startswith(("- ", "* ", "|"))
+        ):
             in_indented = True
             code = raw[4:]
         else:
@@ -141,7 +145,9 @@ def test_the_docs_show_kiln_commands_for_every_stage() -> None:
     assert {"train", "eval", "data", "export", "calibrate", "serve", "predict", "bench"} <= subcommands
     assert len(PARSEABLE) >= 60, f"only {len(PARSEABLE)} commands found: is the code block reader broken?"
     elided = [str(c) for c in COMMANDS if c.argv is None]
-    assert len(elided) <= 8, "more lines elide their arguments with '...' than expected:\n" + "\n".join(elided)
+    assert len(elided) <= 8, "more lines elide their arguments with '...' than expected:\n" + "\n".join(
+        elided
+    )
 
 
 def test_output_lines_listed_as_such_are_still_in_the_docs() -> None:

@@ -19,7 +19,8 @@ WIDTH = 1024
 def test_draft_decode_keeps_a_trained_classifiers_top1_on_camera_size_jpegs(digits_bundle: Path) -> None:
     spec = Bundle.load(digits_bundle).manifest.preprocess
     assert spec.decode == "draft"
-    sample, _ = camera_jpeg(Image.fromarray(np.tile(np.arange(28, dtype=np.uint8) * 9, (28, 1)), mode="L"), WIDTH)
+    sample, _ = camera_jpeg(Image.fromarray(np.tile(np.arange(28, dtype=np.uint8) * 9, (28, 1)), mode="L"),
+                            WIDTH)
     src_w, _, scale = processing.source_size(processing.decode_image(sample, spec=spec))
     assert (src_w, scale) == (WIDTH, 8.0)  # the draft path really decodes at 1/8 here
 

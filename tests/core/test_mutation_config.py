@@ -21,5 +21,6 @@ def test_every_test_file_the_mutation_config_names_exists() -> None:
 
 def test_a_test_file_that_is_gone_is_named() -> None:
     modules = {"batcher": {"file": "serve/batcher.py",
-                           "tests": ["tests/serve/test_batcher_order.py", "tests/serve/test_gone.py::test_x"]}}
+                           "tests": ["tests/serve/test_batcher_order.py",
+                                     "tests/serve/test_gone.py::test_x"]}}
     assert MUTATE["missing_tests"](modules) == ["batcher: tests/serve/test_gone.py::test_x"]

@@ -241,7 +241,8 @@ def test_centre_crop_of_a_portrait_image() -> None:
 
 def test_centre_crop_of_a_landscape_image_resizes_the_short_side() -> None:
     values = [[10 * c for c in range(8)]] * 4  # 8 wide, 4 high
-    x, box = to_unit(grey(values), spec(mode="center_crop", size=(2, 2), resize_size=2, interpolation="nearest"))
+    x, box = to_unit(grey(values),
+                     spec(mode="center_crop", size=(2, 2), resize_size=2, interpolation="nearest"))
     # short side 4 -> 2: 4 x 2, then the middle 2 columns
     assert x.shape == (1, 2, 2)
     assert box == Letterbox(0.5, 0.5, -1.0, -0.0, 8, 4)
@@ -386,10 +387,13 @@ def test_boxes_map_back_through_each_images_letterbox() -> None:
 
 
 def test_shape_errors_name_the_shapes() -> None:
-    with pytest.raises(ValueError, match=r"expected boxes \[N, A, 4\] and scores \[N, A, C\], got \(1, 2, 3\) and \(1, 2, 1\)"):
+    with pytest.raises(ValueError,
+                       match=r"expected boxes \[N, A, 4\] and scores \[N, A, C\], got \(1, 2, 3\) and \(1, "
+                             r"2, 1\)"):
         detect_postprocess(np.zeros((1, 2, 3)), np.zeros((1, 2, 1)), None, post(), ["a"])
     for b, s in [((2, 4), (1, 2, 1)), ((1, 2, 4), (1, 2)), ((1, 2, 4), (1, 3, 1)), ((1, 2, 4), (2, 2, 1))]:
         with pytest.raises(ValueError, match="expected boxes"):
             detect_postprocess(np.zeros(b), np.zeros(s), None, post(), ["a"])
     with pytest.raises(ValueError, match="^1 letterboxes for 2 images$"):
-        detect_postprocess(np.zeros((2, 1, 4)), np.zeros((2, 1, 1)), [Letterbox(1, 1, 0, 0, 1, 1)], post(), ["a"])
+        detect_postprocess(np.zeros((2, 1, 4)), np.zeros((2, 1, 1)), [Letterbox(1, 1, 0, 0, 1, 1)], post(),
+                           ["a"])

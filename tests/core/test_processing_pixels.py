@@ -115,7 +115,8 @@ def test_detect_postprocess_keeps_a_box_at_exactly_the_iou_threshold() -> None:
     scores = np.array([[[0.9], [0.8]]], np.float32)
     at = detect_postprocess(boxes, scores, None, DetectPost(score_threshold=0.1, iou_threshold=0.5), ["a"])
     assert [d["score"] for d in at[0]] == pytest.approx([0.9, 0.8])
-    below = detect_postprocess(boxes, scores, None, DetectPost(score_threshold=0.1, iou_threshold=0.49), ["a"])
+    below = detect_postprocess(boxes, scores, None, DetectPost(score_threshold=0.1, iou_threshold=0.49),
+                               ["a"])
     assert [d["score"] for d in below[0]] == pytest.approx([0.9])
 
 

@@ -53,10 +53,14 @@ def test_per_class_nms_matches_torchvision_batched_nms(data: tuple[np.ndarray, n
     torch = pytest.importorskip("torch")
     ops = pytest.importorskip("torchvision.ops")
     boxes, scores, classes = data
-    kept = [np.flatnonzero(classes == c)[nms(boxes[classes == c], scores[classes == c], iou)] for c in np.unique(classes)]
+    kept = [
+        np.flatnonzero(classes == c)[nms(boxes[classes == c], scores[classes == c], iou)]
+        for c in np.unique(classes)
+    ]
     ours = np.concatenate(kept) if kept else np.zeros(0, np.int64)
     ours = ours[np.argsort(-scores[ours], kind="stable")]
-    theirs = ops.batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(classes), iou).numpy()
+    theirs = ops.batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(classes),
+                             iou).numpy()
     assert ours.tolist() == theirs.tolist()
 
 
@@ -78,7 +82,12 @@ def test_letterbox_then_back_is_the_identity(width: int, height: int, size: tupl
     x1, x2 = sorted((box[0] * width, box[2] * width))
     y1, y2 = sorted((box[1] * height, box[3] * height))
     original = np.array([[x1, y1, x2, y2]], np.float64)
-    placed = original * [lb.scale_x, lb.scale_y, lb.scale_x, lb.scale_y] + [lb.pad_x, lb.pad_y, lb.pad_x, lb.pad_y]
+    placed = original * [lb.scale_x, lb.scale_y, lb.scale_x, lb.scale_y] + [
+        lb.pad_x,
+        lb.pad_y,
+        lb.pad_x,
+        lb.pad_y,
+    ]
     back = lb.to_original(placed.astype(np.float32))
     np.testing.assert_allclose(back, original, atol=1e-3 * max(width, height, 1))
     # the whole placed image maps back to the whole original image

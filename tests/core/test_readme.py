@@ -80,7 +80,8 @@ def _shorter(cmd: list[str]) -> list[str]:
     return cmd
 
 
-def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 400) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], cwd: Path, env: dict[str, str],
+         timeout: float = 400) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -88,7 +89,8 @@ def _wait_ready(port: int, proc: subprocess.Popen[str], timeout: float = 120) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"kiln serve exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+            raise AssertionError(f"kiln serve exited with {proc.returncode}: "
+                                 f"{proc.stderr.read() if proc.stderr else ''}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
                 if r.status == 200:
@@ -110,11 +112,13 @@ def test_readme_lists_the_commands_this_test_runs() -> None:
 @pytest.mark.timeout(900)
 def test_readme_commands_run_as_written(tmp_path: Path) -> None:
     port = str(_port())
-    env = {**os.environ, "HOME": str(tmp_path / "home"), "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    env = {**os.environ, "HOME": str(tmp_path / "home"),
+           "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     (tmp_path / "home").mkdir()
     work = tmp_path / "work"
     (work / ".venv").mkdir(parents=True)
-    (work / ".venv" / "bin").symlink_to(BIN)  # commands are written as .venv/bin/kiln from the repository root
+    # commands are written as .venv/bin/kiln from the repository root
+    (work / ".venv" / "bin").symlink_to(BIN)
     server: subprocess.Popen[str] | None = None
     try:
         for line in shell_commands():
@@ -137,7 +141,8 @@ def test_readme_commands_run_as_written(tmp_path: Path) -> None:
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 _wait_ready(int(port), server)
                 for snippet in python_snippets():
-                    snip = _run([sys.executable, "-c", snippet.replace(f":{README_PORT}", f":{port}")], work, env, 120)
+                    snip = _run([sys.executable, "-c", snippet.replace(f":{README_PORT}", f":{port}")], work,
+                                env, 120)
                     assert snip.returncode == 0, (snippet, snip.stderr)
                 continue
             if any(a.startswith("cifar10:") for a in argv):

@@ -43,7 +43,10 @@ def test_the_limits_are_checked_on_the_packages() -> None:
 
 def test_the_function_check_measures_what_it_names() -> None:
     body = "\n".join(f"    x{i} = {i}" for i in range(80))
-    short, long_ = f"def f():\n{body}\n", f"class C:\n    @staticmethod\n    def g():\n    {body}\n        y = 1\n"
+    short, long_ = (
+        f"def f():\n{body}\n",
+        f"class C:\n    @staticmethod\n    def g():\n    {body}\n        y = 1\n",
+    )
     assert long_functions(short) == [("f", 81)]
     assert long_functions(short, limit=81) == []
     assert long_functions(long_.replace("\n    x", "\n        x")) == [("C.g", 83)]

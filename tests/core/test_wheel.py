@@ -13,11 +13,14 @@ DIST = "kiln-vision"
 
 def _build_wheel(tmp_path: Path) -> Path:
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "demo", "samples",
-                                                              "*.egg-info", "__pycache__", ".*_cache", ".kiln-cache"))
+    shutil.copytree(ROOT, src,
+                    ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "demo", "samples",
+                                                              "*.egg-info", "__pycache__", ".*_cache",
+                                                              ".kiln-cache"))
     out = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+         str(src)],
         check=True, capture_output=True, text=True, timeout=300,
     )
     (wheel,) = out.glob("*.whl")

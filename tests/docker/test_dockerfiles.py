@@ -65,7 +65,8 @@ def test_hadolint_clean(name: str) -> None:
 def test_entrypoint_shellcheck_clean() -> None:
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    proc = subprocess.run(["shellcheck", str(DOCKER / "entrypoint.sh")], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["shellcheck", str(DOCKER / "entrypoint.sh")], capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -128,7 +129,9 @@ def test_runs_as_non_root_with_healthcheck_and_port(name: str) -> None:
     assert user not in ("root", "0")
     # The USER comes after the last RUN, so nothing at run time is root.
     order = [i for i, _ in _instructions(name)]
-    assert max(k for k, i in enumerate(order) if i == "RUN") < max(k for k, i in enumerate(order) if i == "USER")
+    assert max(k for k, i in enumerate(order) if i == "RUN") < max(
+        k for k, i in enumerate(order) if i == "USER"
+    )
     (health,) = _args(name, "HEALTHCHECK")
     cmd = json.loads(health.split("CMD", 1)[1])
     assert cmd[1] == "/opt/kiln/healthcheck.py" and cmd[2] == "/healthz"
@@ -150,7 +153,9 @@ def test_extras_installed() -> None:
     # Every folder pyproject.toml maps must be in the image, or pip install fails.
     import tomllib
 
-    dirs = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    dirs = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    )
     for name in DOCKERFILES:
         copied = {a.split()[0] for a in _args(name, "COPY") if not a.startswith("--")}
         assert {d.split("/")[0] for d in dirs} <= copied, name
@@ -195,16 +200,24 @@ def test_healthcheck_script(free_port: int) -> None:
     script = str(DOCKER / "healthcheck.py")
     try:
         assert subprocess.run([sys.executable, script, "/healthz"], env=env, timeout=20).returncode == 0
-        assert subprocess.run([sys.executable, script, "/readyz"], env=env, timeout=20, capture_output=True).returncode == 1
+        assert (
+            subprocess.run(
+                [sys.executable, script, "/readyz"], env=env, timeout=20, capture_output=True
+            ).returncode
+            == 1
+        )
     finally:
         server.shutdown()
         server.server_close()
     closed = {**os.environ, "KILN_PORT": str(free_port)}
-    assert subprocess.run([sys.executable, script], env=closed, timeout=20, capture_output=True).returncode == 1
+    assert (
+        subprocess.run([sys.executable, script], env=closed, timeout=20, capture_output=True).returncode == 1
+    )
 
 
 def _bundle(root: Path, size: int = 8, classes: int = 1, write_onnx: Any = None) -> Path:
-    """A classify bundle whose only artifact is ``model.fp16.onnx`` (``write_onnx(path)`` writes it, else junk)."""
+    """A classify bundle whose only artifact is ``model.fp16.onnx`` (``write_onnx(path)`` writes it, else
+    junk)."""
     from kiln import __version__
     from kiln.bundle import Architecture, Bundle, InputSpec, Manifest, Preprocess, TensorSpec
 
@@ -226,7 +239,8 @@ def _bundle(root: Path, size: int = 8, classes: int = 1, write_onnx: Any = None)
 
 def _prepare(args: list[str], work: Path, **env: str) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, "KILN_ENGINE_DIR": str(work), **env}
-    return subprocess.run([sys.executable, str(DOCKER / "prepare_engines.py"), *args], env=full, capture_output=True,
+    return subprocess.run([sys.executable, str(DOCKER / "prepare_engines.py"), *args], env=full,
+                          capture_output=True,
                           text=True, timeout=60)
 
 
@@ -276,8 +290,10 @@ def test_entrypoint_runs_commands_and_finds_bundles(tmp_path: Path) -> None:
     fake.mkdir()
     (fake / "kiln").write_text('#!/bin/sh\necho "$@"\n')
     (fake / "kiln").chmod(0o755)
-    env = {**os.environ, "KILN_MODELS": str(tmp_path / "m"), "PATH": f"{fake}:{os.environ['PATH']}", "KILN_PORT": "9000"}
-    served = subprocess.run([sh, entry, "--max-batch", "16"], capture_output=True, text=True, timeout=20, env=env)
+    env = {**os.environ, "KILN_MODELS": str(tmp_path / "m"), "PATH": f"{fake}:{os.environ['PATH']}",
+           "KILN_PORT": "9000"}
+    served = subprocess.run([sh, entry, "--max-batch", "16"], capture_output=True, text=True, timeout=20,
+                            env=env)
     assert served.returncode == 0, served.stderr
     assert shlex.split(served.stdout) == ["serve", str(tmp_path / "m" / "a"), str(tmp_path / "m" / "b"),
                                           "--host", "0.0.0.0", "--port", "9000", "--max-batch", "16"]
@@ -339,7 +355,9 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> object:
     return install
 
 
-def test_replicas_on_two_gpu_types_sharing_a_volume_keep_their_own_engines(fake_gpu: object, tmp_path: Path) -> None:
+def test_replicas_on_two_gpu_types_sharing_a_volume_keep_their_own_engines(
+    fake_gpu: object, tmp_path: Path
+) -> None:
     from kiln.bundle import Bundle
     from kiln.runtime import load
 
@@ -351,7 +369,10 @@ def test_replicas_on_two_gpu_types_sharing_a_volume_keep_their_own_engines(fake_
         fake_gpu(gpu, capability)  # type: ignore[operator]
         assert prep.prepare(root, ["fp16"], work, True) == root  # type: ignore[attr-defined]
     engines = sorted(a.file for a in Bundle.load(root).artifacts("tensorrt"))
-    assert engines == ["model.fp16.nvidia-a10g.trt-10.13.0.35.engine", "model.fp16.nvidia-l4.trt-10.13.0.35.engine"]
+    assert engines == [
+        "model.fp16.nvidia-a10g.trt-10.13.0.35.engine",
+        "model.fp16.nvidia-l4.trt-10.13.0.35.engine",
+    ]
     assert sorted(p.name for p in work.glob("timing.*")) == [
         "timing.nvidia-a10g.trt-10.13.0.35.cache", "timing.nvidia-l4.trt-10.13.0.35.cache"]
     env = fake_gpu("NVIDIA L4", (8, 9))  # type: ignore[operator]

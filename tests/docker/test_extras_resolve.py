@@ -42,7 +42,8 @@ def _reachable(url: str) -> bool:
 
 
 def _pip(*args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
+                          capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -55,7 +56,8 @@ def _wheel(folder: Path, name: str, version: str, requires: list[str]) -> None:
     files = {
         f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
                             + "".join(f"Requires-Dist: {r}\n" for r in requires),
-        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: kiln-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: kiln-tests\nRoot-Is-Purelib: true\nTag: "
+                         "py3-none-any\n",
     }
     record = []
     with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as whl:
@@ -74,7 +76,8 @@ def _stand_ins(extra: str, folder: Path) -> list[str]:
         if not (m := re.match(r"tensorrt-cu(\d+)", req)):
             continue
         cuda = int(m.group(1))
-        proc = _pip("install", "--dry-run", "--no-deps", "--ignore-installed", "--quiet", "--report", "-", req)
+        proc = _pip("install", "--dry-run", "--no-deps", "--ignore-installed", "--quiet", "--report", "-",
+                    req)
         assert proc.returncode == 0, proc.stderr[-3000:]
         (item,) = json.loads(proc.stdout)["install"]
         version = item["metadata"]["version"]
@@ -97,7 +100,8 @@ def nvidia_index() -> bool:
 
 @pytest.mark.parametrize(("extras", "cuda"), COMBINATIONS)
 def test_documented_extras_resolve(extras: str, cuda: int, nvidia_index: bool, tmp_path: Path) -> None:
-    args = ["install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(tmp_path / "report.json")]
+    args = ["install", "--dry-run", "--ignore-installed", "--quiet", "--report",
+            str(tmp_path / "report.json")]
     if not nvidia_index:
         pins = [pin for extra in extras.split(",") for pin in _stand_ins(extra, tmp_path)]
         (tmp_path / "pins.txt").write_text("".join(f"{pin}\n" for pin in pins))

@@ -6,8 +6,8 @@
 
 ``--kind hue`` (class = hue of a rectangle on noise) is what a 2-core CPU trains in minutes;
 
-``--kind patterns`` writes a harder 10-class, 32x32 RGB image folder (``DIR/<class>/<i>.png``): stripes in three
-orientations, checkerboard, disc, square, ring, cross, triangle and dots, each with random colours,
+``--kind patterns`` writes a harder 10-class, 32x32 RGB image folder (``DIR/<class>/<i>.png``): stripes in
+three orientations, checkerboard, disc, square, ring, cross, triangle and dots, each with random colours,
 position, size, frequency and pixel noise, so a classifier must learn spatial features.
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CLASSES = ("hstripes", "vstripes", "dstripes", "checker", "disc", "square", "ring", "cross", "triangle", "dots")
+CLASSES = ("hstripes", "vstripes", "dstripes", "checker", "disc", "square", "ring", "cross", "triangle",
+           "dots")
 
 
 def _pattern(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
@@ -46,7 +47,9 @@ def _pattern(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
         return (d < r) & (d > r * 0.55)
     if kind == "cross":
         w = r * 0.3
-        return ((np.abs(xx - cx) < w) & (np.abs(yy - cy) < r)) | ((np.abs(yy - cy) < w) & (np.abs(xx - cx) < r))
+        return ((np.abs(xx - cx) < w) & (np.abs(yy - cy) < r)) | (
+            (np.abs(yy - cy) < w) & (np.abs(xx - cx) < r)
+        )
     if kind == "triangle":
         return (yy - cy < r * 0.7) & (yy - cy > -r) & (np.abs(xx - cx) < (yy - cy + r) * 0.6)
     mask = np.zeros((size, size), bool)

@@ -55,7 +55,8 @@ def det_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["KILN_SHAPES_COUNT"] = "48"
     try:
         out = tmp_path_factory.mktemp("det") / "shapes"
-        train(TrainConfig(data="shapes", model="kiln-det-s", epochs=1, batch_size=16, image_size=96, out=str(out)),
+        train(TrainConfig(data="shapes", model="kiln-det-s", epochs=1, batch_size=16, image_size=96,
+                          out=str(out)),
               progress=False)
     finally:
         if old is None:

@@ -17,7 +17,8 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def test_int8_export_records_calibration(exported: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["export", str(exported), "--precision", "int8", "--calib-images", "32", "--calib-method", "minmax",
+    rc = main(["export", str(exported), "--precision", "int8", "--calib-images", "32", "--calib-method",
+               "minmax",
                "--max-accuracy-drop", "5", "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
@@ -32,7 +33,8 @@ def test_int8_export_records_calibration(exported: Path, capsys: pytest.CaptureF
     assert (exported / int8.model_dump()["calibration_report"]).is_file()
 
 
-def test_calibrate_rejects_out_of_order_batch_range(exported: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_calibrate_rejects_out_of_order_batch_range(exported: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     before = snapshot(exported)
     with pytest.raises(SystemExit) as info:
         main(["export", str(exported), "--batch", "8:4:32"])
@@ -69,7 +71,8 @@ def _trt_usable() -> bool:
 
 
 @pytest.mark.skipif(_trt_usable(), reason="TensorRT and a GPU are usable here")
-def test_engine_without_tensorrt_fails_before_any_work(bundle_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_engine_without_tensorrt_fails_before_any_work(bundle_copy: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     before = snapshot(bundle_copy)
     assert main(["export", str(bundle_copy), "--engine", "--no-simplify"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

@@ -37,7 +37,8 @@ def detect_manifest(names: tuple[str, str] = ("boxes", "scores"), threshold: flo
     )
 
 
-FAR_APART = [[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [0.0, 20.0, 10.0, 30.0], [20.0, 20.0, 30.0, 30.0]]
+FAR_APART = [[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [0.0, 20.0, 10.0, 30.0],
+             [20.0, 20.0, 30.0, 30.0]]
 
 
 def dets(scores: list[tuple[float, float]], boxes: list[list[float]] | None = None) -> dict[str, np.ndarray]:
@@ -54,8 +55,10 @@ def counts(report: dict) -> tuple[int, int, int, int, int]:
 
 
 def test_shape_mismatch_names_the_output_and_both_shapes() -> None:
-    with pytest.raises(ExportError, match=r"output logits: shape \(2, 4\) differs from the reference \(2, 3\)"):
-        compare(classify_manifest(), {"logits": np.zeros((2, 3))}, {"logits": np.zeros((2, 4))}, [IDENTITY] * 2)
+    with pytest.raises(ExportError,
+                       match=r"output logits: shape \(2, 4\) differs from the reference \(2, 3\)"):
+        compare(classify_manifest(), {"logits": np.zeros((2, 3))}, {"logits": np.zeros((2, 4))},
+                [IDENTITY] * 2)
 
 
 def test_no_images_compare_as_equal() -> None:
@@ -67,7 +70,9 @@ def test_no_images_compare_as_equal() -> None:
 def test_atol_given_to_compare_decides_the_ties() -> None:
     ref = np.array([[1.0, 1.25, 0.0]])
     cand = np.array([[1.25, 1.0, 0.0]])
-    assert compare(classify_manifest(), {"logits": ref}, {"logits": cand}, [IDENTITY])["top1_agreement"] == 0.0
+    assert (
+        compare(classify_manifest(), {"logits": ref}, {"logits": cand}, [IDENTITY])["top1_agreement"] == 0.0
+    )
     loose = compare(classify_manifest(), {"logits": ref}, {"logits": cand}, [IDENTITY], atol=0.5)
     assert (loose["top1_agreement"], loose["top1_ties"]) == (100.0, 1)
 
@@ -119,7 +124,8 @@ def test_agreement_is_rounded_to_three_decimals() -> None:
     (("b", "scores"), ("b", "scores")),
     (("boxes", "s"), ("boxes", "s")),
 ])
-def test_detection_outputs_by_name_else_by_position(names: tuple[str, str], expected: tuple[str, str]) -> None:
+def test_detection_outputs_by_name_else_by_position(names: tuple[str, str],
+                                                    expected: tuple[str, str]) -> None:
     assert detection_output_names(detect_manifest(names)) == expected
 
 

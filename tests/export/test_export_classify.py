@@ -70,7 +70,8 @@ def test_fp16_variant_keeps_fp32_io_and_records_accuracy(exported: Path) -> None
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
 
 
-def test_failed_verification_keeps_previous_artifacts(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_verification_keeps_previous_artifacts(exported: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from kiln.export import verify
     from kiln.export.pipeline import ExportOptions, export_bundle
 
@@ -82,7 +83,8 @@ def test_failed_verification_keeps_previous_artifacts(exported: Path, monkeypatc
     before["model.pt"] = sha256_file(exported / "model.pt")
     # ...and an ONNX graph whose logits are all 1 off, so verification fails.
     real = verify.backend_outputs
-    monkeypatch.setattr(verify, "backend_outputs", lambda *a, **k: {n: v + 1.0 for n, v in real(*a, **k).items()})
+    monkeypatch.setattr(verify, "backend_outputs",
+                        lambda *a, **k: {n: v + 1.0 for n, v in real(*a, **k).items()})
     with pytest.raises(ExportError, match="verification failed"):
         export_bundle(exported, ExportOptions(precisions=["fp32"]))
     after = {p.name: sha256_file(p) for p in exported.iterdir() if p.is_file()}

@@ -40,9 +40,13 @@ def test_detector_int8_records_map(det_bundle: Path) -> None:
     assert v["accuracy_drop"] <= 5  # mAP points against the fp32 ONNX
 
 
-def test_eval_detection_controls_write_aside_from_the_reference(det_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_detection_controls_write_aside_from_the_reference(det_bundle: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
     before = json.loads((det_bundle / "kiln.json").read_text()).get("evaluation", {})
-    assert main(["eval", str(det_bundle), "--conf", "0.05", "--max-det", "1", "--single-label", "--no-table"]) == 0
+    assert (
+        main(["eval", str(det_bundle), "--conf", "0.05", "--max-det", "1", "--single-label", "--no-table"])
+        == 0
+    )
     out_dirs = list((det_bundle / "eval").iterdir())
     assert len(out_dirs) == 1 and "conf0.05" in out_dirs[0].name and "max_det1" in out_dirs[0].name
     preds = json.loads((out_dirs[0] / "predictions.json").read_text())
@@ -55,7 +59,8 @@ def test_eval_detection_controls_write_aside_from_the_reference(det_bundle: Path
     assert json.loads((det_bundle / "kiln.json").read_text()).get("evaluation", {}) == before
 
 
-def test_eval_detection_control_out_of_range_is_one_line(det_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_detection_control_out_of_range_is_one_line(det_bundle: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", str(det_bundle), "--iou", "1.5", "--no-table"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "iou" in err[0], err

@@ -50,7 +50,9 @@ def _same(a: list[list[dict]], b: list[list[dict]]) -> None:
     for ra, rb in zip(a, b, strict=True):
         assert [d["label"] for d in ra] == [d["label"] for d in rb]
         for da, db in zip(ra, rb, strict=True):
-            assert np.allclose(da["box"], db["box"], atol=BOX_TOL_PX) and abs(da["score"] - db["score"]) <= 1e-6
+            assert (
+                np.allclose(da["box"], db["box"], atol=BOX_TOL_PX) and abs(da["score"] - db["score"]) <= 1e-6
+            )
 
 
 def test_nms_export_records_settings_outputs_and_verification(nms_master: Path) -> None:
@@ -67,7 +69,9 @@ def test_nms_export_records_settings_outputs_and_verification(nms_master: Path) 
     assert v["passed"] and v["detections"] > 0 and v["max_box_diff_px"] <= BOX_TOL_PX
     assert extra["source_sha256"] == b.manifest.artifacts["model.onnx"].sha256
     meta = {p.key: p.value for p in onnx.load(str(nms_master / "model.nms.onnx")).metadata_props}
-    assert meta["kiln.nms.iou_threshold"] == str(post.iou_threshold) and meta["kiln.nms.max_detections"] == "100"
+    assert (
+        meta["kiln.nms.iou_threshold"] == str(post.iou_threshold) and meta["kiln.nms.max_detections"] == "100"
+    )
     # the raw graph stays what load() opens: eval, compare and the raw consumers never get the other outputs
     with load(b, backend="onnxrt") as backend:
         assert backend.artifact == "model.onnx"
@@ -83,10 +87,14 @@ def test_end_to_end_graph_in_onnxruntime_gives_kiln_postprocessing_boxes(nms_mas
 
     b = Bundle.load(nms_master)
     x, _ = _val(b)
-    boxes, scores = ort.InferenceSession(str(nms_master / "model.onnx")).run(["boxes", "scores"], {"images": x})
+    boxes, scores = ort.InferenceSession(str(nms_master / "model.onnx")).run(
+        ["boxes", "scores"], {"images": x}
+    )
     anchors = boxes.shape[1]
-    settings = NmsSettings(score_threshold=0.02, iou_threshold=0.3, max_detections=anchors + 7, class_agnostic=agnostic)
-    onnx2nms(nms_master / "model.onnx", tmp_path / "e2e.onnx", boxes="boxes", scores="scores", settings=settings)
+    settings = NmsSettings(score_threshold=0.02, iou_threshold=0.3, max_detections=anchors + 7,
+                           class_agnostic=agnostic)
+    onnx2nms(nms_master / "model.onnx", tmp_path / "e2e.onnx", boxes="boxes", scores="scores",
+             settings=settings)
     num, det_boxes, det_scores, det_classes = ort.InferenceSession(str(tmp_path / "e2e.onnx")).run(
         ["num_dets", "det_boxes", "det_scores", "det_classes"], {"images": x})
     assert num.dtype == np.int32 and num.shape == (len(x), 1) and det_classes.dtype == np.int32
@@ -179,13 +187,16 @@ def test_kiln_serve_v1_answers_the_same_boxes_from_either_graph(nms_master: Path
             place = (lb.scale_x, lb.scale_y, lb.pad_x, lb.pad_y, lb.width, lb.height)
             if extra:
                 xyxy, scores, classes = docs["decode_end_to_end"](
-                    *(res.as_numpy(n)[0] for n in ("num_dets", "det_boxes", "det_scores", "det_classes")), *place)
+                    *(res.as_numpy(n)[0] for n in ("num_dets", "det_boxes", "det_scores", "det_classes")),
+                    *place)
             else:
-                xyxy, scores, classes = docs["decode_raw"](res.as_numpy("boxes")[0], res.as_numpy("scores")[0], *place,
+                xyxy, scores, classes = docs["decode_raw"](res.as_numpy("boxes")[0],
+                                                           res.as_numpy("scores")[0], *place,
                                                            conf=post.score_threshold, iou=post.iou_threshold,
                                                            max_det=post.max_detections)
             tc.close()
-            _same([answers[-1][0]], [[{"box": list(bx), "label": b.manifest.classes[int(c)], "score": float(s)}
+            _same([answers[-1][0]],
+                  [[{"box": list(bx), "label": b.manifest.classes[int(c)], "score": float(s)}
                                       for bx, s, c in zip(xyxy, scores, classes, strict=True)]])
     assert sum(len(x) for x in answers[0]) > 0
     _same(answers[0], answers[1])
@@ -206,7 +217,8 @@ def test_triton_repository_holds_the_end_to_end_graph_by_default(nms_master: Pat
     monkeypatch.setenv("KILN_SHAPES_COUNT", "48")
     bundle = Path(shutil.copytree(nms_master, tmp_path / "shapes"))
     repo = tmp_path / "models"
-    assert main(["export", str(bundle), "--precision", "fp16", "--nms", "--nms-max-det", "20", "--batch", "1:2:4",
+    assert main(["export", str(bundle), "--precision", "fp16", "--nms", "--nms-max-det", "20", "--batch",
+                 "1:2:4",
                  "--triton-repo", str(repo)]) == 0
     folder = repo / "shapes"
     assert (folder / "1" / "model.onnx").read_bytes() == (bundle / "model.fp16.nms.onnx").read_bytes()
@@ -255,7 +267,8 @@ def test_docs_numpy_decoding_matches_v1_boxes_for_both_graphs(nms_master: Path) 
     total = 0
     for i, lb in enumerate(letterboxes):
         place = (lb.scale_x, lb.scale_y, lb.pad_x, lb.pad_y, lb.width, lb.height)
-        raw_decoded = docs["decode_raw"](raw["boxes"][i], raw["scores"][i], *place, conf=every.score_threshold,
+        raw_decoded = docs["decode_raw"](raw["boxes"][i], raw["scores"][i], *place,
+                                         conf=every.score_threshold,
                                          iou=every.iou_threshold, max_det=every.max_detections)
         e2e_decoded = docs["decode_end_to_end"](*(e2e[n][i] for n in names), *place)
         for (xyxy, scores, classes), p in ((raw_decoded, want_every[i]), (e2e_decoded, want[i])):
@@ -272,7 +285,8 @@ def test_nms_on_a_classifier_is_a_one_line_error(tmp_path: Path) -> None:
     from kiln.export.pipeline import ExportOptions, preflight
 
     manifest = Manifest(kiln_version="test", task="classify", classes=["a", "b"],
-                        input=InputSpec(name="images", shape=[1, 28, 28]), outputs=[TensorSpec(name="logits", shape=[2])],
+                        input=InputSpec(name="images", shape=[1, 28, 28]),
+                        outputs=[TensorSpec(name="logits", shape=[2])],
                         preprocess=Preprocess(size=(28, 28), channels="L", mean=[0.5], std=[0.5]),
                         architecture=Architecture(name="lenet5"))
     with pytest.raises(ConfigError, match="--nms puts a detector's NMS inside its graph"):
@@ -287,8 +301,9 @@ def test_nms_threshold_out_of_range_fails_before_any_export(det_master: Path, tm
     assert "model.onnx" not in Bundle.load(bundle).manifest.artifacts
 
 
-def test_eval_table_of_a_bundle_with_end_to_end_graphs_runs_the_raw_ones(nms_master: Path, tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_table_of_a_bundle_with_end_to_end_graphs_runs_the_raw_ones(
+    nms_master: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kiln.compare import artifact_table
 
     monkeypatch.setenv("KILN_SHAPES_COUNT", "48")

@@ -39,13 +39,15 @@ def photo_crops(root: Path, per_class: int, size: int = 64) -> Path:
     return root
 
 
-def test_resnet18_photo_bundle_exports_fp32_fp16_int8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resnet18_photo_bundle_exports_fp32_fp16_int8(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from kiln.bundle import Bundle
     from kiln.cli import main
 
     data = photo_crops(tmp_path / "photos", per_class=30)
     run = tmp_path / "run"
-    assert main(["train", "--data", f"folder:{data}", "--model", "resnet18", "--image-size", "224", "--epochs", "1",
+    assert main(["train", "--data", f"folder:{data}", "--model", "resnet18", "--image-size", "224",
+                 "--epochs", "1",
                  "--batch-size", "16", "--workers", "0", "--out", str(run), "--no-progress"]) == 0
     capsys.readouterr()
     code = main(["export", str(run), "--precision", "fp32,fp16,int8", "--calib-images", "32", "--json"])

@@ -29,9 +29,11 @@ def test_engine_compatible_is_the_runtime_rule() -> None:
 
 def test_bad_arguments_fail_before_tensorrt(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown precision 'fp8'. Valid: fp32, fp16, int8"):
-        onnx2engine(tmp_path / "m.onnx", tmp_path / "m.engine", precision="fp8", batch=BATCH, input_name="images")
+        onnx2engine(tmp_path / "m.onnx", tmp_path / "m.engine", precision="fp8", batch=BATCH,
+                    input_name="images")
     with pytest.raises(ConfigError, match="workspace must be > 0"):
-        onnx2engine(tmp_path / "m.onnx", tmp_path / "m.engine", precision="fp32", batch=BATCH, input_name="images",
+        onnx2engine(tmp_path / "m.onnx", tmp_path / "m.engine", precision="fp32", batch=BATCH,
+                    input_name="images",
                     workspace_gib=0)
 
 
@@ -39,7 +41,9 @@ def test_bad_arguments_fail_before_tensorrt(tmp_path: Path) -> None:
 def test_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_bytes(b"")
     engine = tmp_path / "m.engine"
-    with pytest.raises(BackendUnavailable, match=r"pip install '\.\[trt\]' in the kiln checkout on a machine with an NVIDIA GPU|needs an NVIDIA GPU"):
+    with pytest.raises(BackendUnavailable,
+                       match=r"pip install '\.\[trt\]' in the kiln checkout on a machine with an NVIDIA "
+                             r"GPU|needs an NVIDIA GPU"):
         onnx2engine(tmp_path / "m.onnx", engine, precision="fp32", batch=BATCH, input_name="images")
     assert not engine.exists()
 
@@ -51,10 +55,13 @@ GRAPH_LAYERS = {"fp32": [("CONVOLUTION", "FLOAT")], "fp16": [("CONVOLUTION", "HA
                 "int8": [("QUANTIZE", "INT8"), ("DEQUANTIZE", "FLOAT"), ("CONVOLUTION", "FLOAT")]}
 
 
-def _build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, major: int, precision: str, **kw: Any) -> tuple[Any, dict[str, Any]]:
+def _build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, major: int, precision: str,
+           **kw: Any) -> tuple[Any, dict[str, Any]]:
     env = fakes.install(monkeypatch, major=major)
-    graph = fakes.make_graph(tmp_path / f"m.{precision}.onnx", layers=GRAPH_LAYERS[precision], plugins=kw.pop("plugins", False))
-    prov = onnx2engine(graph, tmp_path / f"m.{precision}.engine", precision=precision, batch=BATCH, input_name="images", **kw)
+    graph = fakes.make_graph(tmp_path / f"m.{precision}.onnx", layers=GRAPH_LAYERS[precision],
+                             plugins=kw.pop("plugins", False))
+    prov = onnx2engine(graph, tmp_path / f"m.{precision}.engine", precision=precision, batch=BATCH,
+                       input_name="images", **kw)
     return env, prov
 
 
@@ -67,24 +74,33 @@ def _builder_flags(env: Any) -> list[str]:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_tensorrt10_builds_strongly_typed(precision: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_tensorrt10_builds_strongly_typed(precision: str, monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
     env, prov = _build(monkeypatch, tmp_path, 10, precision)
     # STRONGLY_TYPED is value 1 in TensorRT 10; no precision flag (TensorRT 10 rejects them on such networks).
     assert _network_flags(env) == [1 << 1] and _builder_flags(env) == []
-    assert prov["strongly_typed"] and prov["tensorrt_version"] == "10.13.0.35" and prov["profile"] == {"min": 1, "opt": 2, "max": 4}
+    assert (
+        prov["strongly_typed"]
+        and prov["tensorrt_version"] == "10.13.0.35"
+        and prov["profile"] == {"min": 1, "opt": 2, "max": 4}
+    )
 
 
 @pytest.mark.parametrize(("precision", "flags"), [("fp32", []), ("fp16", ["FP16"]), ("int8", ["INT8"])])
-def test_tensorrt10_weakly_typed_uses_precision_flags(precision: str, flags: list[str], monkeypatch: pytest.MonkeyPatch,
+def test_tensorrt10_weakly_typed_uses_precision_flags(precision: str, flags: list[str],
+                                                      monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path: Path) -> None:
     env, prov = _build(monkeypatch, tmp_path, 10, precision, strongly_typed=False)
     assert _network_flags(env) == [0] and _builder_flags(env) == flags and prov["strongly_typed"] is False
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_tensorrt11_sets_no_typing_or_precision_flag(precision: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_tensorrt11_sets_no_typing_or_precision_flag(precision: str, monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
     env, prov = _build(monkeypatch, tmp_path, 11, precision, version_compat=True)
-    assert not hasattr(env.trt.BuilderFlag, "FP16") and not hasattr(env.trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    assert not hasattr(env.trt.BuilderFlag, "FP16") and not hasattr(
+        env.trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"
+    )
     assert _network_flags(env) == [0] and _builder_flags(env) == ["VERSION_COMPATIBLE"]
     assert env.trt.deprecations == [] and prov["strongly_typed"]
     with pytest.raises(ConfigError, match="TensorRT 11 builds strongly typed networks only"):
@@ -100,15 +116,18 @@ def test_build_flags_table() -> None:
 def test_older_tensorrt_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     env = fakes.install(monkeypatch, major=8)
     graph = fakes.make_graph(tmp_path / "m.onnx")
-    with pytest.raises(BackendUnavailable, match=r"^TensorRT 8.6.1.6 is not supported: kiln runs TensorRT 10 and 11$"):
+    with pytest.raises(BackendUnavailable,
+                       match=r"^TensorRT 8.6.1.6 is not supported: kiln runs TensorRT 10 and 11$"):
         onnx2engine(graph, tmp_path / "m.engine", precision="fp32", batch=BATCH, input_name="images")
     assert env.trt.calls == [] and not (tmp_path / "m.engine").exists()
 
 
 def test_parser_errors_name_the_node(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fakes.install(monkeypatch)
-    graph = fakes.make_graph(tmp_path / "m.onnx", errors=[{"node": 3, "name": "conv1", "op": "Conv", "desc": "bad pads"}])
-    with pytest.raises(ExportError, match=r"TensorRT cannot parse .*m.onnx: node 3 'conv1' \(op Conv\): bad pads"):
+    graph = fakes.make_graph(tmp_path / "m.onnx",
+                             errors=[{"node": 3, "name": "conv1", "op": "Conv", "desc": "bad pads"}])
+    with pytest.raises(ExportError,
+                       match=r"TensorRT cannot parse .*m.onnx: node 3 'conv1' \(op Conv\): bad pads"):
         onnx2engine(graph, tmp_path / "m.engine", precision="fp32", batch=BATCH, input_name="images")
 
 
@@ -123,7 +142,8 @@ def test_plugin_layers_parse_and_load(monkeypatch: pytest.MonkeyPatch, tmp_path:
     env, prov = _build(monkeypatch, tmp_path, 10, "fp32", plugins=True)
     assert env.trt.calls[0] == ("init_libnvinfer_plugins", "")
     env = fakes.install(monkeypatch)  # a fresh process: the backend must register them itself
-    specs = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])], "outputs": [TensorSpec(name="logits", shape=[10])]}
+    specs = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])],
+             "outputs": [TensorSpec(name="logits", shape=[10])]}
     with TensorRTBackend(tmp_path / "m.fp32.engine", **specs) as b:
         assert b.max_batch == 4
     assert env.trt.violations == []
@@ -134,18 +154,22 @@ def test_timing_cache_is_reused_and_replaced_when_stale(monkeypatch: pytest.Monk
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"from another GPU")
     _build(monkeypatch, tmp_path, 10, "fp32", timing_cache=cache)
-    assert "does not match this GPU" in caplog.text and cache.read_bytes().startswith(b"fake-cache:10.13.0.35")
+    assert "does not match this GPU" in caplog.text and cache.read_bytes().startswith(
+        b"fake-cache:10.13.0.35"
+    )
     caplog.clear()
     _build(monkeypatch, tmp_path, 10, "fp16", timing_cache=cache)
     assert "does not match" not in caplog.text
 
 
-def test_version_compatible_engine_from_10_runs_on_11(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_version_compatible_engine_from_10_runs_on_11(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
     _, prov = _build(monkeypatch, tmp_path, 10, "fp16", version_compat=True)
     env = fakes.install(monkeypatch, major=11)
     gpu = cuda.device_info(0)
     assert check_provenance(prov, env.trt.__version__, gpu)[0]
-    specs = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])], "outputs": [TensorSpec(name="logits", shape=[10])]}
+    specs = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])],
+             "outputs": [TensorSpec(name="logits", shape=[10])]}
     with TensorRTBackend(tmp_path / "m.fp16.engine", **specs, version_compat=True) as b:
         x = np.ones((2, 1, 28, 28), np.float32)
         np.testing.assert_array_equal(b.infer({"images": x})["logits"], np.full((2, 10), 2, np.float32))
@@ -184,7 +208,8 @@ def _detector_bundle(root: Path) -> Path:
         kiln_version="test", task="detect", classes=["a", "b", "c"],
         input=InputSpec(name="images", shape=[3, 256, 256], batch=BATCH),
         outputs=task.outputs(model, 3), postprocess=task.postprocess(),
-        preprocess=Preprocess(mode="letterbox", size=(256, 256), mean=[0.5] * 3, std=[0.25] * 3), architecture=arch,
+        preprocess=Preprocess(mode="letterbox", size=(256, 256), mean=[0.5] * 3, std=[0.25] * 3),
+        architecture=arch,
     )
     b = Bundle(root, manifest)
     b.add_artifact("model.pt", "torch", "fp32")
@@ -204,7 +229,9 @@ def _onnx_variants(bundle: Bundle, tmp: Path) -> dict[str, Path]:
     class _RandomReader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self, name: str, shape: list[int]) -> None:
             rng = np.random.default_rng(0)
-            self.batches = iter([{name: rng.standard_normal((2, *shape)).astype(np.float32)} for _ in range(8)])
+            self.batches = iter(
+                [{name: rng.standard_normal((2, *shape)).astype(np.float32)} for _ in range(8)]
+            )
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
@@ -212,13 +239,17 @@ def _onnx_variants(bundle: Bundle, tmp: Path) -> dict[str, Path]:
     from kiln.export.onnx2fp16 import onnx2fp16
     from kiln.export.torch2onnx import torch2onnx
 
-    paths = {"fp32": bundle.path("model.onnx"), "fp16": bundle.path("model.fp16.onnx"), "int8": bundle.path("model.int8.onnx")}
+    paths = {"fp32": bundle.path("model.onnx"), "fp16": bundle.path("model.fp16.onnx"),
+             "int8": bundle.path("model.int8.onnx")}
     torch2onnx(bundle, paths["fp32"], batch=BATCH)
     onnx2fp16(paths["fp32"], paths["fp16"])
     quantize_static(
-        str(paths["fp32"]), str(paths["int8"]), _RandomReader(bundle.manifest.input.name, bundle.manifest.input.shape),
-        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-        calibrate_method=CalibrationMethod.MinMax, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        str(paths["fp32"]), str(paths["int8"]),
+        _RandomReader(bundle.manifest.input.name, bundle.manifest.input.shape),
+        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
     )
     for precision, path in paths.items():
         bundle.add_artifact(path.name, "onnx", precision)
@@ -226,7 +257,8 @@ def _onnx_variants(bundle: Bundle, tmp: Path) -> dict[str, Path]:
     return paths
 
 
-TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.15}  # of the largest |output|; fp32 engines build without TF32
+# of the largest |output|; fp32 engines build without TF32
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.15}
 
 
 # A mark, not only the fixture: session fixtures (the trained digits bundle) are set up before a
@@ -250,14 +282,16 @@ def test_engines_match_onnxruntime(trt_gpu: Any, model: str, digits_bundle: Path
     cache = tmp_path / "timing.cache"
     for precision, onnx_path in onnx_paths.items():
         engine = root / f"model.{precision}.engine"
-        prov = onnx2engine(onnx_path, engine, precision=precision, batch=BATCH, input_name=spec.name, timing_cache=cache)
+        prov = onnx2engine(onnx_path, engine, precision=precision, batch=BATCH, input_name=spec.name,
+                           timing_cache=cache)
         assert prov["tensorrt_version"] == trt_gpu.__version__ and prov["precision"] == precision
         assert prov["profile"] == {"min": 1, "opt": 2, "max": 4} and prov["compute_capability"]
         assert cache.stat().st_size > 0
         bundle.add_artifact(engine.name, "tensorrt", **prov)
         bundle.save()
         assert engine_compatible(prov) == (True, engine_compatible(prov)[1])
-        with load(root, "tensorrt", precision=precision) as trt_b, load(root, "onnxrt", precision=precision) as ort_b:
+        with load(root, "tensorrt", precision=precision) as trt_b, load(root, "onnxrt",
+                                                                        precision=precision) as ort_b:
             assert (trt_b.min_batch, trt_b.max_batch) == (1, 4)
             got, want = trt_b.infer({spec.name: x}), ort_b.infer({spec.name: x})
             assert set(trt_b.last_timings) == {"h2d_ms", "compute_ms", "d2h_ms", "total_ms"}
@@ -272,7 +306,8 @@ def test_engines_match_onnxruntime(trt_gpu: Any, model: str, digits_bundle: Path
 
 # ---- TF32, engine and timing-cache names ------------------------------------------------------
 
-SPECS = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])], "outputs": [TensorSpec(name="logits", shape=[10])]}
+SPECS = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])],
+         "outputs": [TensorSpec(name="logits", shape=[10])]}
 
 
 @pytest.mark.parametrize("major", [10, 11])
@@ -305,11 +340,17 @@ def test_engine_and_cache_names_carry_gpu_model_and_tensorrt_version() -> None:
     from kiln.runtime.tensorrt import engine_file_name, timing_cache_name
 
     assert engine_file_name("fp16", "NVIDIA L4", "10.13.0.35") == "model.fp16.nvidia-l4.trt-10.13.0.35.engine"
-    assert engine_file_name("fp16", "NVIDIA A10G", "10.13.0.35") != engine_file_name("fp16", "NVIDIA L4", "10.13.0.35")
-    assert timing_cache_name("NVIDIA A100-SXM4-80GB", "11.4.0.106") == "timing.nvidia-a100-sxm4-80gb.trt-11.4.0.106.cache"
+    assert engine_file_name("fp16", "NVIDIA A10G", "10.13.0.35") != engine_file_name(
+        "fp16", "NVIDIA L4", "10.13.0.35"
+    )
+    assert (
+        timing_cache_name("NVIDIA A100-SXM4-80GB", "11.4.0.106")
+        == "timing.nvidia-a100-sxm4-80gb.trt-11.4.0.106.cache"
+    )
 
 
-def test_a_timing_cache_folder_keeps_one_cache_per_gpu_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_timing_cache_folder_keeps_one_cache_per_gpu_model(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
     from kiln.runtime.tensorrt import timing_cache_name
 
     caches = tmp_path / "caches"
@@ -321,7 +362,8 @@ def test_a_timing_cache_folder_keeps_one_cache_per_gpu_model(monkeypatch: pytest
     env = fakes.install(monkeypatch)
     env.gpu.name, env.gpu.capability = "NVIDIA A10G", (8, 6)
     graph = fakes.make_graph(tmp_path / "m.onnx")
-    onnx2engine(graph, tmp_path / "a10g.engine", precision="fp32", batch=BATCH, input_name="images", timing_cache=caches)
+    onnx2engine(graph, tmp_path / "a10g.engine", precision="fp32", batch=BATCH, input_name="images",
+                timing_cache=caches)
     second = caches / timing_cache_name("NVIDIA A10G", env.trt.__version__)
     assert first.is_file() and second.is_file() and first != second
     assert sorted(p.name for p in caches.iterdir()) == sorted(["timing.cache", first.name, second.name])
@@ -348,19 +390,23 @@ def test_export_names_engines_per_gpu_and_replaces_only_this_gpus_older_entry(mo
                             compute_capability="8.9")
     bundle.save()
     monkeypatch.setattr(pipeline, "_engine_metrics", lambda *_a: {})  # no validation split in this bundle
-    built, errors = pipeline.build_engines(bundle, pipeline.ExportOptions(engine=True, batch=BATCH, tf32=True),
+    built, errors = pipeline.build_engines(bundle,
+                                           pipeline.ExportOptions(engine=True, batch=BATCH, tf32=True),
                                            {"fp32": "model.onnx"})
     assert errors == []
     (entry,) = built
     file = f"model.fp32.fake-gpu.trt-{env.trt.__version__}.engine"
     assert entry["file"] == file and entry["tf32"] is True
     # The older entry for this GPU and TensorRT is replaced; the other GPU's engine stays listed.
-    assert sorted(Bundle.load(root).manifest.artifacts) == sorted(["model.onnx", file, "model.fp32.t4.engine"])
+    assert sorted(Bundle.load(root).manifest.artifacts) == sorted(
+        ["model.onnx", file, "model.fp32.t4.engine"]
+    )
 
 
 @pytest.mark.parametrize(("capability", "builds"), [((8, 0), True), ((7, 5), False)])
 def test_hardware_compatible_build_from_compute_capability_8_0(capability: tuple[int, int], builds: bool,
-                                                               monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
     env = fakes.install(monkeypatch)
     env.gpu.name, env.gpu.capability = "NVIDIA A100", capability
     graph = fakes.make_graph(tmp_path / "m.onnx")

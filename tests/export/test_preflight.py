@@ -32,7 +32,8 @@ def no_work(*_a: object, **_k: object) -> None:
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp16"])
-def test_damaged_onnx_is_one_line_error(exported: Path, capsys: pytest.CaptureFixture[str], precision: str) -> None:
+def test_damaged_onnx_is_one_line_error(exported: Path, capsys: pytest.CaptureFixture[str],
+                                        precision: str) -> None:
     target = exported / f"model.{precision}.onnx"
     before = target.read_bytes() if target.exists() else None  # the fixture has an fp16 graph already
     corrupt_fp32(exported)
@@ -63,7 +64,8 @@ def test_engine_without_tensorrt_fails_before_any_work(exported: Path, monkeypat
     from kiln.runtime import tensorrt
 
     def missing() -> int:
-        raise BackendUnavailable(f"TensorRT is not installed (No module named 'tensorrt'): {tensorrt.INSTALL_HINT}")
+        raise BackendUnavailable("TensorRT is not installed (No module named 'tensorrt'): "
+                                 f"{tensorrt.INSTALL_HINT}")
 
     monkeypatch.setattr(tensorrt, "import_tensorrt", missing)
     for step in ("export_fp32", "export_fp16", "export_int8", "build_engines"):
@@ -124,7 +126,8 @@ def test_atomic_path_names_carry_the_pid(tmp_path: Path) -> None:
     assert (tmp_path / "model.onnx").read_bytes() == b"graph"
 
 
-def test_next_export_removes_a_killed_runs_temp_files(exported: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_next_export_removes_a_killed_runs_temp_files(exported: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     leftover = exported / f".model.int8.onnx.{dead_pid()}-abcd1234.tmp"
     leftover.write_bytes(b"")
     corrupt_fp32(exported)  # the run then stops early; the cleanup comes first

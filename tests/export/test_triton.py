@@ -13,7 +13,8 @@ from kiln.export.triton import read_config
 def test_triton_repo_config_parses_as_model_config(exported: Path, tmp_path: Path) -> None:
     repo = tmp_path / "models"
     (repo / "other").mkdir(parents=True)
-    assert main(["export", str(exported), "--precision", "fp16", "--batch", "2:8:16", "--triton-repo", str(repo),
+    assert main(["export", str(exported), "--precision", "fp16", "--batch", "2:8:16", "--triton-repo",
+                 str(repo),
                  "--triton-max-delay-us", "500"]) == 0
     folder = repo / "exported"
     assert (folder / "1" / "model.onnx").read_bytes() == (exported / "model.fp16.onnx").read_bytes()
@@ -23,11 +24,15 @@ def test_triton_repo_config_parses_as_model_config(exported: Path, tmp_path: Pat
     assert inp.name == "images" and list(inp.dims) == [1, 28, 28] and inp.data_type == 11  # TYPE_FP32
     (out,) = cfg.output
     assert out.name == "logits" and list(out.dims) == [10]
-    # Labels: the classes file beside the config, named by the class output, one class per line in index order.
+    # Labels: the classes file beside the config, named by the class output, one class per line in index
+    # order.
     assert out.label_filename == "labels.txt"
     classes = (folder / "labels.txt").read_text().splitlines()
     assert classes == json.loads((exported / "kiln.json").read_text())["classes"] and len(classes) == 10
-    assert "raw class scores (logits, before softmax)" in cfg.parameters["output.logits.description"].string_value
+    assert (
+        "raw class scores (logits, before softmax)"
+        in cfg.parameters["output.logits.description"].string_value
+    )
     assert list(cfg.dynamic_batching.preferred_batch_size) == [8, 16]
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
     assert cfg.instance_group[0].count == 1
@@ -53,9 +58,12 @@ def test_detector_repository_states_output_semantics_and_labels(tmp_path: Path) 
     root = tmp_path / "shapes"
     root.mkdir()
     manifest = Manifest(kiln_version="test", task="detect", classes=["circle", "square", "triangle"],
-                        input=InputSpec(name="images", shape=[3, 160, 160], batch=BatchRange(min=1, opt=4, max=8)),
-                        outputs=[TensorSpec(name="boxes", shape=[336, 4]), TensorSpec(name="scores", shape=[336, 3])],
-                        preprocess=Preprocess(mode="letterbox", size=(160, 160), mean=[0.5] * 3, std=[0.25] * 3),
+                        input=InputSpec(name="images", shape=[3, 160, 160],
+                                        batch=BatchRange(min=1, opt=4, max=8)),
+                        outputs=[TensorSpec(name="boxes", shape=[336, 4]),
+                                 TensorSpec(name="scores", shape=[336, 3])],
+                        preprocess=Preprocess(mode="letterbox", size=(160, 160), mean=[0.5] * 3,
+                                              std=[0.25] * 3),
                         postprocess={"score_threshold": 0.3, "iou_threshold": 0.45, "max_detections": 50},
                         architecture=Architecture(name="kiln-det-s"))
     (root / "model.onnx").write_bytes(b"graph bytes: the repository copies them")

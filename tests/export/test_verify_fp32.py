@@ -159,23 +159,29 @@ def test_verify_fp32_runs_both_graphs_on_the_first_images(tmp_path: Path, fakes:
     assert report["images"] == 3 and report["passed"] is True and report["max_abs_diff"] == 0.0
     assert report["reference"] == "pytorch fp32 (cpu)"
     assert report["tolerance"] == {"atol": 1e-4, "rtol": 1e-5, "relative_to": "the image's largest |output|"}
-    assert report["outputs"]["logits"]["passed"] and (report["top1_agreement"], report["topk_agreement"]) == (100, 100)
+    assert report["outputs"]["logits"]["passed"] and (report["top1_agreement"], report["topk_agreement"]) == (
+        100,
+        100,
+    )
     assert ("verified fp32 ONNX against PyTorch on 3 val images: max abs diff 0 (0 of the outputs' scale; "
             "top-1 agreement 100%, top-5 100%)") in caplog.messages
 
 
-def test_verify_fp32_uses_64_images_by_default(tmp_path: Path, fakes: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verify_fp32_uses_64_images_by_default(tmp_path: Path, fakes: Model,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(verify, "bundle_split", lambda _b, _s: Split(70))
     assert verify.verify_fp32(classify_bundle(tmp_path / "b"), tmp_path / "m.onnx")["images"] == 64
 
 
-def fixed(monkeypatch: pytest.MonkeyPatch, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> None:
+def fixed(monkeypatch: pytest.MonkeyPatch, reference: dict[str, np.ndarray],
+          candidate: dict[str, np.ndarray]) -> None:
     from .test_verify_thresholds import fake_graphs
 
     fake_graphs(monkeypatch, reference, candidate, len(next(iter(reference.values()))))
 
 
-def test_logits_differing_by_exactly_the_tolerance_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_logits_differing_by_exactly_the_tolerance_pass(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The image's largest |logit| is 1: the tolerance is 1e-4 + 1e-5 x 1."""
     ref = np.zeros((2, 10))
     ref[:, 3] = 1.0
@@ -198,7 +204,8 @@ def test_detection_report_records_its_tolerances(tmp_path: Path, monkeypatch: py
     assert (report["tolerance_px"], report["score_tolerance"]) == (0.5, 1e-4)
 
 
-def test_every_detection_problem_is_named_in_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_detection_problem_is_named_in_the_error(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     fixed(monkeypatch, _dets(), _dets(shift=5.0, score=0.5))
     onnx = tmp_path / "m.onnx"
     with pytest.raises(ExportError) as info:
@@ -211,7 +218,8 @@ def test_every_detection_problem_is_named_in_the_error(tmp_path: Path, monkeypat
 
 def test_raw_differences_of_exactly_the_tolerances_are_no_problem(tmp_path: Path) -> None:
     bundle = detect_bundle(tmp_path / "b")
-    report = {"max_abs_diff_by_output": {"boxes": 0.5, "scores": 1e-4}, "missing": 0, "extra": 0, "detections": 2}
+    report = {"max_abs_diff_by_output": {"boxes": 0.5, "scores": 1e-4}, "missing": 0, "extra": 0,
+              "detections": 2}
     assert verify.detection_problems(bundle, report) == []
     report["max_abs_diff_by_output"] = {"boxes": 0.5000001, "scores": 1.000001e-4}
     assert len(verify.detection_problems(bundle, report)) == 2

@@ -31,7 +31,8 @@ LOGIT_SCALE = 400.0  # the classifier's weights times this: logits of a few hund
 def resnet18_bundle(root: Path, data: Path) -> Bundle:
     classes = sorted(p.name for p in data.iterdir())
     pre = torchvision_preprocess(torchvision_weights("resnet18"))
-    spec = Architecture(name="resnet18", args={"num_classes": len(classes), "in_channels": 3, "image_size": 224})
+    spec = Architecture(name="resnet18",
+                        args={"num_classes": len(classes), "in_channels": 3, "image_size": 224})
     torch.manual_seed(0)
     model = build_model(spec).eval()
     with torch.no_grad():

@@ -79,7 +79,8 @@ def test_thresholds_are_the_documented_ones() -> None:
     assert pipeline.FP16_MIN_AGREEMENT == FP16_MIN_AGREEMENT
 
 
-@pytest.mark.parametrize("scale", [1.0, 10.0, 500.0])  # lenet5-like logits; a trained ResNet's; an untuned BN's
+# lenet5-like logits; a trained ResNet's; an untuned BN's
+@pytest.mark.parametrize("scale", [1.0, 10.0, 500.0])
 @pytest.mark.parametrize(("factor", "passes"), [(0.0, True), (0.9, True), (1.1, False), (100.0, False)])
 def test_classification_logits_tolerance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          scale: float, factor: float, passes: bool) -> None:
@@ -95,7 +96,8 @@ def test_classification_logits_tolerance(tmp_path: Path, monkeypatch: pytest.Mon
         report = verify.verify_fp32(bundle, tmp_path / "m.onnx")
         assert report["passed"] and report["max_abs_diff"] == pytest.approx(offset, rel=1e-6, abs=1e-12)
     else:
-        with pytest.raises(ExportError, match=r"logits: 1 of 80 values differ by more than 0\.0001 \+ 1e-05 x"):
+        with pytest.raises(ExportError,
+                           match=r"logits: 1 of 80 values differ by more than 0\.0001 \+ 1e-05 x"):
             verify.verify_fp32(bundle, tmp_path / "m.onnx")
 
 
@@ -140,7 +142,8 @@ def test_a_nan_logit_fails_verification(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_classify_problems_name_top1_and_topk_disagreements() -> None:
-    report = {"tolerance": {"atol": 1e-4, "rtol": 1e-5}, "top1_agreement": 75.0, "top_k": 5, "topk_agreement": 50.0,
+    report = {"tolerance": {"atol": 1e-4, "rtol": 1e-5}, "top1_agreement": 75.0, "top_k": 5,
+              "topk_agreement": 50.0,
               "outputs": {"logits": {"passed": True}}}
     assert verify.classify_problems(report) == ["top-1 agrees on 75.0% of the images without a tie",
                                                 "top-5 set agrees on 50.0% of the images without a tie"]
@@ -157,7 +160,8 @@ def _detections(shift: float) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize(("shift", "passes"), [(0.0, True), (0.45, True), (-0.45, True),
                                                (0.55, False), (-0.55, False), (5.0, False)])
-def test_detection_box_tolerance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shift: float, passes: bool) -> None:
+def test_detection_box_tolerance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shift: float,
+                                 passes: bool) -> None:
     bundle = detect_bundle(tmp_path / "b")
     fake_graphs(monkeypatch, _detections(0.0), _detections(shift), 1)
     if passes:
@@ -206,7 +210,8 @@ def test_fp16_top1_agreement_minimum(tmp_path: Path, monkeypatch: pytest.MonkeyP
         identity = [Letterbox(1.0, 1.0, 0.0, 0.0, 28, 28)] * n
         return dict(compare_mod.compare(b.manifest, {"logits": ref}, {"logits": cand}, identity))
 
-    monkeypatch.setattr(pipeline, "onnx2fp16", lambda _src, dest: Path(dest).write_bytes(b"fp16 graph") and {})
+    monkeypatch.setattr(pipeline, "onnx2fp16",
+                        lambda _src, dest: Path(dest).write_bytes(b"fp16 graph") and {})
     monkeypatch.setattr(pipeline, "compare_with_fp32", fake_compare)
     monkeypatch.setattr(pipeline, "_evaluate_file", lambda _b, _p, _prec: {"top1": 90.0})
     opts = pipeline.ExportOptions(precisions=["fp32", "fp16"])
@@ -232,8 +237,10 @@ def _straddling(score: float, third: float = 0.01) -> dict[str, np.ndarray]:
     return {"boxes": boxes, "scores": scores}
 
 
-def test_detection_score_straddling_the_threshold_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PyTorch 0.30000018 keeps the third detection, ONNX Runtime 0.29999999 drops it: rounding, not an error."""
+def test_detection_score_straddling_the_threshold_passes(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch 0.30000018 keeps the third detection, ONNX Runtime 0.29999999 drops it: rounding, not an
+    error."""
     bundle = detect_bundle(tmp_path / "b")
     fake_graphs(monkeypatch, _straddling(0.30000018), _straddling(0.29999999), 1)
     report = verify.verify_fp32(bundle, tmp_path / "m.onnx")
@@ -241,7 +248,8 @@ def test_detection_score_straddling_the_threshold_passes(tmp_path: Path, monkeyp
     assert (report["missing"], report["extra"], report["borderline"]) == (0, 0, 1)
 
 
-def test_detection_score_below_threshold_in_reference_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_detection_score_below_threshold_in_reference_passes(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = detect_bundle(tmp_path / "b")
     fake_graphs(monkeypatch, _straddling(0.29999995), _straddling(0.30000004), 1)
     report = verify.verify_fp32(bundle, tmp_path / "m.onnx")
@@ -264,7 +272,8 @@ def test_detection_raw_scores_out_of_tolerance_fail(tmp_path: Path, monkeypatch:
         verify.verify_fp32(bundle, tmp_path / "m.onnx")
 
 
-def test_classification_tie_flipped_is_left_out_of_agreement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_classification_tie_flipped_is_left_out_of_agreement(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = classify_bundle(tmp_path / "b")
     ref = np.random.default_rng(1).normal(size=(10, 10))
     ref[0, 3] = ref[0].max() + 1.0
@@ -294,14 +303,17 @@ def test_top1_agreement_counts_real_disagreements_beside_ties() -> None:
     (48, None, False, 1.0),  # --max-accuracy-drop given: as asked
 ])
 def test_default_int8_budget_is_at_least_one_validation_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             val_images: int, eval_limit: int | None, follows: bool,
+                                                             val_images: int, eval_limit: int | None,
+                                                             follows: bool,
                                                              budget: float) -> None:
     from kiln.calib.quantize import CalibSettings
 
     monkeypatch.setattr(pipeline, "bundle_split", lambda _b, _s: range(val_images))
     opts = pipeline.ExportOptions(precisions=["int8"], calib=CalibSettings(eval_limit=eval_limit),
                                   budget_follows_split=follows)
-    assert pipeline.int8_budget(classify_bundle(tmp_path / "b"), opts).max_accuracy_drop == pytest.approx(budget)
+    assert pipeline.int8_budget(classify_bundle(tmp_path / "b"), opts).max_accuracy_drop == pytest.approx(
+        budget
+    )
 
 
 def test_cli_leaves_the_budget_to_the_split_only_by_default() -> None:

@@ -12,8 +12,8 @@ classifier's answers. Not collected by pytest.
 2. top-1 agreement of a torchvision resnet18 (seeded; no pretrained weights are available offline) between
    full and draft decodes of real photos: scikit-learn's two sample photos and scikit-image's bundled
    ``skimage.data`` photos when installed, each saved as camera-like JPEGs at several sizes and crops
-   (beside the draft decode without margin and a full decode of a quality-95 re-save, the noise floor), through
-   the resize 224 and centre-crop 224 (shorter side 256) recipes. The untrained network's logits are
+   (beside the draft decode without margin and a full decode of a quality-95 re-save, the noise floor),
+   through the resize 224 and centre-crop 224 (shorter side 256) recipes. The untrained network's logits are
    standardised per class over the set so its answer follows the image; the report prints how many
    distinct classes it answered, so an agreement that a constant answer would give is visible.
 
@@ -24,9 +24,11 @@ classifier's answers. Not collected by pytest.
    top-1 (classifier; target >= 99.5% agreement), or each one's mAP with the boxes scaled with the image
    (detector; target: within 0.5 point). For example::
 
-       .venv/bin/kiln train --data folder:/tmp/crops --model resnet18 --image-size 64 --epochs 8 --out /tmp/photo-cls
+       .venv/bin/kiln train --data folder:/tmp/crops --model resnet18 --image-size 64 --epochs 8 \\
+           --out /tmp/photo-cls
        .venv/bin/kiln train --data shapes --epochs 5 --out /tmp/shapes-det
-       .venv/bin/python tests/perf/bench_decode.py --trained /tmp/photo-cls --trained /tmp/shapes-det --skip-untrained
+       .venv/bin/python tests/perf/bench_decode.py --trained /tmp/photo-cls --trained /tmp/shapes-det \\
+           --skip-untrained
 
    (``/tmp/crops`` from ``tests/train/photos.py``'s ``write_photo_crops``).
 
@@ -88,7 +90,9 @@ def simplejpeg_input(data: bytes, spec: Preprocess) -> np.ndarray:
 
     exif = Image.open(io.BytesIO(data))  # header only: EXIF orientation
     turned = processing.displayed_size(exif) != exif.size
-    w, h = (v * processing.DRAFT_MARGIN for v in processing.covering_size(spec, processing.displayed_size(exif)))
+    w, h = (
+        v * processing.DRAFT_MARGIN for v in processing.covering_size(spec, processing.displayed_size(exif))
+    )
     arr = simplejpeg.decode_jpeg(data, min_width=h if turned else w, min_height=w if turned else h)
     img = Image.fromarray(arr)
     img.info["exif"] = exif.info.get("exif", b"")
@@ -110,7 +114,8 @@ def turbojpeg_decoder() -> Callable[[bytes, Preprocess], np.ndarray] | str:
     def decode(data: bytes, spec: Preprocess) -> np.ndarray:
         w0, h0, _, _ = tj.decode_header(data)
         w, h = (v * processing.DRAFT_MARGIN for v in processing.covering_size(spec, (w0, h0)))
-        factor = next(f for f in ((1, 8), (1, 4), (1, 2), (1, 1)) if w0 * f[0] / f[1] >= w and h0 * f[0] / f[1] >= h)
+        factor = next(f for f in ((1, 8), (1, 4), (1, 2), (1, 1)) if w0 * f[0] / f[1] >= w
+                      and h0 * f[0] / f[1] >= h)
         arr = tj.decode(data, pixel_format=0, scaling_factor=factor)  # TJPF_RGB
         x, _ = processing.preprocess([Image.fromarray(arr)], spec)
         return x
@@ -129,7 +134,9 @@ def timings(repeat: int) -> dict[str, object]:
         import simplejpeg  # noqa: F401
 
         out["simplejpeg_ms"] = median_ms(lambda: simplejpeg_input(data, RESIZE), repeat)
-        out["simplejpeg_vs_draft_mean_abs"] = float(np.abs(simplejpeg_input(data, RESIZE) - kiln_input(data, RESIZE)).mean())
+        out["simplejpeg_vs_draft_mean_abs"] = float(
+            np.abs(simplejpeg_input(data, RESIZE) - kiln_input(data, RESIZE)).mean()
+        )
     except ImportError:
         out["simplejpeg_ms"] = "not installed"
     tj = turbojpeg_decoder()
@@ -146,7 +153,8 @@ def real_photos() -> list[tuple[str, np.ndarray]]:
         import skimage.data as data
     except ImportError:
         return found
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+                 "retina",
                  "camera", "coins"):
         try:
             arr = getattr(data, name)()
@@ -233,7 +241,9 @@ def camera_jpeg(img: Image.Image, width: int, seed: int = 0, quality: int = 90) 
     """``img`` scaled up to ``width`` px wide (bicubic) with sensor-like grain, as a JPEG, and the factor."""
     factor = width / img.width
     big = img.convert("RGB").resize((width, max(1, round(img.height * factor))), Image.Resampling.BICUBIC)
-    arr = np.asarray(big, dtype=np.float32) + np.random.default_rng(seed).normal(0, 2.0, (big.height, big.width, 3))
+    arr = np.asarray(big, dtype=np.float32) + np.random.default_rng(seed).normal(
+        0, 2.0, (big.height, big.width, 3)
+    )
     return jpeg(Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert(img.mode), quality), factor
 
 
@@ -274,7 +284,8 @@ def trained_agreement(path: Path, limit: int, width: int) -> dict[str, object]:
     split = CameraSplit(bundle_split(bundle, "val"), limit, width)
     backend = runtime.load(bundle, backend="onnxrt" if bundle.artifact("onnx") else "torch")
     out: dict[str, object] = {"bundle": str(path), "task": bundle.manifest.task, "images": len(split),
-                              "width": width, "backend": backend.name, "input": list(bundle.manifest.input.shape)}
+                              "width": width, "backend": backend.name,
+                              "input": list(bundle.manifest.input.shape)}
     results = {}
     try:
         for mode in ("full", "draft"):
@@ -300,11 +311,13 @@ def trained_agreement(path: Path, limit: int, width: int) -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=50)
-    parser.add_argument("--variants", type=int, default=12, help="random crops per photo for the agreement check")
+    parser.add_argument("--variants", type=int, default=12,
+                        help="random crops per photo for the agreement check")
     parser.add_argument("--trained", type=Path, action="append", default=[],
                         help="a trained bundle: full vs draft decode of its validation images at camera size")
     parser.add_argument("--limit", type=int, default=400, help="validation images per --trained bundle")
-    parser.add_argument("--width", type=int, default=1920, help="camera width the validation images are scaled to")
+    parser.add_argument("--width", type=int, default=1920,
+                        help="camera width the validation images are scaled to")
     parser.add_argument("--skip-untrained", action="store_true", help="only the --trained checks")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

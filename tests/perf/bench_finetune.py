@@ -46,7 +46,8 @@ def _hue(img: Image.Image, rng: random.Random) -> Image.Image:
     """The grey digit ``img`` in one random hue on a background of another (at least 90 degrees away)."""
     h = rng.random()
     fg = colorsys.hsv_to_rgb(h, rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))
-    bg = colorsys.hsv_to_rgb((h + rng.uniform(0.25, 0.75)) % 1.0, rng.uniform(0.3, 1.0), rng.uniform(0.2, 0.6))
+    bg = colorsys.hsv_to_rgb((h + rng.uniform(0.25, 0.75)) % 1.0, rng.uniform(0.3, 1.0),
+                             rng.uniform(0.2, 0.6))
     return ImageOps.colorize(img.convert("L"), black=tuple(round(255 * c) for c in bg),
                              white=tuple(round(255 * c) for c in fg))
 
@@ -61,7 +62,8 @@ def write_pair(root: Path, pair: str, per_class: int) -> tuple[Path, Path]:
     def put(dataset: Path, split: str, ds: Any, i: int, recolor: bool) -> None:
         label = int(ds.target(i))
         # The target's classes have other names ("h3" is the recoloured "d3"), so --weights gets a new
-        # head, as a pretrained model's head is replaced for one's own classes; only the backbone carries over.
+        # head, as a pretrained model's head is replaced for one's own classes; only the backbone carries
+        # over.
         folder = dataset / split / f"{'h' if recolor else 'd'}{label}"
         folder.mkdir(parents=True, exist_ok=True)
         img = ds.image(i).convert("RGB")

@@ -51,7 +51,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated (default: {DEFAULT_MODELS})")
     ap.add_argument("--per-class", type=int, default=60)
-    ap.add_argument("--shuffled-model", default="shufflenet_v2_x0_5", help="the model trained on shuffled labels")
+    ap.add_argument("--shuffled-model", default="shufflenet_v2_x0_5",
+                    help="the model trained on shuffled labels")
     ap.add_argument("--extra", default="", help="more kiln train options for every run, e.g. '--epochs 10'")
     args = ap.parse_args()
     photos = _photos_module()
@@ -65,7 +66,8 @@ def main() -> int:
         print(f"# {len(classes)} classes ({', '.join(classes)}), {n} crops of 64x64; load average "
               f"{os.getloadavg()[0]:.1f} at start; {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores\n")
-        print("| model | labels | val top-1 % | best epoch | epochs | input | batch | wall s | chance warning |")
+        print("| model | labels | val top-1 % | best epoch | epochs | input | batch | wall s | chance "
+              "warning |")
         print("|---|---|---|---|---|---|---|---|---|")
         runs = [(m, real, "real") for m in args.models.split(",") if m]
         runs.append((args.shuffled_model, shuffled, "shuffled"))
@@ -76,10 +78,12 @@ def main() -> int:
             top1 = summary["metrics"]["top1"]
             warned = any("sits at chance" in w for w in summary["warnings"])
             print(f"| {model} | {labels} | {top1:.1f} | {summary['best_epoch']} | {summary['epochs']} | "
-                  f"{cfg['preprocess']['size'][0]} | {cfg['batch_size']} | {wall:.0f} | {'yes' if warned else 'no'} |",
+                  f"{cfg['preprocess']['size'][0]} | {cfg['batch_size']} | {wall:.0f} | "
+                  f"{'yes' if warned else 'no'} |",
                   flush=True)
             if labels == "real" and (top1 < TARGET or warned):
-                failures.append(f"{model}: {top1:.1f}% (target {TARGET}%){' and a chance warning' if warned else ''}")
+                failures.append(f"{model}: {top1:.1f}% (target "
+                                f"{TARGET}%){' and a chance warning' if warned else ''}")
             if labels == "shuffled" and not warned:
                 failures.append(f"{model} on shuffled labels: no chance warning")
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")

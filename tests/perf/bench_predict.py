@@ -41,7 +41,8 @@ import os
 bundle, folder, batch = Bundle.load(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 m = bundle.manifest
 sess = ort.InferenceSession(str(bundle.path("model.onnx")), providers=["CPUExecutionProvider"])
-paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in IMG_EXTENSIONS)
+paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+               if os.path.splitext(f)[1].lower() in IMG_EXTENSIONS)
 t0 = time.perf_counter()
 top1 = []
 for i in range(0, len(paths), batch):
@@ -137,7 +138,8 @@ def main() -> None:
         folder = root / "photos"
         photo_crops(folder, args.images)
         out = root / "preds.jsonl"
-        predict = [sys.executable, "-m", "kiln.cli", "predict", str(bundle), str(folder), "--backend", "onnxrt",
+        predict = [sys.executable, "-m", "kiln.cli", "predict", str(bundle), str(folder), "--backend",
+                   "onnxrt",
                    "--out", str(out), "--batch", str(args.batch), "--no-progress"]
         if args.threads:
             predict += ["--threads", str(args.threads)]
@@ -150,7 +152,8 @@ def main() -> None:
                 rows[name].append((wall, work, rss))
         assert out.read_bytes().count(b"\n") == args.images, "kiln predict wrote one line per image"
         first = json.loads(out.read_text().splitlines()[0])
-        print(f"bundle {bundle} ({first['top_k'][0]['label']!r} first), {args.images} images, batch {args.batch}")
+        print(f"bundle {bundle} ({first['top_k'][0]['label']!r} first), {args.images} images, batch "
+              f"{args.batch}")
         for name, vals in rows.items():
             wall = min(v[0] for v in vals)
             work = min(v[1] for v in vals)

@@ -51,7 +51,8 @@ def write_images(root: Path, per_class: int) -> None:
 
 def kiln(*args: str, env: dict[str, str]) -> tuple[str, float]:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "kiln.cli", *args], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-m", "kiln.cli", *args], check=True, capture_output=True,
+                         text=True, env=env)
     return out.stdout, time.perf_counter() - t0
 
 
@@ -78,7 +79,8 @@ def main() -> int:
     env = {**os.environ, "TORCH_HOME": str(work / "torch")}
     write_images(work / "data", args.images_per_class)
     run = work / "run"
-    out, train_wall = kiln("train", "--data", f"folder:{work / 'data'}", "--model", "resnet50", "--pretrained",
+    out, train_wall = kiln("train", "--data", f"folder:{work / 'data'}", "--model", "resnet50",
+                           "--pretrained",
                            "--epochs", "1", "--batch-size", str(args.batch_size), "--out", str(run),
                            "--no-progress", "--json", env=env)
     summary = json.loads(out)
@@ -93,8 +95,10 @@ def main() -> int:
         "torch": torch.__version__, "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
         "preprocess": manifest["preprocess"], "train_images_per_s": summary["timings"]["train_images_per_s"],
         "train_wall_s": round(train_wall, 1), "export_wall_s": round(export_wall, 1),
-        "onnxrt": [{"precision": r["precision"] + ("" if r["precision"] == "fp32" else f" {r['layout']}"), "batch": r["batch"], "p50_ms": r["latency_ms"]["p50"],
-                    "p99_ms": r["latency_ms"]["p99"], "images_per_s": r["throughput"]} for r in rows if r["status"] == "ok"],
+        "onnxrt": [{"precision": r["precision"] + ("" if r["precision"] == "fp32" else f" {r['layout']}"),
+                    "batch": r["batch"], "p50_ms": r["latency_ms"]["p50"],
+                    "p99_ms": r["latency_ms"]["p99"], "images_per_s": r["throughput"]} for r in rows
+                    if r["status"] == "ok"],
     }
     print(f"resnet50 224x224 --pretrained ({manifest['preprocess']['source']}), batch {args.batch_size}: "
           f"{report['train_images_per_s']} training images/s ({report['train_wall_s']} s for 1 epoch of "

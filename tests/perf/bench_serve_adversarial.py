@@ -1,7 +1,8 @@
 """Well-behaved clients beside bad ones, against one ``kiln serve``: disconnects mid-upload, decode bombs,
 slow request heads (slowloris) and element floods.
 
-    .venv/bin/python tests/perf/bench_serve_adversarial.py BUNDLE [--seconds 60] [--slow 1100] [--json out.json]
+    .venv/bin/python tests/perf/bench_serve_adversarial.py BUNDLE [--seconds 60] [--slow 1100]
+        [--json out.json]
 
 Two runs of ``--seconds`` each on the same server (defaults, ONNX Runtime, one intra-op thread, gRPC on):
 1. quiet: wrk (``-t1``) with 58 well-behaved connections posting one digit PNG as JSON;
@@ -107,7 +108,9 @@ async def _bomber(port: int, stop: float, counts: dict[str, int]) -> None:
 
 async def _slow_head(port: int, stop: float, counts: dict[str, int]) -> None:
     """A request head at 1 byte/s; a new connection each time the server closes one."""
-    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: slowloris\r\nX-Slow: " + b"a" * 4096 + b"\r\n\r\n"
+    head = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: slowloris\r\nX-Slow: " + b"a" * 4096 + b"\r\n\r\n"
+    )
     while time.monotonic() < stop:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -173,7 +176,8 @@ def grpc_flooder(grpc_port: int, stop: float, counts: dict[str, int]) -> None:
     tensor.shape.extend([1])
     request.raw_input_contents.append(b"\0\0\0\0" * (GRPC_FLOOD_BYTES // 4))
     limit = GRPC_FLOOD_BYTES + (1 << 20)
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", limit)]) as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}",
+                               options=[("grpc.max_send_message_length", limit)]) as ch:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
         while time.monotonic() < stop:
             try:
@@ -195,10 +199,12 @@ def bad_clients(port: int, grpc_port: int, kinds: set[str], slow: int, seconds: 
         flood.start()
 
     async def run() -> None:
-        await asyncio.gather(*[_disconnector(port, stop, counts) for _ in range(DISCONNECTORS * ("disconnect" in kinds))],
-                             *[_bomber(port, stop, counts) for _ in range(BOMBERS * ("bomb" in kinds))],
-                             *[_slow_head(port, stop, counts) for _ in range(slow * ("slow" in kinds))],
-                             *[_json_flooder(port, stop, counts) for _ in range("json-flood" in kinds)])
+        await asyncio.gather(
+            *[_disconnector(port, stop, counts) for _ in range(DISCONNECTORS * ("disconnect" in kinds))],
+            *[_bomber(port, stop, counts) for _ in range(BOMBERS * ("bomb" in kinds))],
+            *[_slow_head(port, stop, counts) for _ in range(slow * ("slow" in kinds))],
+            *[_json_flooder(port, stop, counts) for _ in range("json-flood" in kinds)],
+        )
 
     asyncio.run(run())
     if flood.is_alive():
@@ -209,7 +215,10 @@ def bad_clients(port: int, grpc_port: int, kinds: set[str], slow: int, seconds: 
 def server_5xx(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return sum(int(float(m.group(1))) for m in re.finditer(r'^kiln_requests_total\{[^}]*status="5\d\d"[^}]*\} (\S+)', text, re.M))
+    return sum(
+        int(float(m.group(1)))
+        for m in re.finditer(r'^kiln_requests_total\{[^}]*status="5\d\d"[^}]*\} (\S+)', text, re.M)
+    )
 
 
 def main() -> int:
@@ -217,7 +226,8 @@ def main() -> int:
     ap.add_argument("bundle")
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--slow", type=int, default=1100, help="slow-head (slowloris) connections")
-    ap.add_argument("--bad", default=",".join(KINDS), help=f"bad clients to run, of {','.join(KINDS)} (default: all)")
+    ap.add_argument("--bad", default=",".join(KINDS),
+                    help=f"bad clients to run, of {','.join(KINDS)} (default: all)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     kinds = {k.strip() for k in args.bad.split(",") if k.strip()}
@@ -230,7 +240,8 @@ def main() -> int:
     port, grpc_port = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "kiln.cli", "serve", args.bundle, "--name", "digits", "--port", str(port),
            "--grpc-port", str(grpc_port), "--backend", "onnxrt", "--threads", "1"]
-    report: dict[str, Any] = {"env": environment(), "cmd": " ".join(["kiln", *cmd[3:]]), "seconds": args.seconds,
+    report: dict[str, Any] = {"env": environment(), "cmd": " ".join(["kiln", *cmd[3:]]),
+                              "seconds": args.seconds,
                               "bad": sorted(kinds), "slow_clients": args.slow if "slow" in kinds else 0}
     server = Proc("kiln", cmd, port)
     path = "/v1/models/digits/predict"
@@ -255,12 +266,16 @@ def main() -> int:
         if adv["requests"]:
             report["p50_ratio"] = adv["p50_ms"] / quiet["p50_ms"]
             report["p99_ratio"] = adv["p99_ms"] / quiet["p99_ms"]
-            print(f"good clients' p50: {quiet['p50_ms']:.1f} ms -> {adv['p50_ms']:.1f} ms (x{report['p50_ratio']:.2f}); "
-                  f"p99: {quiet['p99_ms']:.1f} ms -> {adv['p99_ms']:.1f} ms (x{report['p99_ratio']:.2f}); ", end="")
-        else:
-            print(f"no good request completed while the bad clients ran (wrk: {adv['socket_errors'] or 'no errors'}); ",
+            print(f"good clients' p50: {quiet['p50_ms']:.1f} ms -> {adv['p50_ms']:.1f} ms "
+                  f"(x{report['p50_ratio']:.2f}); "
+                  f"p99: {quiet['p99_ms']:.1f} ms -> {adv['p99_ms']:.1f} ms (x{report['p99_ratio']:.2f}); ",
                   end="")
-        print(f"good non-2xx {adv['non2xx']}; server 5xx {report['server_5xx']}; RSS growth {report['rss_growth_mb']} MB; "
+        else:
+            print("no good request completed while the bad clients ran (wrk: "
+                  f"{adv['socket_errors'] or 'no errors'}); ",
+                  end="")
+        print(f"good non-2xx {adv['non2xx']}; server 5xx {report['server_5xx']}; RSS growth "
+              f"{report['rss_growth_mb']} MB; "
               f"load average {os.getloadavg()}")
     finally:
         server.stop()

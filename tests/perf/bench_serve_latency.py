@@ -1,6 +1,7 @@
 """Serving overhead and dynamic batching on a real bundle, not collected by pytest.
 
-    .venv/bin/python tests/perf/bench_serve_latency.py /tmp/serve-digits [--soak-s 60] [--client-procs 2] [--json out.json]
+    .venv/bin/python tests/perf/bench_serve_latency.py /tmp/serve-digits [--soak-s 60] [--client-procs 2]
+        [--json out.json]
 
 1. bare backend: ``backend.infer`` on one preprocessed image (median of 2000 after 200 warm-up), the
    baseline the end-to-end figure is compared with;
@@ -64,7 +65,8 @@ def bare_backend_ms(bundle: str, png: bytes, iters: int = 2000, warmup: int = 20
                                      b.manifest.classify_post())
             pipe.append(time.perf_counter() - t0)
         info = {"backend": backend.name, "precision": backend.precision, "device": backend.device}
-    return {"infer_p50_ms": statistics.median(times_ms), "pipeline_p50_ms": statistics.median(pipe) * 1e3, **info}
+    return {"infer_p50_ms": statistics.median(times_ms), "pipeline_p50_ms": statistics.median(pipe) * 1e3,
+            **info}
 
 
 class Server:
@@ -115,7 +117,8 @@ class Server:
 def load_level(url: str, concurrency: int, seconds: float, *, warmup: int = 20, max_requests: int = 100_000,
                client_procs: int = 1) -> dict[str, Any]:
     """One closed-loop level of the load generator, reduced to the figures this script prints."""
-    report = run_load(LoadConfig(url=url, model="digits", concurrency=[concurrency], duration=seconds, warmup=warmup,
+    report = run_load(LoadConfig(url=url, model="digits", concurrency=[concurrency], duration=seconds,
+                                 warmup=warmup,
                                  max_requests=max_requests, client_procs=client_procs))
     (lv,) = report["levels"]
     lat = lv["latency_ms"] or {}
@@ -139,7 +142,8 @@ def main() -> int:
     ap.add_argument("--throughput-s", type=float, default=10.0)
     ap.add_argument("--soak-s", type=float, default=60.0)
     ap.add_argument("--max-delay-ms", default="2", help="the dynamic batching server's --max-delay-ms")
-    ap.add_argument("--client-procs", type=int, default=1, help="load generator processes (kiln bench --client-procs)")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="load generator processes (kiln bench --client-procs)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -148,14 +152,16 @@ def main() -> int:
     import onnxruntime
 
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "onnxruntime": onnxruntime.__version__,
                     "platform": platform.platform()},
         "bundle": args.bundle,
         "input": "JSON base64 PNG, 28x28 grayscale noise, 1 image per request",
         "client_procs": procs,
     }
     report["bare"] = bare_backend_ms(args.bundle, png)
-    print(f"bare backend ({report['bare']['backend']} {report['bare']['precision']} {report['bare']['device']}): "
+    print(f"bare backend ({report['bare']['backend']} {report['bare']['precision']} "
+          f"{report['bare']['device']}): "
           f"infer p50 {report['bare']['infer_p50_ms']:.3f} ms; decode+preprocess+infer+top-k "
           f"{report['bare']['pipeline_p50_ms']:.3f} ms", flush=True)
 
@@ -165,8 +171,10 @@ def main() -> int:
         # One connection, one request at a time: 1000 timed after 100 warm-up.
         seq = load_level(dyn.url, 1, 600.0, warmup=100, max_requests=1000)
         report["concurrency1"] = {**seq, "overhead_ms": seq["p50_ms"] - report["bare"]["infer_p50_ms"]}
-        print(f"concurrency 1: p50 {seq['p50_ms']:.3f} ms (p90 {seq['p90_ms']:.3f}, p99 {seq['p99_ms']:.3f}); "
-              f"p50 minus bare infer: {report['concurrency1']['overhead_ms']:.3f} ms (target <= 1.5)", flush=True)
+        print(f"concurrency 1: p50 {seq['p50_ms']:.3f} ms (p90 {seq['p90_ms']:.3f}, p99 "
+              f"{seq['p99_ms']:.3f}); "
+              f"p50 minus bare infer: {report['concurrency1']['overhead_ms']:.3f} ms (target <= 1.5)",
+              flush=True)
         report["c32_dynamic"] = load_level(dyn.url, 32, args.throughput_s, client_procs=procs)
         print(f"concurrency 32, dynamic batching: {report['c32_dynamic']}", flush=True)
         if args.soak_s > 0:
@@ -175,7 +183,8 @@ def main() -> int:
             soak = load_level(dyn.url, 64, args.soak_s, client_procs=procs)
             rss1 = dyn.rss_mb()
             fivexx = sum(v for k, v in soak["statuses"].items() if k.startswith("5"))
-            report["soak_c64"] = {**soak, "rss_start_mb": rss0, "rss_end_mb": rss1, "rss_growth_mb": rss1 - rss0,
+            report["soak_c64"] = {**soak, "rss_start_mb": rss0, "rss_end_mb": rss1,
+                                  "rss_growth_mb": rss1 - rss0,
                                   "5xx": fivexx}
             print(f"soak c64 {args.soak_s:.0f}s: {soak['ok']} ok, 5xx {fivexx}, statuses {soak['statuses']}, "
                   f"RSS {rss0:.1f} -> {rss1:.1f} MB (+{rss1 - rss0:.1f}, target < 50)", flush=True)

@@ -3,7 +3,8 @@ JPEG, WebP, EXIF-rotated, RGBA, 16-bit) sent in a random mix by several clients 
 server stack ``kiln serve`` runs. Prints the count of answers that were not 2xx (must be 0) and the
 latency per image. Not collected by pytest.
 
-    .venv/bin/python tests/perf/bench_serve_mixed.py [--seconds 60] [--clients 4] [--bundle PATH] [--json out.json]
+    .venv/bin/python tests/perf/bench_serve_mixed.py [--seconds 60] [--clients 4] [--bundle PATH]
+        [--json out.json]
 
 Without ``--bundle`` the server is tests/serve/fake_serve.py (``build_server`` over kiln's app, settings
 from KILN_*, a numpy test backend: the decode is the work measured); with it, ``kiln serve PATH``.
@@ -79,7 +80,8 @@ def start_server(bundle: Path | None, workdir: Path) -> tuple[subprocess.Popen[s
 
 def send(client: httpx.Client, v2: object, model: str, item: CorpusImage, data: bytes, protocol: str) -> int:
     if protocol == "v1-multipart":
-        return client.post(f"/v1/models/{model}/predict", files={"file": (item.name, data, item.mime)}).status_code
+        return client.post(f"/v1/models/{model}/predict",
+                           files={"file": (item.name, data, item.mime)}).status_code
     if protocol == "v1-json":
         body = {"images": [base64.b64encode(data).decode()]}
         return client.post(f"/v1/models/{model}/predict", json=body).status_code
@@ -95,7 +97,8 @@ def send(client: httpx.Client, v2: object, model: str, item: CorpusImage, data: 
     return 200
 
 
-def run(url: str, model: str, corpus: list[CorpusImage], seconds: float, clients: int, seed: int) -> dict[str, object]:
+def run(url: str, model: str, corpus: list[CorpusImage], seconds: float, clients: int,
+        seed: int) -> dict[str, object]:
     import tritonclient.http as httpclient
 
     blobs = {c.name: c.data for c in corpus}
@@ -139,7 +142,8 @@ def run(url: str, model: str, corpus: list[CorpusImage], seconds: float, clients
     for c in corpus:
         lat = sorted(latency.get(c.name, []))
         if lat:
-            per_image[c.name] = {"bytes": c.nbytes, "n": len(lat), "p50_ms": round(statistics.median(lat) * 1000, 1),
+            per_image[c.name] = {"bytes": c.nbytes, "n": len(lat),
+                                 "p50_ms": round(statistics.median(lat) * 1000, 1),
                                  "max_ms": round(lat[-1] * 1000, 1)}
     return {"requests": total, "seconds": round(elapsed, 1), "req_per_s": round(total / elapsed, 2),
             "statuses": dict(statuses), "non_2xx": non2xx, "errors": errors[:5], "per_image": per_image}
@@ -149,7 +153,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--bundle", type=Path, help="serve this bundle with `kiln serve` (default: the test backend)")
+    parser.add_argument("--bundle", type=Path,
+                        help="serve this bundle with `kiln serve` (default: the test backend)")
     parser.add_argument("--corpus-dir", type=Path, default=Path(tempfile.gettempdir()) / "kiln-corpus",
                         help="where the corpus files are encoded once and kept")
     parser.add_argument("--seed", type=int, default=0)
@@ -164,8 +169,10 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(60)
-    report = {"server": "kiln serve " + str(args.bundle) if args.bundle else "fake_serve.py (build_server, test backend)",
-              "clients": args.clients, "load_average_before": load_before, "load_average_after": os.getloadavg(),
+    report = {"server": "kiln serve " + str(args.bundle) if args.bundle
+              else "fake_serve.py (build_server, test backend)",
+              "clients": args.clients, "load_average_before": load_before,
+              "load_average_after": os.getloadavg(),
               "cpus": os.cpu_count(), **report}
     print(json.dumps(report, indent=2))
     if args.json:

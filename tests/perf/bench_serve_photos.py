@@ -68,7 +68,8 @@ A_SIZE, B_SIZE = (1920, 1080), (640, 480)
 A_BYTES = (500_000, 1_000_000)
 
 APPS = textwrap.dedent('''
-    """The bare ASGI app and the LitServe app of tests/perf/bench_serve_photos.py (PHOTO_APP=bare|litserve)."""
+    """The bare ASGI app and the LitServe app of tests/perf/bench_serve_photos.py
+    (PHOTO_APP=bare|litserve)."""
     import base64, io, json, os
     import numpy as np, onnxruntime as ort
     from PIL import Image
@@ -171,7 +172,8 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def make_photos(size: tuple[int, int], count: int, within: tuple[int, int] | None, seed: int = 0) -> list[bytes]:
+def make_photos(size: tuple[int, int], count: int, within: tuple[int, int] | None,
+                seed: int = 0) -> list[bytes]:
     """``count`` different JPEGs of ``size``: random crops of the real photos, flipped at random, resized,
     with Gaussian grain (a camera's sensor noise, which is what makes a large JPEG heavy); the quality is
     searched so each file lands ``within`` (min, max) bytes when given, else 90."""
@@ -225,7 +227,8 @@ def build_bundles(work: Path) -> dict[str, Path]:
         spec.loader.exec_module(mod)
         data = work / "crops"
         mod.write_photo_crops(data, per_class=8, size=224)
-        _kiln("train", "--data", f"folder:{data}", "--model", "resnet18", "--image-size", "224", "--epochs", "1",
+        _kiln("train", "--data", f"folder:{data}", "--model", "resnet18", "--image-size", "224", "--epochs",
+              "1",
               "--batch-size", "16", "--out", str(cls), "--no-progress")
         _kiln("export", str(cls), "--precision", "fp32,int8", "--int8-layout", "cpu", "--calib-images", "16",
               "--calib-eval-images", "16")
@@ -259,7 +262,8 @@ def machine_limit(bundle: Path, artifact: str, photos: list[bytes], cores: int) 
     full_ms = median_ms(dec(full), 3 * len(photos))
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
-    sess = ort.InferenceSession(str(Bundle.load(bundle).path(artifact)), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(Bundle.load(bundle).path(artifact)), so,
+                                providers=["CPUExecutionProvider"])
     x = np.zeros((1, *m.input.shape), dtype=np.float32)
     infer_ms = median_ms(lambda: sess.run(None, {m.input.name: x}), 30)
     return {"draft_decode_ms": draft_ms, "full_decode_ms": full_ms, "infer_ms": infer_ms, "cores": cores,
@@ -324,7 +328,8 @@ def lua_script(folder: Path, photos: list[bytes]) -> Path:
     return path
 
 
-def run_levels(server: Server, path: str, lua: Path, levels: list[int], seconds: float, repeats: int) -> dict[int, Any]:
+def run_levels(server: Server, path: str, lua: Path, levels: list[int], seconds: float,
+               repeats: int) -> dict[int, Any]:
     wrk(server.port, path, lua, 4, 2)  # warm-up
     out = {}
     for c in levels:
@@ -332,7 +337,8 @@ def run_levels(server: Server, path: str, lua: Path, levels: list[int], seconds:
         med = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
         out[c] = {**med, "all_rps": [r["rps"] for r in runs], "non2xx_all": sum(r["non2xx"] for r in runs)}
         print(f"  {server.name:12s} c={c:<3d} {med['rps']:7.1f} req/s  p50 {med['p50_ms']:8.1f} ms  "
-              f"p99 {med['p99_ms']:8.1f} ms  non-2xx {out[c]['non2xx_all']}  runs {[round(r['rps'], 1) for r in runs]}",
+              f"p99 {med['p99_ms']:8.1f} ms  non-2xx {out[c]['non2xx_all']}  runs "
+              f"{[round(r['rps'], 1) for r in runs]}",
               flush=True)
     return out
 
@@ -342,8 +348,10 @@ def _ratio(a: float, b: float) -> str:
 
 
 def summarize(name: str, limit: dict[str, float], servers: dict[str, Any], levels: list[int]) -> None:
-    print(f"{name}: limit {limit['limit_rps']:.1f} req/s = {limit['cores']} cores / ({limit['draft_decode_ms']:.1f} ms "
-          f"draft decode + {limit['infer_ms']:.1f} ms inference; full decode {limit['full_decode_ms']:.1f} ms)")
+    print(f"{name}: limit {limit['limit_rps']:.1f} req/s = {limit['cores']} cores / "
+          f"({limit['draft_decode_ms']:.1f} ms "
+          f"draft decode + {limit['infer_ms']:.1f} ms inference; full decode {limit['full_decode_ms']:.1f} "
+          "ms)")
     for s, entry in servers.items():
         if not s.startswith("kiln"):
             continue
@@ -357,7 +365,8 @@ def summarize(name: str, limit: dict[str, float], servers: dict[str, Any], level
     if 64 in levels:
         for s, entry in servers.items():
             lv = entry["levels"][64]
-            print(f"  {s} c=64: p99/p50 {_ratio(lv['p99_ms'], lv['p50_ms'])} ({lv['p50_ms']:.0f} / {lv['p99_ms']:.0f} ms), "
+            print(f"  {s} c=64: p99/p50 {_ratio(lv['p99_ms'], lv['p50_ms'])} ({lv['p50_ms']:.0f} / "
+                  f"{lv['p99_ms']:.0f} ms), "
                   f"non-2xx {lv['non2xx_all']}")
 
 
@@ -397,7 +406,8 @@ def main() -> int:
     (apps / "photo_apps.py").write_text(APPS)
     bundles = build_bundles(args.work)
     cores = len(os.sched_getaffinity(0))
-    report: dict[str, Any] = {"env": environment(), "threads": args.threads, "decode_threads": args.decode_threads,
+    report: dict[str, Any] = {"env": environment(), "threads": args.threads,
+                              "decode_threads": args.decode_threads,
                               "seconds": args.seconds, "repeats": args.repeats, "workloads": {}}
     print(f"load average {os.getloadavg()}, {cores} cores", flush=True)
     for wl in args.workloads.split(","):

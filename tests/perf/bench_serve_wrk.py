@@ -1,6 +1,7 @@
 """Serving throughput with wrk (a C load generator), kiln beside a bare ASGI floor, in one run.
 
-    .venv/bin/python tests/perf/bench_serve_wrk.py BUNDLE [--seconds 8] [--repeats 3] [--soak-s 60] [--json out.json]
+    .venv/bin/python tests/perf/bench_serve_wrk.py BUNDLE [--seconds 8] [--repeats 3] [--soak-s 60]
+        [--json out.json]
 
 Servers, started one at a time on the same cores as wrk (``wrk -t1``):
 - ``bare``: a plain ASGI app on uvicorn (no framework) doing what kiln does per request for this body:
@@ -74,7 +75,8 @@ BARE_APP = textwrap.dedent('''
             logits = S.run(None, {M.input.name: x})[0][0]
             i = int(np.argmax(logits))
             out = json.dumps({"predictions": [{"label": CLASSES[i], "score": float(logits[i])}]}).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": out})
 ''')
 
@@ -91,7 +93,8 @@ class Proc:
     def __init__(self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None) -> None:
         self.name, self.port = name, port
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the server)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -126,8 +129,10 @@ class Proc:
 
 
 def wrk(port: int, path: str, lua: Path, conns: int, seconds: float) -> dict[str, Any]:
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(lua),
-                          f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "-s",
+                          str(lua),
+                          f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True,
+                          check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
     def pct(p: str) -> float:
@@ -140,7 +145,8 @@ def wrk(port: int, path: str, lua: Path, conns: int, seconds: float) -> dict[str
     errors = re.search(r"Socket errors: (.*)", out)
     total = re.search(r"(\d+) requests in", out)
     return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "non2xx": int(bad.group(1)) if bad else 0,
-            "socket_errors": errors.group(1) if errors else "", "requests": int(total.group(1)) if total else 0}
+            "socket_errors": errors.group(1) if errors else "",
+            "requests": int(total.group(1)) if total else 0}
 
 
 def lua_script(folder: Path, body: bytes) -> Path:
@@ -169,9 +175,11 @@ def environment() -> dict[str, Any]:
     import uvicorn
 
     wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()
-    return {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "uvicorn": uvicorn.__version__,
+    return {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "uvicorn": uvicorn.__version__,
             "wrk": wrk_v[0] if wrk_v else "?", "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
-            "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "machine": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def main() -> int:
@@ -192,7 +200,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp())
     body = json.dumps({"images": [base64.b64encode(digit_png()).decode()]}).encode()
     lua = lua_script(work, body)
-    report: dict[str, Any] = {"env": environment(), "seconds": args.seconds, "repeats": args.repeats, "servers": {}}
+    report: dict[str, Any] = {"env": environment(), "seconds": args.seconds, "repeats": args.repeats,
+                              "servers": {}}
     path = {"bare": "/predict"}
     for name in args.servers.split(","):
         port = _free_port()
@@ -207,13 +216,15 @@ def main() -> int:
                 med = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
                 levels[c] = {**med, "all_rps": [r["rps"] for r in runs]}
                 print(f"{name:9s} c={c:<3d} {med['rps']:8.0f} req/s  p50 {med['p50_ms']:7.2f} ms  "
-                      f"p99 {med['p99_ms']:7.2f} ms  non-2xx {med['non2xx']}  runs {[round(r['rps']) for r in runs]}",
+                      f"p99 {med['p99_ms']:7.2f} ms  non-2xx {med['non2xx']}  runs "
+                      f"{[round(r['rps']) for r in runs]}",
                       flush=True)
             entry: dict[str, Any] = {"cmd": " ".join(cmd[2:] if cmd[1] == "-m" else cmd), "levels": levels}
             if name == "kiln":
                 entry["bench_url_c32"] = bench_url(port, args.seconds)
                 print(f"kiln bench --url c=32: {entry['bench_url_c32']['rps']:.0f} req/s "
-                      f"(wrk {levels[32]['rps']:.0f}; ratio {entry['bench_url_c32']['rps'] / levels[32]['rps']:.2f})",
+                      f"(wrk {levels[32]['rps']:.0f}; ratio "
+                      f"{entry['bench_url_c32']['rps'] / levels[32]['rps']:.2f})",
                       flush=True)
                 if args.soak_s > 0:
                     entry["soak"] = soak(server, url_path, lua, args.soak_s)
@@ -229,12 +240,14 @@ def main() -> int:
 
 def bench_url(port: int, seconds: float) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as fh:
-        subprocess.run([sys.executable, "-m", "kiln.cli", "bench", "--url", f"http://127.0.0.1:{port}", "--model", "digits",
+        subprocess.run([sys.executable, "-m", "kiln.cli", "bench", "--url", f"http://127.0.0.1:{port}",
+                        "--model", "digits",
                         "--concurrency", "32", "--duration", str(seconds), "--json", fh.name],
                        check=True, capture_output=True, text=True)
         data = json.loads(Path(fh.name).read_text())
     (lv,) = data["levels"]
-    return {"rps": lv["requests_per_s"], "p50_ms": lv["latency_ms"]["p50"], "client_cpu": lv["client_cpu_fraction"]}
+    return {"rps": lv["requests_per_s"], "p50_ms": lv["latency_ms"]["p50"],
+            "client_cpu": lv["client_cpu_fraction"]}
 
 
 def soak(server: Proc, url_path: str, lua: Path, seconds: float) -> dict[str, Any]:
@@ -242,20 +255,26 @@ def soak(server: Proc, url_path: str, lua: Path, seconds: float) -> dict[str, An
     res = wrk(server.port, url_path, lua, 64, seconds)
     after = server.rss_mb()
     return {"requests": res["requests"], "non2xx": res["non2xx"], "rps": res["rps"], "p99_ms": res["p99_ms"],
-            "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1), "rss_growth_mb": round(after - before, 1)}
+            "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
+            "rss_growth_mb": round(after - before, 1)}
 
 
 def summarize(report: dict[str, Any]) -> None:
     s = report["servers"]
     if "bare" in s and "kiln" in s:
         for c in (32, 64):
-            print(f"kiln / bare at c={c}: {s['kiln']['levels'][c]['rps'] / s['bare']['levels'][c]['rps']:.2f}")
-        print(f"p50 at c=1: kiln {s['kiln']['levels'][1]['p50_ms']:.2f} ms vs bare {s['bare']['levels'][1]['p50_ms']:.2f} ms")
+            print(
+                f"kiln / bare at c={c}: {s['kiln']['levels'][c]['rps'] / s['bare']['levels'][c]['rps']:.2f}"
+            )
+        print(f"p50 at c=1: kiln {s['kiln']['levels'][1]['p50_ms']:.2f} ms vs bare "
+              f"{s['bare']['levels'][1]['p50_ms']:.2f} ms")
     if "kiln" in s and "kiln-mb1" in s:
         for c in LEVELS:
-            print(f"batching / max-batch 1 at c={c}: {s['kiln']['levels'][c]['rps'] / s['kiln-mb1']['levels'][c]['rps']:.2f}")
+            print(f"batching / max-batch 1 at c={c}: "
+                  f"{s['kiln']['levels'][c]['rps'] / s['kiln-mb1']['levels'][c]['rps']:.2f}")
     if "kiln" in s and "kiln-w2" in s:
-        print(f"--workers 2 / --workers 1 at c=64: {s['kiln-w2']['levels'][64]['rps'] / s['kiln']['levels'][64]['rps']:.2f}")
+        print("--workers 2 / --workers 1 at c=64: "
+              f"{s['kiln-w2']['levels'][64]['rps'] / s['kiln']['levels'][64]['rps']:.2f}")
 
 
 if __name__ == "__main__":

@@ -47,17 +47,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs-resnet", type=int, default=1)
     args = ap.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, "
           f"cuda={torch.cuda.is_available()}")
     with tempfile.TemporaryDirectory() as tmp:
         summary, wall = kiln_train("--out", f"{tmp}/default")
-        print(f"kiln train (defaults: digits, lenet5, {summary['epochs']} epochs): top-1 {summary['metrics']['top1']:.2f}% "
+        print(f"kiln train (defaults: digits, lenet5, {summary['epochs']} epochs): top-1 "
+              f"{summary['metrics']['top1']:.2f}% "
               f"in {wall:.1f} s wall (training loop {summary['timings']['total_s']:.1f} s), "
               f"{summary['timings']['train_images_per_s']:.0f} images/s")
         fake_cifar(Path(tmp) / "c10")
-        summary, wall = kiln_train("--data", f"cifar10:{tmp}/c10", "--model", "resnet18", "--epochs", str(args.epochs_resnet),
+        summary, wall = kiln_train("--data", f"cifar10:{tmp}/c10", "--model", "resnet18", "--epochs",
+                                   str(args.epochs_resnet),
                                    "--out", f"{tmp}/r18")
-        print(f"resnet18 32x32 (5,000 random CIFAR-format images, batch 64): {summary['timings']['train_images_per_s']:.0f} "
+        print("resnet18 32x32 (5,000 random CIFAR-format images, batch 64): "
+              f"{summary['timings']['train_images_per_s']:.0f} "
               f"images/s, {wall:.1f} s wall for {args.epochs_resnet} epoch(s)")
 
 

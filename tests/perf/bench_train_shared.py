@@ -1,6 +1,7 @@
 """`kiln train` on a shared machine: the default run alone, then beside one CPU-bound process.
 
-    .venv/bin/python tests/perf/bench_train_shared.py [--repeats 1] [--json out.json] [-- extra kiln train flags]
+    .venv/bin/python tests/perf/bench_train_shared.py [--repeats 1] [--json out.json]
+        [-- extra kiln train flags]
 
 Each run is ``kiln train --out <tmp> --no-progress`` (lenet5 on digits by default) with the environment
 kiln gives it (OMP_WAIT_POLICY=PASSIVE unless set). "shared" starts ``python -c 'while True: pass'``
@@ -26,7 +27,8 @@ from typing import Any
 def train_once(extra: list[str]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "kiln.cli", "train", "--out", str(Path(tmp) / "run"), "--no-progress", *extra],
+        subprocess.run([sys.executable, "-m", "kiln.cli", "train", "--out", str(Path(tmp) / "run"),
+                        "--no-progress", *extra],
                        check=True, capture_output=True, text=True)
         return time.perf_counter() - t0
 
@@ -39,10 +41,14 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    report: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                              "loadavg_start": os.getloadavg(), "env": {k: os.environ.get(k) for k in
-                                                                        ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
-                              "extra": args.extra}
+    report: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
+        "extra": args.extra,
+    }
     alone = [train_once(args.extra) for _ in range(args.repeats)]
     print(f"alone:  {[round(t, 1) for t in alone]} s", flush=True)
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])

@@ -1,6 +1,7 @@
 """KServe v2 / Triton protocol speed on one ``kiln serve``: binary vs JSON tensors, gRPC vs HTTP.
 
-    .venv/bin/python tests/perf/bench_triton.py BUNDLE [--seconds 8] [--repeats 3] [--iters 2000] [--json out.json]
+    .venv/bin/python tests/perf/bench_triton.py BUNDLE [--seconds 8] [--repeats 3] [--iters 2000]
+        [--json out.json]
 
 1. ``POST /v2/models/digits/infer`` at concurrency 32 with wrk (``wrk -t1``): the same preprocessed
    float32 tensor [1, 1, 28, 28] as JSON ``data`` and with the binary tensor data extension
@@ -69,7 +70,8 @@ FLOOR_SERVERS = textwrap.dedent('''
     class Floor(service_pb2_grpc.GRPCInferenceServiceServicer):
         async def ModelInfer(self, request, context):
             r = pb.ModelInferResponse(model_name="digits", model_version="1", id=request.id)
-            r.outputs.append(pb.ModelInferResponse.InferOutputTensor(name="logits", datatype="FP32", shape=[1, 10]))
+            r.outputs.append(pb.ModelInferResponse.InferOutputTensor(name="logits", datatype="FP32",
+                                                                     shape=[1, 10]))
             r.raw_output_contents.append(LOGITS)
             return r
 
@@ -102,7 +104,8 @@ def floors(x: np.ndarray, iters: int) -> dict[str, Any]:
     try:
         for _ in range(100):
             try:
-                with socket.create_connection(("127.0.0.1", port), 0.2), socket.create_connection(("127.0.0.1", gport), 0.2):
+                with socket.create_connection(("127.0.0.1", port),
+                                              0.2), socket.create_connection(("127.0.0.1", gport), 0.2):
                     break
             except OSError:
                 time.sleep(0.1)
@@ -112,7 +115,8 @@ def floors(x: np.ndarray, iters: int) -> dict[str, Any]:
         proc.wait(30)
 
 
-def client_p50(http_port: int, grpc_port: int, x: np.ndarray, iters: int, model_check: bool = True) -> dict[str, Any]:
+def client_p50(http_port: int, grpc_port: int, x: np.ndarray, iters: int,
+               model_check: bool = True) -> dict[str, Any]:
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 

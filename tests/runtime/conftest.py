@@ -50,7 +50,8 @@ def make_lenet_bundle(root: Path, *, onnx: bool = True) -> Path:
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model, (torch.randn(2, 1, 28, 28),), root / "model.onnx", input_names=["images"],
-                output_names=["logits"], dynamo=False, dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                output_names=["logits"], dynamo=False,
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             )
         bundle.add_artifact("model.onnx", "onnx", "fp32")
     bundle.save()
@@ -82,7 +83,8 @@ def make_detector_bundle(root: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (torch.randn(2, 3, 64, 64),), root / "model.onnx", input_names=names[:1], output_names=names[1:],
+            model, (torch.randn(2, 3, 64, 64),), root / "model.onnx", input_names=names[:1],
+            output_names=names[1:],
             dynamo=False, dynamic_axes={n: {0: "batch"} for n in names},
         )
     bundle.add_artifact("model.onnx", "onnx", "fp32")

@@ -21,8 +21,10 @@ def _add_fake_engine(root: Path, precision: str = "fp16") -> None:
     (root / f"model.{precision}.engine").write_bytes(b"not a real plan")
     b = Bundle.load(root)
     b.add_artifact(
-        f"model.{precision}.engine", "tensorrt", precision, tensorrt_version="10.13.0.35", gpu_name="NVIDIA L4",
-        compute_capability="8.9", profile={"min": 1, "opt": 4, "max": 8}, hardware_compat=False, version_compat=False,
+        f"model.{precision}.engine", "tensorrt", precision, tensorrt_version="10.13.0.35",
+        gpu_name="NVIDIA L4",
+        compute_capability="8.9", profile={"min": 1, "opt": 4, "max": 8}, hardware_compat=False,
+        version_compat=False,
     )
     b.save()
 
@@ -35,7 +37,8 @@ def test_auto_picks_onnxrt_on_cpu_and_says_why(lenet_bundle: Path, images: np.nd
     caplog.set_level(logging.DEBUG, logger="kiln.runtime")
     with load(lenet_bundle) as b:
         assert (b.name, b.device, b.precision, b.artifact) == ("onnxrt", "cpu", "fp32", "model.onnx")
-        assert b.fallback_log == ["tensorrt: the bundle has no TensorRT engine (it has: onnx fp32, torch fp32)"]
+        assert b.fallback_log == ["tensorrt: the bundle has no TensorRT engine (it has: onnx fp32, torch "
+                                  "fp32)"]
         assert b.describe()["skipped"] == b.fallback_log
         assert b.infer({"images": images})["logits"].shape == (3, 10)
     messages = [r.getMessage() for r in caplog.records if r.name == "kiln.runtime"]
@@ -91,10 +94,12 @@ def test_missing_precision_lists_what_the_bundle_has(lenet_master: Path) -> None
 
 
 def test_explicit_tensorrt_says_what_to_install(lenet_bundle: Path) -> None:
-    with pytest.raises(BackendUnavailable, match="no backend can run .*tensorrt: the bundle has no TensorRT engine"):
+    with pytest.raises(BackendUnavailable,
+                       match="no backend can run .*tensorrt: the bundle has no TensorRT engine"):
         load(lenet_bundle, "tensorrt")
     _add_fake_engine(lenet_bundle)
-    with pytest.raises(BackendUnavailable, match=r"pip install '\.\[trt\]' in the kiln checkout on a machine with an NVIDIA GPU"):
+    with pytest.raises(BackendUnavailable,
+                       match=r"pip install '\.\[trt\]' in the kiln checkout on a machine with an NVIDIA GPU"):
         load(lenet_bundle, "tensorrt")
     with pytest.raises(BackendUnavailable, match=r"pip install '\.\[trt\]' in the kiln checkout"):
         open_artifact(lenet_bundle, "model.fp16.engine")
@@ -120,7 +125,8 @@ def test_open_artifact(lenet_master: Path, images: np.ndarray) -> None:
     with open_artifact(lenet_master, art) as b:
         assert b.name == "torch"
         np.testing.assert_allclose(b.infer({"images": images})["logits"], ref, atol=1e-4)
-    with pytest.raises(BundleError, match=r"model.int8.onnx is not an artifact .*lists: model.onnx, model.pt"):
+    with pytest.raises(BundleError,
+                       match=r"model.int8.onnx is not an artifact .*lists: model.onnx, model.pt"):
         open_artifact(lenet_master, "model.int8.onnx")
 
 

@@ -32,7 +32,8 @@ PROBE = textwrap.dedent(
 
     import kiln.runtime, kiln.runtime.onnxrt, kiln.runtime.tensorrt, kiln.runtime.torch, kiln.runtime.cuda
     import kiln.serve
-    serve_modules = sorted(m.name for m in pkgutil.iter_modules(kiln.serve.__path__) if m.name in ("app", "batcher", "schemas", "settings"))
+    serve_modules = sorted(m.name for m in pkgutil.iter_modules(kiln.serve.__path__)
+                           if m.name in ("app", "batcher", "schemas", "settings"))
     for name in serve_modules:
         importlib.import_module(f"kiln.serve.{name}")
 
@@ -70,5 +71,6 @@ def test_runtime_and_serve_import_without_torch(lenet_master: Path) -> None:
 
 
 def test_blocker_really_blocks_torch() -> None:
-    proc = subprocess.run([sys.executable, "-c", BLOCKER + "import torch"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", BLOCKER + "import torch"], capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode != 0 and "blocked by the test" in proc.stderr

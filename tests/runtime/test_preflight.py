@@ -16,7 +16,8 @@ def test_auto_passes_when_any_backend_can_run(lenet_master: Path) -> None:
 
 
 def test_missing_engine_names_the_export_command(lenet_master: Path) -> None:
-    with pytest.raises(BackendUnavailable, match=r"tensorrt: the bundle has no TensorRT engine; build one on the "
+    with pytest.raises(BackendUnavailable,
+                       match=r"tensorrt: the bundle has no TensorRT engine; build one on the "
                                                  r"GPU machine: kiln export .* --engine$"):
         preflight(lenet_master, "tensorrt")
 

@@ -28,15 +28,22 @@ no_gpu = pytest.mark.skipif(cuda.device_count() > 0, reason="checks the no-GPU b
         ({**PROV, "version_compat": True}, "10.12.0.36", GPU, False, "cannot run on TensorRT 10.12.0.36"),
         ({**PROV, "version_compat": True}, "11.0.0.1", GPU, True, "built here"),
         (PROV, "11.0.0.1", GPU, False, "built with TensorRT 10.13.0.35, this is TensorRT 11.0.0.1"),
-        ({**PROV, "tensorrt_version": "11.1.0.106", "version_compat": True}, "10.16.1.11", GPU, False, "cannot run on TensorRT 10"),
-        ({**PROV, "tensorrt_version": "11.1.0.106", "version_compat": True}, "11.4.0.106", GPU, True, "built here"),
-        (PROV, "10.13.0.35", cuda.DeviceInfo(0, "NVIDIA A100", "8.0", 0), False, "compute capability 8.9), this GPU is NVIDIA A100 (8.0)"),
-        (PROV, "10.13.0.35", cuda.DeviceInfo(0, "NVIDIA RTX 4090", "8.9", 0), True, "same compute capability"),
-        ({**PROV, "hardware_compat": True}, "10.13.0.35", cuda.DeviceInfo(0, "NVIDIA H100", "9.0", 0), True, "hardware-compatible"),
-        ({**PROV, "hardware_compat": True}, "10.13.0.35", cuda.DeviceInfo(0, "Tesla T4", "7.5", 0), False, ">= 8.0"),
+        ({**PROV, "tensorrt_version": "11.1.0.106", "version_compat": True}, "10.16.1.11", GPU, False,
+         "cannot run on TensorRT 10"),
+        ({**PROV, "tensorrt_version": "11.1.0.106", "version_compat": True}, "11.4.0.106", GPU, True,
+         "built here"),
+        (PROV, "10.13.0.35", cuda.DeviceInfo(0, "NVIDIA A100", "8.0", 0), False,
+         "compute capability 8.9), this GPU is NVIDIA A100 (8.0)"),
+        (PROV, "10.13.0.35", cuda.DeviceInfo(0, "NVIDIA RTX 4090", "8.9", 0), True,
+         "same compute capability"),
+        ({**PROV, "hardware_compat": True}, "10.13.0.35", cuda.DeviceInfo(0, "NVIDIA H100", "9.0", 0), True,
+         "hardware-compatible"),
+        ({**PROV, "hardware_compat": True}, "10.13.0.35", cuda.DeviceInfo(0, "Tesla T4", "7.5", 0), False,
+         ">= 8.0"),
         ({"gpu_name": "x"}, "10.13.0.35", GPU, False, "missing tensorrt_version, compute_capability"),
     ],
-    ids=["same", "other-version", "vc-newer", "vc-older", "vc-10-on-11", "10-on-11", "vc-11-on-10", "vc-11-newer", "other-cc", "same-cc", "hc-ok", "hc-old-gpu", "no-provenance"],
+    ids=["same", "other-version", "vc-newer", "vc-older", "vc-10-on-11", "10-on-11", "vc-11-on-10",
+         "vc-11-newer", "other-cc", "same-cc", "hc-ok", "hc-old-gpu", "no-provenance"],
 )
 def test_check_provenance(prov, version: str, gpu: cuda.DeviceInfo, ok: bool, reason: str) -> None:
     got_ok, got_reason = check_provenance(prov, version, gpu)
@@ -60,8 +67,10 @@ def test_stub_only_tensorrt_is_not_tensorrt() -> None:
 def test_backend_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
     ok, reason = engine_compatible(PROV)
     assert not ok and "pip install '.[trt]' in the kiln checkout on a machine with an NVIDIA GPU" in reason
-    with pytest.raises(BackendUnavailable, match=r"^tensorrt: .*pip install '\.\[trt\]' in the kiln checkout"):
-        TensorRTBackend(tmp_path / "x.engine", inputs=[TensorSpec(name="images", shape=[1, 28, 28])], outputs=[])
+    with pytest.raises(BackendUnavailable,
+                       match=r"^tensorrt: .*pip install '\.\[trt\]' in the kiln checkout"):
+        TensorRTBackend(tmp_path / "x.engine", inputs=[TensorSpec(name="images", shape=[1, 28, 28])],
+                        outputs=[])
     with pytest.raises(BackendUnavailable, match="device cpu was requested"):
         TensorRTBackend(tmp_path / "x.engine", inputs=[], outputs=[], device="cpu")
 
@@ -93,7 +102,9 @@ def test_cuda_check_raises_on_error_codes() -> None:
 def test_trt_extras_pin_one_cuda_major(name: str) -> None:
     # The bindings' CUDA major must be the one of the TensorRT wheel (and the driver): tensorrt-cuNN goes
     # with cuda-python >= NN, < NN+1; on CUDA 12, cuda.bindings.runtime exists from cuda-python 12.6.1.
-    extra = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"][name]
+    extra = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ][name]
     trt = [r for r in extra if r.startswith("tensorrt")]
     bindings = [r for r in extra if r.startswith("cuda-python")]
     assert len(trt) == 1 and len(bindings) == 1, extra

@@ -23,11 +23,13 @@ from kiln.runtime import BackendClosed, cuda, load
 from kiln.runtime.tensorrt import TensorRTBackend
 
 V10, V11 = "10.13.0.35", "11.4.0.106"
-SPECS = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])], "outputs": [TensorSpec(name="logits", shape=[10])]}
+SPECS = {"inputs": [TensorSpec(name="images", shape=[1, 28, 28])],
+         "outputs": [TensorSpec(name="logits", shape=[10])]}
 BINDINGS = ["cuda-python", "pycuda"]
 
 
-def _plan(tmp_path: Path, fakes: types.ModuleType, version: str = V10, name: str = "m.engine", **kw: Any) -> Path:
+def _plan(tmp_path: Path, fakes: types.ModuleType, version: str = V10, name: str = "m.engine",
+          **kw: Any) -> Path:
     path = tmp_path / name
     path.write_bytes(fakes.make_plan(version, **kw))
     return path
@@ -53,7 +55,12 @@ def test_infer_copies_through_device_buffers(binding: str, fakes: Any, monkeypat
         assert sorted(a.nbytes for a in env.gpu.pinned.values()) == [8 * 10 * 4, 8 * 784 * 4]
         out = b.infer({"images": images})["logits"]
         np.testing.assert_array_equal(out, 2 * images.reshape(3, -1)[:, :10])
-        assert b.last_timings["total_ms"] > 0 and set(b.last_timings) == {"h2d_ms", "compute_ms", "d2h_ms", "total_ms"}
+        assert b.last_timings["total_ms"] > 0 and set(b.last_timings) == {
+            "h2d_ms",
+            "compute_ms",
+            "d2h_ms",
+            "total_ms",
+        }
         kept = out.copy()
         small = b.infer({"images": images[:1] + 1})["logits"]
         np.testing.assert_array_equal(small, 2 * (images[:1] + 1).reshape(1, -1)[:, :10])
@@ -71,7 +78,8 @@ def test_infer_copies_through_device_buffers(binding: str, fakes: Any, monkeypat
         b.infer({"images": images})
 
 
-def test_pycuda_leaves_no_context_pushed_on_any_thread(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+def test_pycuda_leaves_no_context_pushed_on_any_thread(fakes: Any, monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path,
                                                         images: np.ndarray) -> None:
     # pycuda aborts at exit when a thread's context stack is not empty: every push must be popped by
     # the thread that pushed it, including on a worker thread that then ends.
@@ -87,7 +95,8 @@ def test_pycuda_leaves_no_context_pushed_on_any_thread(fakes: Any, monkeypatch: 
 
 
 @pytest.mark.parametrize("binding", BINDINGS)
-def test_failed_execute_waits_for_queued_copies_before_freeing(binding: str, fakes: Any, monkeypatch: pytest.MonkeyPatch,
+def test_failed_execute_waits_for_queued_copies_before_freeing(binding: str, fakes: Any,
+                                                               monkeypatch: pytest.MonkeyPatch,
                                                                tmp_path: Path, images: np.ndarray) -> None:
     env = fakes.install(monkeypatch, binding=binding)
     b = TensorRTBackend(_plan(tmp_path, fakes), **SPECS)
@@ -101,7 +110,8 @@ def test_failed_execute_waits_for_queued_copies_before_freeing(binding: str, fak
     _clean(env)
 
 
-def test_close_synchronizes_before_freeing(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_close_synchronizes_before_freeing(fakes: Any, monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
     env = fakes.install(monkeypatch)
     b = TensorRTBackend(_plan(tmp_path, fakes), **SPECS)
     ran: list[bool] = []
@@ -125,17 +135,21 @@ def test_stream_handle_without_deprecated_int(fakes: Any, monkeypatch: pytest.Mo
         assert cuda.Stream().handle in env.gpu.streams
 
 
-def test_types_numpy_lacks(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, images: np.ndarray) -> None:
+def test_types_numpy_lacks(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                           images: np.ndarray) -> None:
     env = fakes.install(monkeypatch)
     with pytest.raises(TypeError):
         env.trt.nptype(env.trt.bfloat16)  # what the real binding does
-    bf16 = _plan(tmp_path, fakes, tensors=[("images", "INPUT", (-1, 1, 28, 28), "FLOAT"), ("logits", "OUTPUT", (-1, 10), "BF16")])
+    bf16 = _plan(tmp_path, fakes,
+                 tensors=[("images", "INPUT", (-1, 1, 28, 28), "FLOAT"),
+                          ("logits", "OUTPUT", (-1, 10), "BF16")])
     with pytest.raises(BackendUnavailable, match="tensor logits is BF16, which numpy cannot hold"):
         TensorRTBackend(bf16, **SPECS)
     _clean(env)
     # An output kiln.json does not list needs only device memory, sized from DataType.itemsize (0.5 for FP4).
     aux = _plan(tmp_path, fakes, name="aux.engine", tensors=[
-        ("images", "INPUT", (-1, 1, 28, 28), "FLOAT"), ("logits", "OUTPUT", (-1, 10), "HALF"), ("aux", "OUTPUT", (-1, 7), "FP4")])
+        ("images", "INPUT", (-1, 1, 28, 28), "FLOAT"), ("logits", "OUTPUT", (-1, 10), "HALF"),
+        ("aux", "OUTPUT", (-1, 7), "FP4")])
     with TensorRTBackend(aux, **SPECS) as b:
         assert sorted(a.nbytes for a in env.gpu.memory.values()) == [28, 8 * 10 * 2, 8 * 784 * 4]
         out = b.infer({"images": images})["logits"]
@@ -156,11 +170,13 @@ def test_bf16_engine_falls_back(fakes: Any, monkeypatch: pytest.MonkeyPatch, len
 
 def _record(root: Path, file: str, precision: str, version: str, **extra: Any) -> None:
     b = Bundle.load(root)
-    b.add_artifact(file, "tensorrt", precision, tensorrt_version=version, gpu_name="Fake GPU", compute_capability="8.9", **extra)
+    b.add_artifact(file, "tensorrt", precision, tensorrt_version=version, gpu_name="Fake GPU",
+                   compute_capability="8.9", **extra)
     b.save()
 
 
-def test_version_compatible_10_engine_runs_on_11(fakes: Any, monkeypatch: pytest.MonkeyPatch, lenet_bundle: Path,
+def test_version_compatible_10_engine_runs_on_11(fakes: Any, monkeypatch: pytest.MonkeyPatch,
+                                                 lenet_bundle: Path,
                                                  images: np.ndarray) -> None:
     fakes.install(monkeypatch, major=11)
     _plan(lenet_bundle, fakes, name="model.fp16.engine", version_compatible=True)
@@ -174,7 +190,8 @@ def test_version_compatible_10_engine_runs_on_11(fakes: Any, monkeypatch: pytest
         load(lenet_bundle, "tensorrt", precision="fp32")
 
 
-def test_plugins_are_registered_before_deserializing(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_plugins_are_registered_before_deserializing(fakes: Any, monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
     env = fakes.install(monkeypatch)
     with TensorRTBackend(_plan(tmp_path, fakes, plugins=True), **SPECS):
         pass
@@ -195,15 +212,19 @@ def test_tampered_engine_is_refused(fakes: Any, monkeypatch: pytest.MonkeyPatch,
 def test_unsupported_major_is_refused(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     env = fakes.install(monkeypatch)
     monkeypatch.setattr(env.trt, "__version__", "8.6.1.6")
-    with pytest.raises(BackendUnavailable, match=r"^tensorrt: TensorRT 8.6.1.6 is not supported: kiln runs TensorRT 10 and 11$"):
+    with pytest.raises(BackendUnavailable,
+                       match=r"^tensorrt: TensorRT 8.6.1.6 is not supported: kiln runs TensorRT 10 and 11$"):
         TensorRTBackend(_plan(tmp_path, fakes), **SPECS)
 
 
 @pytest.mark.parametrize(("driver", "reason"), [
-    (12020, "CUDA driver/bindings mismatch (cudaErrorInsufficientDriver): cuda-python 13.x uses CUDA 13.0, the driver supports CUDA 12.2"),
+    (12020,
+     "CUDA driver/bindings mismatch (cudaErrorInsufficientDriver): cuda-python 13.x uses CUDA 13.0, the "
+     "driver supports CUDA 12.2"),
     (0, "no NVIDIA driver is loaded (cudaErrorInsufficientDriver)"),
 ])
-def test_insufficient_driver_is_not_no_devices(driver: int, reason: str, fakes: Any, monkeypatch: pytest.MonkeyPatch,
+def test_insufficient_driver_is_not_no_devices(driver: int, reason: str, fakes: Any,
+                                               monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
     fakes.install(monkeypatch, runtime=13000, driver=driver)
     assert cuda.device_count() == 0
@@ -212,7 +233,8 @@ def test_insufficient_driver_is_not_no_devices(driver: int, reason: str, fakes: 
         TensorRTBackend(_plan(tmp_path, fakes), **SPECS)
 
 
-def test_unreadable_plan_and_profile_limits(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_unreadable_plan_and_profile_limits(fakes: Any, monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
     env = fakes.install(monkeypatch)
     bad = tmp_path / "bad.engine"
     bad.write_bytes(b"garbage")
@@ -233,23 +255,31 @@ def test_load_prefers_a_compatible_engine(fakes: Any, monkeypatch: pytest.Monkey
     _plan(lenet_bundle, fakes, name="model.fp32.engine")
     _record(lenet_bundle, "model.fp32.engine", "fp32", V10)
     b = Bundle.load(lenet_bundle)
-    b.add_artifact("model.fp16.engine", "tensorrt", "fp16", tensorrt_version=V10, gpu_name="Fake GPU", compute_capability="7.5")
+    b.add_artifact("model.fp16.engine", "tensorrt", "fp16", tensorrt_version=V10, gpu_name="Fake GPU",
+                   compute_capability="7.5")
     b.save()
     with load(lenet_bundle) as backend:
         # fp16 comes first but was built for another GPU; the fp32 engine fits.
-        assert (backend.name, backend.precision, backend.artifact) == ("tensorrt", "fp32", "model.fp32.engine")
+        assert (backend.name, backend.precision, backend.artifact) == (
+            "tensorrt",
+            "fp32",
+            "model.fp32.engine",
+        )
         assert backend.fallback_log == []
         assert backend.infer({"images": images})["logits"].shape == (3, 10)
-    with pytest.raises(BackendUnavailable, match=r"model.fp16.engine: engine built for Fake GPU \(compute capability 7.5\)"):
+    with pytest.raises(BackendUnavailable,
+                       match=r"model.fp16.engine: engine built for Fake GPU \(compute capability 7.5\)"):
         load(lenet_bundle, "tensorrt", precision="fp16")
-    with pytest.raises(BackendUnavailable, match="no backend can run fp16 .*compute capability 7.5.*no fp16 ONNX model"):
+    with pytest.raises(BackendUnavailable,
+                       match="no backend can run fp16 .*compute capability 7.5.*no fp16 ONNX model"):
         load(lenet_bundle, precision="fp16")
 
 
 # ---- the process-wide logger, plugins, version and GPU checks ----------------------------------
 
 
-def test_tensorrt_warnings_go_to_logging_never_stdout(fakes: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+def test_tensorrt_warnings_go_to_logging_never_stdout(fakes: Any, monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str],
                                                       caplog: pytest.LogCaptureFixture) -> None:
     # TensorRT warns when a plan from another GPU model of the same compute capability is loaded; its
@@ -259,12 +289,15 @@ def test_tensorrt_warnings_go_to_logging_never_stdout(fakes: Any, monkeypatch: p
     with caplog.at_level("WARNING", logger="kiln.tensorrt"), TensorRTBackend(plan, **SPECS):
         pass
     assert capsys.readouterr().out == ""
-    assert any(r.name == "kiln.tensorrt" and r.levelname == "WARNING" and "different models of devices" in r.message
+    assert any(r.name == "kiln.tensorrt" and r.levelname == "WARNING"
+               and "different models of devices" in r.message
                for r in caplog.records)
 
 
-def test_predict_json_stays_json_when_tensorrt_warns(fakes: Any, monkeypatch: pytest.MonkeyPatch, lenet_bundle: Path,
-                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_json_stays_json_when_tensorrt_warns(fakes: Any, monkeypatch: pytest.MonkeyPatch,
+                                                     lenet_bundle: Path,
+                                                     tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     from PIL import Image
@@ -278,7 +311,10 @@ def test_predict_json_stays_json_when_tensorrt_warns(fakes: Any, monkeypatch: py
                    compute_capability="8.9")
     b.save()
     Image.new("L", (28, 28), 128).save(tmp_path / "digit.png")
-    assert main(["predict", str(lenet_bundle), str(tmp_path / "digit.png"), "--backend", "tensorrt", "--json"]) == 0
+    assert (
+        main(["predict", str(lenet_bundle), str(tmp_path / "digit.png"), "--backend", "tensorrt", "--json"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert json.loads(out)  # the whole of stdout is the JSON document
 
@@ -294,7 +330,9 @@ def test_plugins_are_initialised_once_with_a_logger_that_outlives_backends(
     gc.collect()  # whatever the first backend owned is gone; the plugin library still logs through its logger
     with TensorRTBackend(plan, **SPECS):
         pass
-    assert [c for c in env.trt.calls if c[0] == "init_libnvinfer_plugins"] == [("init_libnvinfer_plugins", "")]
+    assert [c for c in env.trt.calls if c[0] == "init_libnvinfer_plugins"] == [
+        ("init_libnvinfer_plugins", "")
+    ]
     assert env.trt.violations == []
 
 
@@ -332,8 +370,10 @@ def test_preflight_refuses_an_engine_from_another_gpu(fakes: Any, monkeypatch: p
 
     fakes.install(monkeypatch)
     _t4_engine(lenet_bundle, fakes)
-    with pytest.raises(BackendUnavailable, match=r"tensorrt: no engine fits this machine \(model.fp16.engine: engine "
-                                                 r"built for Tesla T4 \(compute capability 7.5\), this GPU is Fake GPU"):
+    with pytest.raises(BackendUnavailable,
+                       match=r"tensorrt: no engine fits this machine \(model.fp16.engine: engine "
+                                                 r"built for Tesla T4 \(compute capability 7.5\), this GPU "
+                                                 r"is Fake GPU"):
         preflight(lenet_bundle, "tensorrt")
     preflight(lenet_bundle)  # auto: ONNX Runtime runs model.onnx
 
@@ -358,7 +398,8 @@ def test_serve_refuses_a_foreign_engine_before_binding_the_port(fakes: Any, monk
 
 @pytest.mark.parametrize(("capability", "runs"), [((8, 0), True), ((9, 0), True), ((7, 5), False)])
 def test_hardware_compatible_engine_runs_from_compute_capability_8_0(
-        capability: tuple[int, int], runs: bool, fakes: Any, monkeypatch: pytest.MonkeyPatch, lenet_bundle: Path,
+        capability: tuple[int, int], runs: bool, fakes: Any, monkeypatch: pytest.MonkeyPatch,
+        lenet_bundle: Path,
         images: np.ndarray) -> None:
     from kiln.runtime import preflight
 

@@ -50,7 +50,8 @@ class FakeQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 def item(size: int = 1, enqueued: float = 100.0, deadline: float | None = None, rid: str = "") -> Pending:
-    return Pending({"x": np.zeros((size, 2), np.float32)}, size, request_id=rid, enqueued=enqueued, deadline=deadline)
+    return Pending({"x": np.zeros((size, 2), np.float32)}, size, request_id=rid, enqueued=enqueued,
+                   deadline=deadline)
 
 
 def feeds(n: int, value: float = 0.0) -> dict[str, np.ndarray]:

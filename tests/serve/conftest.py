@@ -44,7 +44,8 @@ def make_bundle(root: Path, task: str = "classify", batch_max: int = 32) -> Bund
             classes=["circle", "square"],
             input=InputSpec(name="images", shape=[3, 64, 64], batch={"min": 1, "opt": 4, "max": batch_max}),
             outputs=[TensorSpec(name="boxes", shape=[4, 4]), TensorSpec(name="scores", shape=[4, 2])],
-            preprocess=Preprocess(mode="letterbox", size=(64, 64), channels="RGB", mean=[0, 0, 0], std=[1, 1, 1]),
+            preprocess=Preprocess(mode="letterbox", size=(64, 64), channels="RGB", mean=[0, 0, 0],
+                                  std=[1, 1, 1]),
             postprocess={"score_threshold": 0.3, "iou_threshold": 0.5, "max_detections": 10},
             architecture=Architecture(name="kiln-det-s", args={"num_classes": 2}),
         )
@@ -93,7 +94,8 @@ class FakeBackend(BaseBackend):
             logits = np.full((n, 10), -5.0, dtype=np.float32)
             logits[np.arange(n), target] = 5.0
             return {"logits": logits}
-        boxes = np.tile(np.array([[8, 8, 40, 40], [10, 10, 42, 42], [30, 30, 60, 60], [0, 0, 2, 2]], np.float32), (n, 1, 1))
+        boxes = np.tile(np.array([[8, 8, 40, 40], [10, 10, 42, 42], [30, 30, 60, 60], [0, 0, 2, 2]],
+                                 np.float32), (n, 1, 1))
         scores = np.tile(np.array([[0.9, 0.1], [0.8, 0.05], [0.1, 0.7], [0.01, 0.02]], np.float32), (n, 1, 1))
         return {"boxes": boxes, "scores": scores}
 
@@ -101,7 +103,8 @@ class FakeBackend(BaseBackend):
         self.closed_on = threading.current_thread().name
 
 
-def png(mode: str = "L", size: tuple[int, int] = (28, 28), value: int | tuple[int, ...] = 255, fmt: str = "PNG") -> bytes:
+def png(mode: str = "L", size: tuple[int, int] = (28, 28), value: int | tuple[int, ...] = 255,
+        fmt: str = "PNG") -> bytes:
     img = Image.new(mode, size, value)
     buf = io.BytesIO()
     img.save(buf, format=fmt)

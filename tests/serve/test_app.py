@@ -93,7 +93,8 @@ def test_list_and_describe_models(client: TestClient) -> None:
 
 
 def test_predict_multipart_several_images(client: TestClient) -> None:
-    files = [("file", ("black.png", png(value=0), "image/png")), ("file", ("white.png", png(value=255), "image/png"))]
+    files = [("file", ("black.png", png(value=0), "image/png")),
+             ("file", ("white.png", png(value=255), "image/png"))]
     resp = client.post("/v1/models/digits/predict", files=files)
     assert resp.status_code == 200, resp.text
     body = resp.json()
@@ -107,7 +108,8 @@ def test_predict_multipart_several_images(client: TestClient) -> None:
 
 
 def test_predict_json_base64_and_top_k(client: TestClient) -> None:
-    images = [base64.b64encode(png(value=128)).decode(), "data:image/png;base64," + base64.b64encode(png(value=0)).decode()]
+    images = [base64.b64encode(png(value=128)).decode(),
+              "data:image/png;base64," + base64.b64encode(png(value=0)).decode()]
     resp = client.post("/v1/models/digits/predict", json={"images": images, "top_k": 2})
     assert resp.status_code == 200, resp.text
     preds = resp.json()["predictions"]
@@ -134,7 +136,8 @@ def test_settings_top_k_override(make_client: MakeClient) -> None:
     ],
 )
 def test_unusual_modes_are_converted(client: TestClient, make_image: Callable[[], bytes]) -> None:
-    resp = client.post("/v1/models/digits/predict", files={"file": ("x", make_image(), "application/octet-stream")})
+    resp = client.post("/v1/models/digits/predict",
+                       files={"file": ("x", make_image(), "application/octet-stream")})
     assert resp.status_code == 200, resp.text
 
 
@@ -163,13 +166,15 @@ def test_large_image_decoded_off_loop(client: TestClient, monkeypatch: pytest.Mo
 
 
 def test_not_an_image(client: TestClient) -> None:
-    resp = client.post("/v1/models/digits/predict", files={"file": ("a.txt", b"hello, not an image", "text/plain")})
+    resp = client.post("/v1/models/digits/predict",
+                       files={"file": ("a.txt", b"hello, not an image", "text/plain")})
     assert_error(resp, 400, "invalid_image", "not an image")
 
 
 def test_truncated_jpeg(client: TestClient) -> None:
     data = encode(Image.effect_noise((64, 64), 50).convert("L"), "JPEG", quality=90)
-    resp = client.post("/v1/models/digits/predict", files={"file": ("t.jpg", data[: len(data) // 2], "image/jpeg")})
+    resp = client.post("/v1/models/digits/predict",
+                       files={"file": ("t.jpg", data[: len(data) // 2], "image/jpeg")})
     assert_error(resp, 400, "invalid_image")
 
 
@@ -179,12 +184,14 @@ def test_zero_byte_upload(client: TestClient) -> None:
 
 
 def test_bad_base64(client: TestClient) -> None:
-    resp = client.post("/v1/models/digits/predict", json={"images": [base64.b64encode(png()).decode(), "@@not base64@@"]})
+    resp = client.post("/v1/models/digits/predict",
+                       json={"images": [base64.b64encode(png()).decode(), "@@not base64@@"]})
     assert_error(resp, 400, "invalid_base64", "images[1]")
 
 
 def test_bad_json_body(client: TestClient) -> None:
-    resp = client.post("/v1/models/digits/predict", content=b"{not json", headers={"content-type": "application/json"})
+    resp = client.post("/v1/models/digits/predict", content=b"{not json",
+                       headers={"content-type": "application/json"})
     assert_error(resp, 400, "invalid_request")
     resp = client.post("/v1/models/digits/predict", json={"images": []})
     assert_error(resp, 400, "invalid_request", "images")
@@ -223,20 +230,26 @@ def test_body_over_limit(make_client: MakeClient) -> None:
         for _ in range(10):
             yield b"x" * 4096
 
-    resp = client.post("/v1/models/digits/predict", content=chunks(), headers={"content-type": "application/json"})
+    resp = client.post("/v1/models/digits/predict", content=chunks(),
+                       headers={"content-type": "application/json"})
     assert_error(resp, 413, "body_too_large")
-    resp = client.post("/v1/models/digits/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    resp = client.post("/v1/models/digits/predict", content=chunks(),
+                       headers={"content-type": "multipart/form-data; boundary=x"})
     assert_error(resp, 413, "body_too_large")
     # the limit holds for the v2 endpoint too (FastAPI parses its body)
-    resp = client.post("/v2/models/digits/infer", content=chunks(), headers={"content-type": "application/json"})
+    resp = client.post("/v2/models/digits/infer", content=chunks(),
+                       headers={"content-type": "application/json"})
     assert_error(resp, 413, "body_too_large")
 
 
 def test_unknown_model_and_route(client: TestClient) -> None:
-    assert_error(client.post("/v1/models/nope/predict", files={"file": ("a.png", png(), "image/png")}), 404, "model_not_found", "digits")
+    assert_error(client.post("/v1/models/nope/predict", files={"file": ("a.png", png(), "image/png")}), 404,
+                 "model_not_found", "digits")
     assert_error(client.get("/v1/models/nope"), 404, "model_not_found")
     assert_error(client.get("/v2/models/nope"), 404, "model_not_found")
-    assert_error(client.post("/v2/models/nope/infer", json={"inputs": [{"name": "images", "shape": [1], "datatype": "FP32", "data": [0]}]}), 404)
+    assert_error(client.post("/v2/models/nope/infer",
+                             json={"inputs": [{"name": "images", "shape": [1], "datatype": "FP32",
+                                               "data": [0]}]}), 404)
     assert_error(client.get("/no/such/route"), 404, "not_found")
     assert_error(client.get("/v1/models/digits/predict"), 405, "method_not_allowed")
 
@@ -259,7 +272,9 @@ def test_api_key(make_client: MakeClient) -> None:
     assert_error(client.get("/v2/models/digits/ready"), 401)  # its answer would say which names are served
 
 
-def test_backend_exception_is_500_with_request_id_and_server_keeps_serving(client: TestClient, caplog: Any) -> None:
+def test_backend_exception_is_500_with_request_id_and_server_keeps_serving(
+    client: TestClient, caplog: Any
+) -> None:
     backend_of(client).fail_next = True
     files = {"file": ("a.png", png(), "image/png")}
     resp = client.post("/v1/models/digits/predict", files=files, headers={"X-Request-ID": "abc-123"})
@@ -299,11 +314,13 @@ def test_full_queue_is_503_with_retry_after(make_client: MakeClient) -> None:
 # ---- KServe v2 ------------------------------------------------------------------------------------------
 
 
-def v2_body(name: str = "images", shape: list[int] | None = None, datatype: str = "FP32", n: int = 2) -> dict[str, Any]:
+def v2_body(name: str = "images", shape: list[int] | None = None, datatype: str = "FP32",
+            n: int = 2) -> dict[str, Any]:
     shape = shape or [n, 1, 28, 28]
     data = np.zeros(int(np.prod(shape)), np.float32)
     data[: data.size // 2] = 1.0  # first image bright, second dark
-    return {"id": "r1", "inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data.tolist()}]}
+    return {"id": "r1",
+            "inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data.tolist()}]}
 
 
 def test_v2_metadata_and_health(client: TestClient) -> None:
@@ -326,7 +343,9 @@ def test_v2_infer_flat_and_nested(client: TestClient) -> None:
     logits = np.asarray(out["data"]).reshape(2, 10)
     assert logits.argmax(1).tolist() == [9, 5]  # raw input 1.0 -> brightness 1.0; 0.0 -> 0.5
     nested = np.zeros((1, 1, 28, 28), np.float32).tolist()
-    resp = client.post("/v2/models/digits/infer", json={"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": nested}], "outputs": [{"name": "logits"}]})
+    resp = client.post("/v2/models/digits/infer",
+                       json={"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                         "data": nested}], "outputs": [{"name": "logits"}]})
     assert resp.status_code == 200, resp.text
 
 
@@ -337,7 +356,8 @@ def test_v2_infer_flat_and_nested(client: TestClient) -> None:
         (v2_body(shape=[2, 1, 28, 27]), "shape"),
         (v2_body(shape=[1, 28, 28]), "shape"),
         (v2_body(datatype="INT64"), "datatype"),
-        ({"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [1.0, 2.0]}]}, "values"),
+        ({"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [1.0, 2.0]}]},
+         "values"),
         ({**v2_body(), "outputs": [{"name": "probs"}]}, "probs"),
     ],
 )
@@ -366,7 +386,8 @@ def test_readyz_waits_for_load(classify_bundle: Bundle) -> None:
     with TestClient(app) as client:
         assert client.get("/healthz").status_code == 200
         assert_error(client.get("/readyz"), 503, "not_ready", "loading")
-        assert_error(client.post("/v1/models/digits/predict", files={"file": ("a.png", png(), "image/png")}), 503, "not_ready")
+        assert_error(client.post("/v1/models/digits/predict", files={"file": ("a.png", png(), "image/png")}),
+                     503, "not_ready")
         assert client.get("/v2/models/digits/ready").status_code == 400
         release.set()
         end = time.monotonic() + 5
@@ -381,7 +402,8 @@ def test_load_failure_reported(classify_bundle: Bundle) -> None:
     def broken(bundle: Bundle, _s: Settings) -> FakeBackend:
         raise RuntimeError("no artifact for backend onnxruntime")
 
-    app = create_app([("digits", classify_bundle)], Settings(), loader=broken, on_load_error=lambda n, e: failures.append(n))
+    app = create_app([("digits", classify_bundle)], Settings(), loader=broken,
+                     on_load_error=lambda n, e: failures.append(n))
     with TestClient(app) as client:
         end = time.monotonic() + 5
         while not failures:
@@ -395,12 +417,16 @@ def test_metrics(client: TestClient) -> None:
     client.post("/v1/models/digits/predict", files={"file": ("a.png", png(), "image/png")})
     client.get("/v1/models/nope")
     text = client.get("/metrics").text
-    assert 'kiln_request_duration_seconds_count{model="digits",route="/v1/models/{name}/predict",status="200"} 1.0' in text
+    assert ('kiln_request_duration_seconds_count{model="digits",route="/v1/models/{name}/predict",'
+            'status="200"} 1.0' in text)
     assert 'kiln_request_duration_seconds_count{model="",route="/v1/models/{name}",status="404"} 1.0' in text
     assert 'kiln_batch_size_count{model="digits"}' in text
     assert 'kiln_inference_duration_seconds_count{model="digits"}' in text
     assert 'kiln_queue_depth{model="digits"} 0.0' in text
-    assert 'kiln_backend_info{backend="fake",device="cpu",max_batch="32",model="digits",precision="fp32"} 1.0' in text
+    assert (
+        'kiln_backend_info{backend="fake",device="cpu",max_batch="32",model="digits",precision="fp32"} 1.0'
+        in text
+    )
 
 
 def test_openapi_and_page(client: TestClient) -> None:
@@ -418,14 +444,16 @@ def test_cors_only_when_configured(make_client: MakeClient) -> None:
     plain = make_client()
     assert "access-control-allow-origin" not in plain.get("/v1/models", headers={"Origin": "https://a.example"}).headers
     cors = make_client(cors_origins="https://a.example")
-    resp = cors.options("/v1/models/digits/predict", headers={"Origin": "https://a.example", "Access-Control-Request-Method": "POST"})
+    resp = cors.options("/v1/models/digits/predict",
+                        headers={"Origin": "https://a.example", "Access-Control-Request-Method": "POST"})
     assert resp.headers["access-control-allow-origin"] == "https://a.example"
     resp = cors.get("/v1/models", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in resp.headers
 
 
 def test_detection_boxes_in_original_pixels(client: TestClient) -> None:
-    resp = client.post("/v1/models/shapes/predict", files={"file": ("a.png", png("RGB", (128, 64), (0, 0, 0)), "image/png")})
+    resp = client.post("/v1/models/shapes/predict",
+                       files={"file": ("a.png", png("RGB", (128, 64), (0, 0, 0)), "image/png")})
     assert resp.status_code == 200, resp.text
     pred = resp.json()["predictions"][0]
     assert pred["width"] == 128 and pred["height"] == 64
@@ -460,9 +488,12 @@ def test_client_gone_request_is_cancelled_not_run(classify_bundle: Bundle) -> No
 
     async def call(gone: asyncio.Event) -> list[dict[str, Any]]:
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/v1/models/digits/predict", "raw_path": b"/v1/models/digits/predict",
-                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+                 "scheme": "http", "path": "/v1/models/digits/predict",
+                 "raw_path": b"/v1/models/digits/predict",
+                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", 80),
+                 "headers": [(b"content-type", b"application/json"),
+                             (b"content-length", str(len(body)).encode())]}
         sent: list[dict[str, Any]] = []
         messages = [{"type": "http.request", "body": body, "more_body": False}]
 
@@ -526,12 +557,18 @@ def test_gc_freeze_once_the_models_have_loaded(classify_bundle: Bundle, freeze: 
             while freeze and gc.get_freeze_count() == 0 and time.monotonic() < end:
                 time.sleep(0.01)  # the freeze follows readiness on the event loop
             assert (gc.get_freeze_count() > 1000) is freeze
-            assert client.post("/v1/models/digits/predict", files={"file": ("a.png", png(), "image/png")}).status_code == 200
+            assert (
+                client.post(
+                    "/v1/models/digits/predict", files={"file": ("a.png", png(), "image/png")}
+                ).status_code
+                == 200
+            )
     finally:
         gc.unfreeze()  # the test process's objects go back to the collector
 
 
-def test_repository_index_ready_filter_keeps_only_ready_models(classify_bundle: Bundle, detect_bundle: Bundle) -> None:
+def test_repository_index_ready_filter_keeps_only_ready_models(classify_bundle: Bundle,
+                                                               detect_bundle: Bundle) -> None:
     failures: list[str] = []
 
     def loader(bundle: Bundle, _s: Settings) -> FakeBackend:
@@ -547,7 +584,10 @@ def test_repository_index_ready_filter_keeps_only_ready_models(classify_bundle: 
             assert time.monotonic() < end
             time.sleep(0.01)
         every = client.post("/v2/repository/index", json={})
-        assert {(m["name"], m["state"]) for m in every.json()} == {("digits", "READY"), ("shapes", "UNAVAILABLE")}
+        assert {(m["name"], m["state"]) for m in every.json()} == {
+            ("digits", "READY"),
+            ("shapes", "UNAVAILABLE"),
+        }
         ready = client.post("/v2/repository/index", json={"ready": True})
         assert [(m["name"], m["state"]) for m in ready.json()] == [("digits", "READY")]
         not_only_ready = client.post("/v2/repository/index", json={"ready": False})

@@ -109,7 +109,8 @@ def test_every_guarded_route_accepts_the_key(client: TestClient) -> None:
 
 
 def test_public_routes_need_no_key(client: TestClient) -> None:
-    refused = [f"{m} {d}" for m, d, c in _requests(client) if d in PUBLIC and _send(client, m, c, None).status_code == 401]
+    refused = [f"{m} {d}" for m, d, c in _requests(client) if d in PUBLIC
+               and _send(client, m, c, None).status_code == 401]
     assert not refused
     assert client.get("/healthz").status_code == 200
 
@@ -153,7 +154,11 @@ def test_missing_key_is_a_401_with_the_bearer_challenge(keyed: TestClient) -> No
 def test_wrong_key_is_a_401_with_the_invalid_token_challenge(keyed: TestClient) -> None:
     resp = keyed.get("/v1/models", headers={"Authorization": "Bearer nope"})
     assert resp.status_code == 401
-    assert resp.json()["error"] == {**resp.json()["error"], "code": "unauthorized", "message": "wrong API key"}
+    assert resp.json()["error"] == {
+        **resp.json()["error"],
+        "code": "unauthorized",
+        "message": "wrong API key",
+    }
     assert resp.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
 
 

@@ -127,7 +127,8 @@ def test_idle_fast_path_runs_a_lone_request_at_once() -> None:
     clock = FakeClock()
     q = FakeQueue(clock)
     q.put(item())
-    batch, carry = collect(q, max_items=32, max_delay=0.002, first_timeout=0.1, clock=clock, more_coming=lambda: False)
+    batch, carry = collect(q, max_items=32, max_delay=0.002, first_timeout=0.1, clock=clock,
+                           more_coming=lambda: False)
     assert len(batch) == 1 and carry is None
     # only the get that found the request (it was there: no time passed), no delay timer after it
     assert clock.now == 100.0 and q.waits == [pytest.approx(0.1)]
@@ -139,7 +140,8 @@ def test_batch_forms_from_what_queued_while_the_backend_was_busy() -> None:
     # Five requests arrived 3 ms ago while the previous batch ran; more are being decoded right now.
     for _ in range(5):
         q.put(item(enqueued=97.0))
-    batch, _ = collect(q, max_items=32, max_delay=0.002, first_timeout=0.1, clock=clock, more_coming=lambda: True)
+    batch, _ = collect(q, max_items=32, max_delay=0.002, first_timeout=0.1, clock=clock,
+                       more_coming=lambda: True)
     assert len(batch) == 5
     # the oldest waited past max_delay already: no timer after the first get
     assert clock.now == 100.0 and q.waits == [pytest.approx(0.1)]

@@ -26,7 +26,8 @@ def test_split_feeds_views() -> None:
 
 @pytest.mark.parametrize(("feeds", "message"), [
     ({}, "no input tensors given"),
-    ({"a": np.zeros((2, 3)), "b": np.zeros((3, 3))}, "input tensors disagree on the batch size: {'a': 2, 'b': 3}"),
+    ({"a": np.zeros((2, 3)), "b": np.zeros((3, 3))},
+     "input tensors disagree on the batch size: {'a': 2, 'b': 3}"),
     ({"a": np.zeros((0, 3))}, "input tensors hold no items (batch size 0)"),
     ({"a": np.float32(1.0) * np.ones(())}, "input tensors hold no items (batch size 0)"),
 ])

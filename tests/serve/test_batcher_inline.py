@@ -183,11 +183,13 @@ def test_an_inline_failure_is_logged_with_its_traceback(classify_bundle, caplog)
     b, backend = inline_batcher(classify_bundle)
     backend.fail_next = True
     try:
-        with caplog.at_level(logging.ERROR, logger="kiln.serve.batcher"), pytest.raises(InferenceFailed) as info:
+        with caplog.at_level(logging.ERROR,
+                             logger="kiln.serve.batcher"), pytest.raises(InferenceFailed) as info:
             b.run_inline(feeds(2))
         assert str(info.value) == "inference failed (RuntimeError); see the server log"
         assert info.value.request_id == ""
-        record = next(r for r in caplog.records if r.getMessage() == "model 'm': inference failed for 2 items")
+        record = next(r for r in caplog.records
+                      if r.getMessage() == "model 'm': inference failed for 2 items")
         assert record.exc_info is not None
     finally:
         b.close(timeout=5)

@@ -49,7 +49,8 @@ def distinct(n: int, start: float = 1.0) -> dict[str, np.ndarray]:
 def echo(tmp_path: Path) -> Iterator[Callable[..., tuple[Batcher, EchoBackend]]]:
     batchers: list[Batcher] = []
 
-    def start(batch_min: int = 1, backend_max: int | None = None, **kw: object) -> tuple[Batcher, EchoBackend]:
+    def start(batch_min: int = 1, backend_max: int | None = None,
+              **kw: object) -> tuple[Batcher, EchoBackend]:
         bundle = make_bundle(tmp_path / f"b{len(batchers)}")
         bundle.manifest.input.batch.min = batch_min
         made: list[EchoBackend] = []
@@ -119,5 +120,7 @@ def test_a_request_that_did_not_fit_opens_the_next_batch(start_batcher) -> None:
     busy = occupy(batcher, backend)
     a, b = batcher.submit(feeds(3)), batcher.submit(feeds(3))
     backend.gate.set()
-    assert busy.result(5) and a.result(5)["logits"].shape == (3, 10) and b.result(5)["logits"].shape == (3, 10)
+    assert (
+        busy.result(5) and a.result(5)["logits"].shape == (3, 10) and b.result(5)["logits"].shape == (3, 10)
+    )
     assert [n for n, _ in backend.calls] == [1, 3, 3]

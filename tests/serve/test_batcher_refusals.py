@@ -135,7 +135,8 @@ def test_queue_full_names_the_model_and_the_queue_size(start_batcher) -> None:  
     batcher, backend = start_batcher(max_batch=1, max_delay=0.0, max_queue=1)
     busy = occupy(batcher, backend)
     queued = batcher.submit(feeds(1))
-    with pytest.raises(QueueFull, match=r"^model 'digits' queue is full \(1 requests waiting\); retry later$"):
+    with pytest.raises(QueueFull,
+                       match=r"^model 'digits' queue is full \(1 requests waiting\); retry later$"):
         batcher.submit(feeds(1))
     backend.gate.set()
     assert busy.result(5) and queued.result(5)

@@ -71,7 +71,8 @@ def test_dynamic_batching_amortizes_a_per_call_cost(classify_bundle) -> None:  #
             made.append(b)
             return b
 
-        batcher = Batcher(factory, name="amortize", max_batch=max_batch, max_delay=0.005, warmup=False).start()
+        batcher = Batcher(factory, name="amortize", max_batch=max_batch, max_delay=0.005,
+                          warmup=False).start()
         assert batcher.wait_ready(5)
         done = threading.Barrier(33)
 

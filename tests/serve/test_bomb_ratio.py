@@ -21,7 +21,8 @@ def test_ratio_boundary() -> None:
     blob = _png(3000, 2000)  # 6 Mpx of one colour: a few KB
     ratio = 3000 * 2000 / len(blob)
     assert open_images([blob], 10**9, 10**9, max_pixels_per_byte=ratio)  # exactly at the ratio: allowed
-    with pytest.raises(ImageDecodeError, match=r"3000x2000 = 6000000 pixels from \d+ bytes.*decompression bomb"):
+    with pytest.raises(ImageDecodeError,
+                       match=r"3000x2000 = 6000000 pixels from \d+ bytes.*decompression bomb"):
         open_images([blob], 10**9, 10**9, max_pixels_per_byte=ratio * 0.99)
 
 

@@ -70,7 +70,9 @@ def test_a_v2_head_trickling_in_gets_408_in_the_v2_error_shape(serve: Callable[.
     assert isinstance(json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"], str)
 
 
-def test_a_connection_that_never_sends_a_byte_is_closed_at_the_head_deadline(serve: Callable[..., Live]) -> None:
+def test_a_connection_that_never_sends_a_byte_is_closed_at_the_head_deadline(
+    serve: Callable[..., Live],
+) -> None:
     live = serve(KILN_HEADER_TIMEOUT_S="1")
     with socket.create_connection((live.host, live.port), timeout=30) as s:
         assert s.recv(65536) == b""  # closed without an answer: there was no request to answer
@@ -115,7 +117,9 @@ def slow_clients(live: Live, count: int) -> Iterator[list[socket.socket]]:
             s.close()
 
 
-def test_connections_over_the_cap_get_a_fast_503_and_health_probes_still_answer(serve: Callable[..., Live]) -> None:
+def test_connections_over_the_cap_get_a_fast_503_and_health_probes_still_answer(
+    serve: Callable[..., Live],
+) -> None:
     live = serve(KILN_MAX_CONNECTIONS="20", KILN_HEADER_TIMEOUT_S="60")
     with slow_clients(live, 20):
         deadline = time.monotonic() + 30
@@ -162,7 +166,8 @@ def test_good_clients_are_served_beside_1100_slow_clients_under_a_1024_open_file
     fds = Path(f"/proc/{live.proc.pid}/fd")
     with slow_clients(live, 1100):
         deadline = time.monotonic() + 15
-        while len(list(fds.iterdir())) < 1100 and time.monotonic() < deadline:  # accepted in the server's time
+        # accepted in the server's time
+        while len(list(fds.iterdir())) < 1100 and time.monotonic() < deadline:
             time.sleep(0.1)
         ok = 0
         for _ in range(20):

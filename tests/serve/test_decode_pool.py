@@ -69,7 +69,8 @@ def test_a_full_wait_is_refused_at_once() -> None:
         await _until(lambda: pool.waiting == 1)
         third = asyncio.create_task(pool.acquire())  # room again: it waits instead of being refused
         await _until(lambda: pool.waiting == 2)
-        for _ in range(2):  # the first two holders are done: the slot goes on to the second waiter, then the third
+        # the first two holders are done: the slot goes on to the second waiter, then the third
+        for _ in range(2):
             pool.release()
         await asyncio.gather(*waiting, third)
         assert (pool.busy, pool.waiting) == (1, 0)
@@ -135,7 +136,8 @@ def _big_png() -> bytes:
 @pytest.fixture
 def full_decode_wait(classify_bundle: Bundle) -> Iterator[TestClient]:
     """A server with one decode thread held and its one waiting place taken."""
-    app = create_app([("digits", classify_bundle)], Settings(decode_threads=1, max_decode_queue=1, max_delay_ms=1.0),
+    app = create_app([("digits", classify_bundle)],
+                     Settings(decode_threads=1, max_decode_queue=1, max_delay_ms=1.0),
                      loader=lambda bundle, _s: FakeBackend(bundle))
     with TestClient(app, raise_server_exceptions=False) as client:
         end = time.monotonic() + 10
@@ -157,7 +159,8 @@ def full_decode_wait(classify_bundle: Bundle) -> Iterator[TestClient]:
 
 
 def test_v1_answers_503_with_retry_after_when_the_decode_wait_is_full(full_decode_wait: TestClient) -> None:
-    resp = full_decode_wait.post("/v1/models/digits/predict", files={"file": ("a.png", _big_png(), "image/png")})
+    resp = full_decode_wait.post("/v1/models/digits/predict",
+                                 files={"file": ("a.png", _big_png(), "image/png")})
     assert resp.status_code == 503, resp.text
     assert resp.headers["retry-after"] == "1"
     assert resp.json()["error"]["code"] == "queue_full"
@@ -168,7 +171,8 @@ def test_v2_answers_503_in_its_shape_when_the_decode_wait_is_full(full_decode_wa
     blob = _big_png()
     header = json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
                                      "parameters": {"binary_data_size": len(blob) + 4}}]}).encode()
-    resp = full_decode_wait.post("/v2/models/digits/infer", content=header + struct.pack("<I", len(blob)) + blob,
+    resp = full_decode_wait.post("/v2/models/digits/infer",
+                                 content=header + struct.pack("<I", len(blob)) + blob,
                                  headers={"Content-Type": "application/octet-stream",
                                           "Inference-Header-Content-Length": str(len(header))})
     assert resp.status_code == 503, resp.text
@@ -178,7 +182,8 @@ def test_v2_answers_503_in_its_shape_when_the_decode_wait_is_full(full_decode_wa
 
 
 def test_a_decode_after_the_wait_clears_is_served(classify_bundle: Bundle) -> None:
-    app = create_app([("digits", classify_bundle)], Settings(decode_threads=1, max_decode_queue=1, max_delay_ms=1.0),
+    app = create_app([("digits", classify_bundle)],
+                     Settings(decode_threads=1, max_decode_queue=1, max_delay_ms=1.0),
                      loader=lambda bundle, _s: FakeBackend(bundle))
     with TestClient(app, raise_server_exceptions=False) as client:
         end = time.monotonic() + 10

@@ -49,8 +49,12 @@ def test_query_controls(client: TestClient) -> None:
     assert _labels(client.post(url + "?max_det=1", files=_file())) == ["circle"]
     assert _labels(client.post(url + "?classes=square", files=_file())) == ["square"]
     multi = _labels(client.post(url + "?multi_label=true&conf=0.09&iou=0.95", files=_file()))
-    assert sorted(multi) == ["circle", "circle", "circle", "square", "square"]  # a box once per class over 0.09
-    assert _labels(client.post(url + "?agnostic=true&multi_label=true&conf=0.09", files=_file())) == ["circle", "square"]
+    # a box once per class over 0.09
+    assert sorted(multi) == ["circle", "circle", "circle", "square", "square"]
+    assert _labels(client.post(url + "?agnostic=true&multi_label=true&conf=0.09", files=_file())) == [
+        "circle",
+        "square",
+    ]
     assert _labels(client.post(url + "?classes=1,circle", files=_file())) == ["circle", "square"]
 
 
@@ -58,7 +62,10 @@ def test_json_body_controls_and_query_wins(client: TestClient) -> None:
     img = base64.b64encode(png("RGB", (64, 64), (0, 0, 0))).decode()
     url = "/v1/models/shapes/predict"
     assert _labels(client.post(url, json={"images": [img], "conf": 0.75})) == ["circle"]
-    assert _labels(client.post(url + "?conf=0.5", json={"images": [img], "conf": 0.75})) == ["circle", "square"]
+    assert _labels(client.post(url + "?conf=0.5", json={"images": [img], "conf": 0.75})) == [
+        "circle",
+        "square",
+    ]
     assert _labels(client.post(url, json={"images": [img], "classes": ["square"]})) == ["square"]
 
 

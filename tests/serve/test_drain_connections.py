@@ -18,7 +18,9 @@ from .live_server import Live, serve_fixture  # noqa: F401 (a fixture)
 from .test_http_framing import read_response
 
 PREDICT = "/v1/models/digits/predict"
-IMAGE = {"images": ["iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGM4AQAAygDJmcpdfgAAAABJRU5ErkJggg=="]}
+IMAGE = {
+    "images": ["iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGM4AQAAygDJmcpdfgAAAABJRU5ErkJggg=="]
+}
 
 
 def test_keep_alive_clients_under_load_are_told_to_close_during_the_drain_and_see_no_reset(
@@ -66,7 +68,9 @@ def test_keep_alive_clients_under_load_are_told_to_close_during_the_drain_and_se
     assert live.proc.wait(60) == 0, live.log()
 
 
-def test_an_idle_kept_alive_connection_is_closed_while_the_listener_still_accepts(serve: Callable[..., Live]) -> None:
+def test_an_idle_kept_alive_connection_is_closed_while_the_listener_still_accepts(
+    serve: Callable[..., Live],
+) -> None:
     live = serve(KILN_DRAIN_S="10", KILN_KEEP_ALIVE_S="60")
     with socket.create_connection((live.host, live.port), timeout=30) as idle:
         idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -82,7 +86,9 @@ def test_an_idle_kept_alive_connection_is_closed_while_the_listener_still_accept
     assert live.proc.wait(60) == 0, live.log()
 
 
-def test_clients_that_keep_connecting_through_the_drain_end_are_refused_never_reset(serve: Callable[..., Live]) -> None:
+def test_clients_that_keep_connecting_through_the_drain_end_are_refused_never_reset(
+    serve: Callable[..., Live],
+) -> None:
     """Clients under load keep coming after the drain: once the listener is gone they are refused (they
     can retry elsewhere), but no request they sent on an accepted connection is reset or cut."""
     live = serve(KILN_DRAIN_S="2")

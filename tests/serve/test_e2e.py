@@ -62,7 +62,8 @@ def _detector(root: Path) -> Bundle:
         kiln_version="0.1.0", task="detect", classes=["circle", "square"],
         input=InputSpec(name="images", shape=[3, 64, 64], batch=BatchRange(min=1, opt=4, max=8)),
         outputs=[TensorSpec(name="boxes", shape=[a, 4]), TensorSpec(name="scores", shape=[a, 2])],
-        preprocess=Preprocess(mode="letterbox", size=(64, 64), channels="RGB", mean=[0.5] * 3, std=[0.25] * 3),
+        preprocess=Preprocess(mode="letterbox", size=(64, 64), channels="RGB", mean=[0.5] * 3,
+                              std=[0.25] * 3),
         # an untrained detector scores around 0.5: a low threshold makes sure boxes come back
         postprocess={"score_threshold": 0.05, "iou_threshold": 0.5, "max_detections": 5}, architecture=arch,
     ))
@@ -126,7 +127,8 @@ def test_serve_end_to_end(server: tuple[subprocess.Popen[str], str, list[str]]) 
         assert v2.status_code == 200 and v2.json()["outputs"][0]["shape"] == [1, 10]
 
         metrics = client.get("/metrics").text
-        assert 'kiln_request_duration_seconds_count{model="digits",route="/v1/models/{name}/predict",status="200"} 2.0' in metrics
+        assert ('kiln_request_duration_seconds_count{model="digits",route="/v1/models/{name}/predict",'
+                'status="200"} 2.0' in metrics)
         assert 'kiln_backend_info{backend="onnxrt",device="cpu"' in metrics
         assert re.search(r'kiln_batch_size_sum\{model="shapes"\} [1-9]', metrics)
 
@@ -135,7 +137,8 @@ def test_serve_end_to_end(server: tuple[subprocess.Popen[str], str, list[str]]) 
 
         def send() -> None:
             try:
-                statuses.append(client.post("/v1/models/shapes/predict", files={"file": ("p.png", photo, "image/png")}).status_code)
+                statuses.append(client.post("/v1/models/shapes/predict",
+                                            files={"file": ("p.png", photo, "image/png")}).status_code)
             except httpx.TransportError as exc:  # sent after the listener closed
                 statuses.append(type(exc).__name__)
 
@@ -186,7 +189,8 @@ def test_photo_uploads_with_curl_are_answered(server: tuple[subprocess.Popen[str
     for model in ("digits", "shapes"):
         for path in files.values():
             out = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", "-F", f"file=@{path}",
-                                  f"{url}/v1/models/{model}/predict"], capture_output=True, text=True, timeout=60)
+                                  f"{url}/v1/models/{model}/predict"], capture_output=True, text=True,
+                                  timeout=60)
             body, _, code = out.stdout.rpartition("\n")
             assert code == "200", (path.name, model, out.stdout[-500:], out.stderr)
             pred = json.loads(body)["predictions"][0]

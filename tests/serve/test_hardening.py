@@ -35,7 +35,8 @@ def make_client(classify_bundle: Bundle, detect_bundle: Bundle) -> Iterator[Make
 
     def make(**settings: Any) -> TestClient:
         app = create_app([("digits", classify_bundle), ("shapes", detect_bundle)],
-                         Settings(**{"max_delay_ms": 1.0, **settings}), loader=lambda bundle, _s: FakeBackend(bundle))
+                         Settings(**{"max_delay_ms": 1.0, **settings}),
+                         loader=lambda bundle, _s: FakeBackend(bundle))
         client = TestClient(app, raise_server_exceptions=False).__enter__()
         clients.append(client)
         return client
@@ -52,11 +53,13 @@ def files(*blobs: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
 # ---- decode budget and where decoding runs ------------------------------------------------------------
 
 
-def test_decode_budget_is_checked_from_headers(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_budget_is_checked_from_headers(make_client: MakeClient,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     client = make_client(max_request_pixels=100 * 100)
     decoded: list[int] = []
     real = images.processing.decode
-    monkeypatch.setattr(images.processing, "decode", lambda img, spec=None, where="": decoded.append(1) or real(img, spec, where))
+    monkeypatch.setattr(images.processing, "decode",
+                        lambda img, spec=None, where="": decoded.append(1) or real(img, spec, where))
     resp = client.post("/v1/models/digits/predict", files=files(png(size=(80, 80)), png(size=(80, 80))))
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "too_many_pixels", resp.text
     assert "12800 pixels" in resp.json()["error"]["message"] and "10000" in resp.json()["error"]["message"]
@@ -69,7 +72,8 @@ def test_decode_budget_is_checked_from_headers(make_client: MakeClient, monkeypa
     assert resp.status_code == 400 and "image 1: image is 60x60" in resp.json()["error"]["message"]
 
 
-def test_many_small_images_are_decoded_off_the_loop(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_many_small_images_are_decoded_off_the_loop(make_client: MakeClient,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     client = make_client()
     offloaded: list[int] = []
     real = images.DecodePool.run
@@ -79,7 +83,10 @@ def test_many_small_images_are_decoded_off_the_loop(make_client: MakeClient, mon
         return await real(pool, fn, *args)
 
     monkeypatch.setattr(images.DecodePool, "run", spy)
-    assert client.post("/v1/models/digits/predict", files=files(*[png()] * images.INLINE_IMAGES)).status_code == 200
+    assert (
+        client.post("/v1/models/digits/predict", files=files(*[png()] * images.INLINE_IMAGES)).status_code
+        == 200
+    )
     assert offloaded == []
     resp = client.post("/v1/models/digits/predict", files=files(*[png(value=0)] * 64))
     assert resp.status_code == 200 and len(resp.json()["predictions"]) == 64
@@ -114,7 +121,8 @@ def test_exif_orientation_is_applied() -> None:
 
 def test_predict_reports_the_oriented_size(make_client: MakeClient) -> None:
     client = make_client()
-    resp = client.post("/v1/models/shapes/predict", files=[("file", ("p.jpg", sideways_jpeg(), "image/jpeg"))])
+    resp = client.post("/v1/models/shapes/predict",
+                       files=[("file", ("p.jpg", sideways_jpeg(), "image/jpeg"))])
     assert resp.status_code == 200, resp.text
     pred = resp.json()["predictions"][0]
     assert (pred["width"], pred["height"]) == (20, 40)
@@ -137,7 +145,8 @@ def test_empty_key_means_open_with_a_warning(make_client: MakeClient, monkeypatc
 def test_key_is_checked_before_the_body_and_models_stay_private(make_client: MakeClient) -> None:
     client = make_client(api_key="s3cret", max_body_bytes=1000)
     # no key: 401 even for a body over the limit; the gate answers before reading it
-    resp = client.post("/v1/models/digits/predict", content=b"x" * 5000, headers={"content-type": "application/json"})
+    resp = client.post("/v1/models/digits/predict", content=b"x" * 5000,
+                       headers={"content-type": "application/json"})
     assert resp.status_code == 401 and resp.headers["connection"] == "close"
     assert client.get("/v1/models/nope").status_code == 401
     assert client.get("/no/such/route").status_code == 401
@@ -163,7 +172,8 @@ def test_cors_preflight_needs_no_key_and_401_carries_cors(make_client: MakeClien
 
 @pytest.mark.parametrize(
     ("value", "needle"),
-    [(None, "received null at index 5"), (math.nan, "received NaN"), (math.inf, "finite"), (-math.inf, "finite"), (1e39, "out of range"),
+    [(None, "received null at index 5"), (math.nan, "received NaN"), (math.inf, "finite"),
+     (-math.inf, "finite"), (1e39, "out of range"),
      (True, "received true"), ("1.5", 'received "1.5"'), ([1.0], "regular array")],
 )
 def test_v2_numbers_are_strict(value: Any, needle: str) -> None:
@@ -176,7 +186,8 @@ def test_v2_numbers_are_strict(value: Any, needle: str) -> None:
 @pytest.mark.parametrize(
     ("data", "datatype", "needle"),
     [([1, 2.5], "INT32", "expected an integer"), ([1, True], "INT32", "expected an integer"),
-     ([1, 2**31], "INT32", "out of range"), ([-1], "UINT8", "out of range"), ([1, 0], "BOOL", "true or false"),
+     ([1, 2**31], "INT32", "out of range"), ([-1], "UINT8", "out of range"),
+     ([1, 0], "BOOL", "true or false"),
      ([70000.0], "FP16", "out of range"), ([[1.0, 2.0], [3.0]], "FP32", "regular array")],
 )
 def test_v2_numbers_per_datatype(data: list[Any], datatype: str, needle: str) -> None:
@@ -197,7 +208,11 @@ def test_v2_good_numbers_pass() -> None:
 def test_v2_infer_refuses_bad_numbers(make_client: MakeClient, bad: str) -> None:
     client = make_client()
     data = ",".join(["0.0"] * 783 + [bad])
-    body = '{"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [' + data + "]}]}"
+    body = (
+        '{"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": ['
+        + data
+        + "]}]}"
+    )
     resp = client.post("/v2/models/digits/infer", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 400, resp.text
     message = json.dumps(resp.json())

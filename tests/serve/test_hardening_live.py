@@ -55,7 +55,8 @@ def test_decode_bombs_are_refused_from_their_headers(serve: Callable[..., Live])
     rss_before = live.status("VmRSS")
     base = control(live)
     t0 = time.perf_counter()
-    resp = httpx.post(live.url + "/v1/models/digits/predict", content=body, headers={"content-type": ctype}, timeout=30)
+    resp = httpx.post(live.url + "/v1/models/digits/predict", content=body, headers={"content-type": ctype},
+                      timeout=30)
     elapsed = time.perf_counter() - t0
     assert resp.status_code == 413, resp.text
     assert resp.json()["error"]["code"] == "too_many_pixels"
@@ -125,15 +126,23 @@ def test_clients_hanging_up_mid_upload_are_499_without_tracebacks(serve: Callabl
     def gone() -> float:  # the requests recorded as abandoned by their client (499)
         nonlocal metrics
         metrics = httpx.get(live.url + "/metrics", timeout=10).text
-        return sum(float(v) for v in re.findall(r'^kiln_request_duration_seconds_count\{.*status="499"\} (\S+)',
+        return sum(float(v) for v in re.findall(r'^kiln_request_duration_seconds_count\{.*status="499"\} '
+                                                r'(\S+)',
                                                 metrics, re.M))
 
     metrics = ""
     assert eventually(lambda: gone() >= 900, timeout=30, interval=0.1), metrics
     # route labels hold braces ("/v1/models/{name}/predict"): match within the line, not up to a brace
     assert not re.search(r'^kiln_request_duration_seconds_count\{.*status="5\d\d"', metrics, re.M), metrics
-    assert not [line for line in live.lines if line.startswith("ERROR") or "Traceback" in line], live.log()[-3000:]
-    assert httpx.post(live.url + "/v1/models/digits/predict", files={"file": ("a.png", png(), "image/png")}).status_code == 200
+    assert not [line for line in live.lines if line.startswith("ERROR") or "Traceback" in line], live.log()[
+        -3000:
+    ]
+    assert (
+        httpx.post(
+            live.url + "/v1/models/digits/predict", files={"file": ("a.png", png(), "image/png")}
+        ).status_code
+        == 200
+    )
 
 
 def test_stalled_body_is_408(serve: Callable[..., Live]) -> None:

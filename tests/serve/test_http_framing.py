@@ -100,7 +100,8 @@ def uploads_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("size", list(SIZES))
-def test_uploads_of_every_size_and_write_pattern_are_answered(uploads_server: Live, size: str, pattern: str) -> None:
+def test_uploads_of_every_size_and_write_pattern_are_answered(uploads_server: Live, size: str,
+                                                              pattern: str) -> None:
     if pattern == "1B" and SIZES[size] > 400:
         pytest.skip("1-byte writes of megabytes take minutes; 120 KB already spans many TCP reads")
     live = uploads_server
@@ -116,7 +117,9 @@ def test_pipelined_uploads_in_one_write_are_answered_in_order(serve: Callable[..
     live = serve()
     dark, bright = noise_png(350, 30, seed=1), noise_png(350, 220, seed=2)  # classes '1' and '8'
     with socket.create_connection((live.host, live.port), timeout=60) as sock:
-        sock.sendall(multipart_request(dark) + multipart_request(bright) + multipart_request(dark, close=True))
+        sock.sendall(
+            multipart_request(dark) + multipart_request(bright) + multipart_request(dark, close=True)
+        )
         f = sock.makefile("rb")
         answers = [read_response(f) for _ in range(3)]
     assert [status for status, _, _ in answers] == [200, 200, 200], answers
@@ -146,7 +149,9 @@ def test_head_limit_counts_the_head_only(serve: Callable[..., Live], pattern: st
     assert sum(float(line.split()[-1]) for line in predicted) == 2  # the refused one never ran
 
 
-def test_head_over_the_limit_on_a_v2_path_is_refused_in_the_v2_error_shape(serve: Callable[..., Live]) -> None:
+def test_head_over_the_limit_on_a_v2_path_is_refused_in_the_v2_error_shape(
+    serve: Callable[..., Live],
+) -> None:
     live = serve(KILN_MAX_HEADER_BYTES="4096")
     head = b"GET /v2/models/digits HTTP/1.1\r\nHost: x\r\nx-pad: " + b"a" * 5000 + b"\r\n\r\n"
     with socket.create_connection((live.host, live.port), timeout=30) as sock:
@@ -156,7 +161,9 @@ def test_head_over_the_limit_on_a_v2_path_is_refused_in_the_v2_error_shape(serve
     assert isinstance(json.loads(body)["error"], str)
 
 
-def test_a_malformed_chunked_body_is_recorded_with_the_status_the_client_got(serve: Callable[..., Live]) -> None:
+def test_a_malformed_chunked_body_is_recorded_with_the_status_the_client_got(
+    serve: Callable[..., Live],
+) -> None:
     live = serve()
     head = (b"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")

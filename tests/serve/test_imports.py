@@ -9,7 +9,8 @@ import sys
 def test_serve_imports_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-        "import kiln.serve.app, kiln.serve.batcher, kiln.serve.cli, kiln.serve.schemas, kiln.serve.settings, kiln.predict\n"
+        "import kiln.serve.app, kiln.serve.batcher, kiln.serve.cli, kiln.serve.schemas, kiln.serve.settings, "
+        "kiln.predict\n"
         "from kiln.serve.app import create_app\n"
         "print('ok')"
     )

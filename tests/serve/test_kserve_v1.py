@@ -45,7 +45,8 @@ async def main(url, calls):
                     out.append(await client.infer(url, call["body"], model_name=call["model"],
                                                   headers=call.get("headers")))
             except httpx.HTTPStatusError as exc:
-                out.append({"status": exc.response.status_code, "body": exc.response.json(), "message": str(exc)})
+                out.append({"status": exc.response.status_code, "body": exc.response.json(),
+                            "message": str(exc)})
     finally:
         await client.close()
     return out
@@ -82,7 +83,8 @@ def _photo(size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def test_kserve_client_tensor_instances_match_onnxruntime(server: Running, onnx_bundles: dict[str, Bundle]) -> None:
+def test_kserve_client_tensor_instances_match_onnxruntime(server: Running,
+                                                          onnx_bundles: dict[str, Bundle]) -> None:
     x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
     ready, answer = _kserve(server, {"op": "ready", "model": "digits"},
                             {"op": "infer", "model": "digits", "body": {"instances": x.tolist()}})
@@ -97,7 +99,8 @@ def test_kserve_client_b64_images_answer_what_native_predict_answers(server: Run
     """A detector: encoded images in KServe V1's ``{"b64": ...}`` give /v1's boxes in original pixels."""
     blobs = [_png(_photo((160, 120))), _png(_photo((90, 200)))]
     url = f"http://{server.http}"
-    instances = [{"b64": base64.b64encode(blobs[0]).decode()}, {"image_bytes": {"b64": base64.b64encode(blobs[1]).decode()}}]
+    instances = [{"b64": base64.b64encode(blobs[0]).decode()},
+                 {"image_bytes": {"b64": base64.b64encode(blobs[1]).decode()}}]
     (answer,) = _kserve(server, {"op": "infer", "model": "shapes", "body": {"instances": instances}})
     native = httpx.post(f"{url}/v1/models/shapes/predict", timeout=30,
                         files=[("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs)]).json()
@@ -106,11 +109,14 @@ def test_kserve_client_b64_images_answer_what_native_predict_answers(server: Run
     assert sum(len(p["boxes"]) for p in answer["predictions"]) > 0
 
 
-def test_kserve_client_digits_b64_matches_preprocessed_tensor(server: Running, onnx_bundles: dict[str, Bundle]) -> None:
+def test_kserve_client_digits_b64_matches_preprocessed_tensor(server: Running,
+                                                              onnx_bundles: dict[str, Bundle]) -> None:
     img = Image.new("L", (40, 30), 200)
     x, _ = preprocess([img], onnx_bundles["digits"].manifest.preprocess)
     by_image, by_tensor = _kserve(
-        server, {"op": "infer", "model": "digits", "body": {"instances": [{"b64": base64.b64encode(_png(img)).decode()}]}},
+        server,
+        {"op": "infer", "model": "digits",
+         "body": {"instances": [{"b64": base64.b64encode(_png(img)).decode()}]}},
         {"op": "infer", "model": "digits", "body": {"instances": x.tolist()}})
     labels = [[t["label"] for t in p["top_k"]] for p in by_image["predictions"]]
     assert labels == [[t["label"] for t in p["top_k"]] for p in by_tensor["predictions"]]
@@ -127,7 +133,8 @@ def test_kserve_client_digits_b64_matches_preprocessed_tensor(server: Running, o
     ({"instances": []}, "instances"),
     ({"inputs": [1]}, "instances"),
 ])
-def test_kserve_client_bad_instances_are_400_in_v1_shape(server: Running, body: dict[str, Any], message: str) -> None:
+def test_kserve_client_bad_instances_are_400_in_v1_shape(server: Running, body: dict[str, Any],
+                                                         message: str) -> None:
     (answer,) = _kserve(server, {"op": "infer", "model": "digits", "body": body})
     assert answer["status"] == 400
     error = answer["body"]["error"]
@@ -139,7 +146,8 @@ def test_curl_predict_and_errors(server: Running, tmp_path: Path) -> None:
     body.write_text(json.dumps({"instances": [{"b64": base64.b64encode(_png(_photo((160, 120)))).decode()}]}))
 
     def curl(*args: str) -> tuple[int, Any]:
-        out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=60,
+        out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *args], capture_output=True, text=True,
+                             timeout=60,
                              check=True).stdout
         text, code = out.rsplit("\n", 1)
         return int(code), json.loads(text)
@@ -147,7 +155,8 @@ def test_curl_predict_and_errors(server: Running, tmp_path: Path) -> None:
     code, answer = curl("-X", "POST", "-H", "Content-Type: application/json", "--data-binary", f"@{body}",
                         f"http://{server.http}/v1/models/shapes:predict")
     assert code == 200 and answer["predictions"][0]["width"] == 160
-    code, answer = curl("-X", "POST", "--data-binary", f"@{body}", f"http://{server.http}/v1/models/nope:predict")
+    code, answer = curl("-X", "POST", "--data-binary", f"@{body}",
+                        f"http://{server.http}/v1/models/nope:predict")
     assert code == 404 and isinstance(answer["error"], str) and "nope" in answer["error"]
     code, answer = curl(f"http://{server.http}/v1/models/shapes")  # V1 readiness: kiln's model route
     assert code == 200 and answer["name"] == "shapes" and answer["ready"] is True
@@ -166,7 +175,8 @@ def test_api_key_on_kserve_v1(onnx_bundles: dict[str, Bundle]) -> None:
 
 
 def test_more_instances_than_the_limit_are_refused(onnx_bundles: dict[str, Bundle]) -> None:
-    with serve([("digits", onnx_bundles["digits"])], Settings(backend="onnxrt", max_images_per_request=2)) as running:
+    with serve([("digits", onnx_bundles["digits"])],
+               Settings(backend="onnxrt", max_images_per_request=2)) as running:
         r = httpx.post(f"http://{running.http}/v1/models/digits:predict", timeout=30,
                        json={"instances": np.zeros((3, 1, 28, 28)).tolist()})
         assert r.status_code == 400 and "at most 2" in r.json()["error"]

@@ -73,12 +73,14 @@ def watched(live: Live, peak_limit: int = PEAK_GROWTH_LIMIT) -> Iterator[Probe]:
         yield probe
     finally:
         probed = len(probe.latencies)
-        assert eventually(lambda: len(probe.latencies) > probed, timeout=30)  # one more probe after the answer
+        # one more probe after the answer
+        assert eventually(lambda: len(probe.latencies) > probed, timeout=30)
         probe.stop.set()
         thread.join(30)
     growth = live.status("VmHWM") - peak
     worst = max(probe.latencies)
-    print(f"/healthz worst {worst * 1000:.1f} ms over {len(probe.latencies)} probes; peak RSS +{growth / MB:.1f} MB")
+    print(f"/healthz worst {worst * 1000:.1f} ms over {len(probe.latencies)} probes; peak RSS "
+          f"+{growth / MB:.1f} MB")
     assert worst < HEALTHZ_LIMIT_S, probe.latencies
     assert growth < peak_limit, f"peak RSS grew by {growth / MB:.0f} MB"
     assert "Traceback" not in live.log(), live.log()
@@ -103,7 +105,10 @@ def test_json_data_longer_than_its_shape_is_refused_before_conversion(serve: Cal
     # 40,000 values fit the request limit (64 items of 784) but not the declared shape [1, 1, 28, 28]
     resp = httpx.post(f"{live.url}/v2/models/digits/infer", content=v2_json(",".join(["0.5"] * 40_000)))
     assert resp.status_code == 400
-    assert resp.json()["error"] == "Input tensor: images | received more than 784 values | expected 784 for shape [1, 1, 28, 28]"
+    assert (
+        resp.json()["error"]
+        == "Input tensor: images | received more than 784 values | expected 784 for shape [1, 1, 28, 28]"
+    )
     good = httpx.post(f"{live.url}/v2/models/digits/infer", content=v2_json(",".join(["0.5"] * 784)))
     assert good.status_code == 200, good.text
 
@@ -135,7 +140,8 @@ def test_binary_bytes_flood_is_refused_at_the_first_extra_element(serve: Callabl
         resp = httpx.post(f"{live.url}/v2/models/digits/infer", content=header + raw, timeout=60,
                           headers={"Inference-Header-Content-Length": str(len(header))})
     assert resp.status_code == 400, resp.text
-    assert resp.json() == {"error": "Input tensor: images | received more than 1 BYTES elements | expected 1 for shape [1]"}
+    assert resp.json() == {"error": "Input tensor: images | received more than 1 BYTES elements | expected 1 "
+                                    "for shape [1]"}
 
 
 def grpc_server(serve: Callable[..., Live]) -> tuple[Live, str]:
@@ -183,11 +189,17 @@ def test_grpc_typed_contents_flood_is_refused_before_conversion(serve: Callable[
     with watched(live):
         code, details = grpc_infer(target, request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
-    assert details == "Input tensor: images | received more than 784 values | expected 784 for shape [1, 1, 28, 28]"
+    assert (
+        details
+        == "Input tensor: images | received more than 784 values | expected 784 for shape [1, 1, 28, 28]"
+    )
     # the same request with the declared number of values is answered
     good = service_pb2.ModelInferRequest.InferInputTensor(name="images", datatype="FP32", shape=SHAPE)
     good.contents.fp32_contents.extend(np.full(784, 0.5, np.float32))
-    assert grpc_infer(target, service_pb2.ModelInferRequest(model_name="digits", inputs=[good]))[0] == grpc.StatusCode.OK
+    assert (
+        grpc_infer(target, service_pb2.ModelInferRequest(model_name="digits", inputs=[good]))[0]
+        == grpc.StatusCode.OK
+    )
 
 
 def test_bytes_elements_are_read_up_to_the_declared_count() -> None:

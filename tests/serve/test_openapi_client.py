@@ -43,7 +43,8 @@ def generated(server: Running, tmp_path_factory: pytest.TempPathFactory) -> Iter
     spec = root / "openapi.json"
     spec.write_text(httpx.get(f"http://{server.http}/openapi.json", timeout=30).text)
     out = root / "client"
-    cmd = [sys.executable, "-m", "openapi_python_client", "generate", "--path", str(spec), "--output-path", str(out),
+    cmd = [sys.executable, "-m", "openapi_python_client", "generate", "--path", str(spec), "--output-path",
+           str(out),
            "--meta", "none"]
     # The generator formats what it writes with ruff, found on PATH: this environment's.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -87,7 +88,8 @@ def test_generated_client_calls_v1_kserve_v1_and_v2(generated: Any, server: Runn
     Image.new("L", (28, 28), 255).save(buf, format="PNG")
     png = base64.b64encode(buf.getvalue()).decode()
     predict = _operation(generated, "v1", "predict_v1_models_name_predict_post")
-    answer = predict.sync_detailed(name="digits", client=client, body=_model(models, "PredictV1", "PredictRequest")(images=[png]))
+    answer = predict.sync_detailed(name="digits", client=client,
+                                   body=_model(models, "PredictV1", "PredictRequest")(images=[png]))
     assert answer.status_code == 200, answer.content
     assert json.loads(answer.content)["predictions"][0]["width"] == 28
 

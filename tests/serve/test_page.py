@@ -60,7 +60,9 @@ def _js(driver: object, script: str) -> object:
 
 
 def _predict_calls(driver: object) -> int:
-    return _js(driver, "return performance.getEntriesByType('resource').filter(e => e.name.includes('/predict')).length")  # type: ignore[return-value]
+    return _js(driver,  # type: ignore[return-value]
+               "return performance.getEntriesByType('resource').filter(e => "
+               "e.name.includes('/predict')).length")
 
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "studio"
@@ -80,9 +82,12 @@ def test_page_uploads_images_and_shows_bars_and_boxes(live_url: str, browser: ob
     wait = WebDriverWait(driver, 15)
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 2)
     driver.find_element(By.CSS_SELECTOR, ".kt-file").send_keys(f"{white}\n{grey}")  # type: ignore[attr-defined]
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".kt-card")) == 2 and d.find_elements(By.CSS_SELECTOR, ".kt-bar"))
-    cards = _js(driver, "return [...document.querySelectorAll('.kt-card')].map(c => [c.querySelector('.kt-name').innerText,"
-                        " [...c.querySelectorAll('.kt-bar .kt-label')].map(l => l.innerText), c.querySelector('.kt-ms').innerText])")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".kt-card")) == 2
+               and d.find_elements(By.CSS_SELECTOR, ".kt-bar"))
+    cards = _js(driver, "return [...document.querySelectorAll('.kt-card')].map(c => "
+                        "[c.querySelector('.kt-name').innerText,"
+                        " [...c.querySelectorAll('.kt-bar .kt-label')].map(l => l.innerText), "
+                        "c.querySelector('.kt-ms').innerText])")
     assert [c[0] for c in cards] == ["white.png", "grey.png"]  # type: ignore[union-attr]
     white_card = cards[0]  # type: ignore[index]
     assert white_card[1][0] == "9" and len(white_card[1]) == 3  # the brightest class, top 3 from kiln.json
@@ -98,14 +103,19 @@ def test_page_uploads_images_and_shows_bars_and_boxes(live_url: str, browser: ob
     wait.until(lambda d: _js(d, listed))
     assert _js(driver, listed) == ["circle 0.900", "square 0.700"]  # overlapping circles: NMS at IoU 0.45
     assert _predict_calls(driver) == 3
-    _js(driver, "const s = document.querySelector('.kt-iou'); s.value = 1; s.dispatchEvent(new Event('input'))")
+    _js(driver,
+        "const s = document.querySelector('.kt-iou'); s.value = 1; s.dispatchEvent(new Event('input'))")
     assert _js(driver, listed) == ["circle 0.900", "circle 0.800", "square 0.700"]
-    _js(driver, "const s = document.querySelector('.kt-score'); s.value = 0.75; s.dispatchEvent(new Event('input'))")
+    _js(driver,
+        "const s = document.querySelector('.kt-score'); s.value = 0.75; s.dispatchEvent(new Event('input'))")
     assert _js(driver, listed) == ["circle 0.900", "circle 0.800"]
     assert _predict_calls(driver) == 3  # the sliders asked the server nothing
-    _js(driver, "const s = document.querySelector('.kt-score'); s.value = 0.25; s.dispatchEvent(new Event('input'))")
-    colours = _js(driver, "const c = document.querySelector('.kt-canvas'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
-                          "const seen = new Set(); for (let i = 0; i < d.length; i += 4) { if (d[i] + d[i+1] + d[i+2] > 150) seen.add(d[i] + ',' + d[i+1] + ',' + d[i+2]); }"
+    _js(driver,
+        "const s = document.querySelector('.kt-score'); s.value = 0.25; s.dispatchEvent(new Event('input'))")
+    colours = _js(driver, "const c = document.querySelector('.kt-canvas'); "
+                          "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                          "const seen = new Set(); for (let i = 0; i < d.length; i += 4) { "
+                          "if (d[i] + d[i+1] + d[i+2] > 150) seen.add(d[i] + ',' + d[i+1] + ',' + d[i+2]); }"
                           "return [...seen]")
     assert "230,25,75" in colours and "60,180,75" in colours  # type: ignore[operator]  # a colour per class
     SHOTS.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""`kiln predict` with the runtime replaced by the fake backend (the real load() is tested in tests/runtime)."""
+"""`kiln predict` with the runtime replaced by the fake backend (the real load() is tested in
+tests/runtime)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def test_predict_classify_text_json_and_save(
     assert main(["predict", str(classify_bundle.root), *paths, "--top-k", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split(": ")[1].split()[0] for line in out] == ["0", "9", "5"]
-    assert main(["predict", str(classify_bundle.root), *paths, "--json", "--save", str(tmp_path / "out")]) == 0
+    assert (
+        main(["predict", str(classify_bundle.root), *paths, "--json", "--save", str(tmp_path / "out")]) == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert doc["backend"] == "fake" and len(doc["predictions"]) == 3
     assert len(doc["predictions"][0]["top_k"]) == 3  # kiln.json's top_k
@@ -61,7 +64,10 @@ def test_predict_bad_image_is_one_line(classify_bundle: Bundle, tmp_path: Path, 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     assert main(["predict", str(classify_bundle.root), str(bad)]) == 2
-    assert capsys.readouterr().err.strip() == f"kiln predict: error: {bad}: not an image: the data is not in a format PIL can read"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"kiln predict: error: {bad}: not an image: the data is not in a format PIL can read"
+    )
     assert main(["predict", str(classify_bundle.root), str(tmp_path / "missing.png")]) == 2
     assert "cannot read" in capsys.readouterr().err
 
@@ -132,7 +138,8 @@ def test_pipeline_raises_a_work_error_in_order() -> None:
     assert got == list(range(7))
 
 
-def test_predict_out_jsonl_one_line_per_image_in_order(classify_bundle: Bundle, tmp_path: Path, fake_runtime: None,
+def test_predict_out_jsonl_one_line_per_image_in_order(classify_bundle: Bundle, tmp_path: Path,
+                                                       fake_runtime: None,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     folder = _folder(tmp_path / "imgs", [0, 255, 128, 30, 200])
     out = tmp_path / "preds.jsonl"
@@ -154,11 +161,16 @@ def test_predict_out_csv_header_and_rows(classify_bundle: Bundle, tmp_path: Path
     assert main(["predict", str(classify_bundle.root), str(folder), "--out", str(out), "--top-k", "2"]) == 0
     rows = list(csv.reader(out.open()))
     assert rows[0] == ["image", "label_1", "score_1", "label_2", "score_2", "error"]
-    assert [(Path(r[0]).name, r[1]) for r in rows[1:]] == [("img000.png", "0"), ("img001.png", "9"), ("img002.png", "5")]
+    assert [(Path(r[0]).name, r[1]) for r in rows[1:]] == [
+        ("img000.png", "0"),
+        ("img001.png", "9"),
+        ("img002.png", "5"),
+    ]
     assert 0.9 < float(rows[1][2]) <= 1.0 and rows[1][5] == ""
 
 
-def test_predict_detect_csv_has_a_row_per_box(detect_bundle: Bundle, tmp_path: Path, fake_runtime: None) -> None:
+def test_predict_detect_csv_has_a_row_per_box(detect_bundle: Bundle, tmp_path: Path,
+                                              fake_runtime: None) -> None:
     import csv
 
     img = tmp_path / "scene.png"
@@ -176,11 +188,13 @@ def test_predict_unknown_out_suffix_is_one_line(classify_bundle: Bundle, tmp_pat
     folder = _folder(tmp_path / "imgs", [0])
     assert main(["predict", str(classify_bundle.root), str(folder), "--out", str(tmp_path / "p.xlsx")]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"kiln predict: error: --out {tmp_path / 'p.xlsx'}: unknown format '.xlsx'; use one of .jsonl, .json, .ndjson, .csv")
+        f"kiln predict: error: --out {tmp_path / 'p.xlsx'}: unknown format '.xlsx'; use one of .jsonl, "
+        ".json, .ndjson, .csv")
 
 
 def test_predict_batch_over_the_backend_maximum_is_one_line(classify_bundle: Bundle, tmp_path: Path,
-                                                            fake_runtime: None, capsys: pytest.CaptureFixture[str]) -> None:
+                                                            fake_runtime: None,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     folder = _folder(tmp_path / "imgs", [0])
     assert main(["predict", str(classify_bundle.root), str(folder), "--batch", "3"]) == 2
     err = capsys.readouterr().err.strip()
@@ -229,28 +243,37 @@ def test_predict_resume_needs_out(classify_bundle: Bundle, tmp_path: Path, fake_
 
 
 def test_predict_bad_image_in_a_folder_stops_with_one_line_after_the_batches_before(
-        classify_bundle: Bundle, tmp_path: Path, fake_runtime: None, capsys: pytest.CaptureFixture[str]) -> None:
+        classify_bundle: Bundle, tmp_path: Path, fake_runtime: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
     folder = _folder(tmp_path / "imgs", [0, 255, 128, 30])
     (folder / "img002.png").write_bytes(b"not an image")
     out = tmp_path / "preds.jsonl"
     assert main(["predict", str(classify_bundle.root), str(folder), "--out", str(out), "--batch", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"kiln predict: error: {folder / 'img002.png'}: not an image: the data is not in a format PIL can read"
+    assert err == (f"kiln predict: error: {folder / 'img002.png'}: not an image: "
+                   "the data is not in a format PIL can read")
     assert len(out.read_text().splitlines()) == 2  # the first batch was written: --resume goes on from there
 
 
-def test_predict_skip_bad_images_records_the_error(classify_bundle: Bundle, tmp_path: Path, fake_runtime: None) -> None:
+def test_predict_skip_bad_images_records_the_error(classify_bundle: Bundle, tmp_path: Path,
+                                                   fake_runtime: None) -> None:
     folder = _folder(tmp_path / "imgs", [0, 255, 128])
     (folder / "img001.png").write_bytes(b"not an image")
     out = tmp_path / "preds.jsonl"
-    assert main(["predict", str(classify_bundle.root), str(folder), "--out", str(out), "--skip-bad-images"]) == 0
+    assert (
+        main(["predict", str(classify_bundle.root), str(folder), "--out", str(out), "--skip-bad-images"]) == 0
+    )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [("error" in r, r.get("top_k", [{}])[0].get("label")) for r in lines] == [(False, "0"), (True, None),
-                                                                                      (False, "5")]
+    assert [("error" in r, r.get("top_k", [{}])[0].get("label")) for r in lines] == [
+        (False, "0"),
+        (True, None),
+        (False, "5"),
+    ]
     assert "not an image" in lines[1]["error"]
 
 
-def test_predict_json_document_streams_every_prediction(classify_bundle: Bundle, tmp_path: Path, fake_runtime: None,
+def test_predict_json_document_streams_every_prediction(classify_bundle: Bundle, tmp_path: Path,
+                                                        fake_runtime: None,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     folder = _folder(tmp_path / "imgs", [0, 255, 128])
     assert main(["predict", str(classify_bundle.root), str(folder), "--json"]) == 0
@@ -299,5 +322,6 @@ def test_ctrl_c_with_out_keeps_what_was_written_and_says_how_to_resume(
     out = tmp_path / "preds.jsonl"
     assert main(["predict", str(classify_bundle.root), str(folder), "--out", str(out)]) == 130
     assert len(out.read_text().splitlines()) == 2
-    assert capsys.readouterr().err.strip() == (f"kiln predict: interrupted after 2 image(s), written to {out}; "
+    assert capsys.readouterr().err.strip() == ("kiln predict: interrupted after 2 image(s), written to "
+                                               f"{out}; "
                                                "run the same command with --resume to go on")

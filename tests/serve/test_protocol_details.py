@@ -29,7 +29,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 KEY = "s3cret"
-CLASS_COUNT_REFUSAL = ("Output tensor: logits | parameter 'classification' (class_count) | not supported: ask for "
+CLASS_COUNT_REFUSAL = ("Output tensor: logits | parameter 'classification' (class_count) | not supported: "
+                       "ask for "
                        "the tensor, or use /v1/models/{model}/predict for labels")
 
 
@@ -44,10 +45,12 @@ def test_class_count_is_refused_alike_over_grpc_and_http(serve: Callable[..., Li
     g = grpcclient.InferenceServerClient(target)
     h = httpclient.InferenceServerClient(f"{live.host}:{live.port}")
     with pytest.raises(InferenceServerException) as over_grpc:
-        g.infer("digits", [zeros(grpcclient)], outputs=[grpcclient.InferRequestedOutput("logits", class_count=3)])
+        g.infer("digits", [zeros(grpcclient)],
+                outputs=[grpcclient.InferRequestedOutput("logits", class_count=3)])
     assert over_grpc.value.status() == "StatusCode.INVALID_ARGUMENT"
     with pytest.raises(InferenceServerException) as over_http:
-        h.infer("digits", [zeros(httpclient)], outputs=[httpclient.InferRequestedOutput("logits", class_count=3)])
+        h.infer("digits", [zeros(httpclient)],
+                outputs=[httpclient.InferRequestedOutput("logits", class_count=3)])
     assert over_http.value.status() == "400"
     assert over_grpc.value.message() == over_http.value.message() == CLASS_COUNT_REFUSAL
     # without class_count both answer the tensor
@@ -59,7 +62,8 @@ def test_unimplemented_methods_answer_unimplemented_quietly(serve: Callable[...,
     live, target = grpc_server(serve)
     with grpc.insecure_channel(target) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        for call, request in [(stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(model_name="digits")),
+        for call, request in [(stub.RepositoryModelLoad,
+                               service_pb2.RepositoryModelLoadRequest(model_name="digits")),
                               (stub.SystemSharedMemoryStatus, service_pb2.SystemSharedMemoryStatusRequest()),
                               (stub.CudaSharedMemoryRegister, service_pb2.CudaSharedMemoryRegisterRequest()),
                               (stub.LogSettings, service_pb2.LogSettingsRequest())]:
@@ -112,11 +116,14 @@ def test_stream_infer_answers_each_request_by_id_with_the_unary_limits(serve: Ca
     assert "ERROR" not in live.log() and "Traceback" not in live.log(), live.log()
 
 
-@pytest.mark.parametrize("path", ["/v1/models/digits/predict%0a", "/v1/models/digits/predict%0A", "/healthz%0a",
+@pytest.mark.parametrize("path",
+                         ["/v1/models/digits/predict%0a", "/v1/models/digits/predict%0A", "/healthz%0a",
                                   "/v2/models/digits/infer%0a", "/v1/models%0d"])
 def test_paths_match_exactly(serve: Callable[..., Live], path: str) -> None:
     live = serve()
-    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+    )
     answer, _ = raw_request(live, head.encode())
     assert status_of(answer) == 404, answer
     assert status_of(raw_request(live, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")[0]) == 200
@@ -131,7 +138,12 @@ def test_no_model_name_without_the_key(serve: Callable[..., Live]) -> None:
     for path in ("/v2/models/digits/ready", "/v2/models/nope/ready", "/v2/models/digits/versions/1/ready"):
         resp = httpx.get(live.url + path)
         assert resp.status_code == 401 and "digits" not in resp.text, (path, resp.text)
-    assert httpx.get(f"{live.url}/v2/models/digits/ready", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert (
+        httpx.get(
+            f"{live.url}/v2/models/digits/ready", headers={"Authorization": f"Bearer {KEY}"}
+        ).status_code
+        == 200
+    )
     client = grpcclient.InferenceServerClient(target)
     assert client.is_server_ready()
     for name in ("digits", "nope"):
@@ -148,7 +160,8 @@ def grpc_server_with_key(serve: Callable[..., Live]) -> tuple[Live, str]:
 
 
 def test_readiness_reasons_without_names(tmp_path: Path) -> None:
-    registry = Registry.build([("digits", make_bundle(tmp_path / "d"))], Settings(), lambda b, _s: FakeBackend(b))
+    registry = Registry.build([("digits", make_bundle(tmp_path / "d"))], Settings(),
+                              lambda b, _s: FakeBackend(b))
     assert registry.not_ready_reason() == "loading: digits"
     assert registry.not_ready_reason(names=False) == "1 model(s) loading"
 
@@ -157,16 +170,24 @@ def test_metrics_record_the_gate_refusals_as_sent(serve: Callable[..., Live]) ->
     live = serve(KILN_API_KEY=KEY, KILN_MAX_BODY_BYTES="1000")
     auth = {"Authorization": f"Bearer {KEY}"}
     assert httpx.post(f"{live.url}/v2/models/digits/infer", content=b"{}").status_code == 401
-    assert httpx.post(f"{live.url}/v2/models/digits/infer", content=b"x" * 2000, headers=auth).status_code == 413
-    assert httpx.post(f"{live.url}/v2/models/digits/infer", content=b"x", headers={**auth, "Content-Encoding": "br"}
+    assert (
+        httpx.post(f"{live.url}/v2/models/digits/infer", content=b"x" * 2000, headers=auth).status_code == 413
+    )
+    assert httpx.post(f"{live.url}/v2/models/digits/infer", content=b"x",
+                      headers={**auth, "Content-Encoding": "br"}
                       ).status_code == 415
     metrics = ""
 
     def counts() -> dict[str, float]:  # recorded once each answer is sent: polled, not waited for
         nonlocal metrics
         metrics = httpx.get(f"{live.url}/metrics", headers=auth).text
-        return {line.split("status=")[1].split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
-                if line.startswith("kiln_request_duration_seconds_count") and "readyz" not in line
-                and "metrics" not in line}
+        return {
+            line.split("status=")[1].split('"')[1]: float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("kiln_request_duration_seconds_count")
+            and "readyz" not in line
+            and "metrics" not in line
+        }
 
-    assert eventually(lambda: counts() == {"401": 1.0, "413": 1.0, "415": 1.0}, timeout=30, interval=0.05), metrics
+    assert eventually(lambda: counts() == {"401": 1.0, "413": 1.0, "415": 1.0}, timeout=30,
+                      interval=0.05), metrics

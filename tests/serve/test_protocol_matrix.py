@@ -80,7 +80,8 @@ def v1_label(resp: httpx.Response) -> int:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_v1_multipart_httpx(server: Running, bundle: Bundle, images: dict[str, CorpusImage], name: str) -> None:
+def test_v1_multipart_httpx(server: Running, bundle: Bundle, images: dict[str, CorpusImage],
+                            name: str) -> None:
     item = images[name]
     with httpx.Client(base_url=f"http://{server.http}", timeout=60) as client:
         resp = client.post("/v1/models/digits/predict", files={"file": (name, item.data, item.mime)})
@@ -90,7 +91,8 @@ def test_v1_multipart_httpx(server: Running, bundle: Bundle, images: dict[str, C
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_v1_multipart_curl(server: Running, bundle: Bundle, images: dict[str, CorpusImage], name: str) -> None:
+def test_v1_multipart_curl(server: Running, bundle: Bundle, images: dict[str, CorpusImage],
+                           name: str) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     item = images[name]
@@ -105,10 +107,12 @@ def test_v1_multipart_curl(server: Running, bundle: Bundle, images: dict[str, Co
 
 
 @pytest.mark.parametrize("name", SMALLER)
-def test_v1_json_base64_httpx(server: Running, bundle: Bundle, images: dict[str, CorpusImage], name: str) -> None:
+def test_v1_json_base64_httpx(server: Running, bundle: Bundle, images: dict[str, CorpusImage],
+                              name: str) -> None:
     item = images[name]
     with httpx.Client(base_url=f"http://{server.http}", timeout=60) as client:
-        resp = client.post("/v1/models/digits/predict", json={"images": [base64.b64encode(item.data).decode()]})
+        resp = client.post("/v1/models/digits/predict",
+                           json={"images": [base64.b64encode(item.data).decode()]})
     assert v1_label(resp) == right_class(bundle, item)
 
 
@@ -127,7 +131,8 @@ def _http_infer(server: Running, inp: Any, binary_out: bool) -> np.ndarray:
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize("name", SMALLER)
-def test_v2_tensor(server: Running, bundle: Bundle, images: dict[str, CorpusImage], name: str, binary: bool) -> None:
+def test_v2_tensor(server: Running, bundle: Bundle, images: dict[str, CorpusImage], name: str,
+                   binary: bool) -> None:
     item = images[name]
     x = model_input(bundle, item)
     inp = httpclient.InferInput("images", list(x.shape), "FP32")
@@ -136,7 +141,8 @@ def test_v2_tensor(server: Running, bundle: Bundle, images: dict[str, CorpusImag
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_v2_bytes_encoded_image(server: Running, bundle: Bundle, images: dict[str, CorpusImage], name: str) -> None:
+def test_v2_bytes_encoded_image(server: Running, bundle: Bundle, images: dict[str, CorpusImage],
+                                name: str) -> None:
     item = images[name]
     inp = httpclient.InferInput("images", [1], "BYTES")
     inp.set_data_from_numpy(np.array([item.data], dtype=np.object_), binary_data=True)
@@ -164,7 +170,8 @@ def test_grpc_tensor(grpc_client: Any, bundle: Bundle, images: dict[str, CorpusI
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_grpc_bytes_encoded_image(grpc_client: Any, bundle: Bundle, images: dict[str, CorpusImage], name: str) -> None:
+def test_grpc_bytes_encoded_image(grpc_client: Any, bundle: Bundle, images: dict[str, CorpusImage],
+                                  name: str) -> None:
     item = images[name]
     inp = grpcclient.InferInput("images", [1], "BYTES")
     inp.set_data_from_numpy(np.array([item.data], dtype=np.object_))

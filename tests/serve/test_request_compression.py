@@ -46,7 +46,8 @@ def brightness(level: float, n: int = 1) -> np.ndarray:
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
 @pytest.mark.parametrize("binary", [True, False])
-def test_tritonclient_compressed_requests_are_answered(client: httpclient.InferenceServerClient, algorithm: str,
+def test_tritonclient_compressed_requests_are_answered(client: httpclient.InferenceServerClient,
+                                                       algorithm: str,
                                                        binary: bool) -> None:
     x = np.concatenate([brightness(-0.9), brightness(0.5), brightness(0.9)])  # classes 0, 7 and 9
     inp = httpclient.InferInput("images", list(x.shape), "FP32")
@@ -62,7 +63,8 @@ def test_compressed_multipart_upload_is_answered(live: Live) -> None:
     body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
             "Content-Type: image/png\r\n\r\n").encode() + buf.getvalue() + f"\r\n--{boundary}--\r\n".encode()
     resp = httpx.post(f"{live.url}/v1/models/digits/predict", content=gzip.compress(body),
-                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Encoding": "gzip"})
+                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                               "Content-Encoding": "gzip"})
     assert resp.status_code == 200, resp.text
     assert resp.json()["predictions"][0]["top_k"][0]["label"] == "9"
 
@@ -73,7 +75,8 @@ def test_zip_bomb_is_413_after_inflating_at_most_the_limit(live: Live,
     assert len(bomb) < 2 * MB
     peak = live.status("VmHWM")
     t0 = time.perf_counter()
-    resp = httpx.post(f"{live.url}/v2/models/digits/infer", content=bomb, headers={"Content-Encoding": "deflate"},
+    resp = httpx.post(f"{live.url}/v2/models/digits/infer", content=bomb,
+                      headers={"Content-Encoding": "deflate"},
                       timeout=60)
     elapsed = time.perf_counter() - t0
     assert resp.status_code == 413, resp.text
@@ -96,13 +99,15 @@ def test_zip_bomb_is_413_after_inflating_at_most_the_limit(live: Live,
     (gzip.compress(b"{}") + b"trailing", "data follows the end"),
 ])
 def test_corrupt_compressed_body_is_400(live: Live, body: bytes, needle: str) -> None:
-    resp = httpx.post(f"{live.url}/v2/models/digits/infer", content=body, headers={"Content-Encoding": "gzip"})
+    resp = httpx.post(f"{live.url}/v2/models/digits/infer", content=body,
+                      headers={"Content-Encoding": "gzip"})
     assert resp.status_code == 400 and needle in resp.json()["error"], resp.text
     assert "Traceback" not in live.log()
 
 
 @pytest.mark.parametrize("encoding", ["br", "zstd", "compress", "gzip, br"])
 def test_other_encodings_are_415_naming_the_supported_ones(live: Live, encoding: str) -> None:
-    resp = httpx.post(f"{live.url}/v1/models/digits/predict", content=b"x", headers={"Content-Encoding": encoding})
+    resp = httpx.post(f"{live.url}/v1/models/digits/predict", content=b"x",
+                      headers={"Content-Encoding": encoding})
     assert resp.status_code == 415
     assert "send gzip, deflate or identity" in resp.json()["error"]["message"]

@@ -37,14 +37,17 @@ class Recorder:
 
 async def echo(request: Request) -> JSONResponse:
     body = await request.body()
-    return JSONResponse({"rid": request.scope["kiln.request_id"], "authorized": request.scope["kiln.authorized"],
+    return JSONResponse({"rid": request.scope["kiln.request_id"],
+                         "authorized": request.scope["kiln.authorized"],
                          "body": len(body)}, status_code=201)
 
 
-def client(api_key: str | None = None, limit: int = 10, worker: str | None = None) -> tuple[TestClient, Recorder]:
+def client(api_key: str | None = None, limit: int = 10,
+           worker: str | None = None) -> tuple[TestClient, Recorder]:
     metrics = Recorder()
     app = Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"]), Route("/healthz", echo)])
-    app.add_middleware(RequestGate, limit=limit, metrics=metrics, models={"digits"}, api_key=api_key, worker=worker)
+    app.add_middleware(RequestGate, limit=limit, metrics=metrics, models={"digits"}, api_key=api_key,
+                       worker=worker)
     return TestClient(app), metrics
 
 
@@ -90,7 +93,10 @@ def test_401_body_and_headers() -> None:
     resp = c.post("/echo", content=b"12345", headers={"Authorization": "Bearer nope"})
     assert resp.status_code == 401 and resp.json()["error"]["message"] == "wrong API key"
     assert resp.headers["connection"] == "close"
-    assert c.post("/echo", content=b"", headers={"Authorization": "Bearer nope"}).headers.get("connection") != "close"
+    assert (
+        c.post("/echo", content=b"", headers={"Authorization": "Bearer nope"}).headers.get("connection")
+        != "close"
+    )
 
 
 def test_content_length_at_the_limit_is_let_through_one_over_is_413() -> None:
@@ -131,7 +137,8 @@ class Timed(Recorder):
 
 def http_scope(path: str = "/x", headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
     return {"type": "http", "method": "POST", "path": path, "headers": headers or [], "query_string": b"",
-            "http_version": "1.1", "scheme": "http", "server": ("test", 80), "client": ("c", 1), "root_path": ""}
+            "http_version": "1.1", "scheme": "http", "server": ("test", 80), "client": ("c", 1),
+            "root_path": ""}
 
 
 Step = dict[str, Any] | float | None  # a message, a pause in seconds before the next, or None: never again
@@ -259,8 +266,9 @@ def disconnect_after_body(scope: Any, receive: Any, send: Any) -> Awaitable[None
 
 @pytest.mark.parametrize("last", [{"type": "http.request", "body": b"abc"},
                                   {"type": "http.request", "body": b"abc", "more_body": False}])
-def test_after_the_body_the_app_waits_for_a_hang_up_without_the_body_timeout(last: dict[str, Any],
-                                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_after_the_body_the_app_waits_for_a_hang_up_without_the_body_timeout(
+    last: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.DEBUG, logger="kiln.serve"):
         sent, metrics, exc = run_gate(disconnect_after_body, http_scope(headers=[(b"x-request-id", b"r9")]),
                                       script(dict(last), 0.2, {"type": "http.disconnect"}), body_timeout=0.05)
@@ -361,6 +369,9 @@ def test_latency_is_labelled_by_served_model_and_route_template() -> None:
     assert c.post("/v1/models/digits/predict", content=b"abc").json() == {"n": 3}
     c.post("/v1/models/other/predict", content=b"abc")
     c.post("/nowhere", content=b"abc")
-    assert metrics.seen == [("digits", "/v1/models/{name}/predict", 200), ("", "/v1/models/{name}/predict", 200),
-                            ("", "unmatched", 404)]
+    assert metrics.seen == [
+        ("digits", "/v1/models/{name}/predict", 200),
+        ("", "/v1/models/{name}/predict", 200),
+        ("", "unmatched", 404),
+    ]
     assert all(0 <= s < 5 for s in metrics.seconds)

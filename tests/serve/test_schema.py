@@ -40,7 +40,8 @@ def _fake(bundle: Bundle, _settings: Settings) -> FakeBackend:
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     root: Path = tmp_path_factory.mktemp("schema")
-    models = [("digits", make_bundle(root / "digits")), ("shapes", make_bundle(root / "shapes", task="detect"))]
+    models = [("digits", make_bundle(root / "digits")),
+              ("shapes", make_bundle(root / "shapes", task="detect"))]
     with serve(models, Settings(max_delay_ms=0), _fake) as running:
         url = f"http://{running.http}"
         yield schemathesis.openapi.from_url(f"{url}/openapi.json").include(

@@ -70,5 +70,9 @@ def test_statistics_show_queue_and_compute_stages_under_concurrency(classify_bun
     # the 15 requests that waited for the held batch: at least the held batch's backend time in the queue
     assert stats["queue"]["ns"] > stats["compute_infer"]["ns"] / CONCURRENCY
     assert rest["execution_count"] > 1 and all(b["batch_size"] <= 4 for b in rest["batch_stats"])
-    assert all(int(b[s]["ns"]) > 0 for b in rest["batch_stats"] for s in ("compute_input", "compute_infer", "compute_output"))
+    assert all(
+        int(b[s]["ns"]) > 0
+        for b in rest["batch_stats"]
+        for s in ("compute_input", "compute_infer", "compute_output")
+    )
     assert int(over_grpc["inference_stats"]["queue"]["ns"]) == stats["queue"]["ns"]

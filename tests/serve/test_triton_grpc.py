@@ -79,7 +79,8 @@ def test_infer_matches_onnxruntime(client: grpcclient.InferenceServerClient, onn
     x = _x(3, [1, 28, 28])
     result = client.infer("digits", [_input(x)], model_version=version, request_id="g-1",
                           outputs=[grpcclient.InferRequestedOutput("logits")])
-    np.testing.assert_allclose(result.as_numpy("logits"), ort_outputs(onnx_bundles["digits"], x)["logits"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(result.as_numpy("logits"), ort_outputs(onnx_bundles["digits"], x)["logits"],
+                               atol=1e-5, rtol=0)
     assert result.get_response().id == "g-1" and result.get_response().model_version == "1"
     d = _x(2, [3, 64, 64], seed=2)
     det = client.infer("shapes", [_input(d)], model_version=version)
@@ -114,19 +115,24 @@ def test_errors(client: grpcclient.InferenceServerClient, server: Running) -> No
 
     with grpc.insecure_channel(server.grpc) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        tensor = service_pb2.ModelInferRequest.InferInputTensor(name="images", datatype="FP32", shape=[1, 1, 28, 28])
-        for raw, text in [([x.tobytes(), x.tobytes()], "raw_input_contents holds 2"), ([x.tobytes()[:100]], "images")]:
-            request = service_pb2.ModelInferRequest(model_name="digits", inputs=[tensor], raw_input_contents=raw)
+        tensor = service_pb2.ModelInferRequest.InferInputTensor(name="images", datatype="FP32",
+                                                                shape=[1, 1, 28, 28])
+        for raw, text in [([x.tobytes(), x.tobytes()], "raw_input_contents holds 2"),
+                          ([x.tobytes()[:100]], "images")]:
+            request = service_pb2.ModelInferRequest(model_name="digits", inputs=[tensor],
+                                                    raw_input_contents=raw)
             with pytest.raises(grpc.RpcError) as info:
                 stub.ModelInfer(request, timeout=30)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.details()
-        typed = service_pb2.ModelInferRequest.InferInputTensor(name="images", datatype="FP32", shape=[1, 1, 28, 28])
+        typed = service_pb2.ModelInferRequest.InferInputTensor(name="images", datatype="FP32",
+                                                               shape=[1, 1, 28, 28])
         typed.contents.fp32_contents.extend([0.0] * 784)
         ok = stub.ModelInfer(service_pb2.ModelInferRequest(model_name="digits", inputs=[typed]), timeout=30)
         assert list(ok.outputs[0].shape) == [1, 10] and len(ok.raw_output_contents[0]) == 40
 
 
-def _fake_models(tmp_path: Path) -> tuple[list[tuple[str, Bundle]], list[FakeBackend], Callable[..., FakeBackend]]:
+def _fake_models(tmp_path: Path) -> tuple[list[tuple[str, Bundle]], list[FakeBackend],
+                                          Callable[..., FakeBackend]]:
     """One fake-backend model and the backends its loader built (to slow them down from the test)."""
     backends: list[FakeBackend] = []
 
@@ -155,7 +161,8 @@ def test_api_key(tmp_path: Path) -> None:
         c.close()
 
 
-def test_client_cancel_logs_nothing_and_frees_the_worker(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_client_cancel_logs_nothing_and_frees_the_worker(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     models, backends, loader = _fake_models(tmp_path)
     with serve(models, Settings(grpc_port=0), loader) as running:
         c = grpcclient.InferenceServerClient(running.grpc)

@@ -29,7 +29,8 @@ __all__ = ["onnx_bundles"]  # a fixture, used by name
 
 @pytest.fixture(scope="module")
 def server(onnx_bundles: dict[str, Bundle]) -> Iterator[Running]:
-    with serve(list(onnx_bundles.items()), Settings(backend="onnxrt", grpc_port=0, max_delay_ms=1)) as running:
+    with serve(list(onnx_bundles.items()),
+               Settings(backend="onnxrt", grpc_port=0, max_delay_ms=1)) as running:
         yield running
 
 
@@ -58,7 +59,9 @@ def test_health_metadata_config_index(client: httpclient.InferenceServerClient) 
     assert not client.is_model_ready("digits", "2")
     meta = client.get_server_metadata()
     assert meta["name"] == "kiln"
-    assert {"binary_tensor_data", "model_configuration", "statistics", "model_repository"} <= set(meta["extensions"])
+    assert {"binary_tensor_data", "model_configuration", "statistics", "model_repository"} <= set(
+        meta["extensions"]
+    )
     model = client.get_model_metadata("digits", "1")
     assert model["versions"] == ["1"] and model["platform"] == "onnxruntime_onnx"
     assert model["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
@@ -68,12 +71,16 @@ def test_health_metadata_config_index(client: httpclient.InferenceServerClient) 
     assert [o["name"] for o in config["output"]] == ["boxes", "scores"]
     assert client.get_model_config("digits", "1")["name"] == "digits"
     index = client.get_model_repository_index()
-    assert {(m["name"], m["version"], m["state"]) for m in index} == {("digits", "1", "READY"), ("shapes", "1", "READY")}
+    assert {(m["name"], m["version"], m["state"]) for m in index} == {
+        ("digits", "1", "READY"),
+        ("shapes", "1", "READY"),
+    }
 
 
 @pytest.mark.parametrize("binary", [True, False])
 @pytest.mark.parametrize("version", ["", "1"])
-def test_classify_matches_onnxruntime(client: httpclient.InferenceServerClient, onnx_bundles: dict[str, Bundle],
+def test_classify_matches_onnxruntime(client: httpclient.InferenceServerClient,
+                                      onnx_bundles: dict[str, Bundle],
                                       binary: bool, version: str) -> None:
     x = _images(3, [1, 28, 28])
     result = _infer(client, "digits", x, binary, ["logits"], model_version=version, request_id="r-1")
@@ -105,9 +112,11 @@ def test_async_infer(client: httpclient.InferenceServerClient, onnx_bundles: dic
     for x in xs:
         inp = httpclient.InferInput("images", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
-        pending.append(client.async_infer("digits", [inp], outputs=[httpclient.InferRequestedOutput("logits")]))
+        pending.append(client.async_infer("digits", [inp],
+                                          outputs=[httpclient.InferRequestedOutput("logits")]))
     for x, p in zip(xs, pending, strict=True):
-        np.testing.assert_allclose(p.get_result().as_numpy("logits"), ort_outputs(onnx_bundles["digits"], x)["logits"],
+        np.testing.assert_allclose(p.get_result().as_numpy("logits"),
+                                   ort_outputs(onnx_bundles["digits"], x)["logits"],
                                    atol=1e-5, rtol=0)
 
 
@@ -121,10 +130,12 @@ def test_aio_client(server: Running, onnx_bundles: dict[str, Bundle]) -> None:
             return (await c.infer("digits", [inp])).as_numpy("logits")
 
     got = asyncio.run(run())
-    np.testing.assert_allclose(got, ort_outputs(onnx_bundles["digits"], _images(1, [1, 28, 28]))["logits"], atol=1e-5)
+    np.testing.assert_allclose(got, ort_outputs(onnx_bundles["digits"], _images(1, [1, 28, 28]))["logits"],
+                               atol=1e-5)
 
 
-def test_bytes_input_of_encoded_images(client: httpclient.InferenceServerClient, onnx_bundles: dict[str, Bundle]) -> None:
+def test_bytes_input_of_encoded_images(client: httpclient.InferenceServerClient,
+                                       onnx_bundles: dict[str, Bundle]) -> None:
     imgs = [Image.new("L", (40, 30), v) for v in (0, 200)]
     blobs = []
     for img in imgs:
@@ -172,7 +183,8 @@ def test_statistics_count_requests_not_batches(classify_bundle: Bundle) -> None:
     from .conftest import FakeBackend
 
     stats = ModelStats()
-    batcher = Batcher(lambda: FakeBackend(classify_bundle), name="digits", max_batch=8, max_delay=30.0).start()
+    batcher = Batcher(lambda: FakeBackend(classify_bundle), name="digits", max_batch=8,
+                      max_delay=30.0).start()
     try:
         assert batcher.wait_ready(5)
         batcher.on_run = stats.record_run
@@ -193,7 +205,8 @@ def test_errors_are_protocol_strings(client: httpclient.InferenceServerClient) -
         (lambda: client.get_model_metadata("nope"), "unknown model 'nope'"),
         (lambda: client.get_model_metadata("digits", "7"), "no version '7'"),
         (lambda: client.get_model_config("digits", "7"), "no version '7'"),
-        (lambda: _infer(client, "digits", _images(1, [1, 28, 28]), False, ["logits"], model_version="2"), "no version"),
+        (lambda: _infer(client, "digits", _images(1, [1, 28, 28]), False, ["logits"], model_version="2"),
+         "no version"),
         (lambda: _infer(client, "digits", _images(1, [3, 28, 28]), True, ["logits"]), "Input tensor: images"),
         (lambda: _infer(client, "digits", _images(1, [1, 28, 28]), True, ["nope"]), "Output tensor: nope"),
     ]
@@ -204,14 +217,16 @@ def test_errors_are_protocol_strings(client: httpclient.InferenceServerClient) -
         assert isinstance(info.value.message(), str)
 
 
-def _raw(server: Running, body: bytes, header: str | None, path: str = "/v2/models/digits/infer") -> httpx.Response:
+def _raw(server: Running, body: bytes, header: str | None,
+         path: str = "/v2/models/digits/infer") -> httpx.Response:
     headers = {} if header is None else {"Inference-Header-Content-Length": header}
     return httpx.post(f"http://{server.http}{path}", content=body, headers=headers, timeout=30)
 
 
 def _header(datatype: str = "FP32", shape: list[int] | None = None, size: int | None = 3136) -> bytes:
     params = {} if size is None else {"parameters": {"binary_data_size": size}}
-    return json.dumps({"inputs": [{"name": "images", "shape": shape or [1, 1, 28, 28], "datatype": datatype, **params}]}).encode()
+    return json.dumps({"inputs": [{"name": "images", "shape": shape or [1, 1, 28, 28], "datatype": datatype,
+                                   **params}]}).encode()
 
 
 def test_binary_extension_bad_inputs(server: Running) -> None:
@@ -225,8 +240,10 @@ def test_binary_extension_bad_inputs(server: Running) -> None:
         (head, None, "images"),  # binary_data_size but no binary part
         (head + x[:100], str(len(head)), "images"),  # binary part shorter than binary_data_size
         (head + x + b"extra", str(len(head)), "binary data"),  # bytes nobody claims
-        (_header("BYTES", [1], 6) + struct.pack("<I", 9) + b"ab", str(len(_header("BYTES", [1], 6))), "images"),
-        (_header("BYTES", [2], 6) + struct.pack("<I", 0) + b"ab", str(len(_header("BYTES", [2], 6))), "images"),
+        (_header("BYTES", [1], 6) + struct.pack("<I", 9) + b"ab", str(len(_header("BYTES", [1], 6))),
+         "images"),
+        (_header("BYTES", [2], 6) + struct.pack("<I", 0) + b"ab", str(len(_header("BYTES", [2], 6))),
+         "images"),
         (_header(size=None), None, "images"),  # neither data nor binary_data_size
     ]
     for body, header, text in cases:
@@ -238,7 +255,8 @@ def test_binary_extension_bad_inputs(server: Running) -> None:
 
 def test_json_body_with_any_content_type(server: Running) -> None:
     body = {"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
-    for ctype in (None, "application/json", "application/json; charset=utf-8", "text/plain", "application/octet-stream"):
+    for ctype in (None, "application/json", "application/json; charset=utf-8", "text/plain",
+                  "application/octet-stream"):
         headers = {} if ctype is None else {"Content-Type": ctype}
         resp = httpx.post(f"http://{server.http}/v2/models/digits/versions/1/infer", content=json.dumps(body),
                           headers=headers, timeout=30)
@@ -248,12 +266,15 @@ def test_json_body_with_any_content_type(server: Running) -> None:
 
 def test_error_shapes_by_protocol(server: Running) -> None:
     base = f"http://{server.http}"
-    assert httpx.get(f"{base}/v2/models/nope").json() == {"error": "unknown model 'nope'; served: digits, shapes"}
-    assert httpx.get(f"{base}/v2/models/digits/versions/2/ready").json()["error"].startswith("model 'digits' has no")
+    assert httpx.get(f"{base}/v2/models/nope").json() == {"error": "unknown model 'nope'; served: digits, "
+                                                                   "shapes"}
+    assert httpx.get(f"{base}/v2/models/digits/versions/2/ready").json()["error"].startswith("model 'digits' "
+                                                                                             "has no")
     assert httpx.get(f"{base}/v2/models/digits/versions/2/stats").status_code == 404
     bad = httpx.post(f"{base}/v2/models/digits/infer", content=b'{"inputs": []}')
     assert bad.status_code == 400 and isinstance(bad.json()["error"], str)
-    nan = httpx.post(f"{base}/v2/models/digits/infer", content=b'{"inputs": [{"name": "images", "shape": [1], '
+    nan = httpx.post(f"{base}/v2/models/digits/infer",
+                     content=b'{"inputs": [{"name": "images", "shape": [1], '
                                                               b'"datatype": "FP32", "data": [NaN]}]}')
     assert nan.status_code == 400 and isinstance(nan.json()["error"], str)
     v1 = httpx.get(f"{base}/v1/models/nope").json()

@@ -39,7 +39,8 @@ def detector(onnx_bundles: dict[str, Bundle], tmp_path_factory: pytest.TempPathF
     shutil.copytree(onnx_bundles["shapes"].root, root)
     bundle = Bundle.load(root)
     settings = NmsSettings.from_post(bundle.manifest.detect_post())
-    info = onnx2nms(root / "model.onnx", root / "model.nms.onnx", boxes="boxes", scores="scores", settings=settings)
+    info = onnx2nms(root / "model.onnx", root / "model.nms.onnx", boxes="boxes", scores="scores",
+                    settings=settings)
     bundle.add_artifact("model.nms.onnx", "onnx", "fp32", **info)
     bundle.save()
     return bundle
@@ -60,7 +61,8 @@ def _photos() -> list[bytes]:
 
 @pytest.fixture(scope="module", params=["raw", "end-to-end"])
 def running(request: pytest.FixtureRequest, detector: Bundle) -> Iterator[tuple[str, Any]]:
-    settings = Settings(backend="onnxrt", grpc_port=0, max_delay_ms=1, end_to_end=request.param == "end-to-end")
+    settings = Settings(backend="onnxrt", grpc_port=0, max_delay_ms=1,
+                        end_to_end=request.param == "end-to-end")
     with serve([("shapes", detector)], settings) as r:
         yield request.param, r
 
@@ -87,12 +89,16 @@ def _same(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
         assert abs(a["score"] - b["score"]) <= 1e-5
 
 
-def test_v2_encoded_images_give_v1_boxes_over_http_and_grpc(running: tuple[str, Any], detector: Bundle) -> None:
+def test_v2_encoded_images_give_v1_boxes_over_http_and_grpc(running: tuple[str, Any],
+                                                            detector: Bundle) -> None:
     variant, r = running
     blobs, sizes = _photos(), [(160, 120), (90, 200)]
     docs = _docs_decoder()
-    v1 = httpx.post(f"http://{r.http}/v1/models/shapes/predict", timeout=30,
-                    files=[("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs)]).json()["predictions"]
+    v1 = httpx.post(
+        f"http://{r.http}/v1/models/shapes/predict",
+        timeout=30,
+        files=[("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs)],
+    ).json()["predictions"]
     assert sum(len(p["boxes"]) for p in v1) > 0
 
     c = httpclient.InferenceServerClient(r.http)
@@ -118,7 +124,8 @@ def test_v2_encoded_images_give_v1_boxes_over_http_and_grpc(running: tuple[str, 
 
 
 def test_v2_tensor_input_keeps_letterboxed_boxes(running: tuple[str, Any], detector: Bundle) -> None:
-    """A preprocessed tensor has no original image: its boxes stay in the input's pixels, as the graph answers."""
+    """A preprocessed tensor has no original image: its boxes stay in the input's pixels, as the graph
+    answers."""
     import onnxruntime as ort
 
     variant, r = running
@@ -143,7 +150,10 @@ def test_metadata_lists_the_served_outputs_and_their_meaning(running: tuple[str,
     assert "original image's pixels" in params["box_coordinates"]
     if variant == "end-to-end":
         assert [o["datatype"] for o in meta["outputs"]] == ["INT32", "FP32", "FP32", "INT32"]
-        assert params["postprocessing"].startswith("NMS done in the graph") and "iou_threshold=0.5" in params["postprocessing"]
+        assert (
+            params["postprocessing"].startswith("NMS done in the graph")
+            and "iou_threshold=0.5" in params["postprocessing"]
+        )
         assert "rows past num_dets are padding" in params["outputs"]["det_boxes"]
     else:
         assert params["postprocessing"].startswith("none")

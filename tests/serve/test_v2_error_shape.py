@@ -58,7 +58,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def test_tritonclient_reports_the_gate_refusals(client: httpclient.InferenceServerClient) -> None:
     exc = refused(lambda: client.infer("digits", [digit_input()]))
     assert exc.status() == "401" and exc.message() == "missing API key: send 'Authorization: Bearer <key>'"
-    exc = refused(lambda: client.infer("digits", [digit_input(8)], headers=dict(AUTH)))  # 25 KB over a 20 KB limit
+    # 25 KB over a 20 KB limit
+    exc = refused(lambda: client.infer("digits", [digit_input(8)], headers=dict(AUTH)))
     assert exc.status() == "413" and exc.message().startswith("request body of ")
     assert client.infer("digits", [digit_input()], headers=dict(AUTH)).as_numpy("logits").shape == (1, 10)
 
@@ -85,16 +86,25 @@ def test_stalled_body_is_408_in_the_v2_shape(live: Live) -> None:
 
 
 def test_unsupported_body_encoding_is_415_in_the_v2_shape(live: Live) -> None:
-    resp = httpx.post(f"{live.url}/v2/models/digits/infer", content=b"x", headers={**AUTH, "Content-Encoding": "br"})
+    resp = httpx.post(f"{live.url}/v2/models/digits/infer", content=b"x",
+                      headers={**AUTH, "Content-Encoding": "br"})
     assert resp.status_code == 415
-    assert v2_error(resp) == "Content-Encoding 'br' is not supported for request bodies; send gzip, deflate or identity"
+    assert (
+        v2_error(resp)
+        == "Content-Encoding 'br' is not supported for request bodies; send gzip, deflate or identity"
+    )
 
 
 def test_routing_and_handler_errors_are_in_the_v2_shape(live: Live) -> None:
     for method, path, status in [("GET", "/v2/models/digits/infer", 405), ("GET", "/v2/nothing/here", 404),
                                  ("POST", "/v2/models/digits/infer", 400), ("GET", "/v2/models/nope", 404)]:
-        resp = httpx.request(method, live.url + path, headers=AUTH, content=b"{}" if method == "POST" else None)
+        resp = httpx.request(method, live.url + path, headers=AUTH,
+                             content=b"{}" if method == "POST" else None)
         assert resp.status_code == status, (path, resp.text)
         v2_error(resp)
     # /v1 keeps kiln's own shape
-    assert set(httpx.get(f"{live.url}/v1/models/nope", headers=AUTH).json()["error"]) == {"code", "message", "request_id"}
+    assert set(httpx.get(f"{live.url}/v1/models/nope", headers=AUTH).json()["error"]) == {
+        "code",
+        "message",
+        "request_id",
+    }

@@ -87,14 +87,16 @@ def _grpc_infer(port: int) -> np.ndarray:
 
 def test_both_workers_serve_grpc_on_one_port(grpc_workers: Running) -> None:
     proc, url, lines = grpc_workers
-    ports = {int(m.group(1)) for line in lines if (m := re.search(r"serving gRPC \(KServe v2\) on \S+:(\d+)", line))}
+    ports = {int(m.group(1)) for line in lines
+             if (m := re.search(r"serving gRPC \(KServe v2\) on \S+:(\d+)", line))}
     assert len(ports) == 1 and sum("serving gRPC" in line for line in lines) == 2, "".join(lines)
     port = ports.pop()
     for _ in range(8):  # a new channel (connection) each time: the kernel picks a worker for each
         assert _grpc_infer(port).shape == (1, 10)
     # A replacement worker listens on the same gRPC port (the parent held it meanwhile).
     os.kill(_pids(lines)[0], signal.SIGKILL)
-    _wait_for(lambda: sum("serving gRPC" in line for line in lines) == 3, "the replacement's gRPC server", lines)
+    _wait_for(lambda: sum("serving gRPC" in line for line in lines) == 3, "the replacement's gRPC server",
+              lines)
     with httpx.Client(base_url=url, timeout=30) as client:
         wait_ready(client, proc, lines, 120)
     for _ in range(8):
@@ -109,7 +111,9 @@ def _pids(lines: list[str]) -> list[int]:
     return started
 
 
-def test_a_worker_killed_under_load_is_replaced_with_a_back_off_while_the_service_answers(workers: Running) -> None:
+def test_a_worker_killed_under_load_is_replaced_with_a_back_off_while_the_service_answers(
+    workers: Running,
+) -> None:
     proc, url, lines = workers
     statuses: list[int | str] = []
     stop = threading.Event()
@@ -134,7 +138,8 @@ def test_a_worker_killed_under_load_is_replaced_with_a_back_off_while_the_servic
             t.join(60)
     after = statuses[at_kill:]
     assert after.count(200) >= 40, after
-    assert len([s for s in statuses if s != 200]) <= 4, statuses  # at most the requests in flight on the victim
+    # at most the requests in flight on the victim
+    assert len([s for s in statuses if s != 200]) <= 4, statuses
     log = "".join(lines)
     assert f"worker {victim} was killed by SIGKILL" in log and "starting a new one in 0.5 s" in log, log
     assert proc.poll() is None
@@ -142,7 +147,8 @@ def test_a_worker_killed_under_load_is_replaced_with_a_back_off_while_the_servic
     # The replacement dies at once too: the next restart waits longer (a crash loop does not spin).
     replacement = _pids(lines)[2]
     os.kill(replacement, signal.SIGKILL)
-    _wait_for(lambda: f"worker {replacement} was killed by SIGKILL" in "".join(lines), "the second death", lines)
+    _wait_for(lambda: f"worker {replacement} was killed by SIGKILL" in "".join(lines), "the second death",
+              lines)
     assert "starting a new one in 1.0 s" in "".join(lines), "".join(lines)
     _wait_for(lambda: len(_pids(lines)) == 4, "another worker", lines)
     with httpx.Client(base_url=url, timeout=30) as client:

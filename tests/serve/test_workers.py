@@ -35,7 +35,8 @@ def _linear_bundle(root: Path) -> Bundle:
 
     w = np.random.default_rng(0).normal(size=(784, 10)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["images"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        [helper.make_node("Flatten", ["images"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"])],
         "linear",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 1, 28, 28])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
@@ -87,7 +88,8 @@ def post_until(url: str, statuses: list[int | str], stop: threading.Event, stop_
                     return
 
 
-def test_two_workers_share_the_port_metrics_and_shutdown(server: tuple[subprocess.Popen[str], str, list[str]]) -> None:
+def test_two_workers_share_the_port_metrics_and_shutdown(server: tuple[subprocess.Popen[str], str,
+                                                                       list[str]]) -> None:
     proc, url, lines = server
     end = time.monotonic() + 90  # the whole test's deadline
     with httpx.Client(base_url=url, timeout=30) as client:
@@ -107,7 +109,8 @@ def test_two_workers_share_the_port_metrics_and_shutdown(server: tuple[subproces
 
     with httpx.Client(base_url=url, timeout=30) as client:
         metrics = client.get("/metrics").text
-        pattern = r'kiln_request_duration_seconds_count\{model="digits",route="/v1/models/\{name\}/predict",status="200"\} (\S+)'
+        pattern = (r'kiln_request_duration_seconds_count\{model="digits",route="/v1/models/\{name\}/predict",'
+                   r'status="200"\} (\S+)')
         m = re.search(pattern, metrics)
         assert m is not None and float(m.group(1)) == sent, metrics  # summed over both workers
         assert 'kiln_backend_info{backend="onnxrt",device="cpu"' in metrics

@@ -69,7 +69,8 @@ def detector(root: Path) -> Bundle:
         kiln_version="0.1.0", task="detect", classes=["circle", "square"],
         input=InputSpec(name="images", shape=[3, 64, 64], batch=batch),
         outputs=[TensorSpec(name="boxes", shape=[a, 4]), TensorSpec(name="scores", shape=[a, 2])],
-        preprocess=Preprocess(mode="letterbox", size=(64, 64), channels="RGB", mean=[0.5] * 3, std=[0.25] * 3),
+        preprocess=Preprocess(mode="letterbox", size=(64, 64), channels="RGB", mean=[0.5] * 3,
+                              std=[0.25] * 3),
         postprocess={"score_threshold": 0.05, "iou_threshold": 0.5, "max_detections": 5}, architecture=arch,
     ))
     return _export(bundle, model, batch)

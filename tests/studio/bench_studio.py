@@ -32,7 +32,8 @@ import httpx
 
 
 def start_studio(ws: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "studio", "--workspace", str(ws), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "studio", "--workspace", str(ws), "--port",
+                             "0"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert proc.stderr is not None
     url = re.search(r"(http://\S+?)/", proc.stderr.readline()).group(1)  # type: ignore[union-attr]
@@ -50,7 +51,8 @@ def browser():  # type: ignore[no-untyped-def]
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1280,1000"):
         opts.add_argument(flag)
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 
@@ -112,9 +114,11 @@ def main() -> None:
             assert job["state"] == "done", job
             walls["studio"].append(job["ended"] - job["started"])
             speeds["studio"].append(images_per_s(ws / f"runs/studio{i}"))
-            argv = [a if not a.startswith("--out=") else f"--out=runs/terminal{i}" for a in shlex.split(command)[1:]]
+            argv = [a if not a.startswith("--out=")
+                    else f"--out=runs/terminal{i}" for a in shlex.split(command)[1:]]
             t0 = time.time()
-            cli = subprocess.run([sys.executable, "-m", "kiln.cli", *argv], cwd=ws, env=env, capture_output=True,
+            cli = subprocess.run([sys.executable, "-m", "kiln.cli", *argv], cwd=ws, env=env,
+                                 capture_output=True,
                                  text=True)
             walls["terminal"].append(time.time() - t0)
             assert cli.returncode == 0, cli.stderr[-2000:]
@@ -122,9 +126,11 @@ def main() -> None:
         ws_, wt = statistics.median(walls["studio"]), statistics.median(walls["terminal"])
         ss, st = statistics.median(speeds["studio"]), statistics.median(speeds["terminal"])
         ratio = ws_ / wt
-        print(f"a run of `{command}`, median of {args.repeats} alternated: studio {ws_:.1f} s, terminal {wt:.1f} s "
+        print(f"a run of `{command}`, median of {args.repeats} alternated: studio {ws_:.1f} s, terminal "
+              f"{wt:.1f} s "
               f"(wall, process start to exit): studio/terminal {ratio:.3f} "
-              f"({'within' if abs(ratio - 1) <= 0.10 else 'OUTSIDE'} 10%); training images/s studio {ss:.0f}, "
+              f"({'within' if abs(ratio - 1) <= 0.10 else 'OUTSIDE'} 10%); training images/s studio "
+              f"{ss:.0f}, "
               f"terminal {st:.0f}")
 
         # 3. curve latency: a new epoch row in metrics.csv until the chart on the page has one more point
@@ -136,12 +142,17 @@ def main() -> None:
         lat = []
         for _ in range(args.points):
             atomic_write_text(run / "metrics.csv", "\n".join(rows[:2]) + "\n")
-            until(lambda: d.execute_script("return document.getElementById('chart-loss').dataset.points") == "2")
+            until(
+                lambda: d.execute_script("return document.getElementById('chart-loss').dataset.points") == "2"
+            )
             atomic_write_text(run / "metrics.csv", "\n".join(rows[:3]) + "\n")
             t0 = time.perf_counter()
-            until(lambda: d.execute_script("return document.getElementById('chart-loss').dataset.points") == "4")
+            until(
+                lambda: d.execute_script("return document.getElementById('chart-loss').dataset.points") == "4"
+            )
             lat.append((time.perf_counter() - t0) * 1000)
-        print(f"metrics.csv row written -> point drawn, median of {args.points}: {statistics.median(lat):.0f} ms "
+        print(f"metrics.csv row written -> point drawn, median of {args.points}: "
+              f"{statistics.median(lat):.0f} ms "
               f"(max {max(lat):.0f})")
     finally:
         d.quit()

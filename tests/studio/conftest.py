@@ -40,7 +40,8 @@ def photo_folder(tmp_path: Path) -> Path:
         (root / name).mkdir(parents=True)
         for i in range(8):
             x, y = 40 * i, 30 * (i % 4)
-            img.crop((x, y, x + 160, y + 160)).resize((64, 64)).save(root / name / f"{name}-{i}.jpg", quality=90)
+            img.crop((x, y, x + 160, y + 160)).resize((64, 64)).save(root / name / f"{name}-{i}.jpg",
+                                                                     quality=90)
     return root
 
 

@@ -30,7 +30,8 @@ def det_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KILN_SHAPES_COUNT", SHAPES_COUNT)
         out = tmp_path_factory.mktemp("det") / "shapes"
-        train(TrainConfig(data="shapes", model="kiln-det-s", epochs=6, batch_size=16, image_size=96, out=str(out)),
+        train(TrainConfig(data="shapes", model="kiln-det-s", epochs=6, batch_size=16, image_size=96,
+                          out=str(out)),
               progress=False)
     yield out
 
@@ -59,7 +60,8 @@ def test_predict_gives_a_detectors_boxes_before_nms(client: TestClient, workspac
     from kiln.studio.routes_models import TEST_CONF
 
     run = copy_bundle(det_master, workspace, "shapes")
-    r = client.post("/api/predict", params={"run": run}, files=[("files", ("scene.png", scene.read_bytes(), "image/png"))],
+    r = client.post("/api/predict", params={"run": run},
+                    files=[("files", ("scene.png", scene.read_bytes(), "image/png"))],
                     headers=WRITE)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -99,7 +101,9 @@ def test_test_page_draws_detections_and_its_sliders_refilter_them_without_a_requ
     d = browser
     d.get(live_studio.url + "/#test")  # type: ignore[attr-defined]
     wait = WebDriverWait(d, 60)
-    wait.until(lambda x: "runs/shapes" in [o.text for o in x.find_elements(By.CSS_SELECTOR, "#test-run option")])
+    wait.until(
+        lambda x: "runs/shapes" in [o.text for o in x.find_elements(By.CSS_SELECTOR, "#test-run option")]
+    )
     Select(d.find_element(By.ID, "test-run")).select_by_value("runs/shapes")  # type: ignore[attr-defined]
 
     def listed() -> list[str]:
@@ -123,8 +127,10 @@ def test_test_page_draws_detections_and_its_sliders_refilter_them_without_a_requ
     assert len(listed()) < len(after_nms) or len(after_nms) == 1
     slide("kt-score", 0.0)
     painted = d.execute_script(  # type: ignore[attr-defined]
-        "const c = document.querySelector('.kt-canvas'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
-        "const seen = new Set(); for (let i = 0; i < d.length; i += 4) seen.add(d[i] + ',' + d[i+1] + ',' + d[i+2]);"
+        "const c = document.querySelector('.kt-canvas'); const d = c.getContext('2d').getImageData(0, 0, "
+        "c.width, c.height).data;"
+        "const seen = new Set(); for (let i = 0; i < d.length; i += 4) seen.add(d[i] + ',' + d[i+1] + ',' + "
+        "d[i+2]);"
         "return [...seen]")
     drawn = {"230,25,75", "60,180,75", "0,130,200"} & set(painted)  # the first three class colours
     labels = {b.split()[0] for b in every}

@@ -37,7 +37,8 @@ def shot(driver, name: str) -> None:  # type: ignore[no-untyped-def]
     driver.save_screenshot(str(SHOTS / f"{name}.png"))
 
 
-def test_studio_from_a_folder_of_photos_to_a_served_model(live_studio: LiveStudio, browser: object, photo_folder: Path,
+def test_studio_from_a_folder_of_photos_to_a_served_model(live_studio: LiveStudio, browser: object,
+                                                          photo_folder: Path,
                                                           digits_bundle: Path, tmp_path: Path) -> None:
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
@@ -59,23 +60,30 @@ def test_studio_from_a_folder_of_photos_to_a_served_model(live_studio: LiveStudi
     d.find_element(By.ID, "ds-add").click()  # type: ignore[attr-defined]
     wait.until(lambda x: f"folder:{photo_folder}" in x.find_element(By.ID, "ds-list").text)
     wait.until(lambda x: x.find_elements(By.CSS_SELECTOR, ".ds-counts tr"))
-    counts = js(d, "return [...document.querySelectorAll('.ds-counts tr')].slice(1).map(r => [...r.cells].map(c => c.innerText))")
+    counts = js(d,
+                "return [...document.querySelectorAll('.ds-counts tr')].slice(1).map(r => [...r.cells].map(c "
+                "=> c.innerText))")
     per_class = {row[0]: int(row[1]) + int(row[2]) for row in counts}
     assert per_class == {"china": 8, "flower": 8, "total": 16}, counts
-    wait.until(lambda x: js(x, "const i = document.querySelector('img.sheet'); return i && i.complete && i.naturalWidth > 0"))
+    wait.until(lambda x: js(x,
+                            "const i = document.querySelector('img.sheet'); return i && i.complete && "
+                            "i.naturalWidth > 0"))
     shot(d, "datasets")
 
     # New run: LeNet-5 (the smallest model) for 1 epoch on the photos at 32 px; its cost and command shown
     d.get(live_studio.url + "/#new")  # type: ignore[attr-defined]
     wait.until(lambda x: x.find_element(By.NAME, "epochs").get_attribute("value") == "20")
-    for field, value in (("data", f"folder:{photo_folder}"), ("model", "lenet5"), ("epochs", "1"), ("image_size", "32"),
+    for field, value in (("data", f"folder:{photo_folder}"), ("model", "lenet5"), ("epochs", "1"),
+                         ("image_size", "32"),
                          ("name", "first")):
         box = d.find_element(By.NAME, field)  # type: ignore[attr-defined]
         box.clear()
         box.send_keys(value)
     wait.until(lambda x: "GFLOPs per 32x32 image" in x.find_element(By.ID, "new-cost").text)
     assert d.find_element(By.ID, "new-cost").text.startswith("lenet5: 0.06M parameters")  # type: ignore[attr-defined]
-    command = f"kiln train --data=folder:{photo_folder} --model=lenet5 --epochs=1 --image-size=32 --out=runs/first"
+    command = (
+        f"kiln train --data=folder:{photo_folder} --model=lenet5 --epochs=1 --image-size=32 --out=runs/first"
+    )
     wait.until(lambda x: x.find_element(By.ID, "new-command").text == command,
                f"the command shown is not {command!r}")
     shot(d, "new-run")
@@ -83,7 +91,9 @@ def test_studio_from_a_folder_of_photos_to_a_served_model(live_studio: LiveStudi
 
     # Runs: the live curve gains its point, the run ends done
     wait.until(lambda x: x.find_element(By.ID, "run-title").text == "runs/first")
-    long_wait.until(lambda x: js(x, "return document.getElementById('chart-metric').dataset.points") in ("2",))
+    long_wait.until(
+        lambda x: js(x, "return document.getElementById('chart-metric').dataset.points") in ("2",)
+    )
     long_wait.until(lambda x: "done" in x.find_element(By.ID, "run-status").text)
     shot(d, "runs")
 
@@ -94,7 +104,9 @@ def test_studio_from_a_folder_of_photos_to_a_served_model(live_studio: LiveStudi
         box.click()
     d.find_element(By.ID, "cmp-go").click()  # type: ignore[attr-defined]
     wait.until(lambda x: len(x.find_elements(By.CSS_SELECTOR, "#cmp-table tr")) == 3)
-    rows = js(d, "return [...document.querySelectorAll('#cmp-table tr')].slice(1).map(r => r.cells[0].innerText)")
+    rows = js(
+        d, "return [...document.querySelectorAll('#cmp-table tr')].slice(1).map(r => r.cells[0].innerText)"
+    )
     assert sorted(rows) == ["runs/digits-cli", "runs/first"]
     assert int(js(d, "return document.getElementById('cmp-metric').dataset.points")) == 5  # 4 + 1 epochs
     shot(d, "compare")
@@ -109,7 +121,9 @@ def test_studio_from_a_folder_of_photos_to_a_served_model(live_studio: LiveStudi
     calib.send_keys("16")
     d.find_element(By.ID, "ex-go").click()  # type: ignore[attr-defined]
     long_wait.until(lambda x: len(x.find_elements(By.CSS_SELECTOR, "#ex-table tr.artifact-row")) >= 3)
-    table = js(d, "return [...document.querySelectorAll('#ex-table tr.artifact-row')].map(r => [...r.cells].map(c => c.innerText))")
+    table = js(d,
+               "return [...document.querySelectorAll('#ex-table tr.artifact-row')].map(r => "
+               "[...r.cells].map(c => c.innerText))")
     by_file = {row[0]: row for row in table}
     assert {"model.pt", "model.onnx", "model.int8.onnx"} <= set(by_file), table
     assert by_file["model.int8.onnx"][2] == "int8" and float(by_file["model.int8.onnx"][4]) >= 0
@@ -119,28 +133,37 @@ def test_studio_from_a_folder_of_photos_to_a_served_model(live_studio: LiveStudi
     # a cell's images, and one of them picked and tested
     photos = sorted(photo_folder.glob("*/*-0.jpg"))
     d.get(live_studio.url + "/#test")  # type: ignore[attr-defined]
-    wait.until(lambda x: "runs/first" in [o.text for o in x.find_elements(By.CSS_SELECTOR, "#test-run option")])
+    wait.until(
+        lambda x: "runs/first" in [o.text for o in x.find_elements(By.CSS_SELECTOR, "#test-run option")]
+    )
     Select(d.find_element(By.ID, "test-run")).select_by_value("runs/first")  # type: ignore[attr-defined]
     Select(d.find_element(By.ID, "test-precision")).select_by_visible_text("int8")  # type: ignore[attr-defined]
     d.find_element(By.CSS_SELECTOR, "#test-panel .kt-file").send_keys("\n".join(map(str, photos)))  # type: ignore[attr-defined]
-    wait.until(lambda x: len(x.find_elements(By.CSS_SELECTOR, ".kt-card .kt-bar")) == 4)  # 2 photos x 2 classes
+    # 2 photos x 2 classes
+    wait.until(lambda x: len(x.find_elements(By.CSS_SELECTOR, ".kt-card .kt-bar")) == 4)
     assert js(d, "return document.querySelector('.kt-status').innerText").endswith("int8")
     assert js(d, "return [...document.querySelectorAll('.kt-ms')].every(m => m.innerText.endsWith(' ms'))")
     d.find_element(By.ID, "val-load").click()  # type: ignore[attr-defined]
     wait.until(lambda x: x.find_elements(By.CSS_SELECTOR, ".confusion td"))
     cells = js(d, "return [...document.querySelectorAll('.confusion td')].map(c => +c.innerText)")
-    assert len(cells) == 4 and sum(cells) == int(js(d, "return document.getElementById('val-status').innerText.split(' ')[0]"))
+    assert len(cells) == 4 and sum(cells) == int(
+        js(d, "return document.getElementById('val-status').innerText.split(' ')[0]")
+    )
     js(d, "[...document.querySelectorAll('.confusion td')].find(c => +c.innerText > 0).click()")
-    wait.until(lambda x: js(x, "return [...document.querySelectorAll('.val-item img')].every(i => i.complete && i.naturalWidth > 0)"
-                              " && document.querySelectorAll('.val-item').length > 0"))
+    wait.until(lambda x: js(x, "return [...document.querySelectorAll('.val-item img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)"
+                               " && document.querySelectorAll('.val-item').length > 0"))
     d.find_element(By.CSS_SELECTOR, ".val-item").click()  # type: ignore[attr-defined]
     d.find_element(By.ID, "val-test").click()  # type: ignore[attr-defined]
-    wait.until(lambda x: len(x.find_elements(By.CSS_SELECTOR, ".kt-card")) == 1 and x.find_elements(By.CSS_SELECTOR, ".kt-bar"))
+    wait.until(lambda x: len(x.find_elements(By.CSS_SELECTOR, ".kt-card")) == 1
+               and x.find_elements(By.CSS_SELECTOR, ".kt-bar"))
     shot(d, "test")
 
     # Serve: the INT8 model started from the page and called with the copied curl line
     d.get(live_studio.url + "/#serve")  # type: ignore[attr-defined]
-    wait.until(lambda x: "runs/first" in [o.text for o in x.find_elements(By.CSS_SELECTOR, "#serve-run option")])
+    wait.until(
+        lambda x: "runs/first" in [o.text for o in x.find_elements(By.CSS_SELECTOR, "#serve-run option")]
+    )
     Select(d.find_element(By.ID, "serve-run")).select_by_value("runs/first")  # type: ignore[attr-defined]
     Select(d.find_element(By.ID, "serve-precision")).select_by_visible_text("int8")  # type: ignore[attr-defined]
     d.find_element(By.ID, "serve-go").click()  # type: ignore[attr-defined]

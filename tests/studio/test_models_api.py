@@ -39,7 +39,8 @@ def two_runs(workspace: Path, digits_bundle: Path) -> tuple[str, str]:
     return a, b
 
 
-def test_compare_gives_curves_parameters_and_sizes(client: TestClient, two_runs: tuple[str, str], workspace: Path) -> None:
+def test_compare_gives_curves_parameters_and_sizes(client: TestClient, two_runs: tuple[str, str],
+                                                   workspace: Path) -> None:
     a, b = two_runs
     manifest = json.loads((workspace / b / "kiln.json").read_text())
     manifest["training"].pop("parameters")  # as a bundle from before kiln.json recorded it
@@ -54,13 +55,15 @@ def test_compare_gives_curves_parameters_and_sizes(client: TestClient, two_runs:
     assert client.get("/api/compare", params={"run": "runs/none"}).status_code == 404
 
 
-def test_test_panel_predicts_top_k_with_latency(client: TestClient, two_runs: tuple[str, str], tmp_path: Path) -> None:
+def test_test_panel_predicts_top_k_with_latency(client: TestClient, two_runs: tuple[str, str],
+                                                tmp_path: Path) -> None:
     data, label = digit_png(0)
     from sklearn.datasets import load_sample_images
 
     photo = io.BytesIO()
     Image.fromarray(load_sample_images().images[1]).save(photo, "JPEG")
-    files = [("files", ("zero.png", data, "image/png")), ("files", ("flower.jpg", photo.getvalue(), "image/jpeg")),
+    files = [("files", ("zero.png", data, "image/png")),
+             ("files", ("flower.jpg", photo.getvalue(), "image/jpeg")),
              ("files", ("broken.png", b"not an image", "image/png"))]
     r = client.post("/api/predict", params={"run": two_runs[0]}, files=files, headers=WRITE)
     assert r.status_code == 200, r.text
@@ -71,17 +74,22 @@ def test_test_panel_predicts_top_k_with_latency(client: TestClient, two_runs: tu
     assert len(first["top_k"]) == 5 and sum(t["score"] for t in first["top_k"]) <= 1.0 + 1e-6
     assert (photo_res["width"], photo_res["height"]) == (640, 427)
     assert "error" in broken and broken["name"] == "broken.png"
-    assert client.post("/api/predict", params={"run": two_runs[0]}, files=files).status_code == 403  # no header
+    # no header
+    assert client.post("/api/predict", params={"run": two_runs[0]}, files=files).status_code == 403
 
 
-def test_export_runs_kiln_export_and_reads_the_bench_table(client: TestClient, two_runs: tuple[str, str]) -> None:
+def test_export_runs_kiln_export_and_reads_the_bench_table(client: TestClient,
+                                                           two_runs: tuple[str, str]) -> None:
     run = two_runs[0]
-    body = {"run": run, "precisions": ["fp32", "int8"], "calib_method": "minmax", "calib_images": 64, "bench_iters": 3}
+    body = {"run": run, "precisions": ["fp32", "int8"], "calib_method": "minmax", "calib_images": 64,
+            "bench_iters": 3}
     assert client.post("/api/export", json={**body, "precisions": ["fp64"]}, headers=WRITE).status_code == 400
     r = client.post("/api/export", json=body, headers=WRITE)
     assert r.status_code == 202, r.text
-    assert r.json()["command"] == (f"kiln export --precision=fp32,int8 --calib-method=minmax --int8-layout=tensorrt "
-                                   f"--calib-images=64 {run} && kiln eval {run} --bench --json --bench-iters=3")
+    assert r.json()["command"] == ("kiln export --precision=fp32,int8 --calib-method=minmax "
+                                   "--int8-layout=tensorrt "
+                                   f"--calib-images=64 {run} && kiln eval {run} --bench --json "
+                                   "--bench-iters=3")
     assert client.post("/api/export", json=body, headers=WRITE).status_code == 409  # queued already
     job = runner(client).wait(r.json()["job"]["id"], 600)
     assert job.state == "done", Path(job.log).read_text()[-3000:]
@@ -106,13 +114,16 @@ def test_serve_starts_kiln_serve_and_the_copied_curl_line_works(client: TestClie
         server = wait_for(lambda: next((s for s in client.get("/api/serve").json() if s["ready"]), None), 120,
                           "kiln serve to be ready", interval=0.3)
         data, label = digit_png(3)
-        (tmp_path / "image.jpg").write_bytes(data)  # the snippet names image.jpg; curl sends whatever it holds
-        out = subprocess.run(shlex.split(server["snippets"]["curl"]), cwd=tmp_path, capture_output=True, text=True,
+        # the snippet names image.jpg; curl sends whatever it holds
+        (tmp_path / "image.jpg").write_bytes(data)
+        out = subprocess.run(shlex.split(server["snippets"]["curl"]), cwd=tmp_path, capture_output=True,
+                             text=True,
                              timeout=60)
         answer = json.loads(out.stdout)
         assert answer["predictions"][0]["top_k"][0]["label"] == str(label)
         for name in ("python", "tritonclient"):  # the other snippets run as copied
-            ran = subprocess.run([sys.executable, "-c", server["snippets"][name]], cwd=tmp_path, capture_output=True,
+            ran = subprocess.run([sys.executable, "-c", server["snippets"][name]], cwd=tmp_path,
+                                 capture_output=True,
                                  text=True, timeout=120)
             assert ran.returncode == 0, (name, ran.stderr[-2000:])
             assert "digits-cli" in ran.stdout or "top_k" in ran.stdout or "outputs" in ran.stdout, ran.stdout
@@ -127,7 +138,8 @@ def test_serve_starts_kiln_serve_and_the_copied_curl_line_works(client: TestClie
             jobs.wait(job_id, 30)
 
 
-def test_downloads_give_an_artifact_and_the_bundle_zip(client: TestClient, two_runs: tuple[str, str], workspace: Path) -> None:
+def test_downloads_give_an_artifact_and_the_bundle_zip(client: TestClient, two_runs: tuple[str, str],
+                                                       workspace: Path) -> None:
     run = two_runs[0]
     r = client.get("/api/download", params={"run": run, "file": "model.pt"})
     assert r.status_code == 200 and r.content == (workspace / run / "model.pt").read_bytes()
@@ -143,18 +155,26 @@ def test_downloads_give_an_artifact_and_the_bundle_zip(client: TestClient, two_r
 def test_datasets_are_added_from_the_allowed_roots(client: TestClient, photo_folder: Path) -> None:
     r = client.post("/api/datasets", json={"spec": f"folder:{photo_folder}"}, headers=WRITE)
     assert r.status_code == 201 and r.json()["task"] == "classify"
-    assert client.post("/api/datasets", json={"spec": "folder:" + str(photo_folder / "missing")}, headers=WRITE).status_code == 404
+    assert (
+        client.post(
+            "/api/datasets", json={"spec": "folder:" + str(photo_folder / "missing")}, headers=WRITE
+        ).status_code
+        == 404
+    )
     assert client.post("/api/datasets", json={"spec": "nosuch:x"}, headers=WRITE).status_code == 400
     assert [d["spec"] for d in client.get("/api/datasets").json()] == [f"folder:{photo_folder}"]
     listing = client.get("/api/fs", params={"path": str(photo_folder)}).json()
     assert [e["name"] for e in listing["entries"]] == ["china", "flower"]
     report = client.get("/api/datasets/inspect", params={"spec": f"folder:{photo_folder}"}).json()
     assert report["classes"] == ["china", "flower"]
-    assert {c: report["train"]["per_class"][c] + report["val"]["per_class"][c] for c in report["classes"]} == \
-        {"china": 8, "flower": 8}
+    assert {
+        c: report["train"]["per_class"][c] + report["val"]["per_class"][c] for c in report["classes"]
+    } == {"china": 8, "flower": 8}
     sheet = client.get("/api/datasets/sheet", params={"spec": f"folder:{photo_folder}", "per_class": 4})
-    assert sheet.status_code == 200 and Image.open(io.BytesIO(sheet.content)).height >= 2 * 64  # a row per class
-    assert client.get("/api/datasets/inspect", params={"spec": "folder:/etc"}).status_code == 404  # never added
+    # a row per class
+    assert sheet.status_code == 200 and Image.open(io.BytesIO(sheet.content)).height >= 2 * 64
+    # never added
+    assert client.get("/api/datasets/inspect", params={"spec": "folder:/etc"}).status_code == 404
     thumb = client.get("/api/thumb", params={"path": str(photo_folder / "china" / "china-0.jpg"), "size": 32})
     assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).size == (32, 32)
 
@@ -169,7 +189,11 @@ def test_resolve_fills_blank_fields_as_kiln_train_would(client: TestClient, phot
     assert r.status_code == 200, r.text
     expected = resolve_settings(TrainConfig(**form, out="x"), open_dataset(form["data"])[0])  # type: ignore[arg-type]
     got = r.json()
-    assert (got["model"], got["batch_size"], got["image_size"]) == (expected.cfg.model, expected.batch_size, list(expected.pre.size))
+    assert (got["model"], got["batch_size"], got["image_size"]) == (
+        expected.cfg.model,
+        expected.batch_size,
+        list(expected.pre.size),
+    )
     assert got["image_size"] == [64, 64] and got["classes"] == ["china", "flower"]
 
 

@@ -20,7 +20,8 @@ from kiln.studio.store import JobStore
 from .conftest import WRITE, LiveStudio, copy_bundle, runner, wait_for
 
 
-def test_run_from_the_form_trains_as_kiln_train_and_runs_one_at_a_time(client: TestClient, workspace: Path) -> None:
+def test_run_from_the_form_trains_as_kiln_train_and_runs_one_at_a_time(client: TestClient,
+                                                                       workspace: Path) -> None:
     r = client.post("/api/runs", json={"epochs": 1, "name": "a", "optimizer": "sgd"}, headers=WRITE)
     assert r.status_code == 202
     assert r.json()["command"] == "kiln train --optimizer=sgd --epochs=1 --out=runs/a"
@@ -31,7 +32,8 @@ def test_run_from_the_form_trains_as_kiln_train_and_runs_one_at_a_time(client: T
     assert states == {"runs/a": "running", "runs/b": "queued"}
     r = client.post("/api/runs", json={"epochs": 1, "name": "c", "queue": False}, headers=WRITE)
     assert r.status_code == 409 and "one run at a time" in r.json()["error"]
-    assert client.post("/api/runs", json={"epochs": 1, "name": "a"}, headers=WRITE).status_code == 409  # same folder
+    # same folder
+    assert client.post("/api/runs", json={"epochs": 1, "name": "a"}, headers=WRITE).status_code == 409
     client.post("/api/run/stop", json={"run": "runs/b"}, headers=WRITE)  # a queued run never starts
     job = jobs.wait(1, 120)
     assert job.state == "done", Path(job.log).read_text()[-2000:]
@@ -86,7 +88,11 @@ def test_restart_follows_a_live_job_and_marks_a_gone_one_interrupted(cfg: Studio
         store.close()
         with TestClient(build_app(cfg, start_runner=False), base_url="http://127.0.0.1") as client:
             states = {j["run"]: j["state"] for j in client.get("/api/jobs").json()}
-            assert states == {"runs/gone": "interrupted", "runs/live": "running", "runs/reused": "interrupted"}
+            assert states == {
+                "runs/gone": "interrupted",
+                "runs/live": "running",
+                "runs/reused": "interrupted",
+            }
             live.kill()
             live.wait()
             runner(client).tick()
@@ -96,13 +102,16 @@ def test_restart_follows_a_live_job_and_marks_a_gone_one_interrupted(cfg: Studio
         live.wait()
 
 
-def test_runs_started_from_the_command_line_appear(client: TestClient, workspace: Path, digits_bundle: Path) -> None:
+def test_runs_started_from_the_command_line_appear(client: TestClient, workspace: Path,
+                                                   digits_bundle: Path) -> None:
     copy_bundle(digits_bundle, workspace, "from-cli")
     (workspace / "notes").mkdir()
     runs = client.get("/api/runs").json()
     assert [r["run"] for r in runs] == ["runs/from-cli"]
     r = runs[0]
-    assert r["state"] == "done" and r["model"] == "lenet5" and r["epochs_done"] == 4 and r["best"]["top1"] > 80
+    assert (
+        r["state"] == "done" and r["model"] == "lenet5" and r["epochs_done"] == 4 and r["best"]["top1"] > 80
+    )
 
 
 def test_curves_gain_a_point_over_server_sent_events(live_studio: LiveStudio, digits_bundle: Path) -> None:
@@ -121,7 +130,8 @@ def test_curves_gain_a_point_over_server_sent_events(live_studio: LiveStudio, di
         atomic_write_text(csv_path, "\n".join(lines[:4]) + "\n")
         written = time.monotonic()
         assert len(next(events)["metrics"]) == 3
-        assert time.monotonic() - written < 10  # a deadline, not a benchmark (docs/BENCHMARKS.md has the figure)
+        # a deadline, not a benchmark (docs/BENCHMARKS.md has the figure)
+        assert time.monotonic() - written < 10
     with httpx.stream("GET", url, params=params, timeout=30) as reloaded:  # a reload gets the current state
         assert len(next(_events(reloaded.iter_lines()))["metrics"]) == 3
 
@@ -138,7 +148,15 @@ def test_progress_bar_updates_give_steps_and_eta() -> None:
            "epoch 2/3:  25%|##5       | 5/20 [00:01<00:03, 5.0it/s, loss=0.7000, acc=70.0%, img/s=320]\r")
     assert step_points(log) == [[0.5, 1.2], [1.0, 0.9], [1.25, 0.7]]
     p = progress(log)
-    assert p == {"epoch": 2, "epochs": 3, "batch": 5, "batches": 20, "elapsed_s": 1.0, "remaining_s": 3.0, "loss": 0.7}
+    assert p == {
+        "epoch": 2,
+        "epochs": 3,
+        "batch": 5,
+        "batches": 20,
+        "elapsed_s": 1.0,
+        "remaining_s": 3.0,
+        "loss": 0.7,
+    }
     rows = [{"epoch": 1, "epoch_s": 4.0}]
     assert eta_seconds(rows, 3, p) == (3 - 1 - 0.25) * 4.0
     assert eta_seconds([], 3, {**p, "epoch": 1}) == (3 - 0.25) * 4.0  # from the bar alone: 1 s for a quarter

@@ -30,10 +30,14 @@ def test_non_loopback_host_without_token_is_refused(workspace: Path, monkeypatch
 
 def test_cli_refuses_non_loopback_host_without_token_in_one_line(workspace: Path) -> None:
     env = {"PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "kiln.cli", "studio", "--workspace", str(workspace), "--host", "0.0.0.0"],
+    out = subprocess.run([sys.executable, "-m", "kiln.cli", "studio", "--workspace", str(workspace), "--host",
+                          "0.0.0.0"],
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2
-    assert out.stderr.startswith("kiln studio: error: --host 0.0.0.0 is reachable") and out.stderr.count("\n") == 1
+    assert (
+        out.stderr.startswith("kiln studio: error: --host 0.0.0.0 is reachable")
+        and out.stderr.count("\n") == 1
+    )
 
 
 @pytest.fixture
@@ -44,7 +48,8 @@ def token_client(workspace: Path) -> TestClient:
 
 def test_every_api_call_needs_the_token(token_client: TestClient) -> None:
     with token_client as c:
-        for method, path in (("GET", "/api/runs"), ("GET", "/api/info"), ("POST", "/api/runs"), ("DELETE", "/api/run?run=x"),
+        for method, path in (("GET", "/api/runs"), ("GET", "/api/info"), ("POST", "/api/runs"),
+                             ("DELETE", "/api/run?run=x"),
                              ("POST", "/api/predict?run=x"), ("GET", "/api/run/events?run=x")):
             r = c.request(method, path, headers=WRITE)
             assert r.status_code == 401, (method, path)
@@ -52,16 +57,20 @@ def test_every_api_call_needs_the_token(token_client: TestClient) -> None:
         assert c.get("/api/runs", headers={"X-Kiln-Token": "wrong-token-value"}).status_code == 401
         assert c.get("/api/runs", headers={"X-Kiln-Token": TOKEN}).status_code == 200
         assert c.get("/api/runs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
-        assert c.get(f"/api/runs?token={TOKEN}").status_code == 200  # EventSource and links cannot set headers
+        # EventSource and links cannot set headers
+        assert c.get(f"/api/runs?token={TOKEN}").status_code == 200
         # a write never takes the token from the address (it would end up in logs and history)
-        assert c.post(f"/api/datasets?token={TOKEN}", json={"spec": "digits"}, headers=WRITE).status_code == 401
+        assert (
+            c.post(f"/api/datasets?token={TOKEN}", json={"spec": "digits"}, headers=WRITE).status_code == 401
+        )
         assert c.get("/").status_code == 200  # the page itself holds no data
 
 
 def test_state_changing_calls_need_the_custom_header_and_own_origin(client: TestClient) -> None:
     r = client.post("/api/datasets", json={"spec": "digits"})
     assert r.status_code == 403 and "x-kiln-studio" in r.json()["error"]
-    r = client.post("/api/datasets", json={"spec": "digits"}, headers={**WRITE, "Origin": "http://evil.example"})
+    r = client.post("/api/datasets", json={"spec": "digits"},
+                    headers={**WRITE, "Origin": "http://evil.example"})
     assert r.status_code == 403 and "cross-site" in r.json()["error"]
     r = client.post("/api/datasets", json={"spec": "digits"}, headers={**WRITE, "Origin": "http://127.0.0.1"})
     assert r.status_code == 201
@@ -79,12 +88,16 @@ def test_loopback_studio_refuses_a_foreign_host_name(client: TestClient) -> None
 def test_paths_outside_the_roots_are_refused(client: TestClient, workspace: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     (outside / "a").mkdir(parents=True)
-    for spec in (f"folder:{outside}", "folder:/etc", f"folder:{workspace}/../outside", "coco:/etc/passwd:/etc"):
+    for spec in (f"folder:{outside}", "folder:/etc", f"folder:{workspace}/../outside",
+                 "coco:/etc/passwd:/etc"):
         r = client.post("/api/datasets", json={"spec": spec}, headers=WRITE)
         assert r.status_code == 403, spec
         assert "outside the folders" in r.json()["error"]
     (workspace / "link").symlink_to(outside)
-    assert client.post("/api/datasets", json={"spec": f"folder:{workspace}/link"}, headers=WRITE).status_code == 403
+    assert (
+        client.post("/api/datasets", json={"spec": f"folder:{workspace}/link"}, headers=WRITE).status_code
+        == 403
+    )
     assert client.get("/api/fs", params={"path": "/etc"}).status_code == 403
     assert client.get("/api/thumb", params={"path": "/etc/passwd"}).status_code == 403
     assert client.get("/api/run", params={"run": "../outside"}).status_code == 403
@@ -97,7 +110,8 @@ def test_paths_outside_the_roots_are_refused(client: TestClient, workspace: Path
 
 
 def test_form_values_never_become_flags(client: TestClient) -> None:
-    r = client.post("/api/train/command", json={"model": "--epochs=99", "epochs": 1, "name": "x"}, headers=WRITE)
+    r = client.post("/api/train/command", json={"model": "--epochs=99", "epochs": 1, "name": "x"},
+                    headers=WRITE)
     assert r.status_code == 200
     assert r.json()["argv"] == ["train", "--model=--epochs=99", "--epochs=1", "--out=runs/x"]
     r = client.post("/api/train/command", json={"epochs": 0}, headers=WRITE)

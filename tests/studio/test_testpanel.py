@@ -28,7 +28,8 @@ ANSWER = {"task": "detect", "backend": "stub", "precision": "fp32", "results": [
 @pytest.fixture
 def page(tmp_path: Path) -> Iterator[object]:
     html = tmp_path / "panel.html"
-    html.write_text(f"""<!doctype html><html><head><link rel="stylesheet" href="{STATIC / 'testpanel.css'}"></head><body>
+    html.write_text("<!doctype html><html><head>"
+                    f"""<link rel="stylesheet" href="{STATIC / 'testpanel.css'}"></head><body>
 <div id="panel"></div><script src="{STATIC / 'testpanel.js'}"></script>
 <script>window.calls = 0; window.answer = null;
 KilnTestPanel.mount(document.getElementById("panel"), {{score: 0.25, iou: 0.45,
@@ -70,8 +71,10 @@ def test_detection_sliders_refilter_boxes_without_a_new_request(page: object, tm
     assert len(set(swatches)) == 2  # a colour per class
     # the boxes are drawn on the image: pixels of the circle's colour and of the square's
     colours = d.execute_script(  # type: ignore[attr-defined]
-        "const c = document.querySelector('.kt-canvas'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
-        "const seen = new Set(); for (let i = 0; i < d.length; i += 4) { if (d[i] + d[i+1] + d[i+2] > 150) seen.add(d[i] + ',' + d[i+1] + ',' + d[i+2]); }"
+        "const c = document.querySelector('.kt-canvas'); const d = c.getContext('2d').getImageData(0, 0, "
+        "c.width, c.height).data;"
+        "const seen = new Set(); for (let i = 0; i < d.length; i += 4) { if (d[i] + d[i+1] + d[i+2] > 150) "
+        "seen.add(d[i] + ',' + d[i+1] + ',' + d[i+2]); }"
         "return [...seen]")
     assert "230,25,75" in colours and "60,180,75" in colours
 
@@ -82,12 +85,14 @@ def test_classification_answers_show_bars(page: object, tmp_path: Path) -> None:
 
     d = page
     answer = {"task": "classify", "results": [{"name": "scene.png", "width": 200, "height": 100, "ms": 2.0,
-                                               "top_k": [{"label": "cat", "score": 0.75}, {"label": "dog", "score": 0.25}]}]}
+                                               "top_k": [{"label": "cat", "score": 0.75},
+                                                         {"label": "dog", "score": 0.25}]}]}
     d.execute_script(f"window.answer = {json.dumps(answer)}")  # type: ignore[attr-defined]
     d.find_element(By.CSS_SELECTOR, ".kt-file").send_keys(str(tmp_path / "scene.png"))  # type: ignore[attr-defined]
     WebDriverWait(d, 15).until(lambda x: x.find_elements(By.CSS_SELECTOR, ".kt-bar"))
     bars = d.execute_script(  # type: ignore[attr-defined]
-        "return [...document.querySelectorAll('.kt-bar')].map(b => [b.innerText.split('\\n')[0], b.querySelector('.kt-bar-fill').style.width])")
+        "return [...document.querySelectorAll('.kt-bar')].map(b => [b.innerText.split('\\n')[0], "
+        "b.querySelector('.kt-bar-fill').style.width])")
     assert bars == [["cat", "75%"], ["dog", "25%"]]
     assert d.find_element(By.CSS_SELECTOR, ".kt-controls").get_attribute("hidden") is not None  # type: ignore[attr-defined]
     assert d.find_element(By.CSS_SELECTOR, ".kt-ms").text == "2.0 ms"  # type: ignore[attr-defined]

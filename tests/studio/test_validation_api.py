@@ -13,8 +13,9 @@ from PIL import Image
 from .conftest import copy_bundle
 
 
-def test_validation_confusion_matches_kiln_eval_and_lists_each_cells_images(client: TestClient, workspace: Path,
-                                                                           digits_bundle: Path) -> None:
+def test_validation_confusion_matches_kiln_eval_and_lists_each_cells_images(
+    client: TestClient, workspace: Path, digits_bundle: Path
+) -> None:
     from kiln.bundle import Bundle
     from kiln.evaluate import evaluate_backend
     from kiln.runtime import load
@@ -48,7 +49,8 @@ def test_validation_confusion_matches_kiln_eval_and_lists_each_cells_images(clie
     img = Image.open(io.BytesIO(png.content))
     assert img.size == (8, 8) and img.mode == "L"  # scikit-learn's digits as the split holds them
     files = [("files", ("val.png", png.content, "image/png"))]
-    answer = client.post("/api/predict", params={"run": run}, files=files, headers={"X-Kiln-Studio": "1"}).json()
+    answer = client.post("/api/predict", params={"run": run}, files=files,
+                         headers={"X-Kiln-Studio": "1"}).json()
     assert answer["results"][0]["top_k"][0]["label"] == val["classes"][miss["pred"]]
     thumb = client.get("/api/val/image", params={"run": run, "i": 0, "size": 16})
     assert Image.open(io.BytesIO(thumb.content)).size == (8, 8)  # a thumbnail never enlarges
@@ -67,7 +69,10 @@ def test_model_cost_is_kilns_model_cost_and_cached(client: TestClient) -> None:
     body = r.json()
     assert body["parameters"] == 11_689_512 and abs(body["gflops"] - 1.82) < 0.01  # torchvision's table
     hits = routes_runs._cost.cache_info().hits
-    assert client.get("/api/train/cost", params={"model": "resnet18", "image_size": 224, "classes": 1000}).json() == body
+    assert (
+        client.get("/api/train/cost", params={"model": "resnet18", "image_size": 224, "classes": 1000}).json()
+        == body
+    )
     assert routes_runs._cost.cache_info().hits == hits + 1  # the second ask builds nothing
     lenet = client.get("/api/train/cost", params={"model": "lenet5", "channels": 1}).json()
     assert (lenet["image_size"], lenet["parameters"]) == (28, 61_706)  # the model's own side by default

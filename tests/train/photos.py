@@ -61,7 +61,8 @@ def write_photo_crops(root: str | Path, *, per_class: int = 60, size: int = 64, 
             side = int(rng.integers(48, min(129, r1 - r0, c1 - c0)))
             y = int(rng.integers(r0, r1 - side + 1))
             x = int(rng.integers(c0, c1 - side + 1))
-            crop = Image.fromarray(img[y:y + side, x:x + side]).resize((size, size), Image.Resampling.BILINEAR)
+            crop = Image.fromarray(img[y:y + side, x:x + side]).resize((size, size),
+                                                                       Image.Resampling.BILINEAR)
             crops.append((cls, crop))
     names = list(regions)
     labels = [c for c, _ in crops]

@@ -36,7 +36,8 @@ def _idx(arr: np.ndarray) -> bytes:
 def test_mnist_idx(tmp_path: Path, gz: bool):
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 20), ("t10k", 8)):
-        for kind, arr in (("images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28))), ("labels-idx1-ubyte", rng.integers(0, 10, n))):
+        for kind, arr in (("images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28))),
+                          ("labels-idx1-ubyte", rng.integers(0, 10, n))):
             data = _idx(arr)
             path = tmp_path / f"{prefix}-{kind}"
             if gz:
@@ -62,7 +63,8 @@ def test_cifar10_batches(tmp_path: Path):
         pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, fh)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(root / name, "wb") as fh:
-            pickle.dump({b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": list(range(4))}, fh)
+            pickle.dump({b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": list(range(4))},
+                        fh)
     tr, va = open_dataset(f"cifar10:{tmp_path}")
     assert len(tr) == 20 and len(va) == 4 and tr.classes[3] == "c3"
     assert tr.image(0).mode == "RGB" and tr.image(0).size == (32, 32)

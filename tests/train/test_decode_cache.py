@@ -30,7 +30,8 @@ def _large_jpegs(root: Path, per_class: int = 4) -> str:
         (root / cls).mkdir(parents=True)
         for i in range(per_class):
             y, x = int(rng.integers(0, 100)), int(rng.integers(0, 200))
-            crop = Image.fromarray(pics[name][y:y + 300, x:x + 375]).resize((1200, 960), Image.Resampling.BILINEAR)
+            crop = Image.fromarray(pics[name][y:y + 300,
+                                              x:x + 375]).resize((1200, 960), Image.Resampling.BILINEAR)
             crop.save(root / cls / f"{i}.jpg", quality=90)
     return f"folder:{root}"
 
@@ -69,9 +70,12 @@ def test_a_spec_with_another_scale_decodes_the_file_again(tmp_path: Path) -> Non
     data = _large_jpegs(tmp_path / "set", per_class=2)
     train, _ = open_dataset(data)
     small = Preprocess(mode="resize", size=(112, 112), channels="RGB", mean=[0.0] * 3, std=[1.0] * 3)
-    assert train.cache_fits(0, Preprocess(mode="resize", size=(224, 224), channels="RGB", mean=[0.0] * 3, std=[1.0] * 3))
+    assert train.cache_fits(0,
+                            Preprocess(mode="resize", size=(224, 224), channels="RGB", mean=[0.0] * 3,
+                                       std=[1.0] * 3))
     assert not train.cache_fits(0, small) and not train.cache_fits(0, None)
-    assert np.array_equal(np.asarray(train.image(0, small)), np.asarray(load_image(str(train.images[0]), spec=small)))
+    assert np.array_equal(np.asarray(train.image(0, small)),
+                          np.asarray(load_image(str(train.images[0]), spec=small)))
     assert np.array_equal(np.asarray(train.image(0)), np.asarray(load_image(str(train.images[0]))))
 
 
@@ -79,7 +83,8 @@ def test_a_spec_with_another_scale_decodes_the_file_again(tmp_path: Path) -> Non
 @pytest.mark.parametrize(("stored", "spec"), [
     ((1920, 1080), Preprocess(mode="resize", size=(224, 224), channels="RGB", mean=[0.0] * 3, std=[1.0] * 3)),
     ((1920, 1080), Preprocess(mode="resize", size=(64, 64), channels="RGB", mean=[0.0] * 3, std=[1.0] * 3)),
-    ((4000, 900), Preprocess(mode="letterbox", size=(320, 320), channels="RGB", mean=[0.0] * 3, std=[1.0] * 3)),
+    ((4000, 900),
+     Preprocess(mode="letterbox", size=(320, 320), channels="RGB", mean=[0.0] * 3, std=[1.0] * 3)),
     ((1000, 1000), Preprocess(mode="center_crop", size=(224, 224), resize_size=256, channels="RGB",
                               mean=[0.0] * 3, std=[1.0] * 3)),
     ((3000, 2000), Preprocess(mode="resize", size=(32, 32), channels="RGB", mean=[0.0] * 3, std=[1.0] * 3,

@@ -29,7 +29,10 @@ def test_warmup_scales_with_the_run() -> None:
 
 
 def _rows(val: list[float], train: list[float]) -> list[dict[str, float]]:
-    return [{"epoch": i + 1, "val_top1": v, "train_acc": t} for i, (v, t) in enumerate(zip(val, train, strict=True))]
+    return [
+        {"epoch": i + 1, "val_top1": v, "train_acc": t}
+        for i, (v, t) in enumerate(zip(val, train, strict=True))
+    ]
 
 
 def test_chance_guard_fires_when_val_sits_at_chance_while_train_climbs() -> None:
@@ -64,12 +67,15 @@ def _folder(root: Path, side: int) -> None:
 def test_folder_input_size_follows_data_unless_the_model_or_flag_says(tmp_path: Path) -> None:
     _folder(tmp_path, 64)
     train, _ = open_dataset(f"folder:{tmp_path}")
-    s = resolve_settings(TrainConfig(data=f"folder:{tmp_path}", model="shufflenet_v2_x0_5", out=str(tmp_path / "r")), train)
+    s = resolve_settings(TrainConfig(data=f"folder:{tmp_path}", model="shufflenet_v2_x0_5",
+                                     out=str(tmp_path / "r")), train)
     assert s.pre.size == (64, 64) and s.input_size.source == "data"
     assert s.cfg.batch_size == 8 and s.cfg.warmup_epochs == pytest.approx(1.0)  # 16 images: 2 steps an epoch
-    s = resolve_settings(TrainConfig(data=f"folder:{tmp_path}", model="inception_v3", out=str(tmp_path / "r")), train)
+    s = resolve_settings(TrainConfig(data=f"folder:{tmp_path}", model="inception_v3",
+                                     out=str(tmp_path / "r")), train)
     assert s.pre.size == (75, 75) and s.input_size.source == "model"  # inception_v3 takes 75 px at least
-    s = resolve_settings(TrainConfig(data=f"folder:{tmp_path}", model="resnet18", image_size=96, out=str(tmp_path / "r")), train)
+    s = resolve_settings(TrainConfig(data=f"folder:{tmp_path}", model="resnet18", image_size=96,
+                                     out=str(tmp_path / "r")), train)
     assert s.pre.size == (96, 96) and s.input_size.source == "option"
     digits, _ = open_dataset("digits")
     s = resolve_settings(TrainConfig(out=str(tmp_path / "r")), digits)
@@ -87,7 +93,8 @@ def test_mistyped_model_fails_before_torch_loads() -> None:
     import subprocess
     import sys
 
-    code = ("import sys\nfrom kiln.cli import main\nrc = main(['train', '--model', 'resnt18', '--no-progress'])\n"
+    code = ("import sys\nfrom kiln.cli import main\nrc = main(['train', '--model', 'resnt18', "
+            "'--no-progress'])\n"
             "print(rc, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False"]
@@ -102,7 +109,8 @@ def test_full_disk_is_one_line_naming_the_run_folder_and_free_space(
     from kiln.train import checkpoint
 
     def full(path: Path, obj: dict) -> None:
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
+                           "file "
                            "data/3: file write failed")
 
     monkeypatch.setattr(checkpoint, "save", full)

@@ -64,8 +64,10 @@ def test_backbone_detector_exports_to_onnx(tmp_path: Path) -> None:
     bundle = Bundle(root, Manifest(
         kiln_version="0.1.0", task="detect", classes=["a", "b", "c"],
         input=InputSpec(name="images", shape=[3, size, size], batch={"min": 1, "opt": 2, "max": 4}),
-        outputs=[TensorSpec(name="boxes", shape=[model.num_locations, 4]), TensorSpec(name="scores", shape=[model.num_locations, 3])],
-        preprocess=Preprocess(mode="letterbox", size=(size, size), mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        outputs=[TensorSpec(name="boxes", shape=[model.num_locations, 4]),
+                 TensorSpec(name="scores", shape=[model.num_locations, 3])],
+        preprocess=Preprocess(mode="letterbox", size=(size, size), mean=[0.485, 0.456, 0.406],
+                              std=[0.229, 0.224, 0.225]),
         architecture=_arch(name, size)))
     bundle.save()
     torch2onnx(bundle, root / "model.onnx", batch=bundle.manifest.input.batch, simplify=False)

@@ -28,7 +28,8 @@ def test_shapes_are_deterministic_and_exact() -> None:
     b_img, b_t = make_shapes(12, seed=3)
     c_img, _ = make_shapes(12, seed=4)
     assert np.array_equal(a_img, b_img)
-    assert all(np.array_equal(x["boxes"], y["boxes"]) and np.array_equal(x["labels"], y["labels"]) for x, y in zip(a_t, b_t, strict=True))
+    assert all(np.array_equal(x["boxes"], y["boxes"])
+               and np.array_equal(x["labels"], y["labels"]) for x, y in zip(a_t, b_t, strict=True))
     assert not np.array_equal(a_img, c_img)
     h, w = SHAPES_SIZE
     for t in a_t:
@@ -50,7 +51,9 @@ def test_shapes_are_deterministic_and_exact() -> None:
             assert not any((edge == colour).all() for edge in outside)  # and not one pixel beyond
             checked += 1
         elif t["labels"][-1] == 0:  # circle: the middle row and column span the box exactly
-            assert (img[(y1 + y2) // 2, x1:x2] == colour).all() and (img[y1:y2, (x1 + x2) // 2] == colour).all()
+            assert (img[(y1 + y2) // 2, x1:x2] == colour).all() and (
+                img[y1:y2, (x1 + x2) // 2] == colour
+            ).all()
             checked += 1
     assert checked >= 20
 
@@ -61,7 +64,8 @@ def test_open_shapes_split(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (len(train), len(val)) == (24, 6)
     assert train.task == val.task == "detect" and train.classes == SHAPES_CLASSES
     train2, _ = open_dataset("shapes", val_fraction=0.2, seed=1)
-    assert not all(np.array_equal(train.image(i), train2.image(i)) for i in range(3))  # another split, same content
+    # another split, same content
+    assert not all(np.array_equal(train.image(i), train2.image(i)) for i in range(3))
 
 
 def test_coco_round_trip_via_cli(tmp_path: Path) -> None:
@@ -126,13 +130,19 @@ def test_bad_boxes_clipped_and_dropped(tmp_path: Path, caplog: pytest.LogCapture
 
 
 def test_sanitize_boxes() -> None:
-    b, lab, clipped, dropped = sanitize_boxes(np.array([[-1, 0, 5, 5], [2, 2, 2.5, 9], [0, 0, 3, 3]]), np.array([0, 1, 2]), 4, 4)
-    assert np.allclose(b, [[0, 0, 4, 4], [0, 0, 3, 3]]) and lab.tolist() == [0, 2] and (clipped, dropped) == (1, 1)
+    b, lab, clipped, dropped = sanitize_boxes(np.array([[-1, 0, 5, 5], [2, 2, 2.5, 9], [0, 0, 3, 3]]),
+                                              np.array([0, 1, 2]), 4, 4)
+    assert (
+        np.allclose(b, [[0, 0, 4, 4], [0, 0, 3, 3]])
+        and lab.tolist() == [0, 2]
+        and (clipped, dropped) == (1, 1)
+    )
 
 
 def test_coco_errors_name_offenders(tmp_path: Path) -> None:
     path = _coco(tmp_path, [_ann(1, 1, 3, [0, 0, 5, 5]), _ann(2, 2, 99, [0, 0, 5, 5])])
-    with pytest.raises(DatasetError, match=r"2 annotation\(s\).*category_id out of range.*category_id 3.*category_id 99"):
+    with pytest.raises(DatasetError,
+                       match=r"2 annotation\(s\).*category_id out of range.*category_id 3.*category_id 99"):
         open_coco(str(path), str(tmp_path / "img"))
     path = _coco(tmp_path, [_ann(1, 42, 1, [0, 0, 5, 5])])
     with pytest.raises(DatasetError, match="name images that do not exist: annotation 1 -> image_id 42"):

@@ -60,16 +60,22 @@ def test_train_resume_and_eval(coco_spec: str, tmp_path: Path, monkeypatch: pyte
         train(_cfg(coco_spec, tmp_path / "b", 2), progress=False)
     monkeypatch.setattr(Trainer, "_end_epoch", original)
     train(_cfg(coco_spec, tmp_path / "b", 2), resume=tmp_path / "b", progress=False)
-    sa, sb = checkpoint.load(tmp_path / "a" / "last.pt")["model"], checkpoint.load(tmp_path / "b" / "last.pt")["model"]
+    sa, sb = (
+        checkpoint.load(tmp_path / "a" / "last.pt")["model"],
+        checkpoint.load(tmp_path / "b" / "last.pt")["model"],
+    )
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
     from kiln.cli import main
 
     assert main(["eval", str(tmp_path / "a"), "--no-table"]) == 0
     evaluated = Bundle.load(tmp_path / "a").manifest.evaluation["fp32"]
-    assert evaluated["map"] == pytest.approx(result.best["map"], abs=1e-6)  # numpy serving path == training eval
+    # numpy serving path == training eval
+    assert evaluated["map"] == pytest.approx(result.best["map"], abs=1e-6)
     preds = json.loads((tmp_path / "a" / "predictions.json").read_text())
-    assert isinstance(preds, list) and all({"image_id", "category_id", "bbox", "score"} <= set(p) for p in preds)
+    assert isinstance(preds, list) and all(
+        {"image_id", "category_id", "bbox", "score"} <= set(p) for p in preds
+    )
     assert (tmp_path / "a" / "predictions.png").stat().st_size > 1000
     assert (tmp_path / "a" / "per_class_ap.csv").read_text().startswith("class,ap_50_95")
 
@@ -91,7 +97,8 @@ def test_onnx_export_dynamic_batch(tmp_path: Path) -> None:
     model = build_detector("s", num_classes=3, in_channels=3, image_size=64).eval()
     path = tmp_path / "det.onnx"
     batch = torch.export.Dim("batch", min=1, max=16)
-    torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), str(path), input_names=["images"], output_names=["boxes", "scores"],
+    torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), str(path), input_names=["images"],
+                      output_names=["boxes", "scores"],
                       dynamic_shapes=({0: batch},), dynamo=True, external_data=False)
     graph = onnx.load(str(path)).graph
     ops = {n.op_type for n in graph.node}
@@ -114,7 +121,11 @@ def test_detector_sizes_match_their_grid(size: str, image_size: int) -> None:
         boxes, scores = model(torch.randn(2, 1, image_size, image_size))
     a = sum((image_size // s) ** 2 for s in (8, 16, 32))
     assert model.num_locations == a and boxes.shape == (2, a, 4) and scores.shape == (2, a, 4)
-    assert float(boxes.min()) >= 0 and float(boxes.max()) <= image_size and 0 <= float(scores.min()) <= float(scores.max()) <= 1
+    assert (
+        float(boxes.min()) >= 0
+        and float(boxes.max()) <= image_size
+        and 0 <= float(scores.min()) <= float(scores.max()) <= 1
+    )
 
 
 def test_detector_ddp_two_cpu_processes(coco_spec: str, tmp_path: Path) -> None:
@@ -125,9 +136,11 @@ def test_detector_ddp_two_cpu_processes(coco_spec: str, tmp_path: Path) -> None:
 
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "kiln.cli", "train", "--data", coco_spec, "--epochs", "1", "--batch-size", "4", "--image-size", "64",
+           "-m", "kiln.cli", "train", "--data", coco_spec, "--epochs", "1", "--batch-size", "4",
+           "--image-size", "64",
            "--out", str(run), "--no-progress", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)  # exactly one JSON document: only rank 0 prints
     m = Bundle.load(run).manifest

@@ -15,7 +15,8 @@ import torch
 
 from kiln.bundle import Bundle
 
-TRAIN = ["-m", "kiln.cli", "train", "--data", "digits", "--model", "lenet5", "--epochs", "1", "--no-progress", "--json"]
+TRAIN = ["-m", "kiln.cli", "train", "--data", "digits", "--model", "lenet5", "--epochs", "1", "--no-progress",
+         "--json"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -28,7 +29,8 @@ def _unused_port() -> int:
 
 def _rendezvous(form: str, port: int, node: int) -> list[str]:
     if form == "c10d":
-        return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "kiln-loopback"]
+        return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
+                "kiln-loopback"]
     return ["--master-addr", "127.0.0.1", "--master-port", str(port), "--node-rank", str(node)]
 
 
@@ -37,9 +39,11 @@ def test_two_nodes_on_loopback_make_one_bundle_written_by_rank_0(tmp_path: Path,
     port = _unused_port()
     # each "node" gets its own --out, as each machine has its own disk: only rank 0's is written
     outs = [tmp_path / f"node{i}" / "run" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                               "--nproc-per-node", "1",
                                *_rendezvous(form, port, i), *TRAIN, "--out", str(outs[i])],
-                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
              for i in range(2)]
     try:
         results = [p.communicate(timeout=300) for p in procs]

@@ -25,7 +25,8 @@ from kiln.train.optim import build_optimizer, build_scheduler, resume_scheduler
 
 KILN = [sys.executable, "-m", "kiln.cli"]
 # digits with lenet5: 1,437 training images, 22 steps per epoch at a global batch of 64 with 1 or 2 processes
-RUN = ["--data", "digits", "--model", "lenet5", "--batch-size", "64", "--warmup-epochs", "1", "--schedule", "cosine"]
+RUN = ["--data", "digits", "--model", "lenet5", "--batch-size", "64", "--warmup-epochs", "1", "--schedule",
+       "cosine"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -51,7 +52,8 @@ def _epoch_end_rates(cfg: TrainConfig, layout: list[tuple[int, int]]) -> list[fl
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_resumed_schedule_goes_by_progress_whatever_the_steps_per_epoch(schedule: str, caplog: pytest.LogCaptureFixture):
+def test_resumed_schedule_goes_by_progress_whatever_the_steps_per_epoch(schedule: str,
+                                                                        caplog: pytest.LogCaptureFixture):
     """11 steps per epoch (2 processes at a per-process batch), resumed at 22: the rate continues from
     the same point of the run, reaches its minimum at the last epoch and does not climb back."""
     cfg = TrainConfig(schedule=schedule, epochs=6, warmup_epochs=1)
@@ -72,7 +74,8 @@ def test_one_cycle_rebuilt_for_more_epochs_keeps_its_peak():
     for _ in range(10):
         opt.step()
         scheduler.step()
-    state = {"epoch": 1, "config": cfg.to_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict()}
+    state = {"epoch": 1, "config": cfg.to_dict(), "optimizer": opt.state_dict(),
+             "scheduler": scheduler.state_dict()}
     longer = cfg.replace(epochs=6)
     opt = build_optimizer(longer, torch.nn.Linear(2, 2).parameters())
     build_scheduler(longer, opt, 10)
@@ -84,7 +87,8 @@ def test_one_cycle_rebuilt_for_more_epochs_keeps_its_peak():
 
 def test_batch_size_is_the_global_batch():
     assert Dist(rank=1, world=4).split_batch(64) == 16
-    with pytest.raises(ConfigError, match=r"--batch-size 63 does not split evenly over 2 processes .* use 62 or 64"):
+    with pytest.raises(ConfigError,
+                       match=r"--batch-size 63 does not split evenly over 2 processes .* use 62 or 64"):
         Dist(world=2).split_batch(63)
     with pytest.raises(ConfigError, match="use 4 or 8"):
         Dist(world=4).split_batch(2)
@@ -133,7 +137,8 @@ def _wait_for_epochs(run: Path, proc: subprocess.Popen, n: int, timeout: float =
     raise AssertionError(f"the run did not reach epoch {n} (exit status {proc.poll()}): {log}")
 
 
-def _start(run: Path, *args: str, cmd: tuple[str, ...] = (*KILN, "train", "--nproc", "2")) -> subprocess.Popen:
+def _start(run: Path, *args: str,
+           cmd: tuple[str, ...] = (*KILN, "train", "--nproc", "2")) -> subprocess.Popen:
     """`kiln train --nproc 2` in a session of its own (a terminal's foreground job), SIGINT at its default
     (a background job would inherit it ignored). Its output goes to a file: an orphaned worker would hold
     a pipe open."""
@@ -178,16 +183,19 @@ def test_two_process_run_killed_and_resumed_with_one_keeps_the_learning_rate_cur
     from kiln.train.loop import train
 
     epochs = 5
-    reference, _ = train(TrainConfig(data="digits", model="lenet5", batch_size=64, warmup_epochs=1, schedule="cosine",
+    reference, _ = train(TrainConfig(data="digits", model="lenet5", batch_size=64, warmup_epochs=1,
+                                     schedule="cosine",
                                      epochs=epochs, out=str(tmp_path / "ref")), progress=False)
     run = tmp_path / "killed"
     proc = _start(run, *RUN, "--epochs", str(epochs))
-    _signal_after(run, proc, 2, lambda: os.kill(proc.pid, signal.SIGKILL))  # the launcher only: the workers are not told
+    # the launcher only: the workers are not told
+    _signal_after(run, proc, 2, lambda: os.kill(proc.pid, signal.SIGKILL))
     saved = torch.load(run / "last.pt", weights_only=True)
     done = int(saved["epoch"])
     assert 2 <= done < epochs
     steps = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)["scheduler"]["last_epoch"] // epochs
-    assert saved["scheduler"]["last_epoch"] == done * steps  # the global batch: as many steps as one process takes
+    # the global batch: as many steps as one process takes
+    assert saved["scheduler"]["last_epoch"] == done * steps
 
     resumed, _ = train(resume=run, progress=False)  # one process
     assert [r["world_size"] for r in resumed.history] == [2] * done + [1] * (epochs - done)
@@ -224,7 +232,8 @@ def test_sigterm_to_the_launcher_stops_its_workers(tmp_path: Path):
 def test_sigkill_to_a_torchrun_agent_takes_its_workers_down(tmp_path: Path):
     """The same without kiln's launcher: the workers of a plain `torchrun` die with its agent."""
     run = tmp_path / "torchrun"
-    proc = _start(run, *RUN, "--epochs", "1000", cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+    proc = _start(run, *RUN, "--epochs", "1000",
+                  cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                       "--nproc-per-node", "2", "-m", "kiln.cli", "train"))
     _signal_after(run, proc, 1, lambda: os.kill(proc.pid, signal.SIGKILL))
 

@@ -82,7 +82,9 @@ def _online(host: str = "download.pytorch.org") -> bool:
 
 
 @pytest.mark.skipif(_online(), reason="download.pytorch.org resolves here: the offline case cannot be shown")
-def test_pretrained_offline_names_the_file_the_cache_and_how_to_fill_it_before_torch_loads(tmp_path: Path) -> None:
+def test_pretrained_offline_names_the_file_the_cache_and_how_to_fill_it_before_torch_loads(
+    tmp_path: Path,
+) -> None:
     home = tmp_path / "torch_home"
     line = _one_line_error(*_kiln_train(tmp_path, "--model", "resnet18", "--pretrained", "--data", "digits",
                                         TORCH_HOME=str(home)))
@@ -91,8 +93,9 @@ def test_pretrained_offline_names_the_file_the_cache_and_how_to_fill_it_before_t
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in line and "--weights" in line
 
 
-def test_pretrained_in_the_cache_passes_the_early_check_without_network(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pretrained_in_the_cache_passes_the_early_check_without_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(early, "unreachable", lambda host, port=443: "gaierror: no network")
     with pytest.raises(CheckpointError, match="mobilenet_v3_small-047dcff4.pth"):
@@ -146,5 +149,6 @@ def test_each_command_is_registered_by_the_stage_the_cli_imports_for_it() -> Non
         importlib.import_module(module).register(sub)
         registered.update(dict.fromkeys(sub.choices, module))
     assert registered == cli.COMMANDS
-    args = cli.build_parser(["-v", "data", "shapes", "--out", "x"]).parse_args(["-v", "data", "shapes", "--out", "x"])
+    args = cli.build_parser(["-v", "data", "shapes", "--out",
+                             "x"]).parse_args(["-v", "data", "shapes", "--out", "x"])
     assert args.command == "data" and args.out == "x"

@@ -8,7 +8,8 @@ from kiln.bundle import Bundle
 from kiln.cli import main
 
 
-def test_eval_writes_reference_and_reports(digits_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_eval_writes_reference_and_reports(digits_bundle: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]):
     run = tmp_path / "b"
     shutil.copytree(digits_bundle, run)
     assert main(["eval", str(run), "--json", "--no-table"]) == 0
@@ -25,7 +26,8 @@ def test_eval_writes_reference_and_reports(digits_bundle: Path, tmp_path: Path, 
     assert abs(m["top1"] - Bundle.load(run).manifest.artifacts["model.pt"].metrics["top1"]) < 1e-6
 
 
-def test_eval_rejects_dataset_with_other_classes(digits_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_eval_rejects_dataset_with_other_classes(digits_bundle: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]):
     from PIL import Image
 
     for c in ("a", "b"):

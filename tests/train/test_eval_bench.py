@@ -19,7 +19,9 @@ def test_eval_bench_table(digits_bundle: Path, tmp_path: Path, capsys: pytest.Ca
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     (row,) = out["artifacts"]  # the trained bundle holds model.pt only
-    assert row["file"] == "model.pt" and row["size_mb"] == pytest.approx((run / "model.pt").stat().st_size / 1e6)
+    assert row["file"] == "model.pt" and row["size_mb"] == pytest.approx(
+        (run / "model.pt").stat().st_size / 1e6
+    )
     assert row["p50_ms_b1"] > 0 and row["items_per_s"] > 0 and row["best_batch"] in (1, 4)
     assert row["metrics"]["top1"] == out["metrics"]["top1"]
     err = captured.err
@@ -34,12 +36,16 @@ def test_eval_bench_table(digits_bundle: Path, tmp_path: Path, capsys: pytest.Ca
 
 
 def test_tables_tell_close_maps_apart() -> None:
-    rows = [{"file": f"model.{p}.onnx", "format": "onnx", "precision": p, "backend": "onnxrt", "device": "cpu",
+    rows = [{"file": f"model.{p}.onnx", "format": "onnx", "precision": p, "backend": "onnxrt",
+             "device": "cpu",
              "size_mb": 1.5, "metrics": {"map": m, "map50": m + 0.1}, "agreement": 99.0, "max_abs_diff": 0.01,
              "p50_ms_b1": 1.0, "items_per_s": 900.0, "best_batch": 8}
             for p, m in (("fp32", 0.7648), ("int8", 0.7612))]
-    rows.append({"file": "model.int8.engine", "format": "tensorrt", "precision": "int8", "error": "no TensorRT"})
+    rows.append({"file": "model.int8.engine", "format": "tensorrt", "precision": "int8",
+                 "error": "no TensorRT"})
     text = format_table(rows, "detect")
     assert "76.48" in text and "76.12" in text and "mAP %" in text
     speed = format_speed_table(rows, "detect")
-    assert "76.48" in speed and "76.12" in speed and "900 (8)" in speed and "not runnable: no TensorRT" in speed
+    assert (
+        "76.48" in speed and "76.12" in speed and "900 (8)" in speed and "not runnable: no TensorRT" in speed
+    )

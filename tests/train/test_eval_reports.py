@@ -31,12 +31,15 @@ def detector(root: Path) -> Bundle:
     return b
 
 
-def noisy_split(n: int = 5, anchors: int = 6, seed: int = 0) -> tuple[SplitOutputs, list[dict[str, np.ndarray]]]:
+def noisy_split(n: int = 5, anchors: int = 6, seed: int = 0) -> tuple[SplitOutputs,
+                                                                      list[dict[str, np.ndarray]]]:
     """Outputs near the ground truth with some misses and false positives, so mAP is neither 0 nor 1."""
     rng = np.random.default_rng(seed)
     targets, boxes, scores = [], np.zeros((n, anchors, 4), np.float32), rng.uniform(0, 0.2, (n, anchors, 2))
     for i in range(n):
-        gt = np.array([[4, 4, 30, 30], [34, 30, 60, 58]], np.float32) + rng.uniform(-3, 3, (2, 4)).astype(np.float32)
+        gt = np.array([[4, 4, 30, 30], [34, 30, 60, 58]], np.float32) + rng.uniform(-3, 3, (2, 4)).astype(
+            np.float32
+        )
         labels = np.array([i % 2, 1], np.int64)
         targets.append({"boxes": gt, "labels": labels})
         for a in range(anchors):
@@ -62,7 +65,10 @@ def test_pycocotools_reproduces_kiln_map_from_the_written_files(tmp_path: Path) 
     files = write_detect_reports(bundle, res, ds, metrics, tmp_path / "out")
     assert Path(files["ground_truth_json"]).name == "ground_truth.json"
     preds = json.loads((tmp_path / "out" / "predictions.json").read_text())
-    assert {p["image_id"] for p in preds} <= {17, 4, 99, 23, 8} and {p["category_id"] for p in preds} <= {3, 7}
+    assert {p["image_id"] for p in preds} <= {17, 4, 99, 23, 8} and {p["category_id"] for p in preds} <= {
+        3,
+        7,
+    }
 
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(tmp_path / "out" / "ground_truth.json"))

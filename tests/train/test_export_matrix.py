@@ -22,7 +22,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ARCHS = ["resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf",
+ARCHS = ["resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+         "regnet_y_400mf",
          "convnext_tiny", "vit_b_16", "timm:vit_tiny_patch16_224", "timm:efficientnet_b0"]
 CLASSES = ["dots", "stripes"]  # sorted, as the folder reader names classes
 # A random-init model's top-1 on two classes is a coin toss that INT8 may flip for a few images: the
@@ -58,8 +59,13 @@ def _bundle(arch: str, data: Path, root: Path) -> Any:
         torchvision_weights,
     )
 
-    pre = timm_preprocess(arch) if arch.startswith(TIMM_PREFIX) else torchvision_preprocess(torchvision_weights(arch))
-    spec = Architecture(name=arch, args={"num_classes": len(CLASSES), "in_channels": 3, "image_size": pre.size[0]})
+    pre = (
+        timm_preprocess(arch)
+        if arch.startswith(TIMM_PREFIX)
+        else torchvision_preprocess(torchvision_weights(arch))
+    )
+    spec = Architecture(name=arch,
+                        args={"num_classes": len(CLASSES), "in_channels": 3, "image_size": pre.size[0]})
     torch.manual_seed(0)
     model = build_model(spec).eval()
     root.mkdir(parents=True)
@@ -103,10 +109,12 @@ def test_export_matrix(arch: str, tmp_path: Path, capsys: pytest.CaptureFixture[
     bundle = _bundle(arch, _synthetic_folder(tmp_path / "data"), tmp_path / "bundle")
     row: dict[str, Any] = {"arch": arch, "size": list(bundle.manifest.preprocess.size)}
     code = main(["export", str(bundle.root), "--precision", "fp32,fp16,int8", "--batch", "1:1:4", "--json",
-                 "--calib-images", "16", "--calib-eval-images", "12", "--max-accuracy-drop", str(BUDGET_POINTS)])
+                 "--calib-images", "16", "--calib-eval-images", "12", "--max-accuracy-drop",
+                 str(BUDGET_POINTS)])
     out = capsys.readouterr()
     done = Bundle.load(bundle.root)
-    row["artifacts"] = {f"{a.format}/{a.precision}": a.metrics for a in done.manifest.artifacts.values() if a.format == "onnx"}
+    row["artifacts"] = {f"{a.format}/{a.precision}": a.metrics for a in done.manifest.artifacts.values()
+                        if a.format == "onnx"}
     failed = [p for p in ("fp32", "fp16", "int8") if done.artifact("onnx", p) is None]
     if code == 0 and not failed:
         fp32 = done.verify_artifact(done.artifact("onnx", "fp32"))  # type: ignore[arg-type]

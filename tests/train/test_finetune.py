@@ -50,7 +50,9 @@ def _folder(root: Path) -> Path:
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
         for i in range(6):
-            Image.fromarray(rng.integers(0, 255, size=(40, 50, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, size=(40, 50, 3), dtype=np.uint8)).save(
+                root / c / f"{i}.png"
+            )
     return root
 
 
@@ -65,13 +67,20 @@ def test_train_pretrained_frozen_backbone(tmp_path: Path, monkeypatch: pytest.Mo
     state = torchvision.models.mobilenet_v3_small().state_dict()
     torch.save(state, tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(weights.url))
     out = tmp_path / "run"
-    train(TrainConfig(data=f"folder:{_folder(tmp_path / 'data')}", model="mobilenet_v3_small", pretrained="IMAGENET1K_V1",
-                      freeze_backbone=1, backbone_lr_scale=0.1, epochs=1, batch_size=4, out=str(out), val_fraction=0.34),
+    train(TrainConfig(data=f"folder:{_folder(tmp_path / 'data')}", model="mobilenet_v3_small",
+                      pretrained="IMAGENET1K_V1",
+                      freeze_backbone=1, backbone_lr_scale=0.1, epochs=1, batch_size=4, out=str(out),
+                      val_fraction=0.34),
           progress=False)
     manifest = json.loads((out / "kiln.json").read_text())
     t = weights.transforms()
     pre = manifest["preprocess"]
-    assert (pre["mode"], pre["size"], pre["resize_size"], pre["channels"]) == ("center_crop", [224, 224], t.resize_size[0], "RGB")
+    assert (pre["mode"], pre["size"], pre["resize_size"], pre["channels"]) == (
+        "center_crop",
+        [224, 224],
+        t.resize_size[0],
+        "RGB",
+    )
     assert pre["mean"] == pytest.approx(t.mean) and pre["std"] == pytest.approx(t.std)
     model = load_model(Bundle.load(out))
     # one epoch with the backbone frozen: its first layer is still the file's, the new head has 2 classes

@@ -29,7 +29,9 @@ def _folder(root: Path, counts: dict[str, int], size: tuple[int, int] = (40, 30)
     for c, n in counts.items():
         (root / c).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+                root / c / f"{i}.png"
+            )
 
 
 def _every_form(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
@@ -46,7 +48,8 @@ def _every_form(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, fh)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(cifar / name, "wb") as fh:
-            pickle.dump({b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": list(range(4))}, fh)
+            pickle.dump({b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": list(range(4))},
+                        fh)
     _folder(tmp / "folder", {"cat": 6, "dog": 6})
     write_shapes_coco(tmp / "coco", count=20)
     coco = tmp / "coco"
@@ -113,7 +116,21 @@ def test_folder_input_size_follows_the_images(tmp_path: Path, side: int, expecte
 def test_cli_inspect_saves_sheet_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _folder(tmp_path / "set", {"cat": 12, "dog": 12})
     out = tmp_path / "report"
-    assert main(["data", "inspect", f"folder:{tmp_path / 'set'}", "--save", str(out), "--json", "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "inspect",
+                f"folder:{tmp_path / 'set'}",
+                "--save",
+                str(out),
+                "--json",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     printed = json.loads(captured.out)
     saved = json.loads((out / "summary.json").read_text())

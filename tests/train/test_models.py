@@ -16,7 +16,9 @@ from kiln.models import (
 @pytest.mark.parametrize("name", [n for n, e in MODELS.items() if e.task == "classify"])
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
 def test_classifiers_adapt_to_channels_and_classes(name: str, channels: int, size: int):
-    model = build_model(Architecture(name=name, args={"num_classes": 7, "in_channels": channels, "image_size": size})).eval()
+    model = build_model(Architecture(name=name,
+                                     args={"num_classes": 7, "in_channels": channels,
+                                           "image_size": size})).eval()
     with torch.no_grad():
         out = model(torch.zeros(2, channels, size, size))
     assert out.shape == (2, 7)
@@ -28,9 +30,11 @@ def test_unknown_model_suggests():
 
 
 def test_weights_fine_tune_replaces_head(tmp_path):
-    src = build_model(Architecture(name="lenet5", args={"num_classes": 10, "in_channels": 1, "image_size": 28}))
+    src = build_model(Architecture(name="lenet5",
+                                   args={"num_classes": 10, "in_channels": 1, "image_size": 28}))
     torch.save(src.state_dict(), tmp_path / "w.pt")
-    dst = build_model(Architecture(name="lenet5", args={"num_classes": 3, "in_channels": 1, "image_size": 28}))
+    dst = build_model(Architecture(name="lenet5",
+                                   args={"num_classes": 3, "in_channels": 1, "image_size": 28}))
     skipped = load_weights(dst, read_state_dict(tmp_path / "w.pt"), replace_head=True)
     assert skipped == ["classifier.5.weight", "classifier.5.bias"]
     assert torch.equal(dst.features[0].weight, src.features[0].weight)
@@ -82,7 +86,8 @@ def _fill_torch_cache(tmp_path, monkeypatch, weights) -> dict[str, torch.Tensor]
     folder = tmp_path / "torch" / "hub" / "checkpoints"
     folder.mkdir(parents=True)
     torch.manual_seed(1)
-    state = torchvision.models.get_model(weights.__class__.__name__.removesuffix("_Weights").lower(), weights=None).state_dict()
+    state = torchvision.models.get_model(weights.__class__.__name__.removesuffix("_Weights").lower(),
+                                         weights=None).state_dict()
     torch.save(state, folder / os.path.basename(weights.url))
     return state
 
@@ -103,7 +108,12 @@ def test_pretrained_from_the_torch_cache_replaces_the_head(tmp_path, monkeypatch
     assert torch.equal(model.conv1.weight, state["conv1.weight"])  # first layer straight from the file
     assert fresh == ["fc.weight", "fc.bias"] and model.fc.weight.shape == (5, 2048)
     t = weights.transforms()  # kiln.json records exactly the weights' own recipe
-    assert (pre.mode, pre.size, pre.resize_size, pre.interpolation) == ("center_crop", (224, 224), t.resize_size[0], t.interpolation.value)
+    assert (pre.mode, pre.size, pre.resize_size, pre.interpolation) == (
+        "center_crop",
+        (224, 224),
+        t.resize_size[0],
+        t.interpolation.value,
+    )
     assert pre.mean == pytest.approx(t.mean) and pre.std == pytest.approx(t.std) and t.resize_size[0] == 232
     assert pre == torchvision_preprocess(weights)
 
@@ -114,7 +124,11 @@ def test_pretrained_offline_error_names_file_and_folder(tmp_path, monkeypatch) -
     with pytest.raises(CheckpointError) as err:
         load_pretrained(build_model(_arch("resnet18", 3)), _arch("resnet18", 3), True)
     msg = str(err.value)
-    assert "resnet18-f37072fd.pth" in msg and str(tmp_path / "empty" / "hub" / "checkpoints") in msg and "\n" not in msg
+    assert (
+        "resnet18-f37072fd.pth" in msg
+        and str(tmp_path / "empty" / "hub" / "checkpoints") in msg
+        and "\n" not in msg
+    )
 
 
 def test_pretrained_bad_requests_are_one_line() -> None:
@@ -128,13 +142,19 @@ def test_downloaded_checkpoint_as_weights_and_another_architecture(tmp_path) -> 
     src = torchvision.models.resnet18(weights=None)
     torch.save(src.state_dict(), tmp_path / "resnet18-f37072fd.pth")  # a torchvision download, as is
     model = build_model(_arch("resnet18", 7))
-    assert load_weights(model, read_state_dict(tmp_path / "resnet18-f37072fd.pth"), replace_head=True) == ["fc.weight", "fc.bias"]
+    assert load_weights(model, read_state_dict(tmp_path / "resnet18-f37072fd.pth"), replace_head=True) == [
+        "fc.weight",
+        "fc.bias",
+    ]
     assert torch.equal(model.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
-    with pytest.raises(CheckpointError, match=r"^weights do not fit the model: layer1.0.conv1.weight has shape") as err:
-        load_weights(build_model(_arch("resnet50", 7)), read_state_dict(tmp_path / "resnet18-f37072fd.pth"), replace_head=True)
+    with pytest.raises(CheckpointError,
+                       match=r"^weights do not fit the model: layer1.0.conv1.weight has shape") as err:
+        load_weights(build_model(_arch("resnet50", 7)), read_state_dict(tmp_path / "resnet18-f37072fd.pth"),
+                     replace_head=True)
     assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="the file has conv1.weight, which the model does not"):
-        load_weights(build_model(_arch("mobilenet_v3_small", 7)), read_state_dict(tmp_path / "resnet18-f37072fd.pth"), replace_head=True)
+        load_weights(build_model(_arch("mobilenet_v3_small", 7)),
+                     read_state_dict(tmp_path / "resnet18-f37072fd.pth"), replace_head=True)
 
 
 def test_timm_model_pretrained_through_its_cache(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -149,13 +169,18 @@ def test_timm_model_pretrained_through_its_cache(monkeypatch) -> None:  # type: 
     assert torch.equal(model.conv_stem.weight, reference["conv_stem.weight"])
     assert set(fresh) == {"classifier.weight", "classifier.bias"}
     cfg = timm.data.resolve_data_config({}, model=model)
-    assert pre.size == cfg["input_size"][1:] and pre.interpolation == cfg["interpolation"] and pre.mean == pytest.approx(cfg["mean"])
+    assert (
+        pre.size == cfg["input_size"][1:]
+        and pre.interpolation == cfg["interpolation"]
+        and pre.mean == pytest.approx(cfg["mean"])
+    )
 
     def offline(*_a, **_k):  # type: ignore[no-untyped-def]
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(builder, "load_state_dict_from_hf", offline)
-    with pytest.raises(CheckpointError, match=r"model.safetensors of https://huggingface.co/timm/mobilenetv3_small_050"):
+    with pytest.raises(CheckpointError,
+                       match=r"model.safetensors of https://huggingface.co/timm/mobilenetv3_small_050"):
         load_pretrained(build_model(_arch(name, 3)), _arch(name, 3), True)
     with pytest.raises(ConfigError, match=r"Nearest: .*timm:mobilenetv3_small_050"):
         model_entry("timm:mobilenetv3_small_05")
@@ -183,6 +208,8 @@ def test_missing_pretrained_file_fails_before_the_dataset_is_read(tmp_path, monk
 
     monkeypatch.setattr(loop, "open_dataset", never)
     with pytest.raises(CheckpointError, match="resnet18-f37072fd.pth"):
-        loop.Trainer(TrainConfig(model="resnet18", pretrained="DEFAULT", out=str(tmp_path / "r")), progress=False)
+        loop.Trainer(TrainConfig(model="resnet18", pretrained="DEFAULT", out=str(tmp_path / "r")),
+                     progress=False)
     with pytest.raises(ConfigError, match="no pretrained weights"):
-        loop.Trainer(TrainConfig(model="lenet5", pretrained="DEFAULT", out=str(tmp_path / "r")), progress=False)
+        loop.Trainer(TrainConfig(model="lenet5", pretrained="DEFAULT", out=str(tmp_path / "r")),
+                     progress=False)

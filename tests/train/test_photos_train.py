@@ -31,7 +31,10 @@ def test_small_photo_set_trains_past_90_with_the_defaults(tmp_path: Path) -> Non
     assert result.best["top1"] >= 90.0, result.history
     assert not any("sits at chance" in w for w in result.warnings)
     training = json.loads((tmp_path / "run" / "kiln.json").read_text())["training"]
-    assert training["parameters"] == sum(p.numel() for p in trainer.model.parameters()) and training["gflops"] > 0
+    assert (
+        training["parameters"] == sum(p.numel() for p in trainer.model.parameters())
+        and training["gflops"] > 0
+    )
     assert "top5" not in result.best  # 4 classes: top-5 would be 100% by definition
     assert (tmp_path / "run" / "curves.png").is_file() and result.files["curves"].endswith("curves.png")
 

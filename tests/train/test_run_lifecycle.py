@@ -30,7 +30,8 @@ def _tree_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_crafted_checkpoint_is_never_run(tmp_path: Path, digits_bundle: Path, capsys: pytest.CaptureFixture[str]):
+def test_crafted_checkpoint_is_never_run(tmp_path: Path, digits_bundle: Path,
+                                         capsys: pytest.CaptureFixture[str]):
     run = tmp_path / "run"
     shutil.copytree(digits_bundle, run)
     marker = tmp_path / "pwned"
@@ -45,7 +46,8 @@ def test_crafted_checkpoint_is_never_run(tmp_path: Path, digits_bundle: Path, ca
     assert _tree_hashes(run) == before
 
 
-def test_resuming_a_finished_run_changes_nothing(tmp_path: Path, digits_bundle: Path, capsys: pytest.CaptureFixture[str]):
+def test_resuming_a_finished_run_changes_nothing(tmp_path: Path, digits_bundle: Path,
+                                                 capsys: pytest.CaptureFixture[str]):
     run = tmp_path / "run"
     shutil.copytree(digits_bundle, run)
     # an exported artifact recorded in kiln.json must survive (a rewrite would drop it)
@@ -64,7 +66,8 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path: Path, digits_bundle: 
         assert (run / "kiln.json").read_text() == manifest
 
 
-def test_changed_epochs_on_resume_says_what_happens_to_the_schedule(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+def test_changed_epochs_on_resume_says_what_happens_to_the_schedule(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture):
     from kiln.train.config import TrainConfig
     from kiln.train.loop import train
 
@@ -124,7 +127,12 @@ def test_data_sample_writes_pngs(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert all(p.name.startswith("digit-") and Image.open(p).size == (64, 64) for p in paths)
     assert main(["data", "sample", "shapes", "--out", str(tmp_path / "s"), "--count", "2"]) == 0
     paths = [Path(p) for p in capsys.readouterr().out.split()]
-    assert [p.name for p in paths] == ["shapes-0.png", "shapes-0-boxes.png", "shapes-1.png", "shapes-1-boxes.png"]
+    assert [p.name for p in paths] == [
+        "shapes-0.png",
+        "shapes-0-boxes.png",
+        "shapes-1.png",
+        "shapes-1-boxes.png",
+    ]
     assert all(p.is_file() for p in paths)
 
 
@@ -135,14 +143,16 @@ def test_data_sample_needs_a_dataset(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_nproc_passes_every_given_option_but_itself():
-    args = build_parser().parse_args(["train", "--nproc", "2", "--epochs", "1", "--seed", "0", "--deterministic",
+    args = build_parser().parse_args(["train", "--nproc", "2", "--epochs", "1", "--seed", "0",
+                                      "--deterministic",
                                       "--out", "runs/x", "--json", "--no-progress"])
     assert sorted(_child_argv(args)) == sorted(
         ["--epochs", "1", "--seed", "0", "--deterministic", "--out", "runs/x", "--json", "--no-progress"])
     assert "--nproc" not in _child_argv(args)
 
 
-def test_nproc_inside_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+def test_nproc_inside_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--nproc", "2", "--no-progress"]) == 2
     assert "already one of 2" in capsys.readouterr().err

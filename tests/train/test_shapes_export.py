@@ -1,4 +1,5 @@
-"""`kiln data shapes --format coco|yolo`: files other tools load as written, and ground truth they can match."""
+"""`kiln data shapes --format coco|yolo`: files other tools load as written, and ground truth they can
+match."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from kiln.train.reports import write_detect_reports
 from .test_eval_reports import detector, noisy_split
 
 
-def test_yolo_data_yaml_names_its_own_folder_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_yolo_data_yaml_names_its_own_folder_from_any_directory(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["data", "shapes", "--format", "yolo", "--out", str(tmp_path / "y"), "--count", "10"]) == 0
     cfg = yaml.safe_load((tmp_path / "y" / "data.yaml").read_text())
     # Ultralytics resolves a relative `path` against its datasets folder, so it must be absolute
@@ -33,10 +35,13 @@ def test_yolo_data_yaml_names_its_own_folder_from_any_directory(tmp_path: Path, 
 
 
 def _ultralytics(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter with Ultralytics offline (no download, no pip), its settings in ``cwd``."""
-    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "False", "YOLO_CONFIG_DIR": str(cwd / "cfg"),
+    """Run ``code`` in a fresh interpreter with Ultralytics offline (no download, no pip), its settings in
+    ``cwd``."""
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "False",
+           "YOLO_CONFIG_DIR": str(cwd / "cfg"),
            "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True,
                           timeout=900)
 
 
@@ -44,7 +49,8 @@ CHECK = """
 import json, sys
 from ultralytics.data.utils import check_det_dataset
 data = check_det_dataset(sys.argv[1])
-print(json.dumps({"names": data["names"], "nc": data["nc"], "train": str(data["train"]), "val": str(data["val"])}))
+print(json.dumps({"names": data["names"], "nc": data["nc"], "train": str(data["train"]),
+                  "val": str(data["val"])}))
 """
 
 
@@ -57,7 +63,11 @@ def test_yolo_data_yaml_passes_ultralytics_dataset_check_from_another_directory(
         proc = _ultralytics(CHECK, given, cwd=elsewhere)
         assert proc.returncode == 0, proc.stderr[-3000:]
         data = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert data["nc"] == 3 and list(data["names"].values()) == open_dataset(f"yolo:{tmp_path / 'y' / 'data.yaml'}")[0].classes
+        assert (
+            data["nc"] == 3
+            and list(data["names"].values())
+            == open_dataset(f"yolo:{tmp_path / 'y' / 'data.yaml'}")[0].classes
+        )
         assert Path(data["train"]) == (tmp_path / "y" / "images" / "train").resolve()
         assert Path(data["val"]) == (tmp_path / "y" / "images" / "val").resolve()
 
@@ -106,4 +116,8 @@ def test_ground_truth_json_names_each_image_file(tmp_path: Path) -> None:
         Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(p)
     write_detect_reports(bundle, res, ds, metrics, tmp_path / "out")
     gt = json.loads((tmp_path / "out" / "ground_truth.json").read_text())
-    assert [(im["id"], im["file_name"]) for im in gt["images"]] == [(5, "a.png"), (6, "sub/b.png"), (7, "c.png")]
+    assert [(im["id"], im["file_name"]) for im in gt["images"]] == [
+        (5, "a.png"),
+        (6, "sub/b.png"),
+        (7, "c.png"),
+    ]

@@ -24,7 +24,8 @@ def test_bundle_from_training(digits_bundle: Path):
     m = b.manifest
     assert m.task == "classify" and m.classes == [str(i) for i in range(10)]
     assert m.architecture.name == "lenet5" and m.training["data"] == "digits"
-    assert m.preprocess.mean[0] > 0.1 and m.preprocess.std[0] > 0.1  # recorded so serving normalizes identically
+    # recorded so serving normalizes identically
+    assert m.preprocess.mean[0] > 0.1 and m.preprocess.std[0] > 0.1
     state = torch.load(digits_bundle / "model.pt", weights_only=True)
     assert "features.0.weight" in state
     assert m.artifacts["model.pt"].metrics["top1"] > 85
@@ -36,7 +37,8 @@ def test_bundle_from_training(digits_bundle: Path):
 
 
 def test_cli_json_summary_on_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    rc = main(["train", "--epochs", "1", "--optimizer", "momentum", "--schedule", "step", "--label-smoothing", "0.1",
+    rc = main(["train", "--epochs", "1", "--optimizer", "momentum", "--schedule", "step", "--label-smoothing",
+               "0.1",
                "--grad-clip", "1.0", "--out", str(tmp_path / "r"), "--json", "--no-progress"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -58,7 +60,8 @@ def test_cli_json_summary_on_stdout(tmp_path: Path, capsys: pytest.CaptureFixtur
         (["--model", "kiln-det-s"], "detect model"),
     ],
 )
-def test_bad_input_is_one_line(argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_bad_input_is_one_line(argv: list[str], needle: str, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]):
     try:
         rc = main(["train", "--out", str(tmp_path / "x"), "--no-progress", *argv])
     except SystemExit as exc:
@@ -69,7 +72,8 @@ def test_bad_input_is_one_line(argv: list[str], needle: str, tmp_path: Path, cap
     assert not (tmp_path / "x" / "kiln.json").exists()
 
 
-def test_corrupt_checkpoint_on_resume_changes_nothing(tmp_path: Path, digits_bundle: Path, capsys: pytest.CaptureFixture[str]):
+def test_corrupt_checkpoint_on_resume_changes_nothing(tmp_path: Path, digits_bundle: Path,
+                                                      capsys: pytest.CaptureFixture[str]):
     run = tmp_path / "run"
     shutil.copytree(digits_bundle, run)
     (run / "last.pt").write_bytes(b"\x00not a checkpoint")
@@ -78,7 +82,10 @@ def test_corrupt_checkpoint_on_resume_changes_nothing(tmp_path: Path, digits_bun
     assert "corrupt or unreadable" in capsys.readouterr().err
     assert before == {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     (tmp_path / "w.pt").write_text("nope")
-    assert main(["train", "--weights", str(tmp_path / "w.pt"), "--out", str(tmp_path / "n"), "--no-progress"]) == 2
+    assert (
+        main(["train", "--weights", str(tmp_path / "w.pt"), "--out", str(tmp_path / "n"), "--no-progress"])
+        == 2
+    )
     assert "cannot read weights" in capsys.readouterr().err
 
 
@@ -99,11 +106,13 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path):
     args = ["--epochs", str(epochs), "--seed", "7", "--deterministic", "--no-progress", "--batch-size", "32"]
     # The reference runs in its own process too: thread counts or deterministic flags set by other tests
     # in this process would change float reduction order, not what is being tested.
-    subprocess.run([*KILN, "train", "--out", str(tmp_path / "ref"), *args], check=True, capture_output=True, timeout=300)
+    subprocess.run([*KILN, "train", "--out", str(tmp_path / "ref"), *args], check=True, capture_output=True,
+                   timeout=300)
 
     run = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*KILN, "train", "--out", str(run), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*KILN, "train", "--out", str(run), *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     try:
         while time.time() < deadline:  # kill once two epochs are on disk: the third is in flight
@@ -121,7 +130,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path):
             proc.kill()
     done = torch.load(run / "last.pt", weights_only=False)["epoch"]
     assert 2 <= done < epochs
-    subprocess.run([*KILN, "train", "--resume", str(run), "--no-progress"], check=True, capture_output=True, timeout=300)
+    subprocess.run([*KILN, "train", "--resume", str(run), "--no-progress"], check=True, capture_output=True,
+                   timeout=300)
     a, b = _last_model(tmp_path / "ref"), _last_model(run)
     assert a.keys() == b.keys()
     for k in a:
@@ -133,7 +143,8 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path: Path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "kiln.cli", "train", "--epochs", "5", "--out", str(run), "--no-progress", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)  # only rank 0 prints
     m = Bundle.load(run).manifest
@@ -173,7 +184,8 @@ def test_ctrl_c_stops_cleanly_with_a_resumable_bundle(tmp_path: Path):
     torch.load(run / "model.pt", weights_only=True)
 
 
-def test_resume_rejects_changed_settings(digits_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_resume_rejects_changed_settings(digits_bundle: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]):
     run = Path(shutil.copytree(digits_bundle, tmp_path / "run"))  # a failed refusal would train it further
     assert main(["train", "--resume", str(run), "--lr", "0.5", "--no-progress"]) == 2
     assert "only --device, --epochs, --workers may change (got --lr)" in capsys.readouterr().err

@@ -18,8 +18,10 @@ from kiln.metrics import coco_map
 
 def _obj(name: str, box: tuple[int, int, int, int], difficult: int = 0) -> str:
     x1, y1, x2, y2 = box
-    return (f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
-            f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+    return (
+        f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+        f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+    )
 
 
 def make_voc(root: Path, objects: dict[str, list[str]], split: dict[str, list[str]] | None = None) -> Path:
@@ -57,16 +59,22 @@ def test_voc_splits_difficult_and_clipping(tmp_path: Path) -> None:
         return {"box": box, "label": val.classes[label], "index": label, "score": score}
 
     found = [[det([4, 4, 30, 30], 11, 0.9)], []]
-    assert coco_map(found, [val.target(0), val.target(1)], val.classes)["map50"] == pytest.approx(1.0)  # difficult not missed
+    # difficult not missed
+    assert coco_map(found, [val.target(0), val.target(1)], val.classes)["map50"] == pytest.approx(1.0)
     found[0].append(det([39, 9, 60, 40], 14, 0.8))
-    assert coco_map(found, [val.target(0), val.target(1)], val.classes)["map50"] == pytest.approx(1.0)  # nor a false positive
+    # nor a false positive
+    assert coco_map(found, [val.target(0), val.target(1)], val.classes)["map50"] == pytest.approx(1.0)
 
 
 def test_voc_without_split_files_and_custom_classes(tmp_path: Path) -> None:
     root = make_voc(tmp_path, {f"im{i}": [_obj("widget", (2, 2, 30, 30))] for i in range(5)}, split={})
     (root / "VOC2012" / "classes.txt").write_text("widget\ngadget\n")
     train, val = open_dataset(f"voc:{root / 'VOC2012'}", val_fraction=0.4)
-    assert (len(train) + len(val), min(len(train), len(val)) >= 1, train.classes) == (5, True, ["widget", "gadget"])
+    assert (len(train) + len(val), min(len(train), len(val)) >= 1, train.classes) == (
+        5,
+        True,
+        ["widget", "gadget"],
+    )
 
 
 @pytest.mark.parametrize("case,expected", [
@@ -76,14 +84,18 @@ def test_voc_without_split_files_and_custom_classes(tmp_path: Path) -> None:
     ("nolist", r"annotation file\(s\) listed for val do not exist: .*zz.xml"),
 ])
 def test_voc_bad_data_is_one_line(tmp_path: Path, case: str, expected: str) -> None:
-    root = make_voc(tmp_path, {"a": [_obj("unicorn" if case == "unknown" else "dog", (1, 1, 9, 9))], "b": [], "c": [], "d": []})
+    root = make_voc(tmp_path,
+                    {"a": [_obj("unicorn" if case == "unknown" else "dog", (1, 1, 9, 9))], "b": [], "c": [],
+                     "d": []})
     base = root / "VOC2012"
     if case == "unknown":  # a class list of one's own that the annotations do not follow
         (base / "classes.txt").write_text("dog\n")
     if case == "missing":
         (base / "JPEGImages" / "a.jpg").unlink()
     if case == "badxml":
-        (base / "Annotations" / "b.xml").write_text("<annotation>\n<filename>b.jpg</filename>\n<size><width>oops</annotation>")
+        (base / "Annotations" / "b.xml").write_text(
+            "<annotation>\n<filename>b.jpg</filename>\n<size><width>oops</annotation>"
+        )
     if case == "nolist":
         (base / "ImageSets" / "Main" / "val.txt").write_text("c\nzz\n")
     with pytest.raises(DatasetError, match=expected) as err:
@@ -102,11 +114,14 @@ def test_voc_classes_come_from_the_annotations_sorted_without_classes_txt(
     assert train.classes == val.classes == ["bolt", "gear", "widget"]  # "gear" is in val only
     assert train.info["classes_from"] == "annotations"
     assert list(train.target(0)["labels"]) == [2, 0] and list(val.target(0)["labels"]) == [1]
-    assert any("3 class(es) read from the annotations (sorted): bolt, gear, widget" in m for m in caplog.messages)
+    assert any(
+        "3 class(es) read from the annotations (sorted): bolt, gear, widget" in m for m in caplog.messages
+    )
 
 
 def test_voc_class_names_all_of_voc_keep_the_canonical_20(tmp_path: Path) -> None:
-    root = make_voc(tmp_path, {"a": [_obj("tvmonitor", (2, 2, 30, 30))], "b": [_obj("aeroplane", (1, 1, 9, 9))],
+    root = make_voc(tmp_path,
+                    {"a": [_obj("tvmonitor", (2, 2, 30, 30))], "b": [_obj("aeroplane", (1, 1, 9, 9))],
                                "c": [_obj("dog", (4, 4, 40, 40))], "d": []})
     train, val = open_dataset(f"voc:{root}")
     assert train.classes == val.classes == VOC_CLASSES and len(VOC_CLASSES) == 20
@@ -114,7 +129,8 @@ def test_voc_class_names_all_of_voc_keep_the_canonical_20(tmp_path: Path) -> Non
 
 
 def test_voc_classes_txt_wins_over_the_annotations(tmp_path: Path) -> None:
-    root = make_voc(tmp_path, {"a": [_obj("widget", (2, 2, 30, 30))], "b": [], "c": [_obj("gear", (1, 1, 9, 9))],
+    root = make_voc(tmp_path,
+                    {"a": [_obj("widget", (2, 2, 30, 30))], "b": [], "c": [_obj("gear", (1, 1, 9, 9))],
                                "d": []})
     (root / "VOC2012" / "classes.txt").write_text("widget\ngear\nspare\n")
     train, _ = open_dataset(f"voc:{root}")
@@ -128,10 +144,12 @@ def test_voc_classes_from_annotations_reach_kiln_json(tmp_path: Path) -> None:
     from kiln.train.config import TrainConfig
     from kiln.train.loop import train
 
-    root = make_voc(tmp_path, {f"im{i}": [_obj("widget" if i % 2 else "bolt", (2, 2, 30, 30))] for i in range(4)},
+    root = make_voc(tmp_path,
+                    {f"im{i}": [_obj("widget" if i % 2 else "bolt", (2, 2, 30, 30))] for i in range(4)},
                     split={"train": ["im0", "im1"], "val": ["im2", "im3"]})
     out = tmp_path / "run"
-    train(TrainConfig(data=f"voc:{root}", model="kiln-det-s", image_size=64, epochs=1, batch_size=2, workers=0,
+    train(TrainConfig(data=f"voc:{root}", model="kiln-det-s", image_size=64, epochs=1, batch_size=2,
+                      workers=0,
                       out=str(out)), progress=False)
     manifest = json.loads((out / "kiln.json").read_text())
     assert manifest["classes"] == ["bolt", "widget"]

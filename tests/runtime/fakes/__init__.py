@@ -17,4 +17,5 @@ from .env import FakeEnv, install
 from .pycuda import make_pycuda
 from .tensorrt import make_graph, make_plan, make_tensorrt
 
-__all__ = ["FakeDevice", "FakeEnv", "install", "make_cuda_utils", "make_cudart", "make_graph", "make_plan", "make_pycuda", "make_tensorrt"]
+__all__ = ["FakeDevice", "FakeEnv", "install", "make_cuda_utils", "make_cudart", "make_graph", "make_plan",
+           "make_pycuda", "make_tensorrt"]

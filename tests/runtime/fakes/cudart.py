@@ -37,7 +37,8 @@ class _Handle:
         self._value = value
 
     def __int__(self) -> int:
-        warnings.warn("int(cuda_obj) is deprecated; use cuda.bindings.utils.get_cuda_native_handle", DeprecationWarning,
+        warnings.warn("int(cuda_obj) is deprecated; use cuda.bindings.utils.get_cuda_native_handle",
+                      DeprecationWarning,
                       stacklevel=2)
         return self._value
 
@@ -59,7 +60,8 @@ class cudaEvent_t(_Handle):  # noqa: N801
 
 
 def make_cuda_utils() -> types.ModuleType:
-    """``cuda.bindings.utils`` with ``get_cuda_native_handle`` (it rejects plain ints, as the real one does)."""
+    """``cuda.bindings.utils`` with ``get_cuda_native_handle`` (it rejects plain ints, as the real one
+    does)."""
     utils = types.ModuleType("cuda.bindings.utils")
 
     def get_cuda_native_handle(obj: Any) -> int:
@@ -96,7 +98,8 @@ class _Runtime:
         return self.ok, cudaError_t(err).name.encode()
 
     def cudaGetErrorString(self, err: cudaError_t) -> tuple[cudaError_t, bytes]:  # noqa: N802
-        return self.ok, {2: b"out of memory", 35: b"CUDA driver version is insufficient for CUDA runtime version"}.get(
+        return self.ok, {2: b"out of memory",
+                         35: b"CUDA driver version is insufficient for CUDA runtime version"}.get(
             int(err), b"fake error")
 
     def cudaRuntimeGetVersion(self) -> tuple[cudaError_t, int]:  # noqa: N802
@@ -116,7 +119,8 @@ class _Runtime:
         gpu = self.gpu
         major, minor = gpu.capability
         name = gpu.name.encode() + b"\x00" * 8  # the binding returns the fixed-size C char array
-        return self.ok, types.SimpleNamespace(name=name, major=major, minor=minor, totalGlobalMem=gpu.total_memory)
+        return self.ok, types.SimpleNamespace(name=name, major=major, minor=minor,
+                                              totalGlobalMem=gpu.total_memory)
 
     def cudaSetDevice(self, index: int) -> tuple[cudaError_t]:  # noqa: N802
         if (err := self.guard("cudaSetDevice")) is not None or not 0 <= index < self.devices:
@@ -197,8 +201,10 @@ class _Runtime:
         return (self.ok,)
 
 
-def make_cudart(gpu: FakeDevice, *, devices: int = 1, runtime: int = 12080, driver: int = 12080) -> types.ModuleType:
-    """``runtime``/``driver`` are CUDA versions as the API encodes them (12.8 -> 12080; driver 0: none loaded).
+def make_cudart(gpu: FakeDevice, *, devices: int = 1, runtime: int = 12080,
+                driver: int = 12080) -> types.ModuleType:
+    """``runtime``/``driver`` are CUDA versions as the API encodes them (12.8 -> 12080; driver 0: none
+    loaded).
 
     As in CUDA, a runtime whose major version is newer than the driver's (or no driver at all) makes
     device calls return cudaErrorInsufficientDriver.

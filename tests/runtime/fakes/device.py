@@ -60,7 +60,8 @@ class FakeDevice:
         for handle, ops in self.streams.items():
             for op in ops:
                 if ptr in op.uses:
-                    self.violations.append(f"{what} of {ptr:#x} while {op.what} is queued on stream {handle:#x}")
+                    self.violations.append(f"{what} of {ptr:#x} while {op.what} is queued on stream "
+                                           f"{handle:#x}")
 
     # streams
     def stream_create(self) -> int:
@@ -88,7 +89,8 @@ class FakeDevice:
         return sum(len(ops) for ops in self.streams.values())
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
-        """Queue-time checks happen in the binding; this runs the copy between whatever memories hold the addresses."""
+        """Queue-time checks happen in the binding; this runs the copy between whatever memories hold the
+        addresses."""
         self._view(dst, nbytes)[:] = self._view(src, nbytes)
 
     def _view(self, ptr: int, nbytes: int) -> np.ndarray:

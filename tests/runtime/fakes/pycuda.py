@@ -174,12 +174,14 @@ def _copies(st: _Driver, host_allocation: type[_HostAllocation]) -> dict[str, An
     def memcpy_htod_async(dst: int, src: np.ndarray, stream: _Stream) -> None:
         st.need_context("cuMemcpyHtoDAsync")
         host = int(src.ctypes.data)
-        gpu.enqueue(stream.handle, "copy host->device", lambda: gpu.copy(int(dst), host, src.nbytes), uses=(int(dst), host))
+        gpu.enqueue(stream.handle, "copy host->device", lambda: gpu.copy(int(dst), host, src.nbytes),
+                    uses=(int(dst), host))
 
     def memcpy_dtoh_async(dst: np.ndarray, src: int, stream: _Stream) -> None:
         st.need_context("cuMemcpyDtoHAsync")
         host = int(dst.ctypes.data)
-        gpu.enqueue(stream.handle, "copy device->host", lambda: gpu.copy(host, int(src), dst.nbytes), uses=(host, int(src)))
+        gpu.enqueue(stream.handle, "copy device->host", lambda: gpu.copy(host, int(src), dst.nbytes),
+                    uses=(host, int(src)))
 
     return {"pagelocked_empty": pagelocked_empty, "memcpy_htod_async": memcpy_htod_async,
             "memcpy_dtoh_async": memcpy_dtoh_async}

@@ -43,8 +43,10 @@ from .trt_types import PRECISION_FLAGS, VERSIONS, DataType, Dims, make_graph, ma
 __all__ = ["DataType", "Dims", "make_graph", "make_plan", "make_tensorrt", "nptype"]
 
 
-def make_tensorrt(major: int, gpu: FakeDevice, *, has_context: Callable[[], bool] = lambda: True) -> types.ModuleType:
-    """The module; ``trt.calls`` records builder/config/runtime calls, ``trt.deprecations`` deprecated uses."""
+def make_tensorrt(major: int, gpu: FakeDevice, *,
+                  has_context: Callable[[], bool] = lambda: True) -> types.ModuleType:
+    """The module; ``trt.calls`` records builder/config/runtime calls, ``trt.deprecations`` deprecated
+    uses."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = VERSIONS[major]  # type: ignore[attr-defined]
     calls: list[tuple[Any, ...]] = []
@@ -52,7 +54,8 @@ def make_tensorrt(major: int, gpu: FakeDevice, *, has_context: Callable[[], bool
     trt.violations = []  # type: ignore[attr-defined]
     plugin_logger: list[weakref.ref[Any]] = []
     trt.DataType, trt.nptype, trt.Dims = DataType, nptype, Dims  # type: ignore[attr-defined]
-    for alias, member in {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int8": "INT8", "int32": "INT32",
+    for alias, member in {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int8": "INT8",
+                          "int32": "INT32",
                           "int64": "INT64", "bool": "BOOL", "uint8": "UINT8", "fp8": "FP8", "int4": "INT4",
                           "fp4": "FP4", "e8m0": "E8M0"}.items():
         setattr(trt, alias, DataType[member])
@@ -93,7 +96,8 @@ def make_tensorrt(major: int, gpu: FakeDevice, *, has_context: Callable[[], bool
     def init_libnvinfer_plugins(logger: ILogger, namespace: str) -> bool:
         calls.append(("init_libnvinfer_plugins", namespace))
         if plugin_logger:
-            trt.violations.append("init_libnvinfer_plugins called again: the plugin library keeps the first logger")
+            trt.violations.append("init_libnvinfer_plugins called again: the plugin library keeps the first "
+                                  "logger")
         plugin_logger[:] = [weakref.ref(logger)]
         logger.log(ILogger.Severity.VERBOSE, "Registered plugin creator - ::EfficientNMS_TRT version 1")
         trt.plugins_registered = True  # type: ignore[attr-defined]

@@ -95,7 +95,8 @@ class _OnnxParser:
         graph = json.loads(Path(path).read_text())
         errors = list(graph["errors"])
         if graph["plugins"] and not trt.plugins_registered:
-            errors.append({"node": 0, "name": "nms", "op": "EfficientNMS_TRT", "desc": "plugin creator not found"})
+            errors.append({"node": 0, "name": "nms", "op": "EfficientNMS_TRT",
+                           "desc": "plugin creator not found"})
         elif graph["plugins"]:
             trt.plugin_used("EfficientNMS_TRT")
         self.errors = [ParserError(e) for e in errors]
@@ -180,7 +181,9 @@ class _Builder:
             return None
         graph = network.graph
         lo, opt, hi = config.profiles[0].shapes[graph["inputs"][0][0]]
-        tensors = [(n, "INPUT", s, d) for n, s, d in graph["inputs"]] + [(n, "OUTPUT", s, d) for n, s, d in graph["outputs"]]
+        tensors = [(n, "INPUT", s, d) for n, s, d in graph["inputs"]] + [
+            (n, "OUTPUT", s, d) for n, s, d in graph["outputs"]
+        ]
         return make_plan(trt.__version__, tensors=tensors, profile=(lo[0], opt[0], hi[0]),
                          version_compatible="VERSION_COMPATIBLE" in config.flags, plugins=graph["plugins"],
                          gpu_name=gpu.name, capability=gpu.capability, tf32="TF32" in config.flags,
@@ -194,7 +197,8 @@ class _Builder:
         kinds = {layer.type.name for layer in network._layers}
         if not network.strongly_typed and {"QUANTIZE", "DEQUANTIZE"} & kinds and "INT8" not in config.flags:
             return "network has Q/DQ layers but INT8 is not enabled"
-        missing = [n for n, s, _ in network.graph["inputs"] if s[0] < 0 and not any(n in p.shapes for p in config.profiles)]
+        missing = [n for n, s, _ in network.graph["inputs"] if s[0] < 0
+                   and not any(n in p.shapes for p in config.profiles)]
         return f"no optimization profile for {missing}" if missing else None
 
 

@@ -47,7 +47,11 @@ class _Context:
         return True
 
     def execute_async_v3(self, stream_handle: int) -> bool:
-        if not self.has_context() or set(self.addresses) != set(self.engine.shapes) or not self.trt.execute_result:
+        if (
+            not self.has_context()
+            or set(self.addresses) != set(self.engine.shapes)
+            or not self.trt.execute_result
+        ):
             return False
         self.gpu.enqueue(stream_handle, "execute", self._compute, uses=tuple(self.addresses.values()))
         return True
@@ -121,17 +125,23 @@ class _Runtime:
             return self._error("the plan is not a TensorRT engine")
         if not runs_on(plan, trt.__version__):
             return self._error("The engine plan file is not compatible with this version of TensorRT, "
-                               f"expecting library version {trt.__version__} got {plan['version']}, please rebuild.")
+                               f"expecting library version {trt.__version__} got {plan['version']}, please "
+                               "rebuild.")
         built_cc, here_cc = tuple(plan["capability"]), tuple(gpu.capability)
         if plan["hardware_compatible"]:
             if here_cc < (8, 0):
-                return self._error(f"hardware-compatible plan needs compute capability 8.0 or newer, got {here_cc}")
+                return self._error("hardware-compatible plan needs compute capability 8.0 or newer, got "
+                                   f"{here_cc}")
         elif built_cc != here_cc:
-            return self._error("The engine plan file is generated on an incompatible device, expecting compute "
-                               f"{here_cc[0]}.{here_cc[1]} got compute {built_cc[0]}.{built_cc[1]}, please rebuild.")
+            return self._error("The engine plan file is generated on an incompatible device, expecting "
+                               "compute "
+                               f"{here_cc[0]}.{here_cc[1]} got compute {built_cc[0]}.{built_cc[1]}, please "
+                               "rebuild.")
         elif plan["gpu_name"] != gpu.name:
-            self.logger.log(trt.ILogger.Severity.WARNING, "Using an engine plan file across different models of "
-                            "devices is not recommended and is likely to affect performance or even cause errors.")
+            self.logger.log(trt.ILogger.Severity.WARNING,
+                            "Using an engine plan file across different models of "
+                            "devices is not recommended and is likely to affect performance or even cause "
+                            "errors.")
         if plan["version_compatible"] and not self.engine_host_code_allowed:
             return self._error("version-compatible plan needs engine_host_code_allowed")
         if plan["plugins"] and not trt.plugins_registered:

@@ -16,7 +16,8 @@ PRECISION_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION
                    "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO")
 _NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
           "BOOL": np.bool_, "UINT8": np.uint8}
-_ITEMSIZE = {"FLOAT": 4, "HALF": 2, "BF16": 2, "INT8": 1, "INT32": 4, "INT64": 8, "BOOL": 1, "UINT8": 1, "FP8": 1,
+_ITEMSIZE = {"FLOAT": 4, "HALF": 2, "BF16": 2, "INT8": 1, "INT32": 4, "INT64": 8, "BOOL": 1, "UINT8": 1,
+             "FP8": 1,
              "INT4": 0.5, "FP4": 0.5}
 
 
@@ -46,9 +47,11 @@ def nptype(dtype: DataType) -> Any:
 
 
 def make_graph(path: Path, *, inputs: list[tuple[str, tuple[int, ...], str]] | None = None,
-               outputs: list[tuple[str, tuple[int, ...], str]] | None = None, layers: list[tuple[str, str]] | None = None,
+               outputs: list[tuple[str, tuple[int, ...], str]] | None = None,
+               layers: list[tuple[str, str]] | None = None,
                errors: list[dict[str, Any]] | None = None, plugins: bool = False) -> Path:
-    """Write a fake ONNX graph: I/O ``(name, shape, DataType name)``, layers ``(LayerType name, output DataType name)``."""
+    """Write a fake ONNX graph: I/O ``(name, shape, DataType name)``, layers ``(LayerType name, output
+    DataType name)``."""
     path.write_text(json.dumps({
         "inputs": inputs or [("images", (-1, 1, 28, 28), "FLOAT")],
         "outputs": outputs or [("logits", (-1, 10), "FLOAT")],
@@ -59,12 +62,17 @@ def make_graph(path: Path, *, inputs: list[tuple[str, tuple[int, ...], str]] | N
 
 
 def make_plan(version: str, *, tensors: list[tuple[str, str, tuple[int, ...], str]] | None = None,
-              profile: tuple[int, int, int] = (1, 4, 8), version_compatible: bool = False, plugins: bool = False,
-              gpu_name: str = "Fake GPU", capability: tuple[int, int] = (8, 9), hardware_compatible: bool = False,
+              profile: tuple[int, int, int] = (1, 4, 8), version_compatible: bool = False,
+              plugins: bool = False,
+              gpu_name: str = "Fake GPU", capability: tuple[int, int] = (8, 9),
+              hardware_compatible: bool = False,
               tf32: bool = False) -> bytes:
     """A plan: tensors ``(name, "INPUT"|"OUTPUT", shape with -1 batch, DataType name)``; one batch profile;
     built on ``gpu_name`` of compute ``capability`` (FakeDevice's defaults)."""
-    tensors = tensors or [("images", "INPUT", (-1, 1, 28, 28), "FLOAT"), ("logits", "OUTPUT", (-1, 10), "FLOAT")]
+    tensors = tensors or [
+        ("images", "INPUT", (-1, 1, 28, 28), "FLOAT"),
+        ("logits", "OUTPUT", (-1, 10), "FLOAT"),
+    ]
     return json.dumps({"magic": "fake-plan", "version": version, "tensors": tensors, "profile": profile,
                        "version_compatible": version_compatible, "plugins": plugins, "gpu_name": gpu_name,
                        "capability": list(capability), "hardware_compatible": hardware_compatible,
