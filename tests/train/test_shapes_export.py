@@ -3,6 +3,7 @@ match."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,6 +35,14 @@ def test_yolo_data_yaml_names_its_own_folder_from_any_directory(tmp_path: Path,
     assert len(train) + len(val) == 10 and train.classes == list(cfg["names"].values())
 
 
+def needs_ultralytics() -> None:
+    """Skip without Ultralytics, which is only ever imported in a child process: importing it replaces
+    PIL's ``Image.open`` process-wide (an unreadable file then fails on a missing ``pi_heif`` instead of
+    PIL's own error), which would change what every later test in this process sees."""
+    if importlib.util.find_spec("ultralytics") is None:
+        pytest.skip("needs ultralytics (the dev extra)")
+
+
 def _ultralytics(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter with Ultralytics offline (no download, no pip), its settings in
     ``cwd``."""
@@ -55,7 +64,7 @@ print(json.dumps({"names": data["names"], "nc": data["nc"], "train": str(data["t
 
 
 def test_yolo_data_yaml_passes_ultralytics_dataset_check_from_another_directory(tmp_path: Path) -> None:
-    pytest.importorskip("ultralytics")
+    needs_ultralytics()
     assert main(["data", "shapes", "--format", "yolo", "--out", str(tmp_path / "y"), "--count", "10"]) == 0
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -82,7 +91,7 @@ YOLO("yolov8n.yaml").train(data=sys.argv[1], epochs=1, imgsz=64, batch=8, device
 
 @pytest.mark.slow
 def test_yolo_data_yaml_trains_in_ultralytics_offline(tmp_path: Path) -> None:
-    pytest.importorskip("ultralytics")
+    needs_ultralytics()
     assert main(["data", "shapes", "--format", "yolo", "--out", str(tmp_path / "y"), "--count", "24"]) == 0
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
