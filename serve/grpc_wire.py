@@ -3,7 +3,7 @@
 grpcio hands the servicer the message as one ``bytes`` object. Parsed by protobuf as it is, every
 ``raw_input_contents`` element is copied into the parsed message and copied again each time it is read
 (upb returns a new ``bytes`` per subscript): a 20 MB request was copied three times on the event loop,
-about 40 ms of a frozen loop each on this machine, before its first length could be checked.
+about 40 ms of a frozen loop per request on this machine, before its first length was checked.
 :func:`split_infer_request` walks the message's top-level fields (a few: the tensors' data is one
 length-delimited field per input, skipped over, not read), parses everything except the data with
 protobuf, and returns the data as ``memoryview`` slices of the received bytes, which
