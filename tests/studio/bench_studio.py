@@ -30,6 +30,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.browser
+from tests.browser import chromium  # noqa: E402
+
 
 def start_studio(ws: Path) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "studio", "--workspace", str(ws), "--port",
@@ -43,18 +46,6 @@ def start_studio(ws: Path) -> tuple[subprocess.Popen[str], str]:
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.1)
-
-
-def browser():  # type: ignore[no-untyped-def]
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1280,1000"):
-        opts.add_argument(flag)
-    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 
 
 def until(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
@@ -81,7 +72,8 @@ def main() -> None:
         ap.error("--epochs: at least 2 (the curve latency replays the second epoch's row of metrics.csv)")
     ws = Path(tempfile.mkdtemp(prefix="studio-bench-"))
     proc, url = start_studio(ws)
-    d = browser()
+    drivers = chromium()  # the browser tests' headless Chromium; quit when the generator is closed
+    d = next(drivers)
     try:
         # 1. first page load: navigation start to the runs table drawn (the API answered), fresh browser cache
         loads = []
@@ -155,7 +147,7 @@ def main() -> None:
               f"{statistics.median(lat):.0f} ms "
               f"(max {max(lat):.0f})")
     finally:
-        d.quit()
+        drivers.close()
         proc.send_signal(signal.SIGINT)
         proc.wait(15)
 
